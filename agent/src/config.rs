@@ -1,0 +1,470 @@
+//! Agent configuration, read from `STILLPOINT_*` environment variables.
+//!
+//! Every key is a documented `ENV_*` constant with its `DEFAULT_*`. All keys
+//! are parsed before anything is reported, so one run lists every problem.
+//! Credentials (the database DSN) come only from the environment or a file,
+//! never from the command line, and are never printed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use stillpoint_proto::tls::{TlsFiles, validate_identity};
+
+use crate::engine::EngineKind;
+
+/// Name of this member in logs, errors and `Describe` (default: `$HOSTNAME`).
+pub const ENV_MEMBER: &str = "STILLPOINT_MEMBER";
+/// Engine to drive: `noop` (bookkeeping only, for protocol tests and benchmarks).
+pub const ENV_ENGINE: &str = "STILLPOINT_ENGINE";
+/// gRPC (mTLS) listen address.
+pub const ENV_LISTEN_ADDR: &str = "STILLPOINT_LISTEN_ADDR";
+pub const DEFAULT_LISTEN_ADDR: &str = "0.0.0.0:9443";
+/// Admin HTTP listen address (`/healthz`, `/metrics`), plain HTTP.
+pub const ENV_ADMIN_ADDR: &str = "STILLPOINT_ADMIN_ADDR";
+pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9090";
+/// The agent's certificate (PEM), carrying its URI SAN identity.
+pub const ENV_TLS_CERT: &str = "STILLPOINT_TLS_CERT";
+pub const DEFAULT_TLS_CERT: &str = "/etc/stillpoint/tls/tls.crt";
+/// The agent's private key (PEM).
+pub const ENV_TLS_KEY: &str = "STILLPOINT_TLS_KEY";
+pub const DEFAULT_TLS_KEY: &str = "/etc/stillpoint/tls/tls.key";
+/// The CA that issues controller certificates (PEM).
+pub const ENV_TLS_CA: &str = "STILLPOINT_TLS_CA";
+pub const DEFAULT_TLS_CA: &str = "/etc/stillpoint/tls/ca.crt";
+/// The only client identity accepted (URI SAN), e.g.
+/// `spiffe://cluster.local/ns/stillpoint/sa/stillpoint-controller`. Required.
+pub const ENV_CONTROLLER_IDENTITY: &str = "STILLPOINT_CONTROLLER_IDENTITY";
+/// How often the TLS files are checked for changes.
+pub const ENV_TLS_RELOAD_INTERVAL: &str = "STILLPOINT_TLS_RELOAD_INTERVAL";
+pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+/// Bound on one TLS handshake.
+pub const ENV_HANDSHAKE_TIMEOUT: &str = "STILLPOINT_HANDSHAKE_TIMEOUT";
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest lease TTL a freeze may ask for.
+pub const ENV_MAX_TTL: &str = "STILLPOINT_MAX_TTL";
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(600);
+/// Bound on the engine's freeze step (acquiring locks).
+pub const ENV_FREEZE_TIMEOUT: &str = "STILLPOINT_FREEZE_TIMEOUT";
+pub const DEFAULT_FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on the engine's thaw step.
+pub const ENV_THAW_TIMEOUT: &str = "STILLPOINT_THAW_TIMEOUT";
+pub const DEFAULT_THAW_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on the engine's prepare step.
+pub const ENV_PREPARE_TIMEOUT: &str = "STILLPOINT_PREPARE_TIMEOUT";
+pub const DEFAULT_PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest `WaitForPosition` the agent serves, whatever the caller asks.
+pub const ENV_MAX_WAIT: &str = "STILLPOINT_MAX_WAIT";
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(300);
+/// Time given to in-flight RPCs after SIGTERM (holds are thawed first).
+pub const ENV_SHUTDOWN_GRACE: &str = "STILLPOINT_SHUTDOWN_GRACE";
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Database connection string. Prefer `STILLPOINT_DSN_FILE`.
+pub const ENV_DSN: &str = "STILLPOINT_DSN";
+/// File holding the database connection string (e.g. a mounted Secret).
+pub const ENV_DSN_FILE: &str = "STILLPOINT_DSN_FILE";
+/// Log filter (tracing `EnvFilter` syntax).
+pub const ENV_LOG: &str = "STILLPOINT_LOG";
+pub const DEFAULT_LOG: &str = "info";
+/// Log format: `text` or `json`.
+pub const ENV_LOG_FORMAT: &str = "STILLPOINT_LOG_FORMAT";
+/// noop engine: artificial freeze latency.
+pub const ENV_NOOP_FREEZE_LATENCY: &str = "STILLPOINT_NOOP_FREEZE_LATENCY";
+/// noop engine: artificial thaw latency.
+pub const ENV_NOOP_THAW_LATENCY: &str = "STILLPOINT_NOOP_THAW_LATENCY";
+/// noop engine: the role it reports, `primary` or `replica`.
+pub const ENV_NOOP_ROLE: &str = "STILLPOINT_NOOP_ROLE";
+/// noop engine: the upstream a replica reports.
+pub const ENV_NOOP_UPSTREAM: &str = "STILLPOINT_NOOP_UPSTREAM";
+
+/// Every key this agent reads, for `--help` and for spotting typos.
+pub const ALL_KEYS: &[&str] = &[
+    ENV_MEMBER,
+    ENV_ENGINE,
+    ENV_LISTEN_ADDR,
+    ENV_ADMIN_ADDR,
+    ENV_TLS_CERT,
+    ENV_TLS_KEY,
+    ENV_TLS_CA,
+    ENV_CONTROLLER_IDENTITY,
+    ENV_TLS_RELOAD_INTERVAL,
+    ENV_HANDSHAKE_TIMEOUT,
+    ENV_MAX_TTL,
+    ENV_FREEZE_TIMEOUT,
+    ENV_THAW_TIMEOUT,
+    ENV_PREPARE_TIMEOUT,
+    ENV_MAX_WAIT,
+    ENV_SHUTDOWN_GRACE,
+    ENV_DSN,
+    ENV_DSN_FILE,
+    ENV_LOG,
+    ENV_LOG_FORMAT,
+    ENV_NOOP_FREEZE_LATENCY,
+    ENV_NOOP_THAW_LATENCY,
+    ENV_NOOP_ROLE,
+    ENV_NOOP_UPSTREAM,
+];
+
+/// A value that must never be printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+
+    /// The secret itself, for handing to a driver. Never log the result.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Settings of the noop engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoopConfig {
+    pub freeze_latency: Duration,
+    pub thaw_latency: Duration,
+    pub replica: bool,
+    pub upstream: String,
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub member: String,
+    pub engine: EngineKind,
+    pub listen_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub tls: TlsFiles,
+    pub controller_identity: String,
+    pub tls_reload_interval: Duration,
+    pub handshake_timeout: Duration,
+    pub max_ttl: Duration,
+    pub freeze_timeout: Duration,
+    pub thaw_timeout: Duration,
+    pub prepare_timeout: Duration,
+    pub max_wait: Duration,
+    pub shutdown_grace: Duration,
+    pub dsn: Option<Secret>,
+    pub log: String,
+    pub log_format: LogFormat,
+    pub noop: NoopConfig,
+}
+
+/// Every problem found in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        for problem in &self.0 {
+            writeln!(f, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Where configuration values come from (the process environment, or a map in tests).
+pub trait Source {
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy)]
+pub struct Environment;
+
+impl Source for Environment {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl Source for BTreeMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        BTreeMap::get(self, key).cloned()
+    }
+}
+
+struct Reader<'a, S> {
+    source: &'a S,
+    errors: Vec<String>,
+}
+
+impl<S: Source> Reader<'_, S> {
+    fn raw(&self, key: &str) -> Option<String> {
+        self.source
+            .get(key)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, key: &str, default: &str) -> String {
+        self.raw(key).unwrap_or_else(|| default.to_string())
+    }
+
+    fn parse<T>(&mut self, key: &str, default: T, parse: impl Fn(&str) -> Result<T, String>) -> T {
+        match self.raw(key) {
+            None => default,
+            Some(text) => parse(&text).unwrap_or_else(|why| {
+                self.errors.push(format!("{key}={text:?}: {why}"));
+                default
+            }),
+        }
+    }
+
+    fn duration(&mut self, key: &str, default: Duration) -> Duration {
+        self.parse(key, default, parse_duration)
+    }
+
+    fn positive_duration(&mut self, key: &str, default: Duration) -> Duration {
+        self.parse(key, default, |text| match parse_duration(text)? {
+            d if d.is_zero() => Err("must be greater than zero".into()),
+            d => Ok(d),
+        })
+    }
+
+    fn addr(&mut self, key: &str, default: &str) -> SocketAddr {
+        let fallback = default.parse().expect("default addresses parse");
+        self.parse(key, fallback, |text| {
+            text.parse()
+                .map_err(|_| "not an address of the form IP:PORT (e.g. 0.0.0.0:9443)".into())
+        })
+    }
+
+    fn file(&mut self, key: &str, default: &str) -> PathBuf {
+        let path = PathBuf::from(self.string(key, default));
+        if !path.is_file() {
+            self.errors.push(format!(
+                "{key}: file {} does not exist or is not a regular file",
+                path.display()
+            ));
+        }
+        path
+    }
+}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Config, ConfigErrors> {
+        Config::from_source(&Environment)
+    }
+
+    /// Reads the configuration, collecting every problem.
+    pub fn from_source<S: Source>(source: &S) -> Result<Config, ConfigErrors> {
+        let mut r = Reader {
+            source,
+            errors: Vec::new(),
+        };
+        let member = r
+            .raw(ENV_MEMBER)
+            .or_else(|| source.get("HOSTNAME"))
+            .unwrap_or_else(|| "stillpoint-agent".to_string());
+        let engine = match r.raw(ENV_ENGINE) {
+            None => {
+                r.errors.push(format!(
+                    "{ENV_ENGINE} is required (one of: {})",
+                    EngineKind::supported_names()
+                ));
+                EngineKind::Noop
+            }
+            Some(name) => name.parse().unwrap_or_else(|why: String| {
+                r.errors.push(format!("{ENV_ENGINE}={name:?}: {why}"));
+                EngineKind::Noop
+            }),
+        };
+        let listen_addr = r.addr(ENV_LISTEN_ADDR, DEFAULT_LISTEN_ADDR);
+        let admin_addr = r.addr(ENV_ADMIN_ADDR, DEFAULT_ADMIN_ADDR);
+        let tls = TlsFiles {
+            cert: r.file(ENV_TLS_CERT, DEFAULT_TLS_CERT),
+            key: r.file(ENV_TLS_KEY, DEFAULT_TLS_KEY),
+            ca: r.file(ENV_TLS_CA, DEFAULT_TLS_CA),
+        };
+        let controller_identity = match r.raw(ENV_CONTROLLER_IDENTITY) {
+            None => {
+                r.errors.push(format!(
+                    "{ENV_CONTROLLER_IDENTITY} is required: the URI SAN of the controller's \
+                     certificate, e.g. spiffe://cluster.local/ns/stillpoint/sa/stillpoint-controller"
+                ));
+                String::new()
+            }
+            Some(id) => {
+                if let Err(why) = validate_identity(&id) {
+                    r.errors.push(format!("{ENV_CONTROLLER_IDENTITY}: {why}"));
+                }
+                id
+            }
+        };
+        let tls_reload_interval =
+            r.positive_duration(ENV_TLS_RELOAD_INTERVAL, DEFAULT_TLS_RELOAD_INTERVAL);
+        let handshake_timeout =
+            r.positive_duration(ENV_HANDSHAKE_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT);
+        let max_ttl = r.positive_duration(ENV_MAX_TTL, DEFAULT_MAX_TTL);
+        let freeze_timeout = r.positive_duration(ENV_FREEZE_TIMEOUT, DEFAULT_FREEZE_TIMEOUT);
+        let thaw_timeout = r.positive_duration(ENV_THAW_TIMEOUT, DEFAULT_THAW_TIMEOUT);
+        let prepare_timeout = r.positive_duration(ENV_PREPARE_TIMEOUT, DEFAULT_PREPARE_TIMEOUT);
+        let max_wait = r.positive_duration(ENV_MAX_WAIT, DEFAULT_MAX_WAIT);
+        let shutdown_grace = r.duration(ENV_SHUTDOWN_GRACE, DEFAULT_SHUTDOWN_GRACE);
+        let dsn = match (r.raw(ENV_DSN), r.raw(ENV_DSN_FILE)) {
+            (Some(_), Some(_)) => {
+                r.errors
+                    .push(format!("set only one of {ENV_DSN} and {ENV_DSN_FILE}"));
+                None
+            }
+            (Some(dsn), None) => Some(Secret::new(dsn)),
+            (None, Some(path)) => match std::fs::read_to_string(&path) {
+                Ok(text) if !text.trim().is_empty() => Some(Secret::new(text.trim().to_string())),
+                Ok(_) => {
+                    r.errors.push(format!("{ENV_DSN_FILE}: {path} is empty"));
+                    None
+                }
+                Err(e) => {
+                    r.errors
+                        .push(format!("{ENV_DSN_FILE}: cannot read {path}: {e}"));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+        if engine.needs_dsn() && dsn.is_none() {
+            r.errors.push(format!(
+                "engine {engine} needs a connection string: set {ENV_DSN_FILE} (or {ENV_DSN})"
+            ));
+        }
+        let log = r.string(ENV_LOG, DEFAULT_LOG);
+        let log_format = r.parse(ENV_LOG_FORMAT, LogFormat::Text, |text| match text {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err("must be 'text' or 'json'".into()),
+        });
+        let noop = NoopConfig {
+            freeze_latency: r.duration(ENV_NOOP_FREEZE_LATENCY, Duration::ZERO),
+            thaw_latency: r.duration(ENV_NOOP_THAW_LATENCY, Duration::ZERO),
+            replica: r.parse(ENV_NOOP_ROLE, false, |text| match text {
+                "primary" => Ok(false),
+                "replica" => Ok(true),
+                _ => Err("must be 'primary' or 'replica'".into()),
+            }),
+            upstream: r.string(ENV_NOOP_UPSTREAM, ""),
+        };
+        if !r.errors.is_empty() {
+            return Err(ConfigErrors(r.errors));
+        }
+        Ok(Config {
+            member,
+            engine,
+            listen_addr,
+            admin_addr,
+            tls,
+            controller_identity,
+            tls_reload_interval,
+            handshake_timeout,
+            max_ttl,
+            freeze_timeout,
+            thaw_timeout,
+            prepare_timeout,
+            max_wait,
+            shutdown_grace,
+            dsn,
+            log,
+            log_format,
+            noop,
+        })
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| "not a duration (examples: 500ms, 5s, 2m, 1h)".to_string())?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit '{other}' (use ms, s, m or h)"
+            ));
+        }
+    };
+    if !seconds.is_finite() || !(0.0..=366.0 * 86400.0).contains(&seconds) {
+        return Err("duration out of range".into());
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let errors = Config::from_source(&source(&[
+            (ENV_ENGINE, "oracle"),
+            (ENV_LISTEN_ADDR, "nowhere"),
+            (ENV_TLS_CERT, "/nonexistent/tls.crt"),
+            (ENV_MAX_TTL, "0s"),
+            (ENV_LOG_FORMAT, "xml"),
+        ]))
+        .unwrap_err();
+        let text = errors.to_string();
+        for needle in [
+            ENV_ENGINE,
+            ENV_LISTEN_ADDR,
+            ENV_TLS_CERT,
+            ENV_TLS_KEY,
+            ENV_CONTROLLER_IDENTITY,
+            ENV_MAX_TTL,
+            ENV_LOG_FORMAT,
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let secret = Secret::new("postgres://app:hunter2@db/app".into());
+        assert!(!format!("{secret:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,625 @@
+//! The hold: one freeze at a time, owned by a backup id, kept under a lease.
+//!
+//! - A freeze is owned by one backup id and has a TTL. Each renewal from the
+//!   holder's stream extends it; without one the agent thaws by itself.
+//! - The holder's stream ending thaws at once.
+//! - A freeze with another id is refused and names the holder; the same id
+//!   takes the hold over (the old stream is told and no longer owns it).
+//! - If the engine reports the held session lost, the hold fails at once.
+//! - Thaw is idempotent: a hold that already ended returns its recorded
+//!   result; an unknown id is a no-op that says so.
+//!
+//! Each hold is run by one supervisor task that owns the engine's
+//! [`Frozen`] value, so lease expiry, renewals, loss and thaw never race.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stillpoint_proto::pb::{self, freeze_event::Event};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, timeout};
+
+use crate::engine::{Cause, Engine, EngineError, Frozen, Step};
+use crate::metrics::{CauseLabel, Metrics};
+
+/// Events for the stream that holds the freeze.
+pub type Events = mpsc::Sender<pb::FreezeEvent>;
+
+/// How many ended holds are remembered for idempotent thaws.
+const HISTORY: usize = 64;
+
+/// Why a hold request was not granted.
+#[derive(Debug, thiserror::Error)]
+pub enum HoldError {
+    #[error(
+        "member {member} is already frozen by backup '{holder}' (lease expires in {expires_in_ms} ms); \
+         thaw that backup or wait for its lease to expire"
+    )]
+    Busy {
+        member: String,
+        holder: String,
+        expires_in_ms: u64,
+    },
+    #[error(
+        "member {member}: a freeze for backup '{backup_id}' is still being taken; retry shortly"
+    )]
+    InProgress { member: String, backup_id: String },
+    #[error("member {member}: {what}")]
+    Invalid { member: String, what: String },
+    #[error(
+        "member {member}: backup '{backup_id}' holds no freeze here (it ended or was taken over)"
+    )]
+    NotHolder { member: String, backup_id: String },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// A granted freeze, as seen by the stream that asked for it.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    pub frozen: pb::Frozen,
+    /// Which stream owns the hold; older generations no longer renew it.
+    pub generation: u64,
+    /// Changes (or closes) when the hold has ended.
+    pub ended: watch::Receiver<()>,
+}
+
+/// What a thaw request found.
+#[derive(Debug, Clone)]
+pub struct ThawOutcome {
+    pub known: bool,
+    pub already_thawed: bool,
+    pub result: Option<pb::ThawResult>,
+    pub message: String,
+}
+
+enum Slot {
+    Idle,
+    Freezing { backup_id: String },
+    Held(Handle),
+}
+
+struct Handle {
+    backup_id: String,
+    commands: mpsc::UnboundedSender<Command>,
+    deadline: Arc<Mutex<Instant>>,
+}
+
+enum Command {
+    Attach {
+        events: Events,
+        reply: oneshot::Sender<Attached>,
+    },
+    Renew {
+        generation: u64,
+        reply: oneshot::Sender<Result<Duration, ()>>,
+    },
+    Detach {
+        generation: u64,
+    },
+    Thaw {
+        cause: pb::ThawCause,
+        reply: oneshot::Sender<pb::ThawResult>,
+    },
+}
+
+/// Bounds applied to every hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_ttl: Duration,
+    pub freeze_timeout: Duration,
+    pub thaw_timeout: Duration,
+}
+
+/// The agent's single hold slot.
+pub struct Holds {
+    engine: Arc<dyn Engine>,
+    member: String,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    slot: Mutex<Slot>,
+    history: Mutex<VecDeque<pb::ThawResult>>,
+}
+
+impl std::fmt::Debug for Holds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Holds")
+            .field("member", &self.member)
+            .field("engine", &self.engine.kind())
+            .field("holder", &self.holder())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Holds {
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        member: String,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Holds {
+            engine,
+            member,
+            limits,
+            metrics,
+            slot: Mutex::new(Slot::Idle),
+            history: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// The backup id currently holding (or taking) the freeze.
+    pub fn holder(&self) -> Option<String> {
+        match &*self.slot.lock().unwrap() {
+            Slot::Idle => None,
+            Slot::Freezing { backup_id } => Some(backup_id.clone()),
+            Slot::Held(h) => Some(h.backup_id.clone()),
+        }
+    }
+
+    fn invalid(&self, what: String) -> HoldError {
+        HoldError::Invalid {
+            member: self.member.clone(),
+            what,
+        }
+    }
+
+    /// Freezes for `backup_id`, or takes over the hold that id already owns.
+    /// The `Frozen` event is sent on `events` before this returns.
+    pub async fn freeze(
+        self: &Arc<Self>,
+        backup_id: &str,
+        ttl: Duration,
+        events: Events,
+    ) -> Result<Attached, HoldError> {
+        if backup_id.trim().is_empty() {
+            return Err(self.invalid("a freeze needs a backup id".into()));
+        }
+        if ttl.is_zero() || ttl > self.limits.max_ttl {
+            return Err(self.invalid(format!(
+                "lease TTL {} ms is invalid: it must be greater than 0 and at most {} ms (STILLPOINT_MAX_TTL)",
+                ttl.as_millis(),
+                self.limits.max_ttl.as_millis()
+            )));
+        }
+        let takeover = {
+            let mut slot = self.slot.lock().unwrap();
+            match &*slot {
+                Slot::Held(h) if h.backup_id == backup_id => Some(h.commands.clone()),
+                Slot::Held(h) => {
+                    let left = h
+                        .deadline
+                        .lock()
+                        .unwrap()
+                        .saturating_duration_since(Instant::now());
+                    return Err(HoldError::Busy {
+                        member: self.member.clone(),
+                        holder: h.backup_id.clone(),
+                        expires_in_ms: left.as_millis() as u64,
+                    });
+                }
+                Slot::Freezing { backup_id: other } if other == backup_id => {
+                    return Err(HoldError::InProgress {
+                        member: self.member.clone(),
+                        backup_id: other.clone(),
+                    });
+                }
+                Slot::Freezing { backup_id: other } => {
+                    return Err(HoldError::Busy {
+                        member: self.member.clone(),
+                        holder: other.clone(),
+                        expires_in_ms: ttl.as_millis() as u64,
+                    });
+                }
+                Slot::Idle => {
+                    *slot = Slot::Freezing {
+                        backup_id: backup_id.to_string(),
+                    };
+                    None
+                }
+            }
+        };
+        if let Some(commands) = takeover {
+            let (reply, answer) = oneshot::channel();
+            let ended = || HoldError::NotHolder {
+                member: self.member.clone(),
+                backup_id: backup_id.to_string(),
+            };
+            commands
+                .send(Command::Attach { events, reply })
+                .map_err(|_| ended())?;
+            return answer.await.map_err(|_| ended());
+        }
+        // The slot says Freezing: whatever happens below must leave it.
+        let started = Instant::now();
+        let outcome = match timeout(
+            self.limits.freeze_timeout,
+            self.engine.freeze(backup_id, ttl),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(EngineError {
+                member: self.member.clone(),
+                engine: self.engine.kind(),
+                step: Step::Freeze,
+                cause: Cause::Timeout,
+                message: format!(
+                    "no freeze within {} ms (STILLPOINT_FREEZE_TIMEOUT)",
+                    self.limits.freeze_timeout.as_millis()
+                ),
+            }),
+        };
+        let frozen = match outcome {
+            Ok(frozen) => frozen,
+            Err(err) => {
+                *self.slot.lock().unwrap() = Slot::Idle;
+                self.metrics.failure(&err);
+                return Err(err.into());
+            }
+        };
+        let took = started.elapsed();
+        let engine = Metrics::engine(self.engine.kind().name());
+        self.metrics
+            .freeze_seconds
+            .get_or_create(&engine)
+            .observe(took.as_secs_f64());
+        self.metrics.frozen.set(1);
+        let event = pb::Frozen {
+            backup_id: backup_id.to_string(),
+            position: Some(frozen.position()),
+            freeze_duration_us: took.as_micros() as u64,
+            ttl_ms: ttl.as_millis() as u64,
+            resumed: false,
+        };
+        let _ = events.try_send(pb::FreezeEvent {
+            event: Some(Event::Frozen(event.clone())),
+        });
+        let (commands, inbox) = mpsc::unbounded_channel();
+        let (end_signal, ended) = watch::channel(());
+        let deadline = Arc::new(Mutex::new(Instant::now() + ttl));
+        *self.slot.lock().unwrap() = Slot::Held(Handle {
+            backup_id: backup_id.to_string(),
+            commands,
+            deadline: deadline.clone(),
+        });
+        tracing::info!(
+            backup_id,
+            ttl_ms = ttl.as_millis() as u64,
+            freeze_us = took.as_micros() as u64,
+            "frozen"
+        );
+        let supervisor = Supervisor {
+            holds: self.clone(),
+            backup_id: backup_id.to_string(),
+            ttl,
+            deadline,
+            frozen_event: event.clone(),
+            frozen_at: Instant::now(),
+            end_signal,
+        };
+        tokio::spawn(supervisor.run(frozen, inbox, events));
+        Ok(Attached {
+            frozen: event,
+            generation: 1,
+            ended,
+        })
+    }
+
+    fn commands_for(&self, backup_id: &str) -> Option<mpsc::UnboundedSender<Command>> {
+        match &*self.slot.lock().unwrap() {
+            Slot::Held(h) if h.backup_id == backup_id => Some(h.commands.clone()),
+            _ => None,
+        }
+    }
+
+    /// Extends the lease of `backup_id` by its TTL. Only the current stream
+    /// (`generation`) may renew.
+    pub async fn renew(&self, backup_id: &str, generation: u64) -> Result<Duration, HoldError> {
+        let not_holder = || HoldError::NotHolder {
+            member: self.member.clone(),
+            backup_id: backup_id.to_string(),
+        };
+        let commands = self.commands_for(backup_id).ok_or_else(not_holder)?;
+        let (reply, answer) = oneshot::channel();
+        commands
+            .send(Command::Renew { generation, reply })
+            .map_err(|_| not_holder())?;
+        answer
+            .await
+            .map_err(|_| not_holder())?
+            .map_err(|()| not_holder())
+    }
+
+    /// The holder's stream ended: thaw now, unless another stream took over.
+    pub fn detach(&self, backup_id: &str, generation: u64) {
+        if let Some(commands) = self.commands_for(backup_id) {
+            let _ = commands.send(Command::Detach { generation });
+        }
+    }
+
+    /// Thaws `backup_id`. Idempotent.
+    pub async fn thaw(&self, backup_id: &str, cause: pb::ThawCause) -> ThawOutcome {
+        if let Some(commands) = self.commands_for(backup_id) {
+            let (reply, answer) = oneshot::channel();
+            if commands.send(Command::Thaw { cause, reply }).is_ok()
+                && let Ok(result) = answer.await
+            {
+                return ThawOutcome {
+                    known: true,
+                    already_thawed: false,
+                    message: format!("thawed member {}", self.member),
+                    result: Some(result),
+                };
+            }
+        }
+        let past = self
+            .history
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|r| r.backup_id == backup_id)
+            .cloned();
+        match past {
+            Some(result) => ThawOutcome {
+                known: true,
+                already_thawed: true,
+                message: format!(
+                    "backup '{backup_id}' was already thawed on member {} ({})",
+                    self.member,
+                    cause_name(result.cause)
+                ),
+                result: Some(result),
+            },
+            None => ThawOutcome {
+                known: false,
+                already_thawed: false,
+                result: None,
+                message: format!(
+                    "no hold for backup '{backup_id}' on member {}: nothing to thaw \
+                     (never frozen here, or ended long ago)",
+                    self.member
+                ),
+            },
+        }
+    }
+
+    /// Thaws whatever is held (agent shutdown). Waits for a freeze that is
+    /// still being taken, up to the freeze timeout.
+    pub async fn shutdown(&self) {
+        let give_up = Instant::now() + self.limits.freeze_timeout + Duration::from_secs(1);
+        loop {
+            let holder = match &*self.slot.lock().unwrap() {
+                Slot::Idle => return,
+                Slot::Freezing { .. } => None,
+                Slot::Held(h) => Some(h.backup_id.clone()),
+            };
+            match holder {
+                Some(id) => {
+                    let outcome = self.thaw(&id, pb::ThawCause::Shutdown).await;
+                    tracing::info!(backup_id = %id, "{}", outcome.message);
+                }
+                None if Instant::now() > give_up => return,
+                None => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+}
+
+pub fn cause_name(cause: i32) -> &'static str {
+    match pb::ThawCause::try_from(cause).unwrap_or_default() {
+        pb::ThawCause::Requested => "thaw requested",
+        pb::ThawCause::StreamClosed => "holder's stream closed",
+        pb::ThawCause::LeaseExpired => "lease expired",
+        pb::ThawCause::HoldLost => "hold lost",
+        pb::ThawCause::Shutdown => "agent shutting down",
+        pb::ThawCause::Unspecified => "unknown cause",
+    }
+}
+
+struct Supervisor {
+    holds: Arc<Holds>,
+    backup_id: String,
+    ttl: Duration,
+    deadline: Arc<Mutex<Instant>>,
+    frozen_event: pb::Frozen,
+    frozen_at: Instant,
+    /// Dropped when the hold ends, which wakes every stream reader.
+    end_signal: watch::Sender<()>,
+}
+
+impl Supervisor {
+    fn send(events: &Events, event: Event) {
+        // A holder that does not read its stream only misses events.
+        let _ = events.try_send(pb::FreezeEvent { event: Some(event) });
+    }
+
+    async fn run(
+        self,
+        mut frozen: Box<dyn Frozen>,
+        mut inbox: mpsc::UnboundedReceiver<Command>,
+        mut events: Events,
+    ) {
+        let mut generation = 1;
+        let mut deadline = *self.deadline.lock().unwrap();
+        let mut lost: Option<EngineError> = None;
+        let (cause, reply) = loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break (pb::ThawCause::LeaseExpired, None),
+                err = frozen.lost() => {
+                    lost = Some(err);
+                    break (pb::ThawCause::HoldLost, None);
+                }
+                command = inbox.recv() => match command {
+                    None => break (pb::ThawCause::Shutdown, None),
+                    Some(Command::Attach { events: new, reply }) => {
+                        generation += 1;
+                        Self::send(&events, Event::Failed(pb::HoldFailed {
+                            backup_id: self.backup_id.clone(),
+                            reason: "another stream for the same backup took the hold over".into(),
+                        }));
+                        events = new;
+                        deadline = self.extend();
+                        let frozen = pb::Frozen { resumed: true, ..self.frozen_event.clone() };
+                        Self::send(&events, Event::Frozen(frozen.clone()));
+                        let _ = reply.send(Attached {
+                            frozen,
+                            generation,
+                            ended: self.end_signal.subscribe(),
+                        });
+                    }
+                    Some(Command::Renew { generation: g, reply }) => {
+                        if g == generation {
+                            deadline = self.extend();
+                            Self::send(&events, Event::Renewed(pb::Renewed {
+                                expires_in_ms: self.ttl.as_millis() as u64,
+                            }));
+                            let _ = reply.send(Ok(self.ttl));
+                        } else {
+                            let _ = reply.send(Err(()));
+                        }
+                    }
+                    Some(Command::Detach { generation: g }) if g == generation => {
+                        break (pb::ThawCause::StreamClosed, None);
+                    }
+                    Some(Command::Detach { .. }) => {}
+                    Some(Command::Thaw { cause, reply }) => break (cause, Some(reply)),
+                },
+            }
+        };
+        let result = self.thaw(frozen, cause, lost.as_ref()).await;
+        if let Some(err) = &lost {
+            Self::send(
+                &events,
+                Event::Failed(pb::HoldFailed {
+                    backup_id: self.backup_id.clone(),
+                    reason: err.to_string(),
+                }),
+            );
+        } else if cause == pb::ThawCause::LeaseExpired {
+            Self::send(
+                &events,
+                Event::Failed(pb::HoldFailed {
+                    backup_id: self.backup_id.clone(),
+                    reason: format!(
+                        "lease expired: no renewal within {} ms; member {} thawed",
+                        self.ttl.as_millis(),
+                        self.holds.member
+                    ),
+                }),
+            );
+        }
+        Self::send(
+            &events,
+            Event::Thawed(pb::Thawed {
+                result: Some(result.clone()),
+            }),
+        );
+        {
+            let mut slot = self.holds.slot.lock().unwrap();
+            *slot = Slot::Idle;
+            let mut history = self.holds.history.lock().unwrap();
+            if history.len() == HISTORY {
+                history.pop_front();
+            }
+            history.push_back(result.clone());
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(result);
+        }
+        // `inbox` drops here, after the history is written: a thaw request
+        // that raced with the end finds the recorded result.
+        drop(inbox);
+    }
+
+    fn extend(&self) -> Instant {
+        let deadline = Instant::now() + self.ttl;
+        *self.deadline.lock().unwrap() = deadline;
+        deadline
+    }
+
+    async fn thaw(
+        &self,
+        frozen: Box<dyn Frozen>,
+        cause: pb::ThawCause,
+        lost: Option<&EngineError>,
+    ) -> pb::ThawResult {
+        let holds = &self.holds;
+        let held = self.frozen_at.elapsed();
+        let started = Instant::now();
+        let outcome = timeout(holds.limits.thaw_timeout, frozen.thaw()).await;
+        let took = started.elapsed();
+        holds.metrics.frozen.set(0);
+        holds
+            .metrics
+            .thaws
+            .get_or_create(&CauseLabel {
+                cause: cause_label(cause).into(),
+            })
+            .inc();
+        if cause == pb::ThawCause::LeaseExpired {
+            holds.metrics.lease_expiries.inc();
+        }
+        let mut result = pb::ThawResult {
+            backup_id: self.backup_id.clone(),
+            cause: cause as i32,
+            thaw_duration_us: took.as_micros() as u64,
+            held_us: held.as_micros() as u64,
+            ..Default::default()
+        };
+        if let Some(err) = lost {
+            holds.metrics.failure(err);
+            result.error = err.to_string();
+        }
+        match outcome {
+            Ok(Ok(thawed)) => {
+                holds
+                    .metrics
+                    .thaw_seconds
+                    .get_or_create(&Metrics::engine(holds.engine.kind().name()))
+                    .observe(took.as_secs_f64());
+                result.artefacts = thawed.artefacts.into_iter().collect();
+                result.stop_position = thawed.stop_position;
+            }
+            Ok(Err(err)) => {
+                holds.metrics.failure(&err);
+                if result.error.is_empty() {
+                    result.error = err.to_string();
+                }
+            }
+            Err(_) => {
+                let err = EngineError {
+                    member: holds.member.clone(),
+                    engine: holds.engine.kind(),
+                    step: Step::Thaw,
+                    cause: Cause::Timeout,
+                    message: format!(
+                        "no thaw within {} ms (STILLPOINT_THAW_TIMEOUT)",
+                        holds.limits.thaw_timeout.as_millis()
+                    ),
+                };
+                holds.metrics.failure(&err);
+                result.error = err.to_string();
+            }
+        }
+        if result.error.is_empty() {
+            tracing::info!(backup_id = %self.backup_id, cause = cause_name(cause as i32), held_us = result.held_us, thaw_us = result.thaw_duration_us, "thawed");
+        } else {
+            tracing::warn!(backup_id = %self.backup_id, cause = cause_name(cause as i32), error = %result.error, "hold ended with an error");
+        }
+        result
+    }
+}
+
+fn cause_label(cause: pb::ThawCause) -> &'static str {
+    match cause {
+        pb::ThawCause::Requested => "requested",
+        pb::ThawCause::StreamClosed => "stream_closed",
+        pb::ThawCause::LeaseExpired => "lease_expired",
+        pb::ThawCause::HoldLost => "hold_lost",
+        pb::ThawCause::Shutdown => "shutdown",
+        pb::ThawCause::Unspecified => "unspecified",
+    }
+}

@@ -1,0 +1,93 @@
+//! stillpoint-agent: wiring only. Configuration comes from `STILLPOINT_*`
+//! environment variables (see `config.rs` and the README); a bad
+//! configuration exits 64 after listing every problem.
+
+use std::process::ExitCode;
+
+use stillpoint_agent::config::{self, Config, LogFormat};
+
+/// sysexits' EX_USAGE: the configuration is wrong.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None => {}
+        Some("--version" | "-V") => {
+            println!("stillpoint-agent {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Some("--help" | "-h") => {
+            print_help();
+            return ExitCode::SUCCESS;
+        }
+        Some(_) => {
+            eprintln!(
+                "stillpoint-agent takes no arguments: it is configured by STILLPOINT_* environment \
+                 variables (credentials too, never the command line). See --help."
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(errors) => {
+            eprint!("stillpoint-agent: {errors}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("stillpoint-agent: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(stillpoint_agent::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(%err, "agent failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(config::DEFAULT_LOG));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(false).init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn print_help() {
+    println!(
+        "stillpoint-agent {}\n\n\
+         Holds one database member's freeze under a lease and serves the agent API over mTLS.\n\
+         Configured only by environment variables (see the README for each key's meaning):\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    for key in config::ALL_KEYS {
+        println!("  {key}");
+    }
+    println!("\nExit codes: 0 stopped cleanly, 1 runtime failure, 64 bad configuration.");
+}

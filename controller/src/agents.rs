@@ -1,0 +1,209 @@
+//! mTLS channels to agents.
+//!
+//! The controller dials each agent by address and checks that the agent's
+//! certificate chains to the CA and carries the identity expected for that
+//! member; DNS names play no part (agents are dialled by pod IP). The
+//! controller's own certificate files are re-read when they change, so every
+//! new connection uses the current ones.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use stillpoint_proto::pb::agent_client::AgentClient;
+use stillpoint_proto::pb::{self, freeze_request::Msg};
+use stillpoint_proto::tls::{self as sptls, Credentials, TlsError, TlsFiles};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
+
+/// Default bound on dialling an agent (TCP + TLS).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentConnectError {
+    #[error("agent {addr} (expected identity {identity}): {reason}")]
+    Connect {
+        addr: String,
+        identity: String,
+        reason: String,
+    },
+    #[error("expected agent identity: {0}")]
+    Identity(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// The controller's TLS credentials, kept current from disk.
+#[derive(Debug, Clone)]
+pub struct ControllerTls {
+    creds: watch::Receiver<Arc<Credentials>>,
+    pub connect_timeout: Duration,
+}
+
+impl ControllerTls {
+    /// Loads the files now and re-reads them every `reload_interval`.
+    /// Must be called inside a tokio runtime.
+    pub fn watch(files: TlsFiles, reload_interval: Duration) -> Result<Self, TlsError> {
+        let (creds, _task) = sptls::watch_files(files, reload_interval, |c| Ok(c.clone()))?;
+        Ok(ControllerTls {
+            creds,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        })
+    }
+
+    /// The controller's own identity, from its certificate.
+    pub fn identity(&self) -> Option<String> {
+        self.creds.borrow().identity.clone()
+    }
+
+    /// Opens a channel to the agent at `addr` (`host:port`) whose certificate
+    /// must carry `identity`. Connects eagerly, so a wrong identity, an
+    /// unknown CA or an unreachable agent is reported here.
+    pub async fn connect(
+        &self,
+        addr: &str,
+        identity: &str,
+    ) -> Result<AgentClient<Channel>, AgentConnectError> {
+        sptls::validate_identity(identity).map_err(AgentConnectError::Identity)?;
+        let fail = |reason: String| AgentConnectError::Connect {
+            addr: addr.to_string(),
+            identity: identity.to_string(),
+            reason,
+        };
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| fail(format!("not a host:port address: {e}")))?
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let creds = self.creds.clone();
+        let identity_owned = identity.to_string();
+        let target = addr.to_string();
+        let timeout = self.connect_timeout;
+        let connector = tower::service_fn(move |_uri: http::Uri| {
+            let config = sptls::client_config(&creds.borrow(), &identity_owned);
+            let target = target.clone();
+            async move {
+                let config = config.map_err(|e| std::io::Error::other(e.to_string()))?;
+                let dial = async {
+                    let tcp = TcpStream::connect(&target).await?;
+                    tcp.set_nodelay(true)?;
+                    // The name is not checked (identity is); rustls needs one anyway.
+                    let name = rustls::pki_types::ServerName::try_from("stillpoint-agent")
+                        .expect("static name is valid");
+                    TlsConnector::from(Arc::new(config))
+                        .connect(name, tcp)
+                        .await
+                };
+                let tls = tokio::time::timeout(timeout, dial).await.map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                })??;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        });
+        let channel = endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| fail(error_chain(&e)))?;
+        Ok(AgentClient::new(channel))
+    }
+}
+
+/// The innermost useful message of an error chain.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            parts.push(sptls::refusal_reason(io));
+        } else {
+            parts.push(e.to_string());
+        }
+        source = e.source();
+    }
+    parts.dedup();
+    parts.join(": ")
+}
+
+/// A freeze held over an open `Freeze` stream. Dropping it ends the stream,
+/// which makes the agent thaw at once.
+#[derive(Debug)]
+pub struct HeldFreeze {
+    requests: tokio::sync::mpsc::Sender<pb::FreezeRequest>,
+    events: tonic::Streaming<pb::FreezeEvent>,
+    /// The agent's answer to the freeze.
+    pub frozen: pb::Frozen,
+}
+
+impl HeldFreeze {
+    /// Opens a `Freeze` stream for `backup_id` with a lease of `ttl`, and
+    /// waits for the agent's `frozen` answer (or its refusal).
+    pub async fn start(
+        client: &mut AgentClient<Channel>,
+        backup_id: &str,
+        ttl: Duration,
+    ) -> Result<Self, tonic::Status> {
+        let (requests, rx) = tokio::sync::mpsc::channel(8);
+        let start = pb::FreezeRequest {
+            msg: Some(Msg::Start(pb::FreezeStart {
+                backup_id: backup_id.to_string(),
+                ttl_ms: ttl.as_millis() as u64,
+            })),
+        };
+        requests
+            .send(start)
+            .await
+            .map_err(|_| tonic::Status::internal("freeze request channel closed"))?;
+        let mut events = client
+            .freeze(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        match events.message().await? {
+            Some(pb::FreezeEvent {
+                event: Some(pb::freeze_event::Event::Frozen(frozen)),
+            }) => Ok(HeldFreeze {
+                requests,
+                events,
+                frozen,
+            }),
+            other => Err(tonic::Status::internal(format!(
+                "agent answered a freeze with {other:?} instead of `frozen`"
+            ))),
+        }
+    }
+
+    /// Sends a lease renewal.
+    pub async fn renew(&self) -> Result<(), tonic::Status> {
+        self.send(Msg::Renew(pb::Renew {})).await
+    }
+
+    /// Asks for a thaw over the stream; the `thawed` event follows.
+    pub async fn request_thaw(&self) -> Result<(), tonic::Status> {
+        self.send(Msg::Thaw(pb::ThawNow {})).await
+    }
+
+    async fn send(&self, msg: Msg) -> Result<(), tonic::Status> {
+        self.requests
+            .send(pb::FreezeRequest { msg: Some(msg) })
+            .await
+            .map_err(|_| tonic::Status::unavailable("the freeze stream has ended"))
+    }
+
+    /// The next event from the agent (`None` when the stream ended).
+    pub async fn next_event(&mut self) -> Result<Option<pb::FreezeEvent>, tonic::Status> {
+        self.events.message().await
+    }
+
+    /// Waits for the `thawed` event, skipping others; `None` if the stream
+    /// ended without one.
+    pub async fn thawed(&mut self) -> Result<Option<pb::ThawResult>, tonic::Status> {
+        while let Some(event) = self.next_event().await? {
+            if let Some(pb::freeze_event::Event::Thawed(t)) = event.event {
+                return Ok(t.result);
+            }
+        }
+        Ok(None)
+    }
+}
