@@ -17,7 +17,9 @@ use crate::engine::EngineKind;
 
 /// Name of this member in logs, errors and `Describe` (default: `$HOSTNAME`).
 pub const ENV_MEMBER: &str = "STILLPOINT_MEMBER";
-/// Engine to drive: `noop` (bookkeeping only, for protocol tests and benchmarks).
+/// Engine to drive: `postgres`, `mysql` (also `mariadb`), `redis`,
+/// `mongodb`, `fsfreeze`, `exec`, or `noop` (bookkeeping only, for protocol
+/// tests and benchmarks).
 pub const ENV_ENGINE: &str = "STILLPOINT_ENGINE";
 /// gRPC (mTLS) listen address.
 pub const ENV_LISTEN_ADDR: &str = "STILLPOINT_LISTEN_ADDR";
@@ -70,6 +72,48 @@ pub const ENV_LOG: &str = "STILLPOINT_LOG";
 pub const DEFAULT_LOG: &str = "info";
 /// Log format: `text` or `json`.
 pub const ENV_LOG_FORMAT: &str = "STILLPOINT_LOG_FORMAT";
+/// Directory for the agent's state files (locks to undo after a crash).
+pub const ENV_STATE_DIR: &str = "STILLPOINT_STATE_DIR";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/stillpoint";
+/// Bound on connecting to the database.
+pub const ENV_CONNECT_TIMEOUT: &str = "STILLPOINT_CONNECT_TIMEOUT";
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on acquiring the engine's lock (PostgreSQL `lock_timeout`, MySQL
+/// `lock_wait_timeout`, MongoDB `fsyncLockAcquisitionTimeoutMillis`).
+pub const ENV_LOCK_TIMEOUT: &str = "STILLPOINT_LOCK_TIMEOUT";
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a replica's position is polled while waiting for a target.
+pub const ENV_POLL_INTERVAL: &str = "STILLPOINT_POLL_INTERVAL";
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// How often a hold whose lock lives in the server is checked for loss
+/// (MariaDB/MySQL held session, Redis restarts).
+pub const ENV_HOLD_CHECK_INTERVAL: &str = "STILLPOINT_HOLD_CHECK_INTERVAL";
+pub const DEFAULT_HOLD_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+/// PostgreSQL: `backup` (default; writes keep flowing) or `fence` (also
+/// `LOCK TABLE … IN EXCLUSIVE MODE` on the fenced schemas' tables).
+pub const ENV_PG_MODE: &str = "STILLPOINT_PG_MODE";
+/// PostgreSQL fence: comma-separated databases (default: the DSN's database).
+pub const ENV_PG_FENCE_DATABASES: &str = "STILLPOINT_PG_FENCE_DATABASES";
+/// PostgreSQL fence: comma-separated schemas whose tables are locked.
+pub const ENV_PG_FENCE_SCHEMAS: &str = "STILLPOINT_PG_FENCE_SCHEMAS";
+pub const DEFAULT_PG_FENCE_SCHEMAS: &str = "public";
+/// PostgreSQL: how long the temporary slot keeps the backup's WAL after the
+/// thaw, so that it can be copied.
+pub const ENV_PG_WAL_RETAIN: &str = "STILLPOINT_PG_WAL_RETAIN";
+pub const DEFAULT_PG_WAL_RETAIN: Duration = Duration::from_secs(300);
+/// Comma-separated mount points to `FIFREEZE` after the database freeze
+/// (the `fsfreeze` engine, or any database engine).
+pub const ENV_FSFREEZE_MOUNTS: &str = "STILLPOINT_FSFREEZE_MOUNTS";
+/// exec engine: the command (run by `sh -c`) started at freeze and kept
+/// running as the hold.
+pub const ENV_EXEC_COMMAND: &str = "STILLPOINT_EXEC_COMMAND";
+/// exec engine: a probe command; the freeze is done once it exits 0.
+pub const ENV_EXEC_READY_COMMAND: &str = "STILLPOINT_EXEC_READY_COMMAND";
+/// exec engine: a line on the command's stdout that marks the freeze done.
+pub const ENV_EXEC_READY_LINE: &str = "STILLPOINT_EXEC_READY_LINE";
+/// exec engine: time between SIGTERM and SIGKILL at thaw.
+pub const ENV_EXEC_GRACE: &str = "STILLPOINT_EXEC_GRACE";
+pub const DEFAULT_EXEC_GRACE: Duration = Duration::from_secs(5);
 /// noop engine: artificial freeze latency.
 pub const ENV_NOOP_FREEZE_LATENCY: &str = "STILLPOINT_NOOP_FREEZE_LATENCY";
 /// noop engine: artificial thaw latency.
@@ -101,6 +145,20 @@ pub const ALL_KEYS: &[&str] = &[
     ENV_DSN_FILE,
     ENV_LOG,
     ENV_LOG_FORMAT,
+    ENV_STATE_DIR,
+    ENV_CONNECT_TIMEOUT,
+    ENV_LOCK_TIMEOUT,
+    ENV_POLL_INTERVAL,
+    ENV_HOLD_CHECK_INTERVAL,
+    ENV_PG_MODE,
+    ENV_PG_FENCE_DATABASES,
+    ENV_PG_FENCE_SCHEMAS,
+    ENV_PG_WAL_RETAIN,
+    ENV_FSFREEZE_MOUNTS,
+    ENV_EXEC_COMMAND,
+    ENV_EXEC_READY_COMMAND,
+    ENV_EXEC_READY_LINE,
+    ENV_EXEC_GRACE,
     ENV_NOOP_FREEZE_LATENCY,
     ENV_NOOP_THAW_LATENCY,
     ENV_NOOP_ROLE,
@@ -143,6 +201,52 @@ pub struct NoopConfig {
     pub upstream: String,
 }
 
+/// PostgreSQL freeze mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgMode {
+    /// `pg_backup_start` + a temporary slot; writes keep flowing.
+    Backup,
+    /// Backup mode plus `LOCK TABLE … IN EXCLUSIVE MODE` (reads allowed).
+    Fence,
+}
+
+/// Settings of the PostgreSQL engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgConfig {
+    pub mode: PgMode,
+    /// Empty: the DSN's own database.
+    pub fence_databases: Vec<String>,
+    pub fence_schemas: Vec<String>,
+    pub wal_retain: Duration,
+}
+
+/// Settings of the exec engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecConfig {
+    pub command: String,
+    pub ready_command: Option<String>,
+    pub ready_line: Option<String>,
+    pub grace: Duration,
+}
+
+/// Everything an engine needs to know.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub dsn: Option<Secret>,
+    pub state_dir: PathBuf,
+    pub connect_timeout: Duration,
+    pub lock_timeout: Duration,
+    pub poll_interval: Duration,
+    pub hold_check_interval: Duration,
+    /// How long a prepared (not yet frozen) backup may wait for its freeze:
+    /// the longest lease, `STILLPOINT_MAX_TTL`.
+    pub prepared_expiry: Duration,
+    pub fsfreeze_mounts: Vec<PathBuf>,
+    pub pg: PgConfig,
+    pub exec: ExecConfig,
+    pub noop: NoopConfig,
+}
+
 /// The whole agent configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -160,10 +264,9 @@ pub struct Config {
     pub prepare_timeout: Duration,
     pub max_wait: Duration,
     pub shutdown_grace: Duration,
-    pub dsn: Option<Secret>,
     pub log: String,
     pub log_format: LogFormat,
-    pub noop: NoopConfig,
+    pub engines: EngineConfig,
 }
 
 /// Every problem found in the configuration.
@@ -247,6 +350,15 @@ impl<S: Source> Reader<'_, S> {
             text.parse()
                 .map_err(|_| "not an address of the form IP:PORT (e.g. 0.0.0.0:9443)".into())
         })
+    }
+
+    fn list(&self, key: &str, default: &str) -> Vec<String> {
+        self.string(key, default)
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
     }
 
     fn file(&mut self, key: &str, default: &str) -> PathBuf {
@@ -348,6 +460,59 @@ impl Config {
                 "engine {engine} needs a connection string: set {ENV_DSN_FILE} (or {ENV_DSN})"
             ));
         }
+        if let Some(dsn) = &dsn
+            && let Err(why) = engine.check_dsn(dsn.expose())
+        {
+            // The reason never repeats the DSN itself: it may hold a password.
+            r.errors.push(format!(
+                "{ENV_DSN}/{ENV_DSN_FILE}: not a usable {engine} connection string: {why}"
+            ));
+        }
+        let state_dir = PathBuf::from(r.string(ENV_STATE_DIR, DEFAULT_STATE_DIR));
+        let connect_timeout = r.positive_duration(ENV_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT);
+        let lock_timeout = r.positive_duration(ENV_LOCK_TIMEOUT, DEFAULT_LOCK_TIMEOUT);
+        let poll_interval = r.positive_duration(ENV_POLL_INTERVAL, DEFAULT_POLL_INTERVAL);
+        let hold_check_interval =
+            r.positive_duration(ENV_HOLD_CHECK_INTERVAL, DEFAULT_HOLD_CHECK_INTERVAL);
+        let pg = PgConfig {
+            mode: r.parse(ENV_PG_MODE, PgMode::Backup, |text| match text {
+                "backup" => Ok(PgMode::Backup),
+                "fence" => Ok(PgMode::Fence),
+                _ => Err("must be 'backup' or 'fence'".into()),
+            }),
+            fence_databases: r.list(ENV_PG_FENCE_DATABASES, ""),
+            fence_schemas: r.list(ENV_PG_FENCE_SCHEMAS, DEFAULT_PG_FENCE_SCHEMAS),
+            wal_retain: r.duration(ENV_PG_WAL_RETAIN, DEFAULT_PG_WAL_RETAIN),
+        };
+        let fsfreeze_mounts: Vec<PathBuf> = r
+            .list(ENV_FSFREEZE_MOUNTS, "")
+            .into_iter()
+            .map(PathBuf::from)
+            .collect();
+        for mount in &fsfreeze_mounts {
+            if !mount.is_absolute() || !mount.is_dir() {
+                r.errors.push(format!(
+                    "{ENV_FSFREEZE_MOUNTS}: {} is not an existing absolute directory",
+                    mount.display()
+                ));
+            }
+        }
+        if engine == EngineKind::Fsfreeze && fsfreeze_mounts.is_empty() {
+            r.errors.push(format!(
+                "engine fsfreeze needs {ENV_FSFREEZE_MOUNTS} (comma-separated mount points)"
+            ));
+        }
+        let exec = ExecConfig {
+            command: r.string(ENV_EXEC_COMMAND, ""),
+            ready_command: r.raw(ENV_EXEC_READY_COMMAND),
+            ready_line: r.raw(ENV_EXEC_READY_LINE),
+            grace: r.duration(ENV_EXEC_GRACE, DEFAULT_EXEC_GRACE),
+        };
+        if engine == EngineKind::Exec && exec.command.is_empty() {
+            r.errors.push(format!(
+                "engine exec needs {ENV_EXEC_COMMAND} (the command that holds)"
+            ));
+        }
         let log = r.string(ENV_LOG, DEFAULT_LOG);
         let log_format = r.parse(ENV_LOG_FORMAT, LogFormat::Text, |text| match text {
             "text" => Ok(LogFormat::Text),
@@ -382,10 +547,21 @@ impl Config {
             prepare_timeout,
             max_wait,
             shutdown_grace,
-            dsn,
             log,
             log_format,
-            noop,
+            engines: EngineConfig {
+                dsn,
+                state_dir,
+                connect_timeout,
+                lock_timeout,
+                poll_interval,
+                hold_check_interval,
+                prepared_expiry: max_ttl,
+                fsfreeze_mounts,
+                pg,
+                exec,
+                noop,
+            },
         })
     }
 }

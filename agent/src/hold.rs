@@ -472,6 +472,11 @@ impl Supervisor {
                     }
                     Some(Command::Renew { generation: g, reply }) => {
                         if g == generation {
+                            if let Err(err) = frozen.renewed(self.ttl).await {
+                                let _ = reply.send(Err(()));
+                                lost = Some(err);
+                                break (pb::ThawCause::HoldLost, None);
+                            }
                             deadline = self.extend();
                             Self::send(&events, Event::Renewed(pb::Renewed {
                                 expires_in_ms: self.ttl.as_millis() as u64,

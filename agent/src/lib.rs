@@ -7,7 +7,9 @@
 //! - [`hold`]: the lease: one hold at a time, renewal, expiry, takeover.
 //! - [`engine`]: the per-database engines behind one trait.
 //! - [`admin`] and [`metrics`]: `/healthz` and `/metrics`.
-#![forbid(unsafe_code)]
+//! - [`watchdog`]: the child process that undoes holds if the agent dies.
+//!
+//! `unsafe` is denied everywhere but `engine::ioctl` (FIFREEZE/FITHAW).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,6 +26,7 @@ pub mod hold;
 pub mod metrics;
 pub mod server;
 pub mod tls;
+pub mod watchdog;
 
 use config::Config;
 
@@ -64,6 +67,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let admin_addr = admin.local_addr().unwrap_or(config.admin_addr);
 
     let engine = engine::build(&config);
+    // Undo what a crashed predecessor left locked before serving anything.
+    match engine.recover().await {
+        Ok(Some(done)) => tracing::warn!("recovered at start-up: {done}"),
+        Ok(None) => {}
+        Err(err) => tracing::error!(%err, "could not undo what a previous run left locked"),
+    }
     let holds = hold::Holds::new(
         engine.clone(),
         config.member.clone(),

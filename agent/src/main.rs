@@ -10,6 +10,9 @@ use stillpoint_agent::config::{self, Config, LogFormat};
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    if std::env::var_os(stillpoint_agent::watchdog::WATCHDOG_ENV).is_some() {
+        return ExitCode::from(stillpoint_agent::watchdog::run() as u8);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         None => {}

@@ -15,21 +15,51 @@ use stillpoint_proto::pb;
 
 use crate::config::Config;
 
+pub mod exec;
+pub mod fsfreeze;
+pub(crate) mod ioctl;
+pub mod mongodb;
+pub mod mysql;
 pub mod noop;
+pub mod postgres;
+pub mod redis;
 
 /// The kinds of member an agent can drive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EngineKind {
     /// Bookkeeping only: hold, lease, a counter position. Not a database.
     Noop,
+    Postgres,
+    /// MySQL 8 or MariaDB ≥ 10.4, detected at connect.
+    Mysql,
+    Redis,
+    Mongodb,
+    /// Only `FIFREEZE` on the configured mounts.
+    Fsfreeze,
+    /// A user command held running for the duration of the freeze.
+    Exec,
 }
 
 impl EngineKind {
-    pub const ALL: &'static [EngineKind] = &[EngineKind::Noop];
+    pub const ALL: &'static [EngineKind] = &[
+        EngineKind::Postgres,
+        EngineKind::Mysql,
+        EngineKind::Redis,
+        EngineKind::Mongodb,
+        EngineKind::Fsfreeze,
+        EngineKind::Exec,
+        EngineKind::Noop,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             EngineKind::Noop => "noop",
+            EngineKind::Postgres => "postgres",
+            EngineKind::Mysql => "mysql",
+            EngineKind::Redis => "redis",
+            EngineKind::Mongodb => "mongodb",
+            EngineKind::Fsfreeze => "fsfreeze",
+            EngineKind::Exec => "exec",
         }
     }
 
@@ -43,14 +73,32 @@ impl EngineKind {
 
     /// Whether the engine connects to a database and so needs a DSN.
     pub fn needs_dsn(self) -> bool {
+        matches!(
+            self,
+            EngineKind::Postgres | EngineKind::Mysql | EngineKind::Redis | EngineKind::Mongodb
+        )
+    }
+
+    /// Checks that a DSN parses for this engine. The reason never contains the DSN.
+    pub fn check_dsn(self, dsn: &str) -> Result<(), String> {
         match self {
-            EngineKind::Noop => false,
+            EngineKind::Postgres => postgres::parse_dsn(dsn).map(drop),
+            EngineKind::Mysql => mysql::parse_dsn(dsn).map(drop),
+            EngineKind::Redis => redis::parse_dsn(dsn).map(drop),
+            EngineKind::Mongodb => mongodb::check_dsn(dsn),
+            EngineKind::Noop | EngineKind::Fsfreeze | EngineKind::Exec => Ok(()),
         }
     }
 
     pub fn to_pb(self) -> pb::Engine {
         match self {
             EngineKind::Noop => pb::Engine::Noop,
+            EngineKind::Postgres => pb::Engine::Postgres,
+            EngineKind::Mysql => pb::Engine::Mysql,
+            EngineKind::Redis => pb::Engine::Redis,
+            EngineKind::Mongodb => pb::Engine::Mongodb,
+            EngineKind::Fsfreeze => pb::Engine::Fsfreeze,
+            EngineKind::Exec => pb::Engine::Exec,
         }
     }
 }
@@ -65,10 +113,17 @@ impl FromStr for EngineKind {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let name = s.to_ascii_lowercase();
+        // MariaDB and MySQL share one engine; the flavour is detected.
+        let name = match name.as_str() {
+            "mariadb" => "mysql",
+            "postgresql" => "postgres",
+            other => other,
+        };
         Self::ALL
             .iter()
             .copied()
-            .find(|k| k.name() == s.to_ascii_lowercase())
+            .find(|k| k.name() == name)
             .ok_or_else(|| format!("unknown engine (supported: {})", Self::supported_names()))
     }
 }
@@ -149,6 +204,49 @@ pub struct Description {
     pub capabilities: pb::Capabilities,
 }
 
+impl EngineError {
+    pub fn new(
+        member: &str,
+        engine: EngineKind,
+        step: Step,
+        cause: Cause,
+        message: impl Into<String>,
+    ) -> Self {
+        EngineError {
+            member: member.to_string(),
+            engine,
+            step,
+            cause,
+            message: message.into(),
+        }
+    }
+}
+
+/// Names the member and engine in every error an engine makes.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub member: String,
+    pub engine: EngineKind,
+}
+
+impl Ctx {
+    pub fn err(&self, step: Step, cause: Cause, message: impl Into<String>) -> EngineError {
+        EngineError::new(&self.member, self.engine, step, cause, message)
+    }
+
+    /// A bound that was hit.
+    pub fn timeout(&self, step: Step, what: &str, bound: Duration, key: &str) -> EngineError {
+        self.err(
+            step,
+            Cause::Timeout,
+            format!(
+                "{what} did not finish within {} ms ({key})",
+                bound.as_millis()
+            ),
+        )
+    }
+}
+
 /// What a thaw hands back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Thawed {
@@ -179,11 +277,23 @@ pub trait Engine: Send + Sync + 'static {
         target: &pb::Position,
         timeout: Duration,
     ) -> Result<pb::Position, EngineError>;
+
+    /// Undoes what a crashed predecessor left locked (from the state
+    /// directory). Runs once at start-up; returns what it did, if anything.
+    async fn recover(&self) -> Result<Option<String>, EngineError> {
+        Ok(None)
+    }
 }
 
 impl fmt::Debug for dyn Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Engine({})", self.kind())
+    }
+}
+
+impl fmt::Debug for dyn Frozen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Frozen")
     }
 }
 
@@ -198,12 +308,38 @@ pub trait Frozen: Send {
     /// never resolves for engines whose hold cannot be lost.
     async fn lost(&mut self) -> EngineError;
 
+    /// The lease was renewed for another `ttl`. Engines whose lock carries
+    /// its own timeout (Redis `CLIENT PAUSE`) extend it here.
+    async fn renewed(&mut self, _ttl: Duration) -> Result<(), EngineError> {
+        Ok(())
+    }
+
     async fn thaw(self: Box<Self>) -> Result<Thawed, EngineError>;
 }
 
-/// Builds the configured engine.
+/// Builds the configured engine; with `STILLPOINT_FSFREEZE_MOUNTS` set on a
+/// database engine, the mounts are frozen after it and thawed before it.
 pub fn build(config: &Config) -> Arc<dyn Engine> {
-    match config.engine {
-        EngineKind::Noop => Arc::new(noop::Noop::new(config.member.clone(), config.noop.clone())),
+    let ctx = Ctx {
+        member: config.member.clone(),
+        engine: config.engine,
+    };
+    let e = &config.engines;
+    let engine: Arc<dyn Engine> = match config.engine {
+        EngineKind::Noop => Arc::new(noop::Noop::new(config.member.clone(), e.noop.clone())),
+        EngineKind::Postgres => Arc::new(postgres::Postgres::new(ctx.clone(), e)),
+        EngineKind::Mysql => Arc::new(mysql::Mysql::new(ctx.clone(), e)),
+        EngineKind::Redis => Arc::new(redis::Redis::new(ctx.clone(), e)),
+        EngineKind::Mongodb => Arc::new(mongodb::Mongo::new(ctx.clone(), e)),
+        EngineKind::Exec => Arc::new(exec::Exec::new(ctx.clone(), e)),
+        EngineKind::Fsfreeze => return Arc::new(fsfreeze::FsFreeze::new(ctx, e)),
+    };
+    if e.fsfreeze_mounts.is_empty() {
+        engine
+    } else {
+        Arc::new(fsfreeze::Layered::new(
+            engine,
+            fsfreeze::FsFreeze::new(ctx, e),
+        ))
     }
 }

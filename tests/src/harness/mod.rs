@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 pub mod agent;
+pub mod fleet;
 pub mod mariadb;
 pub mod pki;
 pub mod postgres;

@@ -290,3 +290,76 @@ fn append(path: &Path, text: &str) -> Result<()> {
     file.write_all(text.as_bytes())?;
     Ok(())
 }
+
+/// A server started from a data directory someone else filled (a restored
+/// backup). Stopped and removed on drop.
+#[derive(Debug)]
+pub struct PgRestored {
+    pub server: PgServer,
+    scratch: Scratch,
+}
+
+impl PgRestored {
+    /// An empty place for a data directory: fill `data_dir()`, then `start()`.
+    pub fn new() -> Result<Self> {
+        let user = service_user("postgres")?;
+        let scratch = Scratch::new("pg-restore")?;
+        let root = scratch.path().to_path_buf();
+        let logs = scratch.owned_dir("log", user.as_ref())?;
+        scratch.owned_dir("run", user.as_ref())?;
+        let server = PgServer {
+            name: "restored",
+            port: free_port(),
+            data: root.join("data"),
+            log: logs.join("restored.log"),
+            bindir: bindir()?,
+            user,
+            scratch_root: root,
+        };
+        Ok(PgRestored { server, scratch })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.server.data
+    }
+
+    /// Makes the directory the server's own (owner, mode, port, no stale
+    /// pid file) and starts it; recovery runs as part of the start.
+    pub fn start(&self) -> Result<()> {
+        let data = &self.server.data;
+        let _ = std::fs::remove_file(data.join("postmaster.pid"));
+        let _ = std::fs::remove_file(data.join("standby.signal"));
+        append(
+            &data.join("postgresql.auto.conf"),
+            &format!(
+                "port = {}\nunix_socket_directories = '{}'\nlog_min_messages = log\n",
+                self.server.port,
+                self.scratch.path().join("run").display()
+            ),
+        )?;
+        if let Some(user) = &self.server.user {
+            run(
+                Command::new("chown")
+                    .args(["-R", &format!("{}:{}", user.uid, user.gid)])
+                    .arg(data),
+                "chown the restored data directory",
+            )?;
+        }
+        run(
+            Command::new("chmod").args(["700"]).arg(data),
+            "chmod the data directory",
+        )?;
+        self.server.start()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.scratch.path()
+    }
+}
+
+impl Drop for PgRestored {
+    fn drop(&mut self) {
+        self.server.stop();
+        let _ = std::fs::remove_dir_all(self.scratch.path());
+    }
+}

@@ -1,0 +1,772 @@
+//! MySQL 8 and MariaDB ≥ 10.4 over mysql_async; the flavour is detected at
+//! connect.
+//!
+//! - MariaDB: `BACKUP STAGE START; BACKUP STAGE BLOCK_COMMIT` … `BACKUP STAGE
+//!   END`. Position `@@gtid_binlog_pos` (primary) / `@@gtid_slave_pos`
+//!   (replica); replica wait `MASTER_GTID_WAIT`.
+//! - MySQL 8: `FLUSH TABLES WITH READ LOCK` … `UNLOCK TABLES`. Position from
+//!   `performance_schema.log_status` (falling back to `gtid_executed` and
+//!   `SHOW BINARY LOG STATUS` on 8.2+ / `SHOW MASTER STATUS` before);
+//!   replica wait `WAIT_FOR_EXECUTED_GTID_SET`.
+//!
+//! Every lock request is bounded by `lock_wait_timeout` (and MariaDB's
+//! `max_statement_time`). The lock belongs to the held session: if the
+//! agent dies the server releases it. A monitor checks that the session is
+//! still in the process list, so a `KILL` is reported at once.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts, OptsBuilder, Row};
+use stillpoint_proto::pb;
+use stillpoint_proto::position::{PositionExt, make};
+use tokio::sync::{Mutex, oneshot};
+use tokio::time::Instant;
+
+use super::{Cause, Ctx, Description, Engine, EngineError, EngineKind, Frozen, Step, Thawed};
+use crate::config::{ENV_LOCK_TIMEOUT, EngineConfig, Secret};
+
+/// Parses a `mysql://user:password@host:port/db` URL.
+pub fn parse_dsn(dsn: &str) -> Result<Opts, String> {
+    Opts::from_url(dsn).map_err(|e| match e {
+        // This variant repeats a value from the URL; keep it out.
+        mysql_async::UrlError::InvalidParamValue { param, .. } => {
+            format!("invalid value for URL parameter '{param}'")
+        }
+        other => other.to_string(),
+    })
+}
+
+/// The server's flavour and version, from `SELECT VERSION()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Mariadb { major: u16, minor: u16 },
+    Mysql { major: u16, minor: u16, patch: u16 },
+}
+
+impl Flavor {
+    pub fn detect(version: &str) -> Flavor {
+        let mut numbers = version
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse::<u16>().unwrap_or(0));
+        let (major, minor, patch) = (
+            numbers.next().unwrap_or(0),
+            numbers.next().unwrap_or(0),
+            numbers.next().unwrap_or(0),
+        );
+        if version.to_ascii_lowercase().contains("mariadb") {
+            Flavor::Mariadb { major, minor }
+        } else {
+            Flavor::Mysql {
+                major,
+                minor,
+                patch,
+            }
+        }
+    }
+
+    pub fn gtid_flavor(self) -> pb::GtidFlavor {
+        match self {
+            Flavor::Mariadb { .. } => pb::GtidFlavor::Mariadb,
+            Flavor::Mysql { .. } => pb::GtidFlavor::Mysql,
+        }
+    }
+}
+
+/// The statements used for one flavour and version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statements {
+    /// Run in order on the held session to freeze.
+    pub freeze: Vec<String>,
+    pub thaw: &'static str,
+    /// Replica status; empty result = not a replica.
+    pub replica_status: &'static str,
+    /// Upstream host and port columns of `replica_status`.
+    pub upstream_columns: (&'static str, &'static str),
+    /// Binlog coordinates (File, Position).
+    pub binlog_status: &'static str,
+    /// `SELECT f(?, ?)`: wait for a GTID set with a timeout in seconds.
+    pub wait: &'static str,
+    /// The wait function's result on success.
+    pub wait_ok: i64,
+}
+
+/// Chooses the statements for a server, with the lock bound in seconds.
+pub fn statements(flavor: Flavor, lock_wait_seconds: u64) -> Result<Statements, String> {
+    let lock_wait = lock_wait_seconds.max(1);
+    match flavor {
+        Flavor::Mariadb { major, minor } => {
+            if (major, minor) < (10, 4) {
+                return Err(format!(
+                    "MariaDB {major}.{minor} is not supported (BACKUP STAGE needs 10.4 or newer)"
+                ));
+            }
+            Ok(Statements {
+                freeze: vec![
+                    format!("SET SESSION lock_wait_timeout = {lock_wait}"),
+                    format!("SET SESSION max_statement_time = {lock_wait}"),
+                    "BACKUP STAGE START".into(),
+                    "BACKUP STAGE BLOCK_COMMIT".into(),
+                ],
+                thaw: "BACKUP STAGE END",
+                replica_status: "SHOW SLAVE STATUS",
+                upstream_columns: ("Master_Host", "Master_Port"),
+                binlog_status: "SHOW MASTER STATUS",
+                wait: "SELECT MASTER_GTID_WAIT(?, ?)",
+                wait_ok: 0,
+            })
+        }
+        Flavor::Mysql {
+            major,
+            minor,
+            patch,
+        } => {
+            if major < 8 {
+                return Err(format!(
+                    "MySQL {major}.{minor} is not supported (8.0 or newer is needed)"
+                ));
+            }
+            let new_replica_words = (major, minor, patch) >= (8, 0, 22);
+            Ok(Statements {
+                freeze: vec![
+                    format!("SET SESSION lock_wait_timeout = {lock_wait}"),
+                    "FLUSH TABLES WITH READ LOCK".into(),
+                ],
+                thaw: "UNLOCK TABLES",
+                replica_status: if new_replica_words {
+                    "SHOW REPLICA STATUS"
+                } else {
+                    "SHOW SLAVE STATUS"
+                },
+                upstream_columns: if new_replica_words {
+                    ("Source_Host", "Source_Port")
+                } else {
+                    ("Master_Host", "Master_Port")
+                },
+                binlog_status: if (major, minor) >= (8, 2) {
+                    "SHOW BINARY LOG STATUS"
+                } else {
+                    "SHOW MASTER STATUS"
+                },
+                wait: "SELECT WAIT_FOR_EXECUTED_GTID_SET(?, ?)",
+                wait_ok: 0,
+            })
+        }
+    }
+}
+
+/// Reads `gtid_executed`, `binary_log_file` and `binary_log_position` from
+/// the `LOCAL` column of `performance_schema.log_status`.
+pub fn parse_log_status(local: &str) -> Result<(String, String, u64), String> {
+    let value: serde_json::Value =
+        serde_json::from_str(local).map_err(|e| format!("log_status.LOCAL is not JSON: {e}"))?;
+    let gtid = value["gtid_executed"].as_str().unwrap_or_default();
+    // MySQL prints long sets over several lines.
+    let gtid: String = gtid.split_whitespace().collect();
+    let file = value["binary_log_file"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let pos = value["binary_log_position"].as_u64().unwrap_or(0);
+    Ok((gtid, file, pos))
+}
+
+fn my_error(e: &mysql_async::Error) -> (Cause, String) {
+    match e {
+        mysql_async::Error::Server(s) => {
+            let cause = match s.code {
+                // lock wait timeout, statement time exceeded (MariaDB, MySQL)
+                1205 | 1969 | 3024 => Cause::Timeout,
+                // access denied, unknown database
+                1044 | 1045 | 1049 => Cause::Unavailable,
+                _ => Cause::Refused,
+            };
+            (
+                cause,
+                format!("ERROR {} ({}): {}", s.code, s.state, s.message),
+            )
+        }
+        mysql_async::Error::Io(_) | mysql_async::Error::Driver(_) => (Cause::Lost, e.to_string()),
+        other => (Cause::Unavailable, other.to_string()),
+    }
+}
+
+#[derive(Debug)]
+pub struct Mysql {
+    ctx: Ctx,
+    dsn: Option<Secret>,
+    connect_timeout: Duration,
+    lock_timeout: Duration,
+    poll_interval: Duration,
+    hold_check_interval: Duration,
+    control: Mutex<Option<Conn>>,
+    /// A session opened ahead of the freeze (by prepare), so the freeze
+    /// does not pay for connecting.
+    spare: Mutex<Option<Conn>>,
+}
+
+impl Mysql {
+    pub fn new(ctx: Ctx, config: &EngineConfig) -> Self {
+        Mysql {
+            ctx,
+            dsn: config.dsn.clone(),
+            connect_timeout: config.connect_timeout,
+            lock_timeout: config.lock_timeout,
+            poll_interval: config.poll_interval,
+            hold_check_interval: config.hold_check_interval,
+            control: Mutex::new(None),
+            spare: Mutex::new(None),
+        }
+    }
+
+    fn err(&self, step: Step, e: &mysql_async::Error) -> EngineError {
+        let (cause, message) = my_error(e);
+        self.ctx.err(step, cause, message)
+    }
+
+    fn opts(&self) -> Result<OptsBuilder, EngineError> {
+        let dsn = self.dsn.as_ref().ok_or_else(|| {
+            self.ctx.err(
+                Step::Connect,
+                Cause::Invalid,
+                "no connection string configured",
+            )
+        })?;
+        let opts =
+            parse_dsn(dsn.expose()).map_err(|e| self.ctx.err(Step::Connect, Cause::Invalid, e))?;
+        Ok(OptsBuilder::from_opts(opts).prefer_socket(false))
+    }
+
+    async fn connect(&self, step: Step) -> Result<Conn, EngineError> {
+        connect(&self.ctx, self.opts()?, self.connect_timeout, step).await
+    }
+
+    async fn flavor(conn: &mut Conn) -> Result<Flavor, mysql_async::Error> {
+        let version: String = conn
+            .query_first("SELECT VERSION()")
+            .await?
+            .unwrap_or_default();
+        Ok(Flavor::detect(&version))
+    }
+
+    async fn statements_for(
+        &self,
+        conn: &mut Conn,
+        step: Step,
+    ) -> Result<(Flavor, Statements), EngineError> {
+        let flavor = Self::flavor(conn).await.map_err(|e| self.err(step, &e))?;
+        let statements = statements(flavor, self.lock_timeout.as_secs_f64().ceil() as u64)
+            .map_err(|e| self.ctx.err(step, Cause::Refused, e))?;
+        Ok((flavor, statements))
+    }
+
+    /// Role and upstream from the replica status.
+    async fn role(
+        &self,
+        conn: &mut Conn,
+        s: &Statements,
+        step: Step,
+    ) -> Result<(pb::Role, String), EngineError> {
+        let rows: Vec<Row> = conn
+            .query(s.replica_status)
+            .await
+            .map_err(|e| self.err(step, &e))?;
+        Ok(match rows.first() {
+            None => (pb::Role::Primary, String::new()),
+            Some(row) => {
+                let host: Option<String> = row.get_opt(s.upstream_columns.0).and_then(Result::ok);
+                let port: Option<String> = row.get_opt(s.upstream_columns.1).and_then(Result::ok);
+                (
+                    pb::Role::Replica,
+                    format!("{}:{}", host.unwrap_or_default(), port.unwrap_or_default()),
+                )
+            }
+        })
+    }
+
+    async fn read_position(
+        &self,
+        conn: &mut Conn,
+        step: Step,
+    ) -> Result<(pb::Position, pb::Role), EngineError> {
+        let (flavor, s) = self.statements_for(conn, step).await?;
+        let (role, _) = self.role(conn, &s, step).await?;
+        let q = |e: mysql_async::Error| self.err(step, &e);
+        let (gtid, file, pos) = match flavor {
+            Flavor::Mariadb { .. } => {
+                let gtid: String = if role == pb::Role::Replica {
+                    conn.query_first("SELECT @@gtid_slave_pos")
+                        .await
+                        .map_err(q)?
+                } else {
+                    conn.query_first("SELECT @@gtid_binlog_pos")
+                        .await
+                        .map_err(q)?
+                }
+                .unwrap_or_default();
+                let (file, pos) = binlog_coordinates(conn, s.binlog_status).await;
+                (gtid, file, pos)
+            }
+            Flavor::Mysql { .. } => {
+                let local: Result<Option<String>, _> = conn
+                    .query_first("SELECT CAST(LOCAL AS CHAR) FROM performance_schema.log_status")
+                    .await;
+                match local {
+                    Ok(Some(local)) => parse_log_status(&local)
+                        .map_err(|e| self.ctx.err(step, Cause::Refused, e))?,
+                    // log_status needs BACKUP_ADMIN; fall back to two reads.
+                    _ => {
+                        let gtid: String = conn
+                            .query_first("SELECT @@GLOBAL.gtid_executed")
+                            .await
+                            .map_err(q)?
+                            .unwrap_or_default();
+                        let (file, pos) = binlog_coordinates(conn, s.binlog_status).await;
+                        (gtid.split_whitespace().collect(), file, pos)
+                    }
+                }
+            }
+        };
+        Ok((make::gtid(flavor.gtid_flavor(), &gtid, &file, pos), role))
+    }
+
+    async fn with_control<T>(
+        &self,
+        step: Step,
+        f: impl AsyncFnOnce(&Self, &mut Conn) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        let mut guard = self.control.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.connect(step).await?);
+        }
+        let result = f(self, guard.as_mut().expect("connected")).await;
+        if result.as_ref().is_err_and(|e| e.cause == Cause::Lost) {
+            *guard = None;
+        }
+        result
+    }
+}
+
+async fn connect(
+    ctx: &Ctx,
+    opts: OptsBuilder,
+    bound: Duration,
+    step: Step,
+) -> Result<Conn, EngineError> {
+    match tokio::time::timeout(bound, Conn::new(opts)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => {
+            let (_, message) = my_error(&e);
+            Err(ctx.err(
+                step,
+                Cause::Unavailable,
+                format!("cannot connect: {message}"),
+            ))
+        }
+        Err(_) => Err(ctx.err(
+            step,
+            Cause::Unavailable,
+            format!(
+                "cannot connect within {} ms (STILLPOINT_CONNECT_TIMEOUT)",
+                bound.as_millis()
+            ),
+        )),
+    }
+}
+
+async fn binlog_coordinates(conn: &mut Conn, statement: &str) -> (String, u64) {
+    match conn.query_first::<Row, _>(statement).await {
+        Ok(Some(row)) => (
+            row.get_opt::<String, _>("File")
+                .and_then(Result::ok)
+                .unwrap_or_default(),
+            row.get_opt::<u64, _>("Position")
+                .and_then(Result::ok)
+                .unwrap_or(0),
+        ),
+        // No binary log, or no privilege to see it: the GTID set still orders.
+        _ => (String::new(), 0),
+    }
+}
+
+#[async_trait]
+impl Engine for Mysql {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Mysql
+    }
+
+    async fn describe(&self) -> Result<Description, EngineError> {
+        self.with_control(Step::Describe, async |this, conn| {
+            let version: String = conn
+                .query_first("SELECT VERSION()")
+                .await
+                .map_err(|e| this.err(Step::Describe, &e))?
+                .unwrap_or_default();
+            let (_, s) = this.statements_for(conn, Step::Describe).await?;
+            let (role, upstream) = this.role(conn, &s, Step::Describe).await?;
+            let name = match Flavor::detect(&version) {
+                Flavor::Mariadb { .. } => "MariaDB",
+                Flavor::Mysql { .. } => "MySQL",
+            };
+            Ok(Description {
+                server_version: format!("{name} {version}"),
+                role,
+                upstream,
+                capabilities: pb::Capabilities {
+                    blocks_writes: true,
+                    wait_for_position: true,
+                    thaw_artefacts: false,
+                },
+            })
+        })
+        .await
+    }
+
+    async fn position(&self) -> Result<(pb::Position, pb::Role), EngineError> {
+        self.with_control(Step::Position, async |this, conn| {
+            this.read_position(conn, Step::Position).await
+        })
+        .await
+    }
+
+    async fn prepare(&self, _backup_id: &str) -> Result<String, EngineError> {
+        let mut conn = self.connect(Step::Prepare).await?;
+        // Closing idle tables now makes the lock that follows quicker.
+        conn.query_drop("FLUSH NO_WRITE_TO_BINLOG TABLES")
+            .await
+            .map_err(|e| self.err(Step::Prepare, &e))?;
+        *self.spare.lock().await = Some(conn);
+        Ok("tables flushed; freeze session open".into())
+    }
+
+    async fn freeze(
+        &self,
+        _backup_id: &str,
+        _ttl: Duration,
+    ) -> Result<Box<dyn Frozen>, EngineError> {
+        let spare = self.spare.lock().await.take();
+        let mut conn = match spare {
+            Some(mut conn) => match conn.ping().await {
+                Ok(()) => conn,
+                Err(_) => self.connect(Step::Freeze).await?,
+            },
+            None => self.connect(Step::Freeze).await?,
+        };
+        let (_, s) = self.statements_for(&mut conn, Step::Freeze).await?;
+        for statement in &s.freeze {
+            if let Err(e) = conn.query_drop(statement).await {
+                let mut err = self.err(Step::Freeze, &e);
+                if err.cause == Cause::Timeout {
+                    err.message = format!(
+                        "{} (the lock was not granted within {} s, {ENV_LOCK_TIMEOUT})",
+                        err.message,
+                        self.lock_timeout.as_secs_f64().ceil()
+                    );
+                }
+                // Dropping the session ends any stage already taken.
+                let _ = conn.disconnect().await;
+                return Err(err);
+            }
+        }
+        let (position, _) = match self.read_position(&mut conn, Step::Freeze).await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = conn.query_drop(s.thaw).await;
+                return Err(e);
+            }
+        };
+        tracing::info!(connection_id = conn.id(), "lock held by this session");
+        let (lost_tx, lost) = oneshot::channel();
+        let monitor = tokio::spawn(monitor(
+            (self.ctx.clone(), self.opts()?, self.connect_timeout),
+            conn.id(),
+            self.hold_check_interval,
+            lost_tx,
+        ));
+        Ok(Box::new(MyHold {
+            ctx: self.ctx.clone(),
+            conn,
+            thaw: s.thaw,
+            position,
+            lost,
+            monitor,
+        }))
+    }
+
+    async fn wait_for_position(
+        &self,
+        target: &pb::Position,
+        timeout: Duration,
+    ) -> Result<pb::Position, EngineError> {
+        let Some(pb::position::Kind::Gtid(want)) = &target.kind else {
+            return Err(self.ctx.err(
+                Step::Wait,
+                Cause::Invalid,
+                format!(
+                    "a MySQL/MariaDB member cannot wait for a {} position",
+                    target.kind_name()
+                ),
+            ));
+        };
+        let mut conn = self.connect(Step::Wait).await?;
+        let (flavor, s) = self.statements_for(&mut conn, Step::Wait).await?;
+        if flavor.gtid_flavor() as i32 != want.flavor {
+            return Err(self.ctx.err(
+                Step::Wait,
+                Cause::Invalid,
+                "the target GTID is of the other flavour (MySQL vs MariaDB)",
+            ));
+        }
+        let started = Instant::now();
+        let seconds = timeout.as_secs_f64();
+        let result: Option<i64> = conn
+            .exec_first(s.wait, (want.gtid_set.clone(), seconds))
+            .await
+            .map_err(|e| self.err(Step::Wait, &e))?;
+        let (position, _) = self.read_position(&mut conn, Step::Wait).await?;
+        let _ = conn.disconnect().await;
+        if result == Some(s.wait_ok) {
+            return Ok(position);
+        }
+        // A NULL or a timeout: say where the replica is.
+        let _ = self.poll_interval;
+        Err(self.ctx.err(
+            Step::Wait,
+            Cause::Timeout,
+            format!(
+                "replica at {} did not reach gtid '{}' within {} ms (is replication running?)",
+                position.display(),
+                want.gtid_set,
+                started.elapsed().as_millis()
+            ),
+        ))
+    }
+}
+
+/// Reports through `lost` when the held session (`conn_id`) leaves the
+/// process list, or the server stops answering.
+async fn monitor(
+    (ctx, opts, bound): (Ctx, OptsBuilder, Duration),
+    conn_id: u32,
+    interval: Duration,
+    lost: oneshot::Sender<String>,
+) {
+    let mut conn = match connect(&ctx, opts, bound, Step::Hold).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            let _ = lost.send(format!("cannot watch the held session: {}", e.message));
+            return;
+        }
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        let present: Result<Option<u64>, _> = conn
+            .exec_first(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?",
+                (conn_id,),
+            )
+            .await;
+        match present {
+            Ok(Some(n)) if n > 0 => {}
+            Ok(_) => {
+                let _ = lost.send(format!(
+                    "the held session (connection id {conn_id}) is gone (killed?); the server released its lock"
+                ));
+                return;
+            }
+            Err(e) => {
+                let _ = lost.send(format!("the server stopped answering: {}", my_error(&e).1));
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct MyHold {
+    ctx: Ctx,
+    conn: Conn,
+    thaw: &'static str,
+    position: pb::Position,
+    lost: oneshot::Receiver<String>,
+    monitor: tokio::task::JoinHandle<()>,
+}
+
+#[async_trait]
+impl Frozen for MyHold {
+    fn position(&self) -> pb::Position {
+        self.position.clone()
+    }
+
+    async fn lost(&mut self) -> EngineError {
+        let reason = (&mut self.lost)
+            .await
+            .unwrap_or_else(|_| "the session monitor stopped".into());
+        self.ctx.err(Step::Hold, Cause::Lost, reason)
+    }
+
+    async fn thaw(self: Box<Self>) -> Result<Thawed, EngineError> {
+        let MyHold {
+            ctx,
+            mut conn,
+            thaw,
+            monitor,
+            ..
+        } = *self;
+        monitor.abort();
+        let result = conn.query_drop(thaw).await;
+        let _ = conn.disconnect().await;
+        result.map_err(|e| {
+            let (cause, message) = my_error(&e);
+            ctx.err(Step::Thaw, cause, message)
+        })?;
+        Ok(Thawed::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flavours_are_detected() {
+        assert_eq!(
+            Flavor::detect("10.11.19-MariaDB-0+deb12u1-log"),
+            Flavor::Mariadb {
+                major: 10,
+                minor: 11
+            }
+        );
+        assert_eq!(
+            Flavor::detect("8.0.36"),
+            Flavor::Mysql {
+                major: 8,
+                minor: 0,
+                patch: 36
+            }
+        );
+        assert_eq!(
+            Flavor::detect("8.4.2-commercial"),
+            Flavor::Mysql {
+                major: 8,
+                minor: 4,
+                patch: 2
+            }
+        );
+    }
+
+    #[test]
+    fn mariadb_uses_backup_stages() {
+        let s = statements(
+            Flavor::Mariadb {
+                major: 10,
+                minor: 11,
+            },
+            5,
+        )
+        .unwrap();
+        assert_eq!(
+            s.freeze,
+            vec![
+                "SET SESSION lock_wait_timeout = 5",
+                "SET SESSION max_statement_time = 5",
+                "BACKUP STAGE START",
+                "BACKUP STAGE BLOCK_COMMIT"
+            ]
+        );
+        assert_eq!(s.thaw, "BACKUP STAGE END");
+        assert_eq!(s.wait, "SELECT MASTER_GTID_WAIT(?, ?)");
+        assert!(
+            statements(
+                Flavor::Mariadb {
+                    major: 10,
+                    minor: 3
+                },
+                5
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn mysql_uses_a_global_read_lock_and_version_specific_status() {
+        let old = statements(
+            Flavor::Mysql {
+                major: 8,
+                minor: 0,
+                patch: 21,
+            },
+            3,
+        )
+        .unwrap();
+        assert_eq!(
+            old.freeze,
+            vec![
+                "SET SESSION lock_wait_timeout = 3",
+                "FLUSH TABLES WITH READ LOCK"
+            ]
+        );
+        assert_eq!(old.thaw, "UNLOCK TABLES");
+        assert_eq!(old.replica_status, "SHOW SLAVE STATUS");
+        assert_eq!(old.binlog_status, "SHOW MASTER STATUS");
+        assert_eq!(old.wait, "SELECT WAIT_FOR_EXECUTED_GTID_SET(?, ?)");
+        let mid = statements(
+            Flavor::Mysql {
+                major: 8,
+                minor: 0,
+                patch: 22,
+            },
+            3,
+        )
+        .unwrap();
+        assert_eq!(mid.replica_status, "SHOW REPLICA STATUS");
+        assert_eq!(mid.upstream_columns, ("Source_Host", "Source_Port"));
+        assert_eq!(mid.binlog_status, "SHOW MASTER STATUS");
+        let new = statements(
+            Flavor::Mysql {
+                major: 8,
+                minor: 4,
+                patch: 0,
+            },
+            3,
+        )
+        .unwrap();
+        assert_eq!(new.binlog_status, "SHOW BINARY LOG STATUS");
+        assert!(
+            statements(
+                Flavor::Mysql {
+                    major: 5,
+                    minor: 7,
+                    patch: 0
+                },
+                3
+            )
+            .is_err()
+        );
+        // A sub-second bound still waits at least a second (the server's unit).
+        let s = statements(
+            Flavor::Mysql {
+                major: 8,
+                minor: 4,
+                patch: 0,
+            },
+            0,
+        )
+        .unwrap();
+        assert_eq!(s.freeze[0], "SET SESSION lock_wait_timeout = 1");
+    }
+
+    #[test]
+    fn log_status_is_parsed() {
+        let local = r#"{"gtid_executed": "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-77,\n4e11fa47-71ca-11e1-9e33-c80aa9429562:1-3", "binary_log_file": "binlog.000003", "binary_log_position": 1522}"#;
+        let (gtid, file, pos) = parse_log_status(local).unwrap();
+        assert_eq!(
+            gtid,
+            "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-77,4e11fa47-71ca-11e1-9e33-c80aa9429562:1-3"
+        );
+        assert_eq!(file, "binlog.000003");
+        assert_eq!(pos, 1522);
+    }
+}

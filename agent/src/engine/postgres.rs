@@ -1,0 +1,646 @@
+//! PostgreSQL (12–17) over tokio-postgres.
+//!
+//! PostgreSQL has no native write freeze. The hold is a **backup session**:
+//! `pg_backup_start(label, fast)` (`pg_start_backup(label, fast, false)` up
+//! to 14) plus a temporary physical replication slot that reserves WAL from
+//! the start, both in one session that the agent keeps open until the thaw
+//! runs `pg_backup_stop` in that same session and returns the stop LSN,
+//! `backup_label` and `tablespace_map`. Both are started in **Prepare**
+//! (after a `CHECKPOINT`), so the fast checkpoint stays out of the freeze
+//! window; a freeze without a prepare starts them itself.
+//!
+//! Mode `fence` also opens, per configured database, one transaction that
+//! takes `LOCK TABLE … IN EXCLUSIVE MODE` on every table of the configured
+//! schemas: writes wait, reads go on, and `lock_timeout` bounds the wait for
+//! the locks. A standby is read-only, so it is never fenced.
+//!
+//! After the thaw the session (and so the slot) stays open for
+//! `STILLPOINT_PG_WAL_RETAIN`, so the WAL up to the stop LSN can still be
+//! copied.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use stillpoint_proto::pb;
+use stillpoint_proto::position::{format_lsn, make, parse_lsn};
+use tokio::sync::{Mutex, oneshot};
+use tokio::time::Instant;
+use tokio_postgres::{Client, NoTls};
+
+use super::{Cause, Ctx, Description, Engine, EngineError, Frozen, Step, Thawed};
+use crate::config::{ENV_LOCK_TIMEOUT, EngineConfig, PgConfig, PgMode, Secret};
+
+/// Parses a libpq-style DSN (`host=… user=…` or `postgresql://…`).
+pub fn parse_dsn(dsn: &str) -> Result<tokio_postgres::Config, String> {
+    dsn.parse::<tokio_postgres::Config>()
+        .map_err(|e| e.to_string())
+}
+
+/// The statements that start and stop a non-exclusive backup, by server version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupStatements {
+    pub start: &'static str,
+    pub stop: &'static str,
+}
+
+/// Chooses the backup functions for `server_version_num`.
+pub fn backup_statements(server_version_num: i32) -> Result<BackupStatements, String> {
+    match server_version_num {
+        v if v < 120_000 => Err(format!(
+            "PostgreSQL {} is not supported (12 or newer is needed)",
+            v / 10_000
+        )),
+        v if v < 150_000 => Ok(BackupStatements {
+            start: "SELECT pg_start_backup($1, true, false)::text",
+            stop: "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)",
+        }),
+        _ => Ok(BackupStatements {
+            start: "SELECT pg_backup_start($1, true)::text",
+            stop: "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
+        }),
+    }
+}
+
+/// A replication slot name for a backup id (lowercase, digits, `_`, ≤ 63).
+pub fn slot_name(backup_id: &str) -> String {
+    let clean: String = backup_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    format!("stillpoint_{clean}_{}", std::process::id())
+}
+
+/// One open session and a signal that fires when its connection ends.
+struct Session {
+    client: Client,
+    closed: oneshot::Receiver<String>,
+    what: String,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
+/// A started backup, waiting for (or inside) a freeze.
+#[derive(Debug)]
+struct Backup {
+    backup_id: String,
+    session: Session,
+    stop_sql: &'static str,
+    start_lsn: String,
+    slot: String,
+}
+
+#[derive(Debug)]
+pub struct Postgres {
+    ctx: Ctx,
+    dsn: Option<Secret>,
+    pg: PgConfig,
+    connect_timeout: Duration,
+    lock_timeout: Duration,
+    poll_interval: Duration,
+    prepared_expiry: Duration,
+    control: Mutex<Option<Session>>,
+    prepared: Arc<Mutex<Option<Backup>>>,
+}
+
+fn db_error(e: &tokio_postgres::Error) -> (Cause, String) {
+    if let Some(db) = e.as_db_error() {
+        let cause = match db.code().code() {
+            // lock_not_available, query_canceled (statement/lock timeout)
+            "55P03" | "57014" => Cause::Timeout,
+            // admin_shutdown and friends: the session was killed
+            "57P01" | "57P02" | "57P03" => Cause::Lost,
+            // invalid_password, invalid_authorization_specification
+            "28P01" | "28000" | "3D000" => Cause::Unavailable,
+            _ => Cause::Refused,
+        };
+        return (
+            cause,
+            format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        );
+    }
+    if e.is_closed() {
+        return (Cause::Lost, format!("connection closed: {e}"));
+    }
+    (Cause::Unavailable, e.to_string())
+}
+
+impl Postgres {
+    pub fn new(ctx: Ctx, config: &EngineConfig) -> Self {
+        Postgres {
+            ctx,
+            dsn: config.dsn.clone(),
+            pg: config.pg.clone(),
+            connect_timeout: config.connect_timeout,
+            lock_timeout: config.lock_timeout,
+            poll_interval: config.poll_interval,
+            prepared_expiry: config.prepared_expiry,
+            control: Mutex::new(None),
+            prepared: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    fn err(&self, step: Step, e: &tokio_postgres::Error) -> EngineError {
+        let (cause, message) = db_error(e);
+        self.ctx.err(step, cause, message)
+    }
+
+    async fn connect(
+        &self,
+        dbname: Option<&str>,
+        step: Step,
+        what: &str,
+    ) -> Result<Session, EngineError> {
+        let dsn = self.dsn.as_ref().ok_or_else(|| {
+            self.ctx.err(
+                Step::Connect,
+                Cause::Invalid,
+                "no connection string configured",
+            )
+        })?;
+        let mut config =
+            parse_dsn(dsn.expose()).map_err(|e| self.ctx.err(Step::Connect, Cause::Invalid, e))?;
+        config.connect_timeout(self.connect_timeout);
+        config.application_name("stillpoint-agent");
+        if let Some(db) = dbname {
+            config.dbname(db);
+        }
+        let connecting = tokio::time::timeout(self.connect_timeout, config.connect(NoTls));
+        let (client, connection) = connecting
+            .await
+            .map_err(|_| {
+                self.ctx.err(
+                    step,
+                    Cause::Unavailable,
+                    format!(
+                        "cannot connect within {} ms (STILLPOINT_CONNECT_TIMEOUT)",
+                        self.connect_timeout.as_millis()
+                    ),
+                )
+            })?
+            .map_err(|e| {
+                let (_, message) = db_error(&e);
+                self.ctx.err(
+                    step,
+                    Cause::Unavailable,
+                    format!("cannot connect: {message}"),
+                )
+            })?;
+        let (tx, closed) = oneshot::channel();
+        tokio::spawn(async move {
+            let reason = match connection.await {
+                Ok(()) => "the server closed the connection".to_string(),
+                Err(e) => db_error(&e).1,
+            };
+            let _ = tx.send(reason);
+        });
+        Ok(Session {
+            client,
+            closed,
+            what: what.to_string(),
+        })
+    }
+
+    /// Runs `f` on the shared control session, reconnecting if it died.
+    async fn with_control<T>(
+        &self,
+        step: Step,
+        f: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, EngineError> {
+        let mut guard = self.control.lock().await;
+        if guard.as_ref().is_none_or(|s| s.client.is_closed()) {
+            *guard = Some(self.connect(None, step, "control session").await?);
+        }
+        let session = guard.as_ref().expect("just connected");
+        match f(&session.client).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_closed() {
+                    *guard = None;
+                }
+                Err(self.err(step, &e))
+            }
+        }
+    }
+
+    async fn start_backup(&self, backup_id: &str, step: Step) -> Result<Backup, EngineError> {
+        let session = self.connect(None, step, "backup session").await?;
+        let c = &session.client;
+        let version: i32 = c
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(|e| self.err(step, &e))?
+            .get(0);
+        let statements =
+            backup_statements(version).map_err(|e| self.ctx.err(step, Cause::Refused, e))?;
+        let slot = slot_name(backup_id);
+        c.execute(
+            "SELECT pg_create_physical_replication_slot($1, true, true)",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| self.err(step, &e))?;
+        let label = format!("stillpoint {backup_id}");
+        let start_lsn: String = c
+            .query_one(statements.start, &[&label])
+            .await
+            .map_err(|e| self.err(step, &e))?
+            .get(0);
+        Ok(Backup {
+            backup_id: backup_id.to_string(),
+            session,
+            stop_sql: statements.stop,
+            start_lsn,
+            slot,
+        })
+    }
+
+    async fn fence(&self, database: Option<&str>) -> Result<Option<Session>, EngineError> {
+        let what = format!("fence on database {}", database.unwrap_or("(default)"));
+        let session = self.connect(database, Step::Freeze, &what).await?;
+        let c = &session.client;
+        let in_recovery: bool = c
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| self.err(Step::Freeze, &e))?
+            .get(0);
+        if in_recovery {
+            return Ok(None);
+        }
+        let tables: Vec<String> = c
+            .query(
+                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY($1) ORDER BY 1",
+                &[&self.pg.fence_schemas],
+            )
+            .await
+            .map_err(|e| self.err(Step::Freeze, &e))?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let lock = format!(
+            "BEGIN; SET LOCAL lock_timeout = '{}ms'; {}",
+            self.lock_timeout.as_millis(),
+            if tables.is_empty() {
+                String::new()
+            } else {
+                format!("LOCK TABLE {} IN EXCLUSIVE MODE;", tables.join(", "))
+            }
+        );
+        c.batch_execute(&lock).await.map_err(|e| {
+            let mut err = self.err(Step::Freeze, &e);
+            if err.cause == Cause::Timeout {
+                err.message = format!(
+                    "{} (the table locks were not granted within {} ms, {ENV_LOCK_TIMEOUT})",
+                    err.message,
+                    self.lock_timeout.as_millis()
+                );
+            }
+            err
+        })?;
+        Ok(Some(session))
+    }
+
+    async fn read_position(
+        &self,
+        client: &Client,
+        step: Step,
+    ) -> Result<(pb::Position, pb::Role), EngineError> {
+        let row = client
+            .query_one(
+                "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() \
+                 THEN COALESCE(pg_last_wal_replay_lsn(), '0/0') ELSE pg_current_wal_lsn() END)::text",
+                &[],
+            )
+            .await
+            .map_err(|e| self.err(step, &e))?;
+        let standby: bool = row.get(0);
+        let lsn_text: String = row.get(1);
+        let lsn = parse_lsn(&lsn_text).ok_or_else(|| {
+            self.ctx
+                .err(step, Cause::Refused, format!("unparsable LSN '{lsn_text}'"))
+        })?;
+        let role = if standby {
+            pb::Role::Replica
+        } else {
+            pb::Role::Primary
+        };
+        Ok((make::lsn(lsn), role))
+    }
+}
+
+#[async_trait]
+impl Engine for Postgres {
+    fn kind(&self) -> super::EngineKind {
+        super::EngineKind::Postgres
+    }
+
+    async fn describe(&self) -> Result<Description, EngineError> {
+        let (version, standby, upstream) = self
+            .with_control(Step::Describe, async |c| {
+                let row = c
+                    .query_one(
+                        "SELECT current_setting('server_version'), pg_is_in_recovery(), \
+                         (SELECT sender_host || ':' || sender_port FROM pg_stat_wal_receiver LIMIT 1)",
+                        &[],
+                    )
+                    .await?;
+                Ok((
+                    row.get::<_, String>(0),
+                    row.get::<_, bool>(1),
+                    row.get::<_, Option<String>>(2),
+                ))
+            })
+            .await?;
+        Ok(Description {
+            server_version: format!("PostgreSQL {version}"),
+            role: if standby {
+                pb::Role::Replica
+            } else {
+                pb::Role::Primary
+            },
+            upstream: upstream.unwrap_or_default(),
+            capabilities: pb::Capabilities {
+                blocks_writes: self.pg.mode == PgMode::Fence,
+                wait_for_position: true,
+                thaw_artefacts: true,
+            },
+        })
+    }
+
+    async fn position(&self) -> Result<(pb::Position, pb::Role), EngineError> {
+        let mut guard = self.control.lock().await;
+        if guard.as_ref().is_none_or(|s| s.client.is_closed()) {
+            *guard = Some(
+                self.connect(None, Step::Position, "control session")
+                    .await?,
+            );
+        }
+        let result = self
+            .read_position(&guard.as_ref().expect("connected").client, Step::Position)
+            .await;
+        if result.as_ref().is_err_and(|e| e.cause == Cause::Lost) {
+            *guard = None;
+        }
+        result
+    }
+
+    async fn prepare(&self, backup_id: &str) -> Result<String, EngineError> {
+        {
+            let prepared = self.prepared.lock().await;
+            if let Some(b) = prepared.as_ref().filter(|b| b.backup_id == backup_id) {
+                return Ok(format!(
+                    "backup already started at {} (slot {})",
+                    b.start_lsn, b.slot
+                ));
+            }
+        }
+        let started = Instant::now();
+        self.with_control(Step::Prepare, async |c| c.batch_execute("CHECKPOINT").await)
+            .await?;
+        let checkpoint = started.elapsed();
+        let backup = self.start_backup(backup_id, Step::Prepare).await?;
+        let detail = format!(
+            "CHECKPOINT in {} ms; backup started at {} with slot {}",
+            checkpoint.as_millis(),
+            backup.start_lsn,
+            backup.slot
+        );
+        // A prepared backup that no freeze claims is ended after the
+        // agent's longest lease, so a vanished controller leaks nothing.
+        let previous = self.prepared.lock().await.replace(backup);
+        drop(previous);
+        let prepared = self.prepared.clone();
+        let id = backup_id.to_string();
+        let expiry = self.prepared_expiry;
+        tokio::spawn(async move {
+            tokio::time::sleep(expiry).await;
+            let mut slot = prepared.lock().await;
+            if slot.as_ref().is_some_and(|b| b.backup_id == id) {
+                tracing::warn!(backup_id = %id, "prepared backup never frozen; ending it");
+                *slot = None;
+            }
+        });
+        Ok(detail)
+    }
+
+    async fn freeze(
+        &self,
+        backup_id: &str,
+        _ttl: Duration,
+    ) -> Result<Box<dyn Frozen>, EngineError> {
+        let prepared = {
+            let mut slot = self.prepared.lock().await;
+            match slot.take() {
+                Some(b) if b.backup_id == backup_id && !b.session.client.is_closed() => Some(b),
+                _ => None,
+            }
+        };
+        let backup = match prepared {
+            Some(b) => b,
+            None => self.start_backup(backup_id, Step::Freeze).await?,
+        };
+        let mut fences = Vec::new();
+        if self.pg.mode == PgMode::Fence {
+            let databases: Vec<Option<&str>> = if self.pg.fence_databases.is_empty() {
+                vec![None]
+            } else {
+                self.pg
+                    .fence_databases
+                    .iter()
+                    .map(|d| Some(d.as_str()))
+                    .collect()
+            };
+            let locked =
+                futures_util::future::join_all(databases.into_iter().map(|d| self.fence(d))).await;
+            for result in locked {
+                // On error the other fences drop here, which ends their
+                // transactions: nothing stays locked.
+                if let Some(session) = result? {
+                    fences.push(session);
+                }
+            }
+        }
+        let (position, _) = self
+            .read_position(&backup.session.client, Step::Freeze)
+            .await?;
+        Ok(Box::new(PgHold {
+            ctx: self.ctx.clone(),
+            backup,
+            fences,
+            position,
+            wal_retain: self.pg.wal_retain,
+        }))
+    }
+
+    async fn wait_for_position(
+        &self,
+        target: &pb::Position,
+        timeout: Duration,
+    ) -> Result<pb::Position, EngineError> {
+        let Some(pb::position::Kind::Pg(want)) = &target.kind else {
+            return Err(self.ctx.err(
+                Step::Wait,
+                Cause::Invalid,
+                "a PostgreSQL member can only wait for a PostgreSQL LSN".to_string(),
+            ));
+        };
+        let target_text = format_lsn(want.lsn);
+        let session = self.connect(None, Step::Wait, "wait session").await?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (position, _) = self.read_position(&session.client, Step::Wait).await?;
+            if let Some(pb::position::Kind::Pg(at)) = &position.kind
+                && at.lsn >= want.lsn
+            {
+                return Ok(position);
+            }
+            if Instant::now() >= deadline {
+                let at = match &position.kind {
+                    Some(pb::position::Kind::Pg(at)) => format_lsn(at.lsn),
+                    _ => "?".into(),
+                };
+                return Err(self.ctx.err(
+                    Step::Wait,
+                    Cause::Timeout,
+                    format!(
+                        "replay position {at} did not reach {target_text} within {} ms \
+                         (is replication running?)",
+                        timeout.as_millis()
+                    ),
+                ));
+            }
+            tokio::time::sleep(self.poll_interval).await;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PgHold {
+    ctx: Ctx,
+    backup: Backup,
+    fences: Vec<Session>,
+    position: pb::Position,
+    wal_retain: Duration,
+}
+
+#[async_trait]
+impl Frozen for PgHold {
+    fn position(&self) -> pb::Position {
+        self.position.clone()
+    }
+
+    async fn lost(&mut self) -> EngineError {
+        let mut watched: Vec<(&String, &mut oneshot::Receiver<String>)> = Vec::new();
+        watched.push((&self.backup.session.what, &mut self.backup.session.closed));
+        for fence in &mut self.fences {
+            watched.push((&fence.what, &mut fence.closed));
+        }
+        let (names, receivers): (Vec<_>, Vec<_>) = watched.into_iter().unzip();
+        let (reason, index, _) = futures_util::future::select_all(receivers).await;
+        let reason = reason.unwrap_or_else(|_| "connection task ended".into());
+        self.ctx.err(
+            Step::Hold,
+            Cause::Lost,
+            format!("the held {} ended: {reason}", names[index]),
+        )
+    }
+
+    async fn thaw(self: Box<Self>) -> Result<Thawed, EngineError> {
+        let PgHold {
+            ctx,
+            backup,
+            fences,
+            wal_retain,
+            ..
+        } = *self;
+        // Writes first: end the fence transactions.
+        for fence in &fences {
+            if let Err(e) = fence.client.batch_execute("ROLLBACK").await {
+                tracing::warn!(error = %e, "{} did not roll back cleanly; closing it", fence.what);
+            }
+        }
+        drop(fences);
+        let row = backup
+            .session
+            .client
+            .query_one(backup.stop_sql, &[])
+            .await
+            .map_err(|e| {
+                let (cause, message) = db_error(&e);
+                ctx.err(Step::Thaw, cause, format!("backup stop failed: {message}"))
+            })?;
+        let stop_lsn: String = row.get(0);
+        let label: String = row.get(1);
+        let tablespace_map: Option<String> = row.get(2);
+        let mut thawed = Thawed {
+            stop_position: parse_lsn(&stop_lsn).map(make::lsn),
+            ..Default::default()
+        };
+        let a = &mut thawed.artefacts;
+        a.insert("start_lsn".into(), backup.start_lsn.clone());
+        a.insert("stop_lsn".into(), stop_lsn);
+        a.insert("backup_label".into(), label);
+        if let Some(map) = tablespace_map.filter(|m| !m.is_empty()) {
+            a.insert("tablespace_map".into(), map);
+        }
+        a.insert("wal_slot".into(), backup.slot.clone());
+        a.insert("wal_retained_ms".into(), wal_retain.as_millis().to_string());
+        // The temporary slot lives as long as this session: keep it a while
+        // so the WAL up to the stop LSN can still be copied.
+        let session = backup.session;
+        tokio::spawn(async move {
+            tokio::time::sleep(wal_retain).await;
+            drop(session);
+        });
+        Ok(thawed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_follow_the_server_version() {
+        assert!(backup_statements(110_000).is_err());
+        for v in [120_000, 130_005, 140_010] {
+            let s = backup_statements(v).unwrap();
+            assert!(s.start.contains("pg_start_backup($1, true, false)"), "{v}");
+            assert!(s.stop.contains("pg_stop_backup(false, false)"), "{v}");
+        }
+        for v in [150_000, 160_004, 170_002] {
+            let s = backup_statements(v).unwrap();
+            assert!(s.start.contains("pg_backup_start($1, true)"), "{v}");
+            assert!(s.stop.contains("pg_backup_stop(false)"), "{v}");
+        }
+    }
+
+    #[test]
+    fn slot_names_are_valid() {
+        let name = slot_name("Backup-2026-11-24T01:02:03Z/Group.A");
+        assert!(name.len() <= 63);
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        );
+    }
+
+    #[test]
+    fn dsn_errors_do_not_echo_the_password() {
+        let err = parse_dsn("host=db password=hunter2 port=notaport").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}

@@ -1,0 +1,419 @@
+//! The PostgreSQL engine against a real primary + streaming replica.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use stillpoint_proto::PositionExt;
+use stillpoint_proto::pb;
+use stillpoint_tests::harness::fleet::{Agent, Fleet, finishes_within};
+use stillpoint_tests::harness::postgres::{PgRestored, PgServer};
+use stillpoint_tests::harness::shared;
+use tokio_postgres::{Client, NoTls};
+
+async fn client(server: &PgServer, db: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(&server.conninfo(db), NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// A fresh database on the shared primary with one table `t(id int)`.
+async fn database(name: &str) -> Client {
+    let pg = shared::postgres();
+    let admin = client(&pg.primary, "postgres").await;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let c = client(&pg.primary, name).await;
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, note text)")
+        .await
+        .unwrap();
+    c
+}
+
+async fn agent(fleet: &Fleet, member: &str, server: &PgServer, db: &str, mode: &str) -> Agent {
+    let spec = fleet
+        .spec(member, "postgres")
+        .unwrap()
+        .with("STILLPOINT_DSN", &server.conninfo(db))
+        .with("STILLPOINT_PG_MODE", mode)
+        .with("STILLPOINT_LOCK_TIMEOUT", "2s")
+        .with("STILLPOINT_PG_WAL_RETAIN", "30s");
+    fleet.start(&spec).await.unwrap()
+}
+
+/// Inserts `id` from its own connection; returns when the insert commits.
+fn insert(server: &PgServer, db: &str, id: i32) -> tokio::task::JoinHandle<Result<(), String>> {
+    let conninfo = server.conninfo(db);
+    tokio::spawn(async move {
+        let (c, conn) = tokio_postgres::connect(&conninfo, NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        c.execute("INSERT INTO t VALUES ($1, 'w')", &[&id])
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_blocks_writes_keeps_reads_and_loses_nothing() {
+    let fleet = Fleet::new().unwrap();
+    let pg = shared::postgres();
+    let db = database("fence_writes").await;
+    db.execute("INSERT INTO t VALUES (1, 'before')", &[])
+        .await
+        .unwrap();
+    let mut a = agent(&fleet, "pg-fence", &pg.primary, "fence_writes", "fence").await;
+    assert!(
+        a.describe()
+            .await
+            .unwrap()
+            .capabilities
+            .unwrap()
+            .blocks_writes
+    );
+    a.prepare("b-fence").await.unwrap();
+    let mut hold = a.freeze("b-fence", Duration::from_secs(30)).await.unwrap();
+
+    let mut blocked = insert(&pg.primary, "fence_writes", 2);
+    assert!(
+        finishes_within(Duration::from_millis(500), &mut blocked)
+            .await
+            .is_none(),
+        "a write went through a fence"
+    );
+    let read = finishes_within(
+        Duration::from_secs(2),
+        db.query_one("SELECT count(*) FROM t", &[]),
+    )
+    .await
+    .expect("reads must not block")
+    .unwrap();
+    assert_eq!(read.get::<_, i64>(0), 1);
+
+    hold.request_thaw().await.unwrap();
+    let result = hold.thawed().await.unwrap().unwrap();
+    assert!(result.error.is_empty(), "{}", result.error);
+    finishes_within(Duration::from_secs(5), blocked)
+        .await
+        .expect("the blocked write completes after the thaw")
+        .unwrap()
+        .unwrap();
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "the blocked write's row is there");
+    let metrics = a.proc.admin_get("/metrics").unwrap().1;
+    assert!(
+        metrics.contains("stillpoint_agent_freeze_duration_seconds_count{engine=\"postgres\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("stillpoint_agent_thaw_duration_seconds_count{engine=\"postgres\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_mode_copy_with_its_wal_and_label_recovers_as_a_real_server() {
+    let fleet = Fleet::new().unwrap();
+    let pg = shared::postgres();
+    let db = database("backup_copy").await;
+    let mut a = agent(&fleet, "pg-backup", &pg.primary, "backup_copy", "backup").await;
+    assert!(
+        !a.describe()
+            .await
+            .unwrap()
+            .capabilities
+            .unwrap()
+            .blocks_writes
+    );
+
+    // A writer keeps committing through the whole backup.
+    let acked = Arc::new(AtomicI64::new(0));
+    let writer = {
+        let acked = acked.clone();
+        let conninfo = pg.primary.conninfo("backup_copy");
+        tokio::spawn(async move {
+            let (c, conn) = tokio_postgres::connect(&conninfo, NoTls).await.unwrap();
+            tokio::spawn(conn);
+            for id in 1..i32::MAX {
+                if c.execute("INSERT INTO t VALUES ($1, 'x')", &[&id])
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                acked.store(i64::from(id), Ordering::SeqCst);
+                if id % 50 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let prepared = a.prepare("b-copy").await.unwrap();
+    assert!(
+        prepared.detail.contains("backup started"),
+        "{}",
+        prepared.detail
+    );
+    let hold = a.freeze("b-copy", Duration::from_secs(60)).await.unwrap();
+    let mut hold = hold;
+    assert!(acked.load(Ordering::SeqCst) > 0);
+    let before_freeze_ok = acked.load(Ordering::SeqCst);
+
+    // Writes keep flowing in backup mode.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        acked.load(Ordering::SeqCst) > before_freeze_ok,
+        "backup mode must not block writes"
+    );
+
+    let restored = PgRestored::new().unwrap();
+    let copy = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&pg.primary.data)
+        .arg(restored.data_dir())
+        .status()
+        .unwrap();
+    assert!(copy.success());
+
+    let acked_before_stop = acked.load(Ordering::SeqCst);
+    hold.request_thaw().await.unwrap();
+    let result = hold.thawed().await.unwrap().unwrap();
+    assert!(result.error.is_empty(), "{}", result.error);
+    let label = result
+        .artefacts
+        .get("backup_label")
+        .expect("backup_label returned");
+    assert!(label.contains("LABEL: stillpoint b-copy"), "{label}");
+    let stop = result.stop_position.clone().expect("stop LSN");
+    assert!(
+        stop.reached(hold.frozen.position.as_ref().unwrap())
+            .unwrap()
+    );
+    writer.abort();
+
+    // The WAL from start to stop is still there: the slot keeps it.
+    let wal_copy = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "rm -rf '{dst}/pg_wal' && cp -a '{src}/pg_wal' '{dst}/pg_wal'",
+            src = pg.primary.data.display(),
+            dst = restored.data_dir().display()
+        ))
+        .status()
+        .unwrap();
+    assert!(wal_copy.success());
+    std::fs::write(restored.data_dir().join("backup_label"), label).unwrap();
+    if let Some(map) = result.artefacts.get("tablespace_map") {
+        std::fs::write(restored.data_dir().join("tablespace_map"), map).unwrap();
+    }
+    restored.start().unwrap();
+    let r = client(&restored.server, "backup_copy").await;
+    let rows: Vec<i32> = r
+        .query(
+            "SELECT id FROM t WHERE id <= $1 ORDER BY id",
+            &[&(acked_before_stop as i32)],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        rows.len() as i64,
+        acked_before_stop,
+        "every write acknowledged before the backup stop is in the restored server"
+    );
+    let log = std::fs::read_to_string(&restored.server.log).unwrap_or_default();
+    assert!(
+        log.contains("starting backup recovery") && log.contains("completed backup recovery"),
+        "recovery ran from the backup label to its end:\n{log}"
+    );
+    drop(db);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unrenewed_lease_releases_the_fence_within_ttl() {
+    let fleet = Fleet::new().unwrap();
+    let pg = shared::postgres();
+    let _db = database("fence_lease").await;
+    let mut a = agent(&fleet, "pg-lease", &pg.primary, "fence_lease", "fence").await;
+    let ttl = Duration::from_secs(1);
+    let started = Instant::now();
+    let _hold = a.freeze("b-lease", ttl).await.unwrap();
+    let blocked = insert(&pg.primary, "fence_lease", 1);
+    finishes_within(ttl + Duration::from_secs(1), blocked)
+        .await
+        .expect("writes resume within TTL + 1 s")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() >= ttl);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_agent_leaves_nothing_locked() {
+    let fleet = Fleet::new().unwrap();
+    let pg = shared::postgres();
+    let _db = database("fence_kill").await;
+    let mut a = agent(&fleet, "pg-kill", &pg.primary, "fence_kill", "fence").await;
+    let _hold = a.freeze("b-kill", Duration::from_secs(60)).await.unwrap();
+    let mut blocked = insert(&pg.primary, "fence_kill", 1);
+    assert!(
+        finishes_within(Duration::from_millis(300), &mut blocked)
+            .await
+            .is_none()
+    );
+    a.proc.kill();
+    finishes_within(Duration::from_secs(3), blocked)
+        .await
+        .expect("the server released the locks of the dead agent")
+        .unwrap()
+        .unwrap();
+    let admin = client(&pg.primary, "postgres").await;
+    let slots: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'stillpoint_b_kill%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "the temporary slot ended with the session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_the_held_session_fails_the_hold_promptly() {
+    let fleet = Fleet::new().unwrap();
+    let pg = shared::postgres();
+    let _db = database("session_loss").await;
+    let mut a = agent(&fleet, "pg-loss", &pg.primary, "session_loss", "backup").await;
+    let mut hold = a.freeze("b-loss", Duration::from_secs(60)).await.unwrap();
+    let admin = client(&pg.primary, "postgres").await;
+    let terminated: bool = admin
+        .query_one(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE slot_name LIKE 'stillpoint_b_loss%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(terminated);
+    let started = Instant::now();
+    let failed = Agent::failure(&mut hold, Duration::from_secs(3))
+        .await
+        .expect("the hold reports its failure");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        failed.reason.contains("backup session ended"),
+        "{}",
+        failed.reason
+    );
+    assert!(
+        failed.reason.contains("pg-loss"),
+        "names the member: {}",
+        failed.reason
+    );
+    let result = hold.thawed().await.unwrap().unwrap();
+    assert_eq!(result.cause, pb::ThawCause::HoldLost as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replica_waits_for_the_primary_position_and_fails_at_its_bound_when_stopped() {
+    let fleet = Fleet::new().unwrap();
+    let pg = shared::postgres();
+    let db = database("positions").await;
+    let mut primary = agent(&fleet, "pg-primary", &pg.primary, "positions", "backup").await;
+    let mut replica = agent(&fleet, "pg-replica", &pg.replica, "positions", "backup").await;
+
+    let p = primary.describe().await.unwrap();
+    assert_eq!(p.role, pb::Role::Primary as i32);
+    let r = replica.describe().await.unwrap();
+    assert_eq!(r.role, pb::Role::Replica as i32);
+    assert_eq!(r.upstream, format!("127.0.0.1:{}", pg.primary.port));
+    assert!(
+        r.server_version.starts_with("PostgreSQL 15"),
+        "{}",
+        r.server_version
+    );
+
+    for id in 1..=100 {
+        db.execute("INSERT INTO t VALUES ($1, 'p')", &[&id])
+            .await
+            .unwrap();
+    }
+    let target = primary.position().await.unwrap();
+    let reached = replica
+        .wait_for(&target, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(reached.reached.unwrap().reached(&target).unwrap());
+
+    // Replication stopped: the wait fails at its bound, clearly.
+    let replica_admin = client(&pg.replica, "postgres").await;
+    replica_admin
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    db.execute("INSERT INTO t VALUES (1000, 'after pause')", &[])
+        .await
+        .unwrap();
+    let target = primary.position().await.unwrap();
+    let started = Instant::now();
+    let err = replica
+        .wait_for(&target, Duration::from_millis(700))
+        .await
+        .unwrap_err();
+    replica_admin
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+    assert!(err.message().contains("did not reach"), "{}", err.message());
+    assert!(err.message().contains("pg-replica"), "{}", err.message());
+    replica
+        .wait_for(&target, Duration::from_secs(10))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_can_hold_a_backup_too() {
+    let fleet = Fleet::new().unwrap();
+    let pg = shared::postgres();
+    let _db = database("standby_backup").await;
+    let mut replica = agent(&fleet, "pg-standby", &pg.replica, "postgres", "fence").await;
+    replica.prepare("b-standby").await.unwrap();
+    let mut hold = replica
+        .freeze("b-standby", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(matches!(
+        hold.frozen.position.as_ref().unwrap().kind,
+        Some(pb::position::Kind::Pg(_))
+    ));
+    hold.request_thaw().await.unwrap();
+    let result = hold.thawed().await.unwrap().unwrap();
+    assert!(result.error.is_empty(), "{}", result.error);
+    assert!(
+        result.artefacts["backup_label"].contains("FROM: standby"),
+        "{:?}",
+        result.artefacts
+    );
+}
