@@ -86,6 +86,7 @@ async fn count(c: &mut mysql_async::Conn, db: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_commit_blocks_writes_keeps_reads_and_loses_nothing() {
+    let _serial = shared::server_wide_freeze().await;
     let fleet = Fleet::new().unwrap();
     let maria = shared::mariadb();
     let mut c = database("m_writes").await;
@@ -129,6 +130,7 @@ async fn block_commit_blocks_writes_keeps_reads_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unrenewed_lease_releases_the_lock_within_ttl() {
+    let _serial = shared::server_wide_freeze().await;
     let fleet = Fleet::new().unwrap();
     let maria = shared::mariadb();
     let _c = database("m_lease").await;
@@ -147,6 +149,7 @@ async fn an_unrenewed_lease_releases_the_lock_within_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_agent_leaves_nothing_locked() {
+    let _serial = shared::server_wide_freeze().await;
     let fleet = Fleet::new().unwrap();
     let maria = shared::mariadb();
     let _c = database("m_kill").await;
@@ -168,6 +171,7 @@ async fn a_sigkilled_agent_leaves_nothing_locked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_held_session_fails_the_hold_promptly() {
+    let _serial = shared::server_wide_freeze().await;
     let fleet = Fleet::new().unwrap();
     let maria = shared::mariadb();
     let _c = database("m_loss").await;
@@ -206,6 +210,7 @@ async fn killing_the_held_session_fails_the_hold_promptly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_replica_waits_for_the_primary_gtid_and_fails_at_its_bound_when_stopped() {
+    let _serial = shared::server_wide_freeze().await;
     let fleet = Fleet::new().unwrap();
     let maria = shared::mariadb();
     let mut c = database("m_positions").await;
@@ -253,6 +258,7 @@ async fn the_replica_waits_for_the_primary_gtid_and_fails_at_its_bound_when_stop
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_and_unreachable_servers_are_clear_errors_and_the_agent_stays_up() {
+    let _serial = shared::server_wide_freeze().await;
     let fleet = Fleet::new().unwrap();
     let maria = shared::mariadb();
     agent_user();

@@ -10,7 +10,7 @@
 //! alignment compares a replica's offset ≥ the offset captured at the freeze.
 //!
 //! Prepare: when RDB persistence is on (`save` is set), `BGSAVE` and wait
-//! for `LASTSAVE` to move. `BGSAVE` is accepted during a `WRITE` pause too
+//! for the save to complete. `BGSAVE` is accepted during a `WRITE` pause too
 //! (it is not a write command; see the tests).
 
 use std::collections::BTreeMap;
@@ -213,24 +213,19 @@ impl Engine for Redis {
         if save.get(1).is_none_or(|v| v.trim().is_empty()) {
             return Ok("RDB persistence is off: nothing to prepare".into());
         }
-        let before: i64 = redis::cmd("LASTSAVE")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.err(Step::Prepare, &e))?;
         let started = Instant::now();
-        // A save already in progress is as good as ours: wait for it.
-        let _: Result<String, _> = redis::cmd("BGSAVE").query_async(&mut conn).await;
+        let saves = |p: &BTreeMap<String, String>| -> (i64, i64) {
+            let n = |k: &str| p.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+            (n("rdb_saves"), n("rdb_last_save_time"))
+        };
+        let before = saves(&self.info(&mut conn, "persistence", Step::Prepare).await?);
+        let mut issued = false;
         loop {
-            tokio::time::sleep(self.poll_interval.max(Duration::from_millis(20))).await;
             let persistence = self.info(&mut conn, "persistence", Step::Prepare).await?;
-            let last: i64 = persistence
-                .get("rdb_last_save_time")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(before);
             let running = persistence
                 .get("rdb_bgsave_in_progress")
                 .is_some_and(|v| v == "1");
-            if !running && last != before {
+            if !running && issued {
                 if persistence
                     .get("rdb_last_bgsave_status")
                     .is_some_and(|s| s != "ok")
@@ -238,14 +233,27 @@ impl Engine for Redis {
                     return Err(self.ctx.err(
                         Step::Prepare,
                         Cause::Refused,
-                        "BGSAVE failed (rdb_last_bgsave_status is not ok)",
+                        "BGSAVE failed (rdb_last_bgsave_status is not ok; see the server log)",
                     ));
                 }
-                return Ok(format!(
-                    "BGSAVE done in {} ms",
-                    started.elapsed().as_millis()
-                ));
+                if saves(&persistence) != before {
+                    return Ok(format!(
+                        "BGSAVE done in {} ms",
+                        started.elapsed().as_millis()
+                    ));
+                }
             }
+            if !running && !issued {
+                // Another save (a replica's full sync) may have just started:
+                // then this is refused and tried again once it is over.
+                let reply: Result<String, _> = redis::cmd("BGSAVE").query_async(&mut conn).await;
+                match reply {
+                    Ok(_) => issued = true,
+                    Err(e) if e.to_string().contains("in progress") => {}
+                    Err(e) => return Err(self.err(Step::Prepare, &e)),
+                }
+            }
+            tokio::time::sleep(self.poll_interval.max(Duration::from_millis(20))).await;
         }
     }
 

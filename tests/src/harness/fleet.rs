@@ -45,7 +45,7 @@ impl Fleet {
     /// A spec for `member` on `engine`, with its own identity and state dir.
     pub fn spec(&self, member: &str, engine: &str) -> Result<AgentSpec> {
         let files = self.pki.issue(member, &agent_identity(member))?;
-        let state = self.state.path().join(member);
+        let state = self.state_dir(member);
         std::fs::create_dir_all(&state)?;
         let mut spec = AgentSpec::noop(member, files);
         spec.engine = engine.to_string();
@@ -54,12 +54,17 @@ impl Fleet {
             .with("STILLPOINT_MAX_TTL", "2m"))
     }
 
+    /// The state directory the agent for `member` is given.
+    pub fn state_dir(&self, member: &str) -> std::path::PathBuf {
+        self.state.path().join(member)
+    }
+
     /// Starts the agent and connects to it.
     pub async fn start(&self, spec: &AgentSpec) -> Result<Agent> {
         let proc = AgentProc::spawn(spec)?;
         let identity = agent_identity(&spec.member);
         let client = self.tls.connect(&proc.grpc_addr(), &identity).await?;
-        let state_dir = self.state.path().join(&spec.member);
+        let state_dir = self.state_dir(&spec.member);
         Ok(Agent {
             proc,
             client,

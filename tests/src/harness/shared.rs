@@ -56,3 +56,11 @@ fn register_teardown() {
         }
     });
 }
+
+/// Serializes the tests of one binary that freeze a whole server
+/// (Redis `CLIENT PAUSE`, MariaDB `BACKUP STAGE`): such a freeze is
+/// server-wide, so key or database prefixes cannot isolate them.
+pub async fn server_wide_freeze() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
