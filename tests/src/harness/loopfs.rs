@@ -10,7 +10,8 @@ use super::{require, run};
 
 #[derive(Debug)]
 pub struct LoopMount {
-    dir: tempfile::TempDir,
+    /// Removed on drop, after the unmount.
+    _dir: tempfile::TempDir,
     mount: PathBuf,
 }
 
@@ -40,7 +41,7 @@ impl LoopMount {
                 .arg(&mount),
             "mount -o loop",
         )?;
-        Ok(LoopMount { dir, mount })
+        Ok(LoopMount { _dir: dir, mount })
     }
 
     pub fn path(&self) -> &Path {
