@@ -87,3 +87,53 @@ fn help_lists_every_key() {
         assert!(stdout.contains(key), "{key} missing from --help");
     }
 }
+
+#[test]
+fn a_bad_dsn_is_refused_at_start_without_echoing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, "placeholder").unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (cert, key, ca) = (file("tls.crt"), file("tls.key"), file("ca.crt"));
+    for (engine, dsn) in [
+        ("postgres", "host=db password=hunter2 port=notaport"),
+        ("mysql", "mysql://app:hunter2@db:notaport/app"),
+        ("redis", "redis://app:hunter2@db:notaport"),
+        ("mongodb", "http://app:hunter2@db"),
+    ] {
+        let out = agent(
+            &[
+                ("STILLPOINT_ENGINE", engine),
+                ("STILLPOINT_DSN", dsn),
+                ("STILLPOINT_TLS_CERT", &cert),
+                ("STILLPOINT_TLS_KEY", &key),
+                ("STILLPOINT_TLS_CA", &ca),
+                ("STILLPOINT_CONTROLLER_IDENTITY", "spiffe://t/ns/a/sa/b"),
+            ],
+            &[],
+        );
+        assert_eq!(out.status.code(), Some(64), "{engine}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("not a usable {engine} connection string")),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains("hunter2"),
+            "{engine} leaked the DSN:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn database_engines_need_a_dsn_and_fsfreeze_needs_mounts() {
+    let out = agent(&[("STILLPOINT_ENGINE", "postgres")], &[]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a connection string"));
+    let out = agent(&[("STILLPOINT_ENGINE", "fsfreeze")], &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("STILLPOINT_FSFREEZE_MOUNTS"));
+    let out = agent(&[("STILLPOINT_ENGINE", "exec")], &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("STILLPOINT_EXEC_COMMAND"));
+}

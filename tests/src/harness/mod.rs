@@ -21,6 +21,7 @@ pub mod agent;
 pub mod fleet;
 pub mod loopfs;
 pub mod mariadb;
+pub mod mongo;
 pub mod pki;
 pub mod postgres;
 pub mod redis;
