@@ -417,3 +417,50 @@ async fn a_standby_can_hold_a_backup_too() {
         result.artefacts
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_that_cannot_get_its_locks_fails_at_the_lock_timeout() {
+    let fleet = Fleet::new().unwrap();
+    let pg = shared::postgres();
+    let db = database("fence_timeout").await;
+    // A long transaction holds a conflicting lock.
+    db.batch_execute("BEGIN; LOCK TABLE t IN ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let spec = fleet
+        .spec("pg-timeout", "postgres")
+        .unwrap()
+        .with("STILLPOINT_DSN", &pg.primary.conninfo("fence_timeout"))
+        .with("STILLPOINT_PG_MODE", "fence")
+        .with("STILLPOINT_LOCK_TIMEOUT", "400ms");
+    let mut a = fleet.start(&spec).await.unwrap();
+    a.prepare("b-timeout").await.unwrap();
+    let started = Instant::now();
+    let err = a
+        .freeze("b-timeout", Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
+    assert!(err.message().contains("lock timeout"), "{}", err.message());
+    assert!(
+        err.message().contains("STILLPOINT_LOCK_TIMEOUT"),
+        "{}",
+        err.message()
+    );
+    db.batch_execute("COMMIT").await.unwrap();
+    // Nothing was left locked or held: writes and a new freeze both work.
+    insert(&pg.primary, "fence_timeout", 5)
+        .await
+        .unwrap()
+        .unwrap();
+    let hold = a
+        .freeze("b-timeout-2", Duration::from_secs(30))
+        .await
+        .unwrap();
+    drop(hold);
+}

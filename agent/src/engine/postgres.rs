@@ -99,6 +99,8 @@ struct Backup {
     stop_sql: &'static str,
     start_lsn: String,
     slot: String,
+    /// Fence sessions opened ahead of the freeze (mode `fence`).
+    fences: Vec<Session>,
 }
 
 #[derive(Debug)]
@@ -257,50 +259,74 @@ impl Postgres {
             .await
             .map_err(|e| self.err(step, &e))?
             .get(0);
+        let fences = self.open_fences(step).await?;
         Ok(Backup {
             backup_id: backup_id.to_string(),
             session,
             stop_sql: statements.stop,
             start_lsn,
             slot,
+            fences,
         })
     }
 
-    async fn fence(&self, database: Option<&str>) -> Result<Option<Session>, EngineError> {
-        let what = format!("fence on database {}", database.unwrap_or("(default)"));
-        let session = self.connect(database, Step::Freeze, &what).await?;
-        let c = &session.client;
-        let in_recovery: bool = c
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .map_err(|e| self.err(Step::Freeze, &e))?
-            .get(0);
-        if in_recovery {
-            return Ok(None);
+    /// Opens one session per fenced database (none on a standby: it is
+    /// read-only). Done in prepare, so the freeze only has to lock.
+    async fn open_fences(&self, step: Step) -> Result<Vec<Session>, EngineError> {
+        if self.pg.mode != PgMode::Fence {
+            return Ok(Vec::new());
         }
-        let tables: Vec<String> = c
-            .query(
-                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
-                 JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY($1) ORDER BY 1",
-                &[&self.pg.fence_schemas],
-            )
-            .await
-            .map_err(|e| self.err(Step::Freeze, &e))?
+        let databases: Vec<Option<&str>> = if self.pg.fence_databases.is_empty() {
+            vec![None]
+        } else {
+            self.pg
+                .fence_databases
+                .iter()
+                .map(|d| Some(d.as_str()))
+                .collect()
+        };
+        let opened = futures_util::future::join_all(databases.into_iter().map(async |db| {
+            let what = format!("fence on database {}", db.unwrap_or("(default)"));
+            let session = self.connect(db, step, &what).await?;
+            let standby: bool = session
+                .client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(|e| self.err(step, &e))?
+                .get(0);
+            Ok::<_, EngineError>((!standby).then_some(session))
+        }))
+        .await;
+        let mut fences = Vec::new();
+        for result in opened {
+            fences.extend(result?);
+        }
+        Ok(fences)
+    }
+
+    /// Takes `LOCK TABLE … IN EXCLUSIVE MODE` on every table of the fenced
+    /// schemas, in one open transaction, in one round trip.
+    async fn lock_fence(&self, session: &Session) -> Result<(), EngineError> {
+        let schemas: Vec<String> = self
+            .pg
+            .fence_schemas
             .iter()
-            .map(|row| row.get(0))
+            .map(|s| format!("'{}'", s.replace('\'', "''")))
             .collect();
         let lock = format!(
-            "BEGIN; SET LOCAL lock_timeout = '{}ms'; {}",
-            self.lock_timeout.as_millis(),
-            if tables.is_empty() {
-                String::new()
-            } else {
-                format!("LOCK TABLE {} IN EXCLUSIVE MODE;", tables.join(", "))
-            }
+            "BEGIN; SET LOCAL lock_timeout = '{ms}ms'; \
+             DO $stillpoint$ DECLARE t text; BEGIN \
+               SELECT string_agg(format('%I.%I', n.nspname, c.relname), ', ' ORDER BY n.nspname, c.relname) INTO t \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY(ARRAY[{schemas}]::text[]); \
+               IF t IS NOT NULL THEN EXECUTE 'LOCK TABLE ' || t || ' IN EXCLUSIVE MODE'; END IF; \
+             END $stillpoint$;",
+            ms = self.lock_timeout.as_millis(),
+            schemas = schemas.join(", ")
         );
-        c.batch_execute(&lock).await.map_err(|e| {
+        session.client.batch_execute(&lock).await.map_err(|e| {
             let mut err = self.err(Step::Freeze, &e);
+            err.message = format!("{}: {}", session.what, err.message);
             if err.cause == Cause::Timeout {
                 err.message = format!(
                     "{} (the table locks were not granted within {} ms, {ENV_LOCK_TIMEOUT})",
@@ -309,8 +335,7 @@ impl Postgres {
                 );
             }
             err
-        })?;
-        Ok(Some(session))
+        })
     }
 
     async fn read_position(
@@ -452,27 +477,13 @@ impl Engine for Postgres {
             Some(b) => b,
             None => self.start_backup(backup_id, Step::Freeze).await?,
         };
-        let mut fences = Vec::new();
-        if self.pg.mode == PgMode::Fence {
-            let databases: Vec<Option<&str>> = if self.pg.fence_databases.is_empty() {
-                vec![None]
-            } else {
-                self.pg
-                    .fence_databases
-                    .iter()
-                    .map(|d| Some(d.as_str()))
-                    .collect()
-            };
-            let locked =
-                futures_util::future::join_all(databases.into_iter().map(|d| self.fence(d))).await;
-            for result in locked {
-                // On error the other fences drop here, which ends their
-                // transactions: nothing stays locked.
-                if let Some(session) = result? {
-                    fences.push(session);
-                }
-            }
-        }
+        let mut backup = backup;
+        let fences = std::mem::take(&mut backup.fences);
+        let locked =
+            futures_util::future::join_all(fences.iter().map(|f| self.lock_fence(f))).await;
+        // On an error the fences drop here, which ends their transactions:
+        // nothing stays locked.
+        locked.into_iter().collect::<Result<Vec<()>, _>>()?;
         let (position, _) = self
             .read_position(&backup.session.client, Step::Freeze)
             .await?;
