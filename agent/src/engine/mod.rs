@@ -247,6 +247,47 @@ impl Ctx {
     }
 }
 
+/// Polls `read` until the position it returns reaches `target`, at most
+/// `timeout` (one poll every `interval`). Shared by the engines whose replica
+/// wait is a poll.
+pub async fn poll_position<F, Fut>(
+    ctx: &Ctx,
+    target: &pb::Position,
+    timeout: Duration,
+    interval: Duration,
+    mut read: F,
+) -> Result<pb::Position, EngineError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<pb::Position, EngineError>>,
+{
+    use stillpoint_proto::PositionExt;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let position = read().await?;
+        let reached = position
+            .reached(target)
+            .map_err(|e| ctx.err(Step::Wait, Cause::Invalid, e.to_string()))?;
+        if reached {
+            return Ok(position);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ctx.err(
+                Step::Wait,
+                Cause::Timeout,
+                format!(
+                    "{} {} did not reach {} within {} ms (is replication running?)",
+                    position.kind_name(),
+                    position.display(),
+                    target.display(),
+                    timeout.as_millis()
+                ),
+            ));
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
 /// What a thaw hands back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Thawed {

@@ -19,7 +19,6 @@ use mongodb::{Client, Database};
 use stillpoint_proto::pb;
 use stillpoint_proto::position::{PositionExt, make};
 use tokio::sync::Mutex;
-use tokio::time::Instant;
 
 use super::{Cause, Ctx, Description, Engine, EngineError, EngineKind, Frozen, Step, Thawed};
 use crate::config::{EngineConfig, Secret};
@@ -331,26 +330,10 @@ impl Engine for Mongo {
                 ),
             ));
         }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (position, _) = self.position().await?;
-            if position.reached(target).unwrap_or(false) {
-                return Ok(position);
-            }
-            if Instant::now() >= deadline {
-                return Err(self.ctx.err(
-                    Step::Wait,
-                    Cause::Timeout,
-                    format!(
-                        "optime {} did not reach {} within {} ms (is replication running?)",
-                        position.display(),
-                        target.display(),
-                        timeout.as_millis()
-                    ),
-                ));
-            }
-            tokio::time::sleep(self.poll_interval).await;
-        }
+        super::poll_position(&self.ctx, target, timeout, self.poll_interval, async || {
+            Ok(self.position().await?.0)
+        })
+        .await
     }
 
     async fn recover(&self) -> Result<Option<String>, EngineError> {

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use stillpoint_proto::pb;
-use stillpoint_proto::position::{format_lsn, make, parse_lsn};
+use stillpoint_proto::position::{make, parse_lsn};
 use tokio::sync::{Mutex, oneshot};
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
@@ -501,40 +501,18 @@ impl Engine for Postgres {
         target: &pb::Position,
         timeout: Duration,
     ) -> Result<pb::Position, EngineError> {
-        let Some(pb::position::Kind::Pg(want)) = &target.kind else {
+        let Some(pb::position::Kind::Pg(_)) = &target.kind else {
             return Err(self.ctx.err(
                 Step::Wait,
                 Cause::Invalid,
                 "a PostgreSQL member can only wait for a PostgreSQL LSN".to_string(),
             ));
         };
-        let target_text = format_lsn(want.lsn);
         let session = self.connect(None, Step::Wait, "wait session").await?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (position, _) = self.read_position(&session.client, Step::Wait).await?;
-            if let Some(pb::position::Kind::Pg(at)) = &position.kind
-                && at.lsn >= want.lsn
-            {
-                return Ok(position);
-            }
-            if Instant::now() >= deadline {
-                let at = match &position.kind {
-                    Some(pb::position::Kind::Pg(at)) => format_lsn(at.lsn),
-                    _ => "?".into(),
-                };
-                return Err(self.ctx.err(
-                    Step::Wait,
-                    Cause::Timeout,
-                    format!(
-                        "replay position {at} did not reach {target_text} within {} ms \
-                         (is replication running?)",
-                        timeout.as_millis()
-                    ),
-                ));
-            }
-            tokio::time::sleep(self.poll_interval).await;
-        }
+        super::poll_position(&self.ctx, target, timeout, self.poll_interval, async || {
+            Ok(self.read_position(&session.client, Step::Wait).await?.0)
+        })
+        .await
     }
 }
 

@@ -322,30 +322,12 @@ impl Engine for Redis {
                 ),
             ));
         }
-        let mut conn = self.connect(Step::Wait).await?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            let (_, _, position) = self.state(&mut conn, Step::Wait).await?;
-            let reached = position
-                .reached(target)
-                .map_err(|e| self.ctx.err(Step::Wait, Cause::Invalid, e.to_string()))?;
-            if reached {
-                return Ok(position);
-            }
-            if Instant::now() >= deadline {
-                return Err(self.ctx.err(
-                    Step::Wait,
-                    Cause::Timeout,
-                    format!(
-                        "replica offset {} did not reach {} within {} ms (is replication running?)",
-                        position.display(),
-                        target.display(),
-                        timeout.as_millis()
-                    ),
-                ));
-            }
-            tokio::time::sleep(self.poll_interval).await;
-        }
+        let conn = self.connect(Step::Wait).await?;
+        super::poll_position(&self.ctx, target, timeout, self.poll_interval, || {
+            let mut conn = conn.clone();
+            async move { Ok(self.state(&mut conn, Step::Wait).await?.2) }
+        })
+        .await
     }
 }
 

@@ -89,23 +89,22 @@ impl MariaServer {
     }
 
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        format!(
-            "last lines of {}:\n{}",
-            self.log.display(),
-            lines[lines.len().saturating_sub(20)..].join("\n")
-        )
+        super::log_tail(&self.log)
     }
 }
 
-/// A primary and its GTID replica.
-#[derive(Debug)]
-pub struct MariaPair {
-    pub primary: MariaServer,
-    pub replica: MariaServer,
-    scratch: Scratch,
+impl super::Server for MariaServer {
+    fn pid(&self) -> Option<u32> {
+        MariaServer::pid(self)
+    }
+
+    fn stop(&self) {
+        MariaServer::stop(self)
+    }
 }
+
+/// A primary and its replica.
+pub type MariaPair = super::Pair<MariaServer>;
 
 fn start_server(server: &MariaServer, user: Option<&ServiceUser>, root: &Path) -> Result<()> {
     let mariadbd = require(&["mariadbd", "mysqld"], "mariadb-server")?;
@@ -152,7 +151,7 @@ fn start_server(server: &MariaServer, user: Option<&ServiceUser>, root: &Path) -
     .with_context(|| server.log_tail())
 }
 
-impl MariaPair {
+impl super::Pair<MariaServer> {
     /// Starts a primary and a replica and waits until replication runs.
     pub fn start() -> Result<Self> {
         let install = require(
@@ -175,11 +174,9 @@ impl MariaPair {
                 child: Mutex::new(None),
             })
         };
-        let pair = MariaPair {
-            primary: server("primary", 1)?,
-            replica: server("replica", 2)?,
-            scratch,
-        };
+        let primary = server("primary", 1)?;
+        let replica = server("replica", 2)?;
+        let pair = MariaPair::new(primary, replica, scratch);
         for s in [&pair.primary, &pair.replica] {
             let mut cmd = command_as(&install, user.as_ref(), &root);
             cmd.arg("--no-defaults")
@@ -216,31 +213,5 @@ impl MariaPair {
         })
         .with_context(|| pair.replica.log_tail())?;
         Ok(pair)
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.scratch.path()
-    }
-
-    pub fn pids(&self) -> Vec<u32> {
-        [self.primary.pid(), self.replica.pid()]
-            .into_iter()
-            .flatten()
-            .collect()
-    }
-}
-
-impl MariaPair {
-    /// Stops both servers and removes their files. Idempotent.
-    pub fn teardown(&self) {
-        self.replica.stop();
-        self.primary.stop();
-        let _ = std::fs::remove_dir_all(self.dir());
-    }
-}
-
-impl Drop for MariaPair {
-    fn drop(&mut self) {
-        self.teardown();
     }
 }

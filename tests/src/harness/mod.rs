@@ -60,6 +60,70 @@ impl Scratch {
     }
 }
 
+/// One running database server of a pair.
+pub trait Server {
+    /// Its main process, while it runs.
+    fn pid(&self) -> Option<u32>;
+    /// Stops it (cleanly if it can, killed if it must). Idempotent.
+    fn stop(&self);
+}
+
+/// A primary and its replica in one temp dir; both stopped and the dir
+/// removed on drop.
+#[derive(Debug)]
+pub struct Pair<S: Server> {
+    pub primary: S,
+    pub replica: S,
+    scratch: Scratch,
+}
+
+impl<S: Server> Pair<S> {
+    pub(crate) fn new(primary: S, replica: S, scratch: Scratch) -> Self {
+        Pair {
+            primary,
+            replica,
+            scratch,
+        }
+    }
+
+    /// The temp dir holding both servers' files.
+    pub fn dir(&self) -> &Path {
+        self.scratch.path()
+    }
+
+    /// Both servers' pids.
+    pub fn pids(&self) -> Vec<u32> {
+        [self.primary.pid(), self.replica.pid()]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Stops both servers and removes their files. Idempotent.
+    pub fn teardown(&self) {
+        self.replica.stop();
+        self.primary.stop();
+        let _ = std::fs::remove_dir_all(self.dir());
+    }
+}
+
+impl<S: Server> Drop for Pair<S> {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// The last lines of a server's log, for error messages.
+pub fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "last lines of {}:\n{}",
+        log.display(),
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    )
+}
+
 /// A system user that a server runs as.
 #[derive(Debug, Clone)]
 pub struct ServiceUser {

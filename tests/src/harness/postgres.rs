@@ -130,23 +130,22 @@ impl PgServer {
     }
 
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        format!(
-            "last lines of {}:\n{}",
-            self.log.display(),
-            lines[lines.len().saturating_sub(20)..].join("\n")
-        )
+        super::log_tail(&self.log)
+    }
+}
+
+impl super::Server for PgServer {
+    fn pid(&self) -> Option<u32> {
+        PgServer::pid(self)
+    }
+
+    fn stop(&self) {
+        PgServer::stop(self)
     }
 }
 
 /// A primary and its streaming replica.
-#[derive(Debug)]
-pub struct PgPair {
-    pub primary: PgServer,
-    pub replica: PgServer,
-    scratch: Scratch,
-}
+pub type PgPair = super::Pair<PgServer>;
 
 const SETTINGS: &str = "
 listen_addresses = '127.0.0.1'
@@ -161,7 +160,7 @@ log_min_messages = warning
 logging_collector = off
 ";
 
-impl PgPair {
+impl super::Pair<PgServer> {
     /// Starts a primary and a replica and waits until replication streams.
     pub fn start() -> Result<Self> {
         let bindir = bindir()?;
@@ -208,11 +207,7 @@ impl PgPair {
             &primary.data.join("pg_hba.conf"),
             "host replication all 127.0.0.1/32 trust\n",
         )?;
-        let pair = PgPair {
-            primary,
-            replica,
-            scratch,
-        };
+        let pair = PgPair::new(primary, replica, scratch);
         pair.primary.start()?;
 
         let mut basebackup = command_as(&bindir.join("pg_basebackup"), user.as_ref(), &root);
@@ -250,34 +245,6 @@ impl PgPair {
         )
         .with_context(|| pair.replica.log_tail())?;
         Ok(pair)
-    }
-
-    /// The temp dir holding both data directories and logs.
-    pub fn dir(&self) -> &Path {
-        self.scratch.path()
-    }
-
-    /// Both servers' pids.
-    pub fn pids(&self) -> Vec<u32> {
-        [self.primary.pid(), self.replica.pid()]
-            .into_iter()
-            .flatten()
-            .collect()
-    }
-}
-
-impl PgPair {
-    /// Stops both servers and removes their files. Idempotent.
-    pub fn teardown(&self) {
-        self.replica.stop();
-        self.primary.stop();
-        let _ = std::fs::remove_dir_all(self.dir());
-    }
-}
-
-impl Drop for PgPair {
-    fn drop(&mut self) {
-        self.teardown();
     }
 }
 
@@ -350,10 +317,6 @@ impl PgRestored {
             "chmod the data directory",
         )?;
         self.server.start()
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.scratch.path()
     }
 }
 

@@ -1,6 +1,6 @@
 //! A real Redis primary with a replica.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -59,25 +59,24 @@ impl RedisServer {
     }
 
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        format!(
-            "last lines of {}:\n{}",
-            self.log.display(),
-            lines[lines.len().saturating_sub(20)..].join("\n")
-        )
+        super::log_tail(&self.log)
+    }
+}
+
+impl super::Server for RedisServer {
+    fn pid(&self) -> Option<u32> {
+        RedisServer::pid(self)
+    }
+
+    fn stop(&self) {
+        RedisServer::stop(self)
     }
 }
 
 /// A primary and its replica.
-#[derive(Debug)]
-pub struct RedisPair {
-    pub primary: RedisServer,
-    pub replica: RedisServer,
-    scratch: Scratch,
-}
+pub type RedisPair = super::Pair<RedisServer>;
 
-impl RedisPair {
+impl super::Pair<RedisServer> {
     /// Starts a primary and a replica and waits until the link is up.
     pub fn start() -> Result<Self> {
         let server_bin = require(&["redis-server"], "redis-server")?;
@@ -93,11 +92,9 @@ impl RedisPair {
                 child: Mutex::new(None),
             })
         };
-        let pair = RedisPair {
-            primary: server("primary")?,
-            replica: server("replica")?,
-            scratch,
-        };
+        let primary = server("primary")?;
+        let replica = server("replica")?;
+        let pair = RedisPair::new(primary, replica, scratch);
         for (s, upstream) in [
             (&pair.primary, None),
             (&pair.replica, Some(pair.primary.port)),
@@ -142,31 +139,5 @@ impl RedisPair {
         })
         .with_context(|| pair.replica.log_tail())?;
         Ok(pair)
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.scratch.path()
-    }
-
-    pub fn pids(&self) -> Vec<u32> {
-        [self.primary.pid(), self.replica.pid()]
-            .into_iter()
-            .flatten()
-            .collect()
-    }
-}
-
-impl RedisPair {
-    /// Stops both servers and removes their files. Idempotent.
-    pub fn teardown(&self) {
-        self.replica.stop();
-        self.primary.stop();
-        let _ = std::fs::remove_dir_all(self.dir());
-    }
-}
-
-impl Drop for RedisPair {
-    fn drop(&mut self) {
-        self.teardown();
     }
 }
