@@ -79,6 +79,7 @@ impl Agent for AgentService {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             capabilities: Some(d.capabilities),
             max_ttl_ms: self.max_ttl.as_millis() as u64,
+            holder: self.holds.holder().unwrap_or_default(),
         }))
     }
 

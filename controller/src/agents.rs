@@ -207,3 +207,15 @@ impl HeldFreeze {
         Ok(None)
     }
 }
+
+/// A short name for a thaw cause.
+pub fn thaw_cause(cause: i32) -> &'static str {
+    match pb::ThawCause::try_from(cause).unwrap_or_default() {
+        pb::ThawCause::Requested => "requested",
+        pb::ThawCause::StreamClosed => "stream closed",
+        pb::ThawCause::LeaseExpired => "lease expired",
+        pb::ThawCause::HoldLost => "hold lost",
+        pb::ThawCause::Shutdown => "agent shutdown",
+        pb::ThawCause::Unspecified => "unspecified",
+    }
+}

@@ -3,8 +3,19 @@
 //! - [`agents`]: mTLS channels to agents, checking each agent's identity.
 //! - [`certs`]: the CA and identities (`stillpoint certs`).
 //! - [`cli`]: the command line, one file per command group.
+//! - [`config`]: the local-mode TOML file.
+//! - [`orchestrator`]: the group backup protocol; [`holder`] keeps each
+//!   freeze renewed; [`timeline`] records the phases and the freeze window.
+//! - [`snapshot`]: the snapshotters (btrfs, copy, exec).
+//! - [`catalog`]: the manifests.
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod catalog;
 pub mod certs;
 pub mod cli;
+pub mod config;
+pub mod holder;
+pub mod orchestrator;
+pub mod snapshot;
+pub mod timeline;

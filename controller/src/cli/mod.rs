@@ -1,15 +1,51 @@
 //! The `stillpoint` command line: one file per command group.
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
 
+use anyhow::Context;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use crate::agents::ControllerTls;
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::orchestrator::Orchestrator;
+
+pub mod backup;
 pub mod certs;
+pub mod config;
+pub mod output;
+pub mod quiesce;
+pub mod status;
 
 /// Stillpoint: application-consistent, group-consistent backups of stateful applications.
 #[derive(Debug, Parser)]
 #[command(name = "stillpoint", version, about, long_about = None)]
 pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Local-mode configuration file.
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "STILLPOINT_CONFIG",
+        default_value = "stillpoint.toml"
+    )]
+    pub config: PathBuf,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
+    pub output: output::Output,
+    /// Log filter for the controller's own logs (stderr).
+    #[arg(long, global = true, env = "STILLPOINT_LOG", default_value = "warn")]
+    pub log: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -17,11 +53,99 @@ pub enum Command {
     /// Create a CA and issue mTLS identities for the controller and agents.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Take, list, describe and delete group backups.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
+    /// Validate the configuration file.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+    /// Freeze a group or member and keep it frozen (renewing) until Ctrl-C or --for.
+    Quiesce(quiesce::QuiesceArgs),
+    /// Break the hold on a group or member, whoever owns it.
+    Thaw(status::TargetArgs),
+    /// Agents' reachability, engine, role, position and replica lag.
+    Status(status::StatusArgs),
+    /// Print shell completions.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.global.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
     match cli.command {
         Command::Certs(command) => certs::run(command),
+        Command::Backup(command) => backup::run(command, &cli.global),
+        Command::Config(command) => config::run(command, &cli.global),
+        Command::Quiesce(args) => quiesce::run(args, &cli.global),
+        Command::Thaw(args) => status::thaw(args, &cli.global),
+        Command::Status(args) => status::run(args, &cli.global),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "stillpoint",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+    }
+}
+
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
+/// The local-mode configuration and what hangs off it.
+#[derive(Debug)]
+pub struct Local {
+    pub config: Config,
+}
+
+impl Local {
+    pub fn load(global: &Global) -> anyhow::Result<Local> {
+        let config = Config::load(&global.config)?;
+        Ok(Local { config })
+    }
+
+    pub fn catalog(&self) -> anyhow::Result<Catalog> {
+        Catalog::open(&self.config.catalog).with_context(|| {
+            format!(
+                "the catalog {} is not usable (set `catalog` in {})",
+                self.config.catalog.display(),
+                self.config.path.display()
+            )
+        })
+    }
+
+    /// The controller's TLS. Must run inside the runtime.
+    pub fn tls(&self) -> anyhow::Result<ControllerTls> {
+        ControllerTls::watch(self.config.tls.clone(), Duration::from_secs(10)).with_context(|| {
+            format!(
+                "the controller's certificates are not usable (the [tls] section of {}; \
+                 `stillpoint certs issue` makes them)",
+                self.config.path.display()
+            )
+        })
+    }
+
+    pub fn orchestrator(&self) -> anyhow::Result<Orchestrator> {
+        Ok(Orchestrator {
+            tls: self.tls()?,
+            catalog: self.catalog()?,
+        })
     }
 }

@@ -1,0 +1,225 @@
+//! `stillpoint backup create|list|describe|delete`.
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+
+use super::output::{Output, table};
+use super::{Global, Local};
+use crate::catalog::{Manifest, Outcome};
+use crate::orchestrator::new_backup_id;
+use crate::snapshot;
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Take a group backup now (local mode runs it in this process and waits).
+    Create(CreateArgs),
+    /// List the backups in the catalog.
+    List,
+    /// Show one backup: members, positions, snapshots, artefacts.
+    Describe(DescribeArgs),
+    /// Delete a backup: its snapshots, then its manifest.
+    Delete(IdArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The group to back up.
+    pub group: String,
+    /// Wait for the backup to finish (local mode always does).
+    #[arg(long)]
+    pub wait: bool,
+    /// Use this backup id instead of `<group>-<UTC time>`.
+    #[arg(long)]
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DescribeArgs {
+    pub id: String,
+    /// Show each member's phases as a Gantt chart with the freeze window.
+    #[arg(long)]
+    pub timeline: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    pub id: String,
+}
+
+fn ms(us: Option<u64>) -> String {
+    us.map(|us| format!("{:.1} ms", us as f64 / 1000.0))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn outcome(m: &Manifest) -> &'static str {
+    match m.outcome {
+        Outcome::Running => "running",
+        Outcome::Succeeded => "succeeded",
+        Outcome::Failed => "failed",
+    }
+}
+
+/// The members table of a manifest.
+pub fn members_table(m: &Manifest) -> String {
+    let rows: Vec<Vec<String>> = m
+        .members
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                r.engine.clone(),
+                r.role.clone(),
+                r.position.clone().unwrap_or_else(|| "-".into()),
+                r.aligned_to.clone().unwrap_or_else(|| "-".into()),
+                r.consistency
+                    .map(|c| {
+                        serde_json::to_value(c)
+                            .unwrap()
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string()
+                    })
+                    .unwrap_or_else(|| "-".into()),
+                r.restore_stage.to_string(),
+                r.snapshots.len().to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "MEMBER",
+            "ENGINE",
+            "ROLE",
+            "POSITION",
+            "ALIGNED TO",
+            "CONSISTENCY",
+            "STAGE",
+            "SNAPSHOTS",
+        ],
+        &rows,
+    )
+}
+
+pub fn run(command: BackupCommand, global: &Global) -> anyhow::Result<()> {
+    let local = Local::load(global)?;
+    match command {
+        BackupCommand::Create(args) => {
+            let group = local
+                .config
+                .group(&args.group)
+                .map_err(anyhow::Error::msg)?
+                .clone();
+            let id = args.id.unwrap_or_else(|| new_backup_id(&group.name));
+            let runtime = super::runtime()?;
+            let spinner = global.output.interactive().then(|| {
+                let s = indicatif::ProgressBar::new_spinner();
+                s.set_message(format!("backing up group {} ({id})", group.name));
+                s.enable_steady_tick(std::time::Duration::from_millis(100));
+                s
+            });
+            let result = runtime.block_on(async {
+                let orchestrator = local.orchestrator()?;
+                Ok::<_, anyhow::Error>(orchestrator.backup(&group, &id).await)
+            })?;
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            match result {
+                Ok(manifest) => {
+                    global.output.print(&manifest, || {
+                        format!(
+                            "backup {} of group {} succeeded; freeze window {}\n\n{}",
+                            manifest.id,
+                            manifest.group,
+                            ms(manifest.freeze_window_us),
+                            members_table(&manifest)
+                        )
+                    });
+                    Ok(())
+                }
+                Err(e) => {
+                    if global.output != Output::Table {
+                        global.output.print(&e.manifest, String::new);
+                    }
+                    bail!("{e}; every member was thawed and partial snapshots were deleted")
+                }
+            }
+        }
+        BackupCommand::List => {
+            let manifests = local.catalog()?.list()?;
+            global.output.print(&manifests, || {
+                let rows: Vec<Vec<String>> = manifests
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.id.clone(),
+                            m.group.clone(),
+                            outcome(m).into(),
+                            ms(m.freeze_window_us),
+                            m.created_at.clone(),
+                            m.error
+                                .clone()
+                                .unwrap_or_default()
+                                .chars()
+                                .take(80)
+                                .collect(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["ID", "GROUP", "OUTCOME", "WINDOW", "CREATED", "ERROR"],
+                    &rows,
+                )
+            });
+            Ok(())
+        }
+        BackupCommand::Describe(args) => {
+            let m = local.catalog()?.get(&args.id)?;
+            global.output.print(&m, || {
+                let mut out = format!(
+                    "backup {}\n  group:         {}\n  created:       {}\n  outcome:       {}\n  snapshotter:   {}\n  freeze window: {}\n",
+                    m.id,
+                    m.group,
+                    m.created_at,
+                    outcome(&m),
+                    m.snapshotter,
+                    ms(m.freeze_window_us)
+                );
+                if let Some(e) = &m.error {
+                    out.push_str(&format!("  error:         {e}\n"));
+                }
+                out.push('\n');
+                out.push_str(&members_table(&m));
+                if args.timeline {
+                    out.push('\n');
+                    out.push_str(&m.timeline.gantt(60));
+                }
+                out
+            });
+            Ok(())
+        }
+        BackupCommand::Delete(args) => {
+            let catalog = local.catalog()?;
+            let m = catalog.get(&args.id)?;
+            let group = local.config.groups.get(&m.group);
+            let handles: Vec<_> = m.members.iter().flat_map(|r| r.snapshots.clone()).collect();
+            let runtime = super::runtime()?;
+            runtime.block_on(async {
+                for h in &handles {
+                    let driver = snapshot::for_handle(h, group).with_context(|| {
+                        format!("no snapshotter can delete {} ({})", h.handle, h.driver)
+                    })?;
+                    driver.delete(std::slice::from_ref(h)).await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })?;
+            catalog.remove(&m.id)?;
+            println!(
+                "deleted backup {} and its {} snapshot(s)",
+                m.id,
+                handles.len()
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! `stillpoint quiesce GROUP|MEMBER [--for DURATION]`: freeze, keep renewing
+//! and print positions; Ctrl-C or the end of the duration thaws.
+
+use anyhow::bail;
+use clap::Args;
+use futures_util::future::join_all;
+use stillpoint_proto::PositionExt;
+
+use super::status::targets;
+use super::{Global, Local};
+use crate::agents::HeldFreeze;
+use crate::config::parse_duration;
+use crate::holder::Holder;
+
+#[derive(Debug, Args)]
+pub struct QuiesceArgs {
+    /// A group name, or a member name.
+    pub target: String,
+    /// Thaw after this long (e.g. 30s, 5m); without it, hold until Ctrl-C.
+    #[arg(long = "for", value_parser = parse_duration)]
+    pub duration: Option<std::time::Duration>,
+    /// The lease given to the agents (renewed every third of it).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub ttl: std::time::Duration,
+}
+
+pub fn run(args: QuiesceArgs, global: &Global) -> anyhow::Result<()> {
+    let local = Local::load(global)?;
+    let members = targets(&local, &args.target)?;
+    let runtime = super::runtime()?;
+    runtime.block_on(async {
+        let tls = local.tls()?;
+        let id = format!(
+            "quiesce-{}",
+            crate::orchestrator::new_backup_id(&args.target)
+        );
+        let frozen = join_all(members.iter().map(|(_, m)| {
+            let (tls, id) = (tls.clone(), id.clone());
+            async move {
+                let mut client = tls
+                    .connect(&m.agent, &m.identity)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let held = HeldFreeze::start(&mut client, &id, args.ttl)
+                    .await
+                    .map_err(|e| format!("member {}: {}", m.name, e.message()))?;
+                Ok::<_, String>((m.name.clone(), Holder::spawn(held, args.ttl)))
+            }
+        }))
+        .await;
+        let mut holders = Vec::new();
+        let mut errors = Vec::new();
+        for r in frozen {
+            match r {
+                Ok(h) => holders.push(h),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            for (_, h) in holders {
+                let _ = h.thaw().await;
+            }
+            bail!(
+                "quiesce refused; nothing is left frozen: {}",
+                errors.join("; ")
+            );
+        }
+        for (name, h) in &holders {
+            println!(
+                "frozen {name} at {}",
+                h.frozen
+                    .position
+                    .as_ref()
+                    .map(PositionExt::display)
+                    .unwrap_or_else(|| "-".into())
+            );
+        }
+        match args.duration {
+            Some(d) => {
+                println!("holding for {d:?} (Ctrl-C thaws now)");
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = tokio::signal::ctrl_c() => println!("interrupted"),
+                }
+            }
+            None => {
+                println!("holding until Ctrl-C");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        let mut lost = Vec::new();
+        for (name, h) in holders {
+            if let Some(reason) = h.lost() {
+                lost.push(format!("{name}: {reason}"));
+            }
+            match h.thaw().await {
+                Ok(_) => println!("thawed {name}"),
+                Err(e) => eprintln!("thawing {name}: {e} (its lease thaws it)"),
+            }
+        }
+        if !lost.is_empty() {
+            bail!("some holds were lost while quiesced: {}", lost.join("; "));
+        }
+        Ok(())
+    })
+}

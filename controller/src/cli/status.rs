@@ -1,0 +1,274 @@
+//! `stillpoint status` and `stillpoint thaw`.
+
+use anyhow::bail;
+use clap::Args;
+use futures_util::future::join_all;
+use serde::Serialize;
+use stillpoint_proto::PositionExt;
+use stillpoint_proto::pb;
+
+use super::output::table;
+use super::{Global, Local};
+use crate::config::MemberFile;
+use crate::orchestrator::engine_name;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// A group (default: every group).
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// A group name, or a member name.
+    pub target: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemberStatus {
+    pub group: String,
+    pub member: String,
+    pub reachable: bool,
+    pub engine: String,
+    pub role: String,
+    pub position: String,
+    /// Replica only: how far behind its primary (bytes for PostgreSQL,
+    /// offset for Redis; `caught up` / `behind` otherwise).
+    pub lag: String,
+    pub held_by: String,
+    pub error: String,
+}
+
+/// The members a group-or-member argument names, with their group.
+pub fn targets<'c>(
+    local: &'c Local,
+    target: &str,
+) -> anyhow::Result<Vec<(String, &'c MemberFile)>> {
+    if let Some(group) = local.config.groups.get(target) {
+        return Ok(group
+            .members
+            .iter()
+            .map(|m| (group.name.clone(), m))
+            .collect());
+    }
+    let found: Vec<_> = local
+        .config
+        .groups
+        .values()
+        .flat_map(|g| g.members.iter().map(move |m| (g.name.clone(), m)))
+        .filter(|(_, m)| m.name == target)
+        .collect();
+    if found.is_empty() {
+        bail!(
+            "'{target}' is neither a group nor a member in {} (groups: {})",
+            local.config.path.display(),
+            local
+                .config
+                .groups
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(found)
+}
+
+fn lag(replica: &pb::Position, primary: &pb::Position) -> String {
+    use pb::position::Kind;
+    match (&replica.kind, &primary.kind) {
+        (Some(Kind::Pg(r)), Some(Kind::Pg(p))) => format!("{} bytes", p.lsn.saturating_sub(r.lsn)),
+        (Some(Kind::Redis(r)), Some(Kind::Redis(p))) if r.replid == p.replid => {
+            format!("{} bytes", p.offset.saturating_sub(r.offset))
+        }
+        _ => match replica.reached(primary) {
+            Ok(true) => "caught up".into(),
+            Ok(false) => "behind".into(),
+            Err(e) => e.0,
+        },
+    }
+}
+
+pub fn run(args: StatusArgs, global: &Global) -> anyhow::Result<()> {
+    let local = Local::load(global)?;
+    let members: Vec<(String, &MemberFile)> = match &args.group {
+        Some(g) => {
+            let group = local.config.group(g).map_err(anyhow::Error::msg)?;
+            group
+                .members
+                .iter()
+                .map(|m| (group.name.clone(), m))
+                .collect()
+        }
+        None => local
+            .config
+            .groups
+            .values()
+            .flat_map(|g| g.members.iter().map(move |m| (g.name.clone(), m)))
+            .collect(),
+    };
+    let runtime = super::runtime()?;
+    let statuses = runtime.block_on(async {
+        let tls = local.tls()?;
+        let probed = join_all(members.iter().map(|(group, m)| {
+            let tls = tls.clone();
+            async move {
+                let mut s = MemberStatus {
+                    group: group.clone(),
+                    member: m.name.clone(),
+                    reachable: false,
+                    engine: "-".into(),
+                    role: "-".into(),
+                    position: "-".into(),
+                    lag: "-".into(),
+                    held_by: String::new(),
+                    error: String::new(),
+                };
+                let mut position = None;
+                match tls.connect(&m.agent, &m.identity).await {
+                    Err(e) => s.error = e.to_string(),
+                    Ok(mut client) => {
+                        s.reachable = true;
+                        match client.describe(pb::DescribeRequest {}).await {
+                            Ok(d) => {
+                                let d = d.into_inner();
+                                s.engine = engine_name(d.engine).into();
+                                s.held_by = d.holder;
+                            }
+                            Err(e) => s.error = e.message().to_string(),
+                        }
+                        match client.position(pb::PositionRequest {}).await {
+                            Ok(p) => {
+                                let p = p.into_inner();
+                                s.role = match pb::Role::try_from(p.role).unwrap_or_default() {
+                                    pb::Role::Replica => "replica".into(),
+                                    pb::Role::Primary => "primary".into(),
+                                    _ => "standalone".into(),
+                                };
+                                s.position = p
+                                    .position
+                                    .as_ref()
+                                    .map(PositionExt::display)
+                                    .unwrap_or_default();
+                                position = p.position;
+                            }
+                            Err(e) if s.error.is_empty() => s.error = e.message().to_string(),
+                            Err(_) => {}
+                        }
+                    }
+                }
+                (s, (*m).clone(), position)
+            }
+        }))
+        .await;
+        let positions: std::collections::BTreeMap<String, pb::Position> = probed
+            .iter()
+            .filter_map(|(s, _, p)| Some((s.member.clone(), p.clone()?)))
+            .collect();
+        Ok::<_, anyhow::Error>(
+            probed
+                .into_iter()
+                .map(|(mut s, m, p)| {
+                    if let (Some(primary), Some(p)) =
+                        (m.primary.as_ref().and_then(|n| positions.get(n)), p)
+                    {
+                        s.lag = lag(&p, primary);
+                    }
+                    s
+                })
+                .collect::<Vec<_>>(),
+        )
+    })?;
+    global.output.print(&statuses, || {
+        let rows: Vec<Vec<String>> = statuses
+            .iter()
+            .map(|s| {
+                vec![
+                    s.group.clone(),
+                    s.member.clone(),
+                    if s.reachable {
+                        "yes".into()
+                    } else {
+                        "NO".into()
+                    },
+                    s.engine.clone(),
+                    s.role.clone(),
+                    s.position.clone(),
+                    s.lag.clone(),
+                    s.held_by.clone(),
+                    s.error.clone(),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "GROUP",
+                "MEMBER",
+                "REACHABLE",
+                "ENGINE",
+                "ROLE",
+                "POSITION",
+                "LAG",
+                "HELD BY",
+                "ERROR",
+            ],
+            &rows,
+        )
+    });
+    if statuses.iter().any(|s| !s.reachable) {
+        bail!("some agents are not reachable");
+    }
+    Ok(())
+}
+
+pub fn thaw(args: TargetArgs, global: &Global) -> anyhow::Result<()> {
+    let local = Local::load(global)?;
+    let members = targets(&local, &args.target)?;
+    let runtime = super::runtime()?;
+    let results = runtime.block_on(async {
+        let tls = local.tls()?;
+        Ok::<_, anyhow::Error>(
+            join_all(members.iter().map(|(_, m)| {
+                let tls = tls.clone();
+                async move {
+                    let mut client = tls
+                        .connect(&m.agent, &m.identity)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let holder = client
+                        .describe(pb::DescribeRequest {})
+                        .await
+                        .map_err(|e| e.message().to_string())?
+                        .into_inner()
+                        .holder;
+                    if holder.is_empty() {
+                        return Ok(format!("{}: not frozen", m.name));
+                    }
+                    let r = client
+                        .thaw(pb::ThawRequest {
+                            backup_id: holder.clone(),
+                        })
+                        .await
+                        .map_err(|e| e.message().to_string())?
+                        .into_inner();
+                    Ok::<_, String>(format!("{}: {} (hold of '{holder}')", m.name, r.message))
+                }
+            }))
+            .await,
+        )
+    })?;
+    let mut failed = false;
+    for r in results {
+        match r {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                failed = true;
+                eprintln!("{e}");
+            }
+        }
+    }
+    if failed {
+        bail!("some members could not be thawed");
+    }
+    Ok(())
+}

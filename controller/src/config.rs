@@ -1,0 +1,408 @@
+//! Local-mode configuration: one TOML file with the groups, their members,
+//! the snapshotter, the budgets, TLS and the catalog. Every error points at
+//! its field (`groups.shop.members[2].primary: …`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use stillpoint_proto::tls::{TlsFiles, validate_identity};
+
+/// Default bound on the whole freeze window.
+pub const DEFAULT_FREEZE_BUDGET: &str = "5s";
+/// Default lease TTL given to the agents.
+pub const DEFAULT_LEASE_TTL: &str = "30s";
+/// Default bound on a replica's alignment wait.
+pub const DEFAULT_ALIGN_TIMEOUT: &str = "5s";
+/// Default bound on dialling an agent.
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+
+/// The file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// Directory of the backup manifests.
+    pub catalog: PathBuf,
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// A `stillpoint certs issue` directory (tls.crt, tls.key, ca.crt) ...
+    pub dir: Option<PathBuf>,
+    /// ... or the three files.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Driver {
+    Btrfs,
+    Copy,
+    Exec,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupFile {
+    #[serde(default = "default_driver")]
+    pub snapshotter: Driver,
+    /// Where btrfs snapshots and copies go.
+    pub snapshot_dir: Option<PathBuf>,
+    pub exec: Option<ExecTemplates>,
+    pub freeze_budget: Option<String>,
+    pub lease_ttl: Option<String>,
+    pub align_timeout: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub members: Vec<MemberFile>,
+}
+
+fn default_driver() -> Driver {
+    Driver::Btrfs
+}
+
+/// Command templates of the exec snapshotter (run by `sh -c`). Placeholders:
+/// `{volume}` (the volume path), `{snapshot}` (a name unique per backup,
+/// member and volume), `{backup}`, `{member}`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExecTemplates {
+    pub snapshot: String,
+    pub delete: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleHint {
+    Primary,
+    Replica,
+    Standalone,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberFile {
+    pub name: String,
+    /// `host:port` of the member's agent.
+    pub agent: String,
+    /// The URI SAN the agent's certificate must carry.
+    pub identity: String,
+    pub role: RoleHint,
+    /// For a replica: the name of its primary (in the same group).
+    pub primary: Option<String>,
+    #[serde(default)]
+    pub volumes: Vec<PathBuf>,
+    /// Restore stage (lower first); default by engine class.
+    pub restore_stage: Option<u32>,
+    /// The agent freezes this member's mount (`STILLPOINT_FSFREEZE_MOUNTS`),
+    /// which makes a `copy` of an InnoDB member consistent.
+    #[serde(default)]
+    pub fsfreeze: bool,
+}
+
+/// A validated group.
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub name: String,
+    pub driver: Driver,
+    pub snapshot_dir: PathBuf,
+    pub exec: Option<ExecTemplates>,
+    pub freeze_budget: Duration,
+    pub lease_ttl: Duration,
+    pub align_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub members: Vec<MemberFile>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub catalog: PathBuf,
+    pub tls: TlsFiles,
+    pub groups: BTreeMap<String, Group>,
+}
+
+/// Every problem found, each naming its field.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: invalid configuration:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub problems: Vec<String>,
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration (examples: 500ms, 5s, 2m)"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" | "" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown duration unit '{other}' (ms, s, m, h)")),
+    };
+    if !(0.0..=86400.0 * 366.0).contains(&seconds) || seconds == 0.0 {
+        return Err(format!("'{text}' is out of range (must be > 0)"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+impl Config {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let fail = |problems: Vec<String>| ConfigError {
+            path: path.to_path_buf(),
+            problems,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| fail(vec![format!("cannot read the file: {e}")]))?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let fail = |problems: Vec<String>| ConfigError {
+            path: path.to_path_buf(),
+            problems,
+        };
+        let file: File =
+            toml::from_str(text).map_err(|e| fail(vec![e.to_string().trim().to_string()]))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut problems = Vec::new();
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let tls = match (&file.tls.dir, &file.tls.cert, &file.tls.key, &file.tls.ca) {
+            (Some(dir), None, None, None) => TlsFiles::in_dir(&resolve(dir)),
+            (None, Some(cert), Some(key), Some(ca)) => TlsFiles {
+                cert: resolve(cert),
+                key: resolve(key),
+                ca: resolve(ca),
+            },
+            _ => {
+                problems.push("tls: set either `dir` or all of `cert`, `key` and `ca`".into());
+                TlsFiles::in_dir(base)
+            }
+        };
+        let mut groups = BTreeMap::new();
+        for (name, g) in &file.groups {
+            let at = format!("groups.{name}");
+            let mut duration = |field: &str, value: &Option<String>, default: &str| {
+                parse_duration(value.as_deref().unwrap_or(default)).unwrap_or_else(|e| {
+                    problems.push(format!("{at}.{field}: {e}"));
+                    Duration::from_secs(1)
+                })
+            };
+            let freeze_budget = duration("freeze_budget", &g.freeze_budget, DEFAULT_FREEZE_BUDGET);
+            let lease_ttl = duration("lease_ttl", &g.lease_ttl, DEFAULT_LEASE_TTL);
+            let align_timeout = duration("align_timeout", &g.align_timeout, DEFAULT_ALIGN_TIMEOUT);
+            let connect_timeout = duration(
+                "connect_timeout",
+                &g.connect_timeout,
+                DEFAULT_CONNECT_TIMEOUT,
+            );
+            let snapshot_dir = match (&g.snapshot_dir, g.driver_needs_dir()) {
+                (Some(dir), _) => resolve(dir),
+                (None, true) => {
+                    problems.push(
+                        format!(
+                            "{at}.snapshot_dir: required by the {:?} snapshotter",
+                            g.snapshotter
+                        )
+                        .to_lowercase(),
+                    );
+                    PathBuf::new()
+                }
+                (None, false) => PathBuf::new(),
+            };
+            if g.snapshotter == Driver::Exec && g.exec.is_none() {
+                problems.push(format!(
+                    "{at}.exec: required by the exec snapshotter (snapshot and delete templates)"
+                ));
+            }
+            if g.members.is_empty() {
+                problems.push(format!("{at}.members: a group needs at least one member"));
+            }
+            let names: Vec<&str> = g.members.iter().map(|m| m.name.as_str()).collect();
+            for (i, m) in g.members.iter().enumerate() {
+                let at = format!("{at}.members[{i}]");
+                if m.name.is_empty() {
+                    problems.push(format!("{at}.name: must not be empty"));
+                }
+                if names.iter().filter(|n| **n == m.name).count() > 1 {
+                    problems.push(format!(
+                        "{at}.name: '{}' is used by more than one member",
+                        m.name
+                    ));
+                }
+                if let Err(e) = validate_identity(&m.identity) {
+                    problems.push(format!("{at}.identity: {e}"));
+                }
+                if m.agent
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+                {
+                    problems.push(format!("{at}.agent: '{}' is not host:port", m.agent));
+                }
+                match (m.role, &m.primary) {
+                    (RoleHint::Replica, None) => {
+                        problems.push(format!("{at}.primary: a replica must name its primary"))
+                    }
+                    (RoleHint::Replica, Some(p)) => {
+                        let primary = g.members.iter().find(|o| &o.name == p);
+                        match primary {
+                            None => problems.push(format!(
+                                "{at}.primary: '{p}' is not a member of group {name}; a replica can only be \
+                                 backed up with its primary in the same group"
+                            )),
+                            Some(o) if o.role != RoleHint::Primary => problems.push(format!(
+                                "{at}.primary: '{p}' is not a primary"
+                            )),
+                            Some(_) => {}
+                        }
+                    }
+                    (_, Some(_)) => {
+                        problems.push(format!("{at}.primary: only a replica has a primary"))
+                    }
+                    _ => {}
+                }
+                for (v, volume) in m.volumes.iter().enumerate() {
+                    if !volume.is_absolute() {
+                        problems.push(format!(
+                            "{at}.volumes[{v}]: '{}' must be an absolute path",
+                            volume.display()
+                        ));
+                    }
+                }
+                if m.volumes.is_empty() && g.snapshotter != Driver::Exec {
+                    problems.push(format!(
+                        "{at}.volumes: a member needs at least one volume to snapshot"
+                    ));
+                }
+            }
+            groups.insert(
+                name.clone(),
+                Group {
+                    name: name.clone(),
+                    driver: g.snapshotter,
+                    snapshot_dir,
+                    exec: g.exec.clone(),
+                    freeze_budget,
+                    lease_ttl,
+                    align_timeout,
+                    connect_timeout,
+                    members: g.members.clone(),
+                },
+            );
+        }
+        if !problems.is_empty() {
+            return Err(fail(problems));
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            catalog: resolve(&file.catalog),
+            tls,
+            groups,
+        })
+    }
+
+    pub fn group(&self, name: &str) -> Result<&Group, String> {
+        self.groups.get(name).ok_or_else(|| {
+            format!(
+                "no group '{name}' in {} (groups: {})",
+                self.path.display(),
+                self.groups.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+}
+
+impl GroupFile {
+    fn driver_needs_dir(&self) -> bool {
+        matches!(self.snapshotter, Driver::Btrfs | Driver::Copy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+catalog = "catalog"
+[tls]
+dir = "pki/controller"
+[groups.shop]
+snapshotter = "copy"
+snapshot_dir = "/snapshots"
+freeze_budget = "2s"
+[[groups.shop.members]]
+name = "pg-0"
+agent = "127.0.0.1:9443"
+identity = "spiffe://local/ns/db/sa/pg-0"
+role = "primary"
+volumes = ["/data/pg-0"]
+[[groups.shop.members]]
+name = "pg-1"
+agent = "127.0.0.1:9444"
+identity = "spiffe://local/ns/db/sa/pg-1"
+role = "replica"
+primary = "pg-0"
+volumes = ["/data/pg-1"]
+"#;
+
+    #[test]
+    fn a_good_file_loads_with_paths_relative_to_it() {
+        let c = Config::parse(Path::new("/etc/stillpoint/local.toml"), GOOD).unwrap();
+        assert_eq!(c.catalog, PathBuf::from("/etc/stillpoint/catalog"));
+        assert_eq!(
+            c.tls.cert,
+            PathBuf::from("/etc/stillpoint/pki/controller/tls.crt")
+        );
+        let g = c.group("shop").unwrap();
+        assert_eq!(g.freeze_budget, Duration::from_secs(2));
+        assert_eq!(g.lease_ttl, Duration::from_secs(30));
+        assert!(c.group("nope").unwrap_err().contains("groups: shop"));
+    }
+
+    #[test]
+    fn every_error_points_at_its_field() {
+        let bad = GOOD
+            .replace("primary = \"pg-0\"", "primary = \"pg-9\"")
+            .replace("freeze_budget = \"2s\"", "freeze_budget = \"soon\"")
+            .replace("spiffe://local/ns/db/sa/pg-0", "pg-0")
+            .replace("127.0.0.1:9444", "nowhere");
+        let err = Config::parse(Path::new("x.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "groups.shop.members[1].primary: 'pg-9' is not a member of group shop",
+            "groups.shop.freeze_budget:",
+            "groups.shop.members[0].identity:",
+            "groups.shop.members[1].agent:",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from:\n{err}");
+        }
+        let unknown = GOOD.replace("snapshotter = \"copy\"", "snapshoter = \"copy\"");
+        let err = Config::parse(Path::new("x.toml"), &unknown)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("snapshoter") && err.contains("line"), "{err}");
+    }
+}

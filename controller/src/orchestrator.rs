@@ -1,0 +1,663 @@
+//! The group backup protocol: resolve → prepare → freeze primaries → align
+//! replicas → cut → thaw → finalize.
+//!
+//! Fan-out is parallel over channels opened at resolve. The freeze window
+//! (first freeze request to last thaw acknowledgement) is bounded by the
+//! group's freeze budget; any failure after the first freeze aborts: every
+//! member is thawed, partial snapshots are deleted, and the manifest records
+//! the cause. The CLI and (later) the Kubernetes reconciler call this same
+//! code; it never knows which engine or snapshotter it drives beyond what
+//! the agents describe.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use stillpoint_proto::PositionExt;
+use stillpoint_proto::pb::{self, agent_client::AgentClient};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::agents::{ControllerTls, HeldFreeze};
+use crate::catalog::{Catalog, Consistency, Manifest, MemberRecord, Outcome};
+use crate::config::{Group, MemberFile, RoleHint};
+use crate::holder::Holder;
+use crate::snapshot::{self, SnapshotHandle, Snapshotter, VolumeRef};
+use crate::timeline::{Clock, Timeline};
+
+/// A backup that did not complete; its manifest (outcome `failed`) is in
+/// the catalog.
+#[derive(Debug, thiserror::Error)]
+#[error("backup {id} of group {group} failed: {cause}")]
+pub struct BackupError {
+    pub id: String,
+    pub group: String,
+    pub cause: String,
+    pub manifest: Box<Manifest>,
+}
+
+/// The engine name as the manifest records it.
+pub fn engine_name(engine: i32) -> &'static str {
+    match pb::Engine::try_from(engine).unwrap_or_default() {
+        pb::Engine::Postgres => "postgres",
+        pb::Engine::Mysql => "mysql",
+        pb::Engine::Mariadb => "mariadb",
+        pb::Engine::Mongodb => "mongodb",
+        pb::Engine::Redis => "redis",
+        pb::Engine::Fsfreeze => "fsfreeze",
+        pb::Engine::Exec => "exec",
+        pb::Engine::Noop => "noop",
+        pb::Engine::Unspecified => "unknown",
+    }
+}
+
+fn role_name(role: i32) -> &'static str {
+    match pb::Role::try_from(role).unwrap_or_default() {
+        pb::Role::Primary => "primary",
+        pb::Role::Replica => "replica",
+        pb::Role::Standalone => "standalone",
+        pb::Role::Unspecified => "unknown",
+    }
+}
+
+/// The default restore stage of an engine class: databases before
+/// everything that depends on them.
+pub fn default_stage(engine: &str) -> u32 {
+    match engine {
+        "postgres" | "mysql" | "mariadb" | "mongodb" => 2,
+        "redis" => 3,
+        _ => 4,
+    }
+}
+
+/// How a member's cut is made consistent.
+pub fn consistency(engine: &str, blocks_writes: bool, atomic: bool) -> Consistency {
+    match (atomic, blocks_writes, engine) {
+        (true, true, _) => Consistency::Frozen,
+        (true, false, _) => Consistency::CrashConsistent,
+        (false, _, "postgres") => Consistency::BackupLabel,
+        (false, _, _) => Consistency::FrozenCopy,
+    }
+}
+
+/// Whether a member may be cut by a non-atomic copy at all.
+pub fn copy_refusal(member: &MemberFile, engine: &str) -> Option<String> {
+    match engine {
+        "mysql" | "mariadb" if !member.fsfreeze => Some(format!(
+            "member {} ({engine}, InnoDB) cannot be cut by the copy snapshotter: a file copy of \
+             InnoDB is consistent only while its mount is frozen. Set `fsfreeze = true` for it \
+             (and STILLPOINT_FSFREEZE_MOUNTS on its agent), or use an atomic snapshotter (btrfs, exec)",
+            member.name
+        )),
+        _ => None,
+    }
+}
+
+struct Member<'g> {
+    config: &'g MemberFile,
+    client: AgentClient<Channel>,
+    describe: pb::DescribeResponse,
+    holder: Option<Holder>,
+    record: MemberRecord,
+}
+
+impl Member<'_> {
+    fn engine(&self) -> &'static str {
+        engine_name(self.describe.engine)
+    }
+
+    fn blocks_writes(&self) -> bool {
+        self.describe
+            .capabilities
+            .as_ref()
+            .is_some_and(|c| c.blocks_writes)
+    }
+}
+
+/// Runs group backups.
+#[derive(Debug, Clone)]
+pub struct Orchestrator {
+    pub tls: ControllerTls,
+    pub catalog: Catalog,
+}
+
+/// A backup id: group, UTC time to the millisecond.
+pub fn new_backup_id(group: &str) -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format!(
+        "{group}-{:04}{:02}{:02}-{:02}{:02}{:02}-{:03}",
+        now.year(),
+        now.month() as u8,
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.millisecond()
+    )
+}
+
+fn rfc3339_now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+struct Run<'a, 'g> {
+    group: &'g Group,
+    id: &'a str,
+    clock: Clock,
+    timeline: Timeline,
+    snapshotter: Box<dyn Snapshotter>,
+    members: Vec<Member<'g>>,
+    made: Vec<SnapshotHandle>,
+    window_deadline: Option<Instant>,
+}
+
+impl Orchestrator {
+    /// Takes one backup of `group` with id `id`. Always leaves a manifest.
+    pub async fn backup(&self, group: &Group, id: &str) -> Result<Manifest, BackupError> {
+        let snapshotter = snapshot::for_group(group);
+        let mut manifest = Manifest {
+            id: id.to_string(),
+            group: group.name.clone(),
+            created_at: rfc3339_now(),
+            outcome: Outcome::Running,
+            error: None,
+            snapshotter: snapshotter.name().to_string(),
+            freeze_window_us: None,
+            members: Vec::new(),
+            timeline: Timeline::default(),
+        };
+        let fail = |manifest: &mut Manifest, cause: String| {
+            manifest.outcome = Outcome::Failed;
+            manifest.error = Some(cause.clone());
+            let _ = self.catalog.write(manifest);
+            BackupError {
+                id: id.to_string(),
+                group: group.name.clone(),
+                cause,
+                manifest: Box::new(manifest.clone()),
+            }
+        };
+        if let Err(e) = self.catalog.write(&manifest) {
+            return Err(fail(&mut manifest, e.to_string()));
+        }
+        let mut run = Run {
+            group,
+            id,
+            clock: Clock::default(),
+            timeline: Timeline::default(),
+            snapshotter,
+            members: Vec::new(),
+            made: Vec::new(),
+            window_deadline: None,
+        };
+        let result = run.execute(&self.tls).await;
+        if result.is_err() {
+            run.abort().await;
+        }
+        manifest.freeze_window_us = run.timeline.compute_window();
+        manifest.members = run.members.iter().map(|m| m.record.clone()).collect();
+        manifest.timeline = run.timeline.clone();
+        match result {
+            Ok(()) => {
+                manifest.outcome = Outcome::Succeeded;
+                self.catalog
+                    .write(&manifest)
+                    .map_err(|e| fail(&mut manifest.clone(), e.to_string()))?;
+                tracing::info!(
+                    backup_id = id,
+                    window_us = manifest.freeze_window_us.unwrap_or(0),
+                    "backup succeeded"
+                );
+                Ok(manifest)
+            }
+            Err(cause) => {
+                tracing::warn!(backup_id = id, %cause, "backup aborted; every member thawed");
+                Err(fail(&mut manifest, cause))
+            }
+        }
+    }
+}
+
+impl<'g> Run<'_, 'g> {
+    fn mark(&mut self, member: &str, phase: &str) {
+        let at = self.clock.now_us();
+        self.timeline.mark(member, phase, at);
+    }
+
+    fn budget_left(&self, step: &str) -> Result<Duration, String> {
+        match self.window_deadline {
+            None => Ok(self.group.freeze_budget),
+            Some(deadline) => deadline
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| self.over_budget(step)),
+        }
+    }
+
+    fn over_budget(&self, step: &str) -> String {
+        format!(
+            "the freeze budget of {} ms was exceeded during {step}",
+            self.group.freeze_budget.as_millis()
+        )
+    }
+
+    /// Fails if any hold was lost.
+    fn check_holds(&self, step: &str) -> Result<(), String> {
+        for m in &self.members {
+            if let Some(reason) = m.holder.as_ref().and_then(Holder::lost) {
+                return Err(format!(
+                    "member {} lost its hold before {step}: {reason}",
+                    m.config.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn execute(&mut self, tls: &ControllerTls) -> Result<(), String> {
+        self.resolve(tls).await?;
+        self.prepare().await?;
+        self.freeze_primaries().await?;
+        self.align_replicas().await?;
+        self.check_holds("the cut")?;
+        self.cut().await?;
+        self.check_holds("the thaw")?;
+        self.thaw().await?;
+        self.finalize().await
+    }
+
+    async fn resolve(&mut self, tls: &ControllerTls) -> Result<(), String> {
+        let group = self.group;
+        let mut tls = tls.clone();
+        tls.connect_timeout = group.connect_timeout;
+        let tls = &tls;
+        let resolved = join_all(group.members.iter().map(|m| async move {
+            let mut client = tls
+                .connect(&m.agent, &m.identity)
+                .await
+                .map_err(|e| format!("member {} is not reachable: {e}", m.name))?;
+            let describe = client
+                .describe(pb::DescribeRequest {})
+                .await
+                .map_err(|e| format!("member {}: describe failed: {}", m.name, e.message()))?
+                .into_inner();
+            Ok::<_, String>((m, client, describe))
+        }))
+        .await;
+        let mut problems = Vec::new();
+        for result in resolved {
+            match result {
+                Ok((config, client, describe)) => {
+                    let engine = engine_name(describe.engine);
+                    let role = role_name(describe.role);
+                    let expected = match config.role {
+                        RoleHint::Primary => "primary",
+                        RoleHint::Replica => "replica",
+                        RoleHint::Standalone => "standalone",
+                    };
+                    if role != expected && !(expected == "standalone" && role == "primary") {
+                        problems.push(format!(
+                            "member {} is configured as {expected} but its agent reports {role}",
+                            config.name
+                        ));
+                    }
+                    if !self.snapshotter.atomic()
+                        && let Some(why) = copy_refusal(config, engine)
+                    {
+                        problems.push(why);
+                    }
+                    let record = MemberRecord {
+                        name: config.name.clone(),
+                        engine: engine.to_string(),
+                        server_version: describe.server_version.clone(),
+                        role: role.to_string(),
+                        primary: config.primary.clone(),
+                        position: None,
+                        aligned_to: None,
+                        consistency: None,
+                        restore_stage: config
+                            .restore_stage
+                            .unwrap_or_else(|| default_stage(engine)),
+                        snapshots: Vec::new(),
+                        artefacts: BTreeMap::new(),
+                    };
+                    self.members.push(Member {
+                        config,
+                        client,
+                        describe,
+                        holder: None,
+                        record,
+                    });
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("resolve: {}", problems.join("; ")))
+        }
+    }
+
+    async fn prepare(&mut self) -> Result<(), String> {
+        let id = self.id;
+        let start = self.clock.now_us();
+        for m in &self.members {
+            self.timeline.mark(&m.config.name, "prepare", start);
+        }
+        let results = join_all(self.members.iter_mut().map(|m| async move {
+            m.client
+                .prepare(pb::PrepareRequest {
+                    backup_id: id.into(),
+                })
+                .await
+                .map_err(|e| format!("member {}: prepare failed: {}", m.config.name, e.message()))
+        }))
+        .await;
+        let names: Vec<String> = self.members.iter().map(|m| m.config.name.clone()).collect();
+        for name in &names {
+            self.mark(name, "prepared");
+        }
+        results.into_iter().collect::<Result<Vec<_>, _>>().map(drop)
+    }
+
+    async fn freeze_one(
+        clock: &Clock,
+        m: &mut Member<'g>,
+        id: &str,
+        ttl: Duration,
+        bound: Duration,
+    ) -> Result<(u64, u64), String> {
+        let requested = clock.now_us();
+        let held = tokio::time::timeout(bound, HeldFreeze::start(&mut m.client, id, ttl))
+            .await
+            .map_err(|_| {
+                format!(
+                    "member {}: no freeze within the budget ({} ms left)",
+                    m.config.name,
+                    bound.as_millis()
+                )
+            })?
+            .map_err(|e| format!("member {}: freeze failed: {}", m.config.name, e.message()))?;
+        let frozen = clock.now_us();
+        m.record.position = held.frozen.position.as_ref().map(PositionExt::display);
+        m.holder = Some(Holder::spawn(held, ttl));
+        Ok((requested, frozen))
+    }
+
+    async fn freeze_primaries(&mut self) -> Result<(), String> {
+        self.window_deadline = Some(Instant::now() + self.group.freeze_budget);
+        let bound = self.budget_left("the freeze")?;
+        let (id, ttl, clock) = (self.id, self.group.lease_ttl, self.clock.clone());
+        let results = join_all(
+            self.members
+                .iter_mut()
+                .filter(|m| m.config.role != RoleHint::Replica)
+                .map(|m| async {
+                    let name = m.config.name.clone();
+                    (name, Self::freeze_one(&clock, m, id, ttl, bound).await)
+                }),
+        )
+        .await;
+        let mut errors = Vec::new();
+        for (name, result) in results {
+            match result {
+                Ok((requested, frozen)) => {
+                    self.timeline.mark(&name, "freeze_requested", requested);
+                    self.timeline.mark(&name, "frozen", frozen);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if Instant::now() > self.window_deadline.expect("set") {
+            errors.push(self.over_budget("the freeze"));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    async fn align_replicas(&mut self) -> Result<(), String> {
+        let targets: BTreeMap<String, pb::Position> = self
+            .members
+            .iter()
+            .filter_map(|m| {
+                let frozen = &m.holder.as_ref()?.frozen;
+                Some((m.config.name.clone(), frozen.position.clone()?))
+            })
+            .collect();
+        let bound = self.budget_left("the replica alignment")?;
+        let (id, ttl, clock) = (self.id, self.group.lease_ttl, self.clock.clone());
+        let align_timeout = self.group.align_timeout.min(bound);
+        let deadline = self.window_deadline.expect("set by the freeze");
+        let results = join_all(
+            self.members
+                .iter_mut()
+                .filter(|m| m.config.role == RoleHint::Replica)
+                .map(|m| {
+                    let target = m
+                        .config
+                        .primary
+                        .as_ref()
+                        .and_then(|p| targets.get(p))
+                        .cloned();
+                    let clock = clock.clone();
+                    async move {
+                        let name = m.config.name.clone();
+                        let Some(target) = target else {
+                            return (
+                                name,
+                                Err("its primary has no frozen position".to_string()),
+                                0,
+                                0,
+                                0,
+                            );
+                        };
+                        let wait = m
+                            .client
+                            .wait_for_position(pb::WaitForPositionRequest {
+                                target: Some(target.clone()),
+                                timeout_ms: align_timeout.as_millis() as u64,
+                            })
+                            .await;
+                        let aligned = clock.now_us();
+                        if let Err(e) = wait {
+                            return (
+                                name.clone(),
+                                Err(format!("member {name}: alignment failed: {}", e.message())),
+                                aligned,
+                                0,
+                                0,
+                            );
+                        }
+                        m.record.aligned_to = Some(target.display());
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match Self::freeze_one(
+                            &clock,
+                            m,
+                            id,
+                            ttl,
+                            left.max(Duration::from_millis(1)),
+                        )
+                        .await
+                        {
+                            Ok((requested, frozen)) => (name, Ok(()), aligned, requested, frozen),
+                            Err(e) => (name, Err(e), aligned, 0, 0),
+                        }
+                    }
+                }),
+        )
+        .await;
+        let mut errors = Vec::new();
+        for (name, result, aligned, requested, frozen) in results {
+            self.timeline.mark(&name, "aligned", aligned);
+            match result {
+                Ok(()) => {
+                    self.timeline.mark(&name, "freeze_requested", requested);
+                    self.timeline.mark(&name, "frozen", frozen);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if Instant::now() > self.window_deadline.expect("set") {
+            errors.push(self.over_budget("the replica alignment"));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    async fn cut(&mut self) -> Result<(), String> {
+        let bound = self.budget_left("the cut")?;
+        let volumes = |pred: &dyn Fn(&Member<'_>) -> bool| -> Vec<VolumeRef> {
+            self.members
+                .iter()
+                .filter(|m| pred(m))
+                .flat_map(|m| {
+                    m.config
+                        .volumes
+                        .iter()
+                        .enumerate()
+                        .map(|(index, path)| VolumeRef {
+                            member: m.config.name.clone(),
+                            index,
+                            path: path.clone(),
+                        })
+                })
+                .collect()
+        };
+        // A non-atomic cut of a primary whose writes flow (PostgreSQL backup
+        // mode) comes after its replicas, so no replica is ever ahead of it.
+        let batches = if self.snapshotter.atomic() {
+            vec![volumes(&|_| true)]
+        } else {
+            vec![
+                volumes(&|m| m.blocks_writes() || m.config.role == RoleHint::Replica),
+                volumes(&|m| !m.blocks_writes() && m.config.role != RoleHint::Replica),
+            ]
+        };
+        let over = self.over_budget("the cut");
+        let cutting = async {
+            for batch in batches.iter().filter(|b| !b.is_empty()) {
+                match self.snapshotter.cut(self.id, batch).await {
+                    Ok(made) => self.made.extend(made),
+                    Err(e) => {
+                        self.made.extend(e.made.clone());
+                        return Err(e.to_string());
+                    }
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(bound, cutting)
+            .await
+            .map_err(|_| over)??;
+        let names: Vec<String> = self.members.iter().map(|m| m.config.name.clone()).collect();
+        for name in &names {
+            self.mark(name, "cut");
+        }
+        Ok(())
+    }
+
+    async fn thaw_members(&mut self, which: &dyn Fn(&Member<'_>) -> bool) -> Vec<String> {
+        let clock = self.clock.clone();
+        let results = join_all(self.members.iter_mut().filter(|m| which(m)).map(|m| {
+            let clock = clock.clone();
+            async move {
+                let Some(holder) = m.holder.take() else {
+                    return (m.config.name.clone(), None, None);
+                };
+                let requested = clock.now_us();
+                let result = holder.thaw().await;
+                let thawed = clock.now_us();
+                match result {
+                    Ok(r) => {
+                        m.record.artefacts = r.artefacts.into_iter().collect();
+                        let err = (!r.error.is_empty())
+                            .then(|| format!("member {}: {}", m.config.name, r.error));
+                        (m.config.name.clone(), Some((requested, thawed)), err)
+                    }
+                    Err(e) => (
+                        m.config.name.clone(),
+                        Some((requested, thawed)),
+                        Some(format!("member {}: thaw failed: {e}", m.config.name)),
+                    ),
+                }
+            }
+        }))
+        .await;
+        let mut errors = Vec::new();
+        for (name, times, err) in results {
+            if let Some((requested, thawed)) = times {
+                self.timeline.mark(&name, "thaw_requested", requested);
+                self.timeline.mark(&name, "thawed", thawed);
+            }
+            errors.extend(err);
+        }
+        errors
+    }
+
+    async fn thaw(&mut self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        if !self.snapshotter.atomic() {
+            // The backup stop is part of a non-atomic cut: it runs before any
+            // other member thaws, then the WAL it wrote joins the copy.
+            let backup_mode = |m: &Member<'_>| m.engine() == "postgres" && !m.blocks_writes();
+            errors.extend(self.thaw_members(&backup_mode).await);
+            for m in self.members.iter().filter(|m| backup_mode(m)) {
+                for h in self.made.iter().filter(|h| h.member == m.config.name) {
+                    if let Err(e) = self.snapshotter.refresh(h, "pg_wal").await {
+                        errors.push(format!("member {}: copying the WAL: {e}", m.config.name));
+                    }
+                }
+            }
+        }
+        errors.extend(self.thaw_members(&|_| true).await);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    async fn finalize(&mut self) -> Result<(), String> {
+        self.snapshotter
+            .ready(&mut self.made)
+            .await
+            .map_err(|e| e.to_string())?;
+        let atomic = self.snapshotter.atomic();
+        for m in &mut self.members {
+            m.record.snapshots = self
+                .made
+                .iter()
+                .filter(|h| h.member == m.config.name)
+                .cloned()
+                .collect();
+            m.record.consistency = Some(consistency(m.engine(), m.blocks_writes(), atomic));
+        }
+        Ok(())
+    }
+
+    /// Thaws every member still held and deletes what was cut. Idempotent.
+    async fn abort(&mut self) {
+        let errors = self.thaw_members(&|_| true).await;
+        for e in errors {
+            tracing::warn!(backup_id = self.id, "during abort: {e}");
+        }
+        if !self.made.is_empty()
+            && let Err(e) = self.snapshotter.delete(&self.made).await
+        {
+            tracing::warn!(backup_id = self.id, "deleting partial snapshots: {e}");
+        }
+        self.made.clear();
+        if let Err(e) = self.snapshotter.delete_backup(self.id).await {
+            tracing::warn!(backup_id = self.id, "deleting partial snapshots: {e}");
+        }
+    }
+}

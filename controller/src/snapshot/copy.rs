@@ -1,0 +1,156 @@
+//! copy: a plain file copy per volume (reflink where the filesystem can),
+//! with a SHA-256 over the copy recorded. Not atomic: allowed only where the
+//! engine makes a copy consistent (see the orchestrator's checks).
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use tokio::process::Command;
+
+use super::{SnapshotError, SnapshotHandle, Snapshotter, VolumeRef, cut_all, run, volume_name};
+
+#[derive(Debug)]
+pub struct Copy {
+    dir: PathBuf,
+}
+
+impl Copy {
+    pub fn new(dir: PathBuf) -> Self {
+        Copy { dir }
+    }
+}
+
+fn error(message: String) -> SnapshotError {
+    SnapshotError {
+        driver: "copy",
+        message,
+        made: vec![],
+    }
+}
+
+/// SHA-256 over every regular file's relative path and contents, in order.
+pub fn checksum(root: &Path) -> std::io::Result<String> {
+    fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                walk(&entry.path(), files)?;
+            } else if kind.is_file() {
+                files.push(entry.path());
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(root, &mut files)?;
+    files.sort();
+    let mut hash = Sha256::new();
+    for file in files {
+        hash.update(
+            file.strip_prefix(root)
+                .unwrap_or(&file)
+                .to_string_lossy()
+                .as_bytes(),
+        );
+        hash.update(std::fs::read(&file)?);
+    }
+    Ok(format!("sha256:{:x}", hash.finalize()))
+}
+
+#[async_trait]
+impl Snapshotter for Copy {
+    fn name(&self) -> &'static str {
+        "copy"
+    }
+
+    fn atomic(&self) -> bool {
+        false
+    }
+
+    async fn cut(
+        &self,
+        backup_id: &str,
+        volumes: &[VolumeRef],
+    ) -> Result<Vec<SnapshotHandle>, SnapshotError> {
+        let dest = self.dir.join(backup_id);
+        tokio::fs::create_dir_all(&dest)
+            .await
+            .map_err(|e| error(format!("cannot create {}: {e}", dest.display())))?;
+        cut_all("copy", volumes, |v| {
+            let target = dest.join(volume_name(&v));
+            async move {
+                run(
+                    "copy",
+                    Command::new("cp")
+                        .args(["-a", "--reflink=auto"])
+                        .arg(&v.path)
+                        .arg(&target)
+                        .kill_on_drop(true),
+                )
+                .await?;
+                Ok(SnapshotHandle {
+                    member: v.member,
+                    volume: v.path,
+                    handle: target.display().to_string(),
+                    driver: "copy".into(),
+                    checksum: None,
+                })
+            }
+        })
+        .await
+    }
+
+    async fn refresh(&self, handle: &SnapshotHandle, relative: &str) -> Result<(), SnapshotError> {
+        let from = handle.volume.join(relative);
+        let to = Path::new(&handle.handle).join(relative);
+        let _ = tokio::fs::remove_dir_all(&to).await;
+        run(
+            "copy",
+            Command::new("cp")
+                .args(["-a", "--reflink=auto"])
+                .arg(&from)
+                .arg(&to),
+        )
+        .await
+        .map_err(error)
+    }
+
+    async fn ready(&self, handles: &mut [SnapshotHandle]) -> Result<(), SnapshotError> {
+        for h in handles.iter_mut() {
+            let root = PathBuf::from(&h.handle);
+            let sum = tokio::task::spawn_blocking(move || checksum(&root))
+                .await
+                .map_err(|e| error(e.to_string()))?
+                .map_err(|e| error(format!("checksumming {}: {e}", h.handle)))?;
+            h.checksum = Some(sum);
+        }
+        Ok(())
+    }
+
+    async fn delete_backup(&self, backup_id: &str) -> Result<(), SnapshotError> {
+        let dir = self.dir.join(backup_id);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(error(format!("deleting {}: {e}", dir.display())))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn delete(&self, handles: &[SnapshotHandle]) -> Result<(), SnapshotError> {
+        for h in handles {
+            let path = Path::new(&h.handle);
+            if path.exists() {
+                tokio::fs::remove_dir_all(path)
+                    .await
+                    .map_err(|e| error(format!("deleting {}: {e}", h.handle)))?;
+            }
+            if let Some(parent) = path.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+        Ok(())
+    }
+}

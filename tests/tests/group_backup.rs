@@ -1,0 +1,335 @@
+//! The group backup protocol through the `stillpoint` orchestrator: real
+//! agents over mTLS, the catalog, the freeze budget and the abort paths.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use stillpoint_controller::agents::ControllerTls;
+use stillpoint_controller::catalog::{Catalog, Consistency, Outcome};
+use stillpoint_controller::config::Config;
+use stillpoint_controller::orchestrator::Orchestrator;
+use stillpoint_proto::position::parse_lsn;
+use stillpoint_tests::harness::agent::{AgentProc, AgentSpec};
+use stillpoint_tests::harness::pki::{CONTROLLER_IDENTITY, Pki, agent_identity};
+use stillpoint_tests::harness::shared;
+
+/// A PKI, a catalog and snapshot dir, and agents started from specs.
+struct Setup {
+    pki: Pki,
+    dir: tempfile::TempDir,
+    agents: Vec<AgentProc>,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        Setup {
+            pki: Pki::new().unwrap(),
+            dir: tempfile::Builder::new()
+                .prefix("stillpoint-group-")
+                .tempdir()
+                .unwrap(),
+            agents: Vec::new(),
+        }
+    }
+
+    fn agent(&mut self, member: &str, engine: &str, env: &[(&str, String)]) -> String {
+        let files = self.pki.issue(member, &agent_identity(member)).unwrap();
+        let mut spec = AgentSpec::noop(member, files);
+        spec.engine = engine.into();
+        spec = spec.with(
+            "STILLPOINT_STATE_DIR",
+            self.dir.path().join(member).to_str().unwrap(),
+        );
+        for (k, v) in env {
+            spec = spec.with(k, v);
+        }
+        let agent = AgentProc::spawn(&spec).unwrap();
+        let addr = agent.grpc_addr();
+        self.agents.push(agent);
+        addr
+    }
+
+    /// A local-mode config with one group.
+    fn config(&self, group: &str, body: &str) -> Config {
+        self.pki.issue("controller", CONTROLLER_IDENTITY).unwrap();
+        let text = format!(
+            "catalog = \"{catalog}\"\n[tls]\ndir = \"{tls}\"\n[groups.{group}]\nsnapshot_dir = \"{snaps}\"\n{body}",
+            catalog = self.dir.path().join("catalog").display(),
+            tls = self.pki.path().join("controller").display(),
+            snaps = self.dir.path().join("snapshots").display(),
+        );
+        let path = self.dir.path().join("stillpoint.toml");
+        std::fs::write(&path, &text).unwrap();
+        Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    fn orchestrator(&self, config: &Config) -> Orchestrator {
+        Orchestrator {
+            tls: ControllerTls::watch(config.tls.clone(), Duration::from_secs(30)).unwrap(),
+            catalog: Catalog::open(&config.catalog).unwrap(),
+        }
+    }
+
+    fn snapshots(&self) -> PathBuf {
+        self.dir.path().join("snapshots")
+    }
+}
+
+fn member(name: &str, addr: &str, role: &str, primary: Option<&str>, volumes: &[&Path]) -> String {
+    let volumes: Vec<String> = volumes
+        .iter()
+        .map(|v| format!("\"{}\"", v.display()))
+        .collect();
+    format!(
+        "[[groups.g.members]]\nname = \"{name}\"\nagent = \"{addr}\"\nidentity = \"{}\"\nrole = \"{role}\"\n{}volumes = [{}]\n",
+        agent_identity(name),
+        primary
+            .map(|p| format!("primary = \"{p}\"\n"))
+            .unwrap_or_default(),
+        volumes.join(", ")
+    )
+}
+
+fn is_frozen(agent: &AgentProc) -> bool {
+    agent.admin_get("/healthz").unwrap().1.contains("frozen by")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_and_redis_group_is_cut_aligned_and_recorded() {
+    let pg = shared::postgres();
+    let redis = shared::redis();
+    let mut s = Setup::new();
+    let pg0 = s.agent(
+        "pg-0",
+        "postgres",
+        &[("STILLPOINT_DSN", pg.primary.conninfo("postgres"))],
+    );
+    let pg1 = s.agent(
+        "pg-1",
+        "postgres",
+        &[("STILLPOINT_DSN", pg.replica.conninfo("postgres"))],
+    );
+    let r0 = s.agent(
+        "redis-0",
+        "redis",
+        &[("STILLPOINT_DSN", redis.primary.url())],
+    );
+    let r1 = s.agent(
+        "redis-1",
+        "redis",
+        &[("STILLPOINT_DSN", redis.replica.url())],
+    );
+    let body = format!(
+        "snapshotter = \"copy\"\nfreeze_budget = \"20s\"\n{}{}{}{}",
+        member("pg-0", &pg0, "primary", None, &[&pg.primary.data]),
+        member("pg-1", &pg1, "replica", Some("pg-0"), &[&pg.replica.data]),
+        member("redis-0", &r0, "primary", None, &[&redis.primary.dir]),
+        member(
+            "redis-1",
+            &r1,
+            "replica",
+            Some("redis-0"),
+            &[&redis.replica.dir]
+        ),
+    );
+    let config = s.config("g", &body);
+    let orchestrator = s.orchestrator(&config);
+    let manifest = orchestrator
+        .backup(config.group("g").unwrap(), "g-1")
+        .await
+        .unwrap();
+
+    assert_eq!(manifest.outcome, Outcome::Succeeded);
+    let window = manifest
+        .freeze_window_us
+        .expect("the freeze window is measured");
+    assert!(window > 0);
+    let get = |n: &str| {
+        manifest
+            .members
+            .iter()
+            .find(|m| m.name == n)
+            .unwrap()
+            .clone()
+    };
+    let (p0, p1, q0, q1) = (get("pg-0"), get("pg-1"), get("redis-0"), get("redis-1"));
+    // Replicas were aligned to their primary's frozen position, then frozen at or past it.
+    assert_eq!(p1.aligned_to, p0.position);
+    assert_eq!(q1.aligned_to, q0.position);
+    let lsn = |s: &Option<String>| parse_lsn(s.as_deref().unwrap()).unwrap();
+    assert!(lsn(&p1.position) >= lsn(&p0.position));
+    // The copy of a PostgreSQL member in backup mode restores with its label.
+    assert_eq!(p0.consistency, Some(Consistency::BackupLabel));
+    assert!(p0.artefacts["backup_label"].contains("LABEL: stillpoint g-1"));
+    assert_eq!(q0.consistency, Some(Consistency::FrozenCopy));
+    for m in &manifest.members {
+        assert_eq!(m.snapshots.len(), 1, "{}", m.name);
+        assert!(
+            m.snapshots[0]
+                .checksum
+                .as_deref()
+                .unwrap()
+                .starts_with("sha256:")
+        );
+        assert!(Path::new(&m.snapshots[0].handle).is_dir());
+        for phase in ["prepared", "freeze_requested", "frozen", "cut", "thawed"] {
+            assert!(
+                manifest.timeline.members[&m.name].contains_key(phase),
+                "{} {phase}",
+                m.name
+            );
+        }
+    }
+    // The backup stop's WAL is in the copy.
+    let wal = Path::new(&p0.snapshots[0].handle).join("pg_wal");
+    assert!(std::fs::read_dir(wal).unwrap().count() > 1);
+    // Recorded, and nothing is left frozen.
+    assert_eq!(orchestrator.catalog.get("g-1").unwrap(), manifest);
+    assert!(s.agents.iter().all(|a| !is_frozen(a)));
+    let _ = std::fs::remove_dir_all(s.snapshots());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn innodb_on_the_copy_snapshotter_is_refused_before_anything_freezes() {
+    let maria = shared::mariadb();
+    let mut s = Setup::new();
+    let url = format!("mysql://root@127.0.0.1:{}/", maria.primary.port);
+    let m0 = s.agent("maria-0", "mariadb", &[("STILLPOINT_DSN", url)]);
+    let body = format!(
+        "snapshotter = \"copy\"\n{}",
+        member("maria-0", &m0, "primary", None, &[&maria.primary.data])
+    );
+    let config = s.config("g", &body);
+    let err = s
+        .orchestrator(&config)
+        .backup(config.group("g").unwrap(), "g-innodb")
+        .await
+        .unwrap_err();
+    assert!(
+        err.cause.contains("cannot be cut by the copy snapshotter"),
+        "{}",
+        err.cause
+    );
+    assert!(err.cause.contains("fsfreeze"), "{}", err.cause);
+    assert_eq!(err.manifest.outcome, Outcome::Failed);
+    assert!(
+        s.agents[0].logs().find("freeze requested").is_none(),
+        "nothing was frozen"
+    );
+}
+
+fn noop_group(s: &mut Setup, members: &[(&str, &[(&str, String)])], extra: &str) -> Config {
+    let volume = s.dir.path().join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    std::fs::write(volume.join("data"), b"x").unwrap();
+    let mut body = format!("snapshotter = \"copy\"\n{extra}\n");
+    for (name, env) in members {
+        let addr = s.agent(name, "noop", env);
+        body.push_str(&member(name, &addr, "primary", None, &[&volume]));
+    }
+    s.config("g", &body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_agent_fails_the_backup_at_resolve() {
+    let mut s = Setup::new();
+    let mut config = noop_group(&mut s, &[("n-0", &[])], "");
+    let dead = format!("127.0.0.1:{}", stillpoint_tests::harness::free_port());
+    let mut ghost = config.groups["g"].members[0].clone();
+    ghost.name = "n-ghost".into();
+    ghost.agent = dead.clone();
+    config.groups.get_mut("g").unwrap().members.push(ghost);
+    let err = s
+        .orchestrator(&config)
+        .backup(config.group("g").unwrap(), "g-unreachable")
+        .await
+        .unwrap_err();
+    assert!(err.cause.starts_with("resolve:"), "{}", err.cause);
+    assert!(
+        err.cause.contains("n-ghost is not reachable"),
+        "{}",
+        err.cause
+    );
+    assert!(!is_frozen(&s.agents[0]));
+    assert!(!s.snapshots().join("g-unreachable").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freeze_over_budget_aborts_and_thaws_everyone() {
+    let mut s = Setup::new();
+    let slow = [("STILLPOINT_NOOP_FREEZE_LATENCY", "1500ms".to_string())];
+    let config = noop_group(
+        &mut s,
+        &[("n-fast", &[]), ("n-slow", &slow)],
+        "freeze_budget = \"500ms\"",
+    );
+    let orchestrator = s.orchestrator(&config);
+    let err = orchestrator
+        .backup(config.group("g").unwrap(), "g-budget")
+        .await
+        .unwrap_err();
+    assert!(err.cause.contains("n-slow"), "{}", err.cause);
+    assert!(err.cause.contains("budget"), "{}", err.cause);
+    let recorded = orchestrator.catalog.get("g-budget").unwrap();
+    assert_eq!(recorded.outcome, Outcome::Failed);
+    assert!(recorded.error.unwrap().contains("budget"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(s.agents.iter().all(|a| !is_frozen(a)), "everything thawed");
+    assert!(!s.snapshots().join("g-budget").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_snapshotter_aborts_and_deletes_what_was_made() {
+    let mut s = Setup::new();
+    let marker = s.dir.path().join("made");
+    let extra = format!(
+        "snapshotter = \"exec\"\n[groups.g.exec]\nsnapshot = \"touch {m}-{{member}}; test {{member}} != n-1\"\ndelete = \"rm -f {m}-{{member}}\"",
+        m = marker.display()
+    );
+    let volume = s.dir.path().join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    let a0 = s.agent("n-0", "noop", &[]);
+    let a1 = s.agent("n-1", "noop", &[]);
+    let config = s.config(
+        "g",
+        &format!(
+            "{extra}\n{}{}",
+            member("n-0", &a0, "primary", None, &[&volume]),
+            member("n-1", &a1, "primary", None, &[&volume])
+        ),
+    );
+    let err = s
+        .orchestrator(&config)
+        .backup(config.group("g").unwrap(), "g-snap")
+        .await
+        .unwrap_err();
+    assert!(err.cause.contains("exec snapshotter"), "{}", err.cause);
+    assert!(
+        !Path::new(&format!("{}-n-0", marker.display())).exists(),
+        "the partial snapshot was deleted"
+    );
+    assert!(s.agents.iter().all(|a| !is_frozen(a)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_primary_is_not_in_the_group_is_refused_by_the_config() {
+    let s = Setup::new();
+    s.pki.issue("controller", CONTROLLER_IDENTITY).unwrap();
+    let text = format!(
+        "catalog = \"c\"\n[tls]\ndir = \"t\"\n[groups.g]\nsnapshot_dir = \"/s\"\n{}",
+        member(
+            "r",
+            "127.0.0.1:1",
+            "replica",
+            Some("elsewhere"),
+            &[Path::new("/v")]
+        )
+    );
+    let err = Config::parse(Path::new("x.toml"), &text)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("groups.g.members[0].primary: 'elsewhere' is not a member of group g"),
+        "{err}"
+    );
+}
