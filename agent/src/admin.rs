@@ -38,8 +38,9 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, holds: Arc<Hold
 fn respond(request: &Request<Incoming>, metrics: &Metrics, holds: &Holds) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => {
-            let body = match holds.holder() {
-                Some(id) => format!("ok: frozen by backup '{id}'\n"),
+            let body = match holds.state() {
+                Some((id, true)) => format!("ok: frozen by backup '{id}'\n"),
+                Some((id, false)) => format!("ok: freezing for backup '{id}'\n"),
                 None => "ok\n".to_string(),
             };
             (StatusCode::OK, "text/plain; charset=utf-8", body)

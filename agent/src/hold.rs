@@ -149,6 +149,16 @@ impl Holds {
         })
     }
 
+    /// The backup id holding the freeze, and whether the freeze is in force
+    /// (`false` while it is still being taken).
+    pub fn state(&self) -> Option<(String, bool)> {
+        match &*self.slot.lock().unwrap() {
+            Slot::Idle => None,
+            Slot::Freezing { backup_id } => Some((backup_id.clone(), false)),
+            Slot::Held(h) => Some((h.backup_id.clone(), true)),
+        }
+    }
+
     /// The backup id currently holding (or taking) the freeze.
     pub fn holder(&self) -> Option<String> {
         match &*self.slot.lock().unwrap() {

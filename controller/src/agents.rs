@@ -131,6 +131,9 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 /// which makes the agent thaw at once.
 #[derive(Debug)]
 pub struct HeldFreeze {
+    /// Keeps the channel (and so the stream's connection) alive for as long
+    /// as the hold: a dropped last channel handle closes the connection.
+    _channel: AgentClient<Channel>,
     requests: tokio::sync::mpsc::Sender<pb::FreezeRequest>,
     events: tonic::Streaming<pb::FreezeEvent>,
     /// The agent's answer to the freeze.
@@ -164,6 +167,7 @@ impl HeldFreeze {
             Some(pb::FreezeEvent {
                 event: Some(pb::freeze_event::Event::Frozen(frozen)),
             }) => Ok(HeldFreeze {
+                _channel: client.clone(),
                 requests,
                 events,
                 frozen,

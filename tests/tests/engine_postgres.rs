@@ -255,7 +255,12 @@ async fn an_unrenewed_lease_releases_the_fence_within_ttl() {
     let ttl = Duration::from_secs(1);
     let started = Instant::now();
     let _hold = a.freeze("b-lease", ttl).await.unwrap();
-    let blocked = insert(&pg.primary, "fence_lease", 1);
+    let mut blocked = insert(&pg.primary, "fence_lease", 1);
+    assert!(
+        finishes_within(Duration::from_millis(300), &mut blocked)
+            .await
+            .is_none()
+    );
     finishes_within(ttl + Duration::from_secs(1), blocked)
         .await
         .expect("writes resume within TTL + 1 s")

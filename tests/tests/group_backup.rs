@@ -1,98 +1,15 @@
 //! The group backup protocol through the `stillpoint` orchestrator: real
 //! agents over mTLS, the catalog, the freeze budget and the abort paths.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use stillpoint_controller::agents::ControllerTls;
-use stillpoint_controller::catalog::{Catalog, Consistency, Outcome};
+use stillpoint_controller::catalog::{Consistency, Outcome};
 use stillpoint_controller::config::Config;
-use stillpoint_controller::orchestrator::Orchestrator;
 use stillpoint_proto::position::parse_lsn;
-use stillpoint_tests::harness::agent::{AgentProc, AgentSpec};
-use stillpoint_tests::harness::pki::{CONTROLLER_IDENTITY, Pki, agent_identity};
+use stillpoint_tests::harness::group::{Setup, is_frozen, member};
+use stillpoint_tests::harness::pki::CONTROLLER_IDENTITY;
 use stillpoint_tests::harness::shared;
-
-/// A PKI, a catalog and snapshot dir, and agents started from specs.
-struct Setup {
-    pki: Pki,
-    dir: tempfile::TempDir,
-    agents: Vec<AgentProc>,
-}
-
-impl Setup {
-    fn new() -> Setup {
-        Setup {
-            pki: Pki::new().unwrap(),
-            dir: tempfile::Builder::new()
-                .prefix("stillpoint-group-")
-                .tempdir()
-                .unwrap(),
-            agents: Vec::new(),
-        }
-    }
-
-    fn agent(&mut self, member: &str, engine: &str, env: &[(&str, String)]) -> String {
-        let files = self.pki.issue(member, &agent_identity(member)).unwrap();
-        let mut spec = AgentSpec::noop(member, files);
-        spec.engine = engine.into();
-        spec = spec.with(
-            "STILLPOINT_STATE_DIR",
-            self.dir.path().join(member).to_str().unwrap(),
-        );
-        for (k, v) in env {
-            spec = spec.with(k, v);
-        }
-        let agent = AgentProc::spawn(&spec).unwrap();
-        let addr = agent.grpc_addr();
-        self.agents.push(agent);
-        addr
-    }
-
-    /// A local-mode config with one group.
-    fn config(&self, group: &str, body: &str) -> Config {
-        self.pki.issue("controller", CONTROLLER_IDENTITY).unwrap();
-        let text = format!(
-            "catalog = \"{catalog}\"\n[tls]\ndir = \"{tls}\"\n[groups.{group}]\nsnapshot_dir = \"{snaps}\"\n{body}",
-            catalog = self.dir.path().join("catalog").display(),
-            tls = self.pki.path().join("controller").display(),
-            snaps = self.dir.path().join("snapshots").display(),
-        );
-        let path = self.dir.path().join("stillpoint.toml");
-        std::fs::write(&path, &text).unwrap();
-        Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{text}"))
-    }
-
-    fn orchestrator(&self, config: &Config) -> Orchestrator {
-        Orchestrator {
-            tls: ControllerTls::watch(config.tls.clone(), Duration::from_secs(30)).unwrap(),
-            catalog: Catalog::open(&config.catalog).unwrap(),
-        }
-    }
-
-    fn snapshots(&self) -> PathBuf {
-        self.dir.path().join("snapshots")
-    }
-}
-
-fn member(name: &str, addr: &str, role: &str, primary: Option<&str>, volumes: &[&Path]) -> String {
-    let volumes: Vec<String> = volumes
-        .iter()
-        .map(|v| format!("\"{}\"", v.display()))
-        .collect();
-    format!(
-        "[[groups.g.members]]\nname = \"{name}\"\nagent = \"{addr}\"\nidentity = \"{}\"\nrole = \"{role}\"\n{}volumes = [{}]\n",
-        agent_identity(name),
-        primary
-            .map(|p| format!("primary = \"{p}\"\n"))
-            .unwrap_or_default(),
-        volumes.join(", ")
-    )
-}
-
-fn is_frozen(agent: &AgentProc) -> bool {
-    agent.admin_get("/healthz").unwrap().1.contains("frozen by")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_and_redis_group_is_cut_aligned_and_recorded() {

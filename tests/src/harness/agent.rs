@@ -14,20 +14,33 @@ use super::{signal, wait_for};
 /// The agent binary: `$STILLPOINT_AGENT_BIN`, or the one cargo built beside
 /// this test binary (`cargo test --workspace` builds it).
 pub fn agent_binary() -> Result<PathBuf> {
-    if let Ok(path) = std::env::var("STILLPOINT_AGENT_BIN") {
+    binary(
+        "stillpoint-agent",
+        "STILLPOINT_AGENT_BIN",
+        "stillpoint-agent",
+    )
+}
+
+/// The `stillpoint` CLI binary: `$STILLPOINT_BIN`, or the one beside this test.
+pub fn controller_binary() -> Result<PathBuf> {
+    binary("stillpoint", "STILLPOINT_BIN", "stillpoint-controller")
+}
+
+fn binary(name: &str, env: &str, package: &str) -> Result<PathBuf> {
+    if let Ok(path) = std::env::var(env) {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> -> target/<profile>/stillpoint-agent
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
     let path = exe
         .parent()
         .and_then(|deps| deps.parent())
-        .map(|profile| profile.join("stillpoint-agent"))
+        .map(|profile| profile.join(name))
         .context("locating the target directory")?;
     if !path.is_file() {
         bail!(
             "{} not found: run the suite with `cargo test --workspace` (which builds it), \
-             or `cargo build -p stillpoint-agent` first",
+             or `cargo build -p {package}` first",
             path.display()
         );
     }

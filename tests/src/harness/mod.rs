@@ -19,6 +19,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 pub mod agent;
 pub mod fleet;
+pub mod group;
 pub mod loopfs;
 pub mod mariadb;
 pub mod mongo;

@@ -1,0 +1,109 @@
+//! A group of agents, a controller PKI, a catalog and a local-mode config,
+//! for tests of the group backup and the CLI.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use stillpoint_controller::agents::ControllerTls;
+use stillpoint_controller::catalog::Catalog;
+use stillpoint_controller::config::Config;
+use stillpoint_controller::orchestrator::Orchestrator;
+
+use super::agent::{AgentProc, AgentSpec};
+use super::pki::{CONTROLLER_IDENTITY, Pki, agent_identity};
+
+/// A PKI, a catalog and snapshot dir, and agents started from specs.
+#[derive(Debug)]
+pub struct Setup {
+    pub pki: Pki,
+    pub dir: tempfile::TempDir,
+    pub agents: Vec<AgentProc>,
+}
+
+impl Setup {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Setup {
+        Setup {
+            pki: Pki::new().unwrap(),
+            dir: tempfile::Builder::new()
+                .prefix("stillpoint-group-")
+                .tempdir()
+                .unwrap(),
+            agents: Vec::new(),
+        }
+    }
+
+    pub fn agent(&mut self, member: &str, engine: &str, env: &[(&str, String)]) -> String {
+        let files = self.pki.issue(member, &agent_identity(member)).unwrap();
+        let mut spec = AgentSpec::noop(member, files);
+        spec.engine = engine.into();
+        spec = spec.with(
+            "STILLPOINT_STATE_DIR",
+            self.dir.path().join(member).to_str().unwrap(),
+        );
+        for (k, v) in env {
+            spec = spec.with(k, v);
+        }
+        let agent = AgentProc::spawn(&spec).unwrap();
+        let addr = agent.grpc_addr();
+        self.agents.push(agent);
+        addr
+    }
+
+    /// Writes a local-mode config with one group and loads it.
+    pub fn config(&self, group: &str, body: &str) -> Config {
+        self.pki.issue("controller", CONTROLLER_IDENTITY).unwrap();
+        let text = format!(
+            "catalog = \"{catalog}\"\n[tls]\ndir = \"{tls}\"\n[groups.{group}]\nsnapshot_dir = \"{snaps}\"\n{body}",
+            catalog = self.dir.path().join("catalog").display(),
+            tls = self.pki.path().join("controller").display(),
+            snaps = self.dir.path().join("snapshots").display(),
+        );
+        let path = self.dir.path().join("stillpoint.toml");
+        std::fs::write(&path, &text).unwrap();
+        Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    pub fn orchestrator(&self, config: &Config) -> Orchestrator {
+        Orchestrator {
+            tls: ControllerTls::watch(config.tls.clone(), Duration::from_secs(30)).unwrap(),
+            catalog: Catalog::open(&config.catalog).unwrap(),
+        }
+    }
+
+    pub fn snapshots(&self) -> PathBuf {
+        self.dir.path().join("snapshots")
+    }
+}
+
+pub fn member(
+    name: &str,
+    addr: &str,
+    role: &str,
+    primary: Option<&str>,
+    volumes: &[&Path],
+) -> String {
+    let volumes: Vec<String> = volumes
+        .iter()
+        .map(|v| format!("\"{}\"", v.display()))
+        .collect();
+    format!(
+        "[[groups.g.members]]\nname = \"{name}\"\nagent = \"{addr}\"\nidentity = \"{}\"\nrole = \"{role}\"\n{}volumes = [{}]\n",
+        agent_identity(name),
+        primary
+            .map(|p| format!("primary = \"{p}\"\n"))
+            .unwrap_or_default(),
+        volumes.join(", ")
+    )
+}
+
+pub fn is_frozen(agent: &AgentProc) -> bool {
+    agent.admin_get("/healthz").unwrap().1.contains("frozen by")
+}
+
+impl Setup {
+    /// The config file `config` wrote.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("stillpoint.toml")
+    }
+}

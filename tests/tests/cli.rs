@@ -1,0 +1,270 @@
+//! `stillpoint` as an operator runs it: quiesce, thaw, status, backups, and
+//! bad input that must fail clearly and leave nothing frozen.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use stillpoint_tests::harness::agent::controller_binary;
+use stillpoint_tests::harness::group::{Setup, is_frozen, member};
+use stillpoint_tests::harness::postgres::PgServer;
+use stillpoint_tests::harness::{free_port, shared, signal, wait_for};
+use tokio_postgres::NoTls;
+
+fn stillpoint(s: &Setup, args: &[&str]) -> Output {
+    Command::new(controller_binary().unwrap())
+        .arg("--config")
+        .arg(s.config_path())
+        .args(args)
+        .output()
+        .expect("running stillpoint")
+}
+
+/// A database `name` with table `t` on the shared primary.
+async fn database(server: &PgServer, name: &str) {
+    let (admin, conn) = tokio_postgres::connect(&server.conninfo("postgres"), NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let (c, conn) = tokio_postgres::connect(&server.conninfo(name), NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    c.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+}
+
+/// Inserts one row; returns how long it took.
+fn timed_insert(server: &PgServer, db: &str) -> tokio::task::JoinHandle<Duration> {
+    let conninfo = server.conninfo(db);
+    tokio::spawn(async move {
+        let (c, conn) = tokio_postgres::connect(&conninfo, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let started = Instant::now();
+        c.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
+        started.elapsed()
+    })
+}
+
+async fn fenced_pg(s: &mut Setup, db: &str) -> String {
+    let pg = shared::postgres();
+    database(&pg.primary, db).await;
+    let addr = s.agent(
+        "pg-q",
+        "postgres",
+        &[
+            ("STILLPOINT_DSN", pg.primary.conninfo(db)),
+            ("STILLPOINT_PG_MODE", "fence".into()),
+        ],
+    );
+    s.config(
+        "q",
+        &format!(
+            "snapshotter = \"copy\"\n{}",
+            member("pg-q", &addr, "primary", None, &[&pg.primary.data])
+        )
+        .replace("groups.g.", "groups.q."),
+    );
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiesce_for_two_seconds_blocks_writes_then_thaws() {
+    let mut s = Setup::new();
+    fenced_pg(&mut s, "cli_quiesce").await;
+    let mut quiesce = Command::new(controller_binary().unwrap())
+        .arg("--config")
+        .arg(s.config_path())
+        .args(["quiesce", "q", "--for", "2s"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("frozen", Duration::from_secs(10), || {
+        Ok(is_frozen(&s.agents[0]))
+    })
+    .unwrap();
+    let started = Instant::now();
+    let blocked = timed_insert(&shared::postgres().primary, "cli_quiesce")
+        .await
+        .unwrap();
+    let status = quiesce.wait().unwrap();
+    assert!(status.success());
+    assert!(
+        blocked >= Duration::from_millis(1500),
+        "writes were blocked for ~2 s, not {blocked:?}:\n{}",
+        s.agents[0].logs()
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(!is_frozen(&s.agents[0]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupt_thaws_a_quiesce_at_once() {
+    let mut s = Setup::new();
+    fenced_pg(&mut s, "cli_interrupt").await;
+    let mut quiesce = Command::new(controller_binary().unwrap())
+        .arg("--config")
+        .arg(s.config_path())
+        .args(["quiesce", "pg-q"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("frozen", Duration::from_secs(10), || {
+        Ok(is_frozen(&s.agents[0]))
+    })
+    .unwrap();
+    let insert = timed_insert(&shared::postgres().primary, "cli_interrupt");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let interrupted = Instant::now();
+    signal(quiesce.id(), "INT");
+    assert!(quiesce.wait().unwrap().success());
+    insert.await.unwrap();
+    assert!(
+        interrupted.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        interrupted.elapsed()
+    );
+    assert!(!is_frozen(&s.agents[0]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_thaw_and_backups_from_the_command_line() {
+    let mut s = Setup::new();
+    fenced_pg(&mut s, "cli_backup").await;
+    let out = stillpoint(&s, &["status", "q"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("pg-q") && text.contains("postgres") && text.contains("primary"),
+        "{text}"
+    );
+
+    let out = stillpoint(&s, &["backup", "create", "q", "--id", "q-1"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("freeze window"));
+    let out = stillpoint(&s, &["-o", "json", "backup", "list"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["id"], "q-1");
+    assert_eq!(list[0]["outcome"], "succeeded");
+    let out = stillpoint(&s, &["backup", "describe", "q-1", "--timeline"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("freeze window marked |") && text.contains("backup-label"),
+        "{text}"
+    );
+    let out = stillpoint(&s, &["-o", "yaml", "backup", "describe", "q-1"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("outcome: succeeded"));
+
+    let snapshot = s.snapshots().join("q-1");
+    assert!(snapshot.exists());
+    let out = stillpoint(&s, &["backup", "delete", "q-1"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !snapshot.join("pg-q-0").exists(),
+        "snapshots go with the backup"
+    );
+    let out = stillpoint(&s, &["backup", "describe", "q-1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no backup 'q-1'"));
+
+    // `thaw` breaks a hold whoever owns it.
+    let mut quiesce = Command::new(controller_binary().unwrap())
+        .arg("--config")
+        .arg(s.config_path())
+        .args(["quiesce", "q", "--ttl", "60s"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("frozen", Duration::from_secs(10), || {
+        Ok(is_frozen(&s.agents[0]))
+    })
+    .unwrap();
+    let out = stillpoint(&s, &["thaw", "pg-q"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("thawed member pg-q"));
+    assert!(!is_frozen(&s.agents[0]));
+    signal(quiesce.id(), "INT");
+    let _ = quiesce.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_fails_clearly_and_freezes_nothing() {
+    let mut s = Setup::new();
+    fenced_pg(&mut s, "cli_bad").await;
+    let fail = |args: &[&str], needle: &str| {
+        let out = stillpoint(&s, args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: {needle:?} not in:\n{stderr}"
+        );
+    };
+    fail(&["backup", "create", "nope"], "no group 'nope'");
+    fail(
+        &["quiesce", "nobody", "--for", "1s"],
+        "'nobody' is neither a group nor a member",
+    );
+    fail(
+        &["thaw", "nobody"],
+        "'nobody' is neither a group nor a member",
+    );
+
+    // An invalid config: each error names its field.
+    let config = s.config_path();
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        good.replace("role = \"primary\"", "role = \"leader\""),
+    )
+    .unwrap();
+    fail(&["config", "check"], "role");
+    fail(&["backup", "create", "q"], "leader");
+    std::fs::write(
+        &config,
+        good.replace("identity = \"spiffe:", "identity = \"nope:"),
+    )
+    .unwrap();
+    fail(&["config", "check"], "groups.q.members[0].identity");
+
+    // Missing certificates.
+    std::fs::write(
+        &config,
+        good.replace("[tls]\ndir = \"", "[tls]\ndir = \"/nonexistent"),
+    )
+    .unwrap();
+    fail(&["backup", "create", "q"], "certificates are not usable");
+
+    // An unreachable catalog.
+    std::fs::write(
+        &config,
+        good.lines()
+            .map(|l| {
+                if l.starts_with("catalog") {
+                    "catalog = \"/proc/stillpoint-catalog\""
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    fail(&["backup", "create", "q"], "catalog");
+
+    // An unreachable agent.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let addr = s.agents[0].grpc_addr();
+    std::fs::write(&config, good.replace(&addr, &dead)).unwrap();
+    fail(&["backup", "create", "q"], "not reachable");
+    fail(&["status"], "not reachable");
+    std::fs::write(&config, &good).unwrap();
+    assert!(stillpoint(&s, &["config", "check"]).status.success());
+    assert!(!is_frozen(&s.agents[0]), "nothing was left frozen");
+}
