@@ -565,7 +565,7 @@ impl<'g> Run<'_, 'g> {
         Ok(())
     }
 
-    async fn thaw_members(&mut self, which: &dyn Fn(&Member<'_>) -> bool) -> Vec<String> {
+    async fn thaw_members(&mut self, which: &(dyn Fn(&Member<'_>) -> bool + Sync)) -> Vec<String> {
         let clock = self.clock.clone();
         let results = join_all(self.members.iter_mut().filter(|m| which(m)).map(|m| {
             let clock = clock.clone();

@@ -250,3 +250,126 @@ async fn a_replica_whose_primary_is_not_in_the_group_is_refused_by_the_config() 
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_database_killed_mid_freeze_aborts_the_backup() {
+    let redis = tokio::task::spawn_blocking(stillpoint_tests::harness::redis::RedisPair::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut s = Setup::new();
+    let volume = s.dir.path().join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    let r0 = s.agent(
+        "redis-0",
+        "redis",
+        &[
+            ("STILLPOINT_DSN", redis.primary.url()),
+            ("STILLPOINT_HOLD_CHECK_INTERVAL", "100ms".into()),
+        ],
+    );
+    let n0 = s.agent("n-0", "noop", &[]);
+    // A slow cut, so the database dies while the group is frozen.
+    let config = s.config(
+        "g",
+        &format!(
+            "snapshotter = \"exec\"\nfreeze_budget = \"20s\"\n[groups.g.exec]\nsnapshot = \"sleep 2\"\ndelete = \"true\"\n{}{}",
+            member("redis-0", &r0, "primary", None, &[&volume]),
+            member("n-0", &n0, "primary", None, &[&volume])
+        ),
+    );
+    let orchestrator = s.orchestrator(&config);
+    let group = config.group("g").unwrap().clone();
+    let backup = tokio::spawn(async move { orchestrator.backup(&group, "g-dbkill").await });
+    stillpoint_tests::harness::wait_for("frozen", Duration::from_secs(10), || {
+        Ok(is_frozen(&s.agents[1]))
+    })
+    .unwrap();
+    let pid = redis.primary.pid().unwrap();
+    stillpoint_tests::harness::kill_and_wait(pid);
+    let err = backup.await.unwrap().unwrap_err();
+    assert!(err.cause.contains("redis-0 lost its hold"), "{}", err.cause);
+    assert_eq!(err.manifest.outcome, Outcome::Failed);
+    assert!(!is_frozen(&s.agents[1]), "the other members were thawed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_controller_leaves_the_leases_to_thaw_everything() {
+    let pg = shared::postgres();
+    let (admin, conn) =
+        tokio_postgres::connect(&pg.primary.conninfo("postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS ctl_kill WITH (FORCE)")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE ctl_kill")
+        .await
+        .unwrap();
+    let (db, conn) =
+        tokio_postgres::connect(&pg.primary.conninfo("ctl_kill"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    db.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+
+    let mut s = Setup::new();
+    let volume = s.dir.path().join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    let a = s.agent(
+        "pg-k",
+        "postgres",
+        &[
+            ("STILLPOINT_DSN", pg.primary.conninfo("ctl_kill")),
+            ("STILLPOINT_PG_MODE", "fence".into()),
+        ],
+    );
+    let ttl = Duration::from_secs(2);
+    s.config(
+        "g",
+        &format!(
+            "snapshotter = \"exec\"\nfreeze_budget = \"60s\"\nlease_ttl = \"2s\"\n[groups.g.exec]\nsnapshot = \"sleep 60\"\ndelete = \"true\"\n{}",
+            member("pg-k", &a, "primary", None, &[&volume])
+        ),
+    );
+    let mut controller =
+        std::process::Command::new(stillpoint_tests::harness::agent::controller_binary().unwrap())
+            .arg("--config")
+            .arg(s.config_path())
+            .args(["backup", "create", "g", "--id", "g-ctlkill"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+    stillpoint_tests::harness::wait_for("frozen", Duration::from_secs(15), || {
+        Ok(is_frozen(&s.agents[0]))
+    })
+    .unwrap();
+    controller.kill().unwrap();
+    let killed = std::time::Instant::now();
+    let _ = controller.wait();
+    // An external write probe: it goes through once the lease has thawed the fence.
+    db.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
+    assert!(
+        killed.elapsed() < ttl + Duration::from_secs(1),
+        "{:?}",
+        killed.elapsed()
+    );
+    // (The backup stop may still be finishing right after the fence lifts.)
+    stillpoint_tests::harness::wait_for("thawed", Duration::from_secs(1), || {
+        Ok(!is_frozen(&s.agents[0]))
+    })
+    .unwrap();
+    let manifest = stillpoint_controller::catalog::Catalog::open(&s.dir.path().join("catalog"))
+        .unwrap()
+        .get("g-ctlkill")
+        .unwrap();
+    assert_eq!(
+        manifest.outcome,
+        Outcome::Running,
+        "never reads as complete"
+    );
+}
