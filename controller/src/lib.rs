@@ -7,7 +7,7 @@
 //! - [`orchestrator`]: the group backup protocol; [`holder`] keeps each
 //!   freeze renewed; [`timeline`] records the phases and the freeze window.
 //! - [`snapshot`]: the snapshotters (btrfs, copy, exec).
-//! - [`catalog`]: the manifests.
+//! - [`catalog`]: the manifests; [`restore`]: restoring them locally.
 #![forbid(unsafe_code)]
 
 pub mod agents;
@@ -17,5 +17,6 @@ pub mod cli;
 pub mod config;
 pub mod holder;
 pub mod orchestrator;
+pub mod restore;
 pub mod snapshot;
 pub mod timeline;

@@ -331,7 +331,7 @@ async fn a_sigkilled_controller_leaves_the_leases_to_thaw_everything() {
     s.config(
         "g",
         &format!(
-            "snapshotter = \"exec\"\nfreeze_budget = \"60s\"\nlease_ttl = \"2s\"\n[groups.g.exec]\nsnapshot = \"sleep 60\"\ndelete = \"true\"\n{}",
+            "snapshotter = \"exec\"\nfreeze_budget = \"60s\"\nlease_ttl = \"2s\"\n[groups.g.exec]\nsnapshot = \"sleep 10\"\ndelete = \"true\"\n{}",
             member("pg-k", &a, "primary", None, &[&volume])
         ),
     );
@@ -372,4 +372,103 @@ async fn a_sigkilled_controller_leaves_the_leases_to_thaw_everything() {
         Outcome::Running,
         "never reads as complete"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_copy_in_backup_mode_restores_with_its_label_and_keeps_acknowledged_rows() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let pg = shared::postgres();
+    let (admin, conn) =
+        tokio_postgres::connect(&pg.primary.conninfo("postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS restore_copy WITH (FORCE)")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE restore_copy")
+        .await
+        .unwrap();
+    let conninfo = pg.primary.conninfo("restore_copy");
+    let (db, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let acked = Arc::new(AtomicI64::new(0));
+    let writer = {
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            for id in 1..i32::MAX {
+                if db
+                    .execute("INSERT INTO t VALUES ($1)", &[&id])
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                acked.store(i64::from(id), Ordering::SeqCst);
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut s = Setup::new();
+    let a = s.agent("pg-r", "postgres", &[("STILLPOINT_DSN", conninfo.clone())]);
+    let config = s.config(
+        "g",
+        &format!(
+            "snapshotter = \"copy\"\nfreeze_budget = \"30s\"\n{}",
+            member("pg-r", &a, "primary", None, &[&pg.primary.data])
+        ),
+    );
+    let before = acked.load(Ordering::SeqCst);
+    let manifest = s
+        .orchestrator(&config)
+        .backup(config.group("g").unwrap(), "g-restore")
+        .await
+        .unwrap();
+    writer.abort();
+    let restored_to = s.dir.path().join("restored");
+    let restored = stillpoint_controller::restore::restore_files(&manifest, &restored_to).unwrap();
+    assert_eq!(restored.len(), 1);
+    let data = &restored[0].path;
+    assert!(
+        data.join("backup_label").exists(),
+        "the backup-label method writes the label"
+    );
+
+    let server = stillpoint_tests::harness::postgres::PgRestored::new().unwrap();
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(data)
+        .arg(server.data_dir())
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    server.start().unwrap();
+    let (r, conn) = tokio_postgres::connect(
+        &server.server.conninfo("restore_copy"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let present: i64 = r
+        .query_one("SELECT count(*) FROM t WHERE id <= $1", &[&(before as i32)])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        present, before,
+        "every row acknowledged before the backup is restored"
+    );
+    let log = std::fs::read_to_string(&server.server.log).unwrap();
+    assert!(log.contains("starting backup recovery"), "{log}");
+    let _ = std::fs::remove_dir_all(s.snapshots());
 }

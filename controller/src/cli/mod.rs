@@ -16,6 +16,7 @@ pub mod certs;
 pub mod config;
 pub mod output;
 pub mod quiesce;
+pub mod restore;
 pub mod status;
 
 /// Stillpoint: application-consistent, group-consistent backups of stateful applications.
@@ -65,6 +66,8 @@ pub enum Command {
     Thaw(status::TargetArgs),
     /// Agents' reachability, engine, role, position and replica lag.
     Status(status::StatusArgs),
+    /// Restore a backup's volumes, stage by stage, with each member's consistency method.
+    Restore(restore::RestoreArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -89,6 +92,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quiesce(args) => quiesce::run(args, &cli.global),
         Command::Thaw(args) => status::thaw(args, &cli.global),
         Command::Status(args) => status::run(args, &cli.global),
+        Command::Restore(args) => restore::run(args, &cli.global),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
