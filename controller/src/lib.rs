@@ -8,6 +8,7 @@
 //!   freeze renewed; [`timeline`] records the phases and the freeze window.
 //! - [`snapshot`]: the snapshotters (btrfs, copy, exec).
 //! - [`catalog`]: the manifests; [`restore`]: restoring them locally.
+//! - [`servers`]: real database servers run locally (`stillpoint demo`, tests).
 #![forbid(unsafe_code)]
 
 pub mod agents;
@@ -18,5 +19,6 @@ pub mod config;
 pub mod holder;
 pub mod orchestrator;
 pub mod restore;
+pub mod servers;
 pub mod snapshot;
 pub mod timeline;

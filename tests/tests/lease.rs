@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use stillpoint_controller::agents::{ControllerTls, HeldFreeze};
 use stillpoint_proto::pb::{self, agent_client::AgentClient, freeze_event::Event};
-use stillpoint_tests::harness::agent::{AgentProc, AgentSpec};
+use stillpoint_tests::harness::agent::AgentProc;
 use stillpoint_tests::harness::pki::{CONTROLLER_IDENTITY, Pki, agent_identity};
 use tonic::transport::Channel;
 
@@ -23,8 +23,9 @@ async fn setup(member: &str) -> Setup {
 async fn setup_with(member: &str, env: &[(&str, &str)]) -> Setup {
     let pki = Pki::new().unwrap();
     let identity = agent_identity(member);
-    let mut spec = AgentSpec::noop(member, pki.issue(member, &identity).unwrap())
-        .with("STILLPOINT_MAX_TTL", "2m");
+    let mut spec =
+        stillpoint_tests::harness::agent::noop(member, pki.issue(member, &identity).unwrap())
+            .with("STILLPOINT_MAX_TTL", "2m");
     for (k, v) in env {
         spec = spec.with(k, v);
     }

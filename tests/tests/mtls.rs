@@ -8,7 +8,7 @@ use stillpoint_controller::agents::ControllerTls;
 use stillpoint_controller::certs::Validity;
 use stillpoint_proto::pb;
 use stillpoint_proto::tls::TlsFiles;
-use stillpoint_tests::harness::agent::{AgentProc, AgentSpec};
+use stillpoint_tests::harness::agent::AgentProc;
 use stillpoint_tests::harness::pki::{CONTROLLER_IDENTITY, Pki, agent_identity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -25,7 +25,8 @@ fn setup(member: &str) -> Setup {
     let agent_id = agent_identity(member);
     let tls = pki.issue(member, &agent_id).unwrap();
     let agent = AgentProc::spawn(
-        &AgentSpec::noop(member, tls).with("STILLPOINT_TLS_RELOAD_INTERVAL", "200ms"),
+        &stillpoint_tests::harness::agent::noop(member, tls)
+            .with("STILLPOINT_TLS_RELOAD_INTERVAL", "200ms"),
     )
     .unwrap();
     Setup {
@@ -263,7 +264,7 @@ async fn replaced_certificate_files_take_effect_without_a_restart() {
     let agent_files = old.issue("rotating", &agent_id).unwrap();
     let controller_files = old.issue("controller", CONTROLLER_IDENTITY).unwrap();
     let agent = AgentProc::spawn(
-        &AgentSpec::noop("rotating", agent_files.clone())
+        &stillpoint_tests::harness::agent::noop("rotating", agent_files.clone())
             .with("STILLPOINT_TLS_RELOAD_INTERVAL", "200ms"),
     )
     .unwrap();

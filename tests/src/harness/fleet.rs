@@ -47,7 +47,7 @@ impl Fleet {
         let files = self.pki.issue(member, &agent_identity(member))?;
         let state = self.state_dir(member);
         std::fs::create_dir_all(&state)?;
-        let mut spec = AgentSpec::noop(member, files);
+        let mut spec = super::agent::noop(member, files);
         spec.engine = engine.to_string();
         Ok(spec
             .with("STILLPOINT_STATE_DIR", state.to_str().unwrap())

@@ -9,7 +9,7 @@ use stillpoint_controller::catalog::Catalog;
 use stillpoint_controller::config::Config;
 use stillpoint_controller::orchestrator::Orchestrator;
 
-use super::agent::{AgentProc, AgentSpec};
+use super::agent::AgentProc;
 use super::pki::{CONTROLLER_IDENTITY, Pki, agent_identity};
 
 /// A PKI, a catalog and snapshot dir, and agents started from specs.
@@ -35,7 +35,7 @@ impl Setup {
 
     pub fn agent(&mut self, member: &str, engine: &str, env: &[(&str, String)]) -> String {
         let files = self.pki.issue(member, &agent_identity(member)).unwrap();
-        let mut spec = AgentSpec::noop(member, files);
+        let mut spec = super::agent::noop(member, files);
         spec.engine = engine.into();
         spec = spec.with(
             "STILLPOINT_STATE_DIR",

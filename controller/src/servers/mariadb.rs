@@ -1,0 +1,298 @@
+//! A real MariaDB primary with a GTID replica
+//! (`CHANGE MASTER TO … MASTER_USE_GTID=slave_pos`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::servers::{
+    Scratch, ServiceUser, command_as, free_port, kill_and_wait, require, run, service_user,
+    wait_for,
+};
+
+/// Password of the `repl` user the replica connects as.
+const REPL_PASSWORD: &str = "stillpoint-repl";
+
+/// One running server. `root@127.0.0.1` has no password and all privileges.
+#[derive(Debug)]
+pub struct MariaServer {
+    pub name: &'static str,
+    pub port: u16,
+    pub data: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub server_id: u32,
+    child: Mutex<Option<Child>>,
+}
+
+impl MariaServer {
+    /// A mysql_async URL for `root` over TCP.
+    pub fn url(&self, db: &str) -> String {
+        format!("mysql://root@127.0.0.1:{}/{db}", self.port)
+    }
+
+    fn client(&self) -> Result<Command> {
+        let mut cmd = Command::new(require(&["mariadb", "mysql"], "mariadb-client")?);
+        cmd.arg("--no-defaults")
+            .arg(format!("--socket={}", self.socket.display()))
+            .args(["-uroot", "--batch", "--skip-column-names"]);
+        Ok(cmd)
+    }
+
+    /// Runs SQL over the unix socket as root and returns the output.
+    pub fn sql(&self, sql: &str) -> Result<String> {
+        let mut cmd = self.client()?;
+        cmd.args(["-e", sql]);
+        Ok(run(&mut cmd, &format!("mariadb on {}", self.name))?
+            .trim()
+            .to_string())
+    }
+
+    /// `SHOW SLAVE STATUS` as field → value (empty when not a replica).
+    pub fn slave_status(&self) -> Result<std::collections::BTreeMap<String, String>> {
+        let mut cmd = self.client()?;
+        cmd.args(["--column-names", "-e", "SHOW SLAVE STATUS\\G"]);
+        let out = run(&mut cmd, &format!("SHOW SLAVE STATUS on {}", self.name))?;
+        Ok(out
+            .lines()
+            .filter_map(|line| line.split_once(": "))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|c| c.id())
+            .filter(|pid| crate::servers::pid_alive(*pid))
+    }
+
+    /// Shuts the server down cleanly, killing it if that fails.
+    pub fn stop(&self) {
+        let Some(mut child) = self.child.lock().unwrap().take() else {
+            return;
+        };
+        let clean = self.sql("SHUTDOWN").is_ok()
+            && wait_for("MariaDB shutdown", Duration::from_secs(30), || {
+                Ok(child.try_wait()?.is_some())
+            })
+            .is_ok();
+        if !clean {
+            kill_and_wait(child.id());
+        }
+        let _ = child.wait();
+    }
+
+    pub fn log_tail(&self) -> String {
+        crate::servers::log_tail(&self.log)
+    }
+}
+
+impl crate::servers::Server for MariaServer {
+    fn pid(&self) -> Option<u32> {
+        MariaServer::pid(self)
+    }
+
+    fn stop(&self) {
+        MariaServer::stop(self)
+    }
+}
+
+/// A primary and its replica.
+pub type MariaPair = crate::servers::Pair<MariaServer>;
+
+fn start_server(
+    server: &MariaServer,
+    user: Option<&ServiceUser>,
+    root: &Path,
+    extra: &[&str],
+) -> Result<()> {
+    let mariadbd = require(&["mariadbd", "mysqld"], "mariadb-server")?;
+    // Runs as the service user directly (no --user), so the child is the
+    // server itself. Its output goes to files: a server holding our pipes
+    // would hang the test.
+    let stdout = std::fs::File::create(server.log.with_extension("out"))?;
+    let mut cmd = command_as(&mariadbd, user, root);
+    cmd.arg("--no-defaults")
+        .arg(format!("--datadir={}", server.data.display()))
+        .arg(format!("--port={}", server.port))
+        .arg("--bind-address=127.0.0.1")
+        .arg(format!("--socket={}", server.socket.display()))
+        .arg(format!(
+            "--pid-file={}",
+            server.data.join("mariadbd.pid").display()
+        ))
+        .arg(format!("--log-error={}", server.log.display()))
+        .arg(format!("--server-id={}", server.server_id))
+        .arg(format!(
+            "--log-bin={}",
+            server.data.join("binlog").display()
+        ))
+        .args([
+            "--binlog-format=ROW",
+            "--log-slave-updates",
+            "--innodb-buffer-pool-size=64M",
+            "--innodb-log-file-size=48M",
+            "--skip-name-resolve",
+            "--innodb-flush-log-at-trx-commit=1",
+        ])
+        .args(extra)
+        .stdout(Stdio::from(stdout.try_clone()?))
+        .stderr(Stdio::from(stdout));
+    let child = cmd.spawn().context("starting mariadbd")?;
+    *server.child.lock().unwrap() = Some(child);
+    wait_for(
+        &format!("MariaDB {} accepting connections", server.name),
+        Duration::from_secs(60),
+        || {
+            crate::servers::ensure_running(&server.child, "mariadbd")?;
+            Ok(server.sql("SELECT 1").is_ok())
+        },
+    )
+    .with_context(|| server.log_tail())
+}
+
+impl crate::servers::Pair<MariaServer> {
+    /// Starts a primary and a replica and waits until replication runs.
+    pub fn start() -> Result<Self> {
+        Self::start_in(None)
+    }
+
+    /// Starts the pair under `base` (a btrfs mount makes each data
+    /// directory a subvolume).
+    pub fn start_in(base: Option<&Path>) -> Result<Self> {
+        let install = require(
+            &["mariadb-install-db", "mysql_install_db"],
+            "mariadb-server",
+        )?;
+        let user = service_user("mysql")?;
+        let scratch = match base {
+            Some(base) => Scratch::new_in(base, "mariadb")?,
+            None => Scratch::new("mariadb")?,
+        };
+        let root = scratch.path().to_path_buf();
+        let run_dir = scratch.owned_dir("run", user.as_ref())?;
+        let logs = scratch.owned_dir("log", user.as_ref())?;
+        let server = |name: &'static str, server_id: u32| -> Result<MariaServer> {
+            Ok(MariaServer {
+                name,
+                port: free_port(),
+                data: scratch.owned_dir(name, user.as_ref())?,
+                socket: run_dir.join(format!("{name}.sock")),
+                log: logs.join(format!("{name}.err")),
+                server_id,
+                child: Mutex::new(None),
+            })
+        };
+        let primary = server("primary", 1)?;
+        let replica = server("replica", 2)?;
+        let pair = MariaPair::new(primary, replica, scratch);
+        for s in [&pair.primary, &pair.replica] {
+            let mut cmd = command_as(&install, user.as_ref(), &root);
+            cmd.arg("--no-defaults")
+                .arg(format!("--datadir={}", s.data.display()))
+                .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
+            run(&mut cmd, "mariadb-install-db")?;
+        }
+        for s in [&pair.primary, &pair.replica] {
+            start_server(s, user.as_ref(), &root, &[])?;
+            s.sql(
+                "SET sql_log_bin = 0; \
+                 CREATE USER IF NOT EXISTS 'root'@'127.0.0.1'; \
+                 GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;",
+            )?;
+        }
+        pair.primary.sql(&format!(
+            "SET sql_log_bin = 0; \
+             CREATE USER 'repl'@'127.0.0.1' IDENTIFIED BY '{REPL_PASSWORD}'; \
+             GRANT REPLICATION SLAVE ON *.* TO 'repl'@'127.0.0.1';"
+        ))?;
+        let pos = pair.primary.sql("SELECT @@gtid_binlog_pos")?;
+        pair.replica.sql(&format!(
+            "SET GLOBAL gtid_slave_pos = '{pos}'; \
+             CHANGE MASTER TO MASTER_HOST = '127.0.0.1', MASTER_PORT = {}, \
+               MASTER_USER = 'repl', MASTER_PASSWORD = '{REPL_PASSWORD}', \
+               MASTER_USE_GTID = slave_pos, MASTER_CONNECT_RETRY = 1; \
+             START SLAVE;",
+            pair.primary.port
+        ))?;
+        wait_for("MariaDB replica running", Duration::from_secs(30), || {
+            let status = pair.replica.slave_status()?;
+            let running = |field: &str| status.get(field).is_some_and(|v| v == "Yes");
+            Ok(running("Slave_IO_Running") && running("Slave_SQL_Running"))
+        })
+        .with_context(|| pair.replica.log_tail())?;
+        Ok(pair)
+    }
+}
+
+/// A server started on a restored data directory (replication not started).
+/// Stopped and removed on drop.
+#[derive(Debug)]
+pub struct MariaRestored {
+    pub server: MariaServer,
+    user: Option<ServiceUser>,
+    scratch: Scratch,
+}
+
+impl MariaRestored {
+    /// An empty place for a data directory: fill `data_dir()`, then `start()`.
+    pub fn new() -> Result<Self> {
+        let user = service_user("mysql")?;
+        let scratch = Scratch::new("mariadb-restore")?;
+        let run_dir = scratch.owned_dir("run", user.as_ref())?;
+        let logs = scratch.owned_dir("log", user.as_ref())?;
+        let server = MariaServer {
+            name: "restored",
+            port: free_port(),
+            data: scratch.path().join("data"),
+            socket: run_dir.join("restored.sock"),
+            log: logs.join("restored.err"),
+            server_id: 99,
+            child: Mutex::new(None),
+        };
+        Ok(MariaRestored {
+            server,
+            user,
+            scratch,
+        })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.server.data
+    }
+
+    /// Starts the server on the directory; InnoDB recovers as after a crash.
+    pub fn start(&self) -> Result<()> {
+        let data = &self.server.data;
+        for stale in ["mariadbd.pid", "master.info", "relay-log.info"] {
+            let _ = std::fs::remove_file(data.join(stale));
+        }
+        if let Some(user) = &self.user {
+            run(
+                Command::new("chown")
+                    .args(["-R", &format!("{}:{}", user.uid, user.gid)])
+                    .arg(data),
+                "chown the restored data directory",
+            )?;
+        }
+        start_server(
+            &self.server,
+            self.user.as_ref(),
+            self.scratch.path(),
+            &["--skip-slave-start"],
+        )
+    }
+}
+
+impl Drop for MariaRestored {
+    fn drop(&mut self) {
+        self.server.stop();
+        crate::servers::remove_tree(self.scratch.path());
+    }
+}

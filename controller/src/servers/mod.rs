@@ -1,0 +1,353 @@
+//! Real database servers run locally: a PostgreSQL primary with a
+//! streaming replica, a MariaDB primary with a GTID replica, a Redis primary
+//! with a replica, and loop-mounted filesystems — for `stillpoint demo` and
+//! the end-to-end tests, which share this code.
+//!
+//! Each pair runs on free ports in its own temp dir (on a btrfs mount, each
+//! data directory is its own subvolume, so it can be snapshotted), as the
+//! Debian service users (`postgres`, `mysql`, `redis`) when run as root, and
+//! is stopped and removed on drop.
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+pub mod agent;
+pub mod loopfs;
+pub mod mariadb;
+pub mod postgres;
+pub mod redis;
+
+/// A temp dir for one cluster, readable by the service users, removed on drop.
+#[derive(Debug)]
+pub struct Scratch {
+    dir: tempfile::TempDir,
+    /// On btrfs, every owned dir is a subvolume (snapshottable on its own).
+    subvolumes: bool,
+}
+
+impl Scratch {
+    pub fn new(what: &str) -> Result<Self> {
+        Self::new_in(&std::env::temp_dir(), what)
+    }
+
+    /// A scratch dir under `base` (e.g. a btrfs mount).
+    pub fn new_in(base: &Path, what: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("stillpoint-{what}-"))
+            .tempdir_in(base)
+            .context("creating a temp dir")?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let subvolumes = is_btrfs(base);
+        Ok(Scratch { dir, subvolumes })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Creates `name` inside, owned by `user` (when running as root).
+    pub fn owned_dir(&self, name: &str, user: Option<&ServiceUser>) -> Result<PathBuf> {
+        let path = self.dir.path().join(name);
+        if self.subvolumes {
+            run(
+                Command::new("btrfs")
+                    .args(["subvolume", "create"])
+                    .arg(&path),
+                "btrfs subvolume create",
+            )?;
+        } else {
+            std::fs::create_dir_all(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
+        if let Some(user) = user {
+            std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
+                .with_context(|| format!("chown {} to {}", path.display(), user.name))?;
+        }
+        Ok(path)
+    }
+}
+
+/// Whether `path` is on a btrfs filesystem.
+pub fn is_btrfs(path: &Path) -> bool {
+    Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(path)
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "btrfs")
+}
+
+/// Removes a tree that may hold btrfs subvolumes (`rm -rf` cannot remove a
+/// subvolume on every kernel; deleting it as a subvolume always works).
+pub fn remove_tree(path: &Path) {
+    if is_btrfs(path)
+        && let Ok(entries) = std::fs::read_dir(path)
+    {
+        {
+            for entry in entries.flatten() {
+                let p = entry.path();
+                let is_subvolume = Command::new("btrfs")
+                    .args(["subvolume", "show"])
+                    .arg(&p)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if is_subvolume {
+                    let _ = Command::new("btrfs")
+                        .args(["subvolume", "delete"])
+                        .arg(&p)
+                        .stdout(Stdio::null())
+                        .status();
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(path);
+}
+
+/// One running database server of a pair.
+pub trait Server {
+    /// Its main process, while it runs.
+    fn pid(&self) -> Option<u32>;
+    /// Stops it (cleanly if it can, killed if it must). Idempotent.
+    fn stop(&self);
+}
+
+/// A primary and its replica in one temp dir; both stopped and the dir
+/// removed on drop.
+#[derive(Debug)]
+pub struct Pair<S: Server> {
+    pub primary: S,
+    pub replica: S,
+    scratch: Scratch,
+}
+
+impl<S: Server> Pair<S> {
+    pub(crate) fn new(primary: S, replica: S, scratch: Scratch) -> Self {
+        Pair {
+            primary,
+            replica,
+            scratch,
+        }
+    }
+
+    /// The temp dir holding both servers' files.
+    pub fn dir(&self) -> &Path {
+        self.scratch.path()
+    }
+
+    /// Both servers' pids.
+    pub fn pids(&self) -> Vec<u32> {
+        [self.primary.pid(), self.replica.pid()]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Stops both servers and removes their files. Idempotent.
+    pub fn teardown(&self) {
+        self.replica.stop();
+        self.primary.stop();
+        remove_tree(self.dir());
+    }
+}
+
+impl<S: Server> Drop for Pair<S> {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// The last lines of a server's log, for error messages.
+pub fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "last lines of {}:\n{}",
+        log.display(),
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    )
+}
+
+/// A system user that a server runs as.
+#[derive(Debug, Clone)]
+pub struct ServiceUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The user to run a server as: `name` when we are root, nobody else otherwise.
+pub fn service_user(name: &str) -> Result<Option<ServiceUser>> {
+    if !is_root() {
+        return Ok(None);
+    }
+    let id = |flag: &str| -> Result<u32> {
+        let out = Command::new("id").args([flag, name]).output()?;
+        if !out.status.success() {
+            bail!(
+                "system user '{name}' does not exist; it comes with the server's Debian package \
+                 (see .ci/run)"
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    };
+    Ok(Some(ServiceUser {
+        name: name.to_string(),
+        uid: id("-u")?,
+        gid: id("-g")?,
+    }))
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A command that runs as `user` (if any), in `dir`.
+pub fn command_as(program: &Path, user: Option<&ServiceUser>, dir: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.current_dir(dir).stdin(Stdio::null());
+    if let Some(user) = user {
+        cmd.uid(user.uid)
+            .gid(user.gid)
+            .env("HOME", dir)
+            .env("USER", &user.name);
+    }
+    cmd
+}
+
+/// Runs a command to completion; a failure carries its output.
+pub fn run(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .with_context(|| format!("{what}: cannot start {:?}", cmd.get_program()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}\n{}",
+            out.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(stdout)
+}
+
+/// Finds an installed program, or says which Debian package provides it.
+pub fn require(candidates: &[&str], package: &str) -> Result<PathBuf> {
+    for candidate in candidates {
+        let path = Path::new(candidate);
+        if path.is_absolute() {
+            if path.is_file() {
+                return Ok(path.to_path_buf());
+            }
+            continue;
+        }
+        for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+            let full = Path::new(dir).join(candidate);
+            if full.is_file() {
+                return Ok(full);
+            }
+        }
+        for dir in ["/usr/sbin", "/sbin", "/usr/local/sbin"] {
+            let full = Path::new(dir).join(candidate);
+            if full.is_file() {
+                return Ok(full);
+            }
+        }
+    }
+    Err(anyhow!(
+        "{} not found: install it with `apt-get install -y {package}` (.ci/run does this)",
+        candidates[0]
+    ))
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0")
+}
+
+/// Polls `check` until it returns true, at most `bound`.
+pub fn wait_for(
+    what: &str,
+    bound: Duration,
+    mut check: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + bound;
+    let mut last_err = None;
+    loop {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() > deadline {
+            return Err(match last_err {
+                Some(e) => e.context(format!("{what}: not within {bound:?}")),
+                None => anyhow!("{what}: not within {bound:?}"),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Fails if the server process in `child` has already exited.
+pub fn ensure_running(
+    child: &std::sync::Mutex<Option<std::process::Child>>,
+    what: &str,
+) -> Result<()> {
+    if let Some(child) = child.lock().unwrap().as_mut()
+        && let Some(status) = child.try_wait()?
+    {
+        bail!("{what} exited ({status})");
+    }
+    Ok(())
+}
+
+/// Sends a signal with kill(1).
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Kills `pid` and waits (bounded) until it is gone.
+pub fn kill_and_wait(pid: u32) {
+    if pid_alive(pid) {
+        signal(pid, "KILL");
+        let _ = wait_for("process exit", Duration::from_secs(5), || {
+            Ok(!pid_alive(pid))
+        });
+    }
+}

@@ -1,0 +1,237 @@
+//! A real Redis primary with a replica.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::servers::{
+    Scratch, command_as, free_port, kill_and_wait, require, run, service_user, wait_for,
+};
+
+/// One running server.
+#[derive(Debug)]
+pub struct RedisServer {
+    pub name: &'static str,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+impl RedisServer {
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Runs one command with redis-cli and returns its output.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(require(&["redis-cli"], "redis-tools")?);
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args);
+        Ok(run(&mut cmd, &format!("redis-cli on {}", self.name))?
+            .trim()
+            .to_string())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|c| c.id())
+            .filter(|pid| crate::servers::pid_alive(*pid))
+    }
+
+    /// `SHUTDOWN NOSAVE NOW` (about 10 ms), killing it if that fails.
+    pub fn stop(&self) {
+        let Some(mut child) = self.child.lock().unwrap().take() else {
+            return;
+        };
+        let _ = self.cli(&["shutdown", "nosave", "now"]);
+        let exited = wait_for("Redis shutdown", Duration::from_secs(10), || {
+            Ok(child.try_wait()?.is_some())
+        });
+        if exited.is_err() {
+            kill_and_wait(child.id());
+        }
+        let _ = child.wait();
+    }
+
+    pub fn log_tail(&self) -> String {
+        crate::servers::log_tail(&self.log)
+    }
+}
+
+impl crate::servers::Server for RedisServer {
+    fn pid(&self) -> Option<u32> {
+        RedisServer::pid(self)
+    }
+
+    fn stop(&self) {
+        RedisServer::stop(self)
+    }
+}
+
+/// A primary and its replica.
+pub type RedisPair = crate::servers::Pair<RedisServer>;
+
+impl crate::servers::Pair<RedisServer> {
+    /// Starts a primary and a replica and waits until the link is up.
+    pub fn start() -> Result<Self> {
+        Self::start_in(None, false)
+    }
+
+    /// Starts the pair under `base`; with `append_only`, every acknowledged
+    /// write is in the append-only file (so a snapshot of the dir has it).
+    pub fn start_in(base: Option<&Path>, append_only: bool) -> Result<Self> {
+        let server_bin = require(&["redis-server"], "redis-server")?;
+        let user = service_user("redis")?;
+        let scratch = match base {
+            Some(base) => Scratch::new_in(base, "redis")?,
+            None => Scratch::new("redis")?,
+        };
+        let server = |name: &'static str| -> Result<RedisServer> {
+            let dir = scratch.owned_dir(name, user.as_ref())?;
+            Ok(RedisServer {
+                name,
+                port: free_port(),
+                log: dir.join("redis.log"),
+                dir,
+                child: Mutex::new(None),
+            })
+        };
+        let primary = server("primary")?;
+        let replica = server("replica")?;
+        let pair = RedisPair::new(primary, replica, scratch);
+        for (s, upstream) in [
+            (&pair.primary, None),
+            (&pair.replica, Some(pair.primary.port)),
+        ] {
+            let mut cmd = command_as(&server_bin, user.as_ref(), &s.dir);
+            cmd.args(["--port", &s.port.to_string(), "--bind", "127.0.0.1"])
+                .arg("--dir")
+                .arg(&s.dir)
+                .arg("--logfile")
+                .arg(&s.log)
+                .args([
+                    "--daemonize",
+                    "no",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    if append_only { "yes" } else { "no" },
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            if let Some(port) = upstream {
+                cmd.args(["--replicaof", "127.0.0.1", &port.to_string()]);
+            }
+            *s.child.lock().unwrap() = Some(cmd.spawn().context("starting redis-server")?);
+            wait_for(
+                &format!("Redis {} answering", s.name),
+                Duration::from_secs(20),
+                || {
+                    crate::servers::ensure_running(&s.child, "redis-server")?;
+                    Ok(s.cli(&["ping"]).is_ok_and(|out| out == "PONG"))
+                },
+            )
+            .with_context(|| s.log_tail())?;
+        }
+        wait_for("Redis replica link up", Duration::from_secs(20), || {
+            Ok(pair
+                .replica
+                .cli(&["info", "replication"])?
+                .contains("master_link_status:up"))
+        })
+        .with_context(|| pair.replica.log_tail())?;
+        Ok(pair)
+    }
+}
+
+/// A server started on a restored directory (its append-only file or RDB),
+/// without replication. Stopped and removed on drop.
+#[derive(Debug)]
+pub struct RedisRestored {
+    pub server: RedisServer,
+    user: Option<crate::servers::ServiceUser>,
+    scratch: Scratch,
+}
+
+impl RedisRestored {
+    /// An empty place for the data: fill `data_dir()`, then `start()`.
+    pub fn new() -> Result<Self> {
+        let user = service_user("redis")?;
+        let scratch = Scratch::new("redis-restore")?;
+        let dir = scratch.path().join("data");
+        let server = RedisServer {
+            name: "restored",
+            port: free_port(),
+            log: scratch.path().join("redis.log"),
+            dir,
+            child: Mutex::new(None),
+        };
+        Ok(RedisRestored {
+            server,
+            user,
+            scratch,
+        })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.server.dir
+    }
+
+    /// Starts the server, loading the append-only file when there is one.
+    pub fn start(&self) -> Result<()> {
+        let s = &self.server;
+        if let Some(user) = &self.user {
+            for path in [&s.dir, &self.scratch.path().to_path_buf()] {
+                run(
+                    Command::new("chown")
+                        .args(["-R", &format!("{}:{}", user.uid, user.gid)])
+                        .arg(path),
+                    "chown the restored Redis dir",
+                )?;
+            }
+        }
+        let aof = s.dir.join("appendonlydir").exists();
+        let mut cmd = command_as(
+            &require(&["redis-server"], "redis-server")?,
+            self.user.as_ref(),
+            &s.dir,
+        );
+        cmd.args(["--port", &s.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(&s.dir)
+            .arg("--logfile")
+            .arg(&s.log)
+            .args([
+                "--daemonize",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                if aof { "yes" } else { "no" },
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        *s.child.lock().unwrap() = Some(cmd.spawn().context("starting redis-server")?);
+        wait_for("restored Redis answering", Duration::from_secs(20), || {
+            crate::servers::ensure_running(&s.child, "redis-server")?;
+            Ok(s.cli(&["ping"]).is_ok_and(|out| out == "PONG"))
+        })
+        .with_context(|| s.log_tail())
+    }
+}
+
+impl Drop for RedisRestored {
+    fn drop(&mut self) {
+        self.server.stop();
+        crate::servers::remove_tree(self.scratch.path());
+    }
+}
