@@ -8,7 +8,8 @@
 //!   freeze renewed; [`timeline`] records the phases and the freeze window.
 //! - [`snapshot`]: the snapshotters (btrfs, copy, exec).
 //! - [`catalog`]: the manifests; [`restore`]: restoring them locally.
-//! - [`servers`]: real database servers run locally (`stillpoint demo`, tests).
+//! - [`servers`]: real database servers run locally (`stillpoint demo`, tests);
+//!   [`demo`]: the demo cluster, its causal workload and its verification.
 #![forbid(unsafe_code)]
 
 pub mod agents;
@@ -16,6 +17,7 @@ pub mod catalog;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod holder;
 pub mod orchestrator;
 pub mod restore;

@@ -215,25 +215,35 @@ impl Postgres {
     }
 
     /// Runs `f` on the shared control session, reconnecting if it died.
+    /// Runs `f` on the shared control session. A session found closed (the
+    /// server ended it while idle) is replaced and `f` runs once more: the
+    /// control session holds no state.
     async fn with_control<T>(
         &self,
         step: Step,
-        f: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>,
+        f: impl AsyncFn(&Client) -> Result<T, tokio_postgres::Error>,
     ) -> Result<T, EngineError> {
         let mut guard = self.control.lock().await;
-        if guard.as_ref().is_none_or(|s| s.client.is_closed()) {
-            *guard = Some(self.connect(None, step, "control session").await?);
-        }
-        let session = guard.as_ref().expect("just connected");
-        match f(&session.client).await {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                if e.is_closed() {
+        for attempt in 0..2 {
+            if guard.as_ref().is_none_or(|s| s.client.is_closed()) {
+                *guard = Some(self.connect(None, step, "control session").await?);
+            }
+            let session = guard.as_ref().expect("just connected");
+            match f(&session.client).await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_closed() && attempt == 0 => {
+                    tracing::debug!(error = %e, "control session was closed; reconnecting");
                     *guard = None;
                 }
-                Err(self.err(step, &e))
+                Err(e) => {
+                    if e.is_closed() {
+                        *guard = None;
+                    }
+                    return Err(self.err(step, &e));
+                }
             }
         }
+        unreachable!("the second attempt returns")
     }
 
     async fn start_backup(&self, backup_id: &str, step: Step) -> Result<Backup, EngineError> {
@@ -344,13 +354,17 @@ impl Postgres {
         step: Step,
     ) -> Result<(pb::Position, pb::Role), EngineError> {
         let row = client
-            .query_one(
-                "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() \
-                 THEN COALESCE(pg_last_wal_replay_lsn(), '0/0') ELSE pg_current_wal_lsn() END)::text",
-                &[],
-            )
+            .query_one(POSITION_SQL, &[])
             .await
             .map_err(|e| self.err(step, &e))?;
+        self.position_from(&row, step)
+    }
+
+    fn position_from(
+        &self,
+        row: &tokio_postgres::Row,
+        step: Step,
+    ) -> Result<(pb::Position, pb::Role), EngineError> {
         let standby: bool = row.get(0);
         let lsn_text: String = row.get(1);
         let lsn = parse_lsn(&lsn_text).ok_or_else(|| {
@@ -365,6 +379,10 @@ impl Postgres {
         Ok((make::lsn(lsn), role))
     }
 }
+
+/// The role and the position: replay LSN on a standby, current LSN on a primary.
+const POSITION_SQL: &str = "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() \
+     THEN COALESCE(pg_last_wal_replay_lsn(), '0/0') ELSE pg_current_wal_lsn() END)::text";
 
 #[async_trait]
 impl Engine for Postgres {
@@ -406,20 +424,12 @@ impl Engine for Postgres {
     }
 
     async fn position(&self) -> Result<(pb::Position, pb::Role), EngineError> {
-        let mut guard = self.control.lock().await;
-        if guard.as_ref().is_none_or(|s| s.client.is_closed()) {
-            *guard = Some(
-                self.connect(None, Step::Position, "control session")
-                    .await?,
-            );
-        }
-        let result = self
-            .read_position(&guard.as_ref().expect("connected").client, Step::Position)
-            .await;
-        if result.as_ref().is_err_and(|e| e.cause == Cause::Lost) {
-            *guard = None;
-        }
-        result
+        let row = self
+            .with_control(Step::Position, async |c| {
+                c.query_one(POSITION_SQL, &[]).await
+            })
+            .await?;
+        self.position_from(&row, Step::Position)
     }
 
     async fn prepare(&self, backup_id: &str) -> Result<String, EngineError> {

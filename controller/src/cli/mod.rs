@@ -14,6 +14,7 @@ use crate::orchestrator::Orchestrator;
 pub mod backup;
 pub mod certs;
 pub mod config;
+pub mod demo;
 pub mod output;
 pub mod quiesce;
 pub mod restore;
@@ -68,6 +69,9 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Restore a backup's volumes, stage by stage, with each member's consistency method.
     Restore(restore::RestoreArgs),
+    /// Run the whole thing on this machine: six real databases on btrfs,
+    /// six agents, a causal workload, group backups, restore and checks.
+    Demo(demo::DemoArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -93,6 +97,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Thaw(args) => status::thaw(args, &cli.global),
         Command::Status(args) => status::run(args, &cli.global),
         Command::Restore(args) => restore::run(args, &cli.global),
+        Command::Demo(args) => demo::run(args, &cli.global),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

@@ -93,12 +93,17 @@ pub struct AgentProc {
 impl AgentProc {
     /// Starts the agent on free loopback ports and waits for its `ready` line.
     pub fn spawn(spec: &AgentSpec) -> Result<Self> {
+        Self::spawn_with(&agent_binary()?, spec)
+    }
+
+    /// Starts `binary` as the agent.
+    pub fn spawn_with(binary: &std::path::Path, spec: &AgentSpec) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("stillpoint-agent-")
             .tempdir()?;
         let log = dir.path().join("agent.log");
         let out = std::fs::File::create(&log)?;
-        let mut cmd = Command::new(agent_binary()?);
+        let mut cmd = Command::new(binary);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("STILLPOINT_MEMBER", &spec.member)
