@@ -372,6 +372,10 @@ impl Cluster {
         };
         let mut sets = Vec::new();
         for member in ["pg-0", "pg-1"] {
+            // An atomic snapshot restores by crash recovery: no backup_label.
+            if path(member)?.join("backup_label").exists() {
+                bail!("{member} was restored with a backup_label from an atomic snapshot");
+            }
             let server = PgRestored::new()?;
             fill(path(member)?, server.data_dir())?;
             tokio::task::block_in_place(|| server.start())?;

@@ -608,7 +608,9 @@ impl<'g> Run<'_, 'g> {
         if !self.snapshotter.atomic() {
             // The backup stop is part of a non-atomic cut: it runs before any
             // other member thaws, then the WAL it wrote joins the copy.
-            let backup_mode = |m: &Member<'_>| m.engine() == "postgres" && !m.blocks_writes();
+            // Every PostgreSQL member holds a backup session; on a copy its
+            // consistency point is the backup stop, whatever the mode.
+            let backup_mode = |m: &Member<'_>| m.engine() == "postgres";
             errors.extend(self.thaw_members(&backup_mode).await);
             for m in self.members.iter().filter(|m| backup_mode(m)) {
                 for h in self.made.iter().filter(|h| h.member == m.config.name) {

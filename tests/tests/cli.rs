@@ -268,3 +268,70 @@ async fn bad_input_fails_clearly_and_freezes_nothing() {
     assert!(stillpoint(&s, &["config", "check"]).status.success());
     assert!(!is_frozen(&s.agents[0]), "nothing was left frozen");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_start_brings_the_servers_up_stage_by_stage() {
+    use std::io::{BufRead, BufReader};
+    let mut s = Setup::new();
+    fenced_pg(&mut s, "cli_restore").await;
+    timed_insert(&shared::postgres().primary, "cli_restore")
+        .await
+        .unwrap();
+    let out = stillpoint(&s, &["backup", "create", "q", "--id", "q-r"]);
+    assert!(out.status.success(), "{out:?}");
+    let to = s.dir.path().join("restored");
+    /// Interrupts the restore (stopping its servers) even if the test fails.
+    struct Interrupt(std::process::Child);
+    impl Drop for Interrupt {
+        fn drop(&mut self) {
+            signal(self.0.id(), "INT");
+            let _ = self.0.wait();
+        }
+    }
+    let mut restore = Interrupt(
+        Command::new(controller_binary().unwrap())
+            .arg("--config")
+            .arg(s.config_path())
+            .args(["restore", "q-r", "--to", to.to_str().unwrap(), "--start"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(restore.0.stdout.take().unwrap()).lines();
+    let mut address = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(a) = line.split("answering at ").nth(1) {
+            address = Some(a.trim().to_string());
+        }
+        if line.contains("server(s) running") {
+            break;
+        }
+    }
+    let address = address.expect("the restored server's address");
+    // Recovery used the label (and renamed it when done).
+    assert!(
+        to.join("pg-q/0/backup_label.old").exists(),
+        "the copy restores with its label"
+    );
+    let port = address.rsplit(':').next().unwrap().trim_end_matches('/');
+    let (c, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=postgres dbname=cli_restore"),
+        NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the acknowledged row is in the restored server");
+    signal(restore.0.id(), "INT");
+    assert!(restore.0.wait().unwrap().success());
+    assert!(
+        to.join("pg-q/0/PG_VERSION").exists(),
+        "the restored files stay"
+    );
+}

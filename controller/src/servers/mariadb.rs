@@ -243,6 +243,15 @@ pub struct MariaRestored {
 impl MariaRestored {
     /// An empty place for a data directory: fill `data_dir()`, then `start()`.
     pub fn new() -> Result<Self> {
+        Self::make(None)
+    }
+
+    /// A server for the data directory `data` (kept on drop).
+    pub fn at(data: PathBuf) -> Result<Self> {
+        Self::make(Some(data))
+    }
+
+    fn make(data: Option<PathBuf>) -> Result<Self> {
         let user = service_user("mysql")?;
         let scratch = Scratch::new("mariadb-restore")?;
         let run_dir = scratch.owned_dir("run", user.as_ref())?;
@@ -250,7 +259,7 @@ impl MariaRestored {
         let server = MariaServer {
             name: "restored",
             port: free_port(),
-            data: scratch.path().join("data"),
+            data: data.unwrap_or_else(|| scratch.path().join("data")),
             socket: run_dir.join("restored.sock"),
             log: logs.join("restored.err"),
             server_id: 99,

@@ -278,6 +278,16 @@ pub struct PgRestored {
 impl PgRestored {
     /// An empty place for a data directory: fill `data_dir()`, then `start()`.
     pub fn new() -> Result<Self> {
+        Self::make(None)
+    }
+
+    /// A server for the data directory `data` (kept on drop; only the
+    /// server's run and log files go).
+    pub fn at(data: PathBuf) -> Result<Self> {
+        Self::make(Some(data))
+    }
+
+    fn make(data: Option<PathBuf>) -> Result<Self> {
         let user = service_user("postgres")?;
         let scratch = Scratch::new("pg-restore")?;
         let root = scratch.path().to_path_buf();
@@ -286,7 +296,7 @@ impl PgRestored {
         let server = PgServer {
             name: "restored",
             port: free_port(),
-            data: root.join("data"),
+            data: data.unwrap_or_else(|| root.join("data")),
             log: logs.join("restored.log"),
             bindir: bindir()?,
             user,

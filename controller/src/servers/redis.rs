@@ -165,9 +165,18 @@ pub struct RedisRestored {
 impl RedisRestored {
     /// An empty place for the data: fill `data_dir()`, then `start()`.
     pub fn new() -> Result<Self> {
+        Self::make(None)
+    }
+
+    /// A server for the directory `dir` (kept on drop).
+    pub fn at(dir: PathBuf) -> Result<Self> {
+        Self::make(Some(dir))
+    }
+
+    fn make(dir: Option<PathBuf>) -> Result<Self> {
         let user = service_user("redis")?;
         let scratch = Scratch::new("redis-restore")?;
-        let dir = scratch.path().join("data");
+        let dir = dir.unwrap_or_else(|| scratch.path().join("data"));
         let server = RedisServer {
             name: "restored",
             port: free_port(),
