@@ -382,6 +382,13 @@ volumes = ["/data/pg-1"]
     }
 
     #[test]
+    fn the_shipped_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/stillpoint.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.group("lvm").unwrap().driver, Driver::Exec);
+    }
+
+    #[test]
     fn every_error_points_at_its_field() {
         let bad = GOOD
             .replace("primary = \"pg-0\"", "primary = \"pg-9\"")
