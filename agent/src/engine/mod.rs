@@ -288,6 +288,44 @@ where
     }
 }
 
+/// A background check that a hold is still in force (a MySQL held
+/// session, a Redis server); reports the first loss. The check stops when
+/// this drops.
+#[derive(Debug)]
+pub struct HoldMonitor {
+    lost: tokio::sync::oneshot::Receiver<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HoldMonitor {
+    /// Runs `check`, which sends the loss reason when it sees one.
+    pub fn spawn<F, Fut>(check: F) -> Self
+    where
+        F: FnOnce(tokio::sync::oneshot::Sender<String>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, lost) = tokio::sync::oneshot::channel();
+        HoldMonitor {
+            lost,
+            task: tokio::spawn(check(tx)),
+        }
+    }
+
+    /// Resolves with the loss (cancel-safe).
+    pub async fn lost(&mut self, ctx: &Ctx) -> EngineError {
+        let reason = (&mut self.lost)
+            .await
+            .unwrap_or_else(|_| "the hold monitor stopped".into());
+        ctx.err(Step::Hold, Cause::Lost, reason)
+    }
+}
+
+impl Drop for HoldMonitor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// What a thaw hands back.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Thawed {

@@ -24,7 +24,9 @@ use stillpoint_proto::position::{PositionExt, make};
 use tokio::sync::{Mutex, oneshot};
 use tokio::time::Instant;
 
-use super::{Cause, Ctx, Description, Engine, EngineError, EngineKind, Frozen, Step, Thawed};
+use super::{
+    Cause, Ctx, Description, Engine, EngineError, EngineKind, Frozen, HoldMonitor, Step, Thawed,
+};
 use crate::config::{ENV_LOCK_TIMEOUT, EngineConfig, Secret};
 
 /// Parses a `mysql://user:password@host:port/db` URL.
@@ -478,19 +480,14 @@ impl Engine for Mysql {
             }
         };
         tracing::info!(connection_id = conn.id(), "lock held by this session");
-        let (lost_tx, lost) = oneshot::channel();
-        let monitor = tokio::spawn(monitor(
-            (self.ctx.clone(), self.opts()?, self.connect_timeout),
-            conn.id(),
-            self.hold_check_interval,
-            lost_tx,
-        ));
+        let target = (self.ctx.clone(), self.opts()?, self.connect_timeout);
+        let (conn_id, interval) = (conn.id(), self.hold_check_interval);
+        let monitor = HoldMonitor::spawn(move |lost| monitor(target, conn_id, interval, lost));
         Ok(Box::new(MyHold {
             ctx: self.ctx.clone(),
             conn,
             thaw: s.thaw,
             position,
-            lost,
             monitor,
         }))
     }
@@ -590,8 +587,7 @@ struct MyHold {
     conn: Conn,
     thaw: &'static str,
     position: pb::Position,
-    lost: oneshot::Receiver<String>,
-    monitor: tokio::task::JoinHandle<()>,
+    monitor: HoldMonitor,
 }
 
 #[async_trait]
@@ -601,10 +597,7 @@ impl Frozen for MyHold {
     }
 
     async fn lost(&mut self) -> EngineError {
-        let reason = (&mut self.lost)
-            .await
-            .unwrap_or_else(|_| "the session monitor stopped".into());
-        self.ctx.err(Step::Hold, Cause::Lost, reason)
+        self.monitor.lost(&self.ctx).await
     }
 
     async fn thaw(self: Box<Self>) -> Result<Thawed, EngineError> {
@@ -615,7 +608,7 @@ impl Frozen for MyHold {
             monitor,
             ..
         } = *self;
-        monitor.abort();
+        drop(monitor);
         let result = conn.query_drop(thaw).await;
         let _ = conn.disconnect().await;
         result.map_err(|e| {

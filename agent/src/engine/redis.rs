@@ -23,7 +23,9 @@ use stillpoint_proto::position::{PositionExt, make};
 use tokio::sync::{Mutex, oneshot};
 use tokio::time::Instant;
 
-use super::{Cause, Ctx, Description, Engine, EngineError, EngineKind, Frozen, Step, Thawed};
+use super::{
+    Cause, Ctx, Description, Engine, EngineError, EngineKind, Frozen, HoldMonitor, Step, Thawed,
+};
 use crate::config::{EngineConfig, Secret};
 
 /// Parses a `redis://[user:password@]host:port[/db]` URL.
@@ -291,18 +293,12 @@ impl Engine for Redis {
             .get("run_id")
             .cloned()
             .unwrap_or_default();
-        let (lost_tx, lost) = oneshot::channel();
-        let monitor = tokio::spawn(monitor(
-            conn.clone(),
-            run_id,
-            self.hold_check_interval,
-            lost_tx,
-        ));
+        let (watched, interval) = (conn.clone(), self.hold_check_interval);
+        let monitor = HoldMonitor::spawn(move |lost| monitor(watched, run_id, interval, lost));
         Ok(Box::new(RedisHold {
             ctx: self.ctx.clone(),
             conn,
             position,
-            lost,
             monitor,
         }))
     }
@@ -366,8 +362,7 @@ struct RedisHold {
     ctx: Ctx,
     conn: MultiplexedConnection,
     position: pb::Position,
-    lost: oneshot::Receiver<String>,
-    monitor: tokio::task::JoinHandle<()>,
+    monitor: HoldMonitor,
 }
 
 #[async_trait]
@@ -377,10 +372,7 @@ impl Frozen for RedisHold {
     }
 
     async fn lost(&mut self) -> EngineError {
-        let reason = (&mut self.lost)
-            .await
-            .unwrap_or_else(|_| "the pause monitor stopped".into());
-        self.ctx.err(Step::Hold, Cause::Lost, reason)
+        self.monitor.lost(&self.ctx).await
     }
 
     async fn renewed(&mut self, ttl: Duration) -> Result<(), EngineError> {
@@ -405,7 +397,7 @@ impl Frozen for RedisHold {
             monitor,
             ..
         } = *self;
-        monitor.abort();
+        drop(monitor);
         redis::cmd("CLIENT")
             .arg("UNPAUSE")
             .query_async::<()>(&mut conn)
