@@ -1,4 +1,4 @@
-//! copy: a plain file copy per volume (reflink where the filesystem can),
+//! copy: a plain file copy per volume (extents shared where the filesystem can),
 //! with a SHA-256 over the copy recorded. Not atomic: allowed only where the
 //! engine makes a copy consistent (see the orchestrator's checks).
 
@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use tokio::process::Command;
 
-use super::{SnapshotError, SnapshotHandle, Snapshotter, VolumeRef, cut_all, run, volume_name};
+use super::{SnapshotError, SnapshotHandle, Snapshotter, VolumeRef, cut_all, volume_name};
 
 #[derive(Debug)]
 pub struct Copy {
@@ -27,6 +26,52 @@ fn error(message: String) -> SnapshotError {
         message,
         made: vec![],
     }
+}
+
+/// Copies a live directory tree: owners and modes kept, file data copied
+/// with `copy_file_range` (which shares extents where the filesystem can).
+/// Files that vanish while the tree is copied (a database's temporary
+/// files) are skipped: they were never part of any consistent state.
+pub fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let vanished = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let meta = std::fs::symlink_metadata(src)?;
+    if meta.file_type().is_symlink() {
+        let target = std::fs::read_link(src)?;
+        std::os::unix::fs::symlink(target, dst)?;
+        let _ = std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()));
+        return Ok(());
+    }
+    if meta.is_dir() {
+        std::fs::create_dir(dst)?;
+        for entry in std::fs::read_dir(src)? {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) if vanished(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            match copy_tree(&entry.path(), &dst.join(entry.file_name())) {
+                Err(e) if vanished(&e) => {}
+                other => other?,
+            }
+        }
+    } else if meta.is_file() {
+        std::fs::copy(src, dst)?;
+    } else {
+        // Sockets, fifos: nothing to copy.
+        return Ok(());
+    }
+    std::os::unix::fs::chown(dst, Some(meta.uid()), Some(meta.gid()))?;
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    Ok(())
+}
+
+async fn copy_live(src: PathBuf, dst: PathBuf) -> Result<(), String> {
+    let what = format!("copying {} to {}", src.display(), dst.display());
+    tokio::task::spawn_blocking(move || copy_tree(&src, &dst))
+        .await
+        .map_err(|e| format!("{what}: {e}"))?
+        .map_err(|e| format!("{what}: {e}"))
 }
 
 /// SHA-256 over every regular file's relative path and contents, in order.
@@ -81,15 +126,7 @@ impl Snapshotter for Copy {
         cut_all("copy", volumes, |v| {
             let target = dest.join(volume_name(&v));
             async move {
-                run(
-                    "copy",
-                    Command::new("cp")
-                        .args(["-a", "--reflink=auto"])
-                        .arg(&v.path)
-                        .arg(&target)
-                        .kill_on_drop(true),
-                )
-                .await?;
+                copy_live(v.path.clone(), target.clone()).await?;
                 Ok(SnapshotHandle {
                     member: v.member,
                     volume: v.path,
@@ -106,15 +143,7 @@ impl Snapshotter for Copy {
         let from = handle.volume.join(relative);
         let to = Path::new(&handle.handle).join(relative);
         let _ = tokio::fs::remove_dir_all(&to).await;
-        run(
-            "copy",
-            Command::new("cp")
-                .args(["-a", "--reflink=auto"])
-                .arg(&from)
-                .arg(&to),
-        )
-        .await
-        .map_err(error)
+        copy_live(from, to).await.map_err(error)
     }
 
     async fn ready(&self, handles: &mut [SnapshotHandle]) -> Result<(), SnapshotError> {
