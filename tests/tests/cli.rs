@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use stillpoint_tests::harness::agent::controller_binary;
 use stillpoint_tests::harness::group::{Setup, is_frozen, member};
-use stillpoint_tests::harness::postgres::PgServer;
+use stillpoint_tests::harness::postgres::{PgServer, fresh_database};
 use stillpoint_tests::harness::{free_port, shared, signal, wait_for};
 use tokio_postgres::NoTls;
 
@@ -21,23 +21,7 @@ fn stillpoint(s: &Setup, args: &[&str]) -> Output {
 
 /// A database `name` with table `t` on the shared primary.
 async fn database(server: &PgServer, name: &str) {
-    let (admin, conn) = tokio_postgres::connect(&server.conninfo("postgres"), NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let (c, conn) = tokio_postgres::connect(&server.conninfo(name), NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    c.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    fresh_database(server, name, "CREATE TABLE t (id int)").await;
 }
 
 /// Inserts one row; returns how long it took.

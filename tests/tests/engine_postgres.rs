@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use stillpoint_proto::PositionExt;
 use stillpoint_proto::pb;
 use stillpoint_tests::harness::fleet::{Agent, Fleet, finishes_within};
-use stillpoint_tests::harness::postgres::{PgRestored, PgServer};
+use stillpoint_tests::harness::postgres::{PgRestored, PgServer, fresh_database};
 use stillpoint_tests::harness::shared;
 use tokio_postgres::{Client, NoTls};
 
@@ -19,23 +19,10 @@ async fn client(server: &PgServer, db: &str) -> Client {
     client
 }
 
-/// A fresh database on the shared primary with one table `t(id int)`.
+/// A fresh database on the shared primary with one table `t`.
 async fn database(name: &str) -> Client {
-    let pg = shared::postgres();
-    let admin = client(&pg.primary, "postgres").await;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let c = client(&pg.primary, name).await;
-    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, note text)")
-        .await
-        .unwrap();
-    c
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, note text)";
+    fresh_database(&shared::postgres().primary, name, ddl).await
 }
 
 async fn agent(fleet: &Fleet, member: &str, server: &PgServer, db: &str, mode: &str) -> Agent {

@@ -9,6 +9,7 @@ use stillpoint_controller::config::Config;
 use stillpoint_proto::position::parse_lsn;
 use stillpoint_tests::harness::group::{Setup, is_frozen, member};
 use stillpoint_tests::harness::pki::CONTROLLER_IDENTITY;
+use stillpoint_tests::harness::postgres::fresh_database;
 use stillpoint_tests::harness::shared;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,25 +297,7 @@ async fn a_member_database_killed_mid_freeze_aborts_the_backup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_controller_leaves_the_leases_to_thaw_everything() {
     let pg = shared::postgres();
-    let (admin, conn) =
-        tokio_postgres::connect(&pg.primary.conninfo("postgres"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    admin
-        .batch_execute("DROP DATABASE IF EXISTS ctl_kill WITH (FORCE)")
-        .await
-        .unwrap();
-    admin
-        .batch_execute("CREATE DATABASE ctl_kill")
-        .await
-        .unwrap();
-    let (db, conn) =
-        tokio_postgres::connect(&pg.primary.conninfo("ctl_kill"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    db.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    let db = fresh_database(&pg.primary, "ctl_kill", "CREATE TABLE t (id int)").await;
 
     let mut s = Setup::new();
     let volume = s.dir.path().join("volume");
@@ -379,27 +362,13 @@ async fn a_postgres_copy_in_backup_mode_restores_with_its_label_and_keeps_acknow
     use std::sync::Arc;
     use std::sync::atomic::{AtomicI64, Ordering};
     let pg = shared::postgres();
-    let (admin, conn) =
-        tokio_postgres::connect(&pg.primary.conninfo("postgres"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    admin
-        .batch_execute("DROP DATABASE IF EXISTS restore_copy WITH (FORCE)")
-        .await
-        .unwrap();
-    admin
-        .batch_execute("CREATE DATABASE restore_copy")
-        .await
-        .unwrap();
     let conninfo = pg.primary.conninfo("restore_copy");
-    let (db, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    db.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
-        .await
-        .unwrap();
+    let db = fresh_database(
+        &pg.primary,
+        "restore_copy",
+        "CREATE TABLE t (id int PRIMARY KEY)",
+    )
+    .await;
     let acked = Arc::new(AtomicI64::new(0));
     let writer = {
         let acked = acked.clone();
