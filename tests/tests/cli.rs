@@ -19,6 +19,25 @@ fn stillpoint(s: &Setup, args: &[&str]) -> Output {
         .expect("running stillpoint")
 }
 
+/// Starts `stillpoint` with the setup's config, stdout piped.
+fn spawn_stillpoint(s: &Setup, args: &[&str]) -> std::process::Child {
+    Command::new(controller_binary().unwrap())
+        .arg("--config")
+        .arg(s.config_path())
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting stillpoint")
+}
+
+/// Waits until the setup's first agent holds a freeze.
+fn wait_frozen(s: &Setup) {
+    wait_for("frozen", Duration::from_secs(10), || {
+        Ok(is_frozen(&s.agents[0]))
+    })
+    .unwrap();
+}
+
 /// A database `name` with table `t` on the shared primary.
 async fn database(server: &PgServer, name: &str) {
     fresh_database(server, name, "CREATE TABLE t (id int)").await;
@@ -62,17 +81,8 @@ async fn fenced_pg(s: &mut Setup, db: &str) -> String {
 async fn quiesce_for_two_seconds_blocks_writes_then_thaws() {
     let mut s = Setup::new();
     fenced_pg(&mut s, "cli_quiesce").await;
-    let mut quiesce = Command::new(controller_binary().unwrap())
-        .arg("--config")
-        .arg(s.config_path())
-        .args(["quiesce", "q", "--for", "2s"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("frozen", Duration::from_secs(10), || {
-        Ok(is_frozen(&s.agents[0]))
-    })
-    .unwrap();
+    let mut quiesce = spawn_stillpoint(&s, &["quiesce", "q", "--for", "2s"]);
+    wait_frozen(&s);
     let started = Instant::now();
     let blocked = timed_insert(&shared::postgres().primary, "cli_quiesce")
         .await
@@ -92,17 +102,8 @@ async fn quiesce_for_two_seconds_blocks_writes_then_thaws() {
 async fn an_interrupt_thaws_a_quiesce_at_once() {
     let mut s = Setup::new();
     fenced_pg(&mut s, "cli_interrupt").await;
-    let mut quiesce = Command::new(controller_binary().unwrap())
-        .arg("--config")
-        .arg(s.config_path())
-        .args(["quiesce", "pg-q"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("frozen", Duration::from_secs(10), || {
-        Ok(is_frozen(&s.agents[0]))
-    })
-    .unwrap();
+    let mut quiesce = spawn_stillpoint(&s, &["quiesce", "pg-q"]);
+    wait_frozen(&s);
     let insert = timed_insert(&shared::postgres().primary, "cli_interrupt");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let interrupted = Instant::now();
@@ -158,17 +159,8 @@ async fn status_thaw_and_backups_from_the_command_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no backup 'q-1'"));
 
     // `thaw` breaks a hold whoever owns it.
-    let mut quiesce = Command::new(controller_binary().unwrap())
-        .arg("--config")
-        .arg(s.config_path())
-        .args(["quiesce", "q", "--ttl", "60s"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("frozen", Duration::from_secs(10), || {
-        Ok(is_frozen(&s.agents[0]))
-    })
-    .unwrap();
+    let mut quiesce = spawn_stillpoint(&s, &["quiesce", "q", "--ttl", "60s"]);
+    wait_frozen(&s);
     let out = stillpoint(&s, &["thaw", "pg-q"]);
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("thawed member pg-q"));
@@ -272,15 +264,10 @@ async fn restore_start_brings_the_servers_up_stage_by_stage() {
             let _ = self.0.wait();
         }
     }
-    let mut restore = Interrupt(
-        Command::new(controller_binary().unwrap())
-            .arg("--config")
-            .arg(s.config_path())
-            .args(["restore", "q-r", "--to", to.to_str().unwrap(), "--start"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut restore = Interrupt(spawn_stillpoint(
+        &s,
+        &["restore", "q-r", "--to", to.to_str().unwrap(), "--start"],
+    ));
     let mut lines = BufReader::new(restore.0.stdout.take().unwrap()).lines();
     let mut address = None;
     for line in lines.by_ref() {

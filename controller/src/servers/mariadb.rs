@@ -2,15 +2,14 @@
 //! (`CHANGE MASTER TO … MASTER_USE_GTID=slave_pos`).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::servers::ServerProcess;
 use crate::servers::{
-    Scratch, ServiceUser, command_as, free_port, kill_and_wait, require, run, service_user,
-    wait_for,
+    Scratch, ServiceUser, command_as, free_port, require, run, service_user, wait_for,
 };
 
 /// Password of the `repl` user the replica connects as.
@@ -25,7 +24,7 @@ pub struct MariaServer {
     pub socket: PathBuf,
     pub log: PathBuf,
     pub server_id: u32,
-    child: Mutex<Option<Child>>,
+    process: ServerProcess,
 }
 
 impl MariaServer {
@@ -64,28 +63,15 @@ impl MariaServer {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|c| c.id())
-            .filter(|pid| crate::servers::pid_alive(*pid))
+        self.process.pid()
     }
 
     /// Shuts the server down cleanly, killing it if that fails.
     pub fn stop(&self) {
-        let Some(mut child) = self.child.lock().unwrap().take() else {
-            return;
-        };
-        let clean = self.sql("SHUTDOWN").is_ok()
-            && wait_for("MariaDB shutdown", Duration::from_secs(30), || {
-                Ok(child.try_wait()?.is_some())
-            })
-            .is_ok();
-        if !clean {
-            kill_and_wait(child.id());
-        }
-        let _ = child.wait();
+        self.process
+            .stop("MariaDB shutdown", Duration::from_secs(30), || {
+                let _ = self.sql("SHUTDOWN");
+            });
     }
 
     pub fn log_tail(&self) -> String {
@@ -144,13 +130,14 @@ fn start_server(
         .args(extra)
         .stdout(Stdio::from(stdout.try_clone()?))
         .stderr(Stdio::from(stdout));
-    let child = cmd.spawn().context("starting mariadbd")?;
-    *server.child.lock().unwrap() = Some(child);
+    server
+        .process
+        .set(cmd.spawn().context("starting mariadbd")?);
     wait_for(
         &format!("MariaDB {} accepting connections", server.name),
         Duration::from_secs(60),
         || {
-            crate::servers::ensure_running(&server.child, "mariadbd")?;
+            server.process.ensure_running("mariadbd")?;
             Ok(server.sql("SELECT 1").is_ok())
         },
     )
@@ -186,7 +173,7 @@ impl crate::servers::Pair<MariaServer> {
                 socket: run_dir.join(format!("{name}.sock")),
                 log: logs.join(format!("{name}.err")),
                 server_id,
-                child: Mutex::new(None),
+                process: ServerProcess::default(),
             })
         };
         let primary = server("primary", 1)?;
@@ -263,7 +250,7 @@ impl MariaRestored {
             socket: run_dir.join("restored.sock"),
             log: logs.join("restored.err"),
             server_id: 99,
-            child: Mutex::new(None),
+            process: ServerProcess::default(),
         };
         Ok(MariaRestored {
             server,

@@ -321,17 +321,47 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
-/// Fails if the server process in `child` has already exited.
-pub fn ensure_running(
-    child: &std::sync::Mutex<Option<std::process::Child>>,
-    what: &str,
-) -> Result<()> {
-    if let Some(child) = child.lock().unwrap().as_mut()
-        && let Some(status) = child.try_wait()?
-    {
-        bail!("{what} exited ({status})");
+/// A server process this code started and owns (not daemonized).
+#[derive(Debug, Default)]
+pub struct ServerProcess(std::sync::Mutex<Option<std::process::Child>>);
+
+impl ServerProcess {
+    pub fn set(&self, child: std::process::Child) {
+        *self.0.lock().unwrap() = Some(child);
     }
-    Ok(())
+
+    /// Its pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.0
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|c| c.id())
+            .filter(|pid| pid_alive(*pid))
+    }
+
+    /// Fails if the process has already exited.
+    pub fn ensure_running(&self, what: &str) -> Result<()> {
+        if let Some(child) = self.0.lock().unwrap().as_mut()
+            && let Some(status) = child.try_wait()?
+        {
+            bail!("{what} exited ({status})");
+        }
+        Ok(())
+    }
+
+    /// Asks it to stop (`ask`), waits up to `bound`, then kills it. Idempotent.
+    pub fn stop(&self, what: &str, bound: Duration, ask: impl FnOnce()) {
+        let Some(mut child) = self.0.lock().unwrap().take() else {
+            return;
+        };
+        ask();
+        let exited = wait_for(what, bound, || Ok(child.try_wait()?.is_some()));
+        if exited.is_err() {
+            kill_and_wait(child.id());
+        }
+        let _ = child.wait();
+    }
 }
 
 /// Sends a signal with kill(1).

@@ -1,15 +1,13 @@
 //! A real Redis primary with a replica.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::servers::{
-    Scratch, command_as, free_port, kill_and_wait, require, run, service_user, wait_for,
-};
+use crate::servers::ServerProcess;
+use crate::servers::{Scratch, command_as, free_port, require, run, service_user, wait_for};
 
 /// One running server.
 #[derive(Debug)]
@@ -18,7 +16,7 @@ pub struct RedisServer {
     pub port: u16,
     pub dir: PathBuf,
     pub log: PathBuf,
-    child: Mutex<Option<Child>>,
+    process: ServerProcess,
 }
 
 impl RedisServer {
@@ -37,27 +35,15 @@ impl RedisServer {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|c| c.id())
-            .filter(|pid| crate::servers::pid_alive(*pid))
+        self.process.pid()
     }
 
     /// `SHUTDOWN NOSAVE NOW` (about 10 ms), killing it if that fails.
     pub fn stop(&self) {
-        let Some(mut child) = self.child.lock().unwrap().take() else {
-            return;
-        };
-        let _ = self.cli(&["shutdown", "nosave", "now"]);
-        let exited = wait_for("Redis shutdown", Duration::from_secs(10), || {
-            Ok(child.try_wait()?.is_some())
-        });
-        if exited.is_err() {
-            kill_and_wait(child.id());
-        }
-        let _ = child.wait();
+        self.process
+            .stop("Redis shutdown", Duration::from_secs(10), || {
+                let _ = self.cli(&["shutdown", "nosave", "now"]);
+            });
     }
 
     pub fn log_tail(&self) -> String {
@@ -100,7 +86,7 @@ impl crate::servers::Pair<RedisServer> {
                 port: free_port(),
                 log: dir.join("redis.log"),
                 dir,
-                child: Mutex::new(None),
+                process: ServerProcess::default(),
             })
         };
         let primary = server("primary")?;
@@ -131,12 +117,12 @@ impl crate::servers::Pair<RedisServer> {
             if let Some(port) = upstream {
                 cmd.args(["--replicaof", "127.0.0.1", &port.to_string()]);
             }
-            *s.child.lock().unwrap() = Some(cmd.spawn().context("starting redis-server")?);
+            s.process.set(cmd.spawn().context("starting redis-server")?);
             wait_for(
                 &format!("Redis {} answering", s.name),
                 Duration::from_secs(20),
                 || {
-                    crate::servers::ensure_running(&s.child, "redis-server")?;
+                    s.process.ensure_running("redis-server")?;
                     Ok(s.cli(&["ping"]).is_ok_and(|out| out == "PONG"))
                 },
             )
@@ -182,7 +168,7 @@ impl RedisRestored {
             port: free_port(),
             log: scratch.path().join("redis.log"),
             dir,
-            child: Mutex::new(None),
+            process: ServerProcess::default(),
         };
         Ok(RedisRestored {
             server,
@@ -229,9 +215,9 @@ impl RedisRestored {
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        *s.child.lock().unwrap() = Some(cmd.spawn().context("starting redis-server")?);
+        s.process.set(cmd.spawn().context("starting redis-server")?);
         wait_for("restored Redis answering", Duration::from_secs(20), || {
-            crate::servers::ensure_running(&s.child, "redis-server")?;
+            s.process.ensure_running("redis-server")?;
             Ok(s.cli(&["ping"]).is_ok_and(|out| out == "PONG"))
         })
         .with_context(|| s.log_tail())

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use tokio::process::Command;
 
-use super::{SnapshotError, SnapshotHandle, Snapshotter, VolumeRef, cut_all, run, volume_name};
+use super::{
+    SnapshotError, SnapshotHandle, Snapshotter, VolumeRef, backup_dir, cut_all, run, volume_name,
+};
 
 #[derive(Debug)]
 pub struct Btrfs {
@@ -34,14 +36,7 @@ impl Snapshotter for Btrfs {
         backup_id: &str,
         volumes: &[VolumeRef],
     ) -> Result<Vec<SnapshotHandle>, SnapshotError> {
-        let dest = self.dir.join(backup_id);
-        tokio::fs::create_dir_all(&dest)
-            .await
-            .map_err(|e| SnapshotError {
-                driver: "btrfs",
-                message: format!("cannot create {}: {e}", dest.display()),
-                made: vec![],
-            })?;
+        let dest = backup_dir("btrfs", &self.dir, backup_id).await?;
         cut_all("btrfs", volumes, |v| {
             let target = dest.join(volume_name(&v));
             async move {
@@ -53,13 +48,11 @@ impl Snapshotter for Btrfs {
                         .arg(&target),
                 )
                 .await?;
-                Ok(SnapshotHandle {
-                    member: v.member,
-                    volume: v.path,
-                    handle: target.display().to_string(),
-                    driver: "btrfs".into(),
-                    checksum: None,
-                })
+                Ok(SnapshotHandle::new(
+                    v,
+                    target.display().to_string(),
+                    "btrfs",
+                ))
             }
         })
         .await

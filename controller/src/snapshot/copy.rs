@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
-use super::{SnapshotError, SnapshotHandle, Snapshotter, VolumeRef, cut_all, volume_name};
+use super::{
+    SnapshotError, SnapshotHandle, Snapshotter, VolumeRef, backup_dir, cut_all, volume_name,
+};
 
 #[derive(Debug)]
 pub struct Copy {
@@ -119,21 +121,12 @@ impl Snapshotter for Copy {
         backup_id: &str,
         volumes: &[VolumeRef],
     ) -> Result<Vec<SnapshotHandle>, SnapshotError> {
-        let dest = self.dir.join(backup_id);
-        tokio::fs::create_dir_all(&dest)
-            .await
-            .map_err(|e| error(format!("cannot create {}: {e}", dest.display())))?;
+        let dest = backup_dir("copy", &self.dir, backup_id).await?;
         cut_all("copy", volumes, |v| {
             let target = dest.join(volume_name(&v));
             async move {
                 copy_live(v.path.clone(), target.clone()).await?;
-                Ok(SnapshotHandle {
-                    member: v.member,
-                    volume: v.path,
-                    handle: target.display().to_string(),
-                    driver: "copy".into(),
-                    checksum: None,
-                })
+                Ok(SnapshotHandle::new(v, target.display().to_string(), "copy"))
             }
         })
         .await

@@ -55,13 +55,7 @@ impl Snapshotter for Exec {
             );
             async move {
                 run("exec", Command::new("sh").args(["-c", &command])).await?;
-                Ok(SnapshotHandle {
-                    member: v.member,
-                    volume: v.path,
-                    handle: snapshot,
-                    driver: "exec".into(),
-                    checksum: None,
-                })
+                Ok(SnapshotHandle::new(v, snapshot, "exec"))
             }
         })
         .await

@@ -35,6 +35,19 @@ pub struct SnapshotHandle {
     pub checksum: Option<String>,
 }
 
+impl SnapshotHandle {
+    /// The handle of `volume`'s snapshot, made by `driver`.
+    pub fn new(volume: VolumeRef, handle: String, driver: &str) -> Self {
+        SnapshotHandle {
+            member: volume.member,
+            volume: volume.path,
+            handle,
+            driver: driver.into(),
+            checksum: None,
+        }
+    }
+}
+
 /// A failed snapshot step, with whatever was made before it failed (so an
 /// abort can delete it).
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +121,23 @@ pub fn for_handle(handle: &SnapshotHandle, group: Option<&Group>) -> Option<Box<
 /// The directory name of one volume's snapshot.
 pub fn volume_name(v: &VolumeRef) -> String {
     format!("{}-{}", v.member, v.index)
+}
+
+/// Creates `<dir>/<backup_id>`, where one backup's snapshots go.
+pub(crate) async fn backup_dir(
+    driver: &'static str,
+    dir: &std::path::Path,
+    backup_id: &str,
+) -> Result<PathBuf, SnapshotError> {
+    let dest = dir.join(backup_id);
+    tokio::fs::create_dir_all(&dest)
+        .await
+        .map_err(|e| SnapshotError {
+            driver,
+            message: format!("cannot create {}: {e}", dest.display()),
+            made: vec![],
+        })?;
+    Ok(dest)
 }
 
 /// Runs a command; a failure carries its stderr.

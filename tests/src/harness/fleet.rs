@@ -165,3 +165,18 @@ pub async fn finishes_within<F: std::future::Future>(
 ) -> Option<F::Output> {
     tokio::time::timeout(bound, future).await.ok()
 }
+
+/// Asserts that a replica's wait ended at its bound (`waited` ≥ `bound`)
+/// with a clear "did not reach" deadline error.
+pub fn assert_wait_hit_its_bound(
+    err: &tonic::Status,
+    waited: std::time::Duration,
+    bound: std::time::Duration,
+) {
+    assert!(
+        waited >= bound,
+        "the wait ended before its bound: {waited:?}"
+    );
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
+    assert!(err.message().contains("did not reach"), "{}", err.message());
+}
