@@ -18,6 +18,20 @@ pub enum Outcome {
     Running,
     Succeeded,
     Failed,
+    /// Stopped on purpose (the controller was shutting down): every member
+    /// was thawed and whatever was cut deleted.
+    Aborted,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Running => "running",
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::Aborted => "aborted",
+        }
+    }
 }
 
 /// How a member's snapshot was made consistent, which restore follows.
@@ -54,6 +68,10 @@ pub struct MemberRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<Consistency>,
     pub restore_stage: u32,
+    /// Whether `restore_stage` was set on the member (otherwise it is the
+    /// engine class's default).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restore_stage_explicit: bool,
     #[serde(default)]
     pub snapshots: Vec<SnapshotHandle>,
     #[serde(default)]
@@ -64,6 +82,10 @@ pub struct MemberRecord {
 pub struct Manifest {
     pub id: String,
     pub group: String,
+    /// The schedule that started it (absent for a backup taken by hand);
+    /// retention only ever deletes its own schedule's backups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
     /// RFC 3339.
     pub created_at: String,
     pub outcome: Outcome,

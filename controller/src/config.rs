@@ -27,6 +27,52 @@ pub struct File {
     pub tls: TlsSection,
     #[serde(default)]
     pub groups: BTreeMap<String, GroupFile>,
+    /// Scheduled backups, run by `stillpoint serve`.
+    #[serde(default)]
+    pub schedules: BTreeMap<String, ScheduleFile>,
+}
+
+/// What `serve` does about runs that fell while it was not running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Missed {
+    /// Run once at start-up if at least one run was missed.
+    #[default]
+    RunOnce,
+    /// Wait for the next scheduled time.
+    Skip,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleFile {
+    /// The group to back up.
+    pub group: String,
+    /// Cron expression; a sixth, leading field gives seconds.
+    pub cron: String,
+    /// IANA time zone the expression is read in (default UTC).
+    pub timezone: Option<String>,
+    /// Keep this many of the schedule's newest backups.
+    pub keep_last: Option<usize>,
+    /// Delete the schedule's backups older than this (e.g. `14d`).
+    pub max_age: Option<String>,
+    #[serde(default)]
+    pub missed: Missed,
+    /// Do not run (the schedule stays in the file).
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// A validated schedule.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub name: String,
+    pub group: String,
+    pub cron: croner::Cron,
+    pub timezone: chrono_tz::Tz,
+    pub retention: crate::retention::Retention,
+    pub missed: Missed,
+    pub suspend: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +173,7 @@ pub struct Config {
     pub catalog: PathBuf,
     pub tls: TlsFiles,
     pub groups: BTreeMap<String, Group>,
+    pub schedules: BTreeMap<String, Schedule>,
 }
 
 /// Every problem found, each naming its field.
@@ -137,7 +184,7 @@ pub struct ConfigError {
     pub problems: Vec<String>,
 }
 
-/// Parses `250ms`, `5s`, `2m`, `1h`.
+/// Parses `250ms`, `5s`, `2m`, `1h`, `7d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -152,7 +199,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" | "" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("unknown duration unit '{other}' (ms, s, m, h)")),
+        "d" => value * 86400.0,
+        other => return Err(format!("unknown duration unit '{other}' (ms, s, m, h, d)")),
     };
     if !(0.0..=86400.0 * 366.0).contains(&seconds) || seconds == 0.0 {
         return Err(format!("'{text}' is out of range (must be > 0)"));
@@ -312,6 +360,61 @@ impl Config {
                 },
             );
         }
+        let mut schedules = BTreeMap::new();
+        for (name, s) in &file.schedules {
+            let at = format!("schedules.{name}");
+            if !groups.contains_key(&s.group) {
+                problems.push(format!(
+                    "{at}.group: no group '{}' (groups: {})",
+                    s.group,
+                    groups.keys().cloned().collect::<Vec<_>>().join(", ")
+                ));
+            }
+            let cron = croner::parser::CronParser::builder()
+                .seconds(croner::parser::Seconds::Optional)
+                .build()
+                .parse(&s.cron)
+                .map_err(|e| problems.push(format!("{at}.cron: '{}': {e}", s.cron)))
+                .ok();
+            let timezone = match &s.timezone {
+                None => Some(chrono_tz::UTC),
+                Some(tz) => tz
+                    .parse::<chrono_tz::Tz>()
+                    .map_err(|_| {
+                        problems.push(format!(
+                            "{at}.timezone: '{tz}' is not an IANA time zone (e.g. Europe/Berlin, UTC)"
+                        ))
+                    })
+                    .ok(),
+            };
+            if s.keep_last == Some(0) {
+                problems.push(format!(
+                    "{at}.keep_last: must be at least 1 (leave it out to keep any number)"
+                ));
+            }
+            let max_age = s.max_age.as_deref().and_then(|text| {
+                parse_duration(text)
+                    .map_err(|e| problems.push(format!("{at}.max_age: {e}")))
+                    .ok()
+            });
+            if let (Some(cron), Some(timezone)) = (cron, timezone) {
+                schedules.insert(
+                    name.clone(),
+                    Schedule {
+                        name: name.clone(),
+                        group: s.group.clone(),
+                        cron,
+                        timezone,
+                        retention: crate::retention::Retention {
+                            keep_last: s.keep_last,
+                            max_age,
+                        },
+                        missed: s.missed,
+                        suspend: s.suspend,
+                    },
+                );
+            }
+        }
         if !problems.is_empty() {
             return Err(fail(problems));
         }
@@ -320,6 +423,7 @@ impl Config {
             catalog: resolve(&file.catalog),
             tls,
             groups,
+            schedules,
         })
     }
 
@@ -382,6 +486,22 @@ volumes = ["/data/pg-1"]
     }
 
     #[test]
+    fn a_schedule_reads_seconds_and_its_time_zone() {
+        let text = format!(
+            "{GOOD}\n[schedules.often]\ngroup = \"shop\"\ncron = \"*/5 * * * * *\"\ntimezone = \"Europe/Berlin\"\nkeep_last = 3\nmax_age = \"7d\"\nmissed = \"skip\"\n"
+        );
+        let c = Config::parse(Path::new("x.toml"), &text).unwrap();
+        let s = &c.schedules["often"];
+        assert_eq!(s.timezone, chrono_tz::Europe::Berlin);
+        assert_eq!(s.missed, Missed::Skip);
+        assert_eq!(s.retention.keep_last, Some(3));
+        assert_eq!(s.retention.max_age, Some(Duration::from_secs(7 * 86400)));
+        let t0 = chrono::TimeZone::with_ymd_and_hms(&s.timezone, 2026, 1, 1, 0, 0, 1).unwrap();
+        let next = s.cron.find_next_occurrence(&t0, false).unwrap();
+        assert_eq!((next - t0).num_seconds(), 4);
+    }
+
+    #[test]
     fn the_shipped_example_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/stillpoint.toml");
         let c = Config::load(&path).unwrap();
@@ -403,6 +523,21 @@ volumes = ["/data/pg-1"]
             "groups.shop.freeze_budget:",
             "groups.shop.members[0].identity:",
             "groups.shop.members[1].agent:",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from:\n{err}");
+        }
+        let schedules = format!(
+            "{GOOD}\n[schedules.bad]\ngroup = \"nope\"\ncron = \"61 * * * *\"\ntimezone = \"Mars/Olympus\"\nkeep_last = 0\nmax_age = \"forever\"\n"
+        );
+        let err = Config::parse(Path::new("x.toml"), &schedules)
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "schedules.bad.group: no group 'nope' (groups: shop)",
+            "schedules.bad.cron: '61 * * * *'",
+            "schedules.bad.timezone: 'Mars/Olympus'",
+            "schedules.bad.keep_last:",
+            "schedules.bad.max_age:",
         ] {
             assert!(err.contains(needle), "{needle} missing from:\n{err}");
         }

@@ -10,6 +10,7 @@
 //! the agents describe.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -22,6 +23,7 @@ use crate::agents::{ControllerTls, HeldFreeze};
 use crate::catalog::{Catalog, Consistency, Manifest, MemberRecord, Outcome};
 use crate::config::{Group, MemberFile, RoleHint};
 use crate::holder::Holder;
+use crate::metrics::{Metrics, ResultLabels, metrics};
 use crate::snapshot::{self, SnapshotHandle, Snapshotter, VolumeRef};
 use crate::timeline::{Clock, Timeline};
 
@@ -156,10 +158,25 @@ struct Run<'a, 'g> {
 impl Orchestrator {
     /// Takes one backup of `group` with id `id`. Always leaves a manifest.
     pub async fn backup(&self, group: &Group, id: &str) -> Result<Manifest, BackupError> {
+        self.backup_until(group, id, None, std::future::pending())
+            .await
+    }
+
+    /// Takes one backup, recording the schedule that started it, and
+    /// aborts it (thawing every member, deleting what was cut, outcome
+    /// `aborted`) as soon as `cancel` completes.
+    pub async fn backup_until(
+        &self,
+        group: &Group,
+        id: &str,
+        schedule: Option<&str>,
+        cancel: impl Future<Output = String>,
+    ) -> Result<Manifest, BackupError> {
         let snapshotter = snapshot::for_group(group);
         let mut manifest = Manifest {
             id: id.to_string(),
             group: group.name.clone(),
+            schedule: schedule.map(str::to_string),
             created_at: rfc3339_now(),
             outcome: Outcome::Running,
             error: None,
@@ -169,9 +186,12 @@ impl Orchestrator {
             timeline: Timeline::default(),
         };
         let fail = |manifest: &mut Manifest, cause: String| {
-            manifest.outcome = Outcome::Failed;
+            if manifest.outcome == Outcome::Running {
+                manifest.outcome = Outcome::Failed;
+            }
             manifest.error = Some(cause.clone());
             let _ = self.catalog.write(manifest);
+            count(manifest);
             BackupError {
                 id: id.to_string(),
                 group: group.name.clone(),
@@ -192,11 +212,23 @@ impl Orchestrator {
             made: Vec::new(),
             window_deadline: None,
         };
-        let result = run.execute(&self.tls).await;
+        let result = tokio::select! {
+            result = run.execute(&self.tls) => result,
+            reason = cancel => {
+                manifest.outcome = Outcome::Aborted;
+                Err(format!("aborted: {reason}"))
+            }
+        };
         if result.is_err() {
             run.abort().await;
         }
         manifest.freeze_window_us = run.timeline.compute_window();
+        if let Some(us) = manifest.freeze_window_us {
+            metrics()
+                .freeze_window
+                .get_or_create(&Metrics::group(&group.name))
+                .observe(us as f64 / 1e6);
+        }
         manifest.members = run.members.iter().map(|m| m.record.clone()).collect();
         manifest.timeline = run.timeline.clone();
         match result {
@@ -205,6 +237,7 @@ impl Orchestrator {
                 self.catalog
                     .write(&manifest)
                     .map_err(|e| fail(&mut manifest.clone(), e.to_string()))?;
+                count(&manifest);
                 tracing::info!(
                     backup_id = id,
                     window_us = manifest.freeze_window_us.unwrap_or(0),
@@ -218,6 +251,17 @@ impl Orchestrator {
             }
         }
     }
+}
+
+/// Counts a finished backup by its outcome.
+fn count(manifest: &Manifest) {
+    metrics()
+        .backups
+        .get_or_create(&ResultLabels {
+            group: manifest.group.clone(),
+            result: manifest.outcome.as_str().to_string(),
+        })
+        .inc();
 }
 
 impl<'g> Run<'_, 'g> {
@@ -320,6 +364,7 @@ impl<'g> Run<'_, 'g> {
                         restore_stage: config
                             .restore_stage
                             .unwrap_or_else(|| default_stage(engine)),
+                        restore_stage_explicit: config.restore_stage.is_some(),
                         snapshots: Vec::new(),
                         artefacts: BTreeMap::new(),
                     };
@@ -382,6 +427,10 @@ impl<'g> Run<'_, 'g> {
             })?
             .map_err(|e| format!("member {}: freeze failed: {}", m.config.name, e.message()))?;
         let frozen = clock.now_us();
+        metrics()
+            .agent_freeze
+            .get_or_create(&Metrics::engine(m.engine()))
+            .observe(held.frozen.freeze_duration_us as f64 / 1e6);
         m.record.position = held.frozen.position.as_ref().map(PositionExt::display);
         m.holder = Some(Holder::spawn(held, ttl));
         Ok((requested, frozen))
@@ -432,6 +481,7 @@ impl<'g> Run<'_, 'g> {
             .collect();
         let bound = self.budget_left("the replica alignment")?;
         let (id, ttl, clock) = (self.id, self.group.lease_ttl, self.clock.clone());
+        let group = self.group;
         let align_timeout = self.group.align_timeout.min(bound);
         let deadline = self.window_deadline.expect("set by the freeze");
         let results = join_all(
@@ -465,6 +515,12 @@ impl<'g> Run<'_, 'g> {
                             })
                             .await;
                         let aligned = clock.now_us();
+                        if let Ok(reply) = &wait {
+                            metrics()
+                                .alignment_wait
+                                .get_or_create(&Metrics::group(&group.name))
+                                .observe(reply.get_ref().waited_us as f64 / 1e6);
+                        }
                         if let Err(e) = wait {
                             return (
                                 name.clone(),
@@ -548,6 +604,7 @@ impl<'g> Run<'_, 'g> {
                 match self.snapshotter.cut(self.id, batch).await {
                     Ok(made) => self.made.extend(made),
                     Err(e) => {
+                        metrics().snapshot_failure(&self.group.name, e.driver, "cut");
                         self.made.extend(e.made.clone());
                         return Err(e.to_string());
                     }
@@ -578,6 +635,10 @@ impl<'g> Run<'_, 'g> {
                 let thawed = clock.now_us();
                 match result {
                     Ok(r) => {
+                        metrics()
+                            .agent_thaw
+                            .get_or_create(&Metrics::engine(m.engine()))
+                            .observe(r.thaw_duration_us as f64 / 1e6);
                         m.record.artefacts = r.artefacts.into_iter().collect();
                         let err = (!r.error.is_empty())
                             .then(|| format!("member {}: {}", m.config.name, r.error));
@@ -629,10 +690,10 @@ impl<'g> Run<'_, 'g> {
     }
 
     async fn finalize(&mut self) -> Result<(), String> {
-        self.snapshotter
-            .ready(&mut self.made)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.snapshotter.ready(&mut self.made).await.map_err(|e| {
+            metrics().snapshot_failure(&self.group.name, e.driver, "ready");
+            e.to_string()
+        })?;
         let atomic = self.snapshotter.atomic();
         for m in &mut self.members {
             m.record.snapshots = self
@@ -655,10 +716,12 @@ impl<'g> Run<'_, 'g> {
         if !self.made.is_empty()
             && let Err(e) = self.snapshotter.delete(&self.made).await
         {
+            metrics().snapshot_failure(&self.group.name, e.driver, "delete");
             tracing::warn!(backup_id = self.id, "deleting partial snapshots: {e}");
         }
         self.made.clear();
         if let Err(e) = self.snapshotter.delete_backup(self.id).await {
+            metrics().snapshot_failure(&self.group.name, e.driver, "delete");
             tracing::warn!(backup_id = self.id, "deleting partial snapshots: {e}");
         }
     }

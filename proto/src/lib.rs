@@ -7,6 +7,7 @@
 //! - [`tls`]: mutual TLS with SPIFFE-style identities, shared by both ends.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod position;
 pub mod tls;
 

@@ -1,13 +1,13 @@
 //! `stillpoint backup create|list|describe|delete`.
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 
 use super::output::{Output, table};
 use super::{Global, Local};
-use crate::catalog::{Manifest, Outcome};
+use crate::catalog::Manifest;
 use crate::orchestrator::new_backup_id;
-use crate::snapshot;
+use crate::retention::delete_backup;
 
 #[derive(Debug, Subcommand)]
 pub enum BackupCommand {
@@ -52,11 +52,7 @@ fn ms(us: Option<u64>) -> String {
 }
 
 fn outcome(m: &Manifest) -> &'static str {
-    match m.outcome {
-        Outcome::Running => "running",
-        Outcome::Succeeded => "succeeded",
-        Outcome::Failed => "failed",
-    }
+    m.outcome.as_str()
 }
 
 /// The members table of a manifest.
@@ -202,23 +198,9 @@ pub fn run(command: BackupCommand, global: &Global) -> anyhow::Result<()> {
             let catalog = local.catalog()?;
             let m = catalog.get(&args.id)?;
             let group = local.config.groups.get(&m.group);
-            let handles: Vec<_> = m.members.iter().flat_map(|r| r.snapshots.clone()).collect();
             let runtime = super::runtime()?;
-            runtime.block_on(async {
-                for h in &handles {
-                    let driver = snapshot::for_handle(h, group).with_context(|| {
-                        format!("no snapshotter can delete {} ({})", h.handle, h.driver)
-                    })?;
-                    driver.delete(std::slice::from_ref(h)).await?;
-                }
-                Ok::<_, anyhow::Error>(())
-            })?;
-            catalog.remove(&m.id)?;
-            println!(
-                "deleted backup {} and its {} snapshot(s)",
-                m.id,
-                handles.len()
-            );
+            let deleted = runtime.block_on(delete_backup(&catalog, &m, group))?;
+            println!("deleted backup {} and its {deleted} snapshot(s)", m.id);
             Ok(())
         }
     }

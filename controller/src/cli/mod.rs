@@ -16,8 +16,10 @@ pub mod certs;
 pub mod config;
 pub mod demo;
 pub mod output;
+pub mod plan;
 pub mod quiesce;
 pub mod restore;
+pub mod serve;
 pub mod status;
 
 /// Stillpoint: application-consistent, group-consistent backups of stateful applications.
@@ -45,6 +47,10 @@ pub struct Global {
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
     pub output: output::Output,
+    /// Write the controller's metrics (Prometheus text) to this file when
+    /// the command ends, for a node-exporter textfile collector.
+    #[arg(long, global = true, env = "STILLPOINT_METRICS_FILE")]
+    pub metrics_file: Option<PathBuf>,
     /// Log filter for the controller's own logs (stderr).
     #[arg(long, global = true, env = "STILLPOINT_LOG", default_value = "warn")]
     pub log: String,
@@ -67,8 +73,14 @@ pub enum Command {
     Thaw(status::TargetArgs),
     /// Agents' reachability, engine, role, position and replica lag.
     Status(status::StatusArgs),
+    /// Print a backup's recovery plan: stages in order, each member's
+    /// consistency method and the position each replica must reach.
+    Plan(plan::PlanArgs),
     /// Restore a backup's volumes, stage by stage, with each member's consistency method.
     Restore(restore::RestoreArgs),
+    /// Run the configured schedules (with retention) and serve /metrics,
+    /// until SIGTERM or Ctrl-C (which abort and thaw any backup in flight).
+    Serve(serve::ServeArgs),
     /// Run the whole thing on this machine: six real databases on btrfs,
     /// six agents, a causal workload, group backups, restore and checks.
     Demo(demo::DemoArgs),
@@ -89,6 +101,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .try_init();
+    let metrics_file = cli.global.metrics_file.clone();
+    let result = dispatch(cli);
+    if let Some(path) = metrics_file {
+        let tmp = path.with_extension("prom.tmp");
+        std::fs::write(&tmp, crate::metrics::metrics().encode())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("writing the metrics to {}", path.display()))?;
+    }
+    result
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Certs(command) => certs::run(command),
         Command::Backup(command) => backup::run(command, &cli.global),
@@ -96,7 +120,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Quiesce(args) => quiesce::run(args, &cli.global),
         Command::Thaw(args) => status::thaw(args, &cli.global),
         Command::Status(args) => status::run(args, &cli.global),
+        Command::Plan(args) => plan::run(args, &cli.global),
         Command::Restore(args) => restore::run(args, &cli.global),
+        Command::Serve(args) => serve::run(args, &cli.global),
         Command::Demo(args) => demo::run(args, &cli.global),
         Command::Completions { shell } => {
             clap_complete::generate(

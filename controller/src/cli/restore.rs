@@ -1,13 +1,16 @@
 //! `stillpoint restore ID --to DIR [--start]`.
 
-use std::path::PathBuf;
+use std::any::Any;
+use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 use clap::Args;
 
 use super::output::table;
 use super::{Global, Local};
-use crate::restore::restore_files;
+use crate::catalog::MemberRecord;
+use crate::metrics::metrics;
+use crate::restore::{Restored, restore_files, stage_class};
 use crate::servers::mariadb::MariaRestored;
 use crate::servers::postgres::PgRestored;
 use crate::servers::redis::RedisRestored;
@@ -19,11 +22,42 @@ pub struct RestoreArgs {
     /// Where to put every member's volumes (`DIR/<member>/<volume index>`).
     #[arg(long)]
     pub to: PathBuf,
-    /// Then start every restored server on a free local port, stage by
-    /// stage (each stage only once the previous one answers), check it, and
-    /// keep them running until Ctrl-C.
+    /// Then start every restored server on a free local port, following
+    /// the recovery plan (`stillpoint plan`): a stage starts only once every
+    /// member of the previous stage is healthy (started and answering). If
+    /// one is not, no later stage is started and the command fails. The
+    /// servers run until Ctrl-C.
     #[arg(long)]
     pub start: bool,
+}
+
+/// Starts one restored member and checks it answers; returns the running
+/// server (stopped when dropped) and its address.
+fn start_member(record: &MemberRecord, path: &Path) -> anyhow::Result<(Box<dyn Any>, String)> {
+    Ok(match record.engine.as_str() {
+        "postgres" => {
+            let s = PgRestored::at(path.to_path_buf())?;
+            s.start()?;
+            let address = format!("postgresql://postgres@127.0.0.1:{}/", s.server.port);
+            (Box::new(s), address)
+        }
+        "mysql" | "mariadb" => {
+            let s = MariaRestored::at(path.to_path_buf())?;
+            s.start()?;
+            let address = format!("mysql://127.0.0.1:{}/", s.server.port);
+            (Box::new(s), address)
+        }
+        "redis" => {
+            let s = RedisRestored::at(path.to_path_buf())?;
+            s.start()?;
+            let address = format!("redis://127.0.0.1:{}/", s.server.port);
+            (Box::new(s), address)
+        }
+        other => bail!(
+            "a restored {other} member cannot be started locally; its files are in {}",
+            path.display()
+        ),
+    })
 }
 
 pub fn run(args: RestoreArgs, global: &Global) -> anyhow::Result<()> {
@@ -59,45 +93,59 @@ pub fn run(args: RestoreArgs, global: &Global) -> anyhow::Result<()> {
     if !args.start {
         return Ok(());
     }
-    // Stage by stage (restore_files returns them in order): each server
-    // must answer before the next is started.
-    let mut running: Vec<Box<dyn std::any::Any>> = Vec::new();
-    for r in restored.iter().filter(|r| r.path.ends_with("0")) {
-        let record = manifest
-            .members
-            .iter()
-            .find(|m| m.name == r.member)
-            .expect("restored from this manifest");
-        let (server, address): (Box<dyn std::any::Any>, String) = match record.engine.as_str() {
-            "postgres" => {
-                let s = PgRestored::at(r.path.clone())?;
-                s.start()?;
-                let address = format!("postgresql://postgres@127.0.0.1:{}/", s.server.port);
-                (Box::new(s), address)
+    // restore_files returns the members in plan order; each member's data
+    // is its first volume.
+    let firsts: Vec<&Restored> = restored.iter().filter(|r| r.path.ends_with("0")).collect();
+    let mut stages: Vec<u32> = firsts.iter().map(|r| r.stage).collect();
+    stages.dedup();
+    let mut running: Vec<Box<dyn Any>> = Vec::new();
+    for (i, stage) in stages.iter().enumerate() {
+        let mut unhealthy = Vec::new();
+        for r in firsts.iter().filter(|r| r.stage == *stage) {
+            let record = manifest
+                .members
+                .iter()
+                .find(|m| m.name == r.member)
+                .expect("restored from this manifest");
+            match start_member(record, &r.path) {
+                Ok((server, address)) => {
+                    println!(
+                        "stage {stage} ({}): {} ({}) started and answering at {address}",
+                        stage_class(*stage),
+                        r.member,
+                        record.engine
+                    );
+                    running.push(server);
+                }
+                Err(e) => {
+                    println!(
+                        "stage {stage} ({}): {} ({}) failed its health check: {e:#}",
+                        stage_class(*stage),
+                        r.member,
+                        record.engine
+                    );
+                    unhealthy.push(r.member.clone());
+                }
             }
-            "mysql" | "mariadb" => {
-                let s = MariaRestored::at(r.path.clone())?;
-                s.start()?;
-                let address = format!("mysql://127.0.0.1:{}/", s.server.port);
-                (Box::new(s), address)
+        }
+        if !unhealthy.is_empty() {
+            for later in &stages[i + 1..] {
+                metrics().restore_order_violations.inc();
+                println!(
+                    "stage {later} ({}): not started, because stage {stage} is not healthy ({})",
+                    stage_class(*later),
+                    unhealthy.join(", ")
+                );
             }
-            "redis" => {
-                let s = RedisRestored::at(r.path.clone())?;
-                s.start()?;
-                let address = format!("redis://127.0.0.1:{}/", s.server.port);
-                (Box::new(s), address)
-            }
-            other => bail!(
-                "member {}: a restored {other} member cannot be started locally; its files are in {}",
-                r.member,
-                r.path.display()
-            ),
-        };
-        println!(
-            "stage {}: {} ({}) started and answering at {address}",
-            r.stage, r.member, record.engine
-        );
-        running.push(server);
+            drop(running);
+            bail!(
+                "restore of {} stopped at stage {stage}: {} failed its health check; the restored \
+                 files stay in {}",
+                manifest.id,
+                unhealthy.join(", "),
+                args.to.display()
+            );
+        }
     }
     println!(
         "{} server(s) running; Ctrl-C stops them (the restored files stay)",

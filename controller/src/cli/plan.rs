@@ -1,0 +1,78 @@
+//! `stillpoint plan ID`: the recovery plan of a backup.
+
+use clap::Args;
+
+use super::output::table;
+use super::{Global, Local};
+use crate::restore::{PlanStep, plan};
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// The backup to plan the restore of.
+    pub id: String,
+}
+
+fn consistency_name(step: &PlanStep) -> String {
+    step.consistency
+        .map(|c| {
+            serde_json::to_value(c)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default()
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The plan as the table `plan` prints.
+pub fn plan_table(steps: &[PlanStep]) -> String {
+    let rows: Vec<Vec<String>> = steps
+        .iter()
+        .map(|s| {
+            vec![
+                format!("{} {}", s.stage, s.class),
+                s.member.clone(),
+                s.engine.clone(),
+                s.role.clone(),
+                s.stage_from.to_string(),
+                consistency_name(s),
+                match (&s.must_reach, &s.position) {
+                    (Some(p), _) => format!("must reach {p}"),
+                    (None, Some(p)) => format!("frozen at {p}"),
+                    (None, None) => "-".into(),
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "STAGE",
+            "MEMBER",
+            "ENGINE",
+            "ROLE",
+            "STAGE FROM",
+            "CONSISTENCY",
+            "POSITION",
+        ],
+        &rows,
+    )
+}
+
+pub fn run(args: PlanArgs, global: &Global) -> anyhow::Result<()> {
+    let local = Local::load(global)?;
+    let manifest = local.catalog()?.get(&args.id)?;
+    let steps = plan(&manifest);
+    global.output.print(&steps, || {
+        let mut out = format!(
+            "recovery plan of backup {} (group {}, {}, {})\n\
+             each stage starts only once every member of the one before is healthy;\n\
+             within a stage, primaries start before their replicas\n\n",
+            manifest.id,
+            manifest.group,
+            manifest.snapshotter,
+            manifest.outcome.as_str()
+        );
+        out.push_str(&plan_table(&steps));
+        out
+    });
+    Ok(())
+}
