@@ -100,7 +100,8 @@ impl Default for Metrics {
             "Time each engine took to thaw, as its agent reports it",
             agent_thaw.clone(),
         );
-        let alignment_wait = Histograms::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let alignment_wait =
+            Histograms::new_with_constructor(latency_histogram as fn() -> Histogram);
         registry.register(
             "alignment_wait_seconds",
             "Time a replica took to reach its frozen primary's position",

@@ -110,7 +110,12 @@ pub async fn apply(
     }
     let manifests = catalog.list()?;
     let mut deleted = Vec::new();
-    for id in select(&manifests, schedule, policy, time::OffsetDateTime::now_utc()) {
+    for id in select(
+        &manifests,
+        schedule,
+        policy,
+        time::OffsetDateTime::now_utc(),
+    ) {
         let manifest = manifests.iter().find(|m| m.id == id).expect("selected");
         match delete_backup(catalog, manifest, Some(group)).await {
             Ok(_) => {

@@ -59,7 +59,11 @@ impl State {
     }
 
     fn last(&self, schedule: &str) -> Option<DateTime<Utc>> {
-        self.fired.lock().expect("not poisoned").get(schedule).copied()
+        self.fired
+            .lock()
+            .expect("not poisoned")
+            .get(schedule)
+            .copied()
     }
 
     fn record(&self, schedule: &str, at: DateTime<Utc>) {
@@ -71,7 +75,11 @@ impl State {
             .and_then(|json| std::fs::write(&tmp, json))
             .and_then(|()| std::fs::rename(&tmp, &self.path));
         if let Err(e) = written {
-            tracing::warn!(schedule, "cannot record the schedule state in {}: {e}", self.path.display());
+            tracing::warn!(
+                schedule,
+                "cannot record the schedule state in {}: {e}",
+                self.path.display()
+            );
         }
     }
 }
@@ -97,7 +105,9 @@ pub fn missed_runs(schedule: &Schedule, last: DateTime<Utc>, now: DateTime<Utc>)
 /// the runs in flight to abort.
 pub async fn serve(config: Config, orchestrator: Orchestrator, shutdown: Shutdown) {
     let config = Arc::new(config);
-    let state = Arc::new(State::load(orchestrator.catalog.dir().join(".schedules.json")));
+    let state = Arc::new(State::load(
+        orchestrator.catalog.dir().join(".schedules.json"),
+    ));
     let busy: Arc<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>> = Arc::new(
         config
             .groups

@@ -1,33 +1,20 @@
 //! `stillpoint` as an operator runs it: quiesce, thaw, status, backups, and
 //! bad input that must fail clearly and leave nothing frozen.
 
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-use stillpoint_tests::harness::agent::controller_binary;
 use stillpoint_tests::harness::group::{Setup, is_frozen, member};
 use stillpoint_tests::harness::postgres::{PgServer, fresh_database};
 use stillpoint_tests::harness::{free_port, shared, signal, wait_for};
 use tokio_postgres::NoTls;
 
 fn stillpoint(s: &Setup, args: &[&str]) -> Output {
-    Command::new(controller_binary().unwrap())
-        .arg("--config")
-        .arg(s.config_path())
-        .args(args)
-        .output()
-        .expect("running stillpoint")
+    s.stillpoint(args)
 }
 
-/// Starts `stillpoint` with the setup's config, stdout piped.
 fn spawn_stillpoint(s: &Setup, args: &[&str]) -> std::process::Child {
-    Command::new(controller_binary().unwrap())
-        .arg("--config")
-        .arg(s.config_path())
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting stillpoint")
+    s.spawn_stillpoint(args)
 }
 
 /// Waits until the setup's first agent holds a freeze.

@@ -16,7 +16,11 @@ use crate::scheduler;
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address of the plain-HTTP listener for `/metrics` and `/healthz`.
-    #[arg(long, env = "STILLPOINT_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    #[arg(
+        long,
+        env = "STILLPOINT_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
     pub metrics_listen: SocketAddr,
 }
 

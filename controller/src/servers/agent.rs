@@ -1,8 +1,7 @@
 //! The `stillpoint-agent` binary as a child process (`stillpoint demo` and
 //! the black-box tests).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -203,26 +202,12 @@ impl AgentProc {
 
     /// GET a path on the admin listener; returns (status line, body).
     pub fn admin_get(&self, path: &str) -> Result<(String, String)> {
-        let mut tcp = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
-        tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(tcp, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
-        let mut response = String::new();
-        tcp.read_to_string(&mut response)?;
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        Ok((
-            head.lines().next().unwrap_or("").to_string(),
-            body.to_string(),
-        ))
+        super::http_get(self.admin, path)
     }
 
     /// One sample of a metric from `/metrics` (sum over matching lines).
     pub fn metric(&self, prefix: &str) -> Result<f64> {
-        let (_, body) = self.admin_get("/metrics")?;
-        Ok(body
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        Ok(super::metric_sum(&self.admin_get("/metrics")?.1, prefix))
     }
 }
 

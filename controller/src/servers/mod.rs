@@ -381,3 +381,28 @@ pub fn kill_and_wait(pid: u32) {
         });
     }
 }
+
+/// A plain HTTP/1.0 GET: the status line and the body.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(String, String)> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(tcp, "GET {path} HTTP/1.0\r\nHost: stillpoint\r\n\r\n")?;
+    let mut response = String::new();
+    tcp.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    Ok((
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    ))
+}
+
+/// The sum of the samples of a Prometheus text exposition whose lines
+/// start with `prefix`.
+pub fn metric_sum(exposition: &str, prefix: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -145,8 +145,10 @@ pub(crate) async fn run(
     driver: &'static str,
     cmd: &mut tokio::process::Command,
 ) -> Result<(), String> {
+    // An aborted backup drops this future: the command must not outlive it.
     let out = cmd
         .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
         .output()
         .await
         .map_err(|e| format!("cannot run {:?}: {e}", cmd.as_std().get_program()))?;

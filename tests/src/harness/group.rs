@@ -2,6 +2,7 @@
 //! for tests of the group backup and the CLI.
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use stillpoint_controller::agents::ControllerTls;
@@ -105,5 +106,34 @@ impl Setup {
     /// The config file `config` wrote.
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("stillpoint.toml")
+    }
+
+    /// Appends to the config file (schedules, more groups).
+    pub fn append_config(&self, text: &str) {
+        let path = self.config_path();
+        let mut body = std::fs::read_to_string(&path).unwrap();
+        body.push('\n');
+        body.push_str(text);
+        std::fs::write(&path, body).unwrap();
+    }
+
+    /// A `stillpoint` command with the setup's config.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(super::agent::controller_binary().unwrap());
+        cmd.arg("--config").arg(self.config_path()).args(args);
+        cmd
+    }
+
+    /// Runs `stillpoint` with the setup's config to completion.
+    pub fn stillpoint(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("running stillpoint")
+    }
+
+    /// Starts `stillpoint` with the setup's config, stdout piped.
+    pub fn spawn_stillpoint(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting stillpoint")
     }
 }
