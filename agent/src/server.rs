@@ -102,18 +102,24 @@ impl Agent for AgentService {
         &self,
         request: Request<pb::PrepareRequest>,
     ) -> Result<Response<pb::PrepareResponse>, Status> {
-        let backup_id = request.into_inner().backup_id;
+        let pb::PrepareRequest {
+            backup_id,
+            atomic_cut,
+        } = request.into_inner();
         let started = Instant::now();
-        let detail = tokio::time::timeout(self.prepare_timeout, self.engine.prepare(&backup_id))
-            .await
-            .map_err(|_| {
-                Status::deadline_exceeded(format!(
-                    "member {}: prepare did not finish within {} ms (STILLPOINT_PREPARE_TIMEOUT)",
-                    self.member,
-                    self.prepare_timeout.as_millis()
-                ))
-            })?
-            .map_err(|e| engine_status(&e))?;
+        let detail = tokio::time::timeout(
+            self.prepare_timeout,
+            self.engine.prepare(&backup_id, atomic_cut),
+        )
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "member {}: prepare did not finish within {} ms (STILLPOINT_PREPARE_TIMEOUT)",
+                self.member,
+                self.prepare_timeout.as_millis()
+            ))
+        })?
+        .map_err(|e| engine_status(&e))?;
         Ok(Response::new(pb::PrepareResponse {
             duration_us: started.elapsed().as_micros() as u64,
             detail,

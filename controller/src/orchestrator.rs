@@ -392,10 +392,12 @@ impl<'g> Run<'_, 'g> {
         for m in &self.members {
             self.timeline.mark(&m.config.name, "prepare", start);
         }
+        let atomic_cut = self.snapshotter.atomic();
         let results = join_all(self.members.iter_mut().map(|m| async move {
             m.client
                 .prepare(pb::PrepareRequest {
                     backup_id: id.into(),
+                    atomic_cut,
                 })
                 .await
                 .map_err(|e| format!("member {}: prepare failed: {}", m.config.name, e.message()))

@@ -113,6 +113,54 @@ async fn fence_blocks_writes_keeps_reads_and_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_atomic_cut_needs_no_backup_session_and_the_fence_still_holds() {
+    let fleet = Fleet::new().unwrap();
+    let pg = shared::postgres();
+    let db = database("fence_atomic").await;
+    let mut a = agent(&fleet, "pg-atomic", &pg.primary, "fence_atomic", "fence").await;
+    let prepared = a.prepare_for("b-atomic", true).await.unwrap();
+    assert!(
+        prepared.detail.contains("atomic cut"),
+        "{}",
+        prepared.detail
+    );
+    let backups = async || -> i64 {
+        // No backup is in progress and no stillpoint slot exists.
+        db.query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1) \
+             + (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                AND query ILIKE '%pg_backup_start%' AND pid <> pg_backend_pid())",
+            &[&stillpoint_agent::engine::postgres::slot_name("b-atomic")],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    let mut hold = a.freeze("b-atomic", Duration::from_secs(30)).await.unwrap();
+    assert_eq!(backups().await, 0, "an atomic cut opens no backup session");
+    let mut blocked = insert(&pg.primary, "fence_atomic", 1);
+    assert!(
+        finishes_within(Duration::from_millis(300), &mut blocked)
+            .await
+            .is_none(),
+        "the fence holds writes"
+    );
+    hold.request_thaw().await.unwrap();
+    let result = hold.thawed().await.unwrap().unwrap();
+    assert!(result.error.is_empty(), "{}", result.error);
+    assert!(
+        !result.artefacts.contains_key("backup_label"),
+        "an atomic cut has no label: {:?}",
+        result.artefacts
+    );
+    finishes_within(Duration::from_secs(5), blocked)
+        .await
+        .expect("the write completes after the thaw")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_mode_copy_with_its_wal_and_label_recovers_as_a_real_server() {
     let fleet = Fleet::new().unwrap();
     let pg = shared::postgres();

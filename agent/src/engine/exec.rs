@@ -121,7 +121,7 @@ impl Engine for Exec {
         ))
     }
 
-    async fn prepare(&self, _backup_id: &str) -> Result<String, EngineError> {
+    async fn prepare(&self, _backup_id: &str, _atomic_cut: bool) -> Result<String, EngineError> {
         Ok("nothing to prepare".into())
     }
 

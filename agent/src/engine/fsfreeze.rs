@@ -196,7 +196,7 @@ impl Engine for FsFreeze {
         ))
     }
 
-    async fn prepare(&self, _backup_id: &str) -> Result<String, EngineError> {
+    async fn prepare(&self, _backup_id: &str, _atomic_cut: bool) -> Result<String, EngineError> {
         Ok("nothing to prepare".into())
     }
 
@@ -289,8 +289,8 @@ impl Engine for Layered {
         self.inner.position().await
     }
 
-    async fn prepare(&self, backup_id: &str) -> Result<String, EngineError> {
-        self.inner.prepare(backup_id).await
+    async fn prepare(&self, backup_id: &str, atomic_cut: bool) -> Result<String, EngineError> {
+        self.inner.prepare(backup_id, atomic_cut).await
     }
 
     async fn freeze(&self, backup_id: &str, ttl: Duration) -> Result<Box<dyn Frozen>, EngineError> {

@@ -343,8 +343,10 @@ pub trait Engine: Send + Sync + 'static {
     /// The current position and the role it was read in.
     async fn position(&self) -> Result<(pb::Position, pb::Role), EngineError>;
 
-    /// Work done before the freeze while writes still flow. Returns a detail line.
-    async fn prepare(&self, backup_id: &str) -> Result<String, EngineError>;
+    /// Work done before the freeze while writes still flow. `atomic_cut`:
+    /// the controller's snapshot of this member is one atomic image.
+    /// Returns a detail line.
+    async fn prepare(&self, backup_id: &str, atomic_cut: bool) -> Result<String, EngineError>;
 
     /// Freezes and returns the hold. `ttl` is the lease; engines whose lock
     /// can carry its own timeout (Redis `CLIENT PAUSE`) use it.

@@ -266,7 +266,7 @@ impl Engine for Mongo {
         Ok((position, role))
     }
 
-    async fn prepare(&self, _backup_id: &str) -> Result<String, EngineError> {
+    async fn prepare(&self, _backup_id: &str, _atomic_cut: bool) -> Result<String, EngineError> {
         self.hello(Step::Prepare).await?;
         Ok("connected".into())
     }

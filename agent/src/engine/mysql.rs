@@ -433,7 +433,7 @@ impl Engine for Mysql {
         .await
     }
 
-    async fn prepare(&self, _backup_id: &str) -> Result<String, EngineError> {
+    async fn prepare(&self, _backup_id: &str, _atomic_cut: bool) -> Result<String, EngineError> {
         let mut conn = self.connect(Step::Prepare).await?;
         // Closing idle tables now makes the lock that follows quicker.
         conn.query_drop("FLUSH NO_WRITE_TO_BINLOG TABLES")

@@ -17,6 +17,12 @@
 //! After the thaw the session (and so the slot) stays open for
 //! `STILLPOINT_PG_WAL_RETAIN`, so the WAL up to the stop LSN can still be
 //! copied.
+//!
+//! When the controller's cut is atomic (`PrepareRequest.atomic_cut`: btrfs,
+//! LVM/ZFS, CSI snapshots) the image is crash-consistent and restores by
+//! crash recovery without a `backup_label`, so no backup session or slot is
+//! opened at all: the hold is the fences (mode `fence`) or nothing (mode
+//! `backup`, writes flowing), and the thaw is a `ROLLBACK`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,11 +102,18 @@ impl std::fmt::Debug for Session {
 struct Backup {
     backup_id: String,
     session: Session,
+    /// The backup session's stop (absent for an atomic cut, which needs none).
+    stop: Option<BackupStop>,
+    /// Fence sessions opened ahead of the freeze (mode `fence`).
+    fences: Vec<Session>,
+}
+
+/// What ends a started `pg_backup_start`.
+#[derive(Debug)]
+struct BackupStop {
     stop_sql: &'static str,
     start_lsn: String,
     slot: String,
-    /// Fence sessions opened ahead of the freeze (mode `fence`).
-    fences: Vec<Session>,
 }
 
 #[derive(Debug)]
@@ -246,7 +259,25 @@ impl Postgres {
         unreachable!("the second attempt returns")
     }
 
-    async fn start_backup(&self, backup_id: &str, step: Step) -> Result<Backup, EngineError> {
+    /// Opens the session a freeze holds. For a non-atomic cut it runs
+    /// `pg_backup_start` with a temporary slot reserving the WAL; an atomic
+    /// cut restores by crash recovery and needs neither.
+    async fn start_backup(
+        &self,
+        backup_id: &str,
+        step: Step,
+        atomic_cut: bool,
+    ) -> Result<Backup, EngineError> {
+        if atomic_cut {
+            let session = self.connect(None, step, "hold session").await?;
+            let fences = self.open_fences(step).await?;
+            return Ok(Backup {
+                backup_id: backup_id.to_string(),
+                session,
+                stop: None,
+                fences,
+            });
+        }
         let session = self.connect(None, step, "backup session").await?;
         let c = &session.client;
         let version: i32 = c
@@ -273,9 +304,11 @@ impl Postgres {
         Ok(Backup {
             backup_id: backup_id.to_string(),
             session,
-            stop_sql: statements.stop,
-            start_lsn,
-            slot,
+            stop: Some(BackupStop {
+                stop_sql: statements.stop,
+                start_lsn,
+                slot,
+            }),
             fences,
         })
     }
@@ -432,27 +465,38 @@ impl Engine for Postgres {
         self.position_from(&row, Step::Position)
     }
 
-    async fn prepare(&self, backup_id: &str) -> Result<String, EngineError> {
+    async fn prepare(&self, backup_id: &str, atomic_cut: bool) -> Result<String, EngineError> {
         {
             let prepared = self.prepared.lock().await;
             if let Some(b) = prepared.as_ref().filter(|b| b.backup_id == backup_id) {
-                return Ok(format!(
-                    "backup already started at {} (slot {})",
-                    b.start_lsn, b.slot
-                ));
+                return Ok(match &b.stop {
+                    Some(stop) => format!(
+                        "backup already started at {} (slot {})",
+                        stop.start_lsn, stop.slot
+                    ),
+                    None => "already prepared for an atomic cut".to_string(),
+                });
             }
         }
         let started = Instant::now();
         self.with_control(Step::Prepare, async |c| c.batch_execute("CHECKPOINT").await)
             .await?;
         let checkpoint = started.elapsed();
-        let backup = self.start_backup(backup_id, Step::Prepare).await?;
-        let detail = format!(
-            "CHECKPOINT in {} ms; backup started at {} with slot {}",
-            checkpoint.as_millis(),
-            backup.start_lsn,
-            backup.slot
-        );
+        let backup = self
+            .start_backup(backup_id, Step::Prepare, atomic_cut)
+            .await?;
+        let detail = match &backup.stop {
+            Some(stop) => format!(
+                "CHECKPOINT in {} ms; backup started at {} with slot {}",
+                checkpoint.as_millis(),
+                stop.start_lsn,
+                stop.slot
+            ),
+            None => format!(
+                "CHECKPOINT in {} ms; atomic cut: no backup session needed",
+                checkpoint.as_millis()
+            ),
+        };
         // A prepared backup that no freeze claims is ended after the
         // agent's longest lease, so a vanished controller leaks nothing.
         let previous = self.prepared.lock().await.replace(backup);
@@ -485,7 +529,8 @@ impl Engine for Postgres {
         };
         let backup = match prepared {
             Some(b) => b,
-            None => self.start_backup(backup_id, Step::Freeze).await?,
+            // Unprepared: the safe default is a backup session.
+            None => self.start_backup(backup_id, Step::Freeze, false).await?,
         };
         let mut backup = backup;
         let fences = std::mem::take(&mut backup.fences);
@@ -572,10 +617,14 @@ impl Frozen for PgHold {
             }
         }
         drop(fences);
+        let Some(stop) = backup.stop else {
+            // An atomic cut: nothing was started, nothing to stop.
+            return Ok(Thawed::default());
+        };
         let row = backup
             .session
             .client
-            .query_one(backup.stop_sql, &[])
+            .query_one(stop.stop_sql, &[])
             .await
             .map_err(|e| {
                 let (cause, message) = db_error(&e);
@@ -589,13 +638,13 @@ impl Frozen for PgHold {
             ..Default::default()
         };
         let a = &mut thawed.artefacts;
-        a.insert("start_lsn".into(), backup.start_lsn.clone());
+        a.insert("start_lsn".into(), stop.start_lsn.clone());
         a.insert("stop_lsn".into(), stop_lsn);
         a.insert("backup_label".into(), label);
         if let Some(map) = tablespace_map.filter(|m| !m.is_empty()) {
             a.insert("tablespace_map".into(), map);
         }
-        a.insert("wal_slot".into(), backup.slot.clone());
+        a.insert("wal_slot".into(), stop.slot.clone());
         a.insert("wal_retained_ms".into(), wal_retain.as_millis().to_string());
         // The temporary slot lives as long as this session: keep it a while
         // so the WAL up to the stop LSN can still be copied.

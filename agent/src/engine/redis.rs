@@ -204,7 +204,7 @@ impl Engine for Redis {
         Ok((position, role))
     }
 
-    async fn prepare(&self, _backup_id: &str) -> Result<String, EngineError> {
+    async fn prepare(&self, _backup_id: &str, _atomic_cut: bool) -> Result<String, EngineError> {
         let mut conn = self.control(Step::Prepare).await?;
         let save: Vec<String> = redis::cmd("CONFIG")
             .arg("GET")

@@ -101,11 +101,21 @@ impl Agent {
             .unwrap_or_default())
     }
 
+    /// Prepares for a non-atomic cut (a copy).
     pub async fn prepare(&mut self, backup_id: &str) -> Result<pb::PrepareResponse, tonic::Status> {
+        self.prepare_for(backup_id, false).await
+    }
+
+    pub async fn prepare_for(
+        &mut self,
+        backup_id: &str,
+        atomic_cut: bool,
+    ) -> Result<pb::PrepareResponse, tonic::Status> {
         Ok(self
             .client
             .prepare(pb::PrepareRequest {
                 backup_id: backup_id.into(),
+                atomic_cut,
             })
             .await?
             .into_inner())
