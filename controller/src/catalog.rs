@@ -68,6 +68,12 @@ pub struct MemberRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<Consistency>,
     pub restore_stage: u32,
+    /// Time the member's engine took to freeze and to thaw, as its agent
+    /// measured it (µs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thaw_us: Option<u64>,
     /// Whether `restore_stage` was set on the member (otherwise it is the
     /// engine class's default).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -95,6 +101,9 @@ pub struct Manifest {
     /// First freeze request to last thaw acknowledgement, in µs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze_window_us: Option<u64>,
+    /// How long the cut took (µs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_us: Option<u64>,
     pub members: Vec<MemberRecord>,
     pub timeline: Timeline,
 }

@@ -92,6 +92,9 @@ pub enum Driver {
     Btrfs,
     Copy,
     Exec,
+    /// Cuts nothing (the benchmarks' no-op cut); not available in files.
+    #[serde(skip)]
+    None,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agents;
+pub mod bench;
 pub mod catalog;
 pub mod certs;
 pub mod cli;
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod orchestrator;
 pub mod restore;
 pub mod retention;
+pub mod rlimit;
 pub mod scheduler;
 pub mod servers;
 pub mod snapshot;

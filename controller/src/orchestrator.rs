@@ -153,6 +153,7 @@ struct Run<'a, 'g> {
     members: Vec<Member<'g>>,
     made: Vec<SnapshotHandle>,
     window_deadline: Option<Instant>,
+    cut_us: Option<u64>,
 }
 
 impl Orchestrator {
@@ -182,6 +183,7 @@ impl Orchestrator {
             error: None,
             snapshotter: snapshotter.name().to_string(),
             freeze_window_us: None,
+            cut_us: None,
             members: Vec::new(),
             timeline: Timeline::default(),
         };
@@ -211,6 +213,7 @@ impl Orchestrator {
             members: Vec::new(),
             made: Vec::new(),
             window_deadline: None,
+            cut_us: None,
         };
         let result = tokio::select! {
             result = run.execute(&self.tls) => result,
@@ -230,6 +233,7 @@ impl Orchestrator {
                 .observe(us as f64 / 1e6);
         }
         manifest.members = run.members.iter().map(|m| m.record.clone()).collect();
+        manifest.cut_us = run.cut_us;
         manifest.timeline = run.timeline.clone();
         match result {
             Ok(()) => {
@@ -367,6 +371,8 @@ impl<'g> Run<'_, 'g> {
                         restore_stage_explicit: config.restore_stage.is_some(),
                         snapshots: Vec::new(),
                         artefacts: BTreeMap::new(),
+                        freeze_us: None,
+                        thaw_us: None,
                     };
                     self.members.push(Member {
                         config,
@@ -433,6 +439,7 @@ impl<'g> Run<'_, 'g> {
             .agent_freeze
             .get_or_create(&Metrics::engine(m.engine()))
             .observe(held.frozen.freeze_duration_us as f64 / 1e6);
+        m.record.freeze_us = Some(held.frozen.freeze_duration_us);
         m.record.position = held.frozen.position.as_ref().map(PositionExt::display);
         m.holder = Some(Holder::spawn(held, ttl));
         Ok((requested, frozen))
@@ -601,6 +608,7 @@ impl<'g> Run<'_, 'g> {
             ]
         };
         let over = self.over_budget("the cut");
+        let started = self.clock.now_us();
         let cutting = async {
             for batch in batches.iter().filter(|b| !b.is_empty()) {
                 match self.snapshotter.cut(self.id, batch).await {
@@ -617,6 +625,7 @@ impl<'g> Run<'_, 'g> {
         tokio::time::timeout(bound, cutting)
             .await
             .map_err(|_| over)??;
+        self.cut_us = Some(self.clock.now_us().saturating_sub(started));
         let names: Vec<String> = self.members.iter().map(|m| m.config.name.clone()).collect();
         for name in &names {
             self.mark(name, "cut");
@@ -641,6 +650,7 @@ impl<'g> Run<'_, 'g> {
                             .agent_thaw
                             .get_or_create(&Metrics::engine(m.engine()))
                             .observe(r.thaw_duration_us as f64 / 1e6);
+                        m.record.thaw_us = Some(r.thaw_duration_us);
                         m.record.artefacts = r.artefacts.into_iter().collect();
                         let err = (!r.error.is_empty())
                             .then(|| format!("member {}: {}", m.config.name, r.error));

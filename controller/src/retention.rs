@@ -147,6 +147,7 @@ mod tests {
             error: None,
             snapshotter: "btrfs".into(),
             freeze_window_us: None,
+            cut_us: None,
             members: vec![],
             timeline: Timeline::default(),
         }

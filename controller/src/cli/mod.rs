@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::orchestrator::Orchestrator;
 
 pub mod backup;
+pub mod bench;
 pub mod certs;
 pub mod config;
 pub mod demo;
@@ -84,6 +85,10 @@ pub enum Command {
     /// Run the whole thing on this machine: six real databases on btrfs,
     /// six agents, a causal workload, group backups, restore and checks.
     Demo(demo::DemoArgs),
+    /// Run the benchmark suite: freeze window against exec hooks, fan-out,
+    /// application stall under pgbench, controller memory. Prints a table
+    /// and writes JSON.
+    Bench(bench::BenchArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -101,6 +106,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .try_init();
+    crate::rlimit::raise_open_files();
     let metrics_file = cli.global.metrics_file.clone();
     let result = dispatch(cli);
     if let Some(path) = metrics_file {
@@ -124,6 +130,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Restore(args) => restore::run(args, &cli.global),
         Command::Serve(args) => serve::run(args, &cli.global),
         Command::Demo(args) => demo::run(args, &cli.global),
+        Command::Bench(args) => bench::run(args, &cli.global),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

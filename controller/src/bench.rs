@@ -1,0 +1,746 @@
+//! `stillpoint bench`: the benchmark suite, run on this machine.
+//!
+//! 1. **Freeze window against exec hooks.** The demo's six databases on
+//!    btrfs. In the same run, interleaved: Stillpoint's group backup, and
+//!    what shell-hook frameworks do (one `psql`/`mariadb`/`redis-cli`
+//!    process per member per hook, one after another: pre hooks, the cut,
+//!    post hooks), each with the btrfs cut and with a no-op cut.
+//! 2. **Fan-out.** `noop` agents over real mTLS: the window and the
+//!    orchestration overhead (the window minus the slowest member's own
+//!    freeze and thaw time, minus the cut).
+//! 3. **Application stall.** pgbench against the PostgreSQL primary, with
+//!    back-to-back backups and without them.
+//! 4. **Controller memory.** `stillpoint quiesce` holding one freeze stream
+//!    per agent for many agents.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::catalog::Manifest;
+use crate::certs::{self, LeafSpec, Validity};
+use crate::config::{Driver, Group, MemberFile, RoleHint};
+use crate::demo::Cluster;
+use crate::orchestrator::Orchestrator;
+use crate::servers::agent::{AgentProc, AgentSpec};
+use crate::snapshot::{Snapshotter, VolumeRef, btrfs::Btrfs};
+
+/// What to run and how much of it.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Backups per arm (window) and per fan-out size.
+    pub runs: usize,
+    pub fanout: Vec<usize>,
+    /// Agent channels held for the memory figure.
+    pub channels: usize,
+    pub pgbench_seconds: u64,
+    pub parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Window,
+    Fanout,
+    Stall,
+    Memory,
+}
+
+/// Median, p99 and max of samples in µs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stats {
+    pub n: usize,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(values: &[f64]) -> Stats {
+        let mut v: Vec<f64> = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            return Stats::default();
+        }
+        let at = |p: f64| v[((p / 100.0) * (v.len() - 1) as f64).round() as usize];
+        Stats {
+            n: v.len(),
+            p50: at(50.0),
+            p99: at(99.0),
+            max: v[v.len() - 1],
+        }
+    }
+
+    fn json_ms(&self) -> Value {
+        json!({"n": self.n, "p50_ms": self.p50 / 1000.0, "p99_ms": self.p99 / 1000.0, "max_ms": self.max / 1000.0})
+    }
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.2} ms", us / 1000.0)
+}
+
+/// Orchestration overhead of one backup: the window minus the slowest
+/// member's own freeze + thaw, minus the cut (µs).
+pub fn overhead_us(m: &Manifest) -> Option<f64> {
+    let window = m.freeze_window_us? as f64;
+    let slowest = m
+        .members
+        .iter()
+        .map(|r| r.freeze_us.unwrap_or(0) + r.thaw_us.unwrap_or(0))
+        .max()
+        .unwrap_or(0) as f64;
+    Some(window - slowest - m.cut_us.unwrap_or(0) as f64)
+}
+
+/// The suite's output: a printed table and a JSON document.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub sections: Vec<(String, String)>,
+    pub json: serde_json::Map<String, Value>,
+}
+
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    crate::cli::output::table(headers, rows)
+}
+
+/// One exec hook: a client process per member, as hook frameworks run it.
+struct Hook {
+    member: &'static str,
+    program: &'static str,
+    args: Vec<String>,
+}
+
+impl Hook {
+    fn run(&self) -> Result<()> {
+        let out = Command::new(self.program)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", self.program))?;
+        if !out.status.success() {
+            bail!(
+                "{} hook of {} failed: {}",
+                self.program,
+                self.member,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The pre and post hooks of the six demo members, in the order a hook
+/// framework runs them.
+fn hooks(cluster: &Cluster) -> (Vec<Hook>, Vec<Hook>) {
+    let psql = |member, port: u16, sql: &str| Hook {
+        member,
+        program: "psql",
+        args: [
+            "-X", "-q", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d",
+            "demo", "-c", sql,
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
+    let maria = |member, port: u16, sql: &str| Hook {
+        member,
+        program: "mariadb",
+        args: ["-h", "127.0.0.1", "-P", &port.to_string(), "-u", "root", "-e", sql]
+            .map(String::from)
+            .to_vec(),
+    };
+    let redis = |member, port: u16, cmd: &[&str]| Hook {
+        member,
+        program: "redis-cli",
+        args: ["-h", "127.0.0.1", "-p", &port.to_string()]
+            .iter()
+            .chain(cmd)
+            .map(|s| s.to_string())
+            .collect(),
+    };
+    let (pg0, pg1) = (cluster.pg.primary.port, cluster.pg.replica.port);
+    let (m0, m1) = (cluster.maria.primary.port, cluster.maria.replica.port);
+    let (r0, r1) = (cluster.redis.primary.port, cluster.redis.replica.port);
+    let lock = "BEGIN; LOCK TABLE chain_a, chain_b IN EXCLUSIVE MODE; COMMIT";
+    let pre = vec![
+        psql("pg-0", pg0, lock),
+        psql("pg-1", pg1, "SELECT pg_wal_replay_pause()"),
+        maria("maria-0", m0, "FLUSH TABLES WITH READ LOCK"),
+        maria("maria-1", m1, "FLUSH TABLES WITH READ LOCK"),
+        redis("redis-0", r0, &["CLIENT", "PAUSE", "30000", "WRITE"]),
+        redis("redis-1", r1, &["CLIENT", "PAUSE", "30000", "WRITE"]),
+    ];
+    let post = vec![
+        psql("pg-0", pg0, "SELECT pg_current_wal_lsn()"),
+        psql("pg-1", pg1, "SELECT pg_wal_replay_resume()"),
+        maria("maria-0", m0, "UNLOCK TABLES"),
+        maria("maria-1", m1, "UNLOCK TABLES"),
+        redis("redis-0", r0, &["CLIENT", "UNPAUSE"]),
+        redis("redis-1", r1, &["CLIENT", "UNPAUSE"]),
+    ];
+    (pre, post)
+}
+
+fn volumes(group: &Group) -> Vec<VolumeRef> {
+    group
+        .members
+        .iter()
+        .flat_map(|m| {
+            m.volumes.iter().enumerate().map(|(index, path)| VolumeRef {
+                member: m.name.clone(),
+                index,
+                path: path.clone(),
+            })
+        })
+        .collect()
+}
+
+/// One exec-hook backup: returns its window (µs).
+async fn hook_backup(
+    pre: &[Hook],
+    post: &[Hook],
+    cut: Option<(&Btrfs, &[VolumeRef])>,
+    id: &str,
+) -> Result<f64> {
+    let started = Instant::now();
+    for h in pre {
+        tokio::task::block_in_place(|| h.run())?;
+    }
+    let made = match cut {
+        Some((btrfs, volumes)) => btrfs.cut(id, volumes).await?,
+        None => Vec::new(),
+    };
+    for h in post {
+        tokio::task::block_in_place(|| h.run())?;
+    }
+    let window = started.elapsed().as_micros() as f64;
+    if let Some((btrfs, _)) = cut {
+        btrfs.delete(&made).await?;
+        btrfs.delete_backup(id).await?;
+    }
+    Ok(window)
+}
+
+async fn stillpoint_backup(orchestrator: &Orchestrator, group: &Group, id: &str) -> Result<Manifest> {
+    let m = orchestrator.backup(group, id).await?;
+    crate::retention::delete_backup(&orchestrator.catalog, &m, Some(group)).await?;
+    Ok(m)
+}
+
+/// Part 1: the freeze window of Stillpoint against exec hooks.
+pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Result<()> {
+    let (pre, post) = hooks(cluster);
+    let btrfs_group = cluster.group.clone();
+    let mut none_group = cluster.group.clone();
+    none_group.driver = Driver::None;
+    let btrfs = Btrfs::new(cluster.group.snapshot_dir.clone());
+    let vols = volumes(&cluster.group);
+    let mut sp_btrfs = Vec::new();
+    let mut sp_none = Vec::new();
+    let mut hk_btrfs = Vec::new();
+    let mut hk_none = Vec::new();
+    let mut overhead = Vec::new();
+    let mut member_max = Vec::new();
+    for i in 0..runs + 2 {
+        let a = stillpoint_backup(&cluster.orchestrator, &none_group, &format!("sp-none-{i}")).await?;
+        let b = stillpoint_backup(&cluster.orchestrator, &btrfs_group, &format!("sp-btrfs-{i}")).await?;
+        let c = hook_backup(&pre, &post, None, &format!("hk-none-{i}")).await?;
+        let d = hook_backup(&pre, &post, Some((&btrfs, &vols)), &format!("hk-btrfs-{i}")).await?;
+        if i < 2 {
+            continue; // warm-up
+        }
+        sp_none.push(a.freeze_window_us.unwrap_or(0) as f64);
+        sp_btrfs.push(b.freeze_window_us.unwrap_or(0) as f64);
+        hk_none.push(c);
+        hk_btrfs.push(d);
+        overhead.extend(overhead_us(&a));
+        member_max.push(
+            a.members
+                .iter()
+                .map(|r| r.freeze_us.unwrap_or(0) + r.thaw_us.unwrap_or(0))
+                .max()
+                .unwrap_or(0) as f64,
+        );
+    }
+    let rows_of = |name: &str, cut: &str, sp: &[f64], hk: &[f64]| {
+        let (s, h) = (Stats::of(sp), Stats::of(hk));
+        vec![
+            format!("{name} ({cut} cut)"),
+            ms(s.p50),
+            ms(s.p99),
+            ms(h.p50),
+            ms(h.p99),
+            format!("{:.0}x", h.p50 / s.p50.max(1.0)),
+            format!("{:.0}x", h.p99 / s.p99.max(1.0)),
+        ]
+    };
+    let text = format!(
+        "{}\nStillpoint orchestration overhead (no-op cut): p50 {}, p99 {}; slowest member's own freeze+thaw: p50 {}\n\
+         The exec-hook baseline cannot hold its locks: each lock ends when its client process exits,\n\
+         so its \"window\" protects nothing. That is the correctness gap; the time is the cost of the pattern.\n",
+        table(
+            &["SIX MEMBERS", "STILLPOINT P50", "P99", "EXEC HOOKS P50", "P99", "RATIO P50", "RATIO P99"],
+            &[
+                rows_of("pg+mariadb+redis", "no-op", &sp_none, &hk_none),
+                rows_of("pg+mariadb+redis", "btrfs", &sp_btrfs, &hk_btrfs),
+            ],
+        ),
+        ms(Stats::of(&overhead).p50),
+        ms(Stats::of(&overhead).p99),
+        ms(Stats::of(&member_max).p50),
+    );
+    report
+        .sections
+        .push((format!("1. Freeze window against exec hooks ({runs} runs each, interleaved)"), text));
+    let pair = |sp: &[f64], hk: &[f64]| {
+        let (s, h) = (Stats::of(sp), Stats::of(hk));
+        json!({
+            "stillpoint": s.json_ms(),
+            "exec_hooks": h.json_ms(),
+            "ratio_p50": h.p50 / s.p50.max(1.0),
+            "ratio_p99": h.p99 / s.p99.max(1.0),
+        })
+    };
+    report.json.insert(
+        "window".into(),
+        json!({
+            "members": 6,
+            "noop_cut": pair(&sp_none, &hk_none),
+            "btrfs_cut": pair(&sp_btrfs, &hk_btrfs),
+            "overhead": Stats::of(&overhead).json_ms(),
+            "slowest_member_freeze_thaw": Stats::of(&member_max).json_ms(),
+            "baseline_holds_its_locks": false,
+        }),
+    );
+    Ok(())
+}
+
+/// pgbench's per-transaction latencies (µs) from its logs, and its failed count.
+fn pgbench_run(cluster: &Cluster, seconds: u64, dir: &Path, tag: &str) -> Result<(Vec<f64>, u64)> {
+    let prefix = dir.join(tag);
+    let out = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &cluster.pg.primary.port.to_string()])
+        .args(["-U", "postgres", "-n", "-c", "4", "-j", "2"])
+        .args(["-T", &seconds.to_string(), "-l", "--log-prefix"])
+        .arg(&prefix)
+        .arg("demo")
+        .stdin(Stdio::null())
+        .output()
+        .context("running pgbench")?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        bail!(
+            "pgbench failed: {}{}",
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let failed = stdout
+        .lines()
+        .find(|l| l.starts_with("number of failed transactions"))
+        .and_then(|l| l.split(':').nth(1)?.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let mut latencies = Vec::new();
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !name.starts_with(tag) {
+            continue;
+        }
+        for line in std::fs::read_to_string(entry.path())?.lines() {
+            if let Some(us) = line.split_whitespace().nth(2).and_then(|v| v.parse::<f64>().ok()) {
+                latencies.push(us);
+            }
+        }
+    }
+    Ok((latencies, failed))
+}
+
+/// Part 3: pgbench with and without back-to-back backups.
+pub async fn stall(cluster: &Cluster, seconds: u64, report: &mut Report) -> Result<()> {
+    let pg = &cluster.pg.primary;
+    let scale = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres"])
+        .args(["-i", "-q", "-s", "4", "demo"])
+        .output()
+        .context("pgbench -i")?;
+    if !scale.status.success() {
+        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&scale.stderr));
+    }
+    let logs = tempfile::Builder::new().prefix("stillpoint-pgbench-").tempdir()?;
+    let dir = logs.path().to_path_buf();
+    let quiet = tokio::task::block_in_place(|| pgbench_run(cluster, seconds, &dir, "quiet"))?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let group = cluster.group.clone();
+    let orchestrator = cluster.orchestrator.clone();
+    let backups = tokio::spawn(async move {
+        let mut windows = Vec::new();
+        let mut errors = Vec::new();
+        let mut i = 0;
+        while !*stopped.borrow() {
+            match stillpoint_backup(&orchestrator, &group, &format!("stall-{i}")).await {
+                Ok(m) => windows.push(m.freeze_window_us.unwrap_or(0) as f64),
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+            i += 1;
+        }
+        (windows, errors)
+    });
+    let during = tokio::task::block_in_place(|| pgbench_run(cluster, seconds, &dir, "busy"))?;
+    let _ = stop.send(true);
+    let (windows, errors) = backups.await?;
+    if !errors.is_empty() {
+        bail!("backups during pgbench failed: {}", errors.join("; "));
+    }
+    let (q, b, w) = (Stats::of(&quiet.0), Stats::of(&during.0), Stats::of(&windows));
+    let row = |name: &str, s: &Stats, failed: u64| {
+        vec![
+            name.to_string(),
+            s.n.to_string(),
+            ms(s.p50),
+            ms(s.p99),
+            ms(s.max),
+            failed.to_string(),
+        ]
+    };
+    let text = format!(
+        "{}\nbackups taken during the run: {} (freeze window p50 {}, p99 {}); added p99 latency: {}\n",
+        table(
+            &["PGBENCH (4 CLIENTS)", "TXNS", "P50", "P99", "MAX", "FAILED"],
+            &[
+                row("without backups", &q, quiet.1),
+                row("back-to-back backups", &b, during.1),
+            ],
+        ),
+        w.n,
+        ms(w.p50),
+        ms(w.p99),
+        ms(b.p99 - q.p99),
+    );
+    report
+        .sections
+        .push((format!("3. Application stall (pgbench, {seconds} s each)"), text));
+    report.json.insert(
+        "stall".into(),
+        json!({
+            "seconds": seconds,
+            "without_backups": {"latency": q.json_ms(), "failed": quiet.1},
+            "with_backups": {"latency": b.json_ms(), "failed": during.1},
+            "backups": w.n,
+            "freeze_window": w.json_ms(),
+            "added_p99_ms": (b.p99 - q.p99) / 1000.0,
+        }),
+    );
+    Ok(())
+}
+
+/// Noop agents sharing one identity, for parts 2 and 4.
+pub struct NoopFleet {
+    agents: Vec<AgentProc>,
+    dir: tempfile::TempDir,
+    identity: String,
+    controller_tls: PathBuf,
+    binary: PathBuf,
+    agent_tls: stillpoint_proto::tls::TlsFiles,
+}
+
+impl std::fmt::Debug for NoopFleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NoopFleet({} agents)", self.agents.len())
+    }
+}
+
+const CONTROLLER: &str = "spiffe://stillpoint.bench/ns/stillpoint/sa/controller";
+
+impl NoopFleet {
+    pub fn new(binary: &Path) -> Result<NoopFleet> {
+        let dir = tempfile::Builder::new().prefix("stillpoint-bench-").tempdir()?;
+        let pki = dir.path().join("pki");
+        certs::init_ca(&pki.join("ca"), "Stillpoint bench CA", Validity::days(1), false)?;
+        let issue = |name: &str, uri: &str| -> Result<PathBuf> {
+            let out = pki.join(name);
+            let spec = LeafSpec {
+                uri: uri.into(),
+                dns: vec![],
+                validity: Validity::days(1),
+            };
+            certs::issue(&pki.join("ca"), &spec, &out, false)?;
+            Ok(out)
+        };
+        let identity = "spiffe://stillpoint.bench/ns/bench/sa/noop".to_string();
+        let agent_dir = issue("agent", &identity)?;
+        let controller_tls = issue("controller", CONTROLLER)?;
+        Ok(NoopFleet {
+            agents: Vec::new(),
+            dir,
+            identity,
+            controller_tls,
+            binary: binary.to_path_buf(),
+            agent_tls: stillpoint_proto::tls::TlsFiles::in_dir(&agent_dir),
+        })
+    }
+
+    /// Grows the fleet to `n` agents (started in parallel).
+    pub async fn grow(&mut self, n: usize) -> Result<()> {
+        let have = self.agents.len();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in have..n {
+            let spec = AgentSpec::new(&format!("noop-{i}"), "noop", self.agent_tls.clone(), CONTROLLER)
+                .with("STILLPOINT_LOG", "warn,stillpoint_agent=info");
+            let binary = self.binary.clone();
+            tasks.spawn_blocking(move || (i, AgentProc::spawn_with(&binary, &spec)));
+            if tasks.len() >= 16 {
+                let (i, a) = tasks.join_next().await.expect("a task")?;
+                self.agents.push(a.with_context(|| format!("noop agent {i}"))?);
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            let (i, a) = done?;
+            self.agents.push(a.with_context(|| format!("noop agent {i}"))?);
+        }
+        Ok(())
+    }
+
+    fn members(&self, n: usize) -> Vec<MemberFile> {
+        self.agents[..n]
+            .iter()
+            .map(|a| MemberFile {
+                name: a.member.clone(),
+                agent: a.grpc_addr(),
+                identity: self.identity.clone(),
+                role: RoleHint::Primary,
+                primary: None,
+                volumes: vec![],
+                restore_stage: None,
+                fsfreeze: false,
+            })
+            .collect()
+    }
+
+    pub fn group(&self, n: usize) -> Group {
+        Group {
+            name: format!("noop-{n}"),
+            driver: Driver::None,
+            snapshot_dir: PathBuf::new(),
+            exec: None,
+            freeze_budget: Duration::from_secs(30),
+            lease_ttl: Duration::from_secs(30),
+            align_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            members: self.members(n),
+        }
+    }
+
+    pub fn orchestrator(&self) -> Result<Orchestrator> {
+        Ok(Orchestrator {
+            tls: crate::agents::ControllerTls::watch(
+                stillpoint_proto::tls::TlsFiles::in_dir(&self.controller_tls),
+                Duration::from_secs(600),
+            )?,
+            catalog: crate::catalog::Catalog::open(&self.dir.path().join("catalog"))?,
+        })
+    }
+
+    /// A local-mode config with one group of the first `n` agents.
+    pub fn config_file(&self, n: usize) -> Result<PathBuf> {
+        let mut text = format!(
+            "catalog = \"{}\"\n[tls]\ndir = \"{}\"\n[groups.fleet]\nsnapshotter = \"exec\"\n\
+             [groups.fleet.exec]\nsnapshot = \"true\"\ndelete = \"true\"\n",
+            self.dir.path().join("catalog").display(),
+            self.controller_tls.display()
+        );
+        for m in self.members(n) {
+            text.push_str(&format!(
+                "[[groups.fleet.members]]\nname = \"{}\"\nagent = \"{}\"\nidentity = \"{}\"\nrole = \"primary\"\n",
+                m.name, m.agent, m.identity
+            ));
+        }
+        let path = self.dir.path().join(format!("fleet-{n}.toml"));
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+}
+
+/// Part 2: fan-out over noop agents.
+pub async fn fanout(fleet: &mut NoopFleet, sizes: &[usize], runs: usize, report: &mut Report) -> Result<()> {
+    let orchestrator = fleet.orchestrator()?;
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for &n in sizes {
+        fleet.grow(n).await?;
+        let group = fleet.group(n);
+        let mut windows = Vec::new();
+        let mut overheads = Vec::new();
+        let mut slowest = Vec::new();
+        for i in 0..runs + 2 {
+            let m = stillpoint_backup(&orchestrator, &group, &format!("fan-{n}-{i}")).await?;
+            if i < 2 {
+                continue;
+            }
+            windows.push(m.freeze_window_us.unwrap_or(0) as f64);
+            overheads.extend(overhead_us(&m));
+            slowest.push(
+                m.members
+                    .iter()
+                    .map(|r| r.freeze_us.unwrap_or(0) + r.thaw_us.unwrap_or(0))
+                    .max()
+                    .unwrap_or(0) as f64,
+            );
+        }
+        let (w, o, s) = (Stats::of(&windows), Stats::of(&overheads), Stats::of(&slowest));
+        rows.push(vec![
+            n.to_string(),
+            ms(w.p50),
+            ms(w.p99),
+            ms(o.p50),
+            ms(o.p99),
+            ms(s.p50),
+        ]);
+        out.push(json!({"agents": n, "window": w.json_ms(), "overhead": o.json_ms(), "slowest_member_freeze_thaw": s.json_ms()}));
+    }
+    let text = format!(
+        "{}\noverhead = window - slowest member's own freeze+thaw - cut (no-op cut); real mTLS to every agent\n",
+        table(
+            &["NOOP AGENTS", "WINDOW P50", "P99", "OVERHEAD P50", "P99", "SLOWEST MEMBER P50"],
+            &rows
+        )
+    );
+    report
+        .sections
+        .push((format!("2. Fan-out ({runs} runs per size)"), text));
+    report.json.insert("fanout".into(), Value::Array(out));
+    Ok(())
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Part 4: the controller's memory while it holds `n` freeze streams.
+pub async fn memory(fleet: &mut NoopFleet, n: usize, report: &mut Report) -> Result<()> {
+    fleet.grow(n).await?;
+    let config = fleet.config_file(n)?;
+    let exe = std::env::current_exe()?;
+    let out_path = fleet.dir.path().join("quiesce.out");
+    let mut child = Command::new(exe)
+        .arg("--config")
+        .arg(&config)
+        .args(["quiesce", "fleet", "--for", "6s", "--ttl", "60s"])
+        .stdout(std::fs::File::create(&out_path)?)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting stillpoint quiesce")?;
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&out_path)?.contains("holding for") {
+        if let Some(status) = child.try_wait()? {
+            bail!("quiesce of {n} agents exited early ({status})");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("quiesce of {n} agents did not freeze them within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut rss = 0;
+    let mut hwm = 0;
+    for _ in 0..20 {
+        rss = rss.max(proc_status_kib(pid, "VmRSS:"));
+        hwm = hwm.max(proc_status_kib(pid, "VmHWM:"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let frozen = std::fs::read_to_string(&out_path)?
+        .lines()
+        .filter(|l| l.starts_with("frozen "))
+        .count();
+    let status = tokio::task::block_in_place(|| child.wait())?;
+    if !status.success() || frozen != n {
+        bail!("quiesce held {frozen} of {n} agents and exited {status}");
+    }
+    let text = format!(
+        "{}\nthe real `stillpoint quiesce` process, holding one mTLS freeze stream per agent (renewing)\n",
+        table(
+            &["CHANNELS", "CONTROLLER RSS", "PEAK RSS"],
+            &[vec![
+                n.to_string(),
+                format!("{:.1} MiB", rss as f64 / 1024.0),
+                format!("{:.1} MiB", hwm as f64 / 1024.0)
+            ]]
+        )
+    );
+    report.sections.push(("4. Controller memory".into(), text));
+    report.json.insert(
+        "memory".into(),
+        json!({"channels": n, "rss_mib": rss as f64 / 1024.0, "peak_rss_mib": hwm as f64 / 1024.0}),
+    );
+    Ok(())
+}
+
+/// Runs the selected parts; `say` reports progress.
+pub async fn run(options: &Options, agent: &Path, say: impl Fn(&str)) -> Result<Report> {
+    let mut report = Report::default();
+    report.json.insert("machine".into(), machine());
+    let wants = |p: Part| options.parts.contains(&p);
+    if wants(Part::Window) || wants(Part::Stall) {
+        say("starting the six databases on btrfs and their agents");
+        let cluster = Cluster::start(agent, &say).await?;
+        if wants(Part::Window) {
+            say(&format!("1. freeze window: Stillpoint and exec hooks, {} runs each", options.runs));
+            window(&cluster, options.runs, &mut report).await?;
+        }
+        if wants(Part::Stall) {
+            say(&format!("3. application stall: pgbench, {} s without and {} s with backups", options.pgbench_seconds, options.pgbench_seconds));
+            stall(&cluster, options.pgbench_seconds, &mut report).await?;
+        }
+        drop(cluster);
+    }
+    if wants(Part::Fanout) || wants(Part::Memory) {
+        let mut fleet = NoopFleet::new(agent)?;
+        if wants(Part::Fanout) {
+            say(&format!("2. fan-out: {:?} noop agents", options.fanout));
+            fanout(&mut fleet, &options.fanout, options.runs, &mut report).await?;
+        }
+        if wants(Part::Memory) {
+            say(&format!("4. controller memory: {} agent channels", options.channels));
+            memory(&mut fleet, options.channels, &mut report).await?;
+        }
+    }
+    Ok(report)
+}
+
+/// What the figures were measured on.
+pub fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    json!({
+        "cpu": model,
+        "cores": cores,
+        "memory_gib": (mem_kib as f64 / 1048576.0 * 10.0).round() / 10.0,
+        "kernel": kernel,
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+    })
+}
