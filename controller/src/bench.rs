@@ -139,8 +139,18 @@ fn hooks(cluster: &Cluster) -> (Vec<Hook>, Vec<Hook>) {
         member,
         program: "psql",
         args: [
-            "-X", "-q", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d",
-            "demo", "-c", sql,
+            "-X",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "demo",
+            "-c",
+            sql,
         ]
         .map(String::from)
         .to_vec(),
@@ -148,9 +158,18 @@ fn hooks(cluster: &Cluster) -> (Vec<Hook>, Vec<Hook>) {
     let maria = |member, port: u16, sql: &str| Hook {
         member,
         program: "mariadb",
-        args: ["-h", "127.0.0.1", "-P", &port.to_string(), "-u", "root", "-e", sql]
-            .map(String::from)
-            .to_vec(),
+        args: [
+            "-h",
+            "127.0.0.1",
+            "-P",
+            &port.to_string(),
+            "-u",
+            "root",
+            "-e",
+            sql,
+        ]
+        .map(String::from)
+        .to_vec(),
     };
     let redis = |member, port: u16, cmd: &[&str]| Hook {
         member,
@@ -224,7 +243,11 @@ async fn hook_backup(
     Ok(window)
 }
 
-async fn stillpoint_backup(orchestrator: &Orchestrator, group: &Group, id: &str) -> Result<Manifest> {
+async fn stillpoint_backup(
+    orchestrator: &Orchestrator,
+    group: &Group,
+    id: &str,
+) -> Result<Manifest> {
     let m = orchestrator.backup(group, id).await?;
     crate::retention::delete_backup(&orchestrator.catalog, &m, Some(group)).await?;
     Ok(m)
@@ -244,9 +267,16 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
     let mut hk_none = Vec::new();
     let mut overhead = Vec::new();
     let mut member_max = Vec::new();
+    let mut last = None;
     for i in 0..runs + 2 {
-        let a = stillpoint_backup(&cluster.orchestrator, &none_group, &format!("sp-none-{i}")).await?;
-        let b = stillpoint_backup(&cluster.orchestrator, &btrfs_group, &format!("sp-btrfs-{i}")).await?;
+        let a =
+            stillpoint_backup(&cluster.orchestrator, &none_group, &format!("sp-none-{i}")).await?;
+        let b = stillpoint_backup(
+            &cluster.orchestrator,
+            &btrfs_group,
+            &format!("sp-btrfs-{i}"),
+        )
+        .await?;
         let c = hook_backup(&pre, &post, None, &format!("hk-none-{i}")).await?;
         let d = hook_backup(&pre, &post, Some((&btrfs, &vols)), &format!("hk-btrfs-{i}")).await?;
         if i < 2 {
@@ -256,6 +286,21 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
         sp_btrfs.push(b.freeze_window_us.unwrap_or(0) as f64);
         hk_none.push(c);
         hk_btrfs.push(d);
+        last = Some(a.clone());
+        if std::env::var("SP_DEBUG").is_ok() {
+            eprintln!(
+                "{}",
+                serde_json::to_string(&(
+                    &a.timeline,
+                    a.members
+                        .iter()
+                        .map(|m| (&m.name, m.freeze_us, m.thaw_us))
+                        .collect::<Vec<_>>(),
+                    a.cut_us
+                ))
+                .unwrap()
+            );
+        }
         overhead.extend(overhead_us(&a));
         member_max.push(
             a.members
@@ -277,12 +322,22 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
             format!("{:.0}x", h.p99 / s.p99.max(1.0)),
         ]
     };
+    let gantt = last.map(|m| m.timeline.gantt(64)).unwrap_or_default();
     let text = format!(
         "{}\nStillpoint orchestration overhead (no-op cut): p50 {}, p99 {}; slowest member's own freeze+thaw: p50 {}\n\
          The exec-hook baseline cannot hold its locks: each lock ends when its client process exits,\n\
-         so its \"window\" protects nothing. That is the correctness gap; the time is the cost of the pattern.\n",
+         so its \"window\" protects nothing. That is the correctness gap; the time is the cost of the pattern.\n\n\
+         timeline of the last Stillpoint backup (no-op cut):\n{gantt}",
         table(
-            &["SIX MEMBERS", "STILLPOINT P50", "P99", "EXEC HOOKS P50", "P99", "RATIO P50", "RATIO P99"],
+            &[
+                "SIX MEMBERS",
+                "STILLPOINT P50",
+                "P99",
+                "EXEC HOOKS P50",
+                "P99",
+                "RATIO P50",
+                "RATIO P99"
+            ],
             &[
                 rows_of("pg+mariadb+redis", "no-op", &sp_none, &hk_none),
                 rows_of("pg+mariadb+redis", "btrfs", &sp_btrfs, &hk_btrfs),
@@ -292,9 +347,10 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
         ms(Stats::of(&overhead).p99),
         ms(Stats::of(&member_max).p50),
     );
-    report
-        .sections
-        .push((format!("1. Freeze window against exec hooks ({runs} runs each, interleaved)"), text));
+    report.sections.push((
+        format!("1. Freeze window against exec hooks ({runs} runs each, interleaved)"),
+        text,
+    ));
     let pair = |sp: &[f64], hk: &[f64]| {
         let (s, h) = (Stats::of(sp), Stats::of(hk));
         json!({
@@ -322,7 +378,12 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
 fn pgbench_run(cluster: &Cluster, seconds: u64, dir: &Path, tag: &str) -> Result<(Vec<f64>, u64)> {
     let prefix = dir.join(tag);
     let out = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &cluster.pg.primary.port.to_string()])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &cluster.pg.primary.port.to_string(),
+        ])
         .args(["-U", "postgres", "-n", "-c", "4", "-j", "2"])
         .args(["-T", &seconds.to_string(), "-l", "--log-prefix"])
         .arg(&prefix)
@@ -350,7 +411,11 @@ fn pgbench_run(cluster: &Cluster, seconds: u64, dir: &Path, tag: &str) -> Result
             continue;
         }
         for line in std::fs::read_to_string(entry.path())?.lines() {
-            if let Some(us) = line.split_whitespace().nth(2).and_then(|v| v.parse::<f64>().ok()) {
+            if let Some(us) = line
+                .split_whitespace()
+                .nth(2)
+                .and_then(|v| v.parse::<f64>().ok())
+            {
                 latencies.push(us);
             }
         }
@@ -362,14 +427,26 @@ fn pgbench_run(cluster: &Cluster, seconds: u64, dir: &Path, tag: &str) -> Result
 pub async fn stall(cluster: &Cluster, seconds: u64, report: &mut Report) -> Result<()> {
     let pg = &cluster.pg.primary;
     let scale = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+        ])
         .args(["-i", "-q", "-s", "4", "demo"])
         .output()
         .context("pgbench -i")?;
     if !scale.status.success() {
-        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&scale.stderr));
+        bail!(
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&scale.stderr)
+        );
     }
-    let logs = tempfile::Builder::new().prefix("stillpoint-pgbench-").tempdir()?;
+    let logs = tempfile::Builder::new()
+        .prefix("stillpoint-pgbench-")
+        .tempdir()?;
     let dir = logs.path().to_path_buf();
     let quiet = tokio::task::block_in_place(|| pgbench_run(cluster, seconds, &dir, "quiet"))?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -394,7 +471,11 @@ pub async fn stall(cluster: &Cluster, seconds: u64, report: &mut Report) -> Resu
     if !errors.is_empty() {
         bail!("backups during pgbench failed: {}", errors.join("; "));
     }
-    let (q, b, w) = (Stats::of(&quiet.0), Stats::of(&during.0), Stats::of(&windows));
+    let (q, b, w) = (
+        Stats::of(&quiet.0),
+        Stats::of(&during.0),
+        Stats::of(&windows),
+    );
     let row = |name: &str, s: &Stats, failed: u64| {
         vec![
             name.to_string(),
@@ -419,9 +500,10 @@ pub async fn stall(cluster: &Cluster, seconds: u64, report: &mut Report) -> Resu
         ms(w.p99),
         ms(b.p99 - q.p99),
     );
-    report
-        .sections
-        .push((format!("3. Application stall (pgbench, {seconds} s each)"), text));
+    report.sections.push((
+        format!("3. Application stall (pgbench, {seconds} s each)"),
+        text,
+    ));
     report.json.insert(
         "stall".into(),
         json!({
@@ -456,9 +538,16 @@ const CONTROLLER: &str = "spiffe://stillpoint.bench/ns/stillpoint/sa/controller"
 
 impl NoopFleet {
     pub fn new(binary: &Path) -> Result<NoopFleet> {
-        let dir = tempfile::Builder::new().prefix("stillpoint-bench-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("stillpoint-bench-")
+            .tempdir()?;
         let pki = dir.path().join("pki");
-        certs::init_ca(&pki.join("ca"), "Stillpoint bench CA", Validity::days(1), false)?;
+        certs::init_ca(
+            &pki.join("ca"),
+            "Stillpoint bench CA",
+            Validity::days(1),
+            false,
+        )?;
         let issue = |name: &str, uri: &str| -> Result<PathBuf> {
             let out = pki.join(name);
             let spec = LeafSpec {
@@ -487,18 +576,25 @@ impl NoopFleet {
         let have = self.agents.len();
         let mut tasks = tokio::task::JoinSet::new();
         for i in have..n {
-            let spec = AgentSpec::new(&format!("noop-{i}"), "noop", self.agent_tls.clone(), CONTROLLER)
-                .with("STILLPOINT_LOG", "warn,stillpoint_agent=info");
+            let spec = AgentSpec::new(
+                &format!("noop-{i}"),
+                "noop",
+                self.agent_tls.clone(),
+                CONTROLLER,
+            )
+            .with("STILLPOINT_LOG", "warn,stillpoint_agent=info");
             let binary = self.binary.clone();
             tasks.spawn_blocking(move || (i, AgentProc::spawn_with(&binary, &spec)));
             if tasks.len() >= 16 {
                 let (i, a) = tasks.join_next().await.expect("a task")?;
-                self.agents.push(a.with_context(|| format!("noop agent {i}"))?);
+                self.agents
+                    .push(a.with_context(|| format!("noop agent {i}"))?);
             }
         }
         while let Some(done) = tasks.join_next().await {
             let (i, a) = done?;
-            self.agents.push(a.with_context(|| format!("noop agent {i}"))?);
+            self.agents
+                .push(a.with_context(|| format!("noop agent {i}"))?);
         }
         Ok(())
     }
@@ -564,7 +660,12 @@ impl NoopFleet {
 }
 
 /// Part 2: fan-out over noop agents.
-pub async fn fanout(fleet: &mut NoopFleet, sizes: &[usize], runs: usize, report: &mut Report) -> Result<()> {
+pub async fn fanout(
+    fleet: &mut NoopFleet,
+    sizes: &[usize],
+    runs: usize,
+    report: &mut Report,
+) -> Result<()> {
     let orchestrator = fleet.orchestrator()?;
     let mut rows = Vec::new();
     let mut out = Vec::new();
@@ -589,7 +690,11 @@ pub async fn fanout(fleet: &mut NoopFleet, sizes: &[usize], runs: usize, report:
                     .unwrap_or(0) as f64,
             );
         }
-        let (w, o, s) = (Stats::of(&windows), Stats::of(&overheads), Stats::of(&slowest));
+        let (w, o, s) = (
+            Stats::of(&windows),
+            Stats::of(&overheads),
+            Stats::of(&slowest),
+        );
         rows.push(vec![
             n.to_string(),
             ms(w.p50),
@@ -603,7 +708,14 @@ pub async fn fanout(fleet: &mut NoopFleet, sizes: &[usize], runs: usize, report:
     let text = format!(
         "{}\noverhead = window - slowest member's own freeze+thaw - cut (no-op cut); real mTLS to every agent\n",
         table(
-            &["NOOP AGENTS", "WINDOW P50", "P99", "OVERHEAD P50", "P99", "SLOWEST MEMBER P50"],
+            &[
+                "NOOP AGENTS",
+                "WINDOW P50",
+                "P99",
+                "OVERHEAD P50",
+                "P99",
+                "SLOWEST MEMBER P50"
+            ],
             &rows
         )
     );
@@ -692,11 +804,17 @@ pub async fn run(options: &Options, agent: &Path, say: impl Fn(&str)) -> Result<
         say("starting the six databases on btrfs and their agents");
         let cluster = Cluster::start(agent, &say).await?;
         if wants(Part::Window) {
-            say(&format!("1. freeze window: Stillpoint and exec hooks, {} runs each", options.runs));
+            say(&format!(
+                "1. freeze window: Stillpoint and exec hooks, {} runs each",
+                options.runs
+            ));
             window(&cluster, options.runs, &mut report).await?;
         }
         if wants(Part::Stall) {
-            say(&format!("3. application stall: pgbench, {} s without and {} s with backups", options.pgbench_seconds, options.pgbench_seconds));
+            say(&format!(
+                "3. application stall: pgbench, {} s without and {} s with backups",
+                options.pgbench_seconds, options.pgbench_seconds
+            ));
             stall(&cluster, options.pgbench_seconds, &mut report).await?;
         }
         drop(cluster);
@@ -708,7 +826,10 @@ pub async fn run(options: &Options, agent: &Path, say: impl Fn(&str)) -> Result<
             fanout(&mut fleet, &options.fanout, options.runs, &mut report).await?;
         }
         if wants(Part::Memory) {
-            say(&format!("4. controller memory: {} agent channels", options.channels));
+            say(&format!(
+                "4. controller memory: {} agent channels",
+                options.channels
+            ));
             memory(&mut fleet, options.channels, &mut report).await?;
         }
     }
@@ -725,7 +846,9 @@ pub fn machine() -> Value {
         .unwrap_or("?")
         .trim()
         .to_string();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mem_kib = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
         .lines()

@@ -257,6 +257,27 @@ impl Orchestrator {
     }
 }
 
+/// One member's freeze (and, for a replica, alignment) as it happened.
+struct Frozen {
+    name: String,
+    requested: u64,
+    frozen: u64,
+    aligned: Option<u64>,
+    error: Option<String>,
+}
+
+impl Frozen {
+    fn failed(name: String, aligned: Option<u64>, error: String) -> Frozen {
+        Frozen {
+            name,
+            requested: 0,
+            frozen: 0,
+            aligned,
+            error: Some(error),
+        }
+    }
+}
+
 /// Counts a finished backup by its outcome.
 fn count(manifest: &Manifest) {
     metrics()
@@ -307,8 +328,7 @@ impl<'g> Run<'_, 'g> {
     async fn execute(&mut self, tls: &ControllerTls) -> Result<(), String> {
         self.resolve(tls).await?;
         self.prepare().await?;
-        self.freeze_primaries().await?;
-        self.align_replicas().await?;
+        self.freeze().await?;
         self.check_holds("the cut")?;
         self.cut().await?;
         self.check_holds("the thaw")?;
@@ -445,31 +465,87 @@ impl<'g> Run<'_, 'g> {
         Ok((requested, frozen))
     }
 
-    async fn freeze_primaries(&mut self) -> Result<(), String> {
+    /// Freezes every primary (and standalone member) in parallel; each
+    /// replica is aligned to its own primary's frozen position and frozen
+    /// as soon as that primary is frozen, without waiting for the others.
+    async fn freeze(&mut self) -> Result<(), String> {
         self.window_deadline = Some(Instant::now() + self.group.freeze_budget);
+        let deadline = self.window_deadline.expect("just set");
         let bound = self.budget_left("the freeze")?;
-        let (id, ttl, clock) = (self.id, self.group.lease_ttl, self.clock.clone());
-        let results = join_all(
-            self.members
-                .iter_mut()
-                .filter(|m| m.config.role != RoleHint::Replica)
-                .map(|m| async {
-                    let name = m.config.name.clone();
-                    (name, Self::freeze_one(&clock, m, id, ttl, bound).await)
-                }),
-        )
-        .await;
-        let mut errors = Vec::new();
-        for (name, result) in results {
-            match result {
-                Ok((requested, frozen)) => {
-                    self.timeline.mark(&name, "freeze_requested", requested);
-                    self.timeline.mark(&name, "frozen", frozen);
-                }
-                Err(e) => errors.push(e),
+        let (id, ttl, clock, group) = (
+            self.id,
+            self.group.lease_ttl,
+            self.clock.clone(),
+            self.group,
+        );
+        let align_timeout = group.align_timeout.min(bound);
+        let mut primaries = Vec::new();
+        let mut replicas: BTreeMap<String, Vec<&mut Member<'g>>> = BTreeMap::new();
+        for m in self.members.iter_mut() {
+            match (&m.config.role, &m.config.primary) {
+                (RoleHint::Replica, Some(p)) => replicas.entry(p.clone()).or_default().push(m),
+                _ => primaries.push(m),
             }
         }
-        if Instant::now() > self.window_deadline.expect("set") {
+        let chains = primaries.into_iter().map(|p| {
+            let followers = replicas.remove(&p.config.name).unwrap_or_default();
+            let clock = clock.clone();
+            async move {
+                let mut out = Vec::new();
+                let name = p.config.name.clone();
+                match Self::freeze_one(&clock, p, id, ttl, bound).await {
+                    Ok((requested, frozen)) => out.push(Frozen {
+                        name,
+                        requested,
+                        frozen,
+                        aligned: None,
+                        error: None,
+                    }),
+                    Err(e) => {
+                        out.push(Frozen::failed(name, None, e));
+                        return out;
+                    }
+                }
+                let target = p.holder.as_ref().and_then(|h| h.frozen.position.clone());
+                let aligned = join_all(followers.into_iter().map(|r| {
+                    let (clock, target) = (clock.clone(), target.clone());
+                    async move {
+                        Self::align_and_freeze(
+                            &clock,
+                            r,
+                            target,
+                            align_timeout,
+                            deadline,
+                            id,
+                            ttl,
+                            &group.name,
+                        )
+                        .await
+                    }
+                }))
+                .await;
+                out.extend(aligned);
+                out
+            }
+        });
+        let results: Vec<Frozen> = join_all(chains).await.into_iter().flatten().collect();
+        let mut errors: Vec<String> = replicas
+            .keys()
+            .map(|p| format!("primary {p} is not a member of the group"))
+            .collect();
+        for r in results {
+            if let Some(at) = r.aligned {
+                self.timeline.mark(&r.name, "aligned", at);
+            }
+            match r.error {
+                None => {
+                    self.timeline.mark(&r.name, "freeze_requested", r.requested);
+                    self.timeline.mark(&r.name, "frozen", r.frozen);
+                }
+                Some(e) => errors.push(e),
+            }
+        }
+        if Instant::now() > deadline {
             errors.push(self.over_budget("the freeze"));
         }
         if errors.is_empty() {
@@ -479,102 +555,59 @@ impl<'g> Run<'_, 'g> {
         }
     }
 
-    async fn align_replicas(&mut self) -> Result<(), String> {
-        let targets: BTreeMap<String, pb::Position> = self
-            .members
-            .iter()
-            .filter_map(|m| {
-                let frozen = &m.holder.as_ref()?.frozen;
-                Some((m.config.name.clone(), frozen.position.clone()?))
+    /// Waits until replica `m` reaches `target` (its primary's frozen
+    /// position), then freezes it.
+    #[allow(clippy::too_many_arguments)]
+    async fn align_and_freeze(
+        clock: &Clock,
+        m: &mut Member<'g>,
+        target: Option<pb::Position>,
+        align_timeout: Duration,
+        deadline: Instant,
+        id: &str,
+        ttl: Duration,
+        group: &str,
+    ) -> Frozen {
+        let name = m.config.name.clone();
+        let Some(target) = target else {
+            return Frozen::failed(
+                name.clone(),
+                None,
+                format!("member {name}: its primary has no frozen position"),
+            );
+        };
+        let wait = m
+            .client
+            .wait_for_position(pb::WaitForPositionRequest {
+                target: Some(target.clone()),
+                timeout_ms: align_timeout.as_millis() as u64,
             })
-            .collect();
-        let bound = self.budget_left("the replica alignment")?;
-        let (id, ttl, clock) = (self.id, self.group.lease_ttl, self.clock.clone());
-        let group = self.group;
-        let align_timeout = self.group.align_timeout.min(bound);
-        let deadline = self.window_deadline.expect("set by the freeze");
-        let results = join_all(
-            self.members
-                .iter_mut()
-                .filter(|m| m.config.role == RoleHint::Replica)
-                .map(|m| {
-                    let target = m
-                        .config
-                        .primary
-                        .as_ref()
-                        .and_then(|p| targets.get(p))
-                        .cloned();
-                    let clock = clock.clone();
-                    async move {
-                        let name = m.config.name.clone();
-                        let Some(target) = target else {
-                            return (
-                                name,
-                                Err("its primary has no frozen position".to_string()),
-                                0,
-                                0,
-                                0,
-                            );
-                        };
-                        let wait = m
-                            .client
-                            .wait_for_position(pb::WaitForPositionRequest {
-                                target: Some(target.clone()),
-                                timeout_ms: align_timeout.as_millis() as u64,
-                            })
-                            .await;
-                        let aligned = clock.now_us();
-                        if let Ok(reply) = &wait {
-                            metrics()
-                                .alignment_wait
-                                .get_or_create(&Metrics::group(&group.name))
-                                .observe(reply.get_ref().waited_us as f64 / 1e6);
-                        }
-                        if let Err(e) = wait {
-                            return (
-                                name.clone(),
-                                Err(format!("member {name}: alignment failed: {}", e.message())),
-                                aligned,
-                                0,
-                                0,
-                            );
-                        }
-                        m.record.aligned_to = Some(target.display());
-                        let left = deadline.saturating_duration_since(Instant::now());
-                        match Self::freeze_one(
-                            &clock,
-                            m,
-                            id,
-                            ttl,
-                            left.max(Duration::from_millis(1)),
-                        )
-                        .await
-                        {
-                            Ok((requested, frozen)) => (name, Ok(()), aligned, requested, frozen),
-                            Err(e) => (name, Err(e), aligned, 0, 0),
-                        }
-                    }
-                }),
-        )
-        .await;
-        let mut errors = Vec::new();
-        for (name, result, aligned, requested, frozen) in results {
-            self.timeline.mark(&name, "aligned", aligned);
-            match result {
-                Ok(()) => {
-                    self.timeline.mark(&name, "freeze_requested", requested);
-                    self.timeline.mark(&name, "frozen", frozen);
-                }
-                Err(e) => errors.push(e),
+            .await;
+        let aligned = clock.now_us();
+        match wait {
+            Ok(reply) => metrics()
+                .alignment_wait
+                .get_or_create(&Metrics::group(group))
+                .observe(reply.get_ref().waited_us as f64 / 1e6),
+            Err(e) => {
+                return Frozen::failed(
+                    name.clone(),
+                    Some(aligned),
+                    format!("member {name}: alignment failed: {}", e.message()),
+                );
             }
         }
-        if Instant::now() > self.window_deadline.expect("set") {
-            errors.push(self.over_budget("the replica alignment"));
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("; "))
+        m.record.aligned_to = Some(target.display());
+        let left = deadline.saturating_duration_since(Instant::now());
+        match Self::freeze_one(clock, m, id, ttl, left.max(Duration::from_millis(1))).await {
+            Ok((requested, frozen)) => Frozen {
+                name,
+                requested,
+                frozen,
+                aligned: Some(aligned),
+                error: None,
+            },
+            Err(e) => Frozen::failed(name, Some(aligned), e),
         }
     }
 

@@ -113,6 +113,44 @@ async fn fence_blocks_writes_keeps_reads_and_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_locks_tables_created_or_dropped_after_prepare() {
+    let fleet = Fleet::new().unwrap();
+    let pg = shared::postgres();
+    let db = database("fence_changed").await;
+    db.batch_execute("CREATE TABLE gone (id int)")
+        .await
+        .unwrap();
+    let mut a = agent(&fleet, "pg-changed", &pg.primary, "fence_changed", "fence").await;
+    a.prepare_for("b-changed", true).await.unwrap();
+    // The table list read at prepare is stale by the freeze.
+    db.batch_execute("CREATE TABLE late (id int); DROP TABLE gone")
+        .await
+        .unwrap();
+    let mut hold = a
+        .freeze("b-changed", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let conninfo = pg.primary.conninfo("fence_changed");
+    let mut blocked = tokio::spawn(async move {
+        let (c, conn) = tokio_postgres::connect(&conninfo, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        c.execute("INSERT INTO late VALUES (1)", &[]).await.unwrap();
+    });
+    assert!(
+        finishes_within(Duration::from_millis(300), &mut blocked)
+            .await
+            .is_none(),
+        "a table created after prepare is fenced too"
+    );
+    hold.request_thaw().await.unwrap();
+    assert!(hold.thawed().await.unwrap().unwrap().error.is_empty());
+    finishes_within(Duration::from_secs(5), blocked)
+        .await
+        .expect("the write completes after the thaw")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_atomic_cut_needs_no_backup_session_and_the_fence_still_holds() {
     let fleet = Fleet::new().unwrap();
     let pg = shared::postgres();

@@ -195,6 +195,16 @@ fn my_error(e: &mysql_async::Error) -> (Cause, String) {
     }
 }
 
+/// A session opened by prepare, with what it learnt about the server, so
+/// the freeze spends its round trips on the lock only.
+#[derive(Debug)]
+struct Prepared {
+    conn: Conn,
+    flavor: Flavor,
+    statements: Statements,
+    role: pb::Role,
+}
+
 #[derive(Debug)]
 pub struct Mysql {
     ctx: Ctx,
@@ -206,7 +216,10 @@ pub struct Mysql {
     control: Mutex<Option<Conn>>,
     /// A session opened ahead of the freeze (by prepare), so the freeze
     /// does not pay for connecting.
-    spare: Mutex<Option<Conn>>,
+    spare: Mutex<Option<Prepared>>,
+    /// The session replica waits run on, kept between backups (and opened
+    /// at prepare) so an alignment costs no connection.
+    wait: Mutex<Option<Prepared>>,
 }
 
 impl Mysql {
@@ -220,6 +233,7 @@ impl Mysql {
             hold_check_interval: config.hold_check_interval,
             control: Mutex::new(None),
             spare: Mutex::new(None),
+            wait: Mutex::new(None),
         }
     }
 
@@ -243,6 +257,19 @@ impl Mysql {
 
     async fn connect(&self, step: Step) -> Result<Conn, EngineError> {
         connect(&self.ctx, self.opts()?, self.connect_timeout, step).await
+    }
+
+    /// A new session that knows the server's flavour and role.
+    async fn session(&self, step: Step) -> Result<Prepared, EngineError> {
+        let mut conn = self.connect(step).await?;
+        let (flavor, statements) = self.statements_for(&mut conn, step).await?;
+        let (role, _) = self.role(&mut conn, &statements, step).await?;
+        Ok(Prepared {
+            conn,
+            flavor,
+            statements,
+            role,
+        })
     }
 
     async fn flavor(conn: &mut Conn) -> Result<Flavor, mysql_async::Error> {
@@ -295,6 +322,19 @@ impl Mysql {
     ) -> Result<(pb::Position, pb::Role), EngineError> {
         let (flavor, s) = self.statements_for(conn, step).await?;
         let (role, _) = self.role(conn, &s, step).await?;
+        let position = self.position_as(conn, flavor, &s, role, step).await?;
+        Ok((position, role))
+    }
+
+    /// The position, for a server whose flavour and role are known.
+    async fn position_as(
+        &self,
+        conn: &mut Conn,
+        flavor: Flavor,
+        s: &Statements,
+        role: pb::Role,
+        step: Step,
+    ) -> Result<pb::Position, EngineError> {
         let q = |e: mysql_async::Error| self.err(step, &e);
         let (gtid, file, pos) = match flavor {
             Flavor::Mariadb { .. } => {
@@ -331,7 +371,7 @@ impl Mysql {
                 }
             }
         };
-        Ok((make::gtid(flavor.gtid_flavor(), &gtid, &file, pos), role))
+        Ok(make::gtid(flavor.gtid_flavor(), &gtid, &file, pos))
     }
 
     async fn with_control<T>(
@@ -439,8 +479,19 @@ impl Engine for Mysql {
         conn.query_drop("FLUSH NO_WRITE_TO_BINLOG TABLES")
             .await
             .map_err(|e| self.err(Step::Prepare, &e))?;
-        *self.spare.lock().await = Some(conn);
-        Ok("tables flushed; freeze session open".into())
+        let (flavor, statements) = self.statements_for(&mut conn, Step::Prepare).await?;
+        let (role, _) = self.role(&mut conn, &statements, Step::Prepare).await?;
+        *self.spare.lock().await = Some(Prepared {
+            conn,
+            flavor,
+            statements,
+            role,
+        });
+        let mut wait = self.wait.lock().await;
+        if wait.is_none() {
+            *wait = Some(self.session(Step::Prepare).await?);
+        }
+        Ok("tables flushed; freeze and wait sessions open".into())
     }
 
     async fn freeze(
@@ -448,15 +499,23 @@ impl Engine for Mysql {
         _backup_id: &str,
         _ttl: Duration,
     ) -> Result<Box<dyn Frozen>, EngineError> {
-        let spare = self.spare.lock().await.take();
-        let mut conn = match spare {
-            Some(mut conn) => match conn.ping().await {
-                Ok(()) => conn,
-                Err(_) => self.connect(Step::Freeze).await?,
-            },
-            None => self.connect(Step::Freeze).await?,
+        let mut spare = self.spare.lock().await.take();
+        // One round trip to learn the prepared session is still open.
+        if let Some(p) = spare.as_mut()
+            && p.conn.ping().await.is_err()
+        {
+            spare = None;
+        }
+        let prepared = match spare {
+            Some(p) => p,
+            None => self.session(Step::Freeze).await?,
         };
-        let (_, s) = self.statements_for(&mut conn, Step::Freeze).await?;
+        let Prepared {
+            mut conn,
+            flavor,
+            statements: s,
+            role,
+        } = prepared;
         for statement in &s.freeze {
             if let Err(e) = conn.query_drop(statement).await {
                 let mut err = self.err(Step::Freeze, &e);
@@ -472,7 +531,10 @@ impl Engine for Mysql {
                 return Err(err);
             }
         }
-        let (position, _) = match self.read_position(&mut conn, Step::Freeze).await {
+        let position = match self
+            .position_as(&mut conn, flavor, &s, role, Step::Freeze)
+            .await
+        {
             Ok(p) => p,
             Err(e) => {
                 let _ = conn.query_drop(s.thaw).await;
@@ -507,9 +569,12 @@ impl Engine for Mysql {
                 ),
             ));
         };
-        let mut conn = self.connect(Step::Wait).await?;
-        let (flavor, s) = self.statements_for(&mut conn, Step::Wait).await?;
-        if flavor.gtid_flavor() as i32 != want.flavor {
+        let cached = self.wait.lock().await.take();
+        let mut session = match cached {
+            Some(session) => session,
+            None => self.session(Step::Wait).await?,
+        };
+        if session.flavor.gtid_flavor() as i32 != want.flavor {
             return Err(self.ctx.err(
                 Step::Wait,
                 Cause::Invalid,
@@ -518,12 +583,39 @@ impl Engine for Mysql {
         }
         let started = Instant::now();
         let seconds = timeout.as_secs_f64();
-        let result: Option<i64> = conn
-            .exec_first(s.wait, (want.gtid_set.clone(), seconds))
+        let params = (want.gtid_set.clone(), seconds);
+        let result: Option<i64> = match session
+            .conn
+            .exec_first(session.statements.wait, params.clone())
             .await
-            .map_err(|e| self.err(Step::Wait, &e))?;
-        let (position, _) = self.read_position(&mut conn, Step::Wait).await?;
-        let _ = conn.disconnect().await;
+        {
+            Ok(r) => r,
+            // The kept session was closed while idle: once more, anew.
+            Err(e) if !matches!(e, mysql_async::Error::Server(_)) => {
+                session = self.session(Step::Wait).await?;
+                session
+                    .conn
+                    .exec_first(session.statements.wait, params)
+                    .await
+                    .map_err(|e| self.err(Step::Wait, &e))?
+            }
+            Err(e) => return Err(self.err(Step::Wait, &e)),
+        };
+        let Prepared {
+            mut conn,
+            flavor,
+            statements: s,
+            role,
+        } = session;
+        let position = self
+            .position_as(&mut conn, flavor, &s, role, Step::Wait)
+            .await?;
+        *self.wait.lock().await = Some(Prepared {
+            conn,
+            flavor,
+            statements: s.clone(),
+            role,
+        });
         if result == Some(s.wait_ok) {
             return Ok(position);
         }
@@ -610,7 +702,10 @@ impl Frozen for MyHold {
         } = *self;
         drop(monitor);
         let result = conn.query_drop(thaw).await;
-        let _ = conn.disconnect().await;
+        // Writes flow again; closing the session need not be waited for.
+        tokio::spawn(async move {
+            let _ = conn.disconnect().await;
+        });
         result.map_err(|e| {
             let (cause, message) = my_error(&e);
             ctx.err(Step::Thaw, cause, message)

@@ -89,6 +89,9 @@ struct Session {
     client: Client,
     closed: oneshot::Receiver<String>,
     what: String,
+    /// A fence session: the fenced tables as read at prepare (a `LOCK
+    /// TABLE` list), `None` when there were none.
+    tables: Option<String>,
 }
 
 impl std::fmt::Debug for Session {
@@ -126,6 +129,9 @@ pub struct Postgres {
     poll_interval: Duration,
     prepared_expiry: Duration,
     control: Mutex<Option<Session>>,
+    /// The session replica waits poll on, kept open between backups (and
+    /// opened at prepare) so an alignment costs no connection.
+    wait: Mutex<Option<Session>>,
     prepared: Arc<Mutex<Option<Backup>>>,
 }
 
@@ -162,6 +168,7 @@ impl Postgres {
             poll_interval: config.poll_interval,
             prepared_expiry: config.prepared_expiry,
             control: Mutex::new(None),
+            wait: Mutex::new(None),
             prepared: Arc::new(Mutex::new(None)),
         }
     }
@@ -224,6 +231,7 @@ impl Postgres {
             client,
             closed,
             what: what.to_string(),
+            tables: None,
         })
     }
 
@@ -257,6 +265,18 @@ impl Postgres {
             }
         }
         unreachable!("the second attempt returns")
+    }
+
+    /// The wait session, (re)opened if it is not open.
+    async fn wait_session(
+        &self,
+        step: Step,
+    ) -> Result<tokio::sync::MutexGuard<'_, Option<Session>>, EngineError> {
+        let mut guard = self.wait.lock().await;
+        if guard.as_ref().is_none_or(|s| s.client.is_closed()) {
+            *guard = Some(self.connect(None, step, "wait session").await?);
+        }
+        Ok(guard)
     }
 
     /// Opens the session a freeze holds. For a non-atomic cut it runs
@@ -330,13 +350,17 @@ impl Postgres {
         };
         let opened = futures_util::future::join_all(databases.into_iter().map(async |db| {
             let what = format!("fence on database {}", db.unwrap_or("(default)"));
-            let session = self.connect(db, step, &what).await?;
-            let standby: bool = session
+            let mut session = self.connect(db, step, &what).await?;
+            let row = session
                 .client
-                .query_one("SELECT pg_is_in_recovery()", &[])
+                .query_one(
+                    &format!("SELECT pg_is_in_recovery(), ({})", self.fence_tables_sql()),
+                    &[],
+                )
                 .await
-                .map_err(|e| self.err(step, &e))?
-                .get(0);
+                .map_err(|e| self.err(step, &e))?;
+            let standby: bool = row.get(0);
+            session.tables = row.get(1);
             Ok::<_, EngineError>((!standby).then_some(session))
         }))
         .await;
@@ -347,38 +371,87 @@ impl Postgres {
         Ok(fences)
     }
 
-    /// Takes `LOCK TABLE … IN EXCLUSIVE MODE` on every table of the fenced
-    /// schemas, in one open transaction, in one round trip.
-    async fn lock_fence(&self, session: &Session) -> Result<(), EngineError> {
+    /// The fenced tables as one `LOCK TABLE` list (NULL when there are none).
+    fn fence_tables_sql(&self) -> String {
         let schemas: Vec<String> = self
             .pg
             .fence_schemas
             .iter()
             .map(|s| format!("'{}'", s.replace('\'', "''")))
             .collect();
+        format!(
+            "SELECT string_agg(format('%I.%I', n.nspname, c.relname), ', ' ORDER BY n.nspname, c.relname) \
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+              WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY(ARRAY[{}]::text[])",
+            schemas.join(", ")
+        )
+    }
+
+    /// Takes `LOCK TABLE … IN EXCLUSIVE MODE` on every table of the fenced
+    /// schemas, in one open transaction. The list read at prepare is locked
+    /// in one round trip, which also re-reads the list: if tables came or
+    /// went since, the transaction locks the tables as they are now.
+    async fn lock_fence(&self, session: &Session) -> Result<(), EngineError> {
+        let begin = format!(
+            "BEGIN; SET LOCAL lock_timeout = '{}ms';",
+            self.lock_timeout.as_millis()
+        );
+        let current = self.fence_tables_sql();
+        let fast = match &session.tables {
+            Some(tables) => {
+                let sql = format!("{begin} LOCK TABLE {tables} IN EXCLUSIVE MODE; {current};");
+                match session.client.simple_query(&sql).await {
+                    Ok(messages) => {
+                        let now = messages.iter().find_map(|m| match m {
+                            tokio_postgres::SimpleQueryMessage::Row(row) => {
+                                Some(row.get(0).map(str::to_string))
+                            }
+                            _ => None,
+                        });
+                        if now == Some(Some(tables.clone())) {
+                            return Ok(());
+                        }
+                        // The tables changed since prepare: lock them as
+                        // they are, in this same transaction.
+                        Some(())
+                    }
+                    // A listed table was dropped: start over.
+                    Err(e)
+                        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
+                    {
+                        let _ = session.client.batch_execute("ROLLBACK").await;
+                        None
+                    }
+                    Err(e) => return Err(self.fence_error(session, &e)),
+                }
+            }
+            None => None,
+        };
         let lock = format!(
-            "BEGIN; SET LOCAL lock_timeout = '{ms}ms'; \
-             DO $stillpoint$ DECLARE t text; BEGIN \
-               SELECT string_agg(format('%I.%I', n.nspname, c.relname), ', ' ORDER BY n.nspname, c.relname) INTO t \
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                WHERE c.relkind IN ('r', 'p') AND n.nspname = ANY(ARRAY[{schemas}]::text[]); \
+            "{} DO $stillpoint$ DECLARE t text; BEGIN \
+               {current} INTO t; \
                IF t IS NOT NULL THEN EXECUTE 'LOCK TABLE ' || t || ' IN EXCLUSIVE MODE'; END IF; \
              END $stillpoint$;",
-            ms = self.lock_timeout.as_millis(),
-            schemas = schemas.join(", ")
+            if fast.is_some() { "" } else { begin.as_str() },
         );
-        session.client.batch_execute(&lock).await.map_err(|e| {
-            let mut err = self.err(Step::Freeze, &e);
-            err.message = format!("{}: {}", session.what, err.message);
-            if err.cause == Cause::Timeout {
-                err.message = format!(
-                    "{} (the table locks were not granted within {} ms, {ENV_LOCK_TIMEOUT})",
-                    err.message,
-                    self.lock_timeout.as_millis()
-                );
-            }
-            err
-        })
+        session
+            .client
+            .batch_execute(&lock)
+            .await
+            .map_err(|e| self.fence_error(session, &e))
+    }
+
+    fn fence_error(&self, session: &Session, e: &tokio_postgres::Error) -> EngineError {
+        let mut err = self.err(Step::Freeze, e);
+        err.message = format!("{}: {}", session.what, err.message);
+        if err.cause == Cause::Timeout {
+            err.message = format!(
+                "{} (the table locks were not granted within {} ms, {ENV_LOCK_TIMEOUT})",
+                err.message,
+                self.lock_timeout.as_millis()
+            );
+        }
+        err
     }
 
     async fn read_position(
@@ -485,6 +558,8 @@ impl Engine for Postgres {
         let backup = self
             .start_backup(backup_id, Step::Prepare, atomic_cut)
             .await?;
+        // A replica's alignment follows: have its session ready.
+        drop(self.wait_session(Step::Prepare).await?);
         let detail = match &backup.stop {
             Some(stop) => format!(
                 "CHECKPOINT in {} ms; backup started at {} with slot {}",
@@ -563,11 +638,17 @@ impl Engine for Postgres {
                 "a PostgreSQL member can only wait for a PostgreSQL LSN".to_string(),
             ));
         };
-        let session = self.connect(None, Step::Wait, "wait session").await?;
-        super::poll_position(&self.ctx, target, timeout, self.poll_interval, async || {
-            Ok(self.read_position(&session.client, Step::Wait).await?.0)
-        })
-        .await
+        let mut guard = self.wait_session(Step::Wait).await?;
+        let session = guard.as_ref().expect("just opened");
+        let result =
+            super::poll_position(&self.ctx, target, timeout, self.poll_interval, async || {
+                Ok(self.read_position(&session.client, Step::Wait).await?.0)
+            })
+            .await;
+        if session.client.is_closed() {
+            *guard = None;
+        }
+        result
     }
 }
 

@@ -264,20 +264,36 @@ impl Engine for Redis {
         _backup_id: &str,
         ttl: Duration,
     ) -> Result<Box<dyn Frozen>, EngineError> {
-        let mut conn = self.connect(Step::Freeze).await?;
-        let (info,): (String,) = redis::pipe()
-            .atomic()
-            .cmd("CLIENT")
-            .arg("PAUSE")
-            .arg(ttl.as_millis() as u64)
-            .arg("WRITE")
-            .ignore()
-            .cmd("INFO")
-            .arg("replication")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.err(Step::Freeze, &e))?;
-        let (_, _, position) = match replication_state(&parse_info(&info)) {
+        // The pause, the position and the server's identity in one atomic
+        // round trip, on the control connection (no connect in the window).
+        let pause = |mut conn: MultiplexedConnection| async move {
+            let reply: Result<(String, String), _> = redis::pipe()
+                .atomic()
+                .cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(ttl.as_millis() as u64)
+                .arg("WRITE")
+                .ignore()
+                .cmd("INFO")
+                .arg("replication")
+                .cmd("INFO")
+                .arg("server")
+                .query_async(&mut conn)
+                .await;
+            (conn, reply)
+        };
+        let (conn, reply) = pause(self.control(Step::Freeze).await?).await;
+        let (mut conn, reply) = match reply {
+            // A control connection the server closed while idle: once more
+            // on a new one.
+            Err(e) if e.is_io_error() || e.is_connection_dropped() => {
+                *self.control.lock().await = None;
+                pause(self.control(Step::Freeze).await?).await
+            }
+            other => (conn, other),
+        };
+        let (replication, server) = reply.map_err(|e| self.err(Step::Freeze, &e))?;
+        let (_, _, position) = match replication_state(&parse_info(&replication)) {
             Ok(state) => state,
             Err(e) => {
                 let _: Result<(), _> = redis::cmd("CLIENT")
@@ -287,9 +303,7 @@ impl Engine for Redis {
                 return Err(self.ctx.err(Step::Freeze, Cause::Refused, e));
             }
         };
-        let run_id = self
-            .info(&mut conn, "server", Step::Freeze)
-            .await?
+        let run_id = parse_info(&server)
             .get("run_id")
             .cloned()
             .unwrap_or_default();
@@ -318,7 +332,7 @@ impl Engine for Redis {
                 ),
             ));
         }
-        let conn = self.connect(Step::Wait).await?;
+        let conn = self.control(Step::Wait).await?;
         super::poll_position(&self.ctx, target, timeout, self.poll_interval, || {
             let mut conn = conn.clone();
             async move { Ok(self.state(&mut conn, Step::Wait).await?.2) }

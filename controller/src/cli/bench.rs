@@ -24,7 +24,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20)]
     pub pgbench_seconds: u64,
     /// Which parts to run.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "window,fanout,stall,memory")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "window,fanout,stall,memory"
+    )]
     pub parts: Vec<Part>,
     /// Where the JSON results go.
     #[arg(long, default_value = "target/bench/stillpoint-bench.json")]
@@ -61,7 +66,9 @@ pub fn run(args: BenchArgs, _global: &Global) -> anyhow::Result<()> {
         );
     }
     if cfg!(debug_assertions) {
-        eprintln!("note: this is a debug build; figures from `cargo run --release -p stillpoint-controller -- bench` are the ones to quote");
+        eprintln!(
+            "note: this is a debug build; figures from `cargo run --release -p stillpoint-controller -- bench` are the ones to quote"
+        );
     }
     build_agent_under_cargo()?;
     let agent = agent_binary()?;
