@@ -287,20 +287,6 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
         hk_none.push(c);
         hk_btrfs.push(d);
         last = Some(a.clone());
-        if std::env::var("SP_DEBUG").is_ok() {
-            eprintln!(
-                "{}",
-                serde_json::to_string(&(
-                    &a.timeline,
-                    a.members
-                        .iter()
-                        .map(|m| (&m.name, m.freeze_us, m.thaw_us))
-                        .collect::<Vec<_>>(),
-                    a.cut_us
-                ))
-                .unwrap()
-            );
-        }
         overhead.extend(overhead_us(&a));
         member_max.push(
             a.members

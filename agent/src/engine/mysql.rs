@@ -80,6 +80,9 @@ impl Flavor {
 /// The statements used for one flavour and version.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Statements {
+    /// Session settings of the freeze session (run when it is opened,
+    /// ahead of the freeze): the bounds on the lock wait.
+    pub session: Vec<String>,
     /// Run in order on the held session to freeze.
     pub freeze: Vec<String>,
     pub thaw: &'static str,
@@ -106,9 +109,11 @@ pub fn statements(flavor: Flavor, lock_wait_seconds: u64) -> Result<Statements, 
                 ));
             }
             Ok(Statements {
-                freeze: vec![
+                session: vec![
                     format!("SET SESSION lock_wait_timeout = {lock_wait}"),
                     format!("SET SESSION max_statement_time = {lock_wait}"),
+                ],
+                freeze: vec![
                     "BACKUP STAGE START".into(),
                     "BACKUP STAGE BLOCK_COMMIT".into(),
                 ],
@@ -132,10 +137,8 @@ pub fn statements(flavor: Flavor, lock_wait_seconds: u64) -> Result<Statements, 
             }
             let new_replica_words = (major, minor, patch) >= (8, 0, 22);
             Ok(Statements {
-                freeze: vec![
-                    format!("SET SESSION lock_wait_timeout = {lock_wait}"),
-                    "FLUSH TABLES WITH READ LOCK".into(),
-                ],
+                session: vec![format!("SET SESSION lock_wait_timeout = {lock_wait}")],
+                freeze: vec!["FLUSH TABLES WITH READ LOCK".into()],
                 thaw: "UNLOCK TABLES",
                 replica_status: if new_replica_words {
                     "SHOW REPLICA STATUS"
@@ -257,6 +260,30 @@ impl Mysql {
 
     async fn connect(&self, step: Step) -> Result<Conn, EngineError> {
         connect(&self.ctx, self.opts()?, self.connect_timeout, step).await
+    }
+
+    fn lock_error(&self, e: &mysql_async::Error) -> EngineError {
+        let mut err = self.err(Step::Freeze, e);
+        if err.cause == Cause::Timeout {
+            err.message = format!(
+                "{} (the lock was not granted within {} s, {ENV_LOCK_TIMEOUT})",
+                err.message,
+                self.lock_timeout.as_secs_f64().ceil()
+            );
+        }
+        err
+    }
+
+    /// A new freeze session: bounded lock waits, flavour and role known.
+    async fn freeze_session(&self, step: Step) -> Result<Prepared, EngineError> {
+        let mut p = self.session(step).await?;
+        for setting in &p.statements.session {
+            p.conn
+                .query_drop(setting)
+                .await
+                .map_err(|e| self.err(step, &e))?;
+        }
+        Ok(p)
     }
 
     /// A new session that knows the server's flavour and role.
@@ -481,6 +508,11 @@ impl Engine for Mysql {
             .map_err(|e| self.err(Step::Prepare, &e))?;
         let (flavor, statements) = self.statements_for(&mut conn, Step::Prepare).await?;
         let (role, _) = self.role(&mut conn, &statements, Step::Prepare).await?;
+        for setting in &statements.session {
+            conn.query_drop(setting)
+                .await
+                .map_err(|e| self.err(Step::Prepare, &e))?;
+        }
         *self.spare.lock().await = Some(Prepared {
             conn,
             flavor,
@@ -499,36 +531,40 @@ impl Engine for Mysql {
         _backup_id: &str,
         _ttl: Duration,
     ) -> Result<Box<dyn Frozen>, EngineError> {
-        let mut spare = self.spare.lock().await.take();
-        // One round trip to learn the prepared session is still open.
-        if let Some(p) = spare.as_mut()
-            && p.conn.ping().await.is_err()
-        {
-            spare = None;
-        }
-        let prepared = match spare {
+        let spare = self.spare.lock().await.take();
+        let mut prepared = match spare {
             Some(p) => p,
-            None => self.session(Step::Freeze).await?,
+            None => self.freeze_session(Step::Freeze).await?,
         };
+        // A prepared session the server closed meanwhile fails its first
+        // statement without locking anything: then once more, anew.
+        if let Err(e) = prepared
+            .conn
+            .query_drop(&prepared.statements.freeze[0])
+            .await
+        {
+            if matches!(e, mysql_async::Error::Server(_)) {
+                let _ = prepared.conn.query_drop(prepared.statements.thaw).await;
+                return Err(self.lock_error(&e));
+            }
+            prepared = self.freeze_session(Step::Freeze).await?;
+            prepared
+                .conn
+                .query_drop(&prepared.statements.freeze[0])
+                .await
+                .map_err(|e| self.lock_error(&e))?;
+        }
         let Prepared {
             mut conn,
             flavor,
             statements: s,
             role,
         } = prepared;
-        for statement in &s.freeze {
+        for statement in &s.freeze[1..] {
             if let Err(e) = conn.query_drop(statement).await {
-                let mut err = self.err(Step::Freeze, &e);
-                if err.cause == Cause::Timeout {
-                    err.message = format!(
-                        "{} (the lock was not granted within {} s, {ENV_LOCK_TIMEOUT})",
-                        err.message,
-                        self.lock_timeout.as_secs_f64().ceil()
-                    );
-                }
                 // Dropping the session ends any stage already taken.
                 let _ = conn.disconnect().await;
-                return Err(err);
+                return Err(self.lock_error(&e));
             }
         }
         let position = match self
@@ -756,13 +792,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            s.freeze,
+            s.session,
             vec![
                 "SET SESSION lock_wait_timeout = 5",
                 "SET SESSION max_statement_time = 5",
-                "BACKUP STAGE START",
-                "BACKUP STAGE BLOCK_COMMIT"
             ]
+        );
+        assert_eq!(
+            s.freeze,
+            vec!["BACKUP STAGE START", "BACKUP STAGE BLOCK_COMMIT"]
         );
         assert_eq!(s.thaw, "BACKUP STAGE END");
         assert_eq!(s.wait, "SELECT MASTER_GTID_WAIT(?, ?)");
@@ -789,13 +827,8 @@ mod tests {
             3,
         )
         .unwrap();
-        assert_eq!(
-            old.freeze,
-            vec![
-                "SET SESSION lock_wait_timeout = 3",
-                "FLUSH TABLES WITH READ LOCK"
-            ]
-        );
+        assert_eq!(old.session, vec!["SET SESSION lock_wait_timeout = 3"]);
+        assert_eq!(old.freeze, vec!["FLUSH TABLES WITH READ LOCK"]);
         assert_eq!(old.thaw, "UNLOCK TABLES");
         assert_eq!(old.replica_status, "SHOW SLAVE STATUS");
         assert_eq!(old.binlog_status, "SHOW MASTER STATUS");
@@ -843,7 +876,7 @@ mod tests {
             0,
         )
         .unwrap();
-        assert_eq!(s.freeze[0], "SET SESSION lock_wait_timeout = 1");
+        assert_eq!(s.session[0], "SET SESSION lock_wait_timeout = 1");
     }
 
     #[test]
