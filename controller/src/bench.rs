@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use crate::catalog::Manifest;
-use crate::certs::{self, LeafSpec, Validity};
+use crate::certs;
 use crate::config::{Driver, Group, MemberFile, RoleHint};
 use crate::demo::Cluster;
 use crate::orchestrator::Orchestrator;
@@ -82,17 +82,20 @@ fn ms(us: f64) -> String {
     format!("{:.2} ms", us / 1000.0)
 }
 
+/// The slowest member's own freeze + thaw time in one backup (µs).
+pub fn slowest_member_us(m: &Manifest) -> f64 {
+    m.members
+        .iter()
+        .map(|r| r.freeze_us.unwrap_or(0) + r.thaw_us.unwrap_or(0))
+        .max()
+        .unwrap_or(0) as f64
+}
+
 /// Orchestration overhead of one backup: the window minus the slowest
 /// member's own freeze + thaw, minus the cut (µs).
 pub fn overhead_us(m: &Manifest) -> Option<f64> {
     let window = m.freeze_window_us? as f64;
-    let slowest = m
-        .members
-        .iter()
-        .map(|r| r.freeze_us.unwrap_or(0) + r.thaw_us.unwrap_or(0))
-        .max()
-        .unwrap_or(0) as f64;
-    Some(window - slowest - m.cut_us.unwrap_or(0) as f64)
+    Some(window - slowest_member_us(m) - m.cut_us.unwrap_or(0) as f64)
 }
 
 /// The suite's output: a printed table and a JSON document.
@@ -224,6 +227,11 @@ async fn hook_backup(
     cut: Option<(&Btrfs, &[VolumeRef])>,
     id: &str,
 ) -> Result<f64> {
+    if let Some((btrfs, volumes)) = cut {
+        // As the orchestrator does before its freeze: the comparison is of
+        // the freeze pattern, not of the flush.
+        btrfs.prepare(volumes).await?;
+    }
     let started = Instant::now();
     for h in pre {
         tokio::task::block_in_place(|| h.run())?;
@@ -288,13 +296,7 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
         hk_btrfs.push(d);
         last = Some(a.clone());
         overhead.extend(overhead_us(&a));
-        member_max.push(
-            a.members
-                .iter()
-                .map(|r| r.freeze_us.unwrap_or(0) + r.thaw_us.unwrap_or(0))
-                .max()
-                .unwrap_or(0) as f64,
-        );
+        member_max.push(slowest_member_us(&a));
     }
     let rows_of = |name: &str, cut: &str, sp: &[f64], hk: &[f64]| {
         let (s, h) = (Stats::of(sp), Stats::of(hk));
@@ -527,23 +529,8 @@ impl NoopFleet {
         let dir = tempfile::Builder::new()
             .prefix("stillpoint-bench-")
             .tempdir()?;
-        let pki = dir.path().join("pki");
-        certs::init_ca(
-            &pki.join("ca"),
-            "Stillpoint bench CA",
-            Validity::days(1),
-            false,
-        )?;
-        let issue = |name: &str, uri: &str| -> Result<PathBuf> {
-            let out = pki.join(name);
-            let spec = LeafSpec {
-                uri: uri.into(),
-                dns: vec![],
-                validity: Validity::days(1),
-            };
-            certs::issue(&pki.join("ca"), &spec, &out, false)?;
-            Ok(out)
-        };
+        let pki = certs::ScratchPki::new(&dir.path().join("pki"), "Stillpoint bench CA")?;
+        let issue = |name: &str, uri: &str| pki.issue(name, uri);
         let identity = "spiffe://stillpoint.bench/ns/bench/sa/noop".to_string();
         let agent_dir = issue("agent", &identity)?;
         let controller_tls = issue("controller", CONTROLLER)?;
@@ -668,13 +655,7 @@ pub async fn fanout(
             }
             windows.push(m.freeze_window_us.unwrap_or(0) as f64);
             overheads.extend(overhead_us(&m));
-            slowest.push(
-                m.members
-                    .iter()
-                    .map(|r| r.freeze_us.unwrap_or(0) + r.thaw_us.unwrap_or(0))
-                    .max()
-                    .unwrap_or(0) as f64,
-            );
+            slowest.push(slowest_member_us(&m));
         }
         let (w, o, s) = (
             Stats::of(&windows),

@@ -132,6 +132,34 @@ pub fn init_ca(out: &Path, name: &str, validity: Validity, force: bool) -> Resul
 
 /// Issues a leaf signed by the CA in `ca_dir` into `out`
 /// (`tls.crt`, `tls.key`, `ca.crt`).
+/// A throwaway PKI (a one-day CA in `<dir>/ca`) for the demo and the
+/// benchmarks: issues leaves into `<dir>/<name>`.
+#[derive(Debug)]
+pub struct ScratchPki {
+    dir: PathBuf,
+}
+
+impl ScratchPki {
+    pub fn new(dir: &Path, ca_name: &str) -> Result<ScratchPki, CertError> {
+        init_ca(&dir.join("ca"), ca_name, Validity::days(1), false)?;
+        Ok(ScratchPki {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Issues the identity `uri` into `<dir>/<name>` and returns that directory.
+    pub fn issue(&self, name: &str, uri: &str) -> Result<PathBuf, CertError> {
+        let out = self.dir.join(name);
+        let spec = LeafSpec {
+            uri: uri.into(),
+            dns: vec![],
+            validity: Validity::days(1),
+        };
+        issue(&self.dir.join("ca"), &spec, &out, false)?;
+        Ok(out)
+    }
+}
+
 pub fn issue(ca_dir: &Path, spec: &LeafSpec, out: &Path, force: bool) -> Result<(), CertError> {
     validate_identity(&spec.uri).map_err(CertError::Invalid)?;
     if spec.validity.not_after <= spec.validity.not_before {

@@ -509,6 +509,8 @@ volumes = ["/data/pg-1"]
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/local/stillpoint.toml");
         let c = Config::load(&path).unwrap();
         assert_eq!(c.group("lvm").unwrap().driver, Driver::Exec);
+        assert_eq!(c.schedules["shop-nightly"].retention.keep_last, Some(7));
+        assert!(c.schedules["shop-hourly"].suspend);
     }
 
     #[test]

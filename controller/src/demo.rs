@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::agents::ControllerTls;
 use crate::catalog::{Catalog, Manifest};
-use crate::certs::{self, LeafSpec, Validity};
+use crate::certs;
 use crate::config::{Driver, Group, MemberFile, RoleHint};
 use crate::orchestrator::Orchestrator;
 use crate::servers::agent::{AgentProc, AgentSpec};
@@ -134,23 +134,8 @@ impl Cluster {
         let work = tempfile::Builder::new()
             .prefix("stillpoint-demo-")
             .tempdir()?;
-        let pki = work.path().join("pki");
-        certs::init_ca(
-            &pki.join("ca"),
-            "Stillpoint demo CA",
-            Validity::days(1),
-            false,
-        )?;
-        let issue = |name: &str, uri: &str| -> Result<PathBuf> {
-            let out = pki.join(name);
-            let spec = LeafSpec {
-                uri: uri.into(),
-                dns: vec![],
-                validity: Validity::days(1),
-            };
-            certs::issue(&pki.join("ca"), &spec, &out, false)?;
-            Ok(out)
-        };
+        let pki = certs::ScratchPki::new(&work.path().join("pki"), "Stillpoint demo CA")?;
+        let issue = |name: &str, uri: &str| pki.issue(name, uri);
         let controller_dir = issue("controller", CONTROLLER)?;
 
         say("starting six agents (mTLS)");

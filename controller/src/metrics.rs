@@ -110,7 +110,7 @@ impl Default for Metrics {
         let snapshot_failures = Family::default();
         registry.register(
             "snapshot_failures",
-            "Snapshot coordination failures by driver and step (cut, ready, delete)",
+            "Snapshot coordination failures by driver and step (prepare, cut, ready, delete)",
             snapshot_failures.clone(),
         );
         let schedule_runs = Family::default();

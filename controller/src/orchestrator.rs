@@ -429,11 +429,18 @@ impl<'g> Run<'_, 'g> {
                 .map_err(|e| format!("member {}: prepare failed: {}", m.config.name, e.message()))
         }))
         .await;
+        results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        // Last, so as little as possible is written between it and the cut.
+        let volumes = self.volumes(&|_| true);
+        self.snapshotter.prepare(&volumes).await.map_err(|e| {
+            metrics().snapshot_failure(&self.group.name, e.driver, "prepare");
+            format!("preparing the cut: {e}")
+        })?;
         let names: Vec<String> = self.members.iter().map(|m| m.config.name.clone()).collect();
         for name in &names {
             self.mark(name, "prepared");
         }
-        results.into_iter().collect::<Result<Vec<_>, _>>().map(drop)
+        Ok(())
     }
 
     async fn freeze_one(
@@ -611,33 +618,35 @@ impl<'g> Run<'_, 'g> {
         }
     }
 
+    /// The volumes of the members `pred` selects.
+    fn volumes(&self, pred: &dyn Fn(&Member<'_>) -> bool) -> Vec<VolumeRef> {
+        self.members
+            .iter()
+            .filter(|m| pred(m))
+            .flat_map(|m| {
+                m.config
+                    .volumes
+                    .iter()
+                    .enumerate()
+                    .map(|(index, path)| VolumeRef {
+                        member: m.config.name.clone(),
+                        index,
+                        path: path.clone(),
+                    })
+            })
+            .collect()
+    }
+
     async fn cut(&mut self) -> Result<(), String> {
         let bound = self.budget_left("the cut")?;
-        let volumes = |pred: &dyn Fn(&Member<'_>) -> bool| -> Vec<VolumeRef> {
-            self.members
-                .iter()
-                .filter(|m| pred(m))
-                .flat_map(|m| {
-                    m.config
-                        .volumes
-                        .iter()
-                        .enumerate()
-                        .map(|(index, path)| VolumeRef {
-                            member: m.config.name.clone(),
-                            index,
-                            path: path.clone(),
-                        })
-                })
-                .collect()
-        };
         // A non-atomic cut of a primary whose writes flow (PostgreSQL backup
         // mode) comes after its replicas, so no replica is ever ahead of it.
         let batches = if self.snapshotter.atomic() {
-            vec![volumes(&|_| true)]
+            vec![self.volumes(&|_| true)]
         } else {
             vec![
-                volumes(&|m| m.blocks_writes() || m.config.role == RoleHint::Replica),
-                volumes(&|m| !m.blocks_writes() && m.config.role != RoleHint::Replica),
+                self.volumes(&|m| m.blocks_writes() || m.config.role == RoleHint::Replica),
+                self.volumes(&|m| !m.blocks_writes() && m.config.role != RoleHint::Replica),
             ]
         };
         let over = self.over_budget("the cut");

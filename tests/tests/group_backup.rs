@@ -15,7 +15,6 @@ use stillpoint_tests::harness::shared;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_and_redis_group_is_cut_aligned_and_recorded() {
     let pg = shared::postgres();
-    let redis = shared::redis();
     let mut s = Setup::new();
     let pg0 = s.agent(
         "pg-0",
@@ -27,28 +26,11 @@ async fn a_postgres_and_redis_group_is_cut_aligned_and_recorded() {
         "postgres",
         &[("STILLPOINT_DSN", pg.replica.conninfo("postgres"))],
     );
-    let r0 = s.agent(
-        "redis-0",
-        "redis",
-        &[("STILLPOINT_DSN", redis.primary.url())],
-    );
-    let r1 = s.agent(
-        "redis-1",
-        "redis",
-        &[("STILLPOINT_DSN", redis.replica.url())],
-    );
+    let redis_members = s.redis_pair_members("");
     let body = format!(
-        "snapshotter = \"copy\"\nfreeze_budget = \"20s\"\n{}{}{}{}",
+        "snapshotter = \"copy\"\nfreeze_budget = \"20s\"\n{}{}{redis_members}",
         member("pg-0", &pg0, "primary", None, &[&pg.primary.data]),
         member("pg-1", &pg1, "replica", Some("pg-0"), &[&pg.replica.data]),
-        member("redis-0", &r0, "primary", None, &[&redis.primary.dir]),
-        member(
-            "redis-1",
-            &r1,
-            "replica",
-            Some("redis-0"),
-            &[&redis.replica.dir]
-        ),
     );
     let config = s.config("g", &body);
     let orchestrator = s.orchestrator(&config);

@@ -104,31 +104,8 @@ fn manifests(s: &Setup) -> Vec<Manifest> {
 
 /// The Redis pair as a group: primary and replica, on the copy snapshotter.
 fn redis_group(s: &mut Setup, extra: &str) {
-    let redis = shared::redis();
-    let r0 = s.agent(
-        "redis-0",
-        "redis",
-        &[("STILLPOINT_DSN", redis.primary.url())],
-    );
-    let r1 = s.agent(
-        "redis-1",
-        "redis",
-        &[("STILLPOINT_DSN", redis.replica.url())],
-    );
-    s.config(
-        "g",
-        &format!(
-            "snapshotter = \"copy\"\n{extra}\n{}{}",
-            member("redis-0", &r0, "primary", None, &[&redis.primary.dir]),
-            member(
-                "redis-1",
-                &r1,
-                "replica",
-                Some("redis-0"),
-                &[&redis.replica.dir]
-            ),
-        ),
-    );
+    let members = s.redis_pair_members("");
+    s.config("g", &format!("snapshotter = \"copy\"\n{extra}\n{members}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,32 +319,20 @@ async fn sigterm_during_a_scheduled_freeze_thaws_everyone_within_a_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_follows_the_plan_and_never_starts_a_stage_after_an_unhealthy_one() {
     let pg = shared::postgres();
-    let redis = shared::redis();
     let mut s = Setup::new();
     let p0 = s.agent(
         "pg-0",
         "postgres",
         &[("STILLPOINT_DSN", pg.primary.conninfo("postgres"))],
     );
-    let r0 = s.agent(
-        "redis-0",
-        "redis",
-        &[("STILLPOINT_DSN", redis.primary.url())],
-    );
-    let r1 = s.agent(
-        "redis-1",
-        "redis",
-        &[("STILLPOINT_DSN", redis.replica.url())],
-    );
     // Redis is infrastructure here (stage 1, set explicitly); PostgreSQL
     // keeps its default stage (2, databases).
+    let redis_members = s.redis_pair_members("restore_stage = 1\n");
     s.config(
         "g",
         &format!(
-            "snapshotter = \"copy\"\nfreeze_budget = \"20s\"\n{}{}restore_stage = 1\n{}restore_stage = 1\n",
+            "snapshotter = \"copy\"\nfreeze_budget = \"20s\"\n{}{redis_members}",
             member("pg-0", &p0, "primary", None, &[&pg.primary.data]),
-            member("redis-0", &r0, "primary", None, &[&redis.primary.dir]),
-            member("redis-1", &r1, "replica", Some("redis-0"), &[&redis.replica.dir]),
         ),
     );
     let out = {

@@ -31,6 +31,21 @@ impl Snapshotter for Btrfs {
         true
     }
 
+    async fn prepare(&self, volumes: &[VolumeRef]) -> Result<(), SnapshotError> {
+        cut_all("btrfs", volumes, |v| async move {
+            run(
+                "btrfs",
+                Command::new("btrfs")
+                    .args(["filesystem", "sync"])
+                    .arg(&v.path),
+            )
+            .await?;
+            Ok(SnapshotHandle::new(v, String::new(), "btrfs"))
+        })
+        .await
+        .map(drop)
+    }
+
     async fn cut(
         &self,
         backup_id: &str,

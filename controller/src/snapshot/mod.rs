@@ -66,6 +66,13 @@ pub trait Snapshotter: Send + Sync + std::fmt::Debug {
     /// (btrfs, LVM/ZFS). A copy is not.
     fn atomic(&self) -> bool;
 
+    /// Runs before the freeze, while writes still flow: whatever makes
+    /// the cut itself shorter (btrfs commits the filesystem's dirty data,
+    /// so the snapshot has little left to write while members are frozen).
+    async fn prepare(&self, _volumes: &[VolumeRef]) -> Result<(), SnapshotError> {
+        Ok(())
+    }
+
     /// Cuts every volume (in parallel where it can). Returns when the cut
     /// point is fixed.
     async fn cut(

@@ -103,6 +103,33 @@ pub fn is_frozen(agent: &AgentProc) -> bool {
 }
 
 impl Setup {
+    /// Agents for the shared Redis pair and their member entries
+    /// (`redis-0` primary, `redis-1` its replica), each followed by `extra`.
+    pub fn redis_pair_members(&mut self, extra: &str) -> String {
+        let redis = super::shared::redis();
+        let r0 = self.agent(
+            "redis-0",
+            "redis",
+            &[("STILLPOINT_DSN", redis.primary.url())],
+        );
+        let r1 = self.agent(
+            "redis-1",
+            "redis",
+            &[("STILLPOINT_DSN", redis.replica.url())],
+        );
+        format!(
+            "{}{extra}{}{extra}",
+            member("redis-0", &r0, "primary", None, &[&redis.primary.dir]),
+            member(
+                "redis-1",
+                &r1,
+                "replica",
+                Some("redis-0"),
+                &[&redis.replica.dir]
+            ),
+        )
+    }
+
     /// The config file `config` wrote.
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("stillpoint.toml")
