@@ -47,7 +47,8 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn cycles(engine: &str, agent: &mut Agent, n: usize, prepare: bool) -> Row {
+/// `prepare`: `Some(atomic_cut)` runs the prepare step (untimed) before each freeze.
+async fn cycles(engine: &str, agent: &mut Agent, n: usize, prepare: Option<bool>) -> Row {
     // Settle, then measure the idle footprint before the first freeze.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_rss_kib = rss_kib(agent.proc.pid());
@@ -61,8 +62,8 @@ async fn cycles(engine: &str, agent: &mut Agent, n: usize, prepare: bool) -> Row
     };
     for i in 0..n {
         let id = format!("bench-{engine}-{i}");
-        if prepare {
-            agent.prepare(&id).await.expect("prepare");
+        if let Some(atomic_cut) = prepare {
+            agent.prepare_for(&id, atomic_cut).await.expect("prepare");
         }
         let started = Instant::now();
         let mut hold = agent
@@ -99,11 +100,15 @@ fn main() {
     let redis = RedisPair::start().expect("Redis pair");
     let mongo = MongoPeer::start(&[]).expect("MongoDB peer");
     let mount = LoopMount::ext4(64).ok();
+    // The fenced database has tables, as a real one does.
+    pg.primary
+        .psql("CREATE TABLE bench_a (id int); CREATE TABLE bench_b (id int)")
+        .expect("tables to fence");
     let rows = runtime.block_on(async {
         let fleet = Fleet::new().unwrap();
         let mut rows = Vec::new();
         let mut run =
-            async |member: &str, engine: &str, env: Vec<(&str, String)>, prepare: bool| {
+            async |member: &str, engine: &str, env: Vec<(&str, String)>, prepare: Option<bool>| {
                 let mut spec = fleet.spec(member, engine).unwrap();
                 for (k, v) in env {
                     spec = spec.with(k, &v);
@@ -113,7 +118,7 @@ fn main() {
                 let row = cycles(member, &mut agent, n, prepare).await;
                 rows.push(row);
             };
-        run("noop", "noop", vec![], false).await;
+        run("noop", "noop", vec![], None).await;
         run(
             "postgres-backup",
             "postgres",
@@ -121,7 +126,7 @@ fn main() {
                 ("STILLPOINT_DSN", pg.primary.conninfo("postgres")),
                 ("STILLPOINT_PG_WAL_RETAIN", "0s".into()),
             ],
-            true,
+            Some(false),
         )
         .await;
         run(
@@ -132,28 +137,38 @@ fn main() {
                 ("STILLPOINT_PG_MODE", "fence".into()),
                 ("STILLPOINT_PG_WAL_RETAIN", "0s".into()),
             ],
-            true,
+            Some(false),
+        )
+        .await;
+        run(
+            "postgres-fence (atomic)",
+            "postgres",
+            vec![
+                ("STILLPOINT_DSN", pg.primary.conninfo("postgres")),
+                ("STILLPOINT_PG_MODE", "fence".into()),
+            ],
+            Some(true),
         )
         .await;
         run(
             "mariadb",
             "mariadb",
             vec![("STILLPOINT_DSN", maria.primary.url(""))],
-            true,
+            Some(false),
         )
         .await;
         run(
             "redis",
             "redis",
             vec![("STILLPOINT_DSN", redis.primary.url())],
-            false,
+            None,
         )
         .await;
         run(
             "mongodb (wire peer)",
             "mongodb",
             vec![("STILLPOINT_DSN", mongo.url())],
-            false,
+            None,
         )
         .await;
         if let Some(mount) = &mount {
@@ -164,7 +179,7 @@ fn main() {
                     "STILLPOINT_FSFREEZE_MOUNTS",
                     mount.path().display().to_string(),
                 )],
-                false,
+                None,
             )
             .await;
         }

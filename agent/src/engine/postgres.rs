@@ -361,6 +361,21 @@ impl Postgres {
                 .map_err(|e| self.err(step, &e))?;
             let standby: bool = row.get(0);
             session.tables = row.get(1);
+            if let (false, Some(tables)) = (standby, &session.tables) {
+                // Warm this session's caches with the freeze's own statements
+                // (ACCESS SHARE conflicts only with ACCESS EXCLUSIVE), so the
+                // freeze itself pays for neither planning nor cache loads.
+                let warm = format!(
+                    "BEGIN; SET LOCAL lock_timeout = '{}ms'; LOCK TABLE {tables} IN ACCESS SHARE MODE; {}; ROLLBACK;",
+                    self.lock_timeout.as_millis(),
+                    self.fence_tables_sql()
+                );
+                session
+                    .client
+                    .batch_execute(&warm)
+                    .await
+                    .map_err(|e| self.err(step, &e))?;
+            }
             Ok::<_, EngineError>((!standby).then_some(session))
         }))
         .await;
@@ -397,35 +412,32 @@ impl Postgres {
             self.lock_timeout.as_millis()
         );
         let current = self.fence_tables_sql();
-        let fast = match &session.tables {
-            Some(tables) => {
-                let sql = format!("{begin} LOCK TABLE {tables} IN EXCLUSIVE MODE; {current};");
-                match session.client.simple_query(&sql).await {
-                    Ok(messages) => {
-                        let now = messages.iter().find_map(|m| match m {
-                            tokio_postgres::SimpleQueryMessage::Row(row) => {
-                                Some(row.get(0).map(str::to_string))
-                            }
-                            _ => None,
-                        });
-                        if now == Some(Some(tables.clone())) {
-                            return Ok(());
-                        }
-                        // The tables changed since prepare: lock them as
-                        // they are, in this same transaction.
-                        Some(())
+        let locks = match &session.tables {
+            Some(tables) => format!("LOCK TABLE {tables} IN EXCLUSIVE MODE;"),
+            None => String::new(),
+        };
+        let sql = format!("{begin} {locks} {current};");
+        let fast = match session.client.simple_query(&sql).await {
+            Ok(messages) => {
+                let now = messages.iter().find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => {
+                        Some(row.get(0).map(str::to_string))
                     }
-                    // A listed table was dropped: start over.
-                    Err(e)
-                        if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
-                    {
-                        let _ = session.client.batch_execute("ROLLBACK").await;
-                        None
-                    }
-                    Err(e) => return Err(self.fence_error(session, &e)),
+                    _ => None,
+                });
+                if now == Some(session.tables.clone()) {
+                    return Ok(());
                 }
+                // The tables changed since prepare: lock them as they are,
+                // in this same transaction.
+                Some(())
             }
-            None => None,
+            // A listed table was dropped: start over.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                let _ = session.client.batch_execute("ROLLBACK").await;
+                None
+            }
+            Err(e) => return Err(self.fence_error(session, &e)),
         };
         let lock = format!(
             "{} DO $stillpoint$ DECLARE t text; BEGIN \
@@ -652,6 +664,14 @@ impl Engine for Postgres {
     }
 }
 
+/// Drops `what` (closing its sessions) a moment later, off the thaw's path.
+fn close_later<T: Send + 'static>(what: T) {
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(what);
+    });
+}
+
 #[derive(Debug)]
 struct PgHold {
     ctx: Ctx,
@@ -692,14 +712,18 @@ impl Frozen for PgHold {
             ..
         } = *self;
         // Writes first: end the fence transactions.
-        for fence in &fences {
+        futures_util::future::join_all(fences.iter().map(async |fence| {
             if let Err(e) = fence.client.batch_execute("ROLLBACK").await {
                 tracing::warn!(error = %e, "{} did not roll back cleanly; closing it", fence.what);
             }
-        }
-        drop(fences);
+        }))
+        .await;
+        // The sessions close once the thaw is acknowledged: their server
+        // processes exiting would otherwise compete with the reply for CPU.
+        close_later(fences);
         let Some(stop) = backup.stop else {
             // An atomic cut: nothing was started, nothing to stop.
+            close_later(backup.session);
             return Ok(Thawed::default());
         };
         let row = backup
