@@ -177,10 +177,13 @@ impl Holds {
 
     /// Freezes for `backup_id`, or takes over the hold that id already owns.
     /// The `Frozen` event is sent on `events` before this returns.
+    /// Takes the hold; `aligned_us` (the alignment wait that preceded it,
+    /// if any) is reported in the `frozen` event.
     pub async fn freeze(
         self: &Arc<Self>,
         backup_id: &str,
         ttl: Duration,
+        aligned_us: u64,
         events: Events,
     ) -> Result<Attached, HoldError> {
         if backup_id.trim().is_empty() {
@@ -282,6 +285,7 @@ impl Holds {
             freeze_duration_us: took.as_micros() as u64,
             ttl_ms: ttl.as_millis() as u64,
             resumed: false,
+            aligned_us,
         };
         let _ = events.try_send(pb::FreezeEvent {
             event: Some(Event::Frozen(event.clone())),

@@ -59,6 +59,37 @@ fn peer<T>(request: &Request<T>) -> String {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::FreezeEvent, Status>> + Send>>;
 
+impl AgentService {
+    /// Waits until this member reaches `target`, bounded by `timeout_ms`
+    /// (0: the longest wait served); returns the position and the wait.
+    async fn wait(
+        &self,
+        target: &pb::Position,
+        timeout_ms: u64,
+    ) -> Result<(pb::Position, u64), Status> {
+        let bound = match timeout_ms {
+            0 => self.max_wait,
+            ms => Duration::from_millis(ms).min(self.max_wait),
+        };
+        let started = Instant::now();
+        let reached = tokio::time::timeout(
+            bound + Duration::from_secs(1),
+            self.engine.wait_for_position(target, bound),
+        )
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "member {}: did not reach {} within {} ms",
+                self.member,
+                target.display(),
+                bound.as_millis()
+            ))
+        })?
+        .map_err(|e| engine_status(&e))?;
+        Ok((reached, started.elapsed().as_micros() as u64))
+    }
+}
+
 #[tonic::async_trait]
 impl Agent for AgentService {
     async fn describe(
@@ -144,6 +175,12 @@ impl Agent for AgentService {
                 ));
             }
         };
+        // A replica's alignment first, in the same round trip; no hold is
+        // taken unless it succeeds.
+        let aligned_us = match &start.align_to {
+            Some(target) => self.wait(target, start.align_timeout_ms).await?.1,
+            None => 0,
+        };
         let (events, rx) = mpsc::channel(64);
         let holds = self.holds.clone();
         let backup_id = start.backup_id.clone();
@@ -154,7 +191,7 @@ impl Agent for AgentService {
         // then sees the end of the stream and thaws.
         let (granted, grant) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let attached = match holds.freeze(&backup_id, ttl, events).await {
+            let attached = match holds.freeze(&backup_id, ttl, aligned_us, events).await {
                 Ok(attached) => {
                     let _ = granted.send(Ok(()));
                     attached
@@ -228,28 +265,10 @@ impl Agent for AgentService {
         let target = request
             .target
             .ok_or_else(|| Status::invalid_argument("WaitForPosition needs a target position"))?;
-        let bound = match request.timeout_ms {
-            0 => self.max_wait,
-            ms => Duration::from_millis(ms).min(self.max_wait),
-        };
-        let started = Instant::now();
-        let reached = tokio::time::timeout(
-            bound + Duration::from_secs(1),
-            self.engine.wait_for_position(&target, bound),
-        )
-        .await
-        .map_err(|_| {
-            Status::deadline_exceeded(format!(
-                "member {}: did not reach {} within {} ms",
-                self.member,
-                target.display(),
-                bound.as_millis()
-            ))
-        })?
-        .map_err(|e| engine_status(&e))?;
+        let (reached, waited_us) = self.wait(&target, request.timeout_ms).await?;
         Ok(Response::new(pb::WaitForPositionResponse {
             reached: Some(reached),
-            waited_us: started.elapsed().as_micros() as u64,
+            waited_us,
         }))
     }
 }

@@ -148,11 +148,29 @@ impl HeldFreeze {
         backup_id: &str,
         ttl: Duration,
     ) -> Result<Self, tonic::Status> {
+        Self::start_aligned(client, backup_id, ttl, None).await
+    }
+
+    /// Freezes a replica once it has reached `align` (its primary's frozen
+    /// position, with a bound on the wait), in one round trip.
+    pub async fn start_aligned(
+        client: &mut AgentClient<Channel>,
+        backup_id: &str,
+        ttl: Duration,
+        align: Option<(pb::Position, Duration)>,
+    ) -> Result<Self, tonic::Status> {
         let (requests, rx) = tokio::sync::mpsc::channel(8);
+        let (align_to, align_timeout) = match align {
+            // 0 would mean the agent's longest wait: at least 1 ms.
+            Some((target, bound)) => (Some(target), (bound.as_millis() as u64).max(1)),
+            None => (None, 0),
+        };
         let start = pb::FreezeRequest {
             msg: Some(Msg::Start(pb::FreezeStart {
                 backup_id: backup_id.to_string(),
                 ttl_ms: ttl.as_millis() as u64,
+                align_to,
+                align_timeout_ms: align_timeout,
             })),
         };
         requests

@@ -443,15 +443,19 @@ impl<'g> Run<'_, 'g> {
         Ok(())
     }
 
+    /// Freezes one member (a replica once it reached `align`); returns when
+    /// the freeze was requested and when it was acknowledged.
     async fn freeze_one(
         clock: &Clock,
         m: &mut Member<'g>,
         id: &str,
         ttl: Duration,
         bound: Duration,
-    ) -> Result<(u64, u64), String> {
+        align: Option<(pb::Position, Duration)>,
+    ) -> Result<(u64, u64, u64), String> {
         let requested = clock.now_us();
-        let held = tokio::time::timeout(bound, HeldFreeze::start(&mut m.client, id, ttl))
+        let held = HeldFreeze::start_aligned(&mut m.client, id, ttl, align);
+        let held = tokio::time::timeout(bound, held)
             .await
             .map_err(|_| {
                 format!(
@@ -462,6 +466,7 @@ impl<'g> Run<'_, 'g> {
             })?
             .map_err(|e| format!("member {}: freeze failed: {}", m.config.name, e.message()))?;
         let frozen = clock.now_us();
+        let aligned_us = held.frozen.aligned_us;
         metrics()
             .agent_freeze
             .get_or_create(&Metrics::engine(m.engine()))
@@ -469,7 +474,7 @@ impl<'g> Run<'_, 'g> {
         m.record.freeze_us = Some(held.frozen.freeze_duration_us);
         m.record.position = held.frozen.position.as_ref().map(PositionExt::display);
         m.holder = Some(Holder::spawn(held, ttl));
-        Ok((requested, frozen))
+        Ok((requested, frozen, aligned_us))
     }
 
     /// Freezes every primary (and standalone member) in parallel; each
@@ -500,8 +505,8 @@ impl<'g> Run<'_, 'g> {
             async move {
                 let mut out = Vec::new();
                 let name = p.config.name.clone();
-                match Self::freeze_one(&clock, p, id, ttl, bound).await {
-                    Ok((requested, frozen)) => out.push(Frozen {
+                match Self::freeze_one(&clock, p, id, ttl, bound, None).await {
+                    Ok((requested, frozen, _)) => out.push(Frozen {
                         name,
                         requested,
                         frozen,
@@ -583,38 +588,27 @@ impl<'g> Run<'_, 'g> {
                 format!("member {name}: its primary has no frozen position"),
             );
         };
-        let wait = m
-            .client
-            .wait_for_position(pb::WaitForPositionRequest {
-                target: Some(target.clone()),
-                timeout_ms: align_timeout.as_millis() as u64,
-            })
-            .await;
-        let aligned = clock.now_us();
-        match wait {
-            Ok(reply) => metrics()
-                .alignment_wait
-                .get_or_create(&Metrics::group(group))
-                .observe(reply.get_ref().waited_us as f64 / 1e6),
-            Err(e) => {
-                return Frozen::failed(
-                    name.clone(),
-                    Some(aligned),
-                    format!("member {name}: alignment failed: {}", e.message()),
-                );
-            }
-        }
-        m.record.aligned_to = Some(target.display());
         let left = deadline.saturating_duration_since(Instant::now());
-        match Self::freeze_one(clock, m, id, ttl, left.max(Duration::from_millis(1))).await {
-            Ok((requested, frozen)) => Frozen {
-                name,
-                requested,
-                frozen,
-                aligned: Some(aligned),
-                error: None,
-            },
-            Err(e) => Frozen::failed(name, Some(aligned), e),
+        let align = Some((target.clone(), align_timeout.min(left)));
+        match Self::freeze_one(clock, m, id, ttl, left.max(Duration::from_millis(1)), align).await {
+            Ok((requested, frozen, aligned_us)) => {
+                metrics()
+                    .alignment_wait
+                    .get_or_create(&Metrics::group(group))
+                    .observe(aligned_us as f64 / 1e6);
+                m.record.aligned_to = Some(target.display());
+                // The agent froze right after the wait: on this clock, the
+                // freeze was requested when the alignment ended.
+                let aligned = (requested + aligned_us).min(frozen);
+                Frozen {
+                    name,
+                    requested: aligned,
+                    frozen,
+                    aligned: Some(aligned),
+                    error: None,
+                }
+            }
+            Err(e) => Frozen::failed(name, None, e),
         }
     }
 

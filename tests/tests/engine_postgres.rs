@@ -448,6 +448,26 @@ async fn the_replica_waits_for_the_primary_position_and_fails_at_its_bound_when_
         .await
         .unwrap();
     assert!(reached.reached.unwrap().reached(&target).unwrap());
+    // The same alignment and the freeze in one round trip.
+    let mut hold = replica
+        .freeze_aligned(
+            "b-aligned",
+            Duration::from_secs(30),
+            &target,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert!(
+        hold.frozen
+            .position
+            .as_ref()
+            .unwrap()
+            .reached(&target)
+            .unwrap()
+    );
+    hold.request_thaw().await.unwrap();
+    hold.thawed().await.unwrap().unwrap();
 
     // Replication stopped: the wait fails at its bound, clearly.
     let replica_admin = client(&pg.replica, "postgres").await;
@@ -464,6 +484,29 @@ async fn the_replica_waits_for_the_primary_position_and_fails_at_its_bound_when_
         .wait_for(&target, Duration::from_millis(700))
         .await
         .unwrap_err();
+    // An aligned freeze that cannot align is refused and holds nothing.
+    let refused = replica
+        .freeze_aligned(
+            "b-unaligned",
+            Duration::from_secs(30),
+            &target,
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        refused.message().contains("pg-replica"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        !replica
+            .proc
+            .admin_get("/healthz")
+            .unwrap()
+            .1
+            .contains("frozen by")
+    );
     replica_admin
         .batch_execute("SELECT pg_wal_replay_resume()")
         .await

@@ -406,7 +406,11 @@ impl Postgres {
     /// schemas, in one open transaction. The list read at prepare is locked
     /// in one round trip, which also re-reads the list: if tables came or
     /// went since, the transaction locks the tables as they are now.
-    async fn lock_fence(&self, session: &Session) -> Result<(), EngineError> {
+    async fn lock_fence(
+        &self,
+        session: &Session,
+        with_position: bool,
+    ) -> Result<Option<pb::Position>, EngineError> {
         let begin = format!(
             "BEGIN; SET LOCAL lock_timeout = '{}ms';",
             self.lock_timeout.as_millis()
@@ -416,17 +420,23 @@ impl Postgres {
             Some(tables) => format!("LOCK TABLE {tables} IN EXCLUSIVE MODE;"),
             None => String::new(),
         };
-        let sql = format!("{begin} {locks} {current};");
+        let position = if with_position { POSITION_SQL } else { "" };
+        let sql = format!("{begin} {locks} {current}; {position}");
         let fast = match session.client.simple_query(&sql).await {
             Ok(messages) => {
-                let now = messages.iter().find_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::Row(row) => {
-                        Some(row.get(0).map(str::to_string))
-                    }
+                let mut rows = messages.iter().filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
                     _ => None,
                 });
+                let now = rows.next().map(|row| row.get(0).map(str::to_string));
                 if now == Some(session.tables.clone()) {
-                    return Ok(());
+                    // A fence is only ever on a primary.
+                    let position = rows.next().and_then(|row| {
+                        let primary = row.get(0) == Some("f");
+                        let lsn = parse_lsn(row.get(1)?)?;
+                        primary.then(|| make::lsn(lsn))
+                    });
+                    return Ok(position);
                 }
                 // The tables changed since prepare: lock them as they are,
                 // in this same transaction.
@@ -450,7 +460,8 @@ impl Postgres {
             .client
             .batch_execute(&lock)
             .await
-            .map_err(|e| self.fence_error(session, &e))
+            .map_err(|e| self.fence_error(session, &e))?;
+        Ok(None)
     }
 
     fn fence_error(&self, session: &Session, e: &tokio_postgres::Error) -> EngineError {
@@ -621,14 +632,22 @@ impl Engine for Postgres {
         };
         let mut backup = backup;
         let fences = std::mem::take(&mut backup.fences);
+        // With one fence, its round trip also reads the position (after the
+        // locks); with several, the position is read once all are locked.
+        let single = fences.len() == 1;
         let locked =
-            futures_util::future::join_all(fences.iter().map(|f| self.lock_fence(f))).await;
+            futures_util::future::join_all(fences.iter().map(|f| self.lock_fence(f, single))).await;
         // On an error the fences drop here, which ends their transactions:
         // nothing stays locked.
-        locked.into_iter().collect::<Result<Vec<()>, _>>()?;
-        let (position, _) = self
-            .read_position(&backup.session.client, Step::Freeze)
-            .await?;
+        let read = locked.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let position = match read.into_iter().flatten().next() {
+            Some(position) => position,
+            None => {
+                self.read_position(&backup.session.client, Step::Freeze)
+                    .await?
+                    .0
+            }
+        };
         Ok(Box::new(PgHold {
             ctx: self.ctx.clone(),
             backup,

@@ -129,6 +129,23 @@ impl Agent {
         HeldFreeze::start(&mut self.client, backup_id, ttl).await
     }
 
+    /// Freezes once this member has reached `target` (one round trip).
+    pub async fn freeze_aligned(
+        &mut self,
+        backup_id: &str,
+        ttl: Duration,
+        target: &pb::Position,
+        bound: Duration,
+    ) -> Result<HeldFreeze, tonic::Status> {
+        HeldFreeze::start_aligned(
+            &mut self.client,
+            backup_id,
+            ttl,
+            Some((target.clone(), bound)),
+        )
+        .await
+    }
+
     pub async fn thaw(&mut self, backup_id: &str) -> Result<pb::ThawResponse, tonic::Status> {
         Ok(self
             .client
