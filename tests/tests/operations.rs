@@ -229,6 +229,66 @@ async fn runs_of_one_group_never_overlap_and_an_overlapping_run_is_skipped() {
     assert!(intervals.windows(2).all(|w| w[0].1 <= w[1].0), "{text}");
 }
 
+/// A noop group on the exec snapshotter (a cut that makes nothing).
+fn noop_group(s: &mut Setup) {
+    let a0 = s.agent("n-0", "noop", &[]);
+    let volume = s.dir.path().join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    s.config(
+        "g",
+        &format!(
+            "snapshotter = \"exec\"\n[groups.g.exec]\nsnapshot = \"true\"\ndelete = \"true\"\n{}",
+            member("n-0", &a0, "primary", None, &[&volume])
+        ),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_missed_while_down_are_counted_and_run_once_or_skipped() {
+    for (policy, backups) in [("run-once", 1), ("skip", 0)] {
+        let mut s = Setup::new();
+        noop_group(&mut s);
+        // Midnight every New Year: nothing falls due during the test, but
+        // the last firing on record was two years ago.
+        s.append_config(&format!(
+            "[schedules.yearly]\ngroup = \"g\"\ncron = \"0 0 0 1 1 *\"\nmissed = \"{policy}\"\n"
+        ));
+        let catalog = s.dir.path().join("catalog");
+        std::fs::create_dir_all(&catalog).unwrap();
+        let two_years_ago = time::OffsetDateTime::now_utc() - time::Duration::days(800);
+        std::fs::write(
+            catalog.join(".schedules.json"),
+            format!(
+                "{{\"yearly\": \"{}\"}}",
+                two_years_ago
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap()
+            ),
+        )
+        .unwrap();
+        let mut serve = Serve::start(&s);
+        wait_for("the missed runs counted", Duration::from_secs(10), || {
+            Ok(serve.metric("stillpoint_schedule_missed_total{") >= 2.0)
+        })
+        .unwrap_or_else(|e| panic!("{policy}: {e}\n{}", serve.logs()));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(serve.terminate(), "{}", serve.logs());
+        let taken: Vec<Manifest> = manifests(&s);
+        assert_eq!(
+            taken.len(),
+            backups,
+            "{policy}: {taken:?}\n{}",
+            serve.logs()
+        );
+        assert!(taken.iter().all(|m| m.outcome == Outcome::Succeeded));
+        assert!(
+            serve.logs().contains("runs were missed"),
+            "{}",
+            serve.logs()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_scheduled_freeze_thaws_everyone_within_a_second() {
     let _redis = shared::server_wide_freeze().await;
