@@ -180,19 +180,14 @@ async fn a_schedule_every_second_backs_up_and_retention_keeps_the_newest() {
 async fn runs_of_one_group_never_overlap_and_an_overlapping_run_is_skipped() {
     let mut s = Setup::new();
     let log = s.dir.path().join("cuts.log");
-    let a0 = s.agent("n-0", "noop", &[]);
-    let volume = s.dir.path().join("volume");
-    std::fs::create_dir_all(&volume).unwrap();
     // Each cut takes 1.5 s, so a schedule firing every second would overlap.
-    s.config(
-        "g",
+    noop_group(
+        &mut s,
         &format!(
-            "snapshotter = \"exec\"\nfreeze_budget = \"10s\"\n[groups.g.exec]\n\
-             snapshot = \"echo start $(date +%s.%N) >> {log}; sleep 1.5; echo end $(date +%s.%N) >> {log}\"\n\
-             delete = \"true\"\n{}",
-            member("n-0", &a0, "primary", None, &[&volume]),
+            "echo start $(date +%s.%N) >> {log}; sleep 1.5; echo end $(date +%s.%N) >> {log}",
             log = log.display()
         ),
+        "freeze_budget = \"10s\"",
     );
     // Two schedules of the same group: they exclude each other too.
     s.append_config(
@@ -229,15 +224,16 @@ async fn runs_of_one_group_never_overlap_and_an_overlapping_run_is_skipped() {
     assert!(intervals.windows(2).all(|w| w[0].1 <= w[1].0), "{text}");
 }
 
-/// A noop group on the exec snapshotter (a cut that makes nothing).
-fn noop_group(s: &mut Setup) {
+/// A group of one noop agent on the exec snapshotter, whose cut runs
+/// `snapshot` (`sh -c`).
+fn noop_group(s: &mut Setup, snapshot: &str, extra: &str) {
     let a0 = s.agent("n-0", "noop", &[]);
     let volume = s.dir.path().join("volume");
     std::fs::create_dir_all(&volume).unwrap();
     s.config(
         "g",
         &format!(
-            "snapshotter = \"exec\"\n[groups.g.exec]\nsnapshot = \"true\"\ndelete = \"true\"\n{}",
+            "snapshotter = \"exec\"\n{extra}\n[groups.g.exec]\nsnapshot = {snapshot:?}\ndelete = \"true\"\n{}",
             member("n-0", &a0, "primary", None, &[&volume])
         ),
     );
@@ -247,7 +243,7 @@ fn noop_group(s: &mut Setup) {
 async fn runs_missed_while_down_are_counted_and_run_once_or_skipped() {
     for (policy, backups) in [("run-once", 1), ("skip", 0)] {
         let mut s = Setup::new();
-        noop_group(&mut s);
+        noop_group(&mut s, "true", "");
         // Midnight every New Year: nothing falls due during the test, but
         // the last firing on record was two years ago.
         s.append_config(&format!(
