@@ -127,6 +127,80 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
+/// A `Freeze` stream opened ahead of the freeze (at prepare): the agent
+/// already waits for its `start`, so the freeze itself costs one message
+/// and its answer. Dropped unused, the stream just ends.
+#[derive(Debug)]
+pub struct OpenFreeze {
+    client: AgentClient<Channel>,
+    requests: tokio::sync::mpsc::Sender<pb::FreezeRequest>,
+    call: tokio::task::JoinHandle<
+        Result<tonic::Response<tonic::Streaming<pb::FreezeEvent>>, tonic::Status>,
+    >,
+}
+
+impl OpenFreeze {
+    pub fn open(client: &AgentClient<Channel>) -> OpenFreeze {
+        let (requests, rx) = tokio::sync::mpsc::channel(8);
+        let mut caller = client.clone();
+        let call = tokio::spawn(async move {
+            caller
+                .freeze(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        OpenFreeze {
+            client: client.clone(),
+            requests,
+            call,
+        }
+    }
+
+    /// Sends `start` (with the replica's alignment, if any) and waits for
+    /// the agent's `frozen` answer (or its refusal).
+    pub async fn start(
+        self,
+        backup_id: &str,
+        ttl: Duration,
+        align: Option<(pb::Position, Duration)>,
+    ) -> Result<HeldFreeze, tonic::Status> {
+        let (align_to, align_timeout) = match align {
+            // 0 would mean the agent's longest wait: at least 1 ms.
+            Some((target, bound)) => (Some(target), (bound.as_millis() as u64).max(1)),
+            None => (None, 0),
+        };
+        let start = pb::FreezeRequest {
+            msg: Some(Msg::Start(pb::FreezeStart {
+                backup_id: backup_id.to_string(),
+                ttl_ms: ttl.as_millis() as u64,
+                align_to,
+                align_timeout_ms: align_timeout,
+            })),
+        };
+        self.requests
+            .send(start)
+            .await
+            .map_err(|_| tonic::Status::internal("freeze request channel closed"))?;
+        let mut events = self
+            .call
+            .await
+            .map_err(|e| tonic::Status::internal(format!("the freeze call failed: {e}")))??
+            .into_inner();
+        match events.message().await? {
+            Some(pb::FreezeEvent {
+                event: Some(pb::freeze_event::Event::Frozen(frozen)),
+            }) => Ok(HeldFreeze {
+                _channel: self.client,
+                requests: self.requests,
+                events,
+                frozen,
+            }),
+            other => Err(tonic::Status::internal(format!(
+                "agent answered a freeze with {other:?} instead of `frozen`"
+            ))),
+        }
+    }
+}
+
 /// A freeze held over an open `Freeze` stream. Dropping it ends the stream,
 /// which makes the agent thaw at once.
 #[derive(Debug)]
@@ -159,43 +233,8 @@ impl HeldFreeze {
         ttl: Duration,
         align: Option<(pb::Position, Duration)>,
     ) -> Result<Self, tonic::Status> {
-        let (requests, rx) = tokio::sync::mpsc::channel(8);
-        let (align_to, align_timeout) = match align {
-            // 0 would mean the agent's longest wait: at least 1 ms.
-            Some((target, bound)) => (Some(target), (bound.as_millis() as u64).max(1)),
-            None => (None, 0),
-        };
-        let start = pb::FreezeRequest {
-            msg: Some(Msg::Start(pb::FreezeStart {
-                backup_id: backup_id.to_string(),
-                ttl_ms: ttl.as_millis() as u64,
-                align_to,
-                align_timeout_ms: align_timeout,
-            })),
-        };
-        requests
-            .send(start)
-            .await
-            .map_err(|_| tonic::Status::internal("freeze request channel closed"))?;
-        let mut events = client
-            .freeze(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        match events.message().await? {
-            Some(pb::FreezeEvent {
-                event: Some(pb::freeze_event::Event::Frozen(frozen)),
-            }) => Ok(HeldFreeze {
-                _channel: client.clone(),
-                requests,
-                events,
-                frozen,
-            }),
-            other => Err(tonic::Status::internal(format!(
-                "agent answered a freeze with {other:?} instead of `frozen`"
-            ))),
-        }
+        OpenFreeze::open(client).start(backup_id, ttl, align).await
     }
-
     /// Sends a lease renewal.
     pub async fn renew(&self) -> Result<(), tonic::Status> {
         self.send(Msg::Renew(pb::Renew {})).await

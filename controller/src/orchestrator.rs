@@ -19,7 +19,7 @@ use stillpoint_proto::pb::{self, agent_client::AgentClient};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::agents::{ControllerTls, HeldFreeze};
+use crate::agents::{ControllerTls, OpenFreeze};
 use crate::catalog::{Catalog, Consistency, Manifest, MemberRecord, Outcome};
 use crate::config::{Group, MemberFile, RoleHint};
 use crate::holder::Holder;
@@ -99,6 +99,8 @@ struct Member<'g> {
     config: &'g MemberFile,
     client: AgentClient<Channel>,
     describe: pb::DescribeResponse,
+    /// The freeze stream, opened at prepare.
+    open: Option<OpenFreeze>,
     holder: Option<Holder>,
     record: MemberRecord,
 }
@@ -398,6 +400,7 @@ impl<'g> Run<'_, 'g> {
                         config,
                         client,
                         describe,
+                        open: None,
                         holder: None,
                         record,
                     });
@@ -430,6 +433,9 @@ impl<'g> Run<'_, 'g> {
         }))
         .await;
         results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        for m in &mut self.members {
+            m.open = Some(OpenFreeze::open(&m.client));
+        }
         // Last, so as little as possible is written between it and the cut.
         let volumes = self.volumes(&|_| true);
         self.snapshotter.prepare(&volumes).await.map_err(|e| {
@@ -454,7 +460,8 @@ impl<'g> Run<'_, 'g> {
         align: Option<(pb::Position, Duration)>,
     ) -> Result<(u64, u64, u64), String> {
         let requested = clock.now_us();
-        let held = HeldFreeze::start_aligned(&mut m.client, id, ttl, align);
+        let open = m.open.take().unwrap_or_else(|| OpenFreeze::open(&m.client));
+        let held = open.start(id, ttl, align);
         let held = tokio::time::timeout(bound, held)
             .await
             .map_err(|_| {
