@@ -132,6 +132,19 @@ async fn postgres_pair_replicates_and_leaves_nothing_behind() {
         .unwrap()
         .unwrap();
     postgres_replicates(&pair).await.unwrap();
+    // A copy of the live data directory carries the primary's pid file:
+    // dropping it unstarted must not stop the primary.
+    tokio::task::block_in_place(|| {
+        let copy = stillpoint_tests::harness::postgres::PgRestored::new().unwrap();
+        stillpoint_controller::snapshot::copy::copy_tree(&pair.primary.data, copy.data_dir())
+            .unwrap();
+        assert!(copy.data_dir().join("postmaster.pid").exists());
+        drop(copy);
+    });
+    assert!(
+        pair.primary.pid().is_some() && pair.primary.psql("SELECT 1").unwrap() == "1",
+        "the primary still runs"
+    );
     let (pids, dir) = (pair.pids(), pair.dir().to_path_buf());
     tokio::task::spawn_blocking(move || drop(pair))
         .await

@@ -94,7 +94,11 @@ impl PgServer {
         }
     }
 
-    /// The postmaster's pid, while it runs.
+    /// The postmaster's pid, while it runs. A pid file copied from another
+    /// server's data directory (a restored copy that never started) names
+    /// that other, live postmaster: only a postmaster whose working
+    /// directory is this data directory counts, so `stop` never stops
+    /// another server.
     pub fn pid(&self) -> Option<u32> {
         std::fs::read_to_string(self.data.join("postmaster.pid"))
             .ok()?
@@ -104,6 +108,17 @@ impl PgServer {
             .parse()
             .ok()
             .filter(|pid| crate::servers::pid_alive(*pid))
+            .filter(|pid| self.runs_here(*pid))
+    }
+
+    fn runs_here(&self, pid: u32) -> bool {
+        let cwd = match std::fs::read_link(format!("/proc/{pid}/cwd")) {
+            Ok(cwd) => cwd,
+            // Not ours to inspect (another user, no /proc): trust the file.
+            Err(_) => return true,
+        };
+        let here = std::fs::canonicalize(&self.data).unwrap_or_else(|_| self.data.clone());
+        cwd == here
     }
 
     /// Runs SQL with psql and returns its unaligned, tuples-only output.
