@@ -566,32 +566,7 @@ impl Config {
     }
 }
 
-/// Parses `250ms`, `5s`, `2m`, `1h` (a bare number is seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| "not a duration (examples: 500ms, 5s, 2m, 1h)".to_string())?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        other => {
-            return Err(format!(
-                "unknown duration unit '{other}' (use ms, s, m or h)"
-            ));
-        }
-    };
-    if !seconds.is_finite() || !(0.0..=366.0 * 86400.0).contains(&seconds) {
-        return Err("duration out of range".into());
-    }
-    Ok(Duration::from_secs_f64(seconds))
-}
+pub use stillpoint_proto::duration::parse_duration;
 
 #[cfg(test)]
 mod tests {

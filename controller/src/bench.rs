@@ -206,20 +206,6 @@ fn hooks(cluster: &Cluster) -> (Vec<Hook>, Vec<Hook>) {
     (pre, post)
 }
 
-fn volumes(group: &Group) -> Vec<VolumeRef> {
-    group
-        .members
-        .iter()
-        .flat_map(|m| {
-            m.volumes.iter().enumerate().map(|(index, path)| VolumeRef {
-                member: m.name.clone(),
-                index,
-                path: path.clone(),
-            })
-        })
-        .collect()
-}
-
 /// One exec-hook backup: returns its window (µs).
 async fn hook_backup(
     pre: &[Hook],
@@ -268,7 +254,7 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
     let mut none_group = cluster.group.clone();
     none_group.driver = Driver::None;
     let btrfs = Btrfs::new(cluster.group.snapshot_dir.clone());
-    let vols = volumes(&cluster.group);
+    let vols = crate::snapshot::volumes_of(&cluster.group.members);
     let mut sp_btrfs = Vec::new();
     let mut sp_none = Vec::new();
     let mut hk_btrfs = Vec::new();

@@ -51,6 +51,23 @@ pub enum Consistency {
     FrozenCopy,
 }
 
+impl Consistency {
+    /// The name manifests and tables use (`backup-label`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Frozen => "frozen",
+            Consistency::CrashConsistent => "crash-consistent",
+            Consistency::BackupLabel => "backup-label",
+            Consistency::FrozenCopy => "frozen-copy",
+        }
+    }
+
+    /// The name of an optional method, `-` when there is none.
+    pub fn name_or_dash(method: Option<Consistency>) -> &'static str {
+        method.map_or("-", Consistency::as_str)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberRecord {
     pub name: String,
@@ -207,5 +224,23 @@ impl Catalog {
             dir: self.dir.clone(),
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consistency_names_are_the_manifest_names() {
+        for c in [
+            Consistency::Frozen,
+            Consistency::CrashConsistent,
+            Consistency::BackupLabel,
+            Consistency::FrozenCopy,
+        ] {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
+        }
+        assert_eq!(Consistency::name_or_dash(None), "-");
     }
 }

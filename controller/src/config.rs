@@ -187,28 +187,14 @@ pub struct ConfigError {
     pub problems: Vec<String>,
 }
 
-/// Parses `250ms`, `5s`, `2m`, `1h`, `7d`.
+/// Parses `250ms`, `5s`, `2m`, `1h`, `7d`; zero is refused (every
+/// duration here bounds or spaces something).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("'{text}' is not a duration (examples: 500ms, 5s, 2m)"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" | "" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        "d" => value * 86400.0,
-        other => return Err(format!("unknown duration unit '{other}' (ms, s, m, h, d)")),
-    };
-    if !(0.0..=86400.0 * 366.0).contains(&seconds) || seconds == 0.0 {
-        return Err(format!("'{text}' is out of range (must be > 0)"));
+    let d = stillpoint_proto::duration::parse_duration(text)?;
+    if d.is_zero() {
+        return Err(format!("'{}' is out of range (must be > 0)", text.trim()));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    Ok(d)
 }
 
 impl Config {

@@ -621,21 +621,7 @@ impl<'g> Run<'_, 'g> {
 
     /// The volumes of the members `pred` selects.
     fn volumes(&self, pred: &dyn Fn(&Member<'_>) -> bool) -> Vec<VolumeRef> {
-        self.members
-            .iter()
-            .filter(|m| pred(m))
-            .flat_map(|m| {
-                m.config
-                    .volumes
-                    .iter()
-                    .enumerate()
-                    .map(|(index, path)| VolumeRef {
-                        member: m.config.name.clone(),
-                        index,
-                        path: path.clone(),
-                    })
-            })
-            .collect()
+        snapshot::volumes_of(self.members.iter().filter(|m| pred(m)).map(|m| m.config))
     }
 
     async fn cut(&mut self) -> Result<(), String> {

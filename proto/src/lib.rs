@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod duration;
 pub mod position;
 pub mod tls;
 

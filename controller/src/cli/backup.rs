@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 
 use super::output::{Output, table};
 use super::{Global, Local};
-use crate::catalog::Manifest;
+use crate::catalog::{Consistency, Manifest};
 use crate::orchestrator::new_backup_id;
 use crate::retention::delete_backup;
 
@@ -67,15 +67,7 @@ pub fn members_table(m: &Manifest) -> String {
                 r.role.clone(),
                 r.position.clone().unwrap_or_else(|| "-".into()),
                 r.aligned_to.clone().unwrap_or_else(|| "-".into()),
-                r.consistency
-                    .map(|c| {
-                        serde_json::to_value(c)
-                            .unwrap()
-                            .as_str()
-                            .unwrap_or("")
-                            .to_string()
-                    })
-                    .unwrap_or_else(|| "-".into()),
+                Consistency::name_or_dash(r.consistency).to_string(),
                 r.restore_stage.to_string(),
                 r.snapshots.len().to_string(),
             ]

@@ -4,23 +4,13 @@ use clap::Args;
 
 use super::output::table;
 use super::{Global, Local};
+use crate::catalog::Consistency;
 use crate::restore::{PlanStep, plan};
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
     /// The backup to plan the restore of.
     pub id: String,
-}
-
-fn consistency_name(step: &PlanStep) -> String {
-    step.consistency
-        .map(|c| {
-            serde_json::to_value(c)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default()
-        })
-        .unwrap_or_else(|| "-".into())
 }
 
 /// The plan as the table `plan` prints.
@@ -34,7 +24,7 @@ pub fn plan_table(steps: &[PlanStep]) -> String {
                 s.engine.clone(),
                 s.role.clone(),
                 s.stage_from.to_string(),
-                consistency_name(s),
+                Consistency::name_or_dash(s.consistency).to_string(),
                 match (&s.must_reach, &s.position) {
                     (Some(p), _) => format!("must reach {p}"),
                     (None, Some(p)) => format!("frozen at {p}"),

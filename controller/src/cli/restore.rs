@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::output::table;
 use super::{Global, Local};
-use crate::catalog::MemberRecord;
+use crate::catalog::{Consistency, MemberRecord};
 use crate::metrics::metrics;
 use crate::restore::{Restored, restore_files, stage_class};
 use crate::servers::mariadb::MariaRestored;
@@ -72,14 +72,9 @@ pub fn run(args: RestoreArgs, global: &Global) -> anyhow::Result<()> {
                 r.member.clone(),
                 r.path.display().to_string(),
                 r.consistency
-                    .map(|c| {
-                        serde_json::to_value(c)
-                            .unwrap()
-                            .as_str()
-                            .unwrap_or("")
-                            .to_string()
-                    })
-                    .unwrap_or_default(),
+                    .map(Consistency::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
             ]
         })
         .collect();

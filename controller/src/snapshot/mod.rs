@@ -21,6 +21,22 @@ pub struct VolumeRef {
     pub path: PathBuf,
 }
 
+/// The volumes of `members`, as the snapshotters take them.
+pub fn volumes_of<'a>(
+    members: impl IntoIterator<Item = &'a crate::config::MemberFile>,
+) -> Vec<VolumeRef> {
+    members
+        .into_iter()
+        .flat_map(|m| {
+            m.volumes.iter().enumerate().map(|(index, path)| VolumeRef {
+                member: m.name.clone(),
+                index,
+                path: path.clone(),
+            })
+        })
+        .collect()
+}
+
 /// What a snapshotter made for one volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotHandle {
