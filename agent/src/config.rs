@@ -57,6 +57,16 @@ pub const DEFAULT_THAW_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on the engine's prepare step.
 pub const ENV_PREPARE_TIMEOUT: &str = "STILLPOINT_PREPARE_TIMEOUT";
 pub const DEFAULT_PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Bound on the flush (the engine's own flush, e.g. a Redis save made
+/// while paused, then `syncfs(2)` on the volumes). It is also bounded by
+/// the lease: a flush never outlives the hold it runs in.
+pub const ENV_FLUSH_TIMEOUT: &str = "STILLPOINT_FLUSH_TIMEOUT";
+pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Comma-separated paths where the agent sees the member's volumes; the
+/// flush runs `syncfs(2)` on each (once per filesystem). Default: the paths
+/// the server reports (data directory, WAL, binlog, AOF, ...), which is
+/// right when the agent sees the server's files at the server's own paths.
+pub const ENV_VOLUMES: &str = "STILLPOINT_VOLUMES";
 /// Longest `WaitForPosition` the agent serves, whatever the caller asks.
 pub const ENV_MAX_WAIT: &str = "STILLPOINT_MAX_WAIT";
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(300);
@@ -139,6 +149,8 @@ pub const ALL_KEYS: &[&str] = &[
     ENV_FREEZE_TIMEOUT,
     ENV_THAW_TIMEOUT,
     ENV_PREPARE_TIMEOUT,
+    ENV_FLUSH_TIMEOUT,
+    ENV_VOLUMES,
     ENV_MAX_WAIT,
     ENV_SHUTDOWN_GRACE,
     ENV_DSN,
@@ -262,6 +274,9 @@ pub struct Config {
     pub freeze_timeout: Duration,
     pub thaw_timeout: Duration,
     pub prepare_timeout: Duration,
+    pub flush_timeout: Duration,
+    /// `STILLPOINT_VOLUMES` (empty: the server's own paths).
+    pub volumes: Vec<PathBuf>,
     pub max_wait: Duration,
     pub shutdown_grace: Duration,
     pub log: String,
@@ -432,6 +447,20 @@ impl Config {
         let freeze_timeout = r.positive_duration(ENV_FREEZE_TIMEOUT, DEFAULT_FREEZE_TIMEOUT);
         let thaw_timeout = r.positive_duration(ENV_THAW_TIMEOUT, DEFAULT_THAW_TIMEOUT);
         let prepare_timeout = r.positive_duration(ENV_PREPARE_TIMEOUT, DEFAULT_PREPARE_TIMEOUT);
+        let flush_timeout = r.positive_duration(ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT);
+        let volumes: Vec<PathBuf> = r
+            .list(ENV_VOLUMES, "")
+            .into_iter()
+            .map(PathBuf::from)
+            .collect();
+        for volume in &volumes {
+            if !volume.is_absolute() || !volume.is_dir() {
+                r.errors.push(format!(
+                    "{ENV_VOLUMES}: {} is not an existing absolute directory",
+                    volume.display()
+                ));
+            }
+        }
         let max_wait = r.positive_duration(ENV_MAX_WAIT, DEFAULT_MAX_WAIT);
         let shutdown_grace = r.duration(ENV_SHUTDOWN_GRACE, DEFAULT_SHUTDOWN_GRACE);
         let dsn = match (r.raw(ENV_DSN), r.raw(ENV_DSN_FILE)) {
@@ -545,6 +574,8 @@ impl Config {
             freeze_timeout,
             thaw_timeout,
             prepare_timeout,
+            flush_timeout,
+            volumes,
             max_wait,
             shutdown_grace,
             log,

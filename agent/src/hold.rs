@@ -7,7 +7,12 @@
 //!   takes the hold over (the old stream is told and no longer owns it).
 //! - If the engine reports the held session lost, the hold fails at once.
 //! - Thaw is idempotent: a hold that already ended returns its recorded
-//!   result; an unknown id is a no-op that says so.
+//!   result; an unknown id is a no-op that says so. A stream that was taken
+//!   over can no longer thaw (or flush) the hold it lost.
+//! - The flush (the engine's own, then `syncfs(2)` on the volumes) runs
+//!   inside the hold, bounded by the flush timeout and by the lease.
+//! - Only a thaw that the holder asked for after a complete cut keeps what a
+//!   restore needs (PostgreSQL's WAL); every other ending releases it all.
 //!
 //! Each hold is run by one supervisor task that owns the engine's
 //! [`Frozen`] value, so lease expiry, renewals, loss and thaw never race.
@@ -20,7 +25,8 @@ use stillpoint_proto::pb::{self, freeze_event::Event};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout};
 
-use crate::engine::{Cause, Engine, EngineError, Frozen, Step};
+use crate::durable::{self, Volumes};
+use crate::engine::{Cause, Ending, Engine, EngineError, Frozen, Step};
 use crate::metrics::{CauseLabel, Metrics};
 
 /// Events for the stream that holds the freeze.
@@ -98,8 +104,15 @@ enum Command {
     Detach {
         generation: u64,
     },
+    Flush {
+        generation: u64,
+    },
     Thaw {
         cause: pb::ThawCause,
+        /// The stream asking, if it is one: a stream that was taken over
+        /// thaws nothing.
+        generation: Option<u64>,
+        ending: Ending,
         reply: oneshot::Sender<pb::ThawResult>,
     },
 }
@@ -109,6 +122,7 @@ enum Command {
 pub struct Limits {
     pub max_ttl: Duration,
     pub freeze_timeout: Duration,
+    pub flush_timeout: Duration,
     pub thaw_timeout: Duration,
 }
 
@@ -118,6 +132,8 @@ pub struct Holds {
     member: String,
     limits: Limits,
     metrics: Arc<Metrics>,
+    /// Where the flush syncs.
+    pub volumes: Volumes,
     slot: Mutex<Slot>,
     history: Mutex<VecDeque<pb::ThawResult>>,
 }
@@ -138,12 +154,14 @@ impl Holds {
         member: String,
         limits: Limits,
         metrics: Arc<Metrics>,
+        volumes: Volumes,
     ) -> Arc<Self> {
         Arc::new(Holds {
             engine,
             member,
             limits,
             metrics,
+            volumes,
             slot: Mutex::new(Slot::Idle),
             history: Mutex::new(VecDeque::new()),
         })
@@ -353,11 +371,63 @@ impl Holds {
         }
     }
 
-    /// Thaws `backup_id`. Idempotent.
+    /// Asks the hold's stream `generation` to flush; the `flushed` event
+    /// (or the hold's failure) follows on that stream.
+    pub fn flush(&self, backup_id: &str, generation: u64) {
+        if let Some(commands) = self.commands_for(backup_id) {
+            let _ = commands.send(Command::Flush { generation });
+        }
+    }
+
+    /// Thaws `backup_id` (a `Thaw` call, a shutdown): nothing is kept for
+    /// a restore. Idempotent.
     pub async fn thaw(&self, backup_id: &str, cause: pb::ThawCause) -> ThawOutcome {
+        self.end(backup_id, cause, None, Ending::Abandoned).await
+    }
+
+    /// Thaws `backup_id` at the request of its stream `generation`;
+    /// `completed`: the cut it protected is complete. A stream that was
+    /// taken over thaws nothing.
+    pub async fn thaw_from_stream(
+        &self,
+        backup_id: &str,
+        generation: u64,
+        completed: bool,
+    ) -> Option<pb::ThawResult> {
+        let commands = self.commands_for(backup_id)?;
+        let (reply, answer) = oneshot::channel();
+        let ending = if completed {
+            Ending::Completed
+        } else {
+            Ending::Abandoned
+        };
+        commands
+            .send(Command::Thaw {
+                cause: pb::ThawCause::Requested,
+                generation: Some(generation),
+                ending,
+                reply,
+            })
+            .ok()?;
+        answer.await.ok()
+    }
+
+    async fn end(
+        &self,
+        backup_id: &str,
+        cause: pb::ThawCause,
+        generation: Option<u64>,
+        ending: Ending,
+    ) -> ThawOutcome {
         if let Some(commands) = self.commands_for(backup_id) {
             let (reply, answer) = oneshot::channel();
-            if commands.send(Command::Thaw { cause, reply }).is_ok()
+            let command = Command::Thaw {
+                cause,
+                generation,
+                ending,
+                reply,
+            };
+            if commands.send(command).is_ok()
                 && let Ok(result) = answer.await
             {
                 return ThawOutcome {
@@ -459,15 +529,15 @@ impl Supervisor {
         let mut generation = 1;
         let mut deadline = *self.deadline.lock().unwrap();
         let mut lost: Option<EngineError> = None;
-        let (cause, reply) = loop {
+        let (cause, ending, reply) = loop {
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => break (pb::ThawCause::LeaseExpired, None),
+                _ = tokio::time::sleep_until(deadline) => break (pb::ThawCause::LeaseExpired, Ending::Abandoned, None),
                 err = frozen.lost() => {
                     lost = Some(err);
-                    break (pb::ThawCause::HoldLost, None);
+                    break (pb::ThawCause::HoldLost, Ending::Abandoned, None);
                 }
                 command = inbox.recv() => match command {
-                    None => break (pb::ThawCause::Shutdown, None),
+                    None => break (pb::ThawCause::Shutdown, Ending::Abandoned, None),
                     Some(Command::Attach { events: new, reply }) => {
                         generation += 1;
                         Self::send(&events, Event::Failed(pb::HoldFailed {
@@ -489,7 +559,7 @@ impl Supervisor {
                             if let Err(err) = frozen.renewed(self.ttl).await {
                                 let _ = reply.send(Err(()));
                                 lost = Some(err);
-                                break (pb::ThawCause::HoldLost, None);
+                                break (pb::ThawCause::HoldLost, Ending::Abandoned, None);
                             }
                             deadline = self.extend();
                             Self::send(&events, Event::Renewed(pb::Renewed {
@@ -501,14 +571,33 @@ impl Supervisor {
                         }
                     }
                     Some(Command::Detach { generation: g }) if g == generation => {
-                        break (pb::ThawCause::StreamClosed, None);
+                        break (pb::ThawCause::StreamClosed, Ending::Abandoned, None);
                     }
                     Some(Command::Detach { .. }) => {}
-                    Some(Command::Thaw { cause, reply }) => break (cause, Some(reply)),
+                    Some(Command::Flush { generation: g }) if g == generation => {
+                        match self.flush(frozen.as_mut(), deadline).await {
+                            Ok(flushed) => Self::send(&events, Event::Flushed(flushed)),
+                            Err(err) => {
+                                Self::send(&events, Event::Flushed(pb::Flushed {
+                                    error: err.to_string(),
+                                    ..Default::default()
+                                }));
+                                if err.cause == Cause::Lost {
+                                    lost = Some(err);
+                                    break (pb::ThawCause::HoldLost, Ending::Abandoned, None);
+                                }
+                            }
+                        }
+                    }
+                    // A stream that was taken over flushes and thaws nothing
+                    // (dropping the reply tells its caller so).
+                    Some(Command::Flush { .. }) => {}
+                    Some(Command::Thaw { generation: Some(g), .. }) if g != generation => {}
+                    Some(Command::Thaw { cause, ending, reply, .. }) => break (cause, ending, Some(reply)),
                 },
             }
         };
-        let result = self.thaw(frozen, cause, lost.as_ref()).await;
+        let result = self.thaw(frozen, cause, ending, lost.as_ref()).await;
         if let Some(err) = &lost {
             Self::send(
                 &events,
@@ -553,6 +642,64 @@ impl Supervisor {
         drop(inbox);
     }
 
+    /// The engine's flush, then `syncfs(2)` on the volumes; bounded by the
+    /// flush timeout and by the lease (a hold never outlives its lease).
+    async fn flush(
+        &self,
+        frozen: &mut dyn Frozen,
+        deadline: Instant,
+    ) -> Result<pb::Flushed, EngineError> {
+        let holds = &self.holds;
+        let started = Instant::now();
+        let bound = (started + holds.limits.flush_timeout).min(deadline);
+        let timed_out = || EngineError {
+            member: holds.member.clone(),
+            engine: holds.engine.kind(),
+            step: Step::Flush,
+            cause: Cause::Timeout,
+            message: format!(
+                "no flush within {} ms (STILLPOINT_FLUSH_TIMEOUT, or what was left of the lease)",
+                bound.saturating_duration_since(started).as_millis()
+            ),
+        };
+        let detail = tokio::time::timeout_at(bound, frozen.flush())
+            .await
+            .map_err(|_| timed_out())??;
+        let engine_us = started.elapsed().as_micros() as u64;
+        if holds.volumes.list().is_empty() && !holds.volumes.configured() {
+            // No Describe yet: learn where the server keeps its files.
+            holds.volumes.learn(&holds.engine.describe().await?.paths);
+        }
+        let (paths, configured) = (holds.volumes.list(), holds.volumes.configured());
+        let syncing = tokio::task::spawn_blocking(move || durable::sync_all(&paths, configured));
+        let synced = tokio::time::timeout_at(bound, syncing)
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| e.to_string())
+            .and_then(|r| r)
+            .map_err(|message| EngineError {
+                member: holds.member.clone(),
+                engine: holds.engine.kind(),
+                step: Step::Flush,
+                cause: Cause::Refused,
+                message,
+            })?;
+        let sync_us = started.elapsed().as_micros() as u64 - engine_us;
+        let synced: Vec<String> = synced.iter().map(|p| p.display().to_string()).collect();
+        let detail = match (detail.is_empty(), synced.is_empty()) {
+            (_, true) => format!("{detail}; no volumes to sync"),
+            (true, false) => format!("synced {}", synced.join(", ")),
+            (false, false) => format!("{detail}; synced {}", synced.join(", ")),
+        };
+        tracing::info!(backup_id = %self.backup_id, engine_us, sync_us, "{detail}");
+        Ok(pb::Flushed {
+            engine_us,
+            sync_us,
+            detail,
+            error: String::new(),
+        })
+    }
+
     fn extend(&self) -> Instant {
         let deadline = Instant::now() + self.ttl;
         *self.deadline.lock().unwrap() = deadline;
@@ -563,12 +710,13 @@ impl Supervisor {
         &self,
         frozen: Box<dyn Frozen>,
         cause: pb::ThawCause,
+        ending: Ending,
         lost: Option<&EngineError>,
     ) -> pb::ThawResult {
         let holds = &self.holds;
         let held = self.frozen_at.elapsed();
         let started = Instant::now();
-        let outcome = timeout(holds.limits.thaw_timeout, frozen.thaw()).await;
+        let outcome = timeout(holds.limits.thaw_timeout, frozen.thaw(ending)).await;
         let took = started.elapsed();
         holds.metrics.frozen.set(0);
         holds

@@ -6,10 +6,11 @@
 //!   WaitForPosition).
 //! - [`hold`]: the lease: one hold at a time, renewal, expiry, takeover.
 //! - [`engine`]: the per-database engines behind one trait.
+//! - [`durable`]: the flush's `syncfs(2)` on the member's volumes.
 //! - [`admin`] and [`metrics`]: `/healthz` and `/metrics`.
 //! - [`watchdog`]: the child process that undoes holds if the agent dies.
 //!
-//! `unsafe` is denied everywhere but `engine::ioctl` (FIFREEZE/FITHAW).
+//! `unsafe` is denied everywhere but `engine::sys` (FIFREEZE, FITHAW, syncfs).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 pub mod admin;
 pub mod config;
+pub mod durable;
 pub mod engine;
 pub mod hold;
 pub mod metrics;
@@ -79,9 +81,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         hold::Limits {
             max_ttl: config.max_ttl,
             freeze_timeout: config.freeze_timeout,
+            flush_timeout: config.flush_timeout,
             thaw_timeout: config.thaw_timeout,
         },
         metrics.clone(),
+        durable::Volumes::new(config.volumes.clone()),
     );
     let service = server::AgentService {
         engine,

@@ -101,6 +101,10 @@ impl Agent for AgentService {
             .describe()
             .await
             .map_err(|e| engine_status(&e))?;
+        self.holds.volumes.learn(&d.paths);
+        for warning in &d.warnings {
+            tracing::warn!("{warning}");
+        }
         Ok(Response::new(pb::DescribeResponse {
             engine: self.engine.kind().to_pb() as i32,
             member: self.member.clone(),
@@ -111,6 +115,15 @@ impl Agent for AgentService {
             capabilities: Some(d.capabilities),
             max_ttl_ms: self.max_ttl.as_millis() as u64,
             holder: self.holds.holder().unwrap_or_default(),
+            paths: d.paths,
+            warnings: d.warnings,
+            volumes: self
+                .holds
+                .volumes
+                .list()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
         }))
     }
 
@@ -220,9 +233,16 @@ impl Agent for AgentService {
                         }
                     }
                     Ok(Some(pb::FreezeRequest {
-                        msg: Some(Msg::Thaw(_)),
+                        msg: Some(Msg::Flush(_)),
+                    })) => holds.flush(&backup_id, attached.generation),
+                    Ok(Some(pb::FreezeRequest {
+                        msg: Some(Msg::Thaw(thaw)),
                     })) => {
-                        holds.thaw(&backup_id, pb::ThawCause::Requested).await;
+                        // Only this stream's own hold: one that was taken
+                        // over thaws nothing.
+                        holds
+                            .thaw_from_stream(&backup_id, attached.generation, thaw.completed)
+                            .await;
                         return;
                     }
                     Ok(Some(_)) => {}

@@ -13,7 +13,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::engine::ioctl;
+use crate::engine::sys;
 
 /// Environment variable that starts this binary as the watchdog.
 pub const WATCHDOG_ENV: &str = "STILLPOINT_INTERNAL_WATCHDOG";
@@ -33,7 +33,7 @@ pub fn run() -> i32 {
         }
     }
     for path in &mounts {
-        match ioctl::thaw(path) {
+        match sys::thaw(path) {
             Ok(()) => eprintln!(
                 "stillpoint-agent watchdog: the agent is gone; thawed {}",
                 path.display()

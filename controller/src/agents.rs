@@ -241,8 +241,15 @@ impl HeldFreeze {
     }
 
     /// Asks for a thaw over the stream; the `thawed` event follows.
-    pub async fn request_thaw(&self) -> Result<(), tonic::Status> {
-        self.send(Msg::Thaw(pb::ThawNow {})).await
+    /// `completed`: the cut this hold protected is complete (the agent keeps
+    /// what its restore needs); otherwise everything is released at once.
+    pub async fn request_thaw(&self, completed: bool) -> Result<(), tonic::Status> {
+        self.send(Msg::Thaw(pb::ThawNow { completed })).await
+    }
+
+    /// Asks for the flush; the `flushed` event follows.
+    pub async fn request_flush(&self) -> Result<(), tonic::Status> {
+        self.send(Msg::Flush(pb::Flush {})).await
     }
 
     async fn send(&self, msg: Msg) -> Result<(), tonic::Status> {
@@ -255,6 +262,22 @@ impl HeldFreeze {
     /// The next event from the agent (`None` when the stream ended).
     pub async fn next_event(&mut self) -> Result<Option<pb::FreezeEvent>, tonic::Status> {
         self.events.message().await
+    }
+
+    /// Asks for the flush and waits for its `flushed` answer, skipping
+    /// other events (an error if the hold failed first).
+    pub async fn flush(&mut self) -> Result<pb::Flushed, tonic::Status> {
+        self.request_flush().await?;
+        while let Some(event) = self.next_event().await? {
+            match event.event {
+                Some(pb::freeze_event::Event::Flushed(f)) => return Ok(f),
+                Some(pb::freeze_event::Event::Failed(f)) => {
+                    return Err(tonic::Status::aborted(f.reason));
+                }
+                _ => {}
+            }
+        }
+        Err(tonic::Status::unavailable("the freeze stream ended"))
     }
 
     /// Waits for the `thawed` event, skipping others; `None` if the stream

@@ -222,16 +222,16 @@ async fn hook_backup(
     for h in pre {
         tokio::task::block_in_place(|| h.run())?;
     }
-    let made = match cut {
-        Some((btrfs, volumes)) => btrfs.cut(id, volumes).await?,
-        None => Vec::new(),
-    };
+    let made = crate::snapshot::Made::default();
+    if let Some((btrfs, volumes)) = cut {
+        btrfs.cut(id, volumes, &made).await?;
+    }
     for h in post {
         tokio::task::block_in_place(|| h.run())?;
     }
     let window = started.elapsed().as_micros() as f64;
     if let Some((btrfs, _)) = cut {
-        btrfs.delete(&made).await?;
+        btrfs.delete(&made.handles()).await?;
         btrfs.delete_backup(id).await?;
     }
     Ok(window)
@@ -570,6 +570,7 @@ impl NoopFleet {
                 volumes: vec![],
                 restore_stage: None,
                 fsfreeze: false,
+                accept_uncovered: vec![],
             })
             .collect()
     }

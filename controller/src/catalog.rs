@@ -68,6 +68,14 @@ impl Consistency {
     }
 }
 
+/// A path a member's server needs for crash recovery, as its agent
+/// reported it (`data_directory`, `pg_wal`, `log_bin_basename`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerPath {
+    pub what: String,
+    pub path: PathBuf,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberRecord {
     pub name: String,
@@ -95,6 +103,16 @@ pub struct MemberRecord {
     /// engine class's default).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub restore_stage_explicit: bool,
+    /// What the flush did on this member (its engine's flush and the
+    /// filesystems synced) and how long it took (µs, on the agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flush: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flush_us: Option<u64>,
+    /// Where the server keeps what crash recovery needs; a restore rewrites
+    /// whatever in the volumes points at these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<ServerPath>,
     #[serde(default)]
     pub snapshots: Vec<SnapshotHandle>,
     #[serde(default)]
@@ -123,6 +141,10 @@ pub struct Manifest {
     pub cut_us: Option<u64>,
     pub members: Vec<MemberRecord>,
     pub timeline: Timeline,
+    /// What the operator should know about this backup: paths knowingly
+    /// left off the volumes (`accept_uncovered`), agents' setup warnings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -124,6 +124,20 @@ fn default_driver() -> Driver {
 pub struct ExecTemplates {
     pub snapshot: String,
     pub delete: String,
+    /// Bound on each command (default 5m); the freeze budget bounds the
+    /// snapshot commands as well.
+    pub timeout: Option<String>,
+}
+
+/// Default bound on one exec snapshotter command.
+pub const DEFAULT_EXEC_TIMEOUT: &str = "5m";
+
+impl ExecTemplates {
+    /// The bound on each command (validated when the file is loaded).
+    pub fn timeout(&self) -> Duration {
+        parse_duration(self.timeout.as_deref().unwrap_or(DEFAULT_EXEC_TIMEOUT))
+            .unwrap_or(Duration::from_secs(300))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -153,6 +167,13 @@ pub struct MemberFile {
     /// which makes a `copy` of an InnoDB member consistent.
     #[serde(default)]
     pub fsfreeze: bool,
+    /// Paths the member's server uses (as its agent reports them) that are
+    /// knowingly not on its volumes. Without this, a backup whose volumes
+    /// do not hold everything the server needs for crash recovery is
+    /// refused before anything freezes; with it, the backup goes ahead and
+    /// its manifest carries a warning. A path here covers everything below it.
+    #[serde(default)]
+    pub accept_uncovered: Vec<PathBuf>,
 }
 
 /// A validated group.
@@ -273,6 +294,14 @@ impl Config {
                     "{at}.exec: required by the exec snapshotter (snapshot and delete templates)"
                 ));
             }
+            if let Some(Err(e)) = g
+                .exec
+                .as_ref()
+                .and_then(|t| t.timeout.as_deref())
+                .map(parse_duration)
+            {
+                problems.push(format!("{at}.exec.timeout: {e}"));
+            }
             if g.members.is_empty() {
                 problems.push(format!("{at}.members: a group needs at least one member"));
             }
@@ -325,6 +354,14 @@ impl Config {
                         problems.push(format!(
                             "{at}.volumes[{v}]: '{}' must be an absolute path",
                             volume.display()
+                        ));
+                    }
+                }
+                for (a, path) in m.accept_uncovered.iter().enumerate() {
+                    if !path.is_absolute() {
+                        problems.push(format!(
+                            "{at}.accept_uncovered[{a}]: '{}' must be an absolute path",
+                            path.display()
                         ));
                     }
                 }

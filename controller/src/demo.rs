@@ -4,6 +4,12 @@
 //! with the btrfs snapshotter, and a restore that starts every member and
 //! checks the consistent-cut invariant and replica alignment.
 //!
+//! [`Options`] vary it the way operators' setups vary: Redis persistence
+//! (AOF, RDB only), writes acknowledged before they are durable, and a
+//! block layout (each data directory on its own loop-mounted ext4, cut by
+//! the exec snapshotter as a reflink copy of the image: a block-level
+//! snapshot that, like a cloud disk snapshot, does not see the page cache).
+//!
 //! `stillpoint demo` runs it once; the end-to-end tests run it for many
 //! backups in a row. Everything is removed on drop.
 
@@ -17,16 +23,39 @@ use mysql_async::prelude::Queryable;
 use tokio::sync::watch;
 
 use crate::agents::ControllerTls;
-use crate::catalog::{Catalog, Manifest};
+use crate::catalog::{Catalog, Manifest, MemberRecord};
 use crate::certs;
-use crate::config::{Driver, Group, MemberFile, RoleHint};
+use crate::config::{Driver, ExecTemplates, Group, MemberFile, RoleHint};
 use crate::orchestrator::Orchestrator;
+use crate::servers::Setup;
 use crate::servers::agent::{AgentProc, AgentSpec};
 use crate::servers::loopfs::LoopMount;
 use crate::servers::mariadb::{MariaPair, MariaRestored};
 use crate::servers::postgres::{PgPair, PgRestored};
-use crate::servers::redis::{RedisPair, RedisRestored};
+use crate::servers::redis::{Persistence, RedisPair, RedisRestored};
 use crate::servers::run;
+
+/// How the demo cluster is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// How Redis persists (default: the append-only file).
+    pub redis: Persistence,
+    /// Acknowledge writes before they are durable ([`Setup::relaxed`]).
+    pub relaxed: bool,
+    /// Data directories on loop devices, cut as reflink copies of their
+    /// images ([`Setup::block`]) instead of btrfs subvolume snapshots.
+    pub block: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            redis: Persistence::Aof,
+            relaxed: false,
+            block: false,
+        }
+    }
+}
 
 /// One member of the demo group: name, engine, DSN, role, primary, volume, extra agent settings.
 struct DemoMember {
@@ -56,7 +85,9 @@ pub struct Cluster {
     pub redis: RedisPair,
     pub group: Group,
     pub orchestrator: Orchestrator,
-    work: tempfile::TempDir,
+    pub options: Options,
+    /// Certificates and agent state; removed on drop.
+    _work: tempfile::TempDir,
     mount: LoopMount,
 }
 
@@ -69,19 +100,24 @@ pub struct Acked {
     pub b: Vec<i32>,
 }
 
-/// A running causal writer.
+/// How many causal writers run at once (each with its own connections).
+pub const WRITERS: i32 = 4;
+
+/// Running causal writers.
 #[derive(Debug)]
 pub struct Workload {
     stop: watch::Sender<bool>,
     acked: Arc<Mutex<Acked>>,
-    task: tokio::task::JoinHandle<Result<()>>,
+    tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
 }
 
 impl Workload {
-    /// Stops the writer and returns what it saw acknowledged.
+    /// Stops the writers and returns what they saw acknowledged.
     pub async fn stop(self) -> Result<Acked> {
         let _ = self.stop.send(true);
-        self.task.await.context("the workload task")??;
+        for task in self.tasks {
+            task.await.context("a workload task")??;
+        }
         Ok(self.acked.lock().unwrap().clone())
     }
 
@@ -99,6 +135,52 @@ pub struct Verified {
     pub chain_b: usize,
 }
 
+/// One member restored for verification.
+#[derive(Debug)]
+struct Restored {
+    name: String,
+    /// Its restored data directory.
+    data: PathBuf,
+    /// Where its binlog basename is in the restore (MariaDB).
+    log_bin: Option<PathBuf>,
+}
+
+impl Restored {
+    fn new(
+        m: &MemberRecord,
+        volumes: Vec<(PathBuf, PathBuf)>,
+        data: Option<PathBuf>,
+    ) -> Result<Self> {
+        Ok(Restored {
+            name: m.name.clone(),
+            data: data
+                .with_context(|| format!("{}: its data directory is not in the restore", m.name))?,
+            log_bin: crate::restore::relocated_path(m, &volumes, "log_bin_basename"),
+        })
+    }
+}
+
+/// What keeps a restore in place while it is verified.
+#[derive(Debug)]
+enum Restore {
+    Files,
+    /// The block layout's restored images, mounted.
+    Mounts(#[allow(dead_code)] Vec<LoopMount>),
+}
+
+/// The ids of a chain's keys (`<prefix>:<id>`) in a Redis server.
+async fn redis_ids(c: &redis::aio::MultiplexedConnection, prefix: &str) -> Result<BTreeSet<i32>> {
+    let mut c = c.clone();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut c)
+        .await?;
+    Ok(keys
+        .iter()
+        .filter_map(|k| k.split_once(':')?.1.parse().ok())
+        .collect())
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Sets {
     a: BTreeSet<i32>,
@@ -108,14 +190,50 @@ struct Sets {
 impl Cluster {
     /// Mounts btrfs, starts the six servers and six agents, issues the PKI.
     pub async fn start(agent_binary: &Path, say: impl Fn(&str)) -> Result<Cluster> {
-        say("mounting a btrfs image (sparse, 4 GiB)");
-        let mount = tokio::task::spawn_blocking(|| LoopMount::btrfs(4096)).await??;
+        Self::start_with(agent_binary, Options::default(), say).await
+    }
+
+    /// The cluster set up as `options` say.
+    pub async fn start_with(
+        agent_binary: &Path,
+        options: Options,
+        say: impl Fn(&str),
+    ) -> Result<Cluster> {
+        say("mounting a btrfs image (sparse, 8 GiB)");
+        let mount = tokio::task::spawn_blocking(|| LoopMount::btrfs(8192)).await??;
         let base = mount.path().to_path_buf();
-        say("starting PostgreSQL, MariaDB and Redis, each a primary and a replica");
+        say(&format!(
+            "starting PostgreSQL, MariaDB and Redis ({}), each a primary and a replica{}{}",
+            match options.redis {
+                Persistence::Aof => "AOF",
+                Persistence::Rdb => "RDB only",
+                Persistence::None => "no persistence",
+            },
+            if options.relaxed {
+                ", acknowledging writes before they are durable"
+            } else {
+                ""
+            },
+            if options.block {
+                ", each data directory on its own loop device"
+            } else {
+                ""
+            }
+        ));
+        fn setup(base: &Path, options: Options) -> Setup<'_> {
+            Setup {
+                base: Some(base),
+                block: options.block,
+                relaxed: options.relaxed,
+            }
+        }
         let (b1, b2, b3) = (base.clone(), base.clone(), base.clone());
-        let pg = tokio::task::spawn_blocking(move || PgPair::start_in(Some(&b1)));
-        let maria = tokio::task::spawn_blocking(move || MariaPair::start_in(Some(&b2)));
-        let redis = tokio::task::spawn_blocking(move || RedisPair::start_in(Some(&b3), true));
+        let pg = tokio::task::spawn_blocking(move || PgPair::start_with(&setup(&b1, options)));
+        let maria =
+            tokio::task::spawn_blocking(move || MariaPair::start_with(&setup(&b2, options)));
+        let redis = tokio::task::spawn_blocking(move || {
+            RedisPair::start_with(&setup(&b3, options), options.redis)
+        });
         let (pg, maria, redis) = (pg.await??, maria.await??, redis.await??);
         pg.primary.psql(&format!("CREATE DATABASE {DB}"))?;
         let (c, conn) =
@@ -163,7 +281,7 @@ impl Cluster {
                 pg.primary.conninfo(DB),
                 RoleHint::Primary,
                 None,
-                &pg.primary.data,
+                &pg.volume_of(&pg.primary.data),
                 fence(),
             ),
             m(
@@ -172,7 +290,7 @@ impl Cluster {
                 pg.replica.conninfo(DB),
                 RoleHint::Replica,
                 Some("pg-0"),
-                &pg.replica.data,
+                &pg.volume_of(&pg.replica.data),
                 fence(),
             ),
             m(
@@ -181,7 +299,7 @@ impl Cluster {
                 maria_url(maria.primary.port),
                 RoleHint::Primary,
                 None,
-                &maria.primary.data,
+                &maria.volume_of(&maria.primary.data),
                 vec![],
             ),
             m(
@@ -190,7 +308,7 @@ impl Cluster {
                 maria_url(maria.replica.port),
                 RoleHint::Replica,
                 Some("maria-0"),
-                &maria.replica.data,
+                &maria.volume_of(&maria.replica.data),
                 vec![],
             ),
             m(
@@ -199,7 +317,7 @@ impl Cluster {
                 redis.primary.url(),
                 RoleHint::Primary,
                 None,
-                &redis.primary.dir,
+                &redis.volume_of(&redis.primary.dir),
                 vec![],
             ),
             m(
@@ -208,7 +326,7 @@ impl Cluster {
                 redis.replica.url(),
                 RoleHint::Replica,
                 Some("redis-0"),
-                &redis.replica.dir,
+                &redis.volume_of(&redis.replica.dir),
                 vec![],
             ),
         ];
@@ -244,16 +362,33 @@ impl Cluster {
                 volumes: vec![volume],
                 restore_stage: None,
                 fsfreeze: false,
+                accept_uncovered: vec![],
             });
             agents.push(proc);
         }
         let snapshots = base.join("snapshots");
         std::fs::create_dir_all(&snapshots)?;
+        // The block layout's cut: a reflink copy of each volume's image,
+        // which holds what reached the device and nothing of the page cache.
+        let (driver, exec) = match options.block {
+            false => (Driver::Btrfs, None),
+            true => (
+                Driver::Exec,
+                Some(ExecTemplates {
+                    snapshot: format!(
+                        "cp --reflink=always {{volume}}.img {}/{{snapshot}}.img",
+                        snapshots.display()
+                    ),
+                    delete: format!("rm -f {}/{{snapshot}}.img", snapshots.display()),
+                    timeout: None,
+                }),
+            ),
+        };
         let group = Group {
             name: "demo".into(),
-            driver: Driver::Btrfs,
+            driver,
             snapshot_dir: snapshots,
-            exec: None,
+            exec,
             freeze_budget: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(10),
             align_timeout: Duration::from_secs(5),
@@ -274,57 +409,63 @@ impl Cluster {
             redis,
             group,
             orchestrator,
-            work,
+            options,
+            _work: work,
             mount,
         })
     }
 
-    /// Starts the causal writer: each step is written only after the
-    /// previous one was acknowledged.
+    /// Starts the causal writers: in each chain, a step is written only
+    /// after the previous one was acknowledged.
     pub async fn workload(&self) -> Result<Workload> {
-        let (pg, conn) =
-            tokio_postgres::connect(&self.pg.primary.conninfo(DB), tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
-        let mut maria = mysql_async::Conn::from_url(self.maria.primary.url(DB)).await?;
-        let mut redis = redis::Client::open(self.redis.primary.url())?
-            .get_multiplexed_async_connection_with_config(
-                &redis::AsyncConnectionConfig::new().set_response_timeout(None),
-            )
-            .await?;
-        let (stop, mut stopped) = watch::channel(false);
+        let (stop, stopped) = watch::channel(false);
         let acked = Arc::new(Mutex::new(Acked::default()));
-        let record = acked.clone();
-        let task = tokio::spawn(async move {
-            for id in 1.. {
-                if *stopped.borrow_and_update() {
-                    break;
+        let mut tasks = Vec::new();
+        for writer in 0..WRITERS {
+            let (pg, conn) =
+                tokio_postgres::connect(&self.pg.primary.conninfo(DB), tokio_postgres::NoTls)
+                    .await?;
+            tokio::spawn(conn);
+            let mut maria = mysql_async::Conn::from_url(self.maria.primary.url(DB)).await?;
+            let mut redis = redis::Client::open(self.redis.primary.url())?
+                .get_multiplexed_async_connection_with_config(
+                    &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+                )
+                .await?;
+            let (record, mut stopped) = (acked.clone(), stopped.clone());
+            tasks.push(tokio::spawn(async move {
+                // Each writer its own ids: writer, writer + WRITERS, ...
+                for id in (1..).map(|n| n * WRITERS + writer) {
+                    if *stopped.borrow_and_update() {
+                        break;
+                    }
+                    pg.execute("INSERT INTO chain_a VALUES ($1)", &[&id])
+                        .await?;
+                    maria
+                        .exec_drop("INSERT INTO chain_a VALUES (?)", (id,))
+                        .await?;
+                    redis::cmd("SET")
+                        .arg(format!("a:{id}"))
+                        .arg(1)
+                        .query_async::<()>(&mut redis)
+                        .await?;
+                    record.lock().unwrap().a.push(id);
+                    redis::cmd("SET")
+                        .arg(format!("b:{id}"))
+                        .arg(1)
+                        .query_async::<()>(&mut redis)
+                        .await?;
+                    maria
+                        .exec_drop("INSERT INTO chain_b VALUES (?)", (id,))
+                        .await?;
+                    pg.execute("INSERT INTO chain_b VALUES ($1)", &[&id])
+                        .await?;
+                    record.lock().unwrap().b.push(id);
                 }
-                pg.execute("INSERT INTO chain_a VALUES ($1)", &[&id])
-                    .await?;
-                maria
-                    .exec_drop("INSERT INTO chain_a VALUES (?)", (id,))
-                    .await?;
-                redis::cmd("SET")
-                    .arg(format!("a:{id}"))
-                    .arg(1)
-                    .query_async::<()>(&mut redis)
-                    .await?;
-                record.lock().unwrap().a.push(id);
-                redis::cmd("SET")
-                    .arg(format!("b:{id}"))
-                    .arg(1)
-                    .query_async::<()>(&mut redis)
-                    .await?;
-                maria
-                    .exec_drop("INSERT INTO chain_b VALUES (?)", (id,))
-                    .await?;
-                pg.execute("INSERT INTO chain_b VALUES ($1)", &[&id])
-                    .await?;
-                record.lock().unwrap().b.push(id);
-            }
-            Ok(())
-        });
-        Ok(Workload { stop, acked, task })
+                Ok(())
+            }));
+        }
+        Ok(Workload { stop, acked, tasks })
     }
 
     /// Takes one group backup.
@@ -332,37 +473,76 @@ impl Cluster {
         Ok(self.orchestrator.backup(&self.group, id).await?)
     }
 
+    /// Restores `manifest`; returns what keeps the restore in place
+    /// (mounts) and each member's volumes (backed up from, restored to).
+    fn restore(&self, manifest: &Manifest, to: &Path) -> Result<(Restore, Vec<Restored>)> {
+        if !self.options.block {
+            crate::restore::restore_files(manifest, to)?;
+            let restored = manifest
+                .members
+                .iter()
+                .map(|m| {
+                    let volumes = m
+                        .snapshots
+                        .iter()
+                        .enumerate()
+                        .map(|(i, h)| (h.volume.clone(), to.join(&m.name).join(i.to_string())))
+                        .collect();
+                    Restored::new(m, volumes, crate::restore::restored_data_dir(m, to))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Ok((Restore::Files, restored));
+        }
+        // Block layout: each snapshot is a filesystem image. Mount a reflink
+        // copy of it (the mount replays the journal, as after a crash), then
+        // point what pointed at the source at the restored volume.
+        std::fs::create_dir_all(to)?;
+        let mut mounts = Vec::new();
+        let mut restored = Vec::new();
+        for m in &manifest.members {
+            let mut volumes = Vec::new();
+            for (index, h) in m.snapshots.iter().enumerate() {
+                let image = self.group.snapshot_dir.join(format!("{}.img", h.handle));
+                let copy = to.join(format!("{}-{index}.img", m.name));
+                run(
+                    std::process::Command::new("cp")
+                        .arg("--reflink=always")
+                        .arg(&image)
+                        .arg(&copy),
+                    "copying a snapshot image",
+                )?;
+                let mount = LoopMount::image(&copy, &to.join(format!("{}-{index}", m.name)))?;
+                volumes.push((h.volume.clone(), mount.path().to_path_buf()));
+                mounts.push(mount);
+            }
+            let data = crate::restore::relocate(m, &volumes)?;
+            restored.push(Restored::new(m, volumes, Some(data))?);
+        }
+        Ok((Restore::Mounts(mounts), restored))
+    }
+
     /// Restores `manifest`, starts every member from it, and checks the
-    /// consistent-cut invariant and that each replica holds exactly its
-    /// primary's data.
-    pub async fn verify(&self, manifest: &Manifest) -> Result<Verified> {
-        let to = self.work.path().join("restore").join(&manifest.id);
-        let restored = crate::restore::restore_files(manifest, &to)?;
-        let path = |member: &str| -> Result<PathBuf> {
+    /// consistent-cut invariant, that each replica holds exactly its
+    /// primary's data, and that every chain acknowledged before the backup
+    /// started (`before`) is whole in every member.
+    pub async fn verify(&self, manifest: &Manifest, before: &Acked) -> Result<Verified> {
+        // On the btrfs mount: restored copies share extents with the snapshots.
+        let to = self.mount.path().join("restore").join(&manifest.id);
+        let (restore, restored) = self.restore(manifest, &to)?;
+        let member = |name: &str| -> Result<&Restored> {
             restored
                 .iter()
-                .find(|r| r.member == member)
-                .map(|r| r.path.clone())
-                .with_context(|| format!("{member} was not restored"))
+                .find(|r| r.name == name)
+                .with_context(|| format!("{name} was not restored"))
         };
-        let fill = |from: PathBuf, into: &Path| -> Result<()> {
-            run(
-                std::process::Command::new("cp")
-                    .arg("-a")
-                    .arg(&from)
-                    .arg(into),
-                "copying a restored volume",
-            )
-            .map(drop)
-        };
+        let path = |name: &str| -> Result<PathBuf> { Ok(member(name)?.data.clone()) };
         let mut sets = Vec::new();
-        for member in ["pg-0", "pg-1"] {
+        for name in ["pg-0", "pg-1"] {
             // An atomic snapshot restores by crash recovery: no backup_label.
-            if path(member)?.join("backup_label").exists() {
-                bail!("{member} was restored with a backup_label from an atomic snapshot");
+            if path(name)?.join("backup_label").exists() {
+                bail!("{name} was restored with a backup_label from an atomic snapshot");
             }
-            let server = PgRestored::new()?;
-            fill(path(member)?, server.data_dir())?;
+            let server = PgRestored::at(path(name)?)?;
             tokio::task::block_in_place(|| server.start())?;
             let (c, conn) =
                 tokio_postgres::connect(&server.server.conninfo(DB), tokio_postgres::NoTls).await?;
@@ -380,54 +560,38 @@ impl Cluster {
                 }
             };
             sets.push((
-                member,
+                name,
                 Sets {
                     a: ids("chain_a").await?,
                     b: ids("chain_b").await?,
                 },
             ));
         }
-        for member in ["maria-0", "maria-1"] {
-            let server = MariaRestored::new()?;
-            fill(path(member)?, server.data_dir())?;
+        for name in ["maria-0", "maria-1"] {
+            let log_bin = member(name)?.log_bin.clone();
+            let server = MariaRestored::at(path(name)?)?.with_log_bin(log_bin);
             tokio::task::block_in_place(|| server.start())?;
             let mut c = mysql_async::Conn::from_url(server.server.url(DB)).await?;
             let a: Vec<i32> = c.query("SELECT id FROM chain_a").await?;
             let b: Vec<i32> = c.query("SELECT id FROM chain_b").await?;
             c.disconnect().await?;
             sets.push((
-                member,
+                name,
                 Sets {
                     a: a.into_iter().collect(),
                     b: b.into_iter().collect(),
                 },
             ));
         }
-        for member in ["redis-0", "redis-1"] {
-            let server = RedisRestored::new()?;
-            fill(path(member)?, server.data_dir())?;
+        for name in ["redis-0", "redis-1"] {
+            let server = RedisRestored::at(path(name)?)?;
             tokio::task::block_in_place(|| server.start())?;
-            let mut c = redis::Client::open(server.server.url())?
+            let c = redis::Client::open(server.server.url())?
                 .get_multiplexed_async_connection()
                 .await?;
-            let keys = |prefix: &'static str| {
-                let mut c = c.clone();
-                async move {
-                    let keys: Vec<String> = redis::cmd("KEYS")
-                        .arg(format!("{prefix}:*"))
-                        .query_async(&mut c)
-                        .await?;
-                    Ok::<_, anyhow::Error>(
-                        keys.iter()
-                            .filter_map(|k| k.split_once(':')?.1.parse().ok())
-                            .collect::<BTreeSet<i32>>(),
-                    )
-                }
-            };
-            let a = keys("a").await?;
-            let b = keys("b").await?;
-            let _ = &mut c;
-            sets.push((member, Sets { a, b }));
+            let a = redis_ids(&c, "a").await?;
+            let b = redis_ids(&c, "b").await?;
+            sets.push((name, Sets { a, b }));
         }
         let get = |m: &str| {
             sets.iter()
@@ -464,6 +628,19 @@ impl Cluster {
                 ));
             }
         }
+        // Whatever was acknowledged before the backup started is in it.
+        let before_a: BTreeSet<i32> = before.a.iter().copied().collect();
+        let before_b: BTreeSet<i32> = before.b.iter().copied().collect();
+        for (member, set) in &sets {
+            for (chain, acked, held) in [("A", &before_a, &set.a), ("B", &before_b, &set.b)] {
+                let lost: Vec<i32> = acked.difference(held).copied().take(5).collect();
+                if !lost.is_empty() {
+                    problems.push(format!(
+                        "{member} lacks chain {chain} ids {lost:?}, acknowledged before the backup started"
+                    ));
+                }
+            }
+        }
         if !problems.is_empty() {
             bail!(
                 "backup {} is not a consistent cut: {}",
@@ -471,7 +648,8 @@ impl Cluster {
                 problems.join("; ")
             );
         }
-        let _ = std::fs::remove_dir_all(&to);
+        drop(restore);
+        crate::servers::remove_tree(&to);
         Ok(Verified {
             backup: manifest.id.clone(),
             chain_a: pg.a.len(),
@@ -479,7 +657,7 @@ impl Cluster {
         })
     }
 
-    /// Every acknowledged write is in the live primaries.
+    /// Every acknowledged write is in the live primaries (Redis included).
     pub async fn nothing_lost(&self, acked: &Acked) -> Result<()> {
         let (c, conn) =
             tokio_postgres::connect(&self.pg.primary.conninfo(DB), tokio_postgres::NoTls).await?;
@@ -491,12 +669,39 @@ impl Cluster {
         let maria_a: Option<i64> = m.query_first(count("chain_a")).await?;
         let maria_b: Option<i64> = m.query_first(count("chain_b")).await?;
         m.disconnect().await?;
-        let (a, b) = (acked.a.len() as i64, acked.b.len() as i64);
-        if pg_a < a || pg_b < b || maria_a.unwrap_or(0) < a || maria_b.unwrap_or(0) < b {
-            bail!(
-                "acknowledged writes are missing: acked a={a} b={b}; PostgreSQL a={pg_a} b={pg_b}; \
-                 MariaDB a={maria_a:?} b={maria_b:?}"
-            );
+        let r = redis::Client::open(self.redis.primary.url())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let (redis_a, redis_b) = (redis_ids(&r, "a").await?, redis_ids(&r, "b").await?);
+        let mut missing = Vec::new();
+        for (what, held) in [
+            ("PostgreSQL chain_a", pg_a as usize),
+            ("PostgreSQL chain_b", pg_b as usize),
+            ("MariaDB chain_a", maria_a.unwrap_or(0) as usize),
+            ("MariaDB chain_b", maria_b.unwrap_or(0) as usize),
+        ] {
+            let want = if what.ends_with('a') {
+                acked.a.len()
+            } else {
+                acked.b.len()
+            };
+            if held < want {
+                missing.push(format!("{what} holds {held} of {want}"));
+            }
+        }
+        for (what, acked, held) in [("a", &acked.a, &redis_a), ("b", &acked.b, &redis_b)] {
+            let lost: Vec<i32> = acked
+                .iter()
+                .filter(|id| !held.contains(id))
+                .take(5)
+                .copied()
+                .collect();
+            if !lost.is_empty() {
+                missing.push(format!("Redis lacks {what}: ids {lost:?}"));
+            }
+        }
+        if !missing.is_empty() {
+            bail!("acknowledged writes are missing: {}", missing.join("; "));
         }
         Ok(())
     }

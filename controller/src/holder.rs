@@ -1,6 +1,6 @@
 //! A held freeze kept alive: renews the lease every TTL/3, watches the
-//! agent's events, and thaws on request. Dropping it ends the stream, which
-//! makes the agent thaw at once.
+//! agent's events, flushes and thaws on request. Dropping it ends the
+//! stream, which makes the agent thaw at once.
 
 use std::time::Duration;
 
@@ -9,24 +9,59 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::agents::HeldFreeze;
 
+type Reply<T> = oneshot::Sender<Result<T, String>>;
+
+enum Request {
+    Flush(Reply<pb::Flushed>),
+    Thaw {
+        completed: bool,
+        reply: Reply<pb::ThawResult>,
+    },
+}
+
 /// The running renewal task of one hold.
 #[derive(Debug)]
 pub struct Holder {
     pub frozen: pb::Frozen,
     /// `Some(reason)` once the hold was lost.
     pub failed: watch::Receiver<Option<String>>,
-    thaw: mpsc::Sender<oneshot::Sender<Result<pb::ThawResult, String>>>,
+    requests: mpsc::Sender<Request>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Request::Flush(_) => "Flush",
+            Request::Thaw { .. } => "Thaw",
+        })
+    }
+}
+
+/// Whether a thaw result ends a hold that lasted until it was asked to
+/// end: any other ending (lease expiry, the agent shutting down, a lost
+/// session) means the member was not held for the whole cut.
+pub fn thaw_accepted(result: &pb::ThawResult) -> Result<(), String> {
+    if !result.error.is_empty() {
+        return Err(result.error.clone());
+    }
+    match pb::ThawCause::try_from(result.cause).unwrap_or_default() {
+        pb::ThawCause::Requested => Ok(()),
+        _ => Err(format!(
+            "its hold ended before the thaw was requested ({}): it was not held for the whole cut",
+            crate::agents::thaw_cause(result.cause)
+        )),
+    }
 }
 
 impl Holder {
     pub fn spawn(mut held: HeldFreeze, ttl: Duration) -> Holder {
         let frozen = held.frozen.clone();
         let (fail_tx, failed) = watch::channel(None);
-        let (thaw, mut thaw_rx) =
-            mpsc::channel::<oneshot::Sender<Result<pb::ThawResult, String>>>(1);
+        let (requests, mut inbox) = mpsc::channel::<Request>(2);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(ttl / 3);
             ticker.tick().await;
+            let mut flushing: Option<Reply<pb::Flushed>> = None;
             loop {
                 tokio::select! {
                     _ = ticker.tick() => {
@@ -35,6 +70,11 @@ impl Holder {
                         }
                     }
                     event = held.next_event() => match event {
+                        Ok(Some(pb::FreezeEvent { event: Some(Event::Flushed(f)) })) => {
+                            if let Some(reply) = flushing.take() {
+                                let _ = reply.send(Ok(f));
+                            }
+                        }
                         Ok(Some(pb::FreezeEvent { event: Some(Event::Failed(f)) })) => {
                             let _ = fail_tx.send(Some(f.reason));
                         }
@@ -48,26 +88,35 @@ impl Holder {
                             return;
                         }
                     },
-                    reply = thaw_rx.recv() => {
-                        let Some(reply) = reply else { return };
-                        let result = match held.request_thaw().await {
-                            Ok(()) => held
-                                .thawed()
-                                .await
-                                .map_err(|e| e.message().to_string())
-                                .and_then(|r| r.ok_or_else(|| "the stream ended without a thaw result".into())),
-                            Err(e) => Err(e.message().to_string()),
-                        };
-                        let _ = reply.send(result);
-                        return;
-                    }
+                    request = inbox.recv() => match request {
+                        None => return,
+                        // Renewals go on while the agent flushes.
+                        Some(Request::Flush(reply)) => match held.request_flush().await {
+                            Ok(()) => flushing = Some(reply),
+                            Err(e) => {
+                                let _ = reply.send(Err(e.message().to_string()));
+                            }
+                        },
+                        Some(Request::Thaw { completed, reply }) => {
+                            let result = match held.request_thaw(completed).await {
+                                Ok(()) => held
+                                    .thawed()
+                                    .await
+                                    .map_err(|e| e.message().to_string())
+                                    .and_then(|r| r.ok_or_else(|| "the stream ended without a thaw result".into())),
+                                Err(e) => Err(e.message().to_string()),
+                            };
+                            let _ = reply.send(result);
+                            return;
+                        }
+                    },
                 }
             }
         });
         Holder {
             frozen,
             failed,
-            thaw,
+            requests,
         }
     }
 
@@ -76,15 +125,62 @@ impl Holder {
         self.failed.borrow().clone()
     }
 
-    /// Thaws and returns the agent's result.
-    pub async fn thaw(self) -> Result<pb::ThawResult, String> {
+    async fn ask<T>(&self, request: impl FnOnce(Reply<T>) -> Request) -> Result<T, String> {
         let (reply, answer) = oneshot::channel();
-        self.thaw
-            .send(reply)
+        self.requests
+            .send(request(reply))
             .await
             .map_err(|_| "the hold already ended".to_string())?;
         answer
             .await
-            .map_err(|_| "the hold task ended".to_string())?
+            .map_err(|_| "the hold ended before it answered".to_string())?
+    }
+
+    /// Has the agent make what its engine acknowledged durable on the
+    /// member's volumes; returns what it did, or why it could not.
+    pub async fn flush(&self) -> Result<pb::Flushed, String> {
+        let flushed = self.ask(Request::Flush).await?;
+        match flushed.error.is_empty() {
+            true => Ok(flushed),
+            false => Err(flushed.error),
+        }
+    }
+
+    /// Thaws and returns the agent's result. `completed`: the cut this
+    /// hold protected is complete (the agent keeps what its restore needs).
+    pub async fn thaw(self, completed: bool) -> Result<pb::ThawResult, String> {
+        self.ask(|reply| Request::Thaw { completed, reply }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(cause: pb::ThawCause, error: &str) -> pb::ThawResult {
+        pb::ThawResult {
+            backup_id: "b".into(),
+            cause: cause as i32,
+            error: error.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_a_requested_thaw_without_error_is_accepted() {
+        assert!(thaw_accepted(&result(pb::ThawCause::Requested, "")).is_ok());
+        for cause in [
+            pb::ThawCause::LeaseExpired,
+            pb::ThawCause::StreamClosed,
+            pb::ThawCause::HoldLost,
+            pb::ThawCause::Shutdown,
+            pb::ThawCause::Unspecified,
+        ] {
+            let err = thaw_accepted(&result(cause, "")).unwrap_err();
+            assert!(err.contains("before the thaw was requested"), "{err}");
+        }
+        let err =
+            thaw_accepted(&result(pb::ThawCause::Requested, "backup stop failed")).unwrap_err();
+        assert_eq!(err, "backup stop failed");
     }
 }

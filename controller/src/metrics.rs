@@ -64,6 +64,7 @@ pub struct Metrics {
     pub backups: Family<ResultLabels, Counter>,
     pub agent_freeze: Histograms<EngineLabel>,
     pub agent_thaw: Histograms<EngineLabel>,
+    pub agent_flush: Histograms<EngineLabel>,
     pub alignment_wait: Histograms<GroupLabel>,
     pub snapshot_failures: Family<SnapshotLabels, Counter>,
     pub schedule_runs: Family<ScheduleLabel, Counter>,
@@ -99,6 +100,13 @@ impl Default for Metrics {
             "agent_thaw_seconds",
             "Time each engine took to thaw, as its agent reports it",
             agent_thaw.clone(),
+        );
+        let agent_flush = Histograms::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "agent_flush_seconds",
+            "Time each engine's flush took before the cut (its own flush, e.g. a Redis save \
+             while paused, plus syncfs of its volumes), as its agent reports it",
+            agent_flush.clone(),
         );
         let alignment_wait =
             Histograms::new_with_constructor(latency_histogram as fn() -> Histogram);
@@ -149,6 +157,7 @@ impl Default for Metrics {
             backups,
             agent_freeze,
             agent_thaw,
+            agent_flush,
             alignment_wait,
             snapshot_failures,
             schedule_runs,

@@ -1,11 +1,19 @@
 //! The group backup protocol: resolve → prepare → freeze primaries → align
-//! replicas → cut → thaw → finalize.
+//! replicas → flush → cut → thaw → finalize.
 //!
 //! Fan-out is parallel over channels opened at resolve. The freeze window
 //! (first freeze request to last thaw acknowledgement) is bounded by the
 //! group's freeze budget; any failure after the first freeze aborts: every
 //! member is thawed, partial snapshots are deleted, and the manifest records
-//! the cause. The CLI and (later) the Kubernetes reconciler call this same
+//! the cause. Every snapshot is recorded (in memory at once, in the
+//! manifest moments later, off the freeze's path) the moment it exists, so
+//! nothing cut before an abort is left behind.
+//!
+//! Resolve refuses, before anything freezes, a member whose server keeps
+//! something crash recovery needs outside the member's volumes (unless the
+//! member accepts that gap). Once every member is frozen, each agent
+//! flushes: what its engine acknowledged is made durable on its volumes, so
+//! that a block-level snapshot holds it. The CLI and (later) the Kubernetes reconciler call this same
 //! code; it never knows which engine or snapshotter it drives beyond what
 //! the agents describe.
 
@@ -20,11 +28,11 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::agents::{ControllerTls, OpenFreeze};
-use crate::catalog::{Catalog, Consistency, Manifest, MemberRecord, Outcome};
+use crate::catalog::{Catalog, Consistency, Manifest, MemberRecord, Outcome, ServerPath};
 use crate::config::{Group, MemberFile, RoleHint};
-use crate::holder::Holder;
+use crate::holder::{Holder, thaw_accepted};
 use crate::metrics::{Metrics, ResultLabels, metrics};
-use crate::snapshot::{self, SnapshotHandle, Snapshotter, VolumeRef};
+use crate::snapshot::{self, Made, Snapshotter, VolumeRef};
 use crate::timeline::{Clock, Timeline};
 
 /// A backup that did not complete; its manifest (outcome `failed`) is in
@@ -95,6 +103,79 @@ pub fn copy_refusal(member: &MemberFile, engine: &str) -> Option<String> {
     }
 }
 
+/// The part of `path` below `base`, when it is below (component-wise).
+fn is_below(path: &std::path::Path, base: &std::path::Path) -> bool {
+    let canon = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    path.starts_with(base) || canon(path).starts_with(canon(base))
+}
+
+/// Server paths that are on none of `volumes`: those refused, and those
+/// the member accepts (`accept_uncovered`).
+pub fn uncovered<'p>(
+    paths: &'p [ServerPath],
+    volumes: &[std::path::PathBuf],
+    accepted: &[std::path::PathBuf],
+) -> (Vec<&'p ServerPath>, Vec<&'p ServerPath>) {
+    paths
+        .iter()
+        .filter(|p| !volumes.iter().any(|v| is_below(&p.path, v)))
+        .partition(|p| !accepted.iter().any(|a| is_below(&p.path, a)))
+}
+
+/// Checks that a member's volumes hold what its server needs; returns the
+/// warnings for accepted gaps, or why the member cannot be backed up.
+fn coverage(
+    member: &MemberFile,
+    engine: &str,
+    paths: &[ServerPath],
+) -> Result<Vec<String>, String> {
+    if member.volumes.is_empty() {
+        return Ok(match paths.is_empty() {
+            true => Vec::new(),
+            false => vec![format!(
+                "member {}: lists no volumes, so whether its snapshots hold its server's files \
+                 could not be checked",
+                member.name
+            )],
+        });
+    }
+    let volumes = member
+        .volumes
+        .iter()
+        .map(|v| v.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (refused, accepted) = uncovered(paths, &member.volumes, &member.accept_uncovered);
+    if let Some(first) = refused.first() {
+        let all: Vec<String> = refused
+            .iter()
+            .map(|p| format!("{} {}", p.what, p.path.display()))
+            .collect();
+        return Err(format!(
+            "member {} ({engine}): its server keeps {} outside the member's volumes ({volumes}), \
+             so a restore from the snapshots would lack {}. Move it onto a snapshotted volume, \
+             add its volume to the member, or accept the gap with \
+             `accept_uncovered = [\"{}\"]`",
+            member.name,
+            all.join(", "),
+            if all.len() == 1 { "it" } else { "them" },
+            first.path.display()
+        ));
+    }
+    Ok(accepted
+        .iter()
+        .map(|p| {
+            format!(
+                "member {}: {} {} is not on the member's volumes ({volumes}); accepted by \
+                 accept_uncovered, so a restore from this backup lacks it",
+                member.name,
+                p.what,
+                p.path.display()
+            )
+        })
+        .collect())
+}
+
 struct Member<'g> {
     config: &'g MemberFile,
     client: AgentClient<Channel>,
@@ -153,9 +234,60 @@ struct Run<'a, 'g> {
     timeline: Timeline,
     snapshotter: Box<dyn Snapshotter>,
     members: Vec<Member<'g>>,
-    made: Vec<SnapshotHandle>,
+    /// Every snapshot made, recorded the moment it exists.
+    made: Made,
     window_deadline: Option<Instant>,
     cut_us: Option<u64>,
+    warnings: Vec<String>,
+    /// Writes the manifest (with the snapshots made so far) as members
+    /// resolve and snapshots appear.
+    recorder: Option<Recorder>,
+}
+
+/// Keeps the catalog's running manifest current with the snapshots made,
+/// off the freeze's path (the cut does not wait for the write).
+struct Recorder {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    fn spawn(catalog: Catalog, base: Manifest, made: Made) -> Recorder {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = made.changed() => {}
+                }
+                let mut manifest = base.clone();
+                with_snapshots(&mut manifest, &made);
+                let catalog = catalog.clone();
+                let written = tokio::task::spawn_blocking(move || catalog.write(&manifest)).await;
+                if let Ok(Err(e)) = written {
+                    tracing::warn!(backup_id = %base.id, "recording the snapshots made so far: {e}");
+                }
+            }
+        });
+        Recorder { stop, task }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Puts every snapshot made into its member's record.
+fn with_snapshots(manifest: &mut Manifest, made: &Made) {
+    let handles = made.handles();
+    for m in &mut manifest.members {
+        m.snapshots = handles
+            .iter()
+            .filter(|h| h.member == m.name)
+            .cloned()
+            .collect();
+    }
 }
 
 impl Orchestrator {
@@ -188,23 +320,10 @@ impl Orchestrator {
             cut_us: None,
             members: Vec::new(),
             timeline: Timeline::default(),
-        };
-        let fail = |manifest: &mut Manifest, cause: String| {
-            if manifest.outcome == Outcome::Running {
-                manifest.outcome = Outcome::Failed;
-            }
-            manifest.error = Some(cause.clone());
-            let _ = self.catalog.write(manifest);
-            count(manifest);
-            BackupError {
-                id: id.to_string(),
-                group: group.name.clone(),
-                cause,
-                manifest: Box::new(manifest.clone()),
-            }
+            warnings: Vec::new(),
         };
         if let Err(e) = self.catalog.write(&manifest) {
-            return Err(fail(&mut manifest, e.to_string()));
+            return Err(self.failed(manifest, e.to_string()));
         }
         let mut run = Run {
             group,
@@ -213,12 +332,14 @@ impl Orchestrator {
             timeline: Timeline::default(),
             snapshotter,
             members: Vec::new(),
-            made: Vec::new(),
+            made: Made::default(),
             window_deadline: None,
             cut_us: None,
+            warnings: Vec::new(),
+            recorder: None,
         };
         let result = tokio::select! {
-            result = run.execute(&self.tls) => result,
+            result = run.execute(&self.tls, &self.catalog, &manifest) => result,
             reason = cancel => {
                 manifest.outcome = Outcome::Aborted;
                 Err(format!("aborted: {reason}"))
@@ -226,6 +347,9 @@ impl Orchestrator {
         };
         if result.is_err() {
             run.abort().await;
+        }
+        if let Some(recorder) = run.recorder.take() {
+            recorder.stop().await;
         }
         manifest.freeze_window_us = run.timeline.compute_window();
         if let Some(us) = manifest.freeze_window_us {
@@ -235,26 +359,59 @@ impl Orchestrator {
                 .observe(us as f64 / 1e6);
         }
         manifest.members = run.members.iter().map(|m| m.record.clone()).collect();
+        with_snapshots(&mut manifest, &run.made);
         manifest.cut_us = run.cut_us;
         manifest.timeline = run.timeline.clone();
-        match result {
+        manifest.warnings = std::mem::take(&mut run.warnings);
+        let cause = match result {
             Ok(()) => {
                 manifest.outcome = Outcome::Succeeded;
-                self.catalog
-                    .write(&manifest)
-                    .map_err(|e| fail(&mut manifest.clone(), e.to_string()))?;
-                count(&manifest);
-                tracing::info!(
-                    backup_id = id,
-                    window_us = manifest.freeze_window_us.unwrap_or(0),
-                    "backup succeeded"
-                );
-                Ok(manifest)
+                match self.catalog.write(&manifest) {
+                    Ok(()) => {
+                        count(&manifest);
+                        tracing::info!(
+                            backup_id = id,
+                            window_us = manifest.freeze_window_us.unwrap_or(0),
+                            "backup succeeded"
+                        );
+                        return Ok(manifest);
+                    }
+                    // Snapshots no manifest records would be orphans.
+                    Err(e) => {
+                        manifest.outcome = Outcome::Failed;
+                        run.abort().await;
+                        with_snapshots(&mut manifest, &run.made);
+                        format!(
+                            "the manifest could not be written ({e}); the backup's snapshots \
+                             were deleted"
+                        )
+                    }
+                }
             }
             Err(cause) => {
                 tracing::warn!(backup_id = id, %cause, "backup aborted; every member thawed");
-                Err(fail(&mut manifest, cause))
+                cause
             }
+        };
+        Err(self.failed(manifest, cause))
+    }
+
+    /// Records a backup that did not succeed (outcome `failed` unless it
+    /// was `aborted`), counts it, and makes its error.
+    fn failed(&self, mut manifest: Manifest, cause: String) -> BackupError {
+        if matches!(manifest.outcome, Outcome::Running | Outcome::Succeeded) {
+            manifest.outcome = Outcome::Failed;
+        }
+        manifest.error = Some(cause.clone());
+        if let Err(e) = self.catalog.write(&manifest) {
+            tracing::error!(backup_id = %manifest.id, "recording the failure: {e}");
+        }
+        count(&manifest);
+        BackupError {
+            id: manifest.id.clone(),
+            group: manifest.group.clone(),
+            cause,
+            manifest: Box::new(manifest),
         }
     }
 }
@@ -327,10 +484,23 @@ impl<'g> Run<'_, 'g> {
         Ok(())
     }
 
-    async fn execute(&mut self, tls: &ControllerTls) -> Result<(), String> {
+    async fn execute(
+        &mut self,
+        tls: &ControllerTls,
+        catalog: &Catalog,
+        manifest: &Manifest,
+    ) -> Result<(), String> {
         self.resolve(tls).await?;
+        // From here on, the manifest lists the members and (as they appear)
+        // their snapshots.
+        let mut running = manifest.clone();
+        running.members = self.members.iter().map(|m| m.record.clone()).collect();
+        running.warnings = self.warnings.clone();
+        self.recorder = Some(Recorder::spawn(catalog.clone(), running, self.made.clone()));
+        self.made.set(Vec::new());
         self.prepare().await?;
         self.freeze().await?;
+        self.flush().await?;
         self.check_holds("the cut")?;
         self.cut().await?;
         self.check_holds("the thaw")?;
@@ -378,6 +548,24 @@ impl<'g> Run<'_, 'g> {
                     {
                         problems.push(why);
                     }
+                    let paths: Vec<ServerPath> = describe
+                        .paths
+                        .iter()
+                        .map(|p| ServerPath {
+                            what: p.what.clone(),
+                            path: p.path.clone().into(),
+                        })
+                        .collect();
+                    match coverage(config, engine, &paths) {
+                        Ok(warnings) => self.warnings.extend(warnings),
+                        Err(why) => problems.push(why),
+                    }
+                    self.warnings.extend(
+                        describe
+                            .warnings
+                            .iter()
+                            .map(|w| format!("member {}: {w}", config.name)),
+                    );
                     let record = MemberRecord {
                         name: config.name.clone(),
                         engine: engine.to_string(),
@@ -395,6 +583,9 @@ impl<'g> Run<'_, 'g> {
                         artefacts: BTreeMap::new(),
                         freeze_us: None,
                         thaw_us: None,
+                        flush: None,
+                        flush_us: None,
+                        paths,
                     };
                     self.members.push(Member {
                         config,
@@ -407,6 +598,9 @@ impl<'g> Run<'_, 'g> {
                 }
                 Err(e) => problems.push(e),
             }
+        }
+        for warning in &self.warnings {
+            tracing::warn!(backup_id = self.id, "{warning}");
         }
         if problems.is_empty() {
             Ok(())
@@ -619,6 +813,59 @@ impl<'g> Run<'_, 'g> {
         }
     }
 
+    /// Once every member is frozen: each agent makes what its engine
+    /// acknowledged durable on its volumes (in parallel), so that a
+    /// block-level snapshot holds it. Not before the last freeze: a member
+    /// whose writes still flow (PostgreSQL in backup mode) could otherwise
+    /// acknowledge, after its flush, a write that a member frozen later
+    /// depends on.
+    async fn flush(&mut self) -> Result<(), String> {
+        let bound = self.budget_left("the flush")?;
+        let clock = self.clock.clone();
+        let flushes = join_all(self.members.iter_mut().map(|m| {
+            let clock = clock.clone();
+            async move {
+                let Some(holder) = m.holder.as_ref() else {
+                    return (m.config.name.clone(), None, Ok(()));
+                };
+                let requested = clock.now_us();
+                let result = holder.flush().await;
+                let flushed = clock.now_us();
+                let result = result.map(|f| {
+                    let us = f.engine_us + f.sync_us;
+                    metrics()
+                        .agent_flush
+                        .get_or_create(&Metrics::engine(m.engine()))
+                        .observe(us as f64 / 1e6);
+                    m.record.flush = Some(f.detail);
+                    m.record.flush_us = Some(us);
+                });
+                // The agent's errors name the member and the step already.
+                let result = result.map_err(|e| match e.starts_with("member ") {
+                    true => e,
+                    false => format!("member {}: flush failed: {e}", m.config.name),
+                });
+                (m.config.name.clone(), Some((requested, flushed)), result)
+            }
+        }));
+        let results = tokio::time::timeout(bound, flushes)
+            .await
+            .map_err(|_| self.over_budget("the flush"))?;
+        let mut errors = Vec::new();
+        for (name, times, result) in results {
+            if let Some((requested, flushed)) = times {
+                self.timeline.mark(&name, "flush_requested", requested);
+                self.timeline.mark(&name, "flushed", flushed);
+            }
+            errors.extend(result.err());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
     /// The volumes of the members `pred` selects.
     fn volumes(&self, pred: &dyn Fn(&Member<'_>) -> bool) -> Vec<VolumeRef> {
         snapshot::volumes_of(self.members.iter().filter(|m| pred(m)).map(|m| m.config))
@@ -640,13 +887,9 @@ impl<'g> Run<'_, 'g> {
         let started = self.clock.now_us();
         let cutting = async {
             for batch in batches.iter().filter(|b| !b.is_empty()) {
-                match self.snapshotter.cut(self.id, batch).await {
-                    Ok(made) => self.made.extend(made),
-                    Err(e) => {
-                        metrics().snapshot_failure(&self.group.name, e.driver, "cut");
-                        self.made.extend(e.made.clone());
-                        return Err(e.to_string());
-                    }
+                if let Err(e) = self.snapshotter.cut(self.id, batch, &self.made).await {
+                    metrics().snapshot_failure(&self.group.name, e.driver, "cut");
+                    return Err(e.to_string());
                 }
             }
             Ok(())
@@ -662,7 +905,13 @@ impl<'g> Run<'_, 'g> {
         Ok(())
     }
 
-    async fn thaw_members(&mut self, which: &(dyn Fn(&Member<'_>) -> bool + Sync)) -> Vec<String> {
+    /// Thaws the members `which` selects; `completed`: the cut is complete
+    /// (agents keep what a restore needs, PostgreSQL's WAL).
+    async fn thaw_members(
+        &mut self,
+        completed: bool,
+        which: &(dyn Fn(&Member<'_>) -> bool + Sync),
+    ) -> Vec<String> {
         let clock = self.clock.clone();
         let results = join_all(self.members.iter_mut().filter(|m| which(m)).map(|m| {
             let clock = clock.clone();
@@ -671,7 +920,7 @@ impl<'g> Run<'_, 'g> {
                     return (m.config.name.clone(), None, None);
                 };
                 let requested = clock.now_us();
-                let result = holder.thaw().await;
+                let result = holder.thaw(completed).await;
                 let thawed = clock.now_us();
                 match result {
                     Ok(r) => {
@@ -680,9 +929,10 @@ impl<'g> Run<'_, 'g> {
                             .get_or_create(&Metrics::engine(m.engine()))
                             .observe(r.thaw_duration_us as f64 / 1e6);
                         m.record.thaw_us = Some(r.thaw_duration_us);
+                        let err = thaw_accepted(&r)
+                            .err()
+                            .map(|e| format!("member {}: {e}", m.config.name));
                         m.record.artefacts = r.artefacts.into_iter().collect();
-                        let err = (!r.error.is_empty())
-                            .then(|| format!("member {}: {}", m.config.name, r.error));
                         (m.config.name.clone(), Some((requested, thawed)), err)
                     }
                     Err(e) => (
@@ -713,16 +963,17 @@ impl<'g> Run<'_, 'g> {
             // Every PostgreSQL member holds a backup session; on a copy its
             // consistency point is the backup stop, whatever the mode.
             let backup_mode = |m: &Member<'_>| m.engine() == "postgres";
-            errors.extend(self.thaw_members(&backup_mode).await);
+            errors.extend(self.thaw_members(true, &backup_mode).await);
+            let made = self.made.handles();
             for m in self.members.iter().filter(|m| backup_mode(m)) {
-                for h in self.made.iter().filter(|h| h.member == m.config.name) {
+                for h in made.iter().filter(|h| h.member == m.config.name) {
                     if let Err(e) = self.snapshotter.refresh(h, "pg_wal").await {
                         errors.push(format!("member {}: copying the WAL: {e}", m.config.name));
                     }
                 }
             }
         }
-        errors.extend(self.thaw_members(&|_| true).await);
+        errors.extend(self.thaw_members(true, &|_| true).await);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -731,18 +982,14 @@ impl<'g> Run<'_, 'g> {
     }
 
     async fn finalize(&mut self) -> Result<(), String> {
-        self.snapshotter.ready(&mut self.made).await.map_err(|e| {
+        let mut handles = self.made.handles();
+        self.snapshotter.ready(&mut handles).await.map_err(|e| {
             metrics().snapshot_failure(&self.group.name, e.driver, "ready");
             e.to_string()
         })?;
+        self.made.set(handles);
         let atomic = self.snapshotter.atomic();
         for m in &mut self.members {
-            m.record.snapshots = self
-                .made
-                .iter()
-                .filter(|h| h.member == m.config.name)
-                .cloned()
-                .collect();
             m.record.consistency = Some(consistency(m.engine(), m.blocks_writes(), atomic));
         }
         Ok(())
@@ -750,17 +997,20 @@ impl<'g> Run<'_, 'g> {
 
     /// Thaws every member still held and deletes what was cut. Idempotent.
     async fn abort(&mut self) {
-        let errors = self.thaw_members(&|_| true).await;
+        let errors = self.thaw_members(false, &|_| true).await;
         for e in errors {
             tracing::warn!(backup_id = self.id, "during abort: {e}");
         }
-        if !self.made.is_empty()
-            && let Err(e) = self.snapshotter.delete(&self.made).await
-        {
-            metrics().snapshot_failure(&self.group.name, e.driver, "delete");
-            tracing::warn!(backup_id = self.id, "deleting partial snapshots: {e}");
+        let made = self.made.handles();
+        if !made.is_empty() {
+            match self.snapshotter.delete(&made).await {
+                Ok(()) => self.made.set(Vec::new()),
+                Err(e) => {
+                    metrics().snapshot_failure(&self.group.name, e.driver, "delete");
+                    tracing::warn!(backup_id = self.id, "deleting partial snapshots: {e}");
+                }
+            }
         }
-        self.made.clear();
         if let Err(e) = self.snapshotter.delete_backup(self.id).await {
             metrics().snapshot_failure(&self.group.name, e.driver, "delete");
             tracing::warn!(backup_id = self.id, "deleting partial snapshots: {e}");

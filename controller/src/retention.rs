@@ -150,6 +150,7 @@ mod tests {
             cut_us: None,
             members: vec![],
             timeline: Timeline::default(),
+            warnings: vec![],
         }
     }
 

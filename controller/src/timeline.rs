@@ -13,6 +13,8 @@ pub const PHASES: &[&str] = &[
     "freeze_requested",
     "frozen",
     "aligned",
+    "flush_requested",
+    "flushed",
     "cut",
     "thaw_requested",
     "thawed",
@@ -74,7 +76,7 @@ impl Timeline {
     }
 
     /// A Gantt chart, `width` columns of time: `p` preparing, `f` freezing,
-    /// `#` frozen, `t` thawing; `|` marks the freeze window.
+    /// `#` frozen, `s` flushing (frozen), `t` thawing; `|` marks the freeze window.
     pub fn gantt(&self, width: usize) -> String {
         let end = self
             .members
@@ -115,6 +117,7 @@ impl Timeline {
             paint("prepare", "prepared", 'p');
             paint("freeze_requested", "frozen", 'f');
             paint("frozen", "thaw_requested", '#');
+            paint("flush_requested", "flushed", 's');
             paint("thaw_requested", "thawed", 't');
             if let Some((a, b)) = self.window {
                 for at in [col(a), col(b)] {

@@ -73,7 +73,7 @@ async fn cycles(engine: &str, agent: &mut Agent, n: usize, prepare: Option<bool>
         row.freeze_rtt_us.push(started.elapsed().as_micros() as u64);
         row.freeze_engine_us.push(hold.frozen.freeze_duration_us);
         let started = Instant::now();
-        hold.request_thaw().await.expect("thaw request");
+        hold.request_thaw(true).await.expect("thaw request");
         let result = hold.thawed().await.expect("thaw").expect("thawed event");
         row.thaw_rtt_us.push(started.elapsed().as_micros() as u64);
         assert!(result.error.is_empty(), "{engine}: {}", result.error);

@@ -3,11 +3,12 @@
 
 Built on mockupdb (MongoDB's own wire-protocol test server). It keeps the
 fsync lock count the way mongod does, answers the handshake, hello,
-buildInfo, fsync and fsyncUnlock, and logs every command it receives, one
+buildInfo, getCmdLineOpts, fsync and fsyncUnlock, and logs every command it receives, one
 JSON document per line, so the test can assert exactly what was sent.
 
 Usage: mongo_peer.py --log FILE [--version V] [--role primary|secondary]
                      [--optime-file FILE] [--fail-fsync MESSAGE] [--initial-locks N]
+                     [--db-path DIR]
 Prints "PORT <n>" on stdout once it listens; runs until stdin closes.
 """
 import argparse
@@ -28,6 +29,7 @@ def main():
     p.add_argument("--optime-file", help="JSON [seconds, increment, term]; re-read on every hello")
     p.add_argument("--fail-fsync", help="answer {fsync, lock} with this error")
     p.add_argument("--initial-locks", type=int, default=0, help="locks someone else already holds")
+    p.add_argument("--db-path", default="/srv/mongodb", help="storage.dbPath in getCmdLineOpts")
     args = p.parse_args()
 
     state = {"lock_count": args.initial_locks}
@@ -80,6 +82,8 @@ def main():
         log.write(json_util.dumps(logged) + "\n")
         if name == "buildInfo" or name == "buildinfo":
             return request.ok(version=args.version, versionArray=[int(x) for x in args.version.split(".")[:3]] + [0])
+        if name == "getCmdLineOpts":
+            return request.ok(argv=["mongod"], parsed={"storage": {"dbPath": args.db_path}})
         if name == "fsync":
             if args.fail_fsync:
                 return request.replies({"ok": 0, "errmsg": args.fail_fsync, "code": 2, "codeName": "BadValue"})

@@ -60,7 +60,7 @@ async fn the_command_holds_from_its_ready_line_until_the_thaw() {
     );
     let pid = pid_in(&pidfile);
     assert!(pid_alive(pid));
-    hold.request_thaw().await.unwrap();
+    hold.request_thaw(true).await.unwrap();
     let result = hold.thawed().await.unwrap().unwrap();
     assert!(result.error.is_empty(), "{}", result.error);
     assert!(

@@ -42,7 +42,7 @@ async fn a_frozen_mount_blocks_writers_until_the_thaw() {
         !finishes_within(&mut writer, Duration::from_millis(500)),
         "a write went through FIFREEZE"
     );
-    hold.request_thaw().await.unwrap();
+    hold.request_thaw(true).await.unwrap();
     let result = hold.thawed().await.unwrap().unwrap();
     assert!(result.error.is_empty(), "{}", result.error);
     assert!(finishes_within(&mut writer, Duration::from_secs(5)));
@@ -149,7 +149,7 @@ async fn mounts_layer_over_another_engine() {
     ));
     let mut writer = mount.writer("layer");
     assert!(!finishes_within(&mut writer, Duration::from_millis(300)));
-    hold.request_thaw().await.unwrap();
+    hold.request_thaw(true).await.unwrap();
     hold.thawed().await.unwrap();
     assert!(finishes_within(&mut writer, Duration::from_secs(3)));
 }

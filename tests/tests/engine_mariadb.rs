@@ -117,7 +117,7 @@ async fn block_commit_blocks_writes_keeps_reads_and_loses_nothing() {
     let read = finishes_within(Duration::from_secs(2), count(&mut c, "m_writes")).await;
     assert_eq!(read, Some(1), "reads go on while frozen");
 
-    hold.request_thaw().await.unwrap();
+    hold.request_thaw(true).await.unwrap();
     let result = hold.thawed().await.unwrap().unwrap();
     assert!(result.error.is_empty(), "{}", result.error);
     finishes_within(Duration::from_secs(5), blocked)

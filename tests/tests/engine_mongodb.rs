@@ -39,7 +39,7 @@ async fn freeze_locks_with_a_bounded_acquisition_and_thaw_unlocks_to_zero() {
         a.state_dir.join("mongodb.fsynclock").exists(),
         "the lock is on record"
     );
-    hold.request_thaw().await.unwrap();
+    hold.request_thaw(true).await.unwrap();
     let result = hold.thawed().await.unwrap().unwrap();
     assert!(result.error.is_empty(), "{}", result.error);
     assert_eq!(result.artefacts["fsync_unlocks"], "1");
@@ -74,7 +74,7 @@ async fn thaw_unlocks_until_the_count_reaches_zero() {
     let peer = MongoPeer::start(&["--initial-locks", "1"]).unwrap();
     let mut a = agent(&fleet, "mongo-count", &peer).await;
     let mut hold = a.freeze("b-count", Duration::from_secs(30)).await.unwrap();
-    hold.request_thaw().await.unwrap();
+    hold.request_thaw(true).await.unwrap();
     let result = hold.thawed().await.unwrap().unwrap();
     assert_eq!(result.artefacts["fsync_unlocks"], "2");
     let unlocks = fsync_commands(&peer)

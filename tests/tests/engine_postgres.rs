@@ -87,7 +87,7 @@ async fn fence_blocks_writes_keeps_reads_and_loses_nothing() {
     .unwrap();
     assert_eq!(read.get::<_, i64>(0), 1);
 
-    hold.request_thaw().await.unwrap();
+    hold.request_thaw(true).await.unwrap();
     let result = hold.thawed().await.unwrap().unwrap();
     assert!(result.error.is_empty(), "{}", result.error);
     finishes_within(Duration::from_secs(5), blocked)
@@ -142,7 +142,7 @@ async fn the_fence_locks_tables_created_or_dropped_after_prepare() {
             .is_none(),
         "a table created after prepare is fenced too"
     );
-    hold.request_thaw().await.unwrap();
+    hold.request_thaw(true).await.unwrap();
     assert!(hold.thawed().await.unwrap().unwrap().error.is_empty());
     finishes_within(Duration::from_secs(5), blocked)
         .await
@@ -183,7 +183,7 @@ async fn an_atomic_cut_needs_no_backup_session_and_the_fence_still_holds() {
             .is_none(),
         "the fence holds writes"
     );
-    hold.request_thaw().await.unwrap();
+    hold.request_thaw(true).await.unwrap();
     let result = hold.thawed().await.unwrap().unwrap();
     assert!(result.error.is_empty(), "{}", result.error);
     assert!(
@@ -260,7 +260,7 @@ async fn a_backup_mode_copy_with_its_wal_and_label_recovers_as_a_real_server() {
         .unwrap();
 
     let acked_before_stop = acked.load(Ordering::SeqCst);
-    hold.request_thaw().await.unwrap();
+    hold.request_thaw(true).await.unwrap();
     let result = hold.thawed().await.unwrap().unwrap();
     assert!(result.error.is_empty(), "{}", result.error);
     let label = result
@@ -462,7 +462,7 @@ async fn the_replica_waits_for_the_primary_position_and_fails_at_its_bound_when_
             .reached(&target)
             .unwrap()
     );
-    hold.request_thaw().await.unwrap();
+    hold.request_thaw(true).await.unwrap();
     hold.thawed().await.unwrap().unwrap();
 
     // Replication stopped: the wait fails at its bound, clearly.
@@ -531,7 +531,7 @@ async fn a_standby_can_hold_a_backup_too() {
         hold.frozen.position.as_ref().unwrap().kind,
         Some(pb::position::Kind::Pg(_))
     ));
-    hold.request_thaw().await.unwrap();
+    hold.request_thaw(true).await.unwrap();
     let result = hold.thawed().await.unwrap().unwrap();
     assert!(result.error.is_empty(), "{}", result.error);
     assert!(

@@ -82,7 +82,7 @@ async fn a_pause_blocks_writes_keeps_reads_and_loses_nothing() {
     let read = finishes_within(Duration::from_secs(2), get(&mut c, "writes:before")).await;
     assert_eq!(read, Some(Some("1".into())), "reads go on while paused");
 
-    hold.request_thaw().await.unwrap();
+    hold.request_thaw(true).await.unwrap();
     assert!(hold.thawed().await.unwrap().unwrap().error.is_empty());
     finishes_within(Duration::from_secs(3), blocked)
         .await
@@ -209,41 +209,97 @@ async fn replica_offsets_align_and_the_wait_fails_at_its_bound_when_replication_
         .unwrap();
 }
 
-/// What this documents: BGSAVE is accepted while clients are paused for
-/// WRITE, and the snapshot it writes completes during the pause.
+/// RDB persistence only: the flush makes a save while writes are paused
+/// (BGSAVE is accepted during a WRITE pause) and waits for it, so the RDB
+/// holds every write acknowledged before the freeze.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bgsave_runs_in_prepare_and_is_accepted_during_a_write_pause() {
+async fn with_rdb_only_the_flush_saves_while_paused() {
     let _serial = shared::server_wide_freeze().await;
     let fleet = Fleet::new().unwrap();
     let r = shared::redis();
-    // A separate key space; RDB on for this test only.
+    // RDB on for this test only.
     r.primary.cli(&["config", "set", "save", "3600 1"]).unwrap();
     let mut a = agent(&fleet, "redis-rdb", &r.primary).await;
-    let prepared = a.prepare("b-rdb").await;
-    let mut hold = a.freeze("b-rdb", Duration::from_secs(10)).await.unwrap();
+    let prepared = a.prepare("b-rdb").await.unwrap();
+    assert!(prepared.detail.contains("AOF off"), "{}", prepared.detail);
     let mut c = conn(&r.primary).await;
-    let before: i64 = redis::cmd("LASTSAVE").query_async(&mut c).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1100)).await; // LASTSAVE has 1 s resolution
-    let reply: Result<String, _> = redis::cmd("BGSAVE").query_async(&mut c).await;
-    let mut after = before;
-    for _ in 0..50 {
-        after = redis::cmd("LASTSAVE").query_async(&mut c).await.unwrap();
-        if after != before {
-            break;
+    let saves = |c: &mut redis::aio::MultiplexedConnection| {
+        let mut c = c.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("persistence")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            info.lines()
+                .find_map(|l| l.strip_prefix("rdb_saves:"))
+                .unwrap()
+                .trim()
+                .parse::<u64>()
+                .unwrap()
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    hold.request_thaw().await.unwrap();
+    };
+    redis::cmd("SET")
+        .arg("rdb:acked")
+        .arg(1)
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let before = saves(&mut c).await;
+    let mut hold = a.freeze("b-rdb", Duration::from_secs(10)).await.unwrap();
+    let flushed = hold.flush().await.unwrap();
+    let during = saves(&mut c).await;
+    let pending_write = {
+        let mut c = c.clone();
+        tokio::spawn(async move {
+            redis::cmd("SET")
+                .arg("rdb:late")
+                .arg(1)
+                .query_async::<()>(&mut c)
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let still_paused = !pending_write.is_finished();
+    hold.request_thaw(true).await.unwrap();
     hold.thawed().await.unwrap();
+    pending_write.await.unwrap().unwrap();
     r.primary.cli(&["config", "set", "save", ""]).unwrap();
-    let prepared = prepared.unwrap();
+    assert!(flushed.error.is_empty(), "{}", flushed.error);
     assert!(
-        prepared.detail.contains("BGSAVE done"),
+        flushed.detail.contains("RDB saved while paused"),
         "{}",
-        prepared.detail
+        flushed.detail
     );
-    assert!(reply.is_ok(), "BGSAVE during a WRITE pause: {reply:?}");
-    assert!(after > before, "the snapshot completed during the pause");
+    assert!(flushed.engine_us > 0);
+    assert_eq!(during, before + 1, "one save, made during the pause");
+    assert!(still_paused, "writes stay paused through the flush");
+}
+
+/// AOF on: the flush waits until the AOF buffer is written out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_aof_the_flush_writes_the_aof_buffer() {
+    let _serial = shared::server_wide_freeze().await;
+    let fleet = Fleet::new().unwrap();
+    let r = shared::redis();
+    r.primary
+        .cli(&["config", "set", "appendonly", "yes"])
+        .unwrap();
+    let mut a = agent(&fleet, "redis-aof", &r.primary).await;
+    let mut hold = a.freeze("b-aof", Duration::from_secs(10)).await.unwrap();
+    let flushed = hold.flush().await;
+    hold.request_thaw(true).await.unwrap();
+    hold.thawed().await.unwrap();
+    r.primary
+        .cli(&["config", "set", "appendonly", "no"])
+        .unwrap();
+    let flushed = flushed.unwrap();
+    assert!(
+        flushed.detail.contains("AOF buffer written"),
+        "{}",
+        flushed.detail
+    );
+    assert!(flushed.detail.contains("synced"), "{}", flushed.detail);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

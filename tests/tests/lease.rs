@@ -257,7 +257,7 @@ async fn thaw_over_the_stream_returns_the_result() {
     let mut hold = HeldFreeze::start(&mut s.client, "b-stream", Duration::from_secs(30))
         .await
         .unwrap();
-    hold.request_thaw().await.unwrap();
+    hold.request_thaw(true).await.unwrap();
     let result = hold.thawed().await.unwrap().unwrap();
     assert_eq!(result.cause, pb::ThawCause::Requested as i32);
     assert!(result.held_us > 0);

@@ -95,6 +95,21 @@ impl Drop for Serve {
     }
 }
 
+/// Records the current checksums of a copy backup's snapshots, as if they
+/// had been cut that way.
+fn rechecksum(s: &Setup, id: &str) {
+    let catalog = Catalog::open(&s.dir.path().join("catalog")).unwrap();
+    let mut manifest = catalog.get(id).unwrap();
+    for m in &mut manifest.members {
+        for h in &mut m.snapshots {
+            h.checksum = Some(
+                stillpoint_controller::snapshot::copy::checksum(Path::new(&h.handle)).unwrap(),
+            );
+        }
+    }
+    catalog.write(&manifest).unwrap();
+}
+
 fn manifests(s: &Setup) -> Vec<Manifest> {
     Catalog::open(&s.dir.path().join("catalog"))
         .unwrap()
@@ -305,16 +320,14 @@ async fn sigterm_during_a_scheduled_freeze_thaws_everyone_within_a_second() {
         "redis",
         &[("STILLPOINT_DSN", redis.primary.url())],
     );
-    let volume = s.dir.path().join("volume");
-    std::fs::create_dir_all(&volume).unwrap();
     // A cut that takes 30 s: the freeze is in force when SIGTERM comes.
     s.config(
         "g",
         &format!(
             "snapshotter = \"exec\"\nfreeze_budget = \"60s\"\n[groups.g.exec]\n\
              snapshot = \"sleep 30\"\ndelete = \"true\"\n{}{}",
-            member("pg-0", &p0, "primary", None, &[&volume]),
-            member("redis-0", &r0, "primary", None, &[&volume]),
+            member("pg-0", &p0, "primary", None, &[&pg.primary.data]),
+            member("redis-0", &r0, "primary", None, &[&redis.primary.dir]),
         ),
     );
     s.append_config("[schedules.often]\ngroup = \"g\"\ncron = \"* * * * * *\"\n");
@@ -434,13 +447,15 @@ async fn restore_follows_the_plan_and_never_starts_a_stage_after_an_unhealthy_on
     assert_eq!(steps[2]["stage_from"], "default");
     assert_eq!(steps[2]["consistency"], "backup-label");
 
-    // Stage 1's primary cannot start: its snapshot's dump is corrupt.
+    // Stage 1's primary cannot start: its snapshot's dump is corrupt (as
+    // if the server had written a bad one; the checksum is of that).
     let snap = s.snapshots().join("plan-1");
     let r0_snap = snap.join("redis-0-0");
     let _ = std::fs::remove_dir_all(r0_snap.join("appendonlydir"));
     std::fs::write(r0_snap.join("dump.rdb"), b"REDIS0011 this is not a dump").unwrap();
     // postmaster.opts is written by every postmaster start.
     let _ = std::fs::remove_file(snap.join("pg-0-0/postmaster.opts"));
+    rechecksum(&s, "plan-1");
     let to = s.dir.path().join("restored");
     let metrics = s.dir.path().join("restore.prom");
     let out = s.stillpoint(&[

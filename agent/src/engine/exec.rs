@@ -17,7 +17,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use super::{Cause, Ctx, Description, Engine, EngineError, EngineKind, Frozen, Step, Thawed};
+use super::{
+    Cause, Ctx, Description, Ending, Engine, EngineError, EngineKind, Frozen, Step, Thawed,
+};
 use crate::config::{EngineConfig, ExecConfig};
 use crate::watchdog;
 
@@ -110,6 +112,7 @@ impl Engine for Exec {
                 wait_for_position: false,
                 thaw_artefacts: false,
             },
+            ..Default::default()
         })
     }
 
@@ -230,7 +233,7 @@ impl Frozen for ExecHold {
         )
     }
 
-    async fn thaw(mut self: Box<Self>) -> Result<Thawed, EngineError> {
+    async fn thaw(mut self: Box<Self>, _ending: Ending) -> Result<Thawed, EngineError> {
         let status = self.group.end(self.grace).await;
         let mut thawed = Thawed::default();
         if let Some(status) = status {

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use stillpoint_proto::pb;
 
 use super::{
-    Cause, Ctx, Description, Engine, EngineError, EngineKind, Frozen, Step, Thawed, ioctl,
+    Cause, Ctx, Description, Ending, Engine, EngineError, EngineKind, Frozen, Step, Thawed, sys,
 };
 use crate::config::EngineConfig;
 
@@ -97,7 +97,7 @@ impl FsFreeze {
         };
         for mount in &self.mounts {
             self.tell_watchdog(&format!("freeze {}", mount.display()))?;
-            if let Err(e) = ioctl::freeze(mount) {
+            if let Err(e) = sys::freeze(mount) {
                 let message = format!("FIFREEZE {}: {e}", mount.display());
                 let _ = hold.thaw_mounts();
                 return Err(self.err(Step::Freeze, Cause::Refused, message));
@@ -114,7 +114,7 @@ impl FsFreeze {
         };
         let mut done = Vec::new();
         for path in text.lines().filter(|l| !l.is_empty()) {
-            match ioctl::thaw(Path::new(path)) {
+            match sys::thaw(Path::new(path)) {
                 Ok(()) => done.push(format!("thawed {path}")),
                 // EINVAL: it was not frozen (the watchdog already thawed it).
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
@@ -137,7 +137,7 @@ impl FsHold {
     fn thaw_mounts(&mut self) -> Result<(), EngineError> {
         let mut errors = Vec::new();
         for mount in self.frozen.drain(..).rev() {
-            match ioctl::thaw(&mount) {
+            match sys::thaw(&mount) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                 Err(e) => errors.push(format!("FITHAW {}: {e}", mount.display())),
@@ -185,6 +185,12 @@ impl Engine for FsFreeze {
                 wait_for_position: false,
                 thaw_artefacts: false,
             },
+            paths: self
+                .mounts
+                .iter()
+                .map(|m| super::server_path("mount", m.display().to_string()))
+                .collect(),
+            ..Default::default()
         })
     }
 
@@ -244,7 +250,11 @@ impl Frozen for FsFrozen {
         std::future::pending().await
     }
 
-    async fn thaw(mut self: Box<Self>) -> Result<Thawed, EngineError> {
+    async fn flush(&mut self) -> Result<String, EngineError> {
+        Ok("filesystems frozen: FIFREEZE wrote everything out".into())
+    }
+
+    async fn thaw(mut self: Box<Self>, _ending: Ending) -> Result<Thawed, EngineError> {
         let fs = self.hold.fs.clone();
         let mut hold = std::mem::replace(
             &mut self.hold,
@@ -294,16 +304,30 @@ impl Engine for Layered {
     }
 
     async fn freeze(&self, backup_id: &str, ttl: Duration) -> Result<Box<dyn Frozen>, EngineError> {
-        let database = self.inner.freeze(backup_id, ttl).await?;
+        let mut database = self.inner.freeze(backup_id, ttl).await?;
+        // The database's own flush comes before FIFREEZE: once the mounts
+        // are frozen, its writes (a Redis save) would block. Its writes are
+        // frozen already, so nothing it acknowledges later is missed.
+        let flushed = match database.flush().await {
+            Ok(detail) => detail,
+            Err(e) => {
+                let _ = database.thaw(Ending::Abandoned).await;
+                return Err(e);
+            }
+        };
         let fs = self.fs.clone();
         match tokio::task::spawn_blocking(move || fs.freeze_mounts()).await {
-            Ok(Ok(hold)) => Ok(Box::new(LayeredFrozen { database, hold })),
+            Ok(Ok(hold)) => Ok(Box::new(LayeredFrozen {
+                database,
+                hold,
+                flushed,
+            })),
             Ok(Err(e)) => {
-                let _ = database.thaw().await;
+                let _ = database.thaw(Ending::Abandoned).await;
                 Err(e)
             }
             Err(e) => {
-                let _ = database.thaw().await;
+                let _ = database.thaw(Ending::Abandoned).await;
                 Err(self.fs.err(Step::Freeze, Cause::Refused, e.to_string()))
             }
         }
@@ -331,6 +355,8 @@ impl Engine for Layered {
 struct LayeredFrozen {
     database: Box<dyn Frozen>,
     hold: FsHold,
+    /// What the database's flush (run before FIFREEZE) did.
+    flushed: String,
 }
 
 #[async_trait]
@@ -347,11 +373,21 @@ impl Frozen for LayeredFrozen {
         self.database.renewed(ttl).await
     }
 
-    async fn thaw(self: Box<Self>) -> Result<Thawed, EngineError> {
-        let LayeredFrozen { database, mut hold } = *self;
+    async fn flush(&mut self) -> Result<String, EngineError> {
+        let done = "filesystems frozen: FIFREEZE wrote everything out";
+        Ok(match self.flushed.as_str() {
+            "" => done.to_string(),
+            db => format!("{db} (before FIFREEZE); {done}"),
+        })
+    }
+
+    async fn thaw(self: Box<Self>, ending: Ending) -> Result<Thawed, EngineError> {
+        let LayeredFrozen {
+            database, mut hold, ..
+        } = *self;
         // Filesystem first, then the database: the reverse of the freeze.
         let fs = tokio::task::spawn_blocking(move || hold.thaw_mounts()).await;
-        let db = database.thaw().await;
+        let db = database.thaw(ending).await;
         match fs {
             Ok(Err(e)) => Err(e),
             _ => db,

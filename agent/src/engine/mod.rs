@@ -17,12 +17,12 @@ use crate::config::Config;
 
 pub mod exec;
 pub mod fsfreeze;
-pub(crate) mod ioctl;
 pub mod mongodb;
 pub mod mysql;
 pub mod noop;
 pub mod postgres;
 pub mod redis;
+pub(crate) mod sys;
 
 /// The kinds of member an agent can drive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -137,6 +137,7 @@ pub enum Step {
     Prepare,
     Freeze,
     Hold,
+    Flush,
     Thaw,
     Wait,
 }
@@ -150,6 +151,7 @@ impl fmt::Display for Step {
             Step::Prepare => "prepare",
             Step::Freeze => "freeze",
             Step::Hold => "hold",
+            Step::Flush => "flush",
             Step::Thaw => "thaw",
             Step::Wait => "wait-for-position",
         })
@@ -196,12 +198,35 @@ pub struct EngineError {
 }
 
 /// Who the member is, as `Describe` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Description {
     pub server_version: String,
     pub role: pb::Role,
     pub upstream: String,
     pub capabilities: pb::Capabilities,
+    /// What the server needs for crash recovery, where the server has it.
+    pub paths: Vec<pb::ServerPath>,
+    /// Setup problems the operator should hear about.
+    pub warnings: Vec<String>,
+}
+
+/// A server path for [`Description::paths`].
+pub fn server_path(what: impl Into<String>, path: impl Into<String>) -> pb::ServerPath {
+    pb::ServerPath {
+        what: what.into(),
+        path: path.into(),
+    }
+}
+
+/// How a hold ends, which decides what the engine keeps afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The cut this hold protected is complete: keep what its restore still
+    /// needs (PostgreSQL: the backup's WAL, for `STILLPOINT_PG_WAL_RETAIN`).
+    Completed,
+    /// Anything else (an abort, lease expiry, a lost stream, shutdown, a
+    /// manual thaw): release everything at once.
+    Abandoned,
 }
 
 impl EngineError {
@@ -395,7 +420,14 @@ pub trait Frozen: Send {
         Ok(())
     }
 
-    async fn thaw(self: Box<Self>) -> Result<Thawed, EngineError>;
+    /// Makes what the engine acknowledged durable in its files (the agent
+    /// then runs `syncfs(2)` on the member's volumes). Runs once every
+    /// member of the group is frozen, before the cut. Returns a detail line.
+    async fn flush(&mut self) -> Result<String, EngineError> {
+        Ok(String::new())
+    }
+
+    async fn thaw(self: Box<Self>, ending: Ending) -> Result<Thawed, EngineError>;
 }
 
 /// Builds the configured engine; with `STILLPOINT_FSFREEZE_MOUNTS` set on a

@@ -20,7 +20,9 @@ use stillpoint_proto::pb;
 use stillpoint_proto::position::{PositionExt, make};
 use tokio::sync::Mutex;
 
-use super::{Cause, Ctx, Description, Engine, EngineError, EngineKind, Frozen, Step, Thawed};
+use super::{
+    Cause, Ctx, Description, Ending, Engine, EngineError, EngineKind, Frozen, Step, Thawed,
+};
 use crate::config::{EngineConfig, Secret};
 
 const STATE_FILE: &str = "mongodb.fsynclock";
@@ -195,6 +197,20 @@ impl Mongo {
     }
 }
 
+/// mongod's default `storage.dbPath` on Linux.
+const DEFAULT_DB_PATH: &str = "/data/db";
+
+/// `storage.dbPath` from a `getCmdLineOpts` reply (mongod's default when
+/// it was not set).
+pub fn db_path(options: &Document) -> String {
+    options
+        .get_document("parsed")
+        .and_then(|p| p.get_document("storage"))
+        .and_then(|s| s.get_str("dbPath"))
+        .unwrap_or(DEFAULT_DB_PATH)
+        .to_string()
+}
+
 /// `fsyncUnlock` until the server reports a lock count of 0; then the state
 /// file goes. Returns how many calls it took.
 async fn unlock_all(
@@ -241,6 +257,9 @@ impl Engine for Mongo {
             .await?;
         let hello = self.hello(Step::Describe).await?;
         let (role, upstream, _) = hello_state(&hello);
+        let options = self
+            .command(Step::Describe, doc! { "getCmdLineOpts": 1 })
+            .await?;
         Ok(Description {
             server_version: format!("MongoDB {}", info.get_str("version").unwrap_or("?")),
             role,
@@ -250,6 +269,9 @@ impl Engine for Mongo {
                 wait_for_position: true,
                 thaw_artefacts: false,
             },
+            // The journal lives in the dbPath (WiredTiger), so one path.
+            paths: vec![super::server_path("storage.dbPath", db_path(&options))],
+            ..Default::default()
         })
     }
 
@@ -368,7 +390,11 @@ impl Frozen for MongoHold {
         std::future::pending().await
     }
 
-    async fn thaw(self: Box<Self>) -> Result<Thawed, EngineError> {
+    async fn flush(&mut self) -> Result<String, EngineError> {
+        Ok("fsyncLock already flushed every write".into())
+    }
+
+    async fn thaw(self: Box<Self>, _ending: Ending) -> Result<Thawed, EngineError> {
         let unlocks = unlock_all(&self.ctx, &self.admin, &self.state_file, Step::Thaw).await?;
         let mut thawed = Thawed::default();
         thawed
@@ -398,6 +424,16 @@ mod tests {
             doc! { "fsync": 1, "lock": true, "fsyncLockAcquisitionTimeoutMillis": 1500_i64 }
         );
         assert!(supports_lock_timeout("8.0.0-rc1"));
+    }
+
+    #[test]
+    fn the_db_path_is_read_from_the_parsed_options() {
+        let set = doc! { "argv": ["mongod"], "parsed": { "storage": { "dbPath": "/srv/mongo" } } };
+        assert_eq!(db_path(&set), "/srv/mongo");
+        assert_eq!(
+            db_path(&doc! { "argv": ["mongod"], "parsed": {} }),
+            "/data/db"
+        );
     }
 
     #[test]

@@ -25,7 +25,8 @@ use tokio::sync::{Mutex, oneshot};
 use tokio::time::Instant;
 
 use super::{
-    Cause, Ctx, Description, Engine, EngineError, EngineKind, Frozen, HoldMonitor, Step, Thawed,
+    Cause, Ctx, Description, Ending, Engine, EngineError, EngineKind, Frozen, HoldMonitor, Step,
+    Thawed,
 };
 use crate::config::{ENV_LOCK_TIMEOUT, EngineConfig, Secret};
 
@@ -160,6 +161,47 @@ pub fn statements(flavor: Flavor, lock_wait_seconds: u64) -> Result<Statements, 
             })
         }
     }
+}
+
+/// The server variables naming where it keeps what crash recovery needs.
+pub const PATH_VARIABLES: &[&str] = &[
+    "datadir",
+    "log_bin_basename",
+    "log_bin_index",
+    "relay_log_basename",
+    "relay_log_index",
+    "innodb_log_group_home_dir",
+    "innodb_data_home_dir",
+    "innodb_undo_directory",
+];
+
+/// Absolute server paths from the values of [`PATH_VARIABLES`] (in order;
+/// `None`: the feature is off). Relative values are relative to `datadir`;
+/// an empty one means `datadir` itself.
+pub fn server_paths(values: &[Option<String>]) -> Vec<pb::ServerPath> {
+    let datadir = values
+        .first()
+        .cloned()
+        .flatten()
+        .unwrap_or_default()
+        .trim_end_matches('/')
+        .to_string();
+    PATH_VARIABLES
+        .iter()
+        .zip(values)
+        .filter_map(|(name, value)| {
+            let value = value.as_deref()?.trim();
+            let path = match value.trim_end_matches('/') {
+                _ if value.starts_with('/') => value.trim_end_matches('/').to_string(),
+                "" | "." => datadir.clone(),
+                relative => format!(
+                    "{datadir}/{}",
+                    relative.trim_start_matches("./").trim_end_matches('/')
+                ),
+            };
+            Some(super::server_path(*name, path))
+        })
+        .collect()
 }
 
 /// Reads `gtid_executed`, `binary_log_file` and `binary_log_position` from
@@ -475,6 +517,23 @@ impl Engine for Mysql {
                 .unwrap_or_default();
             let (_, s) = this.statements_for(conn, Step::Describe).await?;
             let (role, upstream) = this.role(conn, &s, Step::Describe).await?;
+            let select = PATH_VARIABLES
+                .iter()
+                .map(|v| format!("@@{v}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let row: Option<Row> = conn
+                .query_first(format!("SELECT {select}"))
+                .await
+                .map_err(|e| this.err(Step::Describe, &e))?;
+            let values: Vec<Option<String>> = (0..PATH_VARIABLES.len())
+                .map(|i| {
+                    row.as_ref()
+                        .and_then(|r| r.get_opt::<Option<String>, _>(i))
+                        .and_then(Result::ok)
+                        .flatten()
+                })
+                .collect();
             let name = match Flavor::detect(&version) {
                 Flavor::Mariadb { .. } => "MariaDB",
                 Flavor::Mysql { .. } => "MySQL",
@@ -488,6 +547,8 @@ impl Engine for Mysql {
                     wait_for_position: true,
                     thaw_artefacts: false,
                 },
+                paths: server_paths(&values),
+                ..Default::default()
             })
         })
         .await
@@ -728,7 +789,22 @@ impl Frozen for MyHold {
         self.monitor.lost(&self.ctx).await
     }
 
-    async fn thaw(self: Box<Self>) -> Result<Thawed, EngineError> {
+    async fn flush(&mut self) -> Result<String, EngineError> {
+        // Commits are blocked; this writes and syncs the redo log (which
+        // `innodb_flush_log_at_trx_commit = 0|2` leaves to a timer). The
+        // binary log is written at commit: the agent's syncfs covers it
+        // whatever `sync_binlog` is.
+        self.conn
+            .query_drop("FLUSH NO_WRITE_TO_BINLOG ENGINE LOGS")
+            .await
+            .map_err(|e| {
+                let (cause, message) = my_error(&e);
+                self.ctx.err(Step::Flush, cause, message)
+            })?;
+        Ok("FLUSH ENGINE LOGS".into())
+    }
+
+    async fn thaw(self: Box<Self>, _ending: Ending) -> Result<Thawed, EngineError> {
         let MyHold {
             ctx,
             mut conn,
@@ -877,6 +953,36 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.session[0], "SET SESSION lock_wait_timeout = 1");
+    }
+
+    #[test]
+    fn server_paths_are_absolute() {
+        let some = |v: &str| Some(v.to_string());
+        let paths = server_paths(&[
+            some("/var/lib/mysql/"),
+            some("/var/log/mysql/binlog"),
+            some("/var/log/mysql/binlog.index"),
+            None,
+            None,
+            some("./"),
+            some(""),
+            some("undo/"),
+        ]);
+        let got: Vec<(&str, &str)> = paths
+            .iter()
+            .map(|p| (p.what.as_str(), p.path.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("datadir", "/var/lib/mysql"),
+                ("log_bin_basename", "/var/log/mysql/binlog"),
+                ("log_bin_index", "/var/log/mysql/binlog.index"),
+                ("innodb_log_group_home_dir", "/var/lib/mysql"),
+                ("innodb_data_home_dir", "/var/lib/mysql"),
+                ("innodb_undo_directory", "/var/lib/mysql/undo"),
+            ]
+        );
     }
 
     #[test]

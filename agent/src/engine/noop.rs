@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use stillpoint_proto::pb;
 use stillpoint_proto::position::{PositionExt, make};
 
-use super::{Cause, Description, Engine, EngineError, EngineKind, Frozen, Step, Thawed};
+use super::{Cause, Description, Ending, Engine, EngineError, EngineKind, Frozen, Step, Thawed};
 use crate::config::NoopConfig;
 
 #[derive(Debug)]
@@ -66,6 +66,7 @@ impl Engine for Noop {
                 wait_for_position: true,
                 thaw_artefacts: false,
             },
+            ..Default::default()
         })
     }
 
@@ -132,7 +133,7 @@ impl Frozen for NoopHold {
         std::future::pending().await
     }
 
-    async fn thaw(self: Box<Self>) -> Result<Thawed, EngineError> {
+    async fn thaw(self: Box<Self>, _ending: Ending) -> Result<Thawed, EngineError> {
         if !self.thaw_latency.is_zero() {
             tokio::time::sleep(self.thaw_latency).await;
         }

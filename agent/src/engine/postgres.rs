@@ -14,9 +14,18 @@
 //! schemas: writes wait, reads go on, and `lock_timeout` bounds the wait for
 //! the locks. A standby is read-only, so it is never fenced.
 //!
-//! After the thaw the session (and so the slot) stays open for
-//! `STILLPOINT_PG_WAL_RETAIN`, so the WAL up to the stop LSN can still be
-//! copied.
+//! After a thaw that ends a completed cut, the session (and so the slot)
+//! stays open for `STILLPOINT_PG_WAL_RETAIN`, so the WAL up to the stop LSN
+//! can still be copied. A hold that ends any other way (an abort, lease
+//! expiry, a lost stream, shutdown, a manual thaw) closes its session at
+//! once: the backup is aborted and the temporary slot dropped, so killed
+//! controllers never use up `max_replication_slots`.
+//!
+//! Flush (before the cut): on a primary, one commit with
+//! `synchronous_commit = on` (of a transactional logical message), which
+//! flushes the WAL of every asynchronous commit acknowledged before it; a
+//! standby replays only flushed WAL. A primary's position is its insert
+//! LSN, so a replica aligned to it holds every acknowledged commit.
 //!
 //! When the controller's cut is atomic (`PrepareRequest.atomic_cut`: btrfs,
 //! LVM/ZFS, CSI snapshots) the image is crash-consistent and restores by
@@ -34,7 +43,7 @@ use tokio::sync::{Mutex, oneshot};
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 
-use super::{Cause, Ctx, Description, Engine, EngineError, Frozen, Step, Thawed};
+use super::{Cause, Ctx, Description, Ending, Engine, EngineError, Frozen, Step, Thawed};
 use crate::config::{ENV_LOCK_TIMEOUT, EngineConfig, PgConfig, PgMode, Secret};
 
 /// Parses a libpq-style DSN (`host=… user=…` or `postgresql://…`).
@@ -83,6 +92,50 @@ pub fn slot_name(backup_id: &str) -> String {
         .collect();
     format!("stillpoint_{clean}_{}", std::process::id())
 }
+
+/// What holds the replication slots, for the error when none is left.
+async fn slots_in_use(c: &Client) -> String {
+    let rows = c
+        .query(
+            "SELECT slot_name::text, slot_type, temporary, active_pid, \
+                    current_setting('max_replication_slots') \
+               FROM pg_replication_slots ORDER BY slot_name",
+            &[],
+        )
+        .await;
+    let Ok(rows) = rows else {
+        return "the slots in use could not be listed".into();
+    };
+    let max: String = rows.first().map(|r| r.get(4)).unwrap_or_default();
+    let slots: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let (name, kind, temporary, pid): (String, String, bool, Option<i32>) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            let temporary = if temporary { ", temporary" } else { "" };
+            match pid {
+                Some(pid) => format!("{name} ({kind}{temporary}, held by backend pid {pid})"),
+                None => format!("{name} ({kind}{temporary}, not in use)"),
+            }
+        })
+        .collect();
+    format!(
+        "the {} slot(s) (max_replication_slots = {max}) are: {}. Drop unused slots \
+         (pg_drop_replication_slot) or raise max_replication_slots",
+        slots.len(),
+        slots.join(", ")
+    )
+}
+
+/// The standbys streaming from this primary without a replication slot,
+/// when nothing else keeps WAL for them (`wal_keep_size`, or up to 12
+/// `wal_keep_segments`, is 0).
+const UNSLOTTED_STANDBYS_SQL: &str = "SELECT coalesce(nullif(r.application_name, ''), 'a standby') \
+            || coalesce(' at ' || host(r.client_addr), '') \
+       FROM pg_stat_replication r \
+      WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots s WHERE s.active_pid = r.pid) \
+        AND coalesce(pg_size_bytes(current_setting('wal_keep_size', true)), \
+                     current_setting('wal_keep_segments', true)::bigint) = 0";
 
 /// One open session and a signal that fires when its connection ends.
 struct Session {
@@ -308,12 +361,19 @@ impl Postgres {
         let statements =
             backup_statements(version).map_err(|e| self.ctx.err(step, Cause::Refused, e))?;
         let slot = slot_name(backup_id);
-        c.execute(
-            "SELECT pg_create_physical_replication_slot($1, true, true)",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| self.err(step, &e))?;
+        if let Err(e) = c
+            .execute(
+                "SELECT pg_create_physical_replication_slot($1, true, true)",
+                &[&slot],
+            )
+            .await
+        {
+            let mut err = self.err(step, &e);
+            if e.code() == Some(&tokio_postgres::error::SqlState::CONFIGURATION_LIMIT_EXCEEDED) {
+                err.message = format!("{}; {}", err.message, slots_in_use(c).await);
+            }
+            return Err(err);
+        }
         let label = format!("stillpoint {backup_id}");
         let start_lsn: String = c
             .query_one(statements.start, &[&label])
@@ -509,9 +569,44 @@ impl Postgres {
     }
 }
 
-/// The role and the position: replay LSN on a standby, current LSN on a primary.
+/// The paths recovery needs: the data directory, where `pg_wal` really is
+/// (when the agent can see it is a link), and every tablespace. Returns
+/// them and what could not be checked.
+pub fn data_paths(
+    data: &str,
+    tablespaces: &[(String, String)],
+) -> (Vec<pb::ServerPath>, Vec<String>) {
+    let mut paths = vec![super::server_path("data_directory", data)];
+    let mut warnings = Vec::new();
+    let wal = std::path::Path::new(data).join("pg_wal");
+    match std::fs::read_link(&wal) {
+        Ok(target) => {
+            let target = std::path::Path::new(data).join(target);
+            paths.push(super::server_path("pg_wal", target.display().to_string()));
+        }
+        // Not a link: it is inside the data directory.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {}
+        Err(e) => warnings.push(format!(
+            "cannot tell whether {} is a link to another volume ({e}); if it is, its \
+             target must be on a snapshotted volume too",
+            wal.display()
+        )),
+    }
+    for (name, location) in tablespaces {
+        paths.push(super::server_path(format!("tablespace {name}"), location));
+    }
+    (paths, warnings)
+}
+
+/// The role and the position: replay LSN on a standby; on a primary the
+/// insert LSN, which covers every commit it acknowledged (with
+/// `synchronous_commit = off`, the write LSN can be behind them).
 const POSITION_SQL: &str = "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() \
-     THEN COALESCE(pg_last_wal_replay_lsn(), '0/0') ELSE pg_current_wal_lsn() END)::text";
+     THEN COALESCE(pg_last_wal_replay_lsn(), '0/0') ELSE pg_current_wal_insert_lsn() END)::text";
+
+/// Flushes the WAL of every commit acknowledged so far (see `PgHold::flush`).
+const FLUSH_SQL: &str = "BEGIN; SET LOCAL synchronous_commit = on; \
+     SELECT pg_logical_emit_message(true, 'stillpoint', 'flush'); COMMIT;";
 
 #[async_trait]
 impl Engine for Postgres {
@@ -520,22 +615,55 @@ impl Engine for Postgres {
     }
 
     async fn describe(&self) -> Result<Description, EngineError> {
-        let (version, standby, upstream) = self
+        let (version, standby, upstream, data, tablespaces, unslotted) = self
             .with_control(Step::Describe, async |c| {
                 let row = c
                     .query_one(
                         "SELECT current_setting('server_version'), pg_is_in_recovery(), \
-                         (SELECT sender_host || ':' || sender_port FROM pg_stat_wal_receiver LIMIT 1)",
+                         (SELECT sender_host || ':' || sender_port FROM pg_stat_wal_receiver LIMIT 1), \
+                         current_setting('data_directory')",
                         &[],
                     )
                     .await?;
+                let tablespaces: Vec<(String, String)> = c
+                    .query(
+                        "SELECT spcname::text, pg_tablespace_location(oid) FROM pg_tablespace \
+                          WHERE pg_tablespace_location(oid) <> '' ORDER BY spcname",
+                        &[],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect();
+                let standby: bool = row.get(1);
+                let unslotted: Vec<String> = if standby {
+                    Vec::new()
+                } else {
+                    c.query(UNSLOTTED_STANDBYS_SQL, &[])
+                        .await?
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect()
+                };
                 Ok((
                     row.get::<_, String>(0),
-                    row.get::<_, bool>(1),
+                    standby,
                     row.get::<_, Option<String>>(2),
+                    row.get::<_, String>(3),
+                    tablespaces,
+                    unslotted,
                 ))
             })
             .await?;
+        let (paths, mut warnings) = data_paths(&data, &tablespaces);
+        warnings.extend(unslotted.iter().map(|standby| {
+            format!(
+                "{standby} streams from this primary without a replication slot and \
+                 wal_keep_size is 0: checkpoints (which every backup forces) can remove WAL \
+                 it still needs, and it stops replicating. Give it a slot (primary_slot_name) \
+                 or set wal_keep_size"
+            )
+        }));
         Ok(Description {
             server_version: format!("PostgreSQL {version}"),
             role: if standby {
@@ -549,6 +677,8 @@ impl Engine for Postgres {
                 wait_for_position: true,
                 thaw_artefacts: true,
             },
+            paths,
+            warnings,
         })
     }
 
@@ -640,12 +770,14 @@ impl Engine for Postgres {
         // On an error the fences drop here, which ends their transactions:
         // nothing stays locked.
         let read = locked.into_iter().collect::<Result<Vec<_>, _>>()?;
-        let position = match read.into_iter().flatten().next() {
-            Some(position) => position,
+        let (position, primary) = match read.into_iter().flatten().next() {
+            // A fence is only ever on a primary.
+            Some(position) => (position, true),
             None => {
-                self.read_position(&backup.session.client, Step::Freeze)
-                    .await?
-                    .0
+                let (position, role) = self
+                    .read_position(&backup.session.client, Step::Freeze)
+                    .await?;
+                (position, role == pb::Role::Primary)
             }
         };
         Ok(Box::new(PgHold {
@@ -653,6 +785,7 @@ impl Engine for Postgres {
             backup,
             fences,
             position,
+            primary,
             wal_retain: self.pg.wal_retain,
         }))
     }
@@ -697,6 +830,9 @@ struct PgHold {
     backup: Backup,
     fences: Vec<Session>,
     position: pb::Position,
+    /// Not a standby: commits may be acknowledged before their WAL is
+    /// flushed (`synchronous_commit = off`).
+    primary: bool,
     wal_retain: Duration,
 }
 
@@ -722,7 +858,28 @@ impl Frozen for PgHold {
         )
     }
 
-    async fn thaw(self: Box<Self>) -> Result<Thawed, EngineError> {
+    async fn flush(&mut self) -> Result<String, EngineError> {
+        if !self.primary {
+            // A standby replays only WAL it has already flushed.
+            return Ok(String::new());
+        }
+        // A commit with synchronous_commit on flushes the WAL up to its own
+        // record, and so every asynchronous commit acknowledged before it.
+        // It must have written WAL to flush: a transactional logical message
+        // (any wal_level, executable by PUBLIC) is the smallest such write.
+        self.backup
+            .session
+            .client
+            .batch_execute(FLUSH_SQL)
+            .await
+            .map_err(|e| {
+                let (cause, message) = db_error(&e);
+                self.ctx.err(Step::Flush, cause, message)
+            })?;
+        Ok("WAL flushed".into())
+    }
+
+    async fn thaw(self: Box<Self>, ending: Ending) -> Result<Thawed, EngineError> {
         let PgHold {
             ctx,
             backup,
@@ -745,6 +902,16 @@ impl Frozen for PgHold {
             close_later(backup.session);
             return Ok(Thawed::default());
         };
+        if ending == Ending::Abandoned {
+            // No cut needs this backup: ending its session aborts it and
+            // drops its temporary slot, so nothing holds WAL or a slot.
+            drop(backup.session);
+            let mut thawed = Thawed::default();
+            thawed
+                .artefacts
+                .insert("released_slot".into(), stop.slot.clone());
+            return Ok(thawed);
+        }
         let row = backup
             .session
             .client

@@ -9,9 +9,14 @@
 //! Offsets keep creeping during a pause (replica PINGs are replicated), so
 //! alignment compares a replica's offset ≥ the offset captured at the freeze.
 //!
-//! Prepare: when RDB persistence is on (`save` is set), `BGSAVE` and wait
-//! for the save to complete. `BGSAVE` is accepted during a `WRITE` pause too
-//! (it is not a write command; see the tests).
+//! Flush (once every member is frozen, before the cut): with AOF on, wait
+//! until the AOF buffer is written out (with `appendfsync everysec` Redis
+//! may acknowledge a write before it reaches the file); the agent's
+//! `syncfs` then makes the file durable. Without AOF (RDB only, or no
+//! persistence) the image needs a save made *while paused*, so that every
+//! write acknowledged before the freeze is in it: `BGSAVE` (accepted
+//! during a `WRITE` pause: it is not a write command), waited for. That
+//! save is in the freeze window; AOF gives the shorter freeze.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,7 +29,8 @@ use tokio::sync::{Mutex, oneshot};
 use tokio::time::Instant;
 
 use super::{
-    Cause, Ctx, Description, Engine, EngineError, EngineKind, Frozen, HoldMonitor, Step, Thawed,
+    Cause, Ctx, Description, Ending, Engine, EngineError, EngineKind, Frozen, HoldMonitor, Step,
+    Thawed,
 };
 use crate::config::{EngineConfig, Secret};
 
@@ -186,6 +192,12 @@ impl Engine for Redis {
             .or_else(|| server.get("redis_version"))
             .cloned()
             .unwrap_or_default();
+        let dir: Vec<String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("dir")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.err(Step::Describe, &e))?;
         Ok(Description {
             server_version: format!("{product} {version}"),
             role,
@@ -195,6 +207,12 @@ impl Engine for Redis {
                 wait_for_position: true,
                 thaw_artefacts: false,
             },
+            // The RDB file and the AOF directory both live in `dir`.
+            paths: dir
+                .get(1)
+                .map(|d| vec![super::server_path("dir", d.clone())])
+                .unwrap_or_default(),
+            ..Default::default()
         })
     }
 
@@ -206,57 +224,12 @@ impl Engine for Redis {
 
     async fn prepare(&self, _backup_id: &str, _atomic_cut: bool) -> Result<String, EngineError> {
         let mut conn = self.control(Step::Prepare).await?;
-        let save: Vec<String> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("save")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.err(Step::Prepare, &e))?;
-        if save.get(1).is_none_or(|v| v.trim().is_empty()) {
-            return Ok("RDB persistence is off: nothing to prepare".into());
-        }
-        let started = Instant::now();
-        let saves = |p: &BTreeMap<String, String>| -> (i64, i64) {
-            let n = |k: &str| p.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
-            (n("rdb_saves"), n("rdb_last_save_time"))
-        };
-        let before = saves(&self.info(&mut conn, "persistence", Step::Prepare).await?);
-        let mut issued = false;
-        loop {
-            let persistence = self.info(&mut conn, "persistence", Step::Prepare).await?;
-            let running = persistence
-                .get("rdb_bgsave_in_progress")
-                .is_some_and(|v| v == "1");
-            if !running && issued {
-                if persistence
-                    .get("rdb_last_bgsave_status")
-                    .is_some_and(|s| s != "ok")
-                {
-                    return Err(self.ctx.err(
-                        Step::Prepare,
-                        Cause::Refused,
-                        "BGSAVE failed (rdb_last_bgsave_status is not ok; see the server log)",
-                    ));
-                }
-                if saves(&persistence) != before {
-                    return Ok(format!(
-                        "BGSAVE done in {} ms",
-                        started.elapsed().as_millis()
-                    ));
-                }
-            }
-            if !running && !issued {
-                // Another save (a replica's full sync) may have just started:
-                // then this is refused and tried again once it is over.
-                let reply: Result<String, _> = redis::cmd("BGSAVE").query_async(&mut conn).await;
-                match reply {
-                    Ok(_) => issued = true,
-                    Err(e) if e.to_string().contains("in progress") => {}
-                    Err(e) => return Err(self.err(Step::Prepare, &e)),
-                }
-            }
-            tokio::time::sleep(self.poll_interval.max(Duration::from_millis(20))).await;
-        }
+        let persistence = self.info(&mut conn, "persistence", Step::Prepare).await?;
+        Ok(if aof_enabled(&persistence) {
+            "AOF on: the flush waits for the AOF buffer".into()
+        } else {
+            "AOF off: the flush saves the RDB while writes are paused".into()
+        })
     }
 
     async fn freeze(
@@ -314,6 +287,7 @@ impl Engine for Redis {
             conn,
             position,
             monitor,
+            poll_interval: self.poll_interval,
         }))
     }
 
@@ -371,12 +345,100 @@ async fn monitor(
     }
 }
 
+fn aof_enabled(persistence: &BTreeMap<String, String>) -> bool {
+    persistence.get("aof_enabled").is_some_and(|v| v == "1")
+}
+
+/// A flush error: a dropped connection means the server (and its pause)
+/// is gone, which loses the hold.
+fn flush_error(ctx: &Ctx, e: &redis::RedisError) -> EngineError {
+    let (cause, message) = redis_error(e);
+    let cause = match cause {
+        Cause::Unavailable => Cause::Lost,
+        other => other,
+    };
+    ctx.err(Step::Flush, cause, message)
+}
+
+async fn persistence(
+    ctx: &Ctx,
+    conn: &mut MultiplexedConnection,
+) -> Result<BTreeMap<String, String>, EngineError> {
+    let text: String = redis::cmd("INFO")
+        .arg("persistence")
+        .query_async(conn)
+        .await
+        .map_err(|e| flush_error(ctx, &e))?;
+    Ok(parse_info(&text))
+}
+
+/// Waits until everything Redis acknowledged is in the AOF file (its
+/// buffer drained), or makes a new RDB save and waits for it to finish.
+/// Bounded by the caller (the flush timeout and the lease).
+async fn flush_writes(
+    ctx: &Ctx,
+    conn: &mut MultiplexedConnection,
+    poll: Duration,
+) -> Result<String, EngineError> {
+    let started = Instant::now();
+    let first = persistence(ctx, conn).await?;
+    if aof_enabled(&first) {
+        let mut p = first;
+        while p.get("aof_buffer_length").is_some_and(|v| v != "0") {
+            tokio::time::sleep(poll).await;
+            p = persistence(ctx, conn).await?;
+        }
+        return Ok(format!(
+            "AOF buffer written in {} ms",
+            started.elapsed().as_millis()
+        ));
+    }
+    let saves = |p: &BTreeMap<String, String>| -> (i64, i64) {
+        let n = |k: &str| p.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        (n("rdb_saves"), n("rdb_last_save_time"))
+    };
+    let before = saves(&first);
+    let mut issued = false;
+    let mut p = first;
+    loop {
+        let running = p.get("rdb_bgsave_in_progress").is_some_and(|v| v == "1");
+        if !running && issued {
+            if p.get("rdb_last_bgsave_status").is_some_and(|s| s != "ok") {
+                return Err(ctx.err(
+                    Step::Flush,
+                    Cause::Refused,
+                    "BGSAVE failed (rdb_last_bgsave_status is not ok; see the server log)",
+                ));
+            }
+            if saves(&p) != before {
+                return Ok(format!(
+                    "RDB saved while paused in {} ms",
+                    started.elapsed().as_millis()
+                ));
+            }
+        }
+        if !running && !issued {
+            // A save that started before the pause (a replica's full sync)
+            // misses later writes: wait for it to end, then save anew.
+            let reply: Result<String, _> = redis::cmd("BGSAVE").query_async(conn).await;
+            match reply {
+                Ok(_) => issued = true,
+                Err(e) if e.to_string().contains("in progress") => {}
+                Err(e) => return Err(flush_error(ctx, &e)),
+            }
+        }
+        tokio::time::sleep(poll.max(Duration::from_millis(5))).await;
+        p = persistence(ctx, conn).await?;
+    }
+}
+
 #[derive(Debug)]
 struct RedisHold {
     ctx: Ctx,
     conn: MultiplexedConnection,
     position: pb::Position,
     monitor: HoldMonitor,
+    poll_interval: Duration,
 }
 
 #[async_trait]
@@ -404,7 +466,11 @@ impl Frozen for RedisHold {
             })
     }
 
-    async fn thaw(self: Box<Self>) -> Result<Thawed, EngineError> {
+    async fn flush(&mut self) -> Result<String, EngineError> {
+        flush_writes(&self.ctx, &mut self.conn, self.poll_interval).await
+    }
+
+    async fn thaw(self: Box<Self>, _ending: Ending) -> Result<Thawed, EngineError> {
         let RedisHold {
             ctx,
             mut conn,

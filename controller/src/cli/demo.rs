@@ -38,12 +38,13 @@ async fn demo(agent: &std::path::Path, backups: usize) -> anyhow::Result<()> {
     let mut manifests = Vec::new();
     for n in 1..=backups {
         let id = format!("demo-{n}");
+        let before = workload.acked();
         let m = cluster.backup(&id).await?;
         println!(
             "    backup {id}: six members frozen, aligned, cut (btrfs) and thawed; freeze window {:.1} ms",
             m.freeze_window_us.unwrap_or(0) as f64 / 1000.0
         );
-        manifests.push(m);
+        manifests.push((m, before));
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
     let acked = workload.stop().await?;
@@ -53,16 +54,19 @@ async fn demo(agent: &std::path::Path, backups: usize) -> anyhow::Result<()> {
         acked.b.len()
     );
     say("restoring every backup, starting all six restored servers, checking the cut");
-    for m in &manifests {
-        let v = cluster.verify(m).await?;
+    for (m, before) in &manifests {
+        let v = cluster.verify(m, before).await?;
         println!(
             "    {}: consistent cut ({} + {} chains); every replica holds exactly its primary's data",
             v.backup, v.chain_a, v.chain_b
         );
     }
     cluster.nothing_lost(&acked).await?;
-    println!("    nothing lost: every acknowledged write is in the live databases");
-    let last = manifests.last().expect("at least one backup");
+    println!(
+        "    nothing lost: every acknowledged write is in the live databases, and every chain \
+         acknowledged before a backup started is in that backup"
+    );
+    let (last, _) = manifests.last().expect("at least one backup");
     println!("\n{}", super::backup::members_table(last));
     println!("timeline of {}:\n{}", last.id, last.timeline.gantt(64));
     say("cleaning up: agents, servers, snapshots and the btrfs image");

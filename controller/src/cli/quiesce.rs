@@ -58,7 +58,7 @@ pub fn run(args: QuiesceArgs, global: &Global) -> anyhow::Result<()> {
         }
         if !errors.is_empty() {
             for (_, h) in holders {
-                let _ = h.thaw().await;
+                let _ = h.thaw(false).await;
             }
             bail!(
                 "quiesce refused; nothing is left frozen: {}",
@@ -93,7 +93,7 @@ pub fn run(args: QuiesceArgs, global: &Global) -> anyhow::Result<()> {
             if let Some(reason) = h.lost() {
                 lost.push(format!("{name}: {reason}"));
             }
-            match h.thaw().await {
+            match h.thaw(false).await {
                 Ok(_) => println!("thawed {name}"),
                 Err(e) => eprintln!("thawing {name}: {e} (its lease thaws it)"),
             }

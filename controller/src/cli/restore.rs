@@ -10,7 +10,7 @@ use super::output::table;
 use super::{Global, Local};
 use crate::catalog::{Consistency, MemberRecord};
 use crate::metrics::metrics;
-use crate::restore::{Restored, restore_files, stage_class};
+use crate::restore::{restore_files, restored_data_dir, restored_path, stage_class};
 use crate::servers::mariadb::MariaRestored;
 use crate::servers::postgres::PgRestored;
 use crate::servers::redis::RedisRestored;
@@ -33,7 +33,9 @@ pub struct RestoreArgs {
 
 /// Starts one restored member and checks it answers; returns the running
 /// server (stopped when dropped) and its address.
-fn start_member(record: &MemberRecord, path: &Path) -> anyhow::Result<(Box<dyn Any>, String)> {
+fn start_member(record: &MemberRecord, to: &Path) -> anyhow::Result<(Box<dyn Any>, String)> {
+    let path = &restored_data_dir(record, to)
+        .ok_or_else(|| anyhow::anyhow!("its data directory is not in the restore"))?;
     Ok(match record.engine.as_str() {
         "postgres" => {
             let s = PgRestored::at(path.to_path_buf())?;
@@ -42,7 +44,11 @@ fn start_member(record: &MemberRecord, path: &Path) -> anyhow::Result<(Box<dyn A
             (Box::new(s), address)
         }
         "mysql" | "mariadb" => {
-            let s = MariaRestored::at(path.to_path_buf())?;
+            let s = MariaRestored::at(path.to_path_buf())?.with_log_bin(restored_path(
+                record,
+                to,
+                "log_bin_basename",
+            ));
             s.start()?;
             let address = format!("mysql://127.0.0.1:{}/", s.server.port);
             (Box::new(s), address)
@@ -88,26 +94,20 @@ pub fn run(args: RestoreArgs, global: &Global) -> anyhow::Result<()> {
     if !args.start {
         return Ok(());
     }
-    // restore_files returns the members in plan order; each member's data
-    // is its first volume.
-    let firsts: Vec<&Restored> = restored.iter().filter(|r| r.path.ends_with("0")).collect();
-    let mut stages: Vec<u32> = firsts.iter().map(|r| r.stage).collect();
+    // Members in plan order (restore_files restored them in it).
+    let members = crate::restore::order(&manifest);
+    let mut stages: Vec<u32> = members.iter().map(|m| m.restore_stage).collect();
     stages.dedup();
     let mut running: Vec<Box<dyn Any>> = Vec::new();
     for (i, stage) in stages.iter().enumerate() {
         let mut unhealthy = Vec::new();
-        for r in firsts.iter().filter(|r| r.stage == *stage) {
-            let record = manifest
-                .members
-                .iter()
-                .find(|m| m.name == r.member)
-                .expect("restored from this manifest");
-            match start_member(record, &r.path) {
+        for record in members.iter().filter(|m| m.restore_stage == *stage) {
+            match start_member(record, &args.to) {
                 Ok((server, address)) => {
                     println!(
                         "stage {stage} ({}): {} ({}) started and answering at {address}",
                         stage_class(*stage),
-                        r.member,
+                        record.name,
                         record.engine
                     );
                     running.push(server);
@@ -116,10 +116,10 @@ pub fn run(args: RestoreArgs, global: &Global) -> anyhow::Result<()> {
                     println!(
                         "stage {stage} ({}): {} ({}) failed its health check: {e:#}",
                         stage_class(*stage),
-                        r.member,
+                        record.name,
                         record.engine
                     );
-                    unhealthy.push(r.member.clone());
+                    unhealthy.push(record.name.clone());
                 }
             }
         }

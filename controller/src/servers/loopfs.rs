@@ -10,8 +10,8 @@ use crate::servers::{require, run};
 
 #[derive(Debug)]
 pub struct LoopMount {
-    /// Removed on drop, after the unmount.
-    _dir: tempfile::TempDir,
+    /// Removed on drop, after the unmount (none for [`LoopMount::image`]).
+    _dir: Option<tempfile::TempDir>,
     mount: PathBuf,
 }
 
@@ -48,7 +48,30 @@ impl LoopMount {
                 .arg(&mount),
             "mount -o loop",
         )?;
-        Ok(LoopMount { _dir: dir, mount })
+        Ok(LoopMount {
+            _dir: Some(dir),
+            mount,
+        })
+    }
+
+    /// Mounts an existing filesystem image at `mount` (created if missing);
+    /// unmounted on drop, the image kept. Needs root.
+    pub fn image(image: &Path, mount: &Path) -> Result<Self> {
+        if !crate::servers::is_root() {
+            bail!("loop-mounting a filesystem needs root");
+        }
+        std::fs::create_dir_all(mount)?;
+        run(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(image)
+                .arg(mount),
+            "mount -o loop",
+        )?;
+        Ok(LoopMount {
+            _dir: None,
+            mount: mount.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 
 use crate::servers::ServerProcess;
 use crate::servers::{
-    Scratch, ServiceUser, command_as, free_port, require, run, service_user, wait_for,
+    Scratch, ServiceUser, Setup, command_as, free_port, require, run, service_user, wait_for,
 };
 
 /// Password of the `repl` user the replica connects as.
@@ -24,6 +24,8 @@ pub struct MariaServer {
     pub socket: PathBuf,
     pub log: PathBuf,
     pub server_id: u32,
+    /// `--log-bin` (default `<data>/binlog`).
+    pub log_bin: Option<PathBuf>,
     process: ServerProcess,
 }
 
@@ -117,7 +119,11 @@ fn start_server(
         .arg(format!("--server-id={}", server.server_id))
         .arg(format!(
             "--log-bin={}",
-            server.data.join("binlog").display()
+            server
+                .log_bin
+                .clone()
+                .unwrap_or_else(|| server.data.join("binlog"))
+                .display()
         ))
         .args([
             "--binlog-format=ROW",
@@ -153,15 +159,20 @@ impl crate::servers::Pair<MariaServer> {
     /// Starts the pair under `base` (a btrfs mount makes each data
     /// directory a subvolume).
     pub fn start_in(base: Option<&Path>) -> Result<Self> {
+        Self::start_with(&Setup {
+            base,
+            ..Setup::default()
+        })
+    }
+
+    /// Starts the pair laid out and tuned as `setup` says.
+    pub fn start_with(setup: &Setup<'_>) -> Result<Self> {
         let install = require(
             &["mariadb-install-db", "mysql_install_db"],
             "mariadb-server",
         )?;
         let user = service_user("mysql")?;
-        let scratch = match base {
-            Some(base) => Scratch::new_in(base, "mariadb")?,
-            None => Scratch::new("mariadb")?,
-        };
+        let scratch = Scratch::with_setup(setup, "mariadb")?;
         let root = scratch.path().to_path_buf();
         let run_dir = scratch.owned_dir("run", user.as_ref())?;
         let logs = scratch.owned_dir("log", user.as_ref())?;
@@ -169,10 +180,11 @@ impl crate::servers::Pair<MariaServer> {
             Ok(MariaServer {
                 name,
                 port: free_port(),
-                data: scratch.owned_dir(name, user.as_ref())?,
+                data: scratch.data_dir(name, user.as_ref())?,
                 socket: run_dir.join(format!("{name}.sock")),
                 log: logs.join(format!("{name}.err")),
                 server_id,
+                log_bin: None,
                 process: ServerProcess::default(),
             })
         };
@@ -186,8 +198,13 @@ impl crate::servers::Pair<MariaServer> {
                 .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
             run(&mut cmd, "mariadb-install-db")?;
         }
+        let durability: &[&str] = if setup.relaxed {
+            &["--innodb-flush-log-at-trx-commit=2", "--sync-binlog=0"]
+        } else {
+            &[]
+        };
         for s in [&pair.primary, &pair.replica] {
-            start_server(s, user.as_ref(), &root, &[])?;
+            start_server(s, user.as_ref(), &root, durability)?;
             s.sql(
                 "SET sql_log_bin = 0; \
                  CREATE USER IF NOT EXISTS 'root'@'127.0.0.1'; \
@@ -250,6 +267,7 @@ impl MariaRestored {
             socket: run_dir.join("restored.sock"),
             log: logs.join("restored.err"),
             server_id: 99,
+            log_bin: None,
             process: ServerProcess::default(),
         };
         Ok(MariaRestored {
@@ -261,6 +279,13 @@ impl MariaRestored {
 
     pub fn data_dir(&self) -> &Path {
         &self.server.data
+    }
+
+    /// Starts with this binlog basename (where the backup had it, restored)
+    /// instead of `<data>/binlog`.
+    pub fn with_log_bin(mut self, basename: Option<PathBuf>) -> Self {
+        self.server.log_bin = basename;
+        self
     }
 
     /// Starts the server on the directory; InnoDB recovers as after a crash.

@@ -23,12 +23,36 @@ pub mod mariadb;
 pub mod postgres;
 pub mod redis;
 
+/// How a pair of servers is laid out and tuned.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Setup<'a> {
+    /// Where the pair's files go (on a btrfs mount, each data directory is
+    /// its own subvolume).
+    pub base: Option<&'a Path>,
+    /// Each data directory on its own loop-mounted ext4 filesystem, whose
+    /// image `<volume>.img` lies beside it: a block device, as cloud disks
+    /// are. A copy of the image sees what reached the device, not the page
+    /// cache (on btrfs, `cp --reflink=always` of the image is such a copy).
+    pub block: bool,
+    /// Acknowledge writes before they are durable, as many operators run:
+    /// PostgreSQL `synchronous_commit = off`; MariaDB
+    /// `innodb_flush_log_at_trx_commit = 2`, `sync_binlog = 0`; Redis
+    /// `appendfsync everysec` (its default).
+    pub relaxed: bool,
+}
+
+/// Size of each block-layout volume (sparse).
+const BLOCK_VOLUME_MB: u64 = 512;
+
 /// A temp dir for one cluster, readable by the service users, removed on drop.
 #[derive(Debug)]
 pub struct Scratch {
     dir: tempfile::TempDir,
     /// On btrfs, every owned dir is a subvolume (snapshottable on its own).
     subvolumes: bool,
+    /// Data directories on loop-mounted images ([`Setup::block`]).
+    block: bool,
+    mounts: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 impl Scratch {
@@ -44,11 +68,87 @@ impl Scratch {
             .context("creating a temp dir")?;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         let subvolumes = is_btrfs(base);
-        Ok(Scratch { dir, subvolumes })
+        Ok(Scratch {
+            dir,
+            subvolumes,
+            block: false,
+            mounts: Default::default(),
+        })
+    }
+
+    /// A scratch dir laid out as `setup` says.
+    pub fn with_setup(setup: &Setup<'_>, what: &str) -> Result<Self> {
+        let mut scratch = match setup.base {
+            Some(base) => Self::new_in(base, what)?,
+            None => Self::new(what)?,
+        };
+        if setup.block {
+            require(&["mkfs.ext4"], "e2fsprogs")?;
+            if !is_root() {
+                bail!("the block layout loop-mounts filesystems, which needs root");
+            }
+            scratch.block = true;
+        }
+        Ok(scratch)
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Creates a server's data directory `name`, owned by `user`: an owned
+    /// dir, or in the block layout `data` on a new loop-mounted filesystem
+    /// (`name.vol`, its image `name.vol.img`).
+    pub fn data_dir(&self, name: &str, user: Option<&ServiceUser>) -> Result<PathBuf> {
+        if !self.block {
+            return self.owned_dir(name, user);
+        }
+        let volume = self.dir.path().join(format!("{name}.vol"));
+        let image = self.dir.path().join(format!("{name}.vol.img"));
+        std::fs::File::create(&image)?.set_len(BLOCK_VOLUME_MB << 20)?;
+        run(
+            Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image),
+            "mkfs.ext4",
+        )?;
+        std::fs::create_dir(&volume)?;
+        run(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&image)
+                .arg(&volume),
+            "mount -o loop",
+        )?;
+        self.mounts.lock().unwrap().push(volume.clone());
+        std::fs::set_permissions(&volume, std::fs::Permissions::from_mode(0o755))?;
+        let data = volume.join("data");
+        std::fs::create_dir(&data)?;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700))?;
+        if let Some(user) = user {
+            std::os::unix::fs::chown(&data, Some(user.uid), Some(user.gid))?;
+        }
+        Ok(data)
+    }
+
+    /// The volume a data directory is on: its loop mount in the block
+    /// layout, the directory itself otherwise.
+    pub fn volume_of(&self, data: &Path) -> PathBuf {
+        match data.parent() {
+            Some(mount) if self.block && self.mounts.lock().unwrap().iter().any(|m| m == mount) => {
+                mount.to_path_buf()
+            }
+            _ => data.to_path_buf(),
+        }
+    }
+
+    /// Unmounts the block layout's filesystems (the servers must be
+    /// stopped). Idempotent.
+    pub fn release(&self) {
+        for mount in self.mounts.lock().unwrap().drain(..) {
+            let _ = Command::new("umount")
+                .arg(&mount)
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 
     /// Creates `name` inside, owned by `user` (when running as root).
@@ -71,6 +171,12 @@ impl Scratch {
                 .with_context(|| format!("chown {} to {}", path.display(), user.name))?;
         }
         Ok(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -151,10 +257,16 @@ impl<S: Server> Pair<S> {
             .collect()
     }
 
+    /// The volume a data directory of the pair is on (see [`Setup::block`]).
+    pub fn volume_of(&self, data: &Path) -> PathBuf {
+        self.scratch.volume_of(data)
+    }
+
     /// Stops both servers and removes their files. Idempotent.
     pub fn teardown(&self) {
         self.replica.stop();
         self.primary.stop();
+        self.scratch.release();
         remove_tree(self.dir());
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::servers::{
-    Scratch, ServiceUser, command_as, free_port, kill_and_wait, run, service_user, wait_for,
+    Scratch, ServiceUser, Setup, command_as, free_port, kill_and_wait, run, service_user, wait_for,
 };
 
 /// The replication slot the replica streams from.
@@ -184,12 +184,17 @@ impl crate::servers::Pair<PgServer> {
     /// Starts the pair under `base` (a btrfs mount makes each data
     /// directory a subvolume).
     pub fn start_in(base: Option<&Path>) -> Result<Self> {
+        Self::start_with(&Setup {
+            base,
+            ..Setup::default()
+        })
+    }
+
+    /// Starts the pair laid out and tuned as `setup` says.
+    pub fn start_with(setup: &Setup<'_>) -> Result<Self> {
         let bindir = bindir()?;
         let user = service_user("postgres")?;
-        let scratch = match base {
-            Some(base) => Scratch::new_in(base, "pg")?,
-            None => Scratch::new("pg")?,
-        };
+        let scratch = Scratch::with_setup(setup, "pg")?;
         let root = scratch.path().to_path_buf();
         let run_dir = scratch.owned_dir("run", user.as_ref())?;
         let logs = scratch.owned_dir("log", user.as_ref())?;
@@ -197,7 +202,7 @@ impl crate::servers::Pair<PgServer> {
             Ok(PgServer {
                 name,
                 port: free_port(),
-                data: scratch.owned_dir(name, user.as_ref())?,
+                data: scratch.data_dir(name, user.as_ref())?,
                 log: logs.join(format!("{name}.log")),
                 bindir: bindir.clone(),
                 user: user.clone(),
@@ -222,9 +227,10 @@ impl crate::servers::Pair<PgServer> {
         append(
             &primary.data.join("postgresql.conf"),
             &format!(
-                "{SETTINGS}port = {}\nunix_socket_directories = '{}'\n",
+                "{SETTINGS}port = {}\nunix_socket_directories = '{}'\nsynchronous_commit = {}\n",
                 primary.port,
-                run_dir.display()
+                run_dir.display(),
+                if setup.relaxed { "off" } else { "on" }
             ),
         )?;
         append(

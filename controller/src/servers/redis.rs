@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::servers::ServerProcess;
-use crate::servers::{Scratch, command_as, free_port, require, run, service_user, wait_for};
+use crate::servers::{Scratch, Setup, command_as, free_port, require, run, service_user, wait_for};
 
 /// One running server.
 #[derive(Debug)]
@@ -64,6 +64,17 @@ impl crate::servers::Server for RedisServer {
 /// A primary and its replica.
 pub type RedisPair = crate::servers::Pair<RedisServer>;
 
+/// How a Redis pair persists its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// Nothing on disk (`save ""`, no AOF).
+    None,
+    /// RDB snapshots only (Redis's default `save` points, no AOF).
+    Rdb,
+    /// The append-only file (`appendfsync everysec`, Redis's default).
+    Aof,
+}
+
 impl crate::servers::Pair<RedisServer> {
     /// Starts a primary and a replica and waits until the link is up.
     pub fn start() -> Result<Self> {
@@ -73,14 +84,31 @@ impl crate::servers::Pair<RedisServer> {
     /// Starts the pair under `base`; with `append_only`, every acknowledged
     /// write is in the append-only file (so a snapshot of the dir has it).
     pub fn start_in(base: Option<&Path>, append_only: bool) -> Result<Self> {
+        let persistence = match append_only {
+            true => Persistence::Aof,
+            false => Persistence::None,
+        };
+        Self::start_with(
+            &Setup {
+                base,
+                ..Setup::default()
+            },
+            persistence,
+        )
+    }
+
+    /// Starts the pair laid out as `setup` says, persisting as `persistence`.
+    pub fn start_with(setup: &Setup<'_>, persistence: Persistence) -> Result<Self> {
         let server_bin = require(&["redis-server"], "redis-server")?;
         let user = service_user("redis")?;
-        let scratch = match base {
-            Some(base) => Scratch::new_in(base, "redis")?,
-            None => Scratch::new("redis")?,
+        let scratch = Scratch::with_setup(setup, "redis")?;
+        let (save, append_only) = match persistence {
+            Persistence::None => ("", "no"),
+            Persistence::Rdb => ("3600 1 300 100 60 10000", "no"),
+            Persistence::Aof => ("", "yes"),
         };
         let server = |name: &'static str| -> Result<RedisServer> {
-            let dir = scratch.owned_dir(name, user.as_ref())?;
+            let dir = scratch.data_dir(name, user.as_ref())?;
             Ok(RedisServer {
                 name,
                 port: free_port(),
@@ -106,9 +134,11 @@ impl crate::servers::Pair<RedisServer> {
                     "--daemonize",
                     "no",
                     "--save",
-                    "",
+                    save,
                     "--appendonly",
-                    if append_only { "yes" } else { "no" },
+                    append_only,
+                    "--appendfsync",
+                    "everysec",
                     "--repl-diskless-sync-delay",
                     "0",
                 ])

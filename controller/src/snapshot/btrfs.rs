@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use super::{
-    SnapshotError, SnapshotHandle, Snapshotter, VolumeRef, backup_dir, cut_all, run, volume_name,
+    Made, SnapshotError, SnapshotHandle, Snapshotter, VolumeRef, backup_dir, cut_all, each_volume,
+    run, volume_name,
 };
 
 #[derive(Debug)]
@@ -32,27 +33,26 @@ impl Snapshotter for Btrfs {
     }
 
     async fn prepare(&self, volumes: &[VolumeRef]) -> Result<(), SnapshotError> {
-        cut_all("btrfs", volumes, |v| async move {
+        each_volume("btrfs", volumes, |v| async move {
             run(
                 "btrfs",
                 Command::new("btrfs")
                     .args(["filesystem", "sync"])
                     .arg(&v.path),
             )
-            .await?;
-            Ok(SnapshotHandle::new(v, String::new(), "btrfs"))
+            .await
         })
         .await
-        .map(drop)
     }
 
     async fn cut(
         &self,
         backup_id: &str,
         volumes: &[VolumeRef],
-    ) -> Result<Vec<SnapshotHandle>, SnapshotError> {
+        made: &Made,
+    ) -> Result<(), SnapshotError> {
         let dest = backup_dir("btrfs", &self.dir, backup_id).await?;
-        cut_all("btrfs", volumes, |v| {
+        cut_all("btrfs", volumes, made, |v| {
             let target = dest.join(volume_name(&v));
             async move {
                 run(
@@ -64,6 +64,7 @@ impl Snapshotter for Btrfs {
                 )
                 .await?;
                 Ok(SnapshotHandle::new(
+                    backup_id,
                     v,
                     target.display().to_string(),
                     "btrfs",
@@ -85,6 +86,7 @@ impl Snapshotter for Btrfs {
         let handles: Vec<SnapshotHandle> = entries
             .flatten()
             .map(|e| SnapshotHandle {
+                backup: backup_id.to_string(),
                 member: String::new(),
                 volume: PathBuf::new(),
                 handle: e.path().display().to_string(),
@@ -120,11 +122,7 @@ impl Snapshotter for Btrfs {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(SnapshotError {
-                driver: "btrfs",
-                message: errors.join("; "),
-                made: vec![],
-            })
+            Err(SnapshotError::new("btrfs", errors.join("; ")))
         }
     }
 }

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 
 use super::{
-    SnapshotError, SnapshotHandle, Snapshotter, VolumeRef, backup_dir, cut_all, volume_name,
+    Made, SnapshotError, SnapshotHandle, Snapshotter, VolumeRef, backup_dir, cut_all, volume_name,
 };
 
 #[derive(Debug)]
@@ -23,11 +23,7 @@ impl Copy {
 }
 
 fn error(message: String) -> SnapshotError {
-    SnapshotError {
-        driver: "copy",
-        message,
-        made: vec![],
-    }
+    SnapshotError::new("copy", message)
 }
 
 /// Copies a live directory tree: owners and modes kept, file data copied
@@ -120,13 +116,19 @@ impl Snapshotter for Copy {
         &self,
         backup_id: &str,
         volumes: &[VolumeRef],
-    ) -> Result<Vec<SnapshotHandle>, SnapshotError> {
+        made: &Made,
+    ) -> Result<(), SnapshotError> {
         let dest = backup_dir("copy", &self.dir, backup_id).await?;
-        cut_all("copy", volumes, |v| {
+        cut_all("copy", volumes, made, |v| {
             let target = dest.join(volume_name(&v));
             async move {
                 copy_live(v.path.clone(), target.clone()).await?;
-                Ok(SnapshotHandle::new(v, target.display().to_string(), "copy"))
+                Ok(SnapshotHandle::new(
+                    backup_id,
+                    v,
+                    target.display().to_string(),
+                    "copy",
+                ))
             }
         })
         .await

@@ -1,8 +1,11 @@
 //! Snapshotters: one trait, a driver per kind of storage. Each reports the
 //! cut (the point is fixed) and readiness separately and can delete what it
-//! made.
+//! made. Every snapshot is handed to a [`Made`] recorder the moment it
+//! exists, so a cut that is cut short (the freeze budget ran out) still
+//! leaves a record of what to delete.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -40,6 +43,9 @@ pub fn volumes_of<'a>(
 /// What a snapshotter made for one volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotHandle {
+    /// The backup it belongs to.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backup: String,
     pub member: String,
     pub volume: PathBuf,
     /// Where (or what) the snapshot is: a path for btrfs and copy, the
@@ -52,9 +58,10 @@ pub struct SnapshotHandle {
 }
 
 impl SnapshotHandle {
-    /// The handle of `volume`'s snapshot, made by `driver`.
-    pub fn new(volume: VolumeRef, handle: String, driver: &str) -> Self {
+    /// The handle of `volume`'s snapshot for `backup`, made by `driver`.
+    pub fn new(backup: &str, volume: VolumeRef, handle: String, driver: &str) -> Self {
         SnapshotHandle {
+            backup: backup.to_string(),
             member: volume.member,
             volume: volume.path,
             handle,
@@ -64,14 +71,52 @@ impl SnapshotHandle {
     }
 }
 
-/// A failed snapshot step, with whatever was made before it failed (so an
-/// abort can delete it).
+/// A failed snapshot step. What was made before it failed is already in
+/// the cut's [`Made`].
 #[derive(Debug, thiserror::Error)]
 #[error("{driver} snapshotter: {message}")]
 pub struct SnapshotError {
     pub driver: &'static str,
     pub message: String,
-    pub made: Vec<SnapshotHandle>,
+}
+
+impl SnapshotError {
+    pub fn new(driver: &'static str, message: impl Into<String>) -> Self {
+        SnapshotError {
+            driver,
+            message: message.into(),
+        }
+    }
+}
+
+/// The snapshots of one backup, recorded the moment each exists.
+#[derive(Debug, Clone, Default)]
+pub struct Made {
+    handles: Arc<Mutex<Vec<SnapshotHandle>>>,
+    changed: Arc<tokio::sync::Notify>,
+}
+
+impl Made {
+    pub fn record(&self, handle: SnapshotHandle) {
+        self.handles.lock().unwrap().push(handle);
+        self.changed.notify_one();
+    }
+
+    /// Every snapshot recorded so far.
+    pub fn handles(&self) -> Vec<SnapshotHandle> {
+        self.handles.lock().unwrap().clone()
+    }
+
+    /// Replaces the list (after `ready` filled in checksums; after a delete).
+    pub fn set(&self, handles: Vec<SnapshotHandle>) {
+        *self.handles.lock().unwrap() = handles;
+        self.changed.notify_one();
+    }
+
+    /// Resolves after the next change.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
 }
 
 #[async_trait]
@@ -89,13 +134,15 @@ pub trait Snapshotter: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// Cuts every volume (in parallel where it can). Returns when the cut
-    /// point is fixed.
+    /// Cuts every volume (in parallel where it can), recording each
+    /// snapshot in `made` as soon as it exists. Returns when the cut point
+    /// is fixed.
     async fn cut(
         &self,
         backup_id: &str,
         volumes: &[VolumeRef],
-    ) -> Result<Vec<SnapshotHandle>, SnapshotError>;
+        made: &Made,
+    ) -> Result<(), SnapshotError>;
 
     /// Refreshes one relative path of a cut from the live volume (PostgreSQL
     /// backup mode: the WAL written up to the backup stop). Only copies do.
@@ -145,8 +192,8 @@ impl Snapshotter for NoCut {
         true
     }
 
-    async fn cut(&self, _: &str, _: &[VolumeRef]) -> Result<Vec<SnapshotHandle>, SnapshotError> {
-        Ok(Vec::new())
+    async fn cut(&self, _: &str, _: &[VolumeRef], _: &Made) -> Result<(), SnapshotError> {
+        Ok(())
     }
 
     async fn ready(&self, _: &mut [SnapshotHandle]) -> Result<(), SnapshotError> {
@@ -182,67 +229,121 @@ pub(crate) async fn backup_dir(
     backup_id: &str,
 ) -> Result<PathBuf, SnapshotError> {
     let dest = dir.join(backup_id);
-    tokio::fs::create_dir_all(&dest)
-        .await
-        .map_err(|e| SnapshotError {
-            driver,
-            message: format!("cannot create {}: {e}", dest.display()),
-            made: vec![],
-        })?;
+    tokio::fs::create_dir_all(&dest).await.map_err(|e| {
+        SnapshotError::new(driver, format!("cannot create {}: {e}", dest.display()))
+    })?;
     Ok(dest)
 }
 
-/// Runs a command; a failure carries its stderr.
-pub(crate) async fn run(
+/// A command's process group, killed (SIGKILL) when this drops: a command
+/// that is cut short (its future dropped by a budget) or that left
+/// background children behind ends entirely.
+struct ProcessGroup(Option<u32>);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        let group = self
+            .0
+            .and_then(|id| rustix::process::Pid::from_raw(id as i32));
+        if let Some(group) = group {
+            // ESRCH: the group is already gone.
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+/// Runs a command in its own process group, at most `bound`; a failure
+/// carries its stderr. Whatever of the group is left when it ends (or is
+/// cancelled) is killed.
+pub(crate) async fn run_bounded(
     driver: &'static str,
     cmd: &mut tokio::process::Command,
+    bound: Option<std::time::Duration>,
 ) -> Result<(), String> {
-    // An aborted backup drops this future: the command must not outlive it.
-    let out = cmd
+    let program = format!("{:?}", cmd.as_std().get_program());
+    let child = cmd
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| format!("cannot run {:?}: {e}", cmd.as_std().get_program()))?;
+        .spawn()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    let _group = ProcessGroup(child.id());
+    let waiting = child.wait_with_output();
+    let out = match bound {
+        Some(bound) => tokio::time::timeout(bound, waiting).await.map_err(|_| {
+            format!(
+                "{driver}: {program} did not finish within {} s",
+                bound.as_secs()
+            )
+        })?,
+        None => waiting.await,
+    }
+    .map_err(|e| format!("cannot run {program}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "{driver}: {:?} failed ({}): {}",
-            cmd.as_std().get_program(),
+            "{driver}: {program} failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
 }
 
-/// Runs one job per volume in parallel; on failure returns the handles that
-/// were made.
+/// Runs a command (see [`run_bounded`]); the caller bounds it.
+pub(crate) async fn run(
+    driver: &'static str,
+    cmd: &mut tokio::process::Command,
+) -> Result<(), String> {
+    run_bounded(driver, cmd, None).await
+}
+
+/// Runs one job per volume in parallel; each result is handed to `made`
+/// as soon as it exists.
 pub(crate) async fn cut_all<F, Fut>(
     driver: &'static str,
     volumes: &[VolumeRef],
+    made: &Made,
     job: F,
-) -> Result<Vec<SnapshotHandle>, SnapshotError>
+) -> Result<(), SnapshotError>
 where
     F: Fn(VolumeRef) -> Fut,
     Fut: std::future::Future<Output = Result<SnapshotHandle, String>>,
 {
-    let results = futures_util::future::join_all(volumes.iter().cloned().map(job)).await;
-    let mut made = Vec::new();
-    let mut errors = Vec::new();
-    for result in results {
-        match result {
-            Ok(handle) => made.push(handle),
-            Err(e) => errors.push(e),
+    let results = futures_util::future::join_all(volumes.iter().cloned().map(|v| {
+        let job = job(v);
+        async move {
+            let handle = job.await?;
+            made.record(handle);
+            Ok::<(), String>(())
         }
-    }
+    }))
+    .await;
+    let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
     if errors.is_empty() {
-        Ok(made)
+        Ok(())
     } else {
-        Err(SnapshotError {
-            driver,
-            message: errors.join("; "),
-            made,
-        })
+        Err(SnapshotError::new(driver, errors.join("; ")))
+    }
+}
+
+/// Runs one job per volume in parallel (not a cut: nothing is recorded).
+pub(crate) async fn each_volume<F, Fut>(
+    driver: &'static str,
+    volumes: &[VolumeRef],
+    job: F,
+) -> Result<(), SnapshotError>
+where
+    F: Fn(VolumeRef) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let results = futures_util::future::join_all(volumes.iter().cloned().map(job)).await;
+    let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(SnapshotError::new(driver, errors.join("; ")))
     }
 }
