@@ -225,6 +225,7 @@ impl Cluster {
                 base: Some(base),
                 block: options.block,
                 relaxed: options.relaxed,
+                logs_apart: false,
             }
         }
         let (b1, b2, b3) = (base.clone(), base.clone(), base.clone());

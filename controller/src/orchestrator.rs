@@ -278,7 +278,8 @@ impl Recorder {
     }
 }
 
-/// Puts every snapshot made into its member's record.
+/// Puts every snapshot made into its member's record, in the order of
+/// the member's volumes (snapshots are made in parallel, in any order).
 fn with_snapshots(manifest: &mut Manifest, made: &Made) {
     let handles = made.handles();
     for m in &mut manifest.members {
@@ -287,6 +288,7 @@ fn with_snapshots(manifest: &mut Manifest, made: &Made) {
             .filter(|h| h.member == m.name)
             .cloned()
             .collect();
+        m.snapshots.sort_by_key(|h| h.index);
     }
 }
 

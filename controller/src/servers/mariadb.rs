@@ -177,6 +177,14 @@ impl crate::servers::Pair<MariaServer> {
         let run_dir = scratch.owned_dir("run", user.as_ref())?;
         let logs = scratch.owned_dir("log", user.as_ref())?;
         let server = |name: &'static str, server_id: u32| -> Result<MariaServer> {
+            let log_bin = match setup.logs_apart {
+                true => Some(
+                    scratch
+                        .owned_dir(&format!("{name}-binlog"), user.as_ref())?
+                        .join("binlog"),
+                ),
+                false => None,
+            };
             Ok(MariaServer {
                 name,
                 port: free_port(),
@@ -184,7 +192,7 @@ impl crate::servers::Pair<MariaServer> {
                 socket: run_dir.join(format!("{name}.sock")),
                 log: logs.join(format!("{name}.err")),
                 server_id,
-                log_bin: None,
+                log_bin,
                 process: ServerProcess::default(),
             })
         };

@@ -39,6 +39,11 @@ pub struct Setup<'a> {
     /// `innodb_flush_log_at_trx_commit = 2`, `sync_binlog = 0`; Redis
     /// `appendfsync everysec` (its default).
     pub relaxed: bool,
+    /// Each server keeps its logs in a directory of its own beside its
+    /// data directory, as operators do with a separate disk: PostgreSQL's
+    /// WAL (`pg_wal` is then a link to `<name>-wal`), MariaDB's binlog
+    /// (`<name>-binlog/binlog`).
+    pub logs_apart: bool,
 }
 
 /// Size of each block-layout volume (sparse).

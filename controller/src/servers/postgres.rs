@@ -211,8 +211,20 @@ impl crate::servers::Pair<PgServer> {
         };
         let primary = server("primary")?;
         let replica = server("replica")?;
+        let wal_dir = |name: &str| -> Result<Option<PathBuf>> {
+            match setup.logs_apart {
+                true => Ok(Some(
+                    scratch.owned_dir(&format!("{name}-wal"), user.as_ref())?,
+                )),
+                false => Ok(None),
+            }
+        };
+        let (primary_wal, replica_wal) = (wal_dir("primary")?, wal_dir("replica")?);
 
         let mut initdb = command_as(&bindir.join("initdb"), user.as_ref(), &root);
+        if let Some(wal) = &primary_wal {
+            initdb.arg(format!("--waldir={}", wal.display()));
+        }
         initdb.arg("-D").arg(&primary.data).args([
             "-U",
             "postgres",
@@ -241,6 +253,9 @@ impl crate::servers::Pair<PgServer> {
         pair.primary.start()?;
 
         let mut basebackup = command_as(&bindir.join("pg_basebackup"), user.as_ref(), &root);
+        if let Some(wal) = &replica_wal {
+            basebackup.arg(format!("--waldir={}", wal.display()));
+        }
         basebackup
             .args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
             .arg(pair.primary.port.to_string())

@@ -88,6 +88,7 @@ impl Snapshotter for Btrfs {
             .map(|e| SnapshotHandle {
                 backup: backup_id.to_string(),
                 member: String::new(),
+                index: 0,
                 volume: PathBuf::new(),
                 handle: e.path().display().to_string(),
                 driver: "btrfs".into(),

@@ -47,6 +47,9 @@ pub struct SnapshotHandle {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub backup: String,
     pub member: String,
+    /// Which of the member's volumes (their order in its configuration).
+    #[serde(default)]
+    pub index: usize,
     pub volume: PathBuf,
     /// Where (or what) the snapshot is: a path for btrfs and copy, the
     /// `{snapshot}` name for exec.
@@ -63,6 +66,7 @@ impl SnapshotHandle {
         SnapshotHandle {
             backup: backup.to_string(),
             member: volume.member,
+            index: volume.index,
             volume: volume.path,
             handle,
             driver: driver.into(),

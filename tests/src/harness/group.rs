@@ -53,12 +53,18 @@ impl Setup {
 
     /// Writes a local-mode config with one group and loads it.
     pub fn config(&self, group: &str, body: &str) -> Config {
+        self.config_in(group, &self.snapshots(), body)
+    }
+
+    /// As [`Setup::config`], with the group's snapshots in `snapshot_dir`
+    /// (btrfs snapshots must be on the volumes' filesystem).
+    pub fn config_in(&self, group: &str, snapshot_dir: &Path, body: &str) -> Config {
         self.pki.issue("controller", CONTROLLER_IDENTITY).unwrap();
         let text = format!(
             "catalog = \"{catalog}\"\n[tls]\ndir = \"{tls}\"\n[groups.{group}]\nsnapshot_dir = \"{snaps}\"\n{body}",
             catalog = self.dir.path().join("catalog").display(),
             tls = self.pki.path().join("controller").display(),
-            snaps = self.dir.path().join("snapshots").display(),
+            snaps = snapshot_dir.display(),
         );
         let path = self.dir.path().join("stillpoint.toml");
         std::fs::write(&path, &text).unwrap();
