@@ -57,6 +57,17 @@ impl Holder {
     pub fn spawn(mut held: HeldFreeze, ttl: Duration) -> Holder {
         let frozen = held.frozen.clone();
         let (fail_tx, failed) = watch::channel(None);
+        // The first reason is the cause; what follows it (the thaw, the
+        // stream's end) is its consequence.
+        let fail = move |reason: String| {
+            fail_tx.send_if_modified(|current| {
+                let first = current.is_none();
+                if first {
+                    *current = Some(reason);
+                }
+                first
+            });
+        };
         let (requests, mut inbox) = mpsc::channel::<Request>(2);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(ttl / 3);
@@ -66,7 +77,7 @@ impl Holder {
                 tokio::select! {
                     _ = ticker.tick() => {
                         if let Err(e) = held.renew().await {
-                            let _ = fail_tx.send(Some(format!("renewal failed: {}", e.message())));
+                            fail(format!("renewal failed: {}", e.message()));
                         }
                     }
                     event = held.next_event() => match event {
@@ -75,16 +86,14 @@ impl Holder {
                                 let _ = reply.send(Ok(f));
                             }
                         }
-                        Ok(Some(pb::FreezeEvent { event: Some(Event::Failed(f)) })) => {
-                            let _ = fail_tx.send(Some(f.reason));
-                        }
+                        Ok(Some(pb::FreezeEvent { event: Some(Event::Failed(f)) })) => fail(f.reason),
                         Ok(Some(pb::FreezeEvent { event: Some(Event::Thawed(t)) })) => {
                             let cause = t.result.map(|r| crate::agents::thaw_cause(r.cause)).unwrap_or("?");
-                            let _ = fail_tx.send(Some(format!("the agent thawed on its own ({cause})")));
+                            fail(format!("the agent thawed on its own ({cause})"));
                         }
                         Ok(Some(_)) => {}
                         Ok(None) | Err(_) => {
-                            let _ = fail_tx.send(Some("the freeze stream ended".into()));
+                            fail("the freeze stream ended".into());
                             return;
                         }
                     },

@@ -875,34 +875,44 @@ impl<'g> Run<'_, 'g> {
 
     async fn cut(&mut self) -> Result<(), String> {
         let bound = self.budget_left("the cut")?;
-        // A non-atomic cut of a primary whose writes flow (PostgreSQL backup
-        // mode) comes after its replicas, so no replica is ever ahead of it.
-        let batches = if self.snapshotter.atomic() {
+        // Unless every volume is cut at one instant, a primary whose writes
+        // flow (PostgreSQL backup mode) is cut after its replicas, so no
+        // replica is ever ahead of it: separate snapshots of each volume,
+        // even atomic ones, are taken at slightly different instants.
+        let first = |m: &Member<'_>| m.blocks_writes() || m.config.role == RoleHint::Replica;
+        let batches: Vec<Vec<VolumeRef>> = if self.snapshotter.one_instant() {
             vec![self.volumes(&|_| true)]
         } else {
-            vec![
-                self.volumes(&|m| m.blocks_writes() || m.config.role == RoleHint::Replica),
-                self.volumes(&|m| !m.blocks_writes() && m.config.role != RoleHint::Replica),
-            ]
+            vec![self.volumes(&first), self.volumes(&|m| !first(m))]
         };
         let over = self.over_budget("the cut");
         let started = self.clock.now_us();
+        let (clock, snapshotter, made, id) = (&self.clock, &self.snapshotter, &self.made, self.id);
+        let mut marks = Vec::new();
         let cutting = async {
             for batch in batches.iter().filter(|b| !b.is_empty()) {
-                if let Err(e) = self.snapshotter.cut(self.id, batch, &self.made).await {
+                if let Err(e) = snapshotter.cut(id, batch, made).await {
                     metrics().snapshot_failure(&self.group.name, e.driver, "cut");
                     return Err(e.to_string());
                 }
+                let at = clock.now_us();
+                marks.extend(batch.iter().map(|v| (v.member.clone(), at)));
             }
             Ok(())
         };
-        tokio::time::timeout(bound, cutting)
-            .await
-            .map_err(|_| over)??;
-        self.cut_us = Some(self.clock.now_us().saturating_sub(started));
+        let result = tokio::time::timeout(bound, cutting).await;
+        // Each member's cut is when its batch was done.
+        for (member, at) in marks {
+            self.timeline.mark(&member, "cut", at);
+        }
+        result.map_err(|_| over)??;
+        let end = self.clock.now_us();
+        self.cut_us = Some(end.saturating_sub(started));
+        // Members without volumes: the cut point is fixed now.
         let names: Vec<String> = self.members.iter().map(|m| m.config.name.clone()).collect();
-        for name in &names {
-            self.mark(name, "cut");
+        for name in names {
+            let phases = self.timeline.members.entry(name).or_default();
+            phases.entry("cut".into()).or_insert(end);
         }
         Ok(())
     }

@@ -211,6 +211,193 @@ async fn a_failing_snapshotter_aborts_and_deletes_what_was_made() {
     assert!(s.agents.iter().all(|a| !is_frozen(a)));
 }
 
+/// A member whose lease ran out during a slow cut (its agent stalled, so
+/// no renewal reached it) was not held for the whole cut: the backup fails
+/// and says why, even though the agent's thaw itself reports no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_expired_during_the_cut_fails_the_backup() {
+    let mut s = Setup::new();
+    let volume = s.dir.path().join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    let a = s.agent("n-0", "noop", &[]);
+    let pid = s.agents[0].pid();
+    let config = s.config(
+        "g",
+        &format!(
+            "snapshotter = \"exec\"\nlease_ttl = \"1s\"\nfreeze_budget = \"20s\"\n[groups.g.exec]\n\
+             snapshot = \"kill -STOP {pid}; sleep 2; kill -CONT {pid}; sleep 1\"\ndelete = \"true\"\n{}",
+            member("n-0", &a, "primary", None, &[&volume])
+        ),
+    );
+    let err = s
+        .orchestrator(&config)
+        .backup(config.group("g").unwrap(), "g-stalled")
+        .await
+        .unwrap_err();
+    assert!(err.cause.contains("lease expired"), "{}", err.cause);
+    assert_eq!(err.manifest.outcome, Outcome::Failed);
+    assert!(!is_frozen(&s.agents[0]));
+}
+
+/// PostgreSQL in backup mode keeps writing while frozen: its replica is cut
+/// first, so the replica in the backup is never ahead of its primary, even
+/// with a snapshotter that is atomic per volume (each volume is still cut at
+/// its own instant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writing_primary_is_cut_after_its_replica() {
+    let pg = shared::postgres();
+    let mut s = Setup::new();
+    let order = s.dir.path().join("order");
+    let pg0 = s.agent(
+        "pg-0",
+        "postgres",
+        &[("STILLPOINT_DSN", pg.primary.conninfo("postgres"))],
+    );
+    let pg1 = s.agent(
+        "pg-1",
+        "postgres",
+        &[("STILLPOINT_DSN", pg.replica.conninfo("postgres"))],
+    );
+    let config = s.config(
+        "g",
+        &format!(
+            "snapshotter = \"exec\"\n[groups.g.exec]\nsnapshot = \"echo {{member}} >> {o}\"\ndelete = \"true\"\n{}{}",
+            member("pg-0", &pg0, "primary", None, &[&pg.primary.data]),
+            member("pg-1", &pg1, "replica", Some("pg-0"), &[&pg.replica.data]),
+            o = order.display()
+        ),
+    );
+    let manifest = s
+        .orchestrator(&config)
+        .backup(config.group("g").unwrap(), "g-order")
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&order).unwrap(), "pg-1\npg-0\n");
+    let cut = |m: &str| manifest.timeline.members[m]["cut"];
+    assert!(cut("pg-1") < cut("pg-0"), "{:?}", manifest.timeline);
+}
+
+/// The freeze budget runs out during the cut: the snapshot already made is
+/// in the manifest while the cut goes on, and the abort deletes it (with
+/// the whole backup id in `{backup}`); the command still cutting is ended
+/// with its whole process group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_cut_before_an_abort_are_recorded_at_once_and_deleted() {
+    let mut s = Setup::new();
+    let dir = s.dir.path().join("lvm");
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.display();
+    let extra = format!(
+        "snapshotter = \"exec\"\nfreeze_budget = \"3s\"\n[groups.g.exec]\n\
+         snapshot = \"case {{member}} in slow) sleep 60 & echo $! > {d}/sleep.pid; wait;; \
+         *) touch {d}/{{snapshot}};; esac\"\n\
+         delete = \"rm {d}/{{snapshot}} && echo {{backup}} >> {d}/deleted\"\n"
+    );
+    let volume = s.dir.path().join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    let fast = s.agent("fast", "noop", &[]);
+    let slow = s.agent("slow", "noop", &[]);
+    let config = s.config(
+        "g",
+        &format!(
+            "{extra}{}{}",
+            member("fast", &fast, "primary", None, &[&volume]),
+            member("slow", &slow, "primary", None, &[&volume])
+        ),
+    );
+    let id = "g-orphan-20261124-101500-001";
+    let orchestrator = s.orchestrator(&config);
+    let group = config.group("g").unwrap().clone();
+    let backup = tokio::spawn(async move { orchestrator.backup(&group, id).await });
+    // While the slow volume is still being cut, the manifest already lists
+    // the fast one's snapshot.
+    let made = dir.join(format!("{id}-fast-0"));
+    let catalog =
+        stillpoint_controller::catalog::Catalog::open(&s.dir.path().join("catalog")).unwrap();
+    stillpoint_tests::harness::wait_for(
+        "the fast snapshot in the manifest",
+        Duration::from_secs(2),
+        || {
+            let listed = catalog.get(id).ok().is_some_and(|m| {
+                m.members.iter().any(|r| {
+                    r.name == "fast" && r.snapshots.iter().any(|h| h.handle.ends_with("fast-0"))
+                })
+            });
+            Ok(made.exists() && listed)
+        },
+    )
+    .unwrap();
+    let err = backup.await.unwrap().unwrap_err();
+    assert!(err.cause.contains("freeze budget"), "{}", err.cause);
+    assert!(
+        !made.exists(),
+        "the snapshot made before the abort was deleted"
+    );
+    let deleted = std::fs::read_to_string(dir.join("deleted")).unwrap();
+    assert_eq!(deleted.trim(), id, "{{backup}} is the whole backup id");
+    let sleeper: u32 = std::fs::read_to_string(dir.join("sleep.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    stillpoint_tests::harness::wait_for(
+        "the cut's process group ended",
+        Duration::from_secs(2),
+        || Ok(!stillpoint_tests::harness::pid_alive(sleeper)),
+    )
+    .unwrap();
+    assert!(s.agents.iter().all(|a| !is_frozen(a)));
+}
+
+/// The catalog cannot record a successful backup: it is failed (in the
+/// metrics too) and its snapshots are deleted, never left without a manifest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_that_cannot_be_written_fails_the_backup_and_deletes_its_snapshots() {
+    let mut s = Setup::new();
+    let dir = s.dir.path().join("lvm");
+    std::fs::create_dir_all(&dir).unwrap();
+    let catalog = s.dir.path().join("catalog");
+    let id = "g-nomanifest";
+    // The cut puts a directory where the manifest goes, so its last write fails.
+    let extra = format!(
+        "snapshotter = \"exec\"\n[groups.g.exec]\n\
+         snapshot = \"touch {d}/{{snapshot}}; rm -f {c}/{{backup}}.json; mkdir -p {c}/{{backup}}.json\"\n\
+         delete = \"rm {d}/{{snapshot}}\"\n",
+        d = dir.display(),
+        c = catalog.display()
+    );
+    let volume = s.dir.path().join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    let a = s.agent("n-0", "noop", &[]);
+    s.config(
+        "g",
+        &format!("{extra}{}", member("n-0", &a, "primary", None, &[&volume])),
+    );
+    let metrics = s.dir.path().join("backup.prom");
+    let out = s.stillpoint(&[
+        "--metrics-file",
+        metrics.to_str().unwrap(),
+        "backup",
+        "create",
+        "g",
+        "--id",
+        id,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("manifest could not be written"), "{stderr}");
+    assert!(
+        !dir.join(format!("{id}-n-0-0")).exists(),
+        "its snapshot was deleted"
+    );
+    let exposition = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        exposition.contains("stillpoint_backups_total{group=\"g\",result=\"failed\"} 1"),
+        "{exposition}"
+    );
+    assert!(!exposition.contains("result=\"succeeded\""), "{exposition}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_primary_is_not_in_the_group_is_refused_by_the_config() {
     let s = Setup::new();

@@ -200,6 +200,34 @@ async fn the_same_backup_id_is_idempotent() {
 }
 
 #[tokio::test]
+async fn a_superseded_stream_cannot_thaw_the_new_owners_hold() {
+    let mut s = setup("superseded").await;
+    let ttl = Duration::from_secs(30);
+    let first = HeldFreeze::start(&mut s.client, "b-super", ttl)
+        .await
+        .unwrap();
+    let mut other = s.other_client().await;
+    let mut second = HeldFreeze::start(&mut other, "b-super", ttl).await.unwrap();
+    assert!(second.frozen.resumed);
+    // The old owner asks for a thaw (and for a flush) on its stream.
+    let _ = first.request_flush().await;
+    let _ = first.request_thaw(true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        s.frozen(),
+        "the superseded stream thawed the new owner's hold"
+    );
+    // The new owner still holds it: it renews, flushes and thaws.
+    second.renew().await.unwrap();
+    let flushed = second.flush().await.unwrap();
+    assert!(flushed.error.is_empty(), "{}", flushed.error);
+    second.request_thaw(true).await.unwrap();
+    let result = second.thawed().await.unwrap().unwrap();
+    assert_eq!(result.cause, pb::ThawCause::Requested as i32);
+    assert!(!s.frozen());
+}
+
+#[tokio::test]
 async fn thaw_is_idempotent_and_an_unknown_id_is_a_noop() {
     let mut s = setup("thaw").await;
     let unknown = s

@@ -131,6 +131,12 @@ pub trait Snapshotter: Send + Sync + std::fmt::Debug {
     /// (btrfs, LVM/ZFS). A copy is not.
     fn atomic(&self) -> bool;
 
+    /// Whether every volume of a cut is snapshotted at one instant (a
+    /// group snapshot); per-volume snapshots taken in parallel are not.
+    fn one_instant(&self) -> bool {
+        false
+    }
+
     /// Runs before the freeze, while writes still flow: whatever makes
     /// the cut itself shorter (btrfs commits the filesystem's dirty data,
     /// so the snapshot has little left to write while members are frozen).
