@@ -106,6 +106,7 @@ enum Command {
     },
     Flush {
         generation: u64,
+        sync_volumes: bool,
     },
     Thaw {
         cause: pb::ThawCause,
@@ -373,9 +374,12 @@ impl Holds {
 
     /// Asks the hold's stream `generation` to flush; the `flushed` event
     /// (or the hold's failure) follows on that stream.
-    pub fn flush(&self, backup_id: &str, generation: u64) {
+    pub fn flush(&self, backup_id: &str, generation: u64, sync_volumes: bool) {
         if let Some(commands) = self.commands_for(backup_id) {
-            let _ = commands.send(Command::Flush { generation });
+            let _ = commands.send(Command::Flush {
+                generation,
+                sync_volumes,
+            });
         }
     }
 
@@ -574,8 +578,8 @@ impl Supervisor {
                         break (pb::ThawCause::StreamClosed, Ending::Abandoned, None);
                     }
                     Some(Command::Detach { .. }) => {}
-                    Some(Command::Flush { generation: g }) if g == generation => {
-                        match self.flush(frozen.as_mut(), deadline).await {
+                    Some(Command::Flush { generation: g, sync_volumes }) if g == generation => {
+                        match self.flush(frozen.as_mut(), deadline, sync_volumes).await {
                             Ok(flushed) => Self::send(&events, Event::Flushed(flushed)),
                             Err(err) => {
                                 Self::send(&events, Event::Flushed(pb::Flushed {
@@ -642,12 +646,14 @@ impl Supervisor {
         drop(inbox);
     }
 
-    /// The engine's flush, then `syncfs(2)` on the volumes; bounded by the
-    /// flush timeout and by the lease (a hold never outlives its lease).
+    /// The engine's flush, then (`sync_volumes`) `syncfs(2)` on the
+    /// volumes; bounded by the flush timeout and by the lease (a hold never
+    /// outlives its lease).
     async fn flush(
         &self,
         frozen: &mut dyn Frozen,
         deadline: Instant,
+        sync_volumes: bool,
     ) -> Result<pb::Flushed, EngineError> {
         let holds = &self.holds;
         let started = Instant::now();
@@ -666,6 +672,21 @@ impl Supervisor {
             .await
             .map_err(|_| timed_out())??;
         let engine_us = started.elapsed().as_micros() as u64;
+        if !sync_volumes {
+            let detail = match detail.is_empty() {
+                true => {
+                    "nothing to flush; volumes not synced (the snapshot sees the page cache)".into()
+                }
+                false => format!("{detail}; volumes not synced (the snapshot sees the page cache)"),
+            };
+            tracing::info!(backup_id = %self.backup_id, engine_us, "{detail}");
+            return Ok(pb::Flushed {
+                engine_us,
+                sync_us: 0,
+                detail,
+                error: String::new(),
+            });
+        }
         if holds.volumes.list().is_empty() && !holds.volumes.configured() {
             // No Describe yet: learn where the server keeps its files.
             holds.volumes.learn(&holds.engine.describe().await?.paths);

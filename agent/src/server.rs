@@ -233,8 +233,8 @@ impl Agent for AgentService {
                         }
                     }
                     Ok(Some(pb::FreezeRequest {
-                        msg: Some(Msg::Flush(_)),
-                    })) => holds.flush(&backup_id, attached.generation),
+                        msg: Some(Msg::Flush(flush)),
+                    })) => holds.flush(&backup_id, attached.generation, flush.sync_volumes),
                     Ok(Some(pb::FreezeRequest {
                         msg: Some(Msg::Thaw(thaw)),
                     })) => {

@@ -247,9 +247,10 @@ impl HeldFreeze {
         self.send(Msg::Thaw(pb::ThawNow { completed })).await
     }
 
-    /// Asks for the flush; the `flushed` event follows.
-    pub async fn request_flush(&self) -> Result<(), tonic::Status> {
-        self.send(Msg::Flush(pb::Flush {})).await
+    /// Asks for the flush (`sync_volumes`: with `syncfs` of the member's
+    /// volumes); the `flushed` event follows.
+    pub async fn request_flush(&self, sync_volumes: bool) -> Result<(), tonic::Status> {
+        self.send(Msg::Flush(pb::Flush { sync_volumes })).await
     }
 
     async fn send(&self, msg: Msg) -> Result<(), tonic::Status> {
@@ -264,10 +265,10 @@ impl HeldFreeze {
         self.events.message().await
     }
 
-    /// Asks for the flush and waits for its `flushed` answer, skipping
+    /// Asks for the flush (see [`HeldFreeze::request_flush`]) and waits for its `flushed` answer, skipping
     /// other events (an error if the hold failed first).
-    pub async fn flush(&mut self) -> Result<pb::Flushed, tonic::Status> {
-        self.request_flush().await?;
+    pub async fn flush(&mut self, sync_volumes: bool) -> Result<pb::Flushed, tonic::Status> {
+        self.request_flush(sync_volumes).await?;
         while let Some(event) = self.next_event().await? {
             match event.event {
                 Some(pb::freeze_event::Event::Flushed(f)) => return Ok(f),

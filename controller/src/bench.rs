@@ -12,6 +12,9 @@
 //!    back-to-back backups and without them.
 //! 4. **Controller memory.** `stillpoint quiesce` holding one freeze stream
 //!    per agent for many agents.
+//! 5. **Flush cost.** A Redis primary with RDB persistence only (the flush
+//!    saves while writes are paused) and with AOF, at 10k and 1M keys: the
+//!    flush and the single member's freeze-to-thaw time.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -46,6 +49,7 @@ pub enum Part {
     Fanout,
     Stall,
     Memory,
+    Flush,
 }
 
 /// Median, p99 and max of samples in µs.
@@ -749,6 +753,107 @@ pub async fn memory(fleet: &mut NoopFleet, n: usize, report: &mut Report) -> Res
     Ok(())
 }
 
+/// Fills a Redis server with `keys` keys of 64-byte values, in batches.
+async fn populate(conn: &mut redis::aio::MultiplexedConnection, keys: usize) -> Result<()> {
+    redis::cmd("FLUSHALL").query_async::<()>(conn).await?;
+    let value = "v".repeat(64);
+    for start in (0..keys).step_by(10_000) {
+        let mut mset = redis::cmd("MSET");
+        for k in start..(start + 10_000).min(keys) {
+            mset.arg(format!("key:{k}")).arg(&value);
+        }
+        mset.query_async::<()>(conn).await?;
+    }
+    Ok(())
+}
+
+/// Part 5: what the flush costs a Redis member, RDB only against AOF.
+pub async fn flush(agent: &Path, runs: usize, report: &mut Report) -> Result<()> {
+    use crate::servers::Setup;
+    use crate::servers::redis::{Persistence, RedisPair};
+    let dir = tempfile::Builder::new()
+        .prefix("stillpoint-bench-")
+        .tempdir()?;
+    let pki = certs::ScratchPki::new(&dir.path().join("pki"), "Stillpoint bench CA")?;
+    let identity = "spiffe://stillpoint.bench/ns/bench/sa/redis";
+    let agent_tls = stillpoint_proto::tls::TlsFiles::in_dir(&pki.issue("redis", identity)?);
+    let tls = crate::agents::ControllerTls::watch(
+        stillpoint_proto::tls::TlsFiles::in_dir(&pki.issue("controller", CONTROLLER)?),
+        Duration::from_secs(600),
+    )?;
+    let mut rows = Vec::new();
+    let mut results = Vec::new();
+    for persistence in [Persistence::Rdb, Persistence::Aof] {
+        let pair = tokio::task::spawn_blocking(move || {
+            RedisPair::start_with(&Setup::default(), persistence)
+        })
+        .await??;
+        let spec = AgentSpec::new("redis", "redis", agent_tls.clone(), CONTROLLER)
+            .with("STILLPOINT_DSN", &pair.primary.url())
+            .with("STILLPOINT_LOG", "warn,stillpoint_agent=info");
+        let proc = AgentProc::spawn_with(agent, &spec)?;
+        let mut client = tls.connect(&proc.grpc_addr(), identity).await?;
+        let mut conn = redis::Client::open(pair.primary.url())?
+            .get_multiplexed_async_connection()
+            .await?;
+        for keys in [10_000usize, 1_000_000] {
+            populate(&mut conn, keys).await?;
+            let n = if keys > 100_000 { runs.min(10) } else { runs };
+            let (mut flushes, mut windows) = (Vec::new(), Vec::new());
+            for run in 0..n {
+                let started = Instant::now();
+                let mut held = crate::agents::HeldFreeze::start(
+                    &mut client,
+                    &format!("flush-{keys}-{run}"),
+                    Duration::from_secs(60),
+                )
+                .await?;
+                let flushed = held.flush(true).await?;
+                if !flushed.error.is_empty() {
+                    bail!("the flush failed: {}", flushed.error);
+                }
+                held.request_thaw(true).await?;
+                held.thawed().await?;
+                windows.push(started.elapsed().as_micros() as f64);
+                flushes.push((flushed.engine_us + flushed.sync_us) as f64);
+            }
+            let (f, w) = (Stats::of(&flushes), Stats::of(&windows));
+            let name = match persistence {
+                Persistence::Rdb => "RDB only (save while paused)",
+                _ => "AOF (drain the AOF buffer)",
+            };
+            rows.push(vec![
+                name.to_string(),
+                keys.to_string(),
+                ms(f.p50),
+                ms(f.p99),
+                ms(w.p50),
+                ms(w.p99),
+            ]);
+            results.push(json!({
+                "persistence": format!("{persistence:?}").to_lowercase(),
+                "keys": keys,
+                "flush": f.json_ms(),
+                "freeze_to_thaw": w.json_ms(),
+            }));
+        }
+        drop(proc);
+        drop(pair);
+    }
+    let text = format!(
+        "{}
+one Redis primary (64-byte values), freeze → flush → thaw through its agent; the flush is inside the freeze window
+",
+        table(
+            &["REDIS PERSISTENCE", "KEYS", "FLUSH P50", "P99", "FREEZE→THAW P50", "P99"],
+            &rows
+        )
+    );
+    report.sections.push(("5. Flush cost".into(), text));
+    report.json.insert("flush".into(), Value::Array(results));
+    Ok(())
+}
+
 /// Runs the selected parts; `say` reports progress.
 pub async fn run(options: &Options, agent: &Path, say: impl Fn(&str)) -> Result<Report> {
     let mut report = Report::default();
@@ -786,6 +891,10 @@ pub async fn run(options: &Options, agent: &Path, say: impl Fn(&str)) -> Result<
             ));
             memory(&mut fleet, options.channels, &mut report).await?;
         }
+    }
+    if wants(Part::Flush) {
+        say("5. flush cost: a Redis primary, RDB only and AOF, 10k and 1M keys");
+        flush(agent, options.runs, &mut report).await?;
     }
     Ok(report)
 }

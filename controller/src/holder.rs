@@ -12,7 +12,10 @@ use crate::agents::HeldFreeze;
 type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 enum Request {
-    Flush(Reply<pb::Flushed>),
+    Flush {
+        sync_volumes: bool,
+        reply: Reply<pb::Flushed>,
+    },
     Thaw {
         completed: bool,
         reply: Reply<pb::ThawResult>,
@@ -31,7 +34,7 @@ pub struct Holder {
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Request::Flush(_) => "Flush",
+            Request::Flush { .. } => "Flush",
             Request::Thaw { .. } => "Thaw",
         })
     }
@@ -100,7 +103,7 @@ impl Holder {
                     request = inbox.recv() => match request {
                         None => return,
                         // Renewals go on while the agent flushes.
-                        Some(Request::Flush(reply)) => match held.request_flush().await {
+                        Some(Request::Flush { sync_volumes, reply }) => match held.request_flush(sync_volumes).await {
                             Ok(()) => flushing = Some(reply),
                             Err(e) => {
                                 let _ = reply.send(Err(e.message().to_string()));
@@ -145,10 +148,16 @@ impl Holder {
             .map_err(|_| "the hold ended before it answered".to_string())?
     }
 
-    /// Has the agent make what its engine acknowledged durable on the
-    /// member's volumes; returns what it did, or why it could not.
-    pub async fn flush(&self) -> Result<pb::Flushed, String> {
-        let flushed = self.ask(Request::Flush).await?;
+    /// Has the agent make what its engine acknowledged durable (and with
+    /// `sync_volumes`, on the member's volumes: `syncfs`); returns what it
+    /// did, or why it could not.
+    pub async fn flush(&self, sync_volumes: bool) -> Result<pb::Flushed, String> {
+        let flushed = self
+            .ask(|reply| Request::Flush {
+                sync_volumes,
+                reply,
+            })
+            .await?;
         match flushed.error.is_empty() {
             true => Ok(flushed),
             false => Err(flushed.error),

@@ -109,6 +109,28 @@ fn is_below(path: &std::path::Path, base: &std::path::Path) -> bool {
     path.starts_with(base) || canon(path).starts_with(canon(base))
 }
 
+/// Where a volume's files are: the volume itself, or — for a block device
+/// (an LVM volume cut by the exec snapshotter) — wherever it is mounted.
+fn volume_roots(volume: &std::path::Path) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let is_device = std::fs::metadata(volume).is_ok_and(|m| m.file_type().is_block_device());
+    if !is_device {
+        return vec![volume.to_path_buf()];
+    }
+    let device = std::fs::canonicalize(volume).unwrap_or_else(|_| volume.to_path_buf());
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (source, target) = (fields.next()?, fields.next()?);
+            let source = std::fs::canonicalize(source).ok()?;
+            // Mount points are octal-escaped (`\040` for a space).
+            (source == device).then(|| target.replace("\\040", " ").into())
+        })
+        .collect()
+}
+
 /// Server paths that are on none of `volumes`: those refused, and those
 /// the member accepts (`accept_uncovered`).
 pub fn uncovered<'p>(
@@ -116,9 +138,10 @@ pub fn uncovered<'p>(
     volumes: &[std::path::PathBuf],
     accepted: &[std::path::PathBuf],
 ) -> (Vec<&'p ServerPath>, Vec<&'p ServerPath>) {
+    let roots: Vec<std::path::PathBuf> = volumes.iter().flat_map(|v| volume_roots(v)).collect();
     paths
         .iter()
-        .filter(|p| !volumes.iter().any(|v| is_below(&p.path, v)))
+        .filter(|p| !roots.iter().any(|v| is_below(&p.path, v)))
         .partition(|p| !accepted.iter().any(|a| is_below(&p.path, a)))
 }
 
@@ -816,14 +839,15 @@ impl<'g> Run<'_, 'g> {
     }
 
     /// Once every member is frozen: each agent makes what its engine
-    /// acknowledged durable on its volumes (in parallel), so that a
-    /// block-level snapshot holds it. Not before the last freeze: a member
+    /// acknowledged durable (in parallel) — and on its volumes (`syncfs`)
+    /// unless the snapshot sees the page cache — so that the snapshot holds it. Not before the last freeze: a member
     /// whose writes still flow (PostgreSQL in backup mode) could otherwise
     /// acknowledge, after its flush, a write that a member frozen later
     /// depends on.
     async fn flush(&mut self) -> Result<(), String> {
         let bound = self.budget_left("the flush")?;
         let clock = self.clock.clone();
+        let sync_volumes = !self.snapshotter.sees_page_cache();
         let flushes = join_all(self.members.iter_mut().map(|m| {
             let clock = clock.clone();
             async move {
@@ -831,7 +855,7 @@ impl<'g> Run<'_, 'g> {
                     return (m.config.name.clone(), None, Ok(()));
                 };
                 let requested = clock.now_us();
-                let result = holder.flush().await;
+                let result = holder.flush(sync_volumes).await;
                 let flushed = clock.now_us();
                 let result = result.map(|f| {
                     let us = f.engine_us + f.sync_us;
@@ -1026,6 +1050,54 @@ impl<'g> Run<'_, 'g> {
         if let Err(e) = self.snapshotter.delete_backup(self.id).await {
             metrics().snapshot_failure(&self.group.name, e.driver, "delete");
             tracing::warn!(backup_id = self.id, "deleting partial snapshots: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn path(what: &str, path: &str) -> ServerPath {
+        ServerPath {
+            what: what.into(),
+            path: path.into(),
+        }
+    }
+
+    #[test]
+    fn coverage_is_by_whole_path_components_and_acceptance_covers_below() {
+        let paths = vec![
+            path("datadir", "/srv/maria/data"),
+            path("log_bin_basename", "/srv/maria-binlog/binlog"),
+            path("relay_log_basename", "/var/log/relay/relay"),
+        ];
+        let volumes = vec![PathBuf::from("/srv/maria")];
+        let (refused, accepted) = uncovered(&paths, &volumes, &[PathBuf::from("/var/log")]);
+        // `/srv/maria-binlog` is not below `/srv/maria`.
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].what, "log_bin_basename");
+        assert_eq!(accepted.len(), 1);
+        assert_eq!(accepted[0].what, "relay_log_basename");
+    }
+
+    #[test]
+    fn a_refusal_names_the_member_the_path_and_the_way_out() {
+        let member: MemberFile = toml::from_str(
+            "name = \"pg-0\"\nagent = \"127.0.0.1:1\"\nidentity = \"spiffe://x/ns/a/sa/b\"\n\
+             role = \"primary\"\nvolumes = [\"/srv/pg\"]",
+        )
+        .unwrap();
+        let err = coverage(&member, "postgres", &[path("pg_wal", "/wal/pg")]).unwrap_err();
+        for needle in [
+            "member pg-0 (postgres)",
+            "pg_wal /wal/pg",
+            "/srv/pg",
+            "accept_uncovered",
+        ] {
+            assert!(err.contains(needle), "{needle}: {err}");
         }
     }
 }

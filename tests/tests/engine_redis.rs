@@ -247,7 +247,7 @@ async fn with_rdb_only_the_flush_saves_while_paused() {
         .unwrap();
     let before = saves(&mut c).await;
     let mut hold = a.freeze("b-rdb", Duration::from_secs(10)).await.unwrap();
-    let flushed = hold.flush().await.unwrap();
+    let flushed = hold.flush(true).await.unwrap();
     let during = saves(&mut c).await;
     let pending_write = {
         let mut c = c.clone();
@@ -287,7 +287,7 @@ async fn with_aof_the_flush_writes_the_aof_buffer() {
         .unwrap();
     let mut a = agent(&fleet, "redis-aof", &r.primary).await;
     let mut hold = a.freeze("b-aof", Duration::from_secs(10)).await.unwrap();
-    let flushed = hold.flush().await;
+    let flushed = hold.flush(true).await;
     hold.request_thaw(true).await.unwrap();
     hold.thawed().await.unwrap();
     r.primary

@@ -210,7 +210,7 @@ async fn a_superseded_stream_cannot_thaw_the_new_owners_hold() {
     let mut second = HeldFreeze::start(&mut other, "b-super", ttl).await.unwrap();
     assert!(second.frozen.resumed);
     // The old owner asks for a thaw (and for a flush) on its stream.
-    let _ = first.request_flush().await;
+    let _ = first.request_flush(true).await;
     let _ = first.request_thaw(true).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
@@ -219,7 +219,7 @@ async fn a_superseded_stream_cannot_thaw_the_new_owners_hold() {
     );
     // The new owner still holds it: it renews, flushes and thaws.
     second.renew().await.unwrap();
-    let flushed = second.flush().await.unwrap();
+    let flushed = second.flush(true).await.unwrap();
     assert!(flushed.error.is_empty(), "{}", flushed.error);
     second.request_thaw(true).await.unwrap();
     let result = second.thawed().await.unwrap().unwrap();

@@ -28,7 +28,7 @@ pub struct BenchArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "window,fanout,stall,memory"
+        default_value = "window,fanout,stall,memory,flush"
     )]
     pub parts: Vec<Part>,
     /// Where the JSON results go.

@@ -28,6 +28,10 @@ impl Snapshotter for Btrfs {
         "btrfs"
     }
 
+    fn sees_page_cache(&self) -> bool {
+        true
+    }
+
     fn atomic(&self) -> bool {
         true
     }

@@ -108,6 +108,10 @@ impl Snapshotter for Copy {
         "copy"
     }
 
+    fn sees_page_cache(&self) -> bool {
+        true
+    }
+
     fn atomic(&self) -> bool {
         false
     }

@@ -137,6 +137,14 @@ pub trait Snapshotter: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Whether the snapshot holds what is still in the page cache (btrfs
+    /// writes dirty data into the snapshot; a copy reads through the cache).
+    /// Block-level snapshots (LVM, cloud disks, CSI) do not: before them the
+    /// agents `syncfs` the members' volumes.
+    fn sees_page_cache(&self) -> bool {
+        false
+    }
+
     /// Runs before the freeze, while writes still flow: whatever makes
     /// the cut itself shorter (btrfs commits the filesystem's dirty data,
     /// so the snapshot has little left to write while members are frozen).

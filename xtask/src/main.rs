@@ -1,0 +1,179 @@
+//! `cargo xtask demo` and `cargo xtask test`: the README's two commands.
+//!
+//! Both first make sure this machine has what they need: the Debian
+//! packages of the real servers and tools (installed with `apt-get` when
+//! run as root; otherwise the exact command is printed and nothing runs),
+//! and, for the tests, the Python MongoDB wire peer. Then `demo` builds the
+//! workspace and runs `stillpoint demo`, and `test` runs the whole suite
+//! (`cargo test --workspace`, extra arguments passed on).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// What the demo needs: the servers it runs, btrfs for its snapshots.
+const DEMO_PACKAGES: &[&str] = &[
+    "postgresql",
+    "mariadb-server",
+    "mariadb-client",
+    "redis-server",
+    "btrfs-progs",
+    "e2fsprogs",
+    "util-linux",
+];
+
+/// What the tests need on top: pip for the MongoDB wire peer.
+const TEST_PACKAGES: &[&str] = &["python3-pip"];
+
+/// The MongoDB wire peer's Python modules (PyPI).
+const PYTHON_MODULES: &[(&str, &str)] = &[("mockupdb", "mockupdb"), ("pymongo", "pymongo")];
+
+const USAGE: &str =
+    "usage: cargo xtask demo [--backups N]   install what is missing, build, run the demo
+       cargo xtask test [ARGS...]      install what is missing, run the whole test suite
+                                       (ARGS go to `cargo test --workspace`)";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let result = match args.next().as_deref() {
+        Some("demo") => demo(args.collect()),
+        Some("test") => test(args.collect()),
+        Some("-h" | "--help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => Err(USAGE.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let what = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{what} failed ({status})"))
+    }
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// Installs the missing Debian packages (as root), or says how.
+fn packages(wanted: &[&str]) -> Result<(), String> {
+    let missing: Vec<&str> = wanted.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let command = format!(
+        "apt-get update && apt-get install -y --no-install-recommends {}",
+        missing.join(" ")
+    );
+    if !is_root() {
+        return Err(format!(
+            "missing Debian packages: {}. Install them as root:\n    {command}",
+            missing.join(" ")
+        ));
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    run(Command::new("apt-get")
+        .args(["update", "-qq"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Installs the MongoDB wire peer's modules for `python3` when missing.
+fn python_modules() -> Result<(), String> {
+    let missing: Vec<&str> = PYTHON_MODULES
+        .iter()
+        .filter(|(module, _)| {
+            !Command::new("python3")
+                .args(["-c", &format!("import {module}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {} (PyPI)", missing.join(" "));
+    let pip = |extra: &[&str]| {
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(extra)
+            .args(&missing)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    // Debian's own python3 refuses system-wide installs (PEP 668) unless told.
+    if pip(&[]) || pip(&["--break-system-packages"]) {
+        Ok(())
+    } else {
+        Err(format!(
+            "installing {} failed: run `python3 -m pip install {}`",
+            missing.join(" "),
+            missing.join(" ")
+        ))
+    }
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace());
+    cmd
+}
+
+fn demo(args: Vec<String>) -> Result<(), String> {
+    if !is_root() {
+        return Err(
+            "the demo loop-mounts a btrfs image and runs database servers as their service \
+             users: run `cargo xtask demo` as root"
+                .into(),
+        );
+    }
+    packages(DEMO_PACKAGES)?;
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    let bin = workspace().join("target/debug/stillpoint");
+    run(Command::new(bin).arg("demo").args(args))
+}
+
+fn test(args: Vec<String>) -> Result<(), String> {
+    let all: Vec<&str> = DEMO_PACKAGES.iter().chain(TEST_PACKAGES).copied().collect();
+    packages(&all)?;
+    python_modules()?;
+    run(cargo().args(["test", "--workspace"]).args(args))
+}
