@@ -102,6 +102,20 @@ pub fn overhead_us(m: &Manifest) -> Option<f64> {
     Some(window - slowest_member_us(m) - m.cut_us.unwrap_or(0) as f64)
 }
 
+/// The flush phase of one backup on the controller's clock: first flush
+/// request to last flush answer (µs).
+pub fn flush_phase_us(m: &Manifest) -> Option<f64> {
+    let phase = |name: &'static str| {
+        m.timeline
+            .members
+            .values()
+            .filter_map(move |p| p.get(name).copied())
+    };
+    let first = phase("flush_requested").min()?;
+    let last = phase("flushed").max()?;
+    Some(last.saturating_sub(first) as f64)
+}
+
 /// The suite's output: a printed table and a JSON document.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -265,6 +279,8 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
     let mut hk_none = Vec::new();
     let mut overhead = Vec::new();
     let mut member_max = Vec::new();
+    let mut flush_phase = Vec::new();
+    let mut member_flush: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
     let mut last = None;
     for i in 0..runs + 2 {
         let a =
@@ -287,7 +303,18 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
         last = Some(a.clone());
         overhead.extend(overhead_us(&a));
         member_max.push(slowest_member_us(&a));
+        flush_phase.extend(flush_phase_us(&a));
+        for r in &a.members {
+            member_flush
+                .entry(r.name.clone())
+                .or_default()
+                .extend(r.flush_us.map(|us| us as f64));
+        }
     }
+    let flushes: Vec<String> = member_flush
+        .iter()
+        .map(|(name, us)| format!("{name} {}", ms(Stats::of(us).p50)))
+        .collect();
     let rows_of = |name: &str, cut: &str, sp: &[f64], hk: &[f64]| {
         let (s, h) = (Stats::of(sp), Stats::of(hk));
         vec![
@@ -303,6 +330,7 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
     let gantt = last.map(|m| m.timeline.gantt(64)).unwrap_or_default();
     let text = format!(
         "{}\nStillpoint orchestration overhead (no-op cut): p50 {}, p99 {}; slowest member's own freeze+thaw: p50 {}\n\
+         flush phase (no-op cut, inside the window): p50 {}, p99 {}; each member's own flush p50: {}\n\
          The exec-hook baseline cannot hold its locks: each lock ends when its client process exits,\n\
          so its \"window\" protects nothing. That is the correctness gap; the time is the cost of the pattern.\n\n\
          timeline of the last Stillpoint backup (no-op cut):\n{gantt}",
@@ -324,6 +352,9 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
         ms(Stats::of(&overhead).p50),
         ms(Stats::of(&overhead).p99),
         ms(Stats::of(&member_max).p50),
+        ms(Stats::of(&flush_phase).p50),
+        ms(Stats::of(&flush_phase).p99),
+        flushes.join(", "),
     );
     report.sections.push((
         format!("1. Freeze window against exec hooks ({runs} runs each, interleaved)"),
@@ -346,6 +377,11 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
             "btrfs_cut": pair(&sp_btrfs, &hk_btrfs),
             "overhead": Stats::of(&overhead).json_ms(),
             "slowest_member_freeze_thaw": Stats::of(&member_max).json_ms(),
+            "flush_phase": Stats::of(&flush_phase).json_ms(),
+            "member_flush": member_flush
+                .iter()
+                .map(|(name, us)| (name.clone(), Stats::of(us).json_ms()))
+                .collect::<serde_json::Map<String, Value>>(),
             "baseline_holds_its_locks": false,
         }),
     );

@@ -793,7 +793,26 @@ impl Frozen for MyHold {
         // Commits are blocked; this writes and syncs the redo log (which
         // `innodb_flush_log_at_trx_commit = 0|2` leaves to a timer). The
         // binary log is written at commit: the agent's syncfs covers it
-        // whatever `sync_binlog` is.
+        // whatever `sync_binlog` is. MariaDB says when the redo log is
+        // flushed already; then there is nothing to do.
+        let lsns: Vec<(String, u64)> = self
+            .conn
+            .query(
+                "SHOW GLOBAL STATUS WHERE Variable_name IN ('Innodb_lsn_current', 'Innodb_lsn_flushed')",
+            )
+            .await
+            .unwrap_or_default();
+        let lsn = |name: &str| {
+            lsns.iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| *v)
+        };
+        if let (Some(current), Some(flushed)) =
+            (lsn("Innodb_lsn_current"), lsn("Innodb_lsn_flushed"))
+            && flushed >= current
+        {
+            return Ok("redo log already flushed".into());
+        }
         self.conn
             .query_drop("FLUSH NO_WRITE_TO_BINLOG ENGINE LOGS")
             .await

@@ -604,9 +604,11 @@ pub fn data_paths(
 const POSITION_SQL: &str = "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() \
      THEN COALESCE(pg_last_wal_replay_lsn(), '0/0') ELSE pg_current_wal_insert_lsn() END)::text";
 
-/// Flushes the WAL of every commit acknowledged so far (see `PgHold::flush`).
+/// Flushes the WAL of every commit acknowledged so far (see `PgHold::flush`),
+/// unless all of it is flushed already (then it costs no commit and no fsync).
 const FLUSH_SQL: &str = "BEGIN; SET LOCAL synchronous_commit = on; \
-     SELECT pg_logical_emit_message(true, 'stillpoint', 'flush'); COMMIT;";
+     SELECT pg_logical_emit_message(true, 'stillpoint', 'flush') \
+      WHERE pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn(); COMMIT;";
 
 #[async_trait]
 impl Engine for Postgres {

@@ -210,6 +210,11 @@ impl Snapshotter for NoCut {
         true
     }
 
+    /// Nothing is cut, so nothing needs syncing for it.
+    fn sees_page_cache(&self) -> bool {
+        true
+    }
+
     async fn cut(&self, _: &str, _: &[VolumeRef], _: &Made) -> Result<(), SnapshotError> {
         Ok(())
     }
