@@ -121,26 +121,26 @@ struct Move {
     target: PathBuf,
 }
 
+/// The volume that held a path of the source (the deepest, when one is
+/// mounted inside another) and the path's rest below it.
+fn volume_of<'m, 'p>(moves: &'m [Move], path: &'p Path) -> Option<(&'m Move, &'p Path)> {
+    moves
+        .iter()
+        .filter_map(|m| Some((m, path.strip_prefix(&m.source).ok()?)))
+        .max_by_key(|(m, _)| m.source.components().count())
+}
+
 /// Where a path of the source lands in the restore: the same place below
 /// the restored copy of the volume that held it, or `None` when it was on
 /// none of the member's volumes.
 fn redirect(moves: &[Move], path: &Path) -> Option<PathBuf> {
-    moves
-        .iter()
-        .filter_map(|m| Some((m, path.strip_prefix(&m.source).ok()?)))
-        // The deepest volume wins (a volume mounted inside another).
-        .max_by_key(|(m, _)| m.source.components().count())
-        .map(|(m, rest)| m.target.join(rest))
+    volume_of(moves, path).map(|(m, rest)| m.target.join(rest))
 }
 
 /// Where the path lies inside the snapshot `moves` came from (to read it
 /// before anything is copied).
 fn in_snapshot(moves: &[Move], path: &Path) -> Option<PathBuf> {
-    moves
-        .iter()
-        .filter_map(|m| Some((m, path.strip_prefix(&m.source).ok()?)))
-        .max_by_key(|(m, _)| m.source.components().count())
-        .map(|(m, rest)| m.from.join(rest))
+    volume_of(moves, path).map(|(m, rest)| m.from.join(rest))
 }
 
 /// A member's server path of kind `what`, as recorded.

@@ -186,18 +186,8 @@ async fn a_failing_snapshotter_aborts_and_deletes_what_was_made() {
         "snapshotter = \"exec\"\n[groups.g.exec]\nsnapshot = \"touch {m}-{{member}}; test {{member}} != n-1\"\ndelete = \"rm -f {m}-{{member}}\"",
         m = marker.display()
     );
-    let volume = s.dir.path().join("volume");
-    std::fs::create_dir_all(&volume).unwrap();
-    let a0 = s.agent("n-0", "noop", &[]);
-    let a1 = s.agent("n-1", "noop", &[]);
-    let config = s.config(
-        "g",
-        &format!(
-            "{extra}\n{}{}",
-            member("n-0", &a0, "primary", None, &[&volume]),
-            member("n-1", &a1, "primary", None, &[&volume])
-        ),
-    );
+    let members = s.noop_members(&["n-0", "n-1"]);
+    let config = s.config("g", &format!("{extra}\n{members}"));
     let err = s
         .orchestrator(&config)
         .backup(config.group("g").unwrap(), "g-snap")
@@ -293,18 +283,8 @@ async fn snapshots_cut_before_an_abort_are_recorded_at_once_and_deleted() {
          *) touch {d}/{{snapshot}};; esac\"\n\
          delete = \"rm {d}/{{snapshot}} && echo {{backup}} >> {d}/deleted\"\n"
     );
-    let volume = s.dir.path().join("volume");
-    std::fs::create_dir_all(&volume).unwrap();
-    let fast = s.agent("fast", "noop", &[]);
-    let slow = s.agent("slow", "noop", &[]);
-    let config = s.config(
-        "g",
-        &format!(
-            "{extra}{}{}",
-            member("fast", &fast, "primary", None, &[&volume]),
-            member("slow", &slow, "primary", None, &[&volume])
-        ),
-    );
+    let members = s.noop_members(&["fast", "slow"]);
+    let config = s.config("g", &format!("{extra}{members}"));
     let id = "g-orphan-20261124-101500-001";
     let orchestrator = s.orchestrator(&config);
     let group = config.group("g").unwrap().clone();

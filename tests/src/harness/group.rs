@@ -136,6 +136,20 @@ impl Setup {
         )
     }
 
+    /// Noop agents named `names`, each a primary on one placeholder volume
+    /// (a noop server keeps no files); returns their member entries.
+    pub fn noop_members(&mut self, names: &[&str]) -> String {
+        let volume = self.dir.path().join("volume");
+        std::fs::create_dir_all(&volume).unwrap();
+        names
+            .iter()
+            .map(|name| {
+                let addr = self.agent(name, "noop", &[]);
+                member(name, &addr, "primary", None, &[&volume])
+            })
+            .collect()
+    }
+
     /// The config file `config` wrote.
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("stillpoint.toml")
