@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod fleet;
 pub mod group;
+pub mod kube;
 pub mod loopfs;
 pub mod mariadb;
 pub mod mongo;
@@ -22,6 +23,7 @@ pub mod shared;
 // The server-running code lives in the controller crate (`stillpoint demo`
 // uses it too); the tests reach it through here.
 pub use stillpoint_controller::servers::{
-    Pair, Scratch, Server, ServerProcess, ServiceUser, command_as, free_port, http_get, is_root,
-    kill_and_wait, log_tail, metric_sum, pid_alive, require, run, service_user, signal, wait_for,
+    Pair, Scratch, Server, ServerProcess, ServiceUser, command_as, free_port, http_get, is_btrfs,
+    is_root, kill_and_wait, log_tail, metric_sum, pid_alive, remove_tree, require, run,
+    service_user, signal, wait_for,
 };
