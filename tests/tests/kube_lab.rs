@@ -277,3 +277,393 @@ async fn service_account_tokens_pass_token_review_and_rbac_is_enforced() {
         .unwrap_err();
     assert!(err.to_string().contains("forbidden"), "{err}");
 }
+
+/// A test mutating webhook at `https://<lab gateway>:<port>/mutate`: it
+/// labels ConfigMaps `mutated: "yes"`, and gives those named `reject-…` a
+/// data key the API server must refuse (`bad/key`).
+async fn webhook(lab: &KubeLab) -> (String, String, tokio::task::JoinHandle<()>) {
+    use base64::Engine;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let gateway = lab.bridge.gateway();
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.subject_alt_names
+        .push(SanType::IpAddress(gateway.into()));
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(stillpoint_proto::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind((gateway, 0)).await.unwrap();
+    let url = format!("https://{}/mutate", listener.local_addr().unwrap());
+    let ca_bundle = base64::engine::general_purpose::STANDARD.encode(ca_cert.pem());
+    let b64 =
+        |v: serde_json::Value| base64::engine::general_purpose::STANDARD.encode(v.to_string());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                loop {
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    let body_start = loop {
+                        let Ok(n) = tls.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buffer.extend_from_slice(&chunk[..n]);
+                        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break at + 4;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buffer[..body_start]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buffer.len() < body_start + length {
+                        let Ok(n) = tls.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buffer.extend_from_slice(&chunk[..n]);
+                    }
+                    let review: serde_json::Value =
+                        serde_json::from_slice(&buffer[body_start..body_start + length])
+                            .unwrap_or_default();
+                    let request = &review["request"];
+                    let name = request["name"]
+                        .as_str()
+                        .or(request["object"]["metadata"]["name"].as_str())
+                        .unwrap_or("");
+                    let mut patch = vec![
+                        serde_json::json!({"op": "add", "path": "/metadata/labels", "value": {"mutated": "yes"}}),
+                    ];
+                    if name.starts_with("reject") {
+                        patch.push(serde_json::json!({"op": "add", "path": "/data", "value": {"bad/key": "x"}}));
+                    }
+                    let answer = serde_json::json!({
+                        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                        "response": {"uid": request["uid"], "allowed": true, "patchType": "JSONPatch",
+                                     "patch": b64(serde_json::Value::Array(patch))},
+                    })
+                    .to_string();
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                        answer.len()
+                    );
+                    if tls.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, ca_bundle, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_calls_a_mutating_webhook_and_validates_its_patch() {
+    let lab = lab();
+    let admin = lab.admin().await.unwrap();
+    let ns = lab.namespace("hook").await.unwrap();
+    let (url, ca_bundle, server) = webhook(lab).await;
+    lab.apply_yaml(
+        &admin,
+        &format!(
+            r#"apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{name: lab-test-{ns}}}
+webhooks:
+- name: test.lab.stillpoint.dev
+  clientConfig: {{url: "{url}", caBundle: {ca_bundle}}}
+  rules: [{{operations: [CREATE], apiGroups: [""], apiVersions: [v1], resources: [configmaps]}}]
+  namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {ns}}}}}
+  sideEffects: None
+  admissionReviewVersions: [v1]
+  failurePolicy: Fail
+  timeoutSeconds: 5
+"#
+        ),
+    )
+    .await
+    .unwrap();
+    let maps: Api<ConfigMap> = Api::namespaced(admin.clone(), &ns);
+    let map = |name: &str| ConfigMap {
+        metadata: ::kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    // The configuration reaches the API server's webhook cache shortly.
+    let mut n = 0;
+    wait_async(
+        "a ConfigMap mutated by the webhook",
+        Duration::from_secs(30),
+        || {
+            n += 1;
+            let (maps, name) = (maps.clone(), format!("plain-{n}"));
+            let map = map(&name);
+            async move {
+                let made = maps.create(&PostParams::default(), &map).await?;
+                Ok(made
+                    .metadata
+                    .labels
+                    .unwrap_or_default()
+                    .get("mutated")
+                    .map(String::as_str)
+                    == Some("yes"))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let err = maps
+        .create(&PostParams::default(), &map("reject-me"))
+        .await
+        .unwrap_err();
+    server.abort();
+    let text = err.to_string();
+    assert!(
+        text.contains("bad/key") && text.contains("Invalid"),
+        "{text}"
+    );
+    assert!(maps.get_opt("reject-me").await.unwrap().is_none());
+}
+
+/// The files of a pod's volume as the runner keeps them on the host.
+fn pod_volume(lab: &KubeLab, ns: &str, pod: &str, volume: &str) -> std::path::PathBuf {
+    let prefix = format!("{ns}_{pod}_");
+    let dir = std::fs::read_dir(lab.dir.join("pods"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .expect("the pod's directory");
+    dir.path().join("volumes").join(volume)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pod_runner_runs_init_containers_sidecars_env_tokens_probes_and_restarts() {
+    let lab = lab();
+    let admin = lab.admin().await.unwrap();
+    let ns = lab.namespace("runner").await.unwrap();
+    for doc in [
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: creds, namespace: {ns}}}\nstringData: {{password: s3cret}}"
+        ),
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: settings, namespace: {ns}}}\ndata: {{mode: fence}}"
+        ),
+        format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: full, namespace: {ns}, labels: {{app: full}}}}
+spec:
+  initContainers:
+  - name: init
+    image: busybox
+    command: [sh, -c, "echo ran > /shared/init-ran"]
+    volumeMounts: [{{name: shared, mountPath: /shared}}]
+  - name: sidecar
+    image: busybox
+    restartPolicy: Always
+    command: [sh, -c, "test -f /shared/init-ran && touch /shared/sidecar-up && exec sleep 3600"]
+    startupProbe: {{exec: {{command: [test, -f, /shared/sidecar-up]}}, periodSeconds: 1}}
+    volumeMounts: [{{name: shared, mountPath: /shared}}]
+  containers:
+  - name: app
+    image: busybox
+    command: [sh, -c, "test -f /shared/sidecar-up || exit 3; env > /shared/env; cp /var/run/secrets/tokens/token /shared/token; cat /etc/creds/password > /shared/secret; exec sleep 3600"]
+    env:
+    - {{name: PASSWORD, valueFrom: {{secretKeyRef: {{name: creds, key: password}}}}}}
+    - {{name: MODE, valueFrom: {{configMapKeyRef: {{name: settings, key: mode}}}}}}
+    - {{name: POD_IP, valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}}}
+    - {{name: POD_NAME, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}
+    volumeMounts:
+    - {{name: shared, mountPath: /shared}}
+    - {{name: token, mountPath: /var/run/secrets/tokens}}
+    - {{name: creds, mountPath: /etc/creds, readOnly: true}}
+  - name: flaky
+    image: busybox
+    command: [sh, -c, "test -f /shared/once || {{ touch /shared/once; exit 1; }}; exec sleep 3600"]
+    volumeMounts: [{{name: shared, mountPath: /shared}}]
+  - name: cache
+    image: redis:7
+    args: ["--save", "", "--appendonly", "no", "--protected-mode", "no"]
+    ports: [{{name: redis, containerPort: 6379}}]
+    readinessProbe: {{tcpSocket: {{port: redis}}, periodSeconds: 1}}
+  volumes:
+  - {{name: shared, emptyDir: {{}}}}
+  - {{name: creds, secret: {{secretName: creds}}}}
+  - name: token
+    projected:
+      sources: [{{serviceAccountToken: {{audience: stillpoint, expirationSeconds: 3600, path: token}}}}]
+"#
+        ),
+    ] {
+        lab.apply_yaml(&admin, &doc).await.unwrap();
+    }
+    let pod = wait_pod_ready(&admin, &ns, "full", BOUND).await.unwrap();
+    let ip = pod_ip(&pod).unwrap().to_string();
+    let status = pod.status.clone().unwrap();
+    let inits = status.init_container_statuses.clone().unwrap();
+    let sidecar = inits.iter().find(|c| c.name == "sidecar").unwrap();
+    assert!(
+        sidecar.started == Some(true) && sidecar.state.as_ref().unwrap().running.is_some(),
+        "{sidecar:?}"
+    );
+    let init = inits.iter().find(|c| c.name == "init").unwrap();
+    assert_eq!(
+        init.state
+            .as_ref()
+            .unwrap()
+            .terminated
+            .as_ref()
+            .unwrap()
+            .exit_code,
+        0
+    );
+    let flaky = status
+        .container_statuses
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|c| c.name == "flaky")
+        .unwrap();
+    assert_eq!(flaky.restart_count, 1, "{flaky:?}");
+
+    let shared = pod_volume(lab, &ns, "full", "shared");
+    let env = std::fs::read_to_string(shared.join("env")).unwrap();
+    for line in [
+        "PASSWORD=s3cret",
+        "MODE=fence",
+        &format!("POD_IP={ip}"),
+        "POD_NAME=full",
+    ] {
+        assert!(
+            env.lines().any(|l| l == line),
+            "{line} missing from:\n{env}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(shared.join("secret")).unwrap(),
+        "s3cret"
+    );
+    // The projected token is the pod's ServiceAccount's, for the audience asked.
+    let token = std::fs::read_to_string(shared.join("token")).unwrap();
+    let review = Api::<TokenReview>::all(admin.clone())
+        .create(
+            &PostParams::default(),
+            &TokenReview {
+                spec: TokenReviewSpec {
+                    token,
+                    audiences: Some(vec!["stillpoint".into()]),
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(review.authenticated, Some(true), "{review:?}");
+    let user = review.user.unwrap();
+    assert_eq!(
+        user.username.unwrap(),
+        format!("system:serviceaccount:{ns}:default")
+    );
+    assert_eq!(
+        user.extra.unwrap()["authentication.kubernetes.io/pod-name"],
+        vec!["full".to_string()]
+    );
+    // The readiness-probed server answers at the pod IP.
+    let mut redis = redis::Client::open(format!("redis://{ip}:6379/"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let pong: String = redis::cmd("PING").query_async(&mut redis).await.unwrap();
+    assert_eq!(pong, "PONG");
+
+    // Deleting the pod stops everything and removes it.
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    pods.delete("full", &Default::default()).await.unwrap();
+    wait_async("the pod gone", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move { Ok(pods.get_opt("full").await?.is_none()) }
+    })
+    .await
+    .unwrap();
+    assert!(!shared.exists(), "the pod's files are removed");
+    assert!(
+        tokio::net::TcpStream::connect((ip.as_str(), 6379))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_runner_cannot_do_fails_the_pod_visibly() {
+    let lab = lab();
+    let admin = lab.admin().await.unwrap();
+    let ns = lab.namespace("unmapped").await.unwrap();
+    lab.apply_yaml(
+        &admin,
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: odd, namespace: {ns}}}\n\
+             spec: {{containers: [{{name: odd, image: quay.io/acme/unknown:1.0}}]}}"
+        ),
+    )
+    .await
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+    wait_async(
+        "the container waiting with ImageNotMapped",
+        Duration::from_secs(30),
+        || {
+            let pods = pods.clone();
+            async move {
+                let pod = pods.get("odd").await?;
+                let waiting = pod
+                    .status
+                    .and_then(|s| s.container_statuses)
+                    .and_then(|c| c.first().cloned())
+                    .and_then(|c| c.state)
+                    .and_then(|s| s.waiting);
+                Ok(waiting.is_some_and(|w| {
+                    w.reason.as_deref() == Some("ImageNotMapped")
+                        && w.message
+                            .unwrap_or_default()
+                            .contains("quay.io/acme/unknown:1.0")
+                }))
+            }
+        },
+    )
+    .await
+    .unwrap();
+}

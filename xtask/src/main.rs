@@ -3,9 +3,11 @@
 //! Both first make sure this machine has what they need: the Debian
 //! packages of the real servers and tools (installed with `apt-get` when
 //! run as root; otherwise the exact command is printed and nothing runs),
-//! and, for the tests, the Python MongoDB wire peer. Then `demo` builds the
-//! workspace and runs `stillpoint demo`, and `test` runs the whole suite
-//! (`cargo test --workspace`, extra arguments passed on).
+//! and, for the tests, the Python MongoDB wire peer; and the Kubernetes
+//! lab's upstream binaries, built from their Go modules (`tests/k8s/build.sh`,
+//! cached outside the tree, so a warm run costs a second). Then `demo`
+//! builds the workspace and runs `stillpoint demo`, and `test` runs the
+//! whole suite (`cargo test --workspace`, extra arguments passed on).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -21,8 +23,13 @@ const DEMO_PACKAGES: &[&str] = &[
     "util-linux",
 ];
 
-/// What the tests need on top: pip for the MongoDB wire peer.
-const TEST_PACKAGES: &[&str] = &["python3-pip"];
+/// What the tests need on top: pip for the MongoDB wire peer; for the
+/// Kubernetes lab, iproute2 (network namespaces), curl (readiness checks)
+/// and util-linux (unshare, nsenter, setpriv).
+const TEST_PACKAGES: &[&str] = &["python3-pip", "iproute2", "curl"];
+
+/// The oldest Go the Kubernetes lab's modules build with.
+const GO_MINOR: u32 = 26;
 
 /// The MongoDB wire peer's Python modules (PyPI).
 const PYTHON_MODULES: &[(&str, &str)] = &[("mockupdb", "mockupdb"), ("pymongo", "pymongo")];
@@ -171,9 +178,34 @@ fn demo(args: Vec<String>) -> Result<(), String> {
     run(Command::new(bin).arg("demo").args(args))
 }
 
+/// Checks that Go is new enough, then builds (or finds cached) the lab.
+fn kubernetes_lab() -> Result<(), String> {
+    let version = Command::new("go").arg("version").output().map_err(|_| {
+        format!(
+            "the Kubernetes lab is built from Go modules: install Go 1.{GO_MINOR} or newer \
+                 (https://go.dev/dl) and put `go` on the PATH"
+        )
+    })?;
+    let text = String::from_utf8_lossy(&version.stdout).to_string();
+    let minor = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("go1."))
+        .and_then(|v| v.split('.').next()?.parse::<u32>().ok())
+        .unwrap_or(0);
+    if minor < GO_MINOR {
+        return Err(format!(
+            "{} is too old for the Kubernetes lab: Go 1.{GO_MINOR} or newer is needed",
+            text.trim()
+        ));
+    }
+    eprintln!("xtask: the Kubernetes lab's binaries (built once, then cached)");
+    run(Command::new(workspace().join("tests/k8s/build.sh")).stdout(std::process::Stdio::null()))
+}
+
 fn test(args: Vec<String>) -> Result<(), String> {
     let all: Vec<&str> = DEMO_PACKAGES.iter().chain(TEST_PACKAGES).copied().collect();
     packages(&all)?;
     python_modules()?;
+    kubernetes_lab()?;
     run(cargo().args(["test", "--workspace"]).args(args))
 }

@@ -36,12 +36,14 @@ pub struct Bridge {
 }
 
 impl Bridge {
-    /// Creates a bridge for this process (named after its pid) with the
-    /// gateway address `.1` of a /24 chosen from the pid.
+    /// Creates a bridge (named after this process and a counter) with the
+    /// gateway address `.1` of a /24 chosen from them.
     pub fn create() -> Result<Bridge> {
+        static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let count = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid = std::process::id();
-        let name = format!("splab{}", pid % 100_000);
-        let n = pid % 512;
+        let name = format!("spl{}x{}", pid % 100_000, count % 100);
+        let n = (pid * 7 + count) % 512;
         let subnet = (18 + (n / 256) as u8, (n % 256) as u8);
         let bridge = Bridge {
             name,
@@ -82,8 +84,8 @@ impl Bridge {
             address,
             host,
         };
-        let veth = format!("{}v{host}", &self.name[..self.name.len().min(9)]);
-        let peer = format!("{}p{host}", &self.name[..self.name.len().min(9)]);
+        let veth = format!("{}v{host}", &self.name[..self.name.len().min(11)]);
+        let peer = format!("{}p{host}", &self.name[..self.name.len().min(11)]);
         let setup = || -> Result<()> {
             ip(&["netns", "add", netns])?;
             ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer])?;

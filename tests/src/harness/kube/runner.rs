@@ -725,7 +725,13 @@ impl PodTask {
                 }
                 _ => source.clone(),
             };
-            let target = format!("\"$R\"{}", q(&m.mount_path));
+            // The target is resolved inside the container's root: a link
+            // such as /var/run -> /run must not lead out to the host's.
+            script.push(format!(
+                "T=\"$R$(chroot \"$R\" /usr/bin/realpath -m {})\"",
+                q(&m.mount_path)
+            ));
+            let target = "\"$T\"";
             if source.is_dir() {
                 script.push(format!("mkdir -p {target}"));
             } else {
