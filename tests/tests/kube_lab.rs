@@ -213,13 +213,26 @@ async fn a_volume_group_snapshot_cuts_every_pvc_of_its_selector() {
     let (resource, _) = ::kube::discovery::pinned_kind(&client, &gvk).await.unwrap();
     let snapshots: Api<::kube::api::DynamicObject> =
         Api::namespaced_with(client.clone(), &ns, &resource);
+    // Each member snapshot's own status follows the group's.
+    wait_async("every member VolumeSnapshot readyToUse", BOUND, || {
+        let snapshots = snapshots.clone();
+        async move {
+            let list = snapshots.list(&ListParams::default()).await?;
+            Ok(list.items.len() == 2
+                && list
+                    .items
+                    .iter()
+                    .all(|s| serde_json::to_value(s).unwrap()["status"]["readyToUse"] == true))
+        }
+    })
+    .await
+    .unwrap();
     let list = snapshots.list(&ListParams::default()).await.unwrap();
     let mut sources: Vec<String> = list
         .items
         .iter()
         .map(|s| {
             let v = serde_json::to_value(s).unwrap();
-            assert_eq!(v["status"]["readyToUse"], true, "{v}");
             assert_eq!(
                 v["metadata"]["ownerReferences"][0]["kind"], "VolumeGroupSnapshot",
                 "{v}"
@@ -620,10 +633,10 @@ spec:
     .await
     .unwrap();
     assert!(!shared.exists(), "the pod's files are removed");
+    let uid = pod.metadata.uid.clone().unwrap();
     assert!(
-        tokio::net::TcpStream::connect((ip.as_str(), 6379))
-            .await
-            .is_err()
+        kube::net::namespaces_with_prefix(&format!("spl-{}", &uid[..12])).is_empty(),
+        "the pod's network namespace is gone"
     );
 }
 

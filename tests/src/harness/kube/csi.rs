@@ -279,60 +279,74 @@ impl pb::controller_server::Controller for Driver {
         &self,
         request: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
-        let r = request.into_inner();
-        let store = &self.0;
-        let _guard = store.lock.lock().unwrap();
-        let id = checked(&r.name)?.to_string();
-        let path = store.volume(&id);
-        let source = r.volume_content_source.clone();
-        if !path.exists() {
-            use pb::volume_content_source::Type;
-            match source.as_ref().and_then(|s| s.r#type.as_ref()) {
-                None => store.create_dir(&path)?,
-                Some(Type::Snapshot(s)) => {
-                    let from = store.snapshot(checked(&s.snapshot_id)?);
-                    let meta = store.read_snapshot(&s.snapshot_id).ok_or_else(|| {
-                        Status::not_found(format!("no snapshot {}", s.snapshot_id))
-                    })?;
-                    if meta.mode == Mode::Atomic {
-                        run(Command::new("btrfs")
-                            .args(["subvolume", "snapshot"])
-                            .arg(&from)
-                            .arg(&path))?;
-                    } else {
-                        store.create_dir(&path)?;
-                        Store::copy_into(&from, &path)?;
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(
+            move || -> Result<Response<pb::CreateVolumeResponse>, Status> {
+                let store = &*store;
+                let r = request.into_inner();
+                let _guard = store.lock.lock().unwrap();
+                let id = checked(&r.name)?.to_string();
+                let path = store.volume(&id);
+                let source = r.volume_content_source.clone();
+                if !path.exists() {
+                    use pb::volume_content_source::Type;
+                    match source.as_ref().and_then(|s| s.r#type.as_ref()) {
+                        None => store.create_dir(&path)?,
+                        Some(Type::Snapshot(s)) => {
+                            let from = store.snapshot(checked(&s.snapshot_id)?);
+                            let meta = store.read_snapshot(&s.snapshot_id).ok_or_else(|| {
+                                Status::not_found(format!("no snapshot {}", s.snapshot_id))
+                            })?;
+                            if meta.mode == Mode::Atomic {
+                                run(Command::new("btrfs")
+                                    .args(["subvolume", "snapshot"])
+                                    .arg(&from)
+                                    .arg(&path))?;
+                            } else {
+                                store.create_dir(&path)?;
+                                Store::copy_into(&from, &path)?;
+                            }
+                        }
+                        Some(Type::Volume(v)) => {
+                            let from = store.volume(checked(&v.volume_id)?);
+                            store.create_dir(&path)?;
+                            Store::copy_into(&from, &path)?;
+                        }
                     }
                 }
-                Some(Type::Volume(v)) => {
-                    let from = store.volume(checked(&v.volume_id)?);
-                    store.create_dir(&path)?;
-                    Store::copy_into(&from, &path)?;
-                }
-            }
-        }
-        let capacity = r
-            .capacity_range
-            .map_or(0, |c| c.required_bytes.max(c.limit_bytes));
-        Ok(Response::new(pb::CreateVolumeResponse {
-            volume: Some(pb::Volume {
-                capacity_bytes: capacity,
-                volume_id: id,
-                volume_context: Default::default(),
-                content_source: source,
-            }),
-        }))
+                let capacity = r
+                    .capacity_range
+                    .map_or(0, |c| c.required_bytes.max(c.limit_bytes));
+                Ok(Response::new(pb::CreateVolumeResponse {
+                    volume: Some(pb::Volume {
+                        capacity_bytes: capacity,
+                        volume_id: id,
+                        volume_context: Default::default(),
+                        content_source: source,
+                    }),
+                }))
+            },
+        )
+        .await
+        .map_err(internal)?
     }
 
     async fn delete_volume(
         &self,
         request: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
-        let store = &self.0;
-        let _guard = store.lock.lock().unwrap();
-        let id = request.into_inner().volume_id;
-        store.remove(&store.volume(checked(&id)?))?;
-        Ok(Response::new(pb::DeleteVolumeResponse {}))
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(
+            move || -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+                let store = &*store;
+                let _guard = store.lock.lock().unwrap();
+                let id = request.into_inner().volume_id;
+                store.remove(&store.volume(checked(&id)?))?;
+                Ok(Response::new(pb::DeleteVolumeResponse {}))
+            },
+        )
+        .await
+        .map_err(internal)?
     }
 
     async fn controller_get_capabilities(
@@ -357,70 +371,92 @@ impl pb::controller_server::Controller for Driver {
         &self,
         request: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
-        let r = request.into_inner();
-        let store = &self.0;
-        let _guard = store.lock.lock().unwrap();
-        let id = checked(&r.name)?;
-        let meta = match store.read_snapshot(id) {
-            Some(meta) if meta.source == r.source_volume_id => meta,
-            Some(_) => {
-                return Err(Status::already_exists(format!(
-                    "snapshot {id} exists for another volume"
-                )));
-            }
-            None => {
-                let parameters: BTreeMap<String, String> = r.parameters.into_iter().collect();
-                store.take(&r.source_volume_id, id, mode(&parameters)?, "")?
-            }
-        };
-        Ok(Response::new(pb::CreateSnapshotResponse {
-            snapshot: Some(Store::snapshot_pb(id, &meta)),
-        }))
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(
+            move || -> Result<Response<pb::CreateSnapshotResponse>, Status> {
+                let store = &*store;
+                let r = request.into_inner();
+                let _guard = store.lock.lock().unwrap();
+                let id = checked(&r.name)?;
+                let meta = match store.read_snapshot(id) {
+                    Some(meta) if meta.source == r.source_volume_id => meta,
+                    Some(_) => {
+                        return Err(Status::already_exists(format!(
+                            "snapshot {id} exists for another volume"
+                        )));
+                    }
+                    None => {
+                        let parameters: BTreeMap<String, String> =
+                            r.parameters.into_iter().collect();
+                        store.take(&r.source_volume_id, id, mode(&parameters)?, "")?
+                    }
+                };
+                Ok(Response::new(pb::CreateSnapshotResponse {
+                    snapshot: Some(Store::snapshot_pb(id, &meta)),
+                }))
+            },
+        )
+        .await
+        .map_err(internal)?
     }
 
     async fn delete_snapshot(
         &self,
         request: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        let store = &self.0;
-        let _guard = store.lock.lock().unwrap();
-        let id = request.into_inner().snapshot_id;
-        store.remove(&store.snapshot(checked(&id)?))?;
-        let _ = std::fs::remove_file(store.meta(&id));
-        Ok(Response::new(pb::DeleteSnapshotResponse {}))
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(
+            move || -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+                let store = &*store;
+                let _guard = store.lock.lock().unwrap();
+                let id = request.into_inner().snapshot_id;
+                store.remove(&store.snapshot(checked(&id)?))?;
+                let _ = std::fs::remove_file(store.meta(&id));
+                Ok(Response::new(pb::DeleteSnapshotResponse {}))
+            },
+        )
+        .await
+        .map_err(internal)?
     }
 
     async fn list_snapshots(
         &self,
         request: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
-        let r = request.into_inner();
-        let store = &self.0;
-        let mut entries = Vec::new();
-        for entry in std::fs::read_dir(store.root.join("snapshots"))
-            .map_err(internal)?
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().to_string();
-            let Some(id) = name.strip_suffix(".json") else {
-                continue;
-            };
-            let Some(meta) = store.read_snapshot(id) else {
-                continue;
-            };
-            if (!r.snapshot_id.is_empty() && r.snapshot_id != id)
-                || (!r.source_volume_id.is_empty() && r.source_volume_id != meta.source)
-            {
-                continue;
-            }
-            entries.push(pb::list_snapshots_response::Entry {
-                snapshot: Some(Store::snapshot_pb(id, &meta)),
-            });
-        }
-        Ok(Response::new(pb::ListSnapshotsResponse {
-            entries,
-            next_token: String::new(),
-        }))
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(
+            move || -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+                let store = &*store;
+                let r = request.into_inner();
+                let mut entries = Vec::new();
+                for entry in std::fs::read_dir(store.root.join("snapshots"))
+                    .map_err(internal)?
+                    .flatten()
+                {
+                    let name = entry.file_name().to_string_lossy().to_string();
+                    let Some(id) = name.strip_suffix(".json") else {
+                        continue;
+                    };
+                    let Some(meta) = store.read_snapshot(id) else {
+                        continue;
+                    };
+                    if (!r.snapshot_id.is_empty() && r.snapshot_id != id)
+                        || (!r.source_volume_id.is_empty() && r.source_volume_id != meta.source)
+                    {
+                        continue;
+                    }
+                    entries.push(pb::list_snapshots_response::Entry {
+                        snapshot: Some(Store::snapshot_pb(id, &meta)),
+                    });
+                }
+                Ok(Response::new(pb::ListSnapshotsResponse {
+                    entries,
+                    next_token: String::new(),
+                }))
+            },
+        )
+        .await
+        .map_err(internal)?
     }
 }
 
@@ -444,75 +480,97 @@ impl pb::group_controller_server::GroupController for Driver {
         &self,
         request: Request<pb::CreateVolumeGroupSnapshotRequest>,
     ) -> Result<Response<pb::CreateVolumeGroupSnapshotResponse>, Status> {
-        let r = request.into_inner();
-        let store = &self.0;
-        let _guard = store.lock.lock().unwrap();
-        let id = checked(&r.name)?.to_string();
-        let meta = match std::fs::read(store.group(&id)) {
-            Ok(bytes) => serde_json::from_slice::<GroupMeta>(&bytes).map_err(internal)?,
-            Err(_) => {
-                let parameters: BTreeMap<String, String> = r.parameters.into_iter().collect();
-                let mode = mode(&parameters)?;
-                let mut snapshots = Vec::new();
-                // One volume after another, as hostpath does.
-                for volume in &r.source_volume_ids {
-                    let snapshot = format!("{id}--{volume}");
-                    if store.read_snapshot(&snapshot).is_none() {
-                        store.take(volume, &snapshot, mode, &id)?;
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(
+            move || -> Result<Response<pb::CreateVolumeGroupSnapshotResponse>, Status> {
+                let store = &*store;
+                let r = request.into_inner();
+                let _guard = store.lock.lock().unwrap();
+                let id = checked(&r.name)?.to_string();
+                let meta = match std::fs::read(store.group(&id)) {
+                    Ok(bytes) => serde_json::from_slice::<GroupMeta>(&bytes).map_err(internal)?,
+                    Err(_) => {
+                        let parameters: BTreeMap<String, String> =
+                            r.parameters.into_iter().collect();
+                        let mode = mode(&parameters)?;
+                        let mut snapshots = Vec::new();
+                        // One volume after another, as hostpath does.
+                        for volume in &r.source_volume_ids {
+                            let snapshot = format!("{id}--{volume}");
+                            if store.read_snapshot(&snapshot).is_none() {
+                                store.take(volume, &snapshot, mode, &id)?;
+                            }
+                            snapshots.push(snapshot);
+                        }
+                        let meta = GroupMeta {
+                            snapshots,
+                            created: now(),
+                        };
+                        std::fs::write(
+                            store.group(&id),
+                            serde_json::to_vec(&meta).map_err(internal)?,
+                        )
+                        .map_err(internal)?;
+                        meta
                     }
-                    snapshots.push(snapshot);
-                }
-                let meta = GroupMeta {
-                    snapshots,
-                    created: now(),
                 };
-                std::fs::write(
-                    store.group(&id),
-                    serde_json::to_vec(&meta).map_err(internal)?,
-                )
-                .map_err(internal)?;
-                meta
-            }
-        };
-        Ok(Response::new(pb::CreateVolumeGroupSnapshotResponse {
-            group_snapshot: Some(group_pb(store, &id, &meta)),
-        }))
+                Ok(Response::new(pb::CreateVolumeGroupSnapshotResponse {
+                    group_snapshot: Some(group_pb(store, &id, &meta)),
+                }))
+            },
+        )
+        .await
+        .map_err(internal)?
     }
 
     async fn delete_volume_group_snapshot(
         &self,
         request: Request<pb::DeleteVolumeGroupSnapshotRequest>,
     ) -> Result<Response<pb::DeleteVolumeGroupSnapshotResponse>, Status> {
-        let r = request.into_inner();
-        let store = &self.0;
-        let _guard = store.lock.lock().unwrap();
-        let id = checked(&r.group_snapshot_id)?;
-        let mut snapshots = r.snapshot_ids;
-        if let Ok(bytes) = std::fs::read(store.group(id))
-            && let Ok(meta) = serde_json::from_slice::<GroupMeta>(&bytes)
-        {
-            snapshots.extend(meta.snapshots);
-        }
-        for snapshot in snapshots {
-            store.remove(&store.snapshot(checked(&snapshot)?))?;
-            let _ = std::fs::remove_file(store.meta(&snapshot));
-        }
-        let _ = std::fs::remove_file(store.group(id));
-        Ok(Response::new(pb::DeleteVolumeGroupSnapshotResponse {}))
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(
+            move || -> Result<Response<pb::DeleteVolumeGroupSnapshotResponse>, Status> {
+                let store = &*store;
+                let r = request.into_inner();
+                let _guard = store.lock.lock().unwrap();
+                let id = checked(&r.group_snapshot_id)?;
+                let mut snapshots = r.snapshot_ids;
+                if let Ok(bytes) = std::fs::read(store.group(id))
+                    && let Ok(meta) = serde_json::from_slice::<GroupMeta>(&bytes)
+                {
+                    snapshots.extend(meta.snapshots);
+                }
+                for snapshot in snapshots {
+                    store.remove(&store.snapshot(checked(&snapshot)?))?;
+                    let _ = std::fs::remove_file(store.meta(&snapshot));
+                }
+                let _ = std::fs::remove_file(store.group(id));
+                Ok(Response::new(pb::DeleteVolumeGroupSnapshotResponse {}))
+            },
+        )
+        .await
+        .map_err(internal)?
     }
 
     async fn get_volume_group_snapshot(
         &self,
         request: Request<pb::GetVolumeGroupSnapshotRequest>,
     ) -> Result<Response<pb::GetVolumeGroupSnapshotResponse>, Status> {
-        let store = &self.0;
-        let id = request.into_inner().group_snapshot_id;
-        let bytes = std::fs::read(store.group(checked(&id)?))
-            .map_err(|_| Status::not_found(format!("no group snapshot {id}")))?;
-        let meta: GroupMeta = serde_json::from_slice(&bytes).map_err(internal)?;
-        Ok(Response::new(pb::GetVolumeGroupSnapshotResponse {
-            group_snapshot: Some(group_pb(store, &id, &meta)),
-        }))
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(
+            move || -> Result<Response<pb::GetVolumeGroupSnapshotResponse>, Status> {
+                let store = &*store;
+                let id = request.into_inner().group_snapshot_id;
+                let bytes = std::fs::read(store.group(checked(&id)?))
+                    .map_err(|_| Status::not_found(format!("no group snapshot {id}")))?;
+                let meta: GroupMeta = serde_json::from_slice(&bytes).map_err(internal)?;
+                Ok(Response::new(pb::GetVolumeGroupSnapshotResponse {
+                    group_snapshot: Some(group_pb(store, &id, &meta)),
+                }))
+            },
+        )
+        .await
+        .map_err(internal)?
     }
 }
 

@@ -295,7 +295,7 @@ impl KubeLab {
         let gateway = bridge.gateway();
         let certs = Certs::make(&dir.join("pki"), gateway)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(4)
             .enable_all()
             .thread_name("kube-lab")
             .build()?;

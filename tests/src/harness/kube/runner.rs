@@ -449,7 +449,8 @@ impl PodTask {
         }
         self.failure = None;
         let netns = format!("spl-{}", &self.uid[..self.uid.len().min(12)]);
-        let net = self.ctx.bridge.attach(&netns)?;
+        let bridge = self.ctx.bridge.clone();
+        let net = tokio::task::spawn_blocking(move || bridge.attach(&netns)).await??;
         *self.shared.netns.lock().unwrap() = Some(net.netns.clone());
         self.net = Some(net);
         loop {
@@ -1237,7 +1238,8 @@ impl PodTask {
             self.ctx.bridge.release(net);
         }
         // The containers' mount namespaces ended with their processes.
-        crate::harness::remove_tree(&self.dir);
+        let dir = self.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || crate::harness::remove_tree(&dir)).await;
         let deleted = self.pod.metadata.deletion_timestamp.is_some() || *self.stopped.borrow();
         if deleted {
             let params = DeleteParams::default().grace_period(0);
