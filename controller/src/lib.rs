@@ -1,31 +1,30 @@
 //! stillpoint: the controller and its CLI.
 //!
-//! - [`agents`]: mTLS channels to agents, checking each agent's identity.
+//! - [`core`]: the group backup protocol and its model, independent of any
+//!   mode — agents, held freezes, the timeline, records, recovery plans,
+//!   retention rules, the snapshotter and store traits.
+//! - [`local`]: local mode — the TOML file, the JSON catalog, the host
+//!   snapshotters (btrfs, copy, exec), local restores and schedules.
 //! - [`certs`]: the CA and identities (`stillpoint certs`).
 //! - [`cli`]: the command line, one file per command group.
-//! - [`config`]: the local-mode TOML file.
-//! - [`orchestrator`]: the group backup protocol; [`holder`] keeps each
-//!   freeze renewed; [`timeline`] records the phases and the freeze window.
-//! - [`snapshot`]: the snapshotters (btrfs, copy, exec).
-//! - [`catalog`]: the manifests; [`restore`]: restoring them locally.
-//! - [`servers`]: real database servers run locally (`stillpoint demo`, tests);
-//!   [`demo`]: the demo cluster, its causal workload and its verification.
+//! - [`metrics`]: what the controller counts.
+//! - [`servers`], [`demo`], [`bench`]: real database servers run locally,
+//!   the demo cluster and the benchmarks (`stillpoint demo|bench`, tests).
+//!
+//! The modules at the top level below `core` and `local` (`catalog`,
+//! `config`, `orchestrator`, ...) are the paths earlier versions used.
 #![forbid(unsafe_code)]
 
-pub mod agents;
 pub mod bench;
-pub mod catalog;
 pub mod certs;
 pub mod cli;
-pub mod config;
+pub mod core;
 pub mod demo;
-pub mod holder;
+pub mod local;
 pub mod metrics;
-pub mod orchestrator;
-pub mod restore;
-pub mod retention;
 pub mod rlimit;
-pub mod scheduler;
 pub mod servers;
-pub mod snapshot;
-pub mod timeline;
+
+pub use crate::core::{agents, holder, plan, timeline};
+pub use crate::local::serve as scheduler;
+pub use crate::local::{catalog, config, orchestrator, restore, retention, snapshot};

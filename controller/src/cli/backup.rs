@@ -63,8 +63,8 @@ pub fn members_table(m: &Manifest) -> String {
         .map(|r| {
             vec![
                 r.name.clone(),
-                r.engine.clone(),
-                r.role.clone(),
+                r.engine.to_string(),
+                r.role.to_string(),
                 r.position.clone().unwrap_or_else(|| "-".into()),
                 r.aligned_to.clone().unwrap_or_else(|| "-".into()),
                 Consistency::name_or_dash(r.consistency).to_string(),

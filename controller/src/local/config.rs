@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use stillpoint_proto::tls::{TlsFiles, validate_identity};
 
+use crate::core::model::{AgentEndpoint, GroupSpec, MemberSpec, Role, VolumeId};
+
 /// Default bound on the whole freeze window.
 pub const DEFAULT_FREEZE_BUDGET: &str = "5s";
 /// Default lease TTL given to the agents.
@@ -461,6 +463,49 @@ impl Config {
                 self.groups.keys().cloned().collect::<Vec<_>>().join(", ")
             )
         })
+    }
+}
+
+impl RoleHint {
+    pub fn role(self) -> Role {
+        match self {
+            RoleHint::Primary => Role::Primary,
+            RoleHint::Replica => Role::Replica,
+            RoleHint::Standalone => Role::Standalone,
+        }
+    }
+}
+
+impl MemberFile {
+    /// The member as the protocol takes it.
+    pub fn spec(&self) -> MemberSpec {
+        MemberSpec {
+            name: self.name.clone(),
+            agent: AgentEndpoint {
+                addr: self.agent.clone(),
+                identity: self.identity.clone(),
+            },
+            role: self.role.role(),
+            primary: self.primary.clone(),
+            volumes: self.volumes.iter().cloned().map(VolumeId::Path).collect(),
+            restore_stage: self.restore_stage,
+            fsfreeze: self.fsfreeze,
+            accept_uncovered: self.accept_uncovered.clone(),
+        }
+    }
+}
+
+impl Group {
+    /// The group as the protocol takes it.
+    pub fn spec(&self) -> GroupSpec {
+        GroupSpec {
+            name: self.name.clone(),
+            members: self.members.iter().map(MemberFile::spec).collect(),
+            freeze_budget: self.freeze_budget,
+            lease_ttl: self.lease_ttl,
+            align_timeout: self.align_timeout,
+            connect_timeout: self.connect_timeout,
+        }
     }
 }
 

@@ -4,40 +4,43 @@
 //! exists, so a cut that is cut short (the freeze budget ran out) still
 //! leaves a record of what to delete.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-
-use crate::config::{Driver, Group};
-
-pub mod btrfs;
-pub mod copy;
-pub mod exec;
 
 /// One volume of one member, to be cut.
 #[derive(Debug, Clone)]
 pub struct VolumeRef {
     pub member: String,
     pub index: usize,
+    /// Its path (local mode), or where its member's server has it mounted
+    /// (a PVC), or empty.
     pub path: PathBuf,
+    /// The PersistentVolumeClaim (Kubernetes mode).
+    pub claim: Option<String>,
 }
 
-/// The volumes of `members`, as the snapshotters take them.
-pub fn volumes_of<'a>(
-    members: impl IntoIterator<Item = &'a crate::config::MemberFile>,
-) -> Vec<VolumeRef> {
-    members
-        .into_iter()
-        .flat_map(|m| {
-            m.volumes.iter().enumerate().map(|(index, path)| VolumeRef {
-                member: m.name.clone(),
+impl VolumeRef {
+    /// The volumes of one member, in its order.
+    pub fn of(member: &crate::core::model::MemberSpec) -> Vec<VolumeRef> {
+        use crate::core::model::VolumeId;
+        member
+            .volumes
+            .iter()
+            .enumerate()
+            .map(|(index, v)| VolumeRef {
+                member: member.name.clone(),
                 index,
-                path: path.clone(),
+                path: v.root().map(Path::to_path_buf).unwrap_or_default(),
+                claim: match v {
+                    VolumeId::Pvc { claim, .. } => Some(claim.clone()),
+                    VolumeId::Path(_) => None,
+                },
             })
-        })
-        .collect()
+            .collect()
+    }
 }
 
 /// What a snapshotter made for one volume.
@@ -51,6 +54,9 @@ pub struct SnapshotHandle {
     #[serde(default)]
     pub index: usize,
     pub volume: PathBuf,
+    /// The PersistentVolumeClaim it is of (Kubernetes mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
     /// Where (or what) the snapshot is: a path for btrfs and copy, the
     /// `{snapshot}` name for exec.
     pub handle: String,
@@ -58,6 +64,12 @@ pub struct SnapshotHandle {
     /// Content checksum, for drivers that can take one (copy).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksum: Option<String>,
+    /// Set on a later snapshot of the same volume that holds only this
+    /// path (relative to the volume) up to date: a restore takes that path
+    /// from it (PostgreSQL's WAL up to the backup stop, on a CSI class
+    /// whose snapshots are not atomic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<String>,
 }
 
 impl SnapshotHandle {
@@ -68,9 +80,11 @@ impl SnapshotHandle {
             member: volume.member,
             index: volume.index,
             volume: volume.path,
+            claim: volume.claim,
             handle,
             driver: driver.into(),
             checksum: None,
+            part: None,
         }
     }
 }
@@ -164,10 +178,13 @@ pub trait Snapshotter: Send + Sync + std::fmt::Debug {
 
     /// Refreshes one relative path of a cut from the live volume (PostgreSQL
     /// backup mode: the WAL written up to the backup stop). Only copies do.
+    /// A snapshotter that cannot refresh in place records a second
+    /// snapshot (its `part` set) in `made`.
     async fn refresh(
         &self,
         _handle: &SnapshotHandle,
         _relative: &str,
+        _made: &Made,
     ) -> Result<(), SnapshotError> {
         Ok(())
     }
@@ -182,16 +199,6 @@ pub trait Snapshotter: Send + Sync + std::fmt::Debug {
     /// short (abort). Idempotent.
     async fn delete_backup(&self, _backup_id: &str) -> Result<(), SnapshotError> {
         Ok(())
-    }
-}
-
-/// The snapshotter a group is configured with.
-pub fn for_group(group: &Group) -> Box<dyn Snapshotter> {
-    match group.driver {
-        Driver::Btrfs => Box::new(btrfs::Btrfs::new(group.snapshot_dir.clone())),
-        Driver::Copy => Box::new(copy::Copy::new(group.snapshot_dir.clone())),
-        Driver::Exec => Box::new(exec::Exec::new(group.exec.clone().expect("validated"))),
-        Driver::None => Box::new(NoCut),
     }
 }
 
@@ -225,148 +232,5 @@ impl Snapshotter for NoCut {
 
     async fn delete(&self, _: &[SnapshotHandle]) -> Result<(), SnapshotError> {
         Ok(())
-    }
-}
-
-/// The snapshotter that made a handle (for deleting from the catalog).
-pub fn for_handle(handle: &SnapshotHandle, group: Option<&Group>) -> Option<Box<dyn Snapshotter>> {
-    match handle.driver.as_str() {
-        "btrfs" => Some(Box::new(btrfs::Btrfs::new(PathBuf::new()))),
-        "copy" => Some(Box::new(copy::Copy::new(PathBuf::new()))),
-        "exec" => group
-            .and_then(|g| g.exec.clone())
-            .map(|t| Box::new(exec::Exec::new(t)) as Box<dyn Snapshotter>),
-        _ => None,
-    }
-}
-
-/// The directory name of one volume's snapshot.
-pub fn volume_name(v: &VolumeRef) -> String {
-    format!("{}-{}", v.member, v.index)
-}
-
-/// Creates `<dir>/<backup_id>`, where one backup's snapshots go.
-pub(crate) async fn backup_dir(
-    driver: &'static str,
-    dir: &std::path::Path,
-    backup_id: &str,
-) -> Result<PathBuf, SnapshotError> {
-    let dest = dir.join(backup_id);
-    tokio::fs::create_dir_all(&dest).await.map_err(|e| {
-        SnapshotError::new(driver, format!("cannot create {}: {e}", dest.display()))
-    })?;
-    Ok(dest)
-}
-
-/// A command's process group, killed (SIGKILL) when this drops: a command
-/// that is cut short (its future dropped by a budget) or that left
-/// background children behind ends entirely.
-struct ProcessGroup(Option<u32>);
-
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        let group = self
-            .0
-            .and_then(|id| rustix::process::Pid::from_raw(id as i32));
-        if let Some(group) = group {
-            // ESRCH: the group is already gone.
-            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
-        }
-    }
-}
-
-/// Runs a command in its own process group, at most `bound`; a failure
-/// carries its stderr. Whatever of the group is left when it ends (or is
-/// cancelled) is killed.
-pub(crate) async fn run_bounded(
-    driver: &'static str,
-    cmd: &mut tokio::process::Command,
-    bound: Option<std::time::Duration>,
-) -> Result<(), String> {
-    let program = format!("{:?}", cmd.as_std().get_program());
-    let child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot run {program}: {e}"))?;
-    let _group = ProcessGroup(child.id());
-    let waiting = child.wait_with_output();
-    let out = match bound {
-        Some(bound) => tokio::time::timeout(bound, waiting).await.map_err(|_| {
-            format!(
-                "{driver}: {program} did not finish within {} s",
-                bound.as_secs()
-            )
-        })?,
-        None => waiting.await,
-    }
-    .map_err(|e| format!("cannot run {program}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{driver}: {program} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// Runs a command (see [`run_bounded`]); the caller bounds it.
-pub(crate) async fn run(
-    driver: &'static str,
-    cmd: &mut tokio::process::Command,
-) -> Result<(), String> {
-    run_bounded(driver, cmd, None).await
-}
-
-/// Runs one job per volume in parallel; each result is handed to `made`
-/// as soon as it exists.
-pub(crate) async fn cut_all<F, Fut>(
-    driver: &'static str,
-    volumes: &[VolumeRef],
-    made: &Made,
-    job: F,
-) -> Result<(), SnapshotError>
-where
-    F: Fn(VolumeRef) -> Fut,
-    Fut: std::future::Future<Output = Result<SnapshotHandle, String>>,
-{
-    let results = futures_util::future::join_all(volumes.iter().cloned().map(|v| {
-        let job = job(v);
-        async move {
-            let handle = job.await?;
-            made.record(handle);
-            Ok::<(), String>(())
-        }
-    }))
-    .await;
-    let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(SnapshotError::new(driver, errors.join("; ")))
-    }
-}
-
-/// Runs one job per volume in parallel (not a cut: nothing is recorded).
-pub(crate) async fn each_volume<F, Fut>(
-    driver: &'static str,
-    volumes: &[VolumeRef],
-    job: F,
-) -> Result<(), SnapshotError>
-where
-    F: Fn(VolumeRef) -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    let results = futures_util::future::join_all(volumes.iter().cloned().map(job)).await;
-    let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(SnapshotError::new(driver, errors.join("; ")))
     }
 }

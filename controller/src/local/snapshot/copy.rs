@@ -138,7 +138,12 @@ impl Snapshotter for Copy {
         .await
     }
 
-    async fn refresh(&self, handle: &SnapshotHandle, relative: &str) -> Result<(), SnapshotError> {
+    async fn refresh(
+        &self,
+        handle: &SnapshotHandle,
+        relative: &str,
+        _made: &Made,
+    ) -> Result<(), SnapshotError> {
         let from = handle.volume.join(relative);
         let to = Path::new(&handle.handle).join(relative);
         let _ = tokio::fs::remove_dir_all(&to).await;

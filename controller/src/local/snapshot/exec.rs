@@ -131,6 +131,7 @@ mod tests {
             member: "pg-0".into(),
             index: 1,
             path: "/srv/pg".into(),
+            claim: None,
         };
         let id = "shop-20261124-081500-123";
         let name = snapshot_name(id, &v);

@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -27,73 +28,63 @@ use stillpoint_proto::pb::{self, agent_client::AgentClient};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::agents::{ControllerTls, OpenFreeze};
-use crate::catalog::{Catalog, Consistency, Manifest, MemberRecord, Outcome, ServerPath};
-use crate::config::{Group, MemberFile, RoleHint};
-use crate::holder::{Holder, thaw_accepted};
-use crate::metrics::{Metrics, ResultLabels, metrics};
-use crate::snapshot::{self, Made, Snapshotter, VolumeRef};
-use crate::timeline::{Clock, Timeline};
+use crate::core::agents::{ControllerTls, OpenFreeze};
+use crate::core::error::{ErrorKind, Phase, Problem, Problems};
+use crate::core::holder::{Holder, thaw_accepted};
+use crate::core::model::{Engine, GroupSpec, MemberSpec, Role};
+use crate::core::record::{Consistency, Manifest, MemberRecord, Outcome, ServerPath};
+use crate::core::snapshot::{Made, Snapshotter, VolumeRef};
+use crate::core::store::BackupStore;
+use crate::core::timeline::{Clock, Timeline};
+use crate::metrics::{Metrics, ResultLabels};
 
-/// A backup that did not complete; its manifest (outcome `failed`) is in
-/// the catalog.
+/// A backup that did not complete; its record (outcome `failed` or
+/// `aborted`) is in the store.
 #[derive(Debug, thiserror::Error)]
 #[error("backup {id} of group {group} failed: {cause}")]
 pub struct BackupError {
     pub id: String,
     pub group: String,
+    /// Every problem, as one sentence (what the manifest's `error` says).
     pub cause: String,
+    /// The problems by phase, member and kind; the first is the cause.
+    pub problems: Problems,
     pub manifest: Box<Manifest>,
+}
+
+impl BackupError {
+    /// What went wrong first (a Condition reason, a metric label).
+    pub fn kind(&self) -> ErrorKind {
+        self.problems.kind()
+    }
 }
 
 /// The engine name as the manifest records it.
 pub fn engine_name(engine: i32) -> &'static str {
-    match pb::Engine::try_from(engine).unwrap_or_default() {
-        pb::Engine::Postgres => "postgres",
-        pb::Engine::Mysql => "mysql",
-        pb::Engine::Mariadb => "mariadb",
-        pb::Engine::Mongodb => "mongodb",
-        pb::Engine::Redis => "redis",
-        pb::Engine::Fsfreeze => "fsfreeze",
-        pb::Engine::Exec => "exec",
-        pb::Engine::Noop => "noop",
-        pb::Engine::Unspecified => "unknown",
-    }
-}
-
-fn role_name(role: i32) -> &'static str {
-    match pb::Role::try_from(role).unwrap_or_default() {
-        pb::Role::Primary => "primary",
-        pb::Role::Replica => "replica",
-        pb::Role::Standalone => "standalone",
-        pb::Role::Unspecified => "unknown",
-    }
+    Engine::from_pb(engine).name()
 }
 
 /// The default restore stage of an engine class: databases before
 /// everything that depends on them.
-pub fn default_stage(engine: &str) -> u32 {
-    match engine {
-        "postgres" | "mysql" | "mariadb" | "mongodb" => 2,
-        "redis" => 3,
-        _ => 4,
-    }
+pub fn default_stage(engine: Engine) -> u32 {
+    engine.default_stage()
 }
 
 /// How a member's cut is made consistent.
-pub fn consistency(engine: &str, blocks_writes: bool, atomic: bool) -> Consistency {
+pub fn consistency(engine: Engine, blocks_writes: bool, atomic: bool) -> Consistency {
     match (atomic, blocks_writes, engine) {
         (true, true, _) => Consistency::Frozen,
         (true, false, _) => Consistency::CrashConsistent,
-        (false, _, "postgres") => Consistency::BackupLabel,
+        (false, _, Engine::Postgres) => Consistency::BackupLabel,
         (false, _, _) => Consistency::FrozenCopy,
     }
 }
 
-/// Whether a member may be cut by a non-atomic copy at all.
-pub fn copy_refusal(member: &MemberFile, engine: &str) -> Option<String> {
+/// Whether a member may be cut by a non-atomic copy at all (the local
+/// `copy` snapshotter, a CSI class whose snapshots are not atomic).
+pub fn copy_refusal(member: &MemberSpec, engine: Engine) -> Option<String> {
     match engine {
-        "mysql" | "mariadb" if !member.fsfreeze => Some(format!(
+        Engine::Mysql | Engine::Mariadb if !member.fsfreeze => Some(format!(
             "member {} ({engine}, InnoDB) cannot be cut by the copy snapshotter: a file copy of \
              InnoDB is consistent only while its mount is frozen. Set `fsfreeze = true` for it \
              (and STILLPOINT_FSFREEZE_MOUNTS on its agent), or use an atomic snapshotter (btrfs, exec)",
@@ -147,9 +138,9 @@ pub fn uncovered<'p>(
 
 /// Checks that a member's volumes hold what its server needs; returns the
 /// warnings for accepted gaps, or why the member cannot be backed up.
-fn coverage(
-    member: &MemberFile,
-    engine: &str,
+pub fn coverage(
+    member: &MemberSpec,
+    engine: Engine,
     paths: &[ServerPath],
 ) -> Result<Vec<String>, String> {
     if member.volumes.is_empty() {
@@ -165,10 +156,15 @@ fn coverage(
     let volumes = member
         .volumes
         .iter()
-        .map(|v| v.display().to_string())
+        .map(|v| v.describe())
         .collect::<Vec<_>>()
         .join(", ");
-    let (refused, accepted) = uncovered(paths, &member.volumes, &member.accept_uncovered);
+    let roots: Vec<std::path::PathBuf> = member
+        .volumes
+        .iter()
+        .filter_map(|v| v.root().map(std::path::Path::to_path_buf))
+        .collect();
+    let (refused, accepted) = uncovered(paths, &roots, &member.accept_uncovered);
     if let Some(first) = refused.first() {
         let all: Vec<String> = refused
             .iter()
@@ -200,7 +196,7 @@ fn coverage(
 }
 
 struct Member<'g> {
-    config: &'g MemberFile,
+    config: &'g MemberSpec,
     client: AgentClient<Channel>,
     describe: pb::DescribeResponse,
     /// The freeze stream, opened at prepare.
@@ -210,8 +206,8 @@ struct Member<'g> {
 }
 
 impl Member<'_> {
-    fn engine(&self) -> &'static str {
-        engine_name(self.describe.engine)
+    fn engine(&self) -> Engine {
+        Engine::from_pb(self.describe.engine)
     }
 
     fn blocks_writes(&self) -> bool {
@@ -222,11 +218,32 @@ impl Member<'_> {
     }
 }
 
-/// Runs group backups.
+/// Runs group backups: the client identity it dials agents with, and
+/// where it counts what it does.
 #[derive(Debug, Clone)]
-pub struct Orchestrator {
+pub struct Protocol {
     pub tls: ControllerTls,
-    pub catalog: Catalog,
+    pub metrics: &'static Metrics,
+}
+
+/// One backup to run: of which group, cut by what, recorded where.
+pub struct BackupJob<'a> {
+    pub group: &'a GroupSpec,
+    pub id: &'a str,
+    /// The schedule that started it, if any.
+    pub schedule: Option<&'a str>,
+    pub snapshotter: Box<dyn Snapshotter>,
+    pub store: Arc<dyn BackupStore>,
+}
+
+impl std::fmt::Debug for BackupJob<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupJob")
+            .field("group", &self.group.name)
+            .field("id", &self.id)
+            .field("snapshotter", &self.snapshotter)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A backup id: group, UTC time to the millisecond.
@@ -251,7 +268,8 @@ fn rfc3339_now() -> String {
 }
 
 struct Run<'a, 'g> {
-    group: &'g Group,
+    group: &'g GroupSpec,
+    metrics: &'static Metrics,
     id: &'a str,
     clock: Clock,
     timeline: Timeline,
@@ -275,7 +293,7 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn spawn(catalog: Catalog, base: Manifest, made: Made) -> Recorder {
+    fn spawn(store: Arc<dyn BackupStore>, base: Manifest, made: Made) -> Recorder {
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             loop {
@@ -285,9 +303,7 @@ impl Recorder {
                 }
                 let mut manifest = base.clone();
                 with_snapshots(&mut manifest, &made);
-                let catalog = catalog.clone();
-                let written = tokio::task::spawn_blocking(move || catalog.write(&manifest)).await;
-                if let Ok(Err(e)) = written {
+                if let Err(e) = store.save(&manifest).await {
                     tracing::warn!(backup_id = %base.id, "recording the snapshots made so far: {e}");
                 }
             }
@@ -315,24 +331,30 @@ fn with_snapshots(manifest: &mut Manifest, made: &Made) {
     }
 }
 
-impl Orchestrator {
-    /// Takes one backup of `group` with id `id`. Always leaves a manifest.
-    pub async fn backup(&self, group: &Group, id: &str) -> Result<Manifest, BackupError> {
-        self.backup_until(group, id, None, std::future::pending())
-            .await
+impl Protocol {
+    /// A protocol that counts into the process's metrics.
+    pub fn new(tls: ControllerTls) -> Self {
+        Protocol {
+            tls,
+            metrics: crate::metrics::metrics(),
+        }
     }
 
-    /// Takes one backup, recording the schedule that started it, and
-    /// aborts it (thawing every member, deleting what was cut, outcome
-    /// `aborted`) as soon as `cancel` completes.
-    pub async fn backup_until(
+    /// Takes one backup, and aborts it (thawing every member, deleting
+    /// what was cut, outcome `aborted`) as soon as `cancel` completes.
+    /// Always leaves a record in the job's store.
+    pub async fn run(
         &self,
-        group: &Group,
-        id: &str,
-        schedule: Option<&str>,
+        job: BackupJob<'_>,
         cancel: impl Future<Output = String>,
     ) -> Result<Manifest, BackupError> {
-        let snapshotter = snapshot::for_group(group);
+        let BackupJob {
+            group,
+            id,
+            schedule,
+            snapshotter,
+            store,
+        } = job;
         let mut manifest = Manifest {
             id: id.to_string(),
             group: group.name.clone(),
@@ -347,11 +369,13 @@ impl Orchestrator {
             timeline: Timeline::default(),
             warnings: Vec::new(),
         };
-        if let Err(e) = self.catalog.write(&manifest) {
-            return Err(self.failed(manifest, e.to_string()));
+        if let Err(e) = store.save(&manifest).await {
+            let problems = Problems::one(Phase::Record, ErrorKind::StoreFailed, None, e.0);
+            return Err(self.failed(&*store, manifest, problems).await);
         }
         let mut run = Run {
             group,
+            metrics: self.metrics,
             id,
             clock: Clock::default(),
             timeline: Timeline::default(),
@@ -364,10 +388,10 @@ impl Orchestrator {
             recorder: None,
         };
         let result = tokio::select! {
-            result = run.execute(&self.tls, &self.catalog, &manifest) => result,
+            result = run.execute(&self.tls, &store, &manifest) => result,
             reason = cancel => {
                 manifest.outcome = Outcome::Aborted;
-                Err(format!("aborted: {reason}"))
+                Err(Problems::one(Phase::Thaw, ErrorKind::Aborted, None, format!("aborted: {reason}")))
             }
         };
         if result.is_err() {
@@ -378,7 +402,7 @@ impl Orchestrator {
         }
         manifest.freeze_window_us = run.timeline.compute_window();
         if let Some(us) = manifest.freeze_window_us {
-            metrics()
+            self.metrics
                 .freeze_window
                 .get_or_create(&Metrics::group(&group.name))
                 .observe(us as f64 / 1e6);
@@ -388,12 +412,12 @@ impl Orchestrator {
         manifest.cut_us = run.cut_us;
         manifest.timeline = run.timeline.clone();
         manifest.warnings = std::mem::take(&mut run.warnings);
-        let cause = match result {
+        let problems = match result {
             Ok(()) => {
                 manifest.outcome = Outcome::Succeeded;
-                match self.catalog.write(&manifest) {
+                match store.save(&manifest).await {
                     Ok(()) => {
-                        count(&manifest);
+                        self.count(&manifest);
                         tracing::info!(
                             backup_id = id,
                             window_us = manifest.freeze_window_us.unwrap_or(0),
@@ -401,43 +425,70 @@ impl Orchestrator {
                         );
                         return Ok(manifest);
                     }
-                    // Snapshots no manifest records would be orphans.
+                    // Snapshots no record holds would be orphans.
                     Err(e) => {
                         manifest.outcome = Outcome::Failed;
                         run.abort().await;
                         with_snapshots(&mut manifest, &run.made);
-                        format!(
-                            "the manifest could not be written ({e}); the backup's snapshots \
-                             were deleted"
+                        Problems::one(
+                            Phase::Record,
+                            ErrorKind::StoreFailed,
+                            None,
+                            format!(
+                                "the manifest could not be written ({}); the backup's snapshots \
+                                 were deleted",
+                                e.0
+                            ),
                         )
                     }
                 }
             }
-            Err(cause) => {
-                tracing::warn!(backup_id = id, %cause, "backup aborted; every member thawed");
-                cause
+            Err(problems) => {
+                tracing::warn!(backup_id = id, cause = %problems, "backup aborted; every member thawed");
+                problems
             }
         };
-        Err(self.failed(manifest, cause))
+        Err(self.failed(&*store, manifest, problems).await)
     }
 
     /// Records a backup that did not succeed (outcome `failed` unless it
     /// was `aborted`), counts it, and makes its error.
-    fn failed(&self, mut manifest: Manifest, cause: String) -> BackupError {
+    async fn failed(
+        &self,
+        store: &dyn BackupStore,
+        mut manifest: Manifest,
+        problems: Problems,
+    ) -> BackupError {
         if matches!(manifest.outcome, Outcome::Running | Outcome::Succeeded) {
             manifest.outcome = Outcome::Failed;
         }
+        let cause = match problems.0.first().map(|p| p.phase) {
+            Some(Phase::Resolve) => format!("resolve: {problems}"),
+            _ => problems.to_string(),
+        };
         manifest.error = Some(cause.clone());
-        if let Err(e) = self.catalog.write(&manifest) {
+        if let Err(e) = store.save(&manifest).await {
             tracing::error!(backup_id = %manifest.id, "recording the failure: {e}");
         }
-        count(&manifest);
+        self.count(&manifest);
         BackupError {
             id: manifest.id.clone(),
             group: manifest.group.clone(),
             cause,
+            problems,
             manifest: Box::new(manifest),
         }
+    }
+
+    /// Counts a finished backup by its outcome.
+    fn count(&self, manifest: &Manifest) {
+        self.metrics
+            .backups
+            .get_or_create(&ResultLabels {
+                group: manifest.group.clone(),
+                result: manifest.outcome.as_str().to_string(),
+            })
+            .inc();
     }
 }
 
@@ -447,11 +498,11 @@ struct Frozen {
     requested: u64,
     frozen: u64,
     aligned: Option<u64>,
-    error: Option<String>,
+    error: Option<Problem>,
 }
 
 impl Frozen {
-    fn failed(name: String, aligned: Option<u64>, error: String) -> Frozen {
+    fn failed(name: String, aligned: Option<u64>, error: Problem) -> Frozen {
         Frozen {
             name,
             requested: 0,
@@ -462,47 +513,46 @@ impl Frozen {
     }
 }
 
-/// Counts a finished backup by its outcome.
-fn count(manifest: &Manifest) {
-    metrics()
-        .backups
-        .get_or_create(&ResultLabels {
-            group: manifest.group.clone(),
-            result: manifest.outcome.as_str().to_string(),
-        })
-        .inc();
-}
-
 impl<'g> Run<'_, 'g> {
     fn mark(&mut self, member: &str, phase: &str) {
         let at = self.clock.now_us();
         self.timeline.mark(member, phase, at);
     }
 
-    fn budget_left(&self, step: &str) -> Result<Duration, String> {
+    fn budget_left(&self, phase: Phase, step: &str) -> Result<Duration, Problems> {
         match self.window_deadline {
             None => Ok(self.group.freeze_budget),
             Some(deadline) => deadline
                 .checked_duration_since(Instant::now())
                 .filter(|d| !d.is_zero())
-                .ok_or_else(|| self.over_budget(step)),
+                .ok_or_else(|| self.over_budget(phase, step).into()),
         }
     }
 
-    fn over_budget(&self, step: &str) -> String {
-        format!(
-            "the freeze budget of {} ms was exceeded during {step}",
-            self.group.freeze_budget.as_millis()
+    fn over_budget(&self, phase: Phase, step: &str) -> Problem {
+        Problem::new(
+            phase,
+            ErrorKind::BudgetExceeded,
+            None,
+            format!(
+                "the freeze budget of {} ms was exceeded during {step}",
+                self.group.freeze_budget.as_millis()
+            ),
         )
     }
 
     /// Fails if any hold was lost.
-    fn check_holds(&self, step: &str) -> Result<(), String> {
+    fn check_holds(&self, phase: Phase, step: &str) -> Result<(), Problems> {
         for m in &self.members {
             if let Some(reason) = m.holder.as_ref().and_then(Holder::lost) {
-                return Err(format!(
-                    "member {} lost its hold before {step}: {reason}",
-                    m.config.name
+                return Err(Problems::one(
+                    phase,
+                    ErrorKind::HoldLost,
+                    Some(&m.config.name),
+                    format!(
+                        "member {} lost its hold before {step}: {reason}",
+                        m.config.name
+                    ),
                 ));
             }
         }
@@ -512,66 +562,86 @@ impl<'g> Run<'_, 'g> {
     async fn execute(
         &mut self,
         tls: &ControllerTls,
-        catalog: &Catalog,
+        store: &Arc<dyn BackupStore>,
         manifest: &Manifest,
-    ) -> Result<(), String> {
+    ) -> Result<(), Problems> {
         self.resolve(tls).await?;
         // From here on, the manifest lists the members and (as they appear)
         // their snapshots.
         let mut running = manifest.clone();
         running.members = self.members.iter().map(|m| m.record.clone()).collect();
         running.warnings = self.warnings.clone();
-        self.recorder = Some(Recorder::spawn(catalog.clone(), running, self.made.clone()));
+        self.recorder = Some(Recorder::spawn(store.clone(), running, self.made.clone()));
         self.made.set(Vec::new());
         self.prepare().await?;
         self.freeze().await?;
         self.flush().await?;
-        self.check_holds("the cut")?;
+        self.check_holds(Phase::Cut, "the cut")?;
         self.cut().await?;
-        self.check_holds("the thaw")?;
+        self.check_holds(Phase::Thaw, "the thaw")?;
         self.thaw().await?;
         self.finalize().await
     }
 
-    async fn resolve(&mut self, tls: &ControllerTls) -> Result<(), String> {
+    async fn resolve(&mut self, tls: &ControllerTls) -> Result<(), Problems> {
         let group = self.group;
         let mut tls = tls.clone();
         tls.connect_timeout = group.connect_timeout;
         let tls = &tls;
         let resolved = join_all(group.members.iter().map(|m| async move {
             let mut client = tls
-                .connect(&m.agent, &m.identity)
+                .connect(&m.agent.addr, &m.agent.identity)
                 .await
-                .map_err(|e| format!("member {} is not reachable: {e}", m.name))?;
+                .map_err(|e| {
+                    let text = e.to_string();
+                    let kind = match text.contains(" presented ") {
+                        true => ErrorKind::WrongIdentity,
+                        false => ErrorKind::AgentUnreachable,
+                    };
+                    Problem::new(
+                        Phase::Resolve,
+                        kind,
+                        Some(&m.name),
+                        format!("member {} is not reachable: {text}", m.name),
+                    )
+                })?;
             let describe = client
                 .describe(pb::DescribeRequest {})
                 .await
-                .map_err(|e| format!("member {}: describe failed: {}", m.name, e.message()))?
+                .map_err(|e| {
+                    Problem::new(
+                        Phase::Resolve,
+                        ErrorKind::ServerUnavailable,
+                        Some(&m.name),
+                        format!("member {}: describe failed: {}", m.name, e.message()),
+                    )
+                })?
                 .into_inner();
-            Ok::<_, String>((m, client, describe))
+            Ok::<_, Problem>((m, client, describe))
         }))
         .await;
         let mut problems = Vec::new();
         for result in resolved {
             match result {
                 Ok((config, client, describe)) => {
-                    let engine = engine_name(describe.engine);
-                    let role = role_name(describe.role);
-                    let expected = match config.role {
-                        RoleHint::Primary => "primary",
-                        RoleHint::Replica => "replica",
-                        RoleHint::Standalone => "standalone",
-                    };
-                    if role != expected && !(expected == "standalone" && role == "primary") {
-                        problems.push(format!(
-                            "member {} is configured as {expected} but its agent reports {role}",
-                            config.name
+                    let engine = Engine::from_pb(describe.engine);
+                    let role = Role::from_pb(describe.role);
+                    let expected = config.role;
+                    let at =
+                        |kind, text| Problem::new(Phase::Resolve, kind, Some(&config.name), text);
+                    if !role.meets(expected) {
+                        problems.push(at(
+                            ErrorKind::RoleMismatch,
+                            format!(
+                                "member {} is configured as {expected} but its agent reports {role}",
+                                config.name
+                            ),
                         ));
                     }
                     if !self.snapshotter.atomic()
                         && let Some(why) = copy_refusal(config, engine)
                     {
-                        problems.push(why);
+                        problems.push(at(ErrorKind::CopyRefused, why));
                     }
                     let paths: Vec<ServerPath> = describe
                         .paths
@@ -583,7 +653,7 @@ impl<'g> Run<'_, 'g> {
                         .collect();
                     match coverage(config, engine, &paths) {
                         Ok(warnings) => self.warnings.extend(warnings),
-                        Err(why) => problems.push(why),
+                        Err(why) => problems.push(at(ErrorKind::NotCovered, why)),
                     }
                     self.warnings.extend(
                         describe
@@ -593,16 +663,16 @@ impl<'g> Run<'_, 'g> {
                     );
                     let record = MemberRecord {
                         name: config.name.clone(),
-                        engine: engine.to_string(),
+                        engine,
                         server_version: describe.server_version.clone(),
-                        role: role.to_string(),
+                        role,
                         primary: config.primary.clone(),
                         position: None,
                         aligned_to: None,
                         consistency: None,
                         restore_stage: config
                             .restore_stage
-                            .unwrap_or_else(|| default_stage(engine)),
+                            .unwrap_or_else(|| engine.default_stage()),
                         restore_stage_explicit: config.restore_stage.is_some(),
                         snapshots: Vec::new(),
                         artefacts: BTreeMap::new(),
@@ -630,11 +700,11 @@ impl<'g> Run<'_, 'g> {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(format!("resolve: {}", problems.join("; ")))
+            Err(Problems(problems))
         }
     }
 
-    async fn prepare(&mut self) -> Result<(), String> {
+    async fn prepare(&mut self) -> Result<(), Problems> {
         let id = self.id;
         let start = self.clock.now_us();
         for m in &self.members {
@@ -648,18 +718,34 @@ impl<'g> Run<'_, 'g> {
                     atomic_cut,
                 })
                 .await
-                .map_err(|e| format!("member {}: prepare failed: {}", m.config.name, e.message()))
+                .map_err(|e| {
+                    Problem::new(
+                        Phase::Prepare,
+                        ErrorKind::PrepareFailed,
+                        Some(&m.config.name),
+                        format!("member {}: prepare failed: {}", m.config.name, e.message()),
+                    )
+                })
         }))
         .await;
-        results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let failed: Vec<Problem> = results.into_iter().filter_map(Result::err).collect();
+        if !failed.is_empty() {
+            return Err(Problems(failed));
+        }
         for m in &mut self.members {
             m.open = Some(OpenFreeze::open(&m.client));
         }
         // Last, so as little as possible is written between it and the cut.
         let volumes = self.volumes(&|_| true);
         self.snapshotter.prepare(&volumes).await.map_err(|e| {
-            metrics().snapshot_failure(&self.group.name, e.driver, "prepare");
-            format!("preparing the cut: {e}")
+            self.metrics
+                .snapshot_failure(&self.group.name, e.driver, "prepare");
+            Problems::one(
+                Phase::Prepare,
+                ErrorKind::PrepareFailed,
+                None,
+                format!("preparing the cut: {e}"),
+            )
         })?;
         let names: Vec<String> = self.members.iter().map(|m| m.config.name.clone()).collect();
         for name in &names {
@@ -671,31 +757,53 @@ impl<'g> Run<'_, 'g> {
     /// Freezes one member (a replica once it reached `align`); returns when
     /// the freeze was requested and when it was acknowledged.
     async fn freeze_one(
+        metrics: &Metrics,
         clock: &Clock,
         m: &mut Member<'g>,
         id: &str,
         ttl: Duration,
         bound: Duration,
         align: Option<(pb::Position, Duration)>,
-    ) -> Result<(u64, u64, u64), String> {
+    ) -> Result<(u64, u64, u64), Problem> {
         let requested = clock.now_us();
         let open = m.open.take().unwrap_or_else(|| OpenFreeze::open(&m.client));
+        let aligning = align.is_some();
         let held = open.start(id, ttl, align);
+        let name = m.config.name.as_str();
         let held = tokio::time::timeout(bound, held)
             .await
             .map_err(|_| {
-                format!(
-                    "member {}: no freeze within the budget ({} ms left)",
-                    m.config.name,
-                    bound.as_millis()
+                let kind = match aligning {
+                    true => ErrorKind::AlignmentTimeout,
+                    false => ErrorKind::BudgetExceeded,
+                };
+                Problem::new(
+                    Phase::Freeze,
+                    kind,
+                    Some(name),
+                    format!(
+                        "member {name}: no freeze within the budget ({} ms left)",
+                        bound.as_millis()
+                    ),
                 )
             })?
-            .map_err(|e| format!("member {}: freeze failed: {}", m.config.name, e.message()))?;
+            .map_err(|e| {
+                let kind = match e.code() {
+                    tonic::Code::DeadlineExceeded if aligning => ErrorKind::AlignmentTimeout,
+                    _ => ErrorKind::FreezeFailed,
+                };
+                Problem::new(
+                    Phase::Freeze,
+                    kind,
+                    Some(name),
+                    format!("member {name}: freeze failed: {}", e.message()),
+                )
+            })?;
         let frozen = clock.now_us();
         let aligned_us = held.frozen.aligned_us;
-        metrics()
+        metrics
             .agent_freeze
-            .get_or_create(&Metrics::engine(m.engine()))
+            .get_or_create(&Metrics::engine(m.engine().name()))
             .observe(held.frozen.freeze_duration_us as f64 / 1e6);
         m.record.freeze_us = Some(held.frozen.freeze_duration_us);
         m.record.position = held.frozen.position.as_ref().map(PositionExt::display);
@@ -706,22 +814,23 @@ impl<'g> Run<'_, 'g> {
     /// Freezes every primary (and standalone member) in parallel; each
     /// replica is aligned to its own primary's frozen position and frozen
     /// as soon as that primary is frozen, without waiting for the others.
-    async fn freeze(&mut self) -> Result<(), String> {
+    async fn freeze(&mut self) -> Result<(), Problems> {
         self.window_deadline = Some(Instant::now() + self.group.freeze_budget);
         let deadline = self.window_deadline.expect("just set");
-        let bound = self.budget_left("the freeze")?;
-        let (id, ttl, clock, group) = (
+        let bound = self.budget_left(Phase::Freeze, "the freeze")?;
+        let (id, ttl, clock, group, metrics) = (
             self.id,
             self.group.lease_ttl,
             self.clock.clone(),
             self.group,
+            self.metrics,
         );
         let align_timeout = group.align_timeout.min(bound);
         let mut primaries = Vec::new();
         let mut replicas: BTreeMap<String, Vec<&mut Member<'g>>> = BTreeMap::new();
         for m in self.members.iter_mut() {
             match (&m.config.role, &m.config.primary) {
-                (RoleHint::Replica, Some(p)) => replicas.entry(p.clone()).or_default().push(m),
+                (Role::Replica, Some(p)) => replicas.entry(p.clone()).or_default().push(m),
                 _ => primaries.push(m),
             }
         }
@@ -731,7 +840,7 @@ impl<'g> Run<'_, 'g> {
             async move {
                 let mut out = Vec::new();
                 let name = p.config.name.clone();
-                match Self::freeze_one(&clock, p, id, ttl, bound, None).await {
+                match Self::freeze_one(metrics, &clock, p, id, ttl, bound, None).await {
                     Ok((requested, frozen, _)) => out.push(Frozen {
                         name,
                         requested,
@@ -749,6 +858,7 @@ impl<'g> Run<'_, 'g> {
                     let (clock, target) = (clock.clone(), target.clone());
                     async move {
                         Self::align_and_freeze(
+                            metrics,
                             &clock,
                             r,
                             target,
@@ -767,9 +877,18 @@ impl<'g> Run<'_, 'g> {
             }
         });
         let results: Vec<Frozen> = join_all(chains).await.into_iter().flatten().collect();
-        let mut errors: Vec<String> = replicas
-            .keys()
-            .map(|p| format!("primary {p} is not a member of the group"))
+        let mut errors: Vec<Problem> = replicas
+            .iter()
+            .flat_map(|(p, rs)| {
+                rs.iter().map(move |r| {
+                    Problem::new(
+                        Phase::Freeze,
+                        ErrorKind::ReplicaWithoutPrimary,
+                        Some(&r.config.name),
+                        format!("primary {p} is not a member of the group"),
+                    )
+                })
+            })
             .collect();
         for r in results {
             if let Some(at) = r.aligned {
@@ -784,12 +903,12 @@ impl<'g> Run<'_, 'g> {
             }
         }
         if Instant::now() > deadline {
-            errors.push(self.over_budget("the freeze"));
+            errors.push(self.over_budget(Phase::Freeze, "the freeze"));
         }
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(errors.join("; "))
+            Err(Problems(errors))
         }
     }
 
@@ -797,6 +916,7 @@ impl<'g> Run<'_, 'g> {
     /// position), then freezes it.
     #[allow(clippy::too_many_arguments)]
     async fn align_and_freeze(
+        metrics: &Metrics,
         clock: &Clock,
         m: &mut Member<'g>,
         target: Option<pb::Position>,
@@ -811,14 +931,20 @@ impl<'g> Run<'_, 'g> {
             return Frozen::failed(
                 name.clone(),
                 None,
-                format!("member {name}: its primary has no frozen position"),
+                Problem::new(
+                    Phase::Freeze,
+                    ErrorKind::FreezeFailed,
+                    Some(&name),
+                    format!("member {name}: its primary has no frozen position"),
+                ),
             );
         };
         let left = deadline.saturating_duration_since(Instant::now());
         let align = Some((target.clone(), align_timeout.min(left)));
-        match Self::freeze_one(clock, m, id, ttl, left.max(Duration::from_millis(1)), align).await {
+        let bound = left.max(Duration::from_millis(1));
+        match Self::freeze_one(metrics, clock, m, id, ttl, bound, align).await {
             Ok((requested, frozen, aligned_us)) => {
-                metrics()
+                metrics
                     .alignment_wait
                     .get_or_create(&Metrics::group(group))
                     .observe(aligned_us as f64 / 1e6);
@@ -844,9 +970,9 @@ impl<'g> Run<'_, 'g> {
     /// whose writes still flow (PostgreSQL in backup mode) could otherwise
     /// acknowledge, after its flush, a write that a member frozen later
     /// depends on.
-    async fn flush(&mut self) -> Result<(), String> {
-        let bound = self.budget_left("the flush")?;
-        let clock = self.clock.clone();
+    async fn flush(&mut self) -> Result<(), Problems> {
+        let bound = self.budget_left(Phase::Flush, "the flush")?;
+        let (clock, metrics) = (self.clock.clone(), self.metrics);
         let sync_volumes = !self.snapshotter.sees_page_cache();
         let flushes = join_all(self.members.iter_mut().map(|m| {
             let clock = clock.clone();
@@ -859,24 +985,28 @@ impl<'g> Run<'_, 'g> {
                 let flushed = clock.now_us();
                 let result = result.map(|f| {
                     let us = f.engine_us + f.sync_us;
-                    metrics()
+                    metrics
                         .agent_flush
-                        .get_or_create(&Metrics::engine(m.engine()))
+                        .get_or_create(&Metrics::engine(m.engine().name()))
                         .observe(us as f64 / 1e6);
                     m.record.flush = Some(f.detail);
                     m.record.flush_us = Some(us);
                 });
                 // The agent's errors name the member and the step already.
-                let result = result.map_err(|e| match e.starts_with("member ") {
-                    true => e,
-                    false => format!("member {}: flush failed: {e}", m.config.name),
+                let name = &m.config.name;
+                let result = result.map_err(|e| {
+                    let text = match e.starts_with("member ") {
+                        true => e,
+                        false => format!("member {name}: flush failed: {e}"),
+                    };
+                    Problem::new(Phase::Flush, ErrorKind::FlushFailed, Some(name), text)
                 });
                 (m.config.name.clone(), Some((requested, flushed)), result)
             }
         }));
         let results = tokio::time::timeout(bound, flushes)
             .await
-            .map_err(|_| self.over_budget("the flush"))?;
+            .map_err(|_| Problems::from(self.over_budget(Phase::Flush, "the flush")))?;
         let mut errors = Vec::new();
         for (name, times, result) in results {
             if let Some((requested, flushed)) = times {
@@ -888,36 +1018,46 @@ impl<'g> Run<'_, 'g> {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(errors.join("; "))
+            Err(Problems(errors))
         }
     }
 
     /// The volumes of the members `pred` selects.
     fn volumes(&self, pred: &dyn Fn(&Member<'_>) -> bool) -> Vec<VolumeRef> {
-        snapshot::volumes_of(self.members.iter().filter(|m| pred(m)).map(|m| m.config))
+        self.members
+            .iter()
+            .filter(|m| pred(m))
+            .flat_map(|m| VolumeRef::of(m.config))
+            .collect()
     }
 
-    async fn cut(&mut self) -> Result<(), String> {
-        let bound = self.budget_left("the cut")?;
+    async fn cut(&mut self) -> Result<(), Problems> {
+        let bound = self.budget_left(Phase::Cut, "the cut")?;
         // Unless every volume is cut at one instant, a primary whose writes
         // flow (PostgreSQL backup mode) is cut after its replicas, so no
         // replica is ever ahead of it: separate snapshots of each volume,
         // even atomic ones, are taken at slightly different instants.
-        let first = |m: &Member<'_>| m.blocks_writes() || m.config.role == RoleHint::Replica;
+        let first = |m: &Member<'_>| m.blocks_writes() || m.config.role == Role::Replica;
         let batches: Vec<Vec<VolumeRef>> = if self.snapshotter.one_instant() {
             vec![self.volumes(&|_| true)]
         } else {
             vec![self.volumes(&first), self.volumes(&|m| !first(m))]
         };
-        let over = self.over_budget("the cut");
+        let over = self.over_budget(Phase::Cut, "the cut");
         let started = self.clock.now_us();
         let (clock, snapshotter, made, id) = (&self.clock, &self.snapshotter, &self.made, self.id);
         let mut marks = Vec::new();
         let cutting = async {
             for batch in batches.iter().filter(|b| !b.is_empty()) {
                 if let Err(e) = snapshotter.cut(id, batch, made).await {
-                    metrics().snapshot_failure(&self.group.name, e.driver, "cut");
-                    return Err(e.to_string());
+                    self.metrics
+                        .snapshot_failure(&self.group.name, e.driver, "cut");
+                    return Err(Problems::one(
+                        Phase::Cut,
+                        ErrorKind::CutFailed,
+                        None,
+                        e.to_string(),
+                    ));
                 }
                 let at = clock.now_us();
                 marks.extend(batch.iter().map(|v| (v.member.clone(), at)));
@@ -929,7 +1069,7 @@ impl<'g> Run<'_, 'g> {
         for (member, at) in marks {
             self.timeline.mark(&member, "cut", at);
         }
-        result.map_err(|_| over)??;
+        result.map_err(|_| Problems::from(over))??;
         let end = self.clock.now_us();
         self.cut_us = Some(end.saturating_sub(started));
         // Members without volumes: the cut point is fixed now.
@@ -947,8 +1087,8 @@ impl<'g> Run<'_, 'g> {
         &mut self,
         completed: bool,
         which: &(dyn Fn(&Member<'_>) -> bool + Sync),
-    ) -> Vec<String> {
-        let clock = self.clock.clone();
+    ) -> Vec<Problem> {
+        let (clock, metrics) = (self.clock.clone(), self.metrics);
         let results = join_all(self.members.iter_mut().filter(|m| which(m)).map(|m| {
             let clock = clock.clone();
             async move {
@@ -960,21 +1100,32 @@ impl<'g> Run<'_, 'g> {
                 let thawed = clock.now_us();
                 match result {
                     Ok(r) => {
-                        metrics()
+                        metrics
                             .agent_thaw
-                            .get_or_create(&Metrics::engine(m.engine()))
+                            .get_or_create(&Metrics::engine(m.engine().name()))
                             .observe(r.thaw_duration_us as f64 / 1e6);
                         m.record.thaw_us = Some(r.thaw_duration_us);
-                        let err = thaw_accepted(&r)
-                            .err()
-                            .map(|e| format!("member {}: {e}", m.config.name));
+                        let name = &m.config.name;
+                        let err = thaw_accepted(&r).err().map(|e| {
+                            Problem::new(
+                                Phase::Thaw,
+                                ErrorKind::HoldLost,
+                                Some(name),
+                                format!("member {name}: {e}"),
+                            )
+                        });
                         m.record.artefacts = r.artefacts.into_iter().collect();
                         (m.config.name.clone(), Some((requested, thawed)), err)
                     }
                     Err(e) => (
                         m.config.name.clone(),
                         Some((requested, thawed)),
-                        Some(format!("member {}: thaw failed: {e}", m.config.name)),
+                        Some(Problem::new(
+                            Phase::Thaw,
+                            ErrorKind::ThawFailed,
+                            Some(&m.config.name),
+                            format!("member {}: thaw failed: {e}", m.config.name),
+                        )),
                     ),
                 }
             }
@@ -991,20 +1142,25 @@ impl<'g> Run<'_, 'g> {
         errors
     }
 
-    async fn thaw(&mut self) -> Result<(), String> {
+    async fn thaw(&mut self) -> Result<(), Problems> {
         let mut errors = Vec::new();
         if !self.snapshotter.atomic() {
             // The backup stop is part of a non-atomic cut: it runs before any
             // other member thaws, then the WAL it wrote joins the copy.
             // Every PostgreSQL member holds a backup session; on a copy its
             // consistency point is the backup stop, whatever the mode.
-            let backup_mode = |m: &Member<'_>| m.engine() == "postgres";
+            let backup_mode = |m: &Member<'_>| m.engine() == Engine::Postgres;
             errors.extend(self.thaw_members(true, &backup_mode).await);
             let made = self.made.handles();
             for m in self.members.iter().filter(|m| backup_mode(m)) {
                 for h in made.iter().filter(|h| h.member == m.config.name) {
-                    if let Err(e) = self.snapshotter.refresh(h, "pg_wal").await {
-                        errors.push(format!("member {}: copying the WAL: {e}", m.config.name));
+                    if let Err(e) = self.snapshotter.refresh(h, "pg_wal", &self.made).await {
+                        errors.push(Problem::new(
+                            Phase::Thaw,
+                            ErrorKind::CutFailed,
+                            Some(&m.config.name),
+                            format!("member {}: copying the WAL: {e}", m.config.name),
+                        ));
                     }
                 }
             }
@@ -1013,15 +1169,16 @@ impl<'g> Run<'_, 'g> {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(errors.join("; "))
+            Err(Problems(errors))
         }
     }
 
-    async fn finalize(&mut self) -> Result<(), String> {
+    async fn finalize(&mut self) -> Result<(), Problems> {
         let mut handles = self.made.handles();
         self.snapshotter.ready(&mut handles).await.map_err(|e| {
-            metrics().snapshot_failure(&self.group.name, e.driver, "ready");
-            e.to_string()
+            self.metrics
+                .snapshot_failure(&self.group.name, e.driver, "ready");
+            Problems::one(Phase::Finalize, ErrorKind::NotReady, None, e.to_string())
         })?;
         self.made.set(handles);
         let atomic = self.snapshotter.atomic();
@@ -1042,13 +1199,15 @@ impl<'g> Run<'_, 'g> {
             match self.snapshotter.delete(&made).await {
                 Ok(()) => self.made.set(Vec::new()),
                 Err(e) => {
-                    metrics().snapshot_failure(&self.group.name, e.driver, "delete");
+                    self.metrics
+                        .snapshot_failure(&self.group.name, e.driver, "delete");
                     tracing::warn!(backup_id = self.id, "deleting partial snapshots: {e}");
                 }
             }
         }
         if let Err(e) = self.snapshotter.delete_backup(self.id).await {
-            metrics().snapshot_failure(&self.group.name, e.driver, "delete");
+            self.metrics
+                .snapshot_failure(&self.group.name, e.driver, "delete");
             tracing::warn!(backup_id = self.id, "deleting partial snapshots: {e}");
         }
     }
@@ -1085,12 +1244,20 @@ mod tests {
 
     #[test]
     fn a_refusal_names_the_member_the_path_and_the_way_out() {
-        let member: MemberFile = toml::from_str(
-            "name = \"pg-0\"\nagent = \"127.0.0.1:1\"\nidentity = \"spiffe://x/ns/a/sa/b\"\n\
-             role = \"primary\"\nvolumes = [\"/srv/pg\"]",
-        )
-        .unwrap();
-        let err = coverage(&member, "postgres", &[path("pg_wal", "/wal/pg")]).unwrap_err();
+        let member = MemberSpec {
+            name: "pg-0".into(),
+            agent: crate::core::model::AgentEndpoint {
+                addr: "127.0.0.1:1".into(),
+                identity: "spiffe://x/ns/a/sa/b".into(),
+            },
+            role: Role::Primary,
+            primary: None,
+            volumes: vec![crate::core::model::VolumeId::Path("/srv/pg".into())],
+            restore_stage: None,
+            fsfreeze: false,
+            accept_uncovered: Vec::new(),
+        };
+        let err = coverage(&member, Engine::Postgres, &[path("pg_wal", "/wal/pg")]).unwrap_err();
         for needle in [
             "member pg-0 (postgres)",
             "pg_wal /wal/pg",

@@ -90,6 +90,7 @@ impl Snapshotter for Btrfs {
         let handles: Vec<SnapshotHandle> = entries
             .flatten()
             .map(|e| SnapshotHandle {
+                claim: None,
                 backup: backup_id.to_string(),
                 member: String::new(),
                 index: 0,
@@ -97,6 +98,7 @@ impl Snapshotter for Btrfs {
                 handle: e.path().display().to_string(),
                 driver: "btrfs".into(),
                 checksum: None,
+                part: None,
             })
             .collect();
         self.delete(&handles).await?;
