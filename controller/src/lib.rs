@@ -20,6 +20,7 @@ pub mod certs;
 pub mod cli;
 pub mod core;
 pub mod demo;
+pub mod kube;
 pub mod local;
 pub mod metrics;
 pub mod rlimit;

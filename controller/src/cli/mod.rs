@@ -15,6 +15,7 @@ pub mod backup;
 pub mod bench;
 pub mod certs;
 pub mod config;
+pub mod controller;
 pub mod demo;
 pub mod output;
 pub mod plan;
@@ -82,6 +83,12 @@ pub enum Command {
     /// Run the configured schedules (with retention) and serve /metrics,
     /// until SIGTERM or Ctrl-C (which abort and thaw any backup in flight).
     Serve(serve::ServeArgs),
+    /// Kubernetes mode's control plane: reconcile ConsistencyGroups and
+    /// GroupBackups while holding the leader Lease; serve /metrics,
+    /// /healthz and /readyz. SIGTERM aborts and thaws any backup in flight.
+    Controller(controller::ControllerArgs),
+    /// Print the CustomResourceDefinitions (YAML), as deploy/crds/ holds them.
+    Crds,
     /// Run the whole thing on this machine: six real databases on btrfs,
     /// six agents, a causal workload, group backups, restore and checks.
     Demo(demo::DemoArgs),
@@ -129,6 +136,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(args) => plan::run(args, &cli.global),
         Command::Restore(args) => restore::run(args, &cli.global),
         Command::Serve(args) => serve::run(args, &cli.global),
+        Command::Controller(args) => controller::run(args, &cli.global),
+        Command::Crds => controller::crds(),
         Command::Demo(args) => demo::run(args, &cli.global),
         Command::Bench(args) => bench::run(args, &cli.global),
         Command::Completions { shell } => {

@@ -35,6 +35,7 @@ use crate::harness::loopfs::LoopMount;
 pub mod csi;
 pub mod net;
 pub mod runner;
+pub mod stillpoint;
 
 /// The lab's node: every pod runs here.
 pub const NODE: &str = "lab-node";
@@ -499,6 +500,11 @@ impl KubeLab {
                 kubeconfig.clone(),
                 group.clone(),
                 "--leader-election=false".into(),
+                // client-go's default 5 requests/s would pace every
+                // snapshot (and so a CSI cut's freeze window) by the
+                // client's rate limiter, not by the driver.
+                "--kube-api-qps=200".into(),
+                "--kube-api-burst=400".into(),
             ],
         )?;
         self.spawn(
@@ -509,6 +515,8 @@ impl KubeLab {
                 group,
                 format!("--csi-address={socket}"),
                 "--leader-election=false".into(),
+                "--kube-api-qps=200".into(),
+                "--kube-api-burst=400".into(),
             ],
         )?;
         self.spawn(

@@ -118,6 +118,17 @@ impl Bridge {
             self.release(net);
             return Err(e);
         }
+        // The host may still map this address to the MAC of the pod that
+        // had it before: forget that, or connections to the new pod go
+        // nowhere until the entry goes stale.
+        let _ = ip(&[
+            "neigh",
+            "flush",
+            "to",
+            &address.to_string(),
+            "dev",
+            &self.name,
+        ]);
         Ok(net)
     }
 

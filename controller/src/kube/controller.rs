@@ -1,0 +1,817 @@
+//! `stillpoint controller`: the reconcilers of ConsistencyGroups and
+//! GroupBackups, run by the replica that holds the leader Lease.
+//!
+//! - ConsistencyGroup: resolves its members from pods (and keeps the status
+//!   current as pods come and go): conditions `Resolved` and `Protectable`.
+//! - GroupBackup: runs the protocol exactly once. A backup found `Running`
+//!   with no live run (its controller died) is marked Failed and its
+//!   partial snapshots are deleted; its agents thawed by their lease.
+//!   Backups of one group run one at a time: a second waits (`Pending`,
+//!   condition `Waiting`) until the first ends.
+//! - Leader election by a `coordination.k8s.io` Lease; on SIGTERM (or a
+//!   lost Lease) every backup in flight is aborted (its members thawed,
+//!   its snapshots deleted), the Lease is released, and the process exits.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::core::agents::ControllerTls;
+use crate::core::protocol::{BackupJob, Protocol};
+use crate::core::snapshot::Snapshotter;
+use crate::kube::crd::{
+    BackupPhase, ConsistencyGroup, ConsistencyGroupStatus, DeletionPolicy, FINALIZER, GroupBackup,
+    SnapshotDriver,
+};
+use crate::kube::csi::{Csi, CsiGroup, Owner};
+use crate::kube::resolve::{Resolution, Resolver};
+use crate::kube::store::{FIELD_MANAGER, StatusWriter, set_condition};
+
+/// How the controller runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This replica's name (the Lease holder, `runBy`, Events' instance).
+    pub identity: String,
+    /// Where the leader Lease is.
+    pub lease_namespace: String,
+    pub lease_name: String,
+    /// How long a Lease lasts without renewal.
+    pub lease_duration: Duration,
+    /// The trust domain of the agents' SPIFFE IDs.
+    pub trust_domain: String,
+    /// How often a group is resolved again without any change.
+    pub resync: Duration,
+    /// Only this namespace's groups and backups (default: every namespace).
+    pub namespace: Option<String>,
+}
+
+impl Settings {
+    /// The API of `K` in the namespace watched (or in all).
+    fn api<K>(&self, client: &kube::Client) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as Resource>::DynamicType: Default,
+    {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+}
+
+/// Why the controller stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("lost the leader Lease {0}; every backup in flight was aborted")]
+    LostLease(String),
+    #[error("{0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// The error a reconcile returns (retried with a backoff).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ReconcileError(String);
+
+impl From<kube::Error> for ReconcileError {
+    fn from(e: kube::Error) -> Self {
+        ReconcileError(e.to_string())
+    }
+}
+
+/// One backup this process runs.
+#[derive(Debug)]
+struct Live {
+    group: (String, String),
+    cancel: watch::Sender<Option<String>>,
+    done: watch::Receiver<bool>,
+}
+
+/// What the reconcilers share.
+pub struct Context {
+    pub client: kube::Client,
+    pub resolver: Resolver,
+    pub protocol: Protocol,
+    pub settings: Settings,
+    recorder: Recorder,
+    /// Backups running in this process, by uid.
+    live: Mutex<BTreeMap<String, Live>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    pub fn new(client: kube::Client, tls: ControllerTls, settings: Settings) -> Arc<Context> {
+        let reporter = Reporter {
+            controller: "stillpoint-controller".into(),
+            instance: Some(settings.identity.clone()),
+        };
+        Arc::new(Context {
+            resolver: Resolver {
+                client: client.clone(),
+                tls: tls.clone(),
+                trust_domain: settings.trust_domain.clone(),
+            },
+            protocol: Protocol::new(tls),
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            live: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!("publishing event {reason}: {e}");
+        }
+    }
+
+    /// Aborts every backup this process runs and waits until each thawed.
+    pub async fn abort_all(&self, reason: &str) {
+        let waits: Vec<watch::Receiver<bool>> = {
+            let live = self.live.lock().unwrap();
+            live.values()
+                .map(|l| {
+                    let _ = l.cancel.send(Some(reason.to_string()));
+                    l.done.clone()
+                })
+                .collect()
+        };
+        for mut done in waits {
+            let _ = done.wait_for(|d| *d).await;
+        }
+    }
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+/// Resolves a group and applies its status.
+async fn reconcile_group(
+    group: Arc<ConsistencyGroup>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let ns = group.namespace().unwrap_or_default();
+    let name = group.name_any();
+    let resolution: Resolution = ctx.resolver.resolve(&group).await;
+    // The newest successful backup of the group.
+    let backups: Api<GroupBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let last = backups
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|b| b.spec.group == name)
+        .filter(|b| b.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Succeeded))
+        .max_by_key(|b| {
+            b.status
+                .as_ref()
+                .and_then(|s| s.completion_time.clone())
+                .map(|t| t.0)
+        })
+        .map(|b| b.name_any());
+    let old = group.status.clone().unwrap_or_default();
+    let generation = group.metadata.generation;
+    let mut conditions = old.conditions.clone();
+    let r = &resolution.resolved;
+    set_condition(
+        &mut conditions,
+        "Resolved",
+        r.ok,
+        &r.reason,
+        &r.message,
+        generation,
+    );
+    let p = &resolution.protectable;
+    set_condition(
+        &mut conditions,
+        "Protectable",
+        p.ok,
+        &p.reason,
+        &p.message,
+        generation,
+    );
+    let status = ConsistencyGroupStatus {
+        observed_generation: generation,
+        conditions,
+        resolved_members: resolution.members.len() as u32,
+        members: resolution.members.clone(),
+        last_successful_backup: last,
+    };
+    let was = old
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Protectable")
+        .map(|c| (c.status.clone(), c.reason.clone()));
+    let is = Some((
+        if p.ok { "True" } else { "False" }.to_string(),
+        p.reason.clone(),
+    ));
+    if status != old {
+        let api: Api<ConsistencyGroup> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({ "apiVersion": "stillpoint.dev/v1alpha1", "kind": "ConsistencyGroup", "status": status });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    }
+    if was != is {
+        ctx.event(&*group, !p.ok, &p.reason, p.message.clone())
+            .await;
+    }
+    Ok(Action::requeue(ctx.settings.resync))
+}
+
+/// Adds or removes the finalizer (a merge of the whole list).
+async fn set_finalizer(
+    api: &Api<GroupBackup>,
+    backup: &GroupBackup,
+    present: bool,
+) -> Result<(), kube::Error> {
+    let mut finalizers: Vec<String> = backup.finalizers().to_vec();
+    finalizers.retain(|f| f != FINALIZER);
+    if present {
+        finalizers.push(FINALIZER.into());
+    }
+    let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": backup.resource_version() } });
+    api.patch(
+        &backup.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The snapshotter of a group.
+async fn snapshotter(
+    ctx: &Context,
+    group: &ConsistencyGroup,
+    owner: Owner,
+) -> Result<Box<dyn Snapshotter>, String> {
+    let s = &group.spec.snapshot;
+    Ok(match s.driver {
+        SnapshotDriver::Csi => Box::new(Csi::new(
+            ctx.client.clone(),
+            owner,
+            s.volume_snapshot_class_name.clone(),
+            s.atomic,
+        )),
+        SnapshotDriver::CsiGroup => Box::new(
+            CsiGroup::new(
+                ctx.client.clone(),
+                owner,
+                s.volume_group_snapshot_class_name.clone(),
+                s.atomic,
+            )
+            .await?,
+        ),
+    })
+}
+
+/// Deletes whatever snapshots a backup made (by their label).
+async fn delete_snapshots(ctx: &Context, backup: &GroupBackup) -> Result<(), String> {
+    let owner = Owner {
+        namespace: backup.namespace().unwrap_or_default(),
+        backup: backup.name_any(),
+        group: backup.spec.group.clone(),
+        uid: backup.uid().unwrap_or_default(),
+    };
+    let id = backup.name_any();
+    Csi::new(ctx.client.clone(), owner.clone(), None, true)
+        .delete_backup(&id)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Ok(group) = CsiGroup::new(ctx.client.clone(), owner, None, true).await {
+        group.delete_backup(&id).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Ends a backup that never ran (or whose run is gone) with a reason.
+async fn fail(
+    ctx: &Context,
+    backup: &GroupBackup,
+    reason: &str,
+    message: String,
+) -> Result<Action, ReconcileError> {
+    let writer = StatusWriter::new(ctx.client.clone(), backup);
+    let generation = backup.metadata.generation;
+    writer
+        .update(|s| {
+            s.phase = Some(BackupPhase::Failed);
+            s.error = Some(message.clone());
+            s.completion_time = Some(now());
+            set_condition(
+                &mut s.conditions,
+                "Completed",
+                false,
+                reason,
+                &message,
+                generation,
+            );
+            s.conditions.retain(|c| c.type_ != "Waiting");
+        })
+        .await?;
+    ctx.event(backup, true, reason, message).await;
+    Ok(Action::await_change())
+}
+
+async fn reconcile_backup(
+    backup: Arc<GroupBackup>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let ns = backup.namespace().unwrap_or_default();
+    let name = backup.name_any();
+    let uid = backup.uid().unwrap_or_default();
+    let api: Api<GroupBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let phase = backup
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .unwrap_or_default();
+
+    if backup.metadata.deletion_timestamp.is_some() {
+        if !backup.finalizers().iter().any(|f| f == FINALIZER) {
+            return Ok(Action::await_change());
+        }
+        let live = ctx.live.lock().unwrap().get(&uid).map(|l| {
+            let _ = l
+                .cancel
+                .send(Some(format!("GroupBackup {name} was deleted")));
+            l.done.clone()
+        });
+        if let Some(mut done) = live {
+            let _ = done.wait_for(|d| *d).await;
+        }
+        if backup.spec.deletion_policy == DeletionPolicy::Delete {
+            delete_snapshots(&ctx, &backup)
+                .await
+                .map_err(ReconcileError)?;
+        }
+        set_finalizer(&api, &backup, false).await?;
+        return Ok(Action::await_change());
+    }
+    if phase.is_final() {
+        return Ok(Action::await_change());
+    }
+    if ctx.live.lock().unwrap().contains_key(&uid) {
+        return Ok(Action::await_change());
+    }
+    if matches!(phase, BackupPhase::Running | BackupPhase::Finalizing) {
+        // Running, but not here: the controller that ran it is gone.
+        let by = backup
+            .status
+            .as_ref()
+            .and_then(|s| s.run_by.clone())
+            .unwrap_or_default();
+        let message = format!(
+            "the controller running this backup ({by}) stopped before it ended; its members thawed \
+             when their lease ran out, and its partial snapshots were deleted"
+        );
+        if let Err(e) = delete_snapshots(&ctx, &backup).await {
+            return Err(ReconcileError(format!(
+                "deleting the partial snapshots of {name}: {e}"
+            )));
+        }
+        return fail(&ctx, &backup, "ControllerRestarted", message).await;
+    }
+    // Pending: take it.
+    if !backup.finalizers().iter().any(|f| f == FINALIZER) {
+        set_finalizer(&api, &backup, true).await?;
+        return Ok(Action::await_change());
+    }
+    let groups: Api<ConsistencyGroup> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(group) = groups.get_opt(&backup.spec.group).await? else {
+        let message = format!(
+            "ConsistencyGroup {} does not exist in namespace {ns}",
+            backup.spec.group
+        );
+        return fail(&ctx, &backup, "GroupNotFound", message).await;
+    };
+    // One backup of a group at a time.
+    let key = (ns.clone(), backup.spec.group.clone());
+    let others = api.list(&ListParams::default()).await?.items;
+    let running_elsewhere = others.iter().any(|b| {
+        b.uid() != backup.uid()
+            && b.spec.group == backup.spec.group
+            && b.metadata.deletion_timestamp.is_none()
+            && matches!(
+                b.status.as_ref().and_then(|s| s.phase),
+                Some(BackupPhase::Running | BackupPhase::Finalizing)
+            )
+    });
+    let busy = running_elsewhere || ctx.live.lock().unwrap().values().any(|l| l.group == key);
+    let writer = StatusWriter::new(ctx.client.clone(), &backup);
+    let generation = backup.metadata.generation;
+    if busy {
+        let message = format!(
+            "another backup of group {} is running; this one starts when it ends",
+            key.1
+        );
+        let waiting = backup
+            .status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Waiting"));
+        if !waiting {
+            writer
+                .update(|s| {
+                    s.phase = Some(BackupPhase::Pending);
+                    set_condition(
+                        &mut s.conditions,
+                        "Waiting",
+                        true,
+                        "GroupBusy",
+                        &message,
+                        generation,
+                    );
+                })
+                .await?;
+            ctx.event(&*backup, false, "Waiting", message).await;
+        }
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let resolution = ctx.resolver.resolve(&group).await;
+    let Some(spec) = resolution.spec.clone() else {
+        let p = &resolution.protectable;
+        let message = format!("group {} cannot be protected: {}", key.1, p.message);
+        return fail(&ctx, &backup, &p.reason, message).await;
+    };
+    let owner = Owner {
+        namespace: ns.clone(),
+        backup: name.clone(),
+        group: key.1.clone(),
+        uid: uid.clone(),
+    };
+    let snapshotter = match snapshotter(&ctx, &group, owner).await {
+        Ok(s) => s,
+        Err(e) => return fail(&ctx, &backup, "NoSnapshotClass", e).await,
+    };
+    let (cancel, mut cancelled) = watch::channel(None::<String>);
+    let (finished, done) = watch::channel(false);
+    {
+        let mut live = ctx.live.lock().unwrap();
+        if live.values().any(|l| l.group == key) {
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+        live.insert(
+            uid.clone(),
+            Live {
+                group: key.clone(),
+                cancel,
+                done,
+            },
+        );
+    }
+    let members: Vec<(String, String)> = resolution
+        .members
+        .iter()
+        .map(|m| (m.pod.clone(), m.name.clone()))
+        .collect();
+    writer.set_members(members.iter().cloned().collect());
+    writer
+        .update(|s| {
+            s.phase = Some(BackupPhase::Running);
+            s.backup_id = Some(name.clone());
+            s.run_by = Some(ctx.settings.identity.clone());
+            s.start_time = Some(now());
+            s.snapshotter = Some(snapshotter.name().to_string());
+            if snapshotter.name() == "csi-group" {
+                s.volume_group_snapshot = Some(name.clone());
+            }
+            s.conditions.retain(|c| c.type_ != "Waiting");
+            s.members = members
+                .iter()
+                .map(|(pod, member)| crate::kube::crd::BackupMember {
+                    pod: pod.clone(),
+                    member: Some(member.clone()),
+                    ..Default::default()
+                })
+                .collect();
+        })
+        .await?;
+    ctx.event(
+        &*backup,
+        false,
+        "Running",
+        format!("backing up {} members of group {}", members.len(), key.1),
+    )
+    .await;
+    let task_ctx = ctx.clone();
+    let backup_obj = (*backup).clone();
+    tokio::spawn(async move {
+        let ctx = task_ctx;
+        let cancel = async move {
+            let _ = cancelled.wait_for(|c| c.is_some()).await;
+            cancelled.borrow().clone().unwrap_or_default()
+        };
+        let job = BackupJob {
+            group: &spec,
+            id: &name,
+            schedule: None,
+            snapshotter,
+            store: Arc::new(writer.clone()),
+        };
+        let result = ctx.protocol.run(job, cancel).await;
+        let generation = backup_obj.metadata.generation;
+        let (phase, reason, message) = match &result {
+            Ok(m) => (
+                BackupPhase::Succeeded,
+                "Succeeded".to_string(),
+                format!(
+                    "{} members cut at one consistent point; freeze window {}",
+                    m.members.len(),
+                    m.freeze_window_us
+                        .map(crate::kube::store::format_us)
+                        .unwrap_or_default()
+                ),
+            ),
+            Err(e) => (
+                match e.manifest.outcome {
+                    crate::core::record::Outcome::Aborted => BackupPhase::Aborted,
+                    _ => BackupPhase::Failed,
+                },
+                e.kind().reason().to_string(),
+                e.cause.clone(),
+            ),
+        };
+        let applied = writer
+            .update(|s| {
+                s.phase = Some(phase);
+                s.completion_time = Some(now());
+                set_condition(
+                    &mut s.conditions,
+                    "Completed",
+                    phase == BackupPhase::Succeeded,
+                    &reason,
+                    &message,
+                    generation,
+                );
+            })
+            .await;
+        if let Err(e) = applied {
+            tracing::error!(backup = %name, "recording the outcome: {e}");
+        }
+        ctx.event(
+            &backup_obj,
+            phase != BackupPhase::Succeeded,
+            phase.as_str(),
+            message,
+        )
+        .await;
+        ctx.live.lock().unwrap().remove(&uid);
+        let _ = finished.send(true);
+    });
+    Ok(Action::await_change())
+}
+
+fn retry<K>(_: Arc<K>, error: &ReconcileError, _: Arc<Context>) -> Action {
+    tracing::warn!("reconcile failed: {error}");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// The leader Lease: acquired, renewed, released.
+#[derive(Debug, Clone)]
+pub struct LeaderLease {
+    api: Api<Lease>,
+    settings: Settings,
+}
+
+impl LeaderLease {
+    pub fn new(client: kube::Client, settings: Settings) -> Self {
+        LeaderLease {
+            api: Api::namespaced(client, &settings.lease_namespace),
+            settings,
+        }
+    }
+
+    /// Takes (or renews) the Lease if it is free, expired or ours.
+    pub async fn try_acquire(&self) -> Result<bool, kube::Error> {
+        let me = &self.settings.identity;
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let seconds = self.settings.lease_duration.as_secs().max(1) as i32;
+        let Some(lease) = self.api.get_opt(&self.settings.lease_name).await? else {
+            let lease = Lease {
+                metadata: kube::api::ObjectMeta {
+                    name: Some(self.settings.lease_name.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(me.clone()),
+                    lease_duration_seconds: Some(seconds),
+                    acquire_time: Some(MicroTime(now)),
+                    renew_time: Some(MicroTime(now)),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().unwrap_or_default();
+        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
+            (Some(r), Some(d)) => r.0 + std::time::Duration::from_secs(d.max(0) as u64) < now,
+            _ => true,
+        };
+        if holder != *me && !holder.is_empty() && !expired {
+            return Ok(false);
+        }
+        let mut next = lease.clone();
+        let ours = holder == *me;
+        next.spec = Some(LeaseSpec {
+            holder_identity: Some(me.clone()),
+            lease_duration_seconds: Some(seconds),
+            acquire_time: if ours {
+                spec.acquire_time.clone()
+            } else {
+                Some(MicroTime(now))
+            },
+            renew_time: Some(MicroTime(now)),
+            lease_transitions: Some(spec.lease_transitions.unwrap_or(0) + i32::from(!ours)),
+            ..Default::default()
+        });
+        match self
+            .api
+            .replace(&self.settings.lease_name, &PostParams::default(), &next)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Gives the Lease up, so another replica takes it at once.
+    pub async fn release(&self) {
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.settings.lease_name).await else {
+            return;
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return;
+        };
+        if spec.holder_identity.as_deref() != Some(&self.settings.identity) {
+            return;
+        }
+        spec.holder_identity = None;
+        spec.renew_time = None;
+        spec.lease_duration_seconds = Some(1);
+        if let Err(e) = self
+            .api
+            .replace(&self.settings.lease_name, &PostParams::default(), &lease)
+            .await
+        {
+            tracing::warn!("releasing the leader Lease: {e}");
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` says why to stop: waits for the
+/// Lease, runs the reconcilers while it holds it, and on shutdown aborts
+/// what it runs, releases the Lease and returns. `ready` is set while
+/// this replica leads.
+pub async fn run(
+    ctx: Arc<Context>,
+    mut shutdown: watch::Receiver<Option<String>>,
+    ready: watch::Sender<bool>,
+) -> Result<(), ControllerError> {
+    let lease = LeaderLease::new(ctx.client.clone(), ctx.settings.clone());
+    let renew = (ctx.settings.lease_duration / 3).max(Duration::from_millis(200));
+    // Wait to lead.
+    loop {
+        match lease.try_acquire().await {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => tracing::warn!("acquiring the leader Lease: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(renew) => {}
+            _ = shutdown.wait_for(|s| s.is_some()) => return Ok(()),
+        }
+    }
+    tracing::info!(identity = %ctx.settings.identity, "leading");
+    let _ = ready.send(true);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let groups: Api<ConsistencyGroup> = ctx.settings.api(&ctx.client);
+    let group_controller = Controller::new(groups, watcher::Config::default());
+    let store = group_controller.store();
+    let pod_store = store.clone();
+    let backup_store = store.clone();
+    let group_controller = group_controller
+        .watches(
+            ctx.settings.api::<Pod>(&ctx.client),
+            watcher::Config::default(),
+            move |pod| {
+                let ns = pod.namespace();
+                pod_store
+                    .state()
+                    .into_iter()
+                    .filter(|g| g.namespace() == ns)
+                    .map(|g| ObjectRef::from_obj(&*g))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            ctx.settings.api::<GroupBackup>(&ctx.client),
+            watcher::Config::default(),
+            move |b| {
+                let ns = b.namespace();
+                backup_store
+                    .state()
+                    .into_iter()
+                    .filter(|g| g.namespace() == ns && g.name_any() == b.spec.group)
+                    .map(|g| ObjectRef::from_obj(&*g))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(stopped(stop_rx.clone()))
+        .run(reconcile_group, retry, ctx.clone())
+        .for_each(|_| async {});
+    let backups: Api<GroupBackup> = ctx.settings.api(&ctx.client);
+    let backup_controller = Controller::new(backups, watcher::Config::default())
+        .graceful_shutdown_on(stopped(stop_rx.clone()))
+        .run(reconcile_backup, retry, ctx.clone())
+        .for_each(|_| async {});
+    let reconcilers = tokio::spawn(async move {
+        tokio::join!(group_controller, backup_controller);
+    });
+    // Keep the Lease while running.
+    let mut last_renewal = tokio::time::Instant::now();
+    let outcome = loop {
+        tokio::select! {
+            _ = tokio::time::sleep(renew) => {}
+            _ = shutdown.wait_for(|s| s.is_some()) => break Ok(()),
+        }
+        match lease.try_acquire().await {
+            Ok(true) => last_renewal = tokio::time::Instant::now(),
+            Ok(false) => break Err(ControllerError::LostLease(ctx.settings.lease_name.clone())),
+            Err(e) => {
+                tracing::warn!("renewing the leader Lease: {e}");
+                if last_renewal.elapsed() > ctx.settings.lease_duration {
+                    break Err(ControllerError::LostLease(ctx.settings.lease_name.clone()));
+                }
+            }
+        }
+    };
+    let _ = ready.send(false);
+    let reason = match &outcome {
+        Ok(()) => shutdown
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| "shutdown".into()),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!("{reason}: aborting every backup in flight");
+    ctx.abort_all(&reason).await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), reconcilers).await;
+    if outcome.is_ok() {
+        lease.release().await;
+    }
+    outcome
+}

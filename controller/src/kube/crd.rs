@@ -1,0 +1,414 @@
+//! The custom resources, group `stillpoint.dev`, version `v1alpha1`. The
+//! YAML in `deploy/crds/` is generated from these types
+//! (`stillpoint crds > deploy/crds/stillpoint.dev.yaml`); a test fails when
+//! it drifts.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The API group of every Stillpoint resource.
+pub const GROUP: &str = "stillpoint.dev";
+/// Their version.
+pub const VERSION: &str = "v1alpha1";
+/// The finalizer a GroupBackup carries while it owns snapshots.
+pub const FINALIZER: &str = "stillpoint.dev/snapshots";
+/// The label the controller puts on the PVCs (and snapshots) of a backup.
+pub const BACKUP_LABEL: &str = "stillpoint.dev/backup";
+/// The label on objects a backup of a group made.
+pub const GROUP_LABEL: &str = "stillpoint.dev/group";
+
+/// A set of database pods backed up together, at one consistent cut.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "stillpoint.dev",
+    version = "v1alpha1",
+    kind = "ConsistencyGroup",
+    namespaced,
+    status = "ConsistencyGroupStatus",
+    shortname = "cgroup",
+    category = "stillpoint",
+    printcolumn = r#"{"name":"Protectable","type":"string","jsonPath":".status.conditions[?(@.type==\"Protectable\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Protectable\")].reason"}"#,
+    printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.resolvedMembers"}"#,
+    printcolumn = r#"{"name":"Last Backup","type":"string","jsonPath":".status.lastSuccessfulBackup"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistencyGroupSpec {
+    /// The members: each selects pods (every matching pod is one member
+    /// instance, named after its pod).
+    pub members: Vec<MemberTemplate>,
+    /// How the group's volumes are cut.
+    pub snapshot: SnapshotSettings,
+    /// Bound on the freeze window (first freeze to last thaw), e.g. `5s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_budget: Option<String>,
+    /// The lease given to the agents: a frozen member thaws by itself this
+    /// long after the controller stops renewing it, e.g. `30s`.
+    #[serde(rename = "leaseTTL", default, skip_serializing_if = "Option::is_none")]
+    pub lease_ttl: Option<String>,
+    /// Bound on a replica's wait to reach its primary's position, e.g. `5s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub align_timeout: Option<String>,
+    /// Bound on dialling one agent, e.g. `5s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+}
+
+/// Which pods a member is, and what of them to protect.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberTemplate {
+    /// The member's name (a replica's `primary` names another member).
+    pub name: String,
+    /// The pods of this member, by label (`matchLabels`, all must match).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<PodSelector>,
+    /// Or one pod of a StatefulSet, by ordinal (`<statefulSet>-<ordinal>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stateful_set: Option<StatefulSetOrdinal>,
+    /// The role the member's agent must report: `primary`, `replica` or
+    /// `standalone`. Unset: whatever it reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<MemberRole>,
+    /// For a replica: the member it replicates from. Unset: the member
+    /// whose pod address matches the replica's reported upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// The pod volumes (by volume name in the pod spec) to snapshot; each
+    /// must be a PersistentVolumeClaim. Unset: every PVC-backed volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<Vec<String>>,
+    /// Restore stage (lower first). Unset: by engine class (databases 2,
+    /// caches 3, the rest 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_stage: Option<u32>,
+    /// The agent freezes the member's mount (needed for InnoDB on a class
+    /// whose snapshots are not atomic).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fsfreeze: bool,
+    /// Paths the member's server uses that are knowingly not on its
+    /// snapshotted volumes; a restore lacks them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accept_uncovered: Vec<String>,
+}
+
+/// Pods by label.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSelector {
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// One pod of a StatefulSet.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatefulSetOrdinal {
+    pub name: String,
+    pub ordinal: u32,
+}
+
+/// A member's expected role.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberRole {
+    Primary,
+    Replica,
+    Standalone,
+}
+
+/// How the group's volumes are cut.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotSettings {
+    /// `csi-group`: one VolumeGroupSnapshot over the group's PVCs (cut at
+    /// one instant by the driver); `csi`: one VolumeSnapshot per PVC.
+    #[serde(default)]
+    pub driver: SnapshotDriver,
+    /// The VolumeGroupSnapshotClass (`csi-group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_group_snapshot_class_name: Option<String>,
+    /// The VolumeSnapshotClass (`csi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot_class_name: Option<String>,
+    /// Whether the class's snapshots are point-in-time (true for most block
+    /// storage; false for drivers that copy files, such as hostpath). Not
+    /// atomic: PostgreSQL is cut in backup mode and InnoDB only with its
+    /// mount frozen, as with the local `copy` snapshotter.
+    #[serde(default = "yes")]
+    pub atomic: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The snapshotters of Kubernetes mode.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum SnapshotDriver {
+    #[default]
+    #[serde(rename = "csi-group")]
+    CsiGroup,
+    #[serde(rename = "csi")]
+    Csi,
+}
+
+/// What the controller found for a group.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistencyGroupStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Resolved` (every member found) and `Protectable` (a backup can run
+    /// now), each with a reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// How many member instances (pods) were resolved.
+    #[serde(default)]
+    pub resolved_members: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<ResolvedMember>,
+    /// The newest GroupBackup of the group that succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_backup: Option<String>,
+}
+
+/// One member instance as resolved.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedMember {
+    /// The member (spec) it belongs to.
+    pub name: String,
+    pub pod: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// The agent's address and the identity it must present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// For a replica: the pod it replicates from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// The server's position when last described.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pvcs: Vec<String>,
+    /// The CSI driver of its PVCs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+}
+
+/// One backup of a ConsistencyGroup.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "stillpoint.dev",
+    version = "v1alpha1",
+    kind = "GroupBackup",
+    namespaced,
+    status = "GroupBackupStatus",
+    shortname = "gbackup",
+    category = "stillpoint",
+    printcolumn = r#"{"name":"Group","type":"string","jsonPath":".spec.group"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Window","type":"string","jsonPath":".status.freezeWindow"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Error","type":"string","jsonPath":".status.error"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self == oldSelf",
+    "message": "a GroupBackup's spec cannot be changed; create another GroupBackup"
+}]))]
+pub struct GroupBackupSpec {
+    /// The ConsistencyGroup (same namespace).
+    pub group: String,
+    /// What happens to the backup's VolumeSnapshots when it is deleted.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// `Delete` (default): deleting the GroupBackup deletes its snapshots;
+/// `Retain`: they stay (without their owner).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DeletionPolicy {
+    #[default]
+    Delete,
+    Retain,
+}
+
+/// A GroupBackup's phases.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum BackupPhase {
+    #[default]
+    Pending,
+    Running,
+    Finalizing,
+    Succeeded,
+    Failed,
+    Aborted,
+}
+
+impl BackupPhase {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            BackupPhase::Succeeded | BackupPhase::Failed | BackupPhase::Aborted
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupPhase::Pending => "Pending",
+            BackupPhase::Running => "Running",
+            BackupPhase::Finalizing => "Finalizing",
+            BackupPhase::Succeeded => "Succeeded",
+            BackupPhase::Failed => "Failed",
+            BackupPhase::Aborted => "Aborted",
+        }
+    }
+}
+
+/// What a backup did.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupBackupStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<BackupPhase>,
+    /// `Completed` (with the outcome's reason) and, when the spec was
+    /// edited while the backup ran, `SpecIgnored`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The backup id (also the prefix of its VolumeSnapshots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_id: Option<String>,
+    /// Which controller replica runs (ran) it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// First freeze request to last thaw acknowledgement, e.g. `7.4ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_window: Option<String>,
+    /// The snapshotter: `csi` or `csi-group`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshotter: Option<String>,
+    /// The VolumeGroupSnapshot (`csi-group`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_group_snapshot: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<BackupMember>,
+    /// The Secret (owned by this backup) with the members' artefacts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artefacts_secret: Option<String>,
+    /// Each member's phases, µs from the backup's start.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub timeline: BTreeMap<String, BTreeMap<String, u64>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One member of a backup.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupMember {
+    pub pod: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aligned_to: Option<String>,
+    /// `frozen`, `crash-consistent`, `backup-label` or `frozen-copy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<String>,
+    #[serde(default)]
+    pub restore_stage: u32,
+    /// The VolumeSnapshots of its PVCs, in the order of its volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_snapshots: Vec<VolumeSnapshotRef>,
+    /// The names of its artefacts (kept in the backup's Secret, as
+    /// `<pod>.<name>`), e.g. PostgreSQL's `backup_label`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artefacts: Vec<String>,
+}
+
+/// A member's VolumeSnapshot.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSnapshotRef {
+    pub pvc: String,
+    pub name: String,
+    /// Where the member's server has the PVC mounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_path: Option<String>,
+}
+
+/// Every CRD, as one multi-document YAML (what `deploy/crds/` holds).
+pub fn crds_yaml() -> String {
+    use kube::CustomResourceExt;
+    [ConsistencyGroup::crd(), GroupBackup::crd()]
+        .iter()
+        .map(|crd| serde_yaml::to_string(crd).expect("CRDs serialize"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The checked-in CRDs are what the types generate
+    /// (regenerate: `cargo run -p stillpoint-controller -- crds > deploy/crds/stillpoint.dev.yaml`).
+    #[test]
+    fn the_checked_in_crds_match_the_types() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/crds/stillpoint.dev.yaml"
+        );
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            checked_in == crds_yaml(),
+            "{path} is out of date: run `cargo run -p stillpoint-controller -- crds > \
+             deploy/crds/stillpoint.dev.yaml`"
+        );
+    }
+
+    #[test]
+    fn a_group_reads_as_the_docs_write_it() {
+        let group: ConsistencyGroupSpec = serde_yaml::from_str(
+            "members:\n- {name: pg, selector: {matchLabels: {app: pg}}, volumes: [data]}\n\
+             snapshot: {driver: csi, volumeSnapshotClassName: fast, atomic: false}\n\
+             leaseTTL: 10s\n",
+        )
+        .unwrap();
+        assert_eq!(group.snapshot.driver, SnapshotDriver::Csi);
+        assert!(!group.snapshot.atomic);
+        assert_eq!(group.lease_ttl.as_deref(), Some("10s"));
+        let defaults: SnapshotSettings = serde_yaml::from_str("{}").unwrap();
+        assert!(defaults.atomic, "classes are atomic unless said otherwise");
+        assert_eq!(defaults.driver, SnapshotDriver::CsiGroup);
+    }
+}

@@ -1,0 +1,277 @@
+//! A GroupBackup's status as the backup's store: the protocol's record,
+//! applied (server-side apply, one field manager) as members resolve,
+//! snapshots appear and the backup ends. Artefacts (PostgreSQL's
+//! `backup_label`, `tablespace_map`) go into a Secret the backup owns.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use kube::Resource;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use crate::core::record::{Consistency, Manifest, Outcome};
+use crate::core::store::{BackupStore, StoreError};
+use crate::kube::crd::{
+    BACKUP_LABEL, BackupMember, BackupPhase, GROUP_LABEL, GroupBackup, GroupBackupStatus,
+    VolumeSnapshotRef,
+};
+
+/// The field manager of everything the controller applies.
+pub const FIELD_MANAGER: &str = "stillpoint-controller";
+
+/// Formats a duration in µs the way `kubectl get` shows it (`7.4ms`).
+pub fn format_us(us: u64) -> String {
+    match us {
+        0..1_000 => format!("{us}µs"),
+        1_000..1_000_000 => format!("{:.1}ms", us as f64 / 1e3),
+        _ => format!("{:.2}s", us as f64 / 1e6),
+    }
+}
+
+/// Sets (or replaces) a condition, keeping its transition time when the
+/// status does not change.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) {
+    let status = if ok { "True" } else { "False" };
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let old = conditions.iter().position(|c| c.type_ == type_);
+    let transition = match old.map(|i| &conditions[i]) {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => now,
+    };
+    let condition = Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.chars().take(32_000).collect(),
+        observed_generation: generation,
+        last_transition_time: transition,
+    };
+    match old {
+        Some(i) => conditions[i] = condition,
+        None => conditions.push(condition),
+    }
+}
+
+/// Writes one GroupBackup's status: always all of it, as one field manager.
+#[derive(Debug, Clone)]
+pub struct StatusWriter {
+    api: Api<GroupBackup>,
+    secrets: Api<Secret>,
+    backup: GroupBackup,
+    status: Arc<Mutex<GroupBackupStatus>>,
+    /// Which member (of the group's spec) each pod is.
+    member_of: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
+}
+
+impl StatusWriter {
+    pub fn new(client: kube::Client, backup: &GroupBackup) -> Self {
+        let ns = backup.metadata.namespace.clone().unwrap_or_default();
+        StatusWriter {
+            api: Api::namespaced(client.clone(), &ns),
+            secrets: Api::namespaced(client, &ns),
+            backup: backup.clone(),
+            status: Arc::new(Mutex::new(backup.status.clone().unwrap_or_default())),
+            member_of: Arc::default(),
+        }
+    }
+
+    /// Records which member each pod is (shown with the pod's record).
+    pub fn set_members(&self, member_of: BTreeMap<String, String>) {
+        *self.member_of.lock().unwrap() = member_of;
+    }
+
+    fn name(&self) -> String {
+        self.backup.metadata.name.clone().unwrap_or_default()
+    }
+
+    /// The status as last written.
+    pub async fn current(&self) -> GroupBackupStatus {
+        self.status.lock().await.clone()
+    }
+
+    /// Changes the status and applies it.
+    pub async fn update(
+        &self,
+        change: impl FnOnce(&mut GroupBackupStatus),
+    ) -> Result<(), kube::Error> {
+        let mut status = self.status.lock().await;
+        change(&mut status);
+        status.observed_generation = self.backup.metadata.generation;
+        let patch = json!({
+            "apiVersion": "stillpoint.dev/v1alpha1",
+            "kind": "GroupBackup",
+            "status": *status,
+        });
+        self.api
+            .patch_status(
+                &self.name(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The owner reference of what the backup owns.
+    fn owner(&self) -> Option<OwnerReference> {
+        self.backup.controller_owner_ref(&())
+    }
+
+    /// Keeps the members' artefacts in the backup's Secret.
+    async fn save_artefacts(&self, manifest: &Manifest) -> Result<Option<String>, kube::Error> {
+        let data: BTreeMap<String, ByteString> = manifest
+            .members
+            .iter()
+            .flat_map(|m| {
+                m.artefacts.iter().map(move |(k, v)| {
+                    (
+                        format!("{}.{k}", m.name),
+                        ByteString(v.clone().into_bytes()),
+                    )
+                })
+            })
+            .collect();
+        if data.is_empty() {
+            return Ok(None);
+        }
+        let name = format!("{}-artefacts", self.name());
+        let secret = json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": name,
+                "labels": { GROUP_LABEL: manifest.group, BACKUP_LABEL: self.backup.metadata.uid },
+                "ownerReferences": self.owner().into_iter().collect::<Vec<_>>(),
+            },
+            "type": "Opaque",
+            "data": data,
+        });
+        self.secrets
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await?;
+        Ok(Some(name))
+    }
+}
+
+/// The status fields a manifest fills in.
+pub fn apply_manifest(status: &mut GroupBackupStatus, manifest: &Manifest) {
+    status.backup_id = Some(manifest.id.clone());
+    status.snapshotter = Some(manifest.snapshotter.clone());
+    status.freeze_window = manifest.freeze_window_us.map(format_us);
+    status.warnings = manifest.warnings.clone();
+    status.error = manifest.error.clone();
+    status.timeline = manifest.timeline.members.clone();
+    status.members = manifest
+        .members
+        .iter()
+        .map(|m| BackupMember {
+            pod: m.name.clone(),
+            member: None,
+            engine: Some(m.engine.to_string()),
+            role: Some(m.role.to_string()),
+            primary: m.primary.clone(),
+            position: m.position.clone(),
+            aligned_to: m.aligned_to.clone(),
+            consistency: m.consistency.map(|c: Consistency| c.as_str().to_string()),
+            restore_stage: m.restore_stage,
+            volume_snapshots: m
+                .snapshots
+                .iter()
+                .map(|h| VolumeSnapshotRef {
+                    pvc: h.claim.clone().unwrap_or_default(),
+                    name: h.handle.clone(),
+                    mount_path: Some(h.volume.display().to_string()).filter(|p| !p.is_empty()),
+                })
+                .collect(),
+            artefacts: m.artefacts.keys().cloned().collect(),
+        })
+        .collect();
+    let thawed = !manifest.members.is_empty()
+        && manifest.members.iter().all(|m| {
+            manifest
+                .timeline
+                .members
+                .get(&m.name)
+                .is_some_and(|p| p.contains_key("thawed"))
+        });
+    status.phase = Some(match manifest.outcome {
+        Outcome::Running if thawed => BackupPhase::Finalizing,
+        Outcome::Running => BackupPhase::Running,
+        Outcome::Succeeded => BackupPhase::Succeeded,
+        Outcome::Failed => BackupPhase::Failed,
+        Outcome::Aborted => BackupPhase::Aborted,
+    });
+}
+
+#[async_trait]
+impl BackupStore for StatusWriter {
+    async fn save(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        let secret = self
+            .save_artefacts(manifest)
+            .await
+            .map_err(|e| StoreError(format!("keeping the artefacts in a Secret: {e}")))?;
+        let member_of = self.member_of.lock().unwrap().clone();
+        self.update(|s| {
+            apply_manifest(s, manifest);
+            for m in &mut s.members {
+                m.member = member_of.get(&m.pod).cloned();
+            }
+            if secret.is_some() {
+                s.artefacts_secret = secret;
+            }
+            // The final phase is the reconciler's to set, with its condition.
+            if matches!(
+                s.phase,
+                Some(BackupPhase::Succeeded | BackupPhase::Failed | BackupPhase::Aborted)
+            ) {
+                s.phase = Some(BackupPhase::Finalizing);
+            }
+        })
+        .await
+        .map_err(|e| StoreError(format!("writing GroupBackup {} status: {e}", self.name())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_read_as_kubectl_shows_them() {
+        assert_eq!(format_us(740), "740µs");
+        assert_eq!(format_us(7_400), "7.4ms");
+        assert_eq!(format_us(2_500_000), "2.50s");
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_while_its_status_holds() {
+        let mut c = Vec::new();
+        set_condition(&mut c, "Protectable", false, "NoAgent", "a", Some(1));
+        let first = c[0].last_transition_time.clone();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        set_condition(&mut c, "Protectable", false, "PVCUnbound", "b", Some(2));
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].last_transition_time, first);
+        assert_eq!(c[0].reason, "PVCUnbound");
+        assert_eq!(c[0].observed_generation, Some(2));
+        set_condition(&mut c, "Protectable", true, "Ready", "c", Some(2));
+        assert_ne!(c[0].last_transition_time, first);
+    }
+}

@@ -1,0 +1,236 @@
+//! Stillpoint's Kubernetes mode in the lab: its CRDs and the RBAC from
+//! `deploy/` installed once per lab, the controller run as a process under
+//! a token of its own ServiceAccount (never as admin), and database pods
+//! with the agent as a sidecar.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use kube::api::{Api, DynamicObject, PostParams};
+use tokio::sync::OnceCell;
+
+use super::{KubeLab, wait_async};
+use crate::harness::agent::{agent_binary, controller_binary};
+use crate::harness::pki::{CONTROLLER_IDENTITY, Pki};
+
+/// The trust domain of the agents' identities in these tests.
+pub const TRUST_DOMAIN: &str = "stillpoint.test";
+/// The controller's namespace and ServiceAccount (deploy/rbac.yaml).
+pub const CONTROLLER_NS: &str = "stillpoint-system";
+pub const CONTROLLER_SA: &str = "stillpoint-controller";
+
+/// What a test binary shares: the PKI and the installed resources.
+#[derive(Debug)]
+pub struct Installed {
+    pub pki: Pki,
+    /// The controller's client identity.
+    pub controller_tls: PathBuf,
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Creates every document of a multi-document YAML file; those that
+/// exist already are left as they are.
+pub async fn apply_all(lab: &KubeLab, client: &kube::Client, yaml: &str) -> Result<()> {
+    for doc in yaml.split("\n---\n") {
+        if doc
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        {
+            continue;
+        }
+        match lab.apply_yaml(client, doc).await {
+            Ok(_) => {}
+            Err(e)
+                if e.downcast_ref::<kube::Error>()
+                    .is_some_and(|k| matches!(k, kube::Error::Api(s) if s.code == 409)) => {}
+            Err(e) => {
+                return Err(e.context(format!(
+                    "applying:\n{}",
+                    doc.lines().take(6).collect::<Vec<_>>().join("\n")
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Installs the CRDs and RBAC from `deploy/` (once per lab).
+pub async fn install(lab: &'static KubeLab) -> Result<&'static Installed> {
+    static INSTALLED: OnceCell<Installed> = OnceCell::const_new();
+    INSTALLED
+        .get_or_try_init(|| async {
+            let admin = lab.admin().await?;
+            let crds = std::fs::read_to_string(repo().join("deploy/crds/stillpoint.dev.yaml"))?;
+            apply_all(lab, &admin, &crds).await?;
+            let rbac = std::fs::read_to_string(repo().join("deploy/rbac.yaml"))?;
+            apply_all(lab, &admin, &rbac).await?;
+            // The CRDs serve once established.
+            let gvk = kube::api::GroupVersionKind::gvk("stillpoint.dev", "v1alpha1", "GroupBackup");
+            wait_async(
+                "the Stillpoint CRDs served",
+                Duration::from_secs(60),
+                || {
+                    let admin = admin.clone();
+                    let gvk = gvk.clone();
+                    async move { Ok(kube::discovery::pinned_kind(&admin, &gvk).await.is_ok()) }
+                },
+            )
+            .await?;
+            let pki = Pki::new()?;
+            let files = pki.issue("controller", CONTROLLER_IDENTITY)?;
+            let controller_tls = files.cert.parent().context("cert dir")?.to_path_buf();
+            Ok::<_, anyhow::Error>(Installed {
+                pki,
+                controller_tls,
+            })
+        })
+        .await
+}
+
+impl Installed {
+    /// A Secret `name` in `ns` with an agent identity for ServiceAccount `sa`
+    /// (`tls.crt`, `tls.key`, `ca.crt`).
+    pub async fn agent_secret(&self, lab: &KubeLab, ns: &str, sa: &str, name: &str) -> Result<()> {
+        let identity = format!("spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/{sa}");
+        let files = self.pki.issue(&format!("{ns}-{name}"), &identity)?;
+        let read = |p: &Path| std::fs::read_to_string(p).with_context(|| p.display().to_string());
+        let secret: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": { "name": name, "namespace": ns },
+            "stringData": {
+                "tls.crt": read(&files.cert)?,
+                "tls.key": read(&files.key)?,
+                "ca.crt": read(&files.ca)?,
+            }
+        }))?;
+        let admin = lab.admin().await?;
+        let gvk = kube::api::GroupVersionKind::gvk("", "v1", "Secret");
+        let (resource, _) = kube::discovery::pinned_kind(&admin, &gvk).await?;
+        let api: Api<DynamicObject> = Api::namespaced_with(admin, ns, &resource);
+        api.create(&PostParams::default(), &secret).await?;
+        Ok(())
+    }
+}
+
+/// The agent sidecar of a pod: engine, DSN, its identity from Secret
+/// `secret`, the pod's data volume `volume` at `/data`.
+pub fn agent_container(engine: &str, dsn: &str, secret_volume: &str, volume: &str) -> String {
+    let _ = agent_binary();
+    format!(
+        r#"  - name: stillpoint-agent
+    image: ghcr.io/stillpoint-dev/stillpoint-agent:0.1.0
+    env:
+    - {{name: STILLPOINT_MEMBER, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}
+    - {{name: STILLPOINT_ENGINE, value: {engine}}}
+    - {{name: STILLPOINT_DSN, value: "{dsn}"}}
+    - {{name: STILLPOINT_LISTEN_ADDR, value: "0.0.0.0:9443"}}
+    - {{name: STILLPOINT_ADMIN_ADDR, value: "127.0.0.1:9090"}}
+    - {{name: STILLPOINT_TLS_CERT, value: /etc/stillpoint/tls/tls.crt}}
+    - {{name: STILLPOINT_TLS_KEY, value: /etc/stillpoint/tls/tls.key}}
+    - {{name: STILLPOINT_TLS_CA, value: /etc/stillpoint/tls/ca.crt}}
+    - {{name: STILLPOINT_CONTROLLER_IDENTITY, value: "{CONTROLLER_IDENTITY}"}}
+    - {{name: STILLPOINT_VOLUMES, value: /data}}
+    - {{name: STILLPOINT_STATE_DIR, value: /tmp/stillpoint}}
+    - {{name: STILLPOINT_LOG, value: "info,stillpoint_agent=debug"}}
+    ports: [{{name: stillpoint, containerPort: 9443}}]
+    readinessProbe: {{tcpSocket: {{port: 9443}}, periodSeconds: 1}}
+    volumeMounts:
+    - {{name: {volume}, mountPath: /data}}
+    - {{name: {secret_volume}, mountPath: /etc/stillpoint/tls, readOnly: true}}
+"#
+    )
+}
+
+/// The controller as a process, under its ServiceAccount's token.
+#[derive(Debug)]
+pub struct ControllerProc {
+    child: Child,
+    pub identity: String,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ControllerProc {
+    /// Starts a controller replica `identity` watching namespace `ns`,
+    /// electing its leader by Lease `lease` (in stillpoint-system).
+    pub async fn start(
+        lab: &KubeLab,
+        installed: &Installed,
+        ns: &str,
+        identity: &str,
+        lease: &str,
+    ) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("stillpoint-controller-")
+            .tempdir()?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        lab.kubeconfig_for(CONTROLLER_NS, CONTROLLER_SA, &kubeconfig)
+            .await?;
+        let log = dir.path().join("controller.log");
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(controller_binary()?)
+            .arg("controller")
+            .args(["--kubeconfig", &kubeconfig.display().to_string()])
+            .args(["--tls-dir", &installed.controller_tls.display().to_string()])
+            .args(["--trust-domain", TRUST_DOMAIN])
+            .args(["--lease-namespace", CONTROLLER_NS, "--lease-name", lease])
+            .args(["--lease-duration", "3s", "--resync", "5s"])
+            .args(["--identity", identity, "--watch-namespace", ns])
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .env("STILLPOINT_LOG", "info,stillpoint_controller=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .context("starting stillpoint controller")?;
+        Ok(ControllerProc {
+            child,
+            identity: identity.into(),
+            log,
+            _dir: dir,
+        })
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: it gets no chance to thaw or release anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and waits for it to exit.
+    pub fn terminate(&mut self, bound: Duration) -> Result<std::process::ExitStatus> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        let deadline = std::time::Instant::now() + bound;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "the controller did not exit within {bound:?} of SIGTERM:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ControllerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
