@@ -645,3 +645,680 @@ async fn group_backups_with_csi_and_csi_group_restore_to_a_consistent_cut() {
     .unwrap();
     assert!(space.backups().get_opt("csi-0").await.unwrap().is_none());
 }
+
+/// A Redis pod with options: its app label, ServiceAccount, the Secret of
+/// its agent's identity (no agent: `None`), its data directory, extra
+/// environment for the agent, and its PVC (`data-<name>`, or none).
+struct RedisPod<'a> {
+    name: &'a str,
+    app: &'a str,
+    sa: &'a str,
+    agent_secret: Option<&'a str>,
+    dir: &'a str,
+    upstream: Option<&'a str>,
+    pvc: bool,
+}
+
+impl RedisPod<'_> {
+    fn yaml(&self, ns: &str) -> String {
+        let RedisPod {
+            name,
+            app,
+            sa,
+            agent_secret,
+            dir,
+            upstream,
+            pvc,
+        } = self;
+        let replica = upstream
+            .map(|p| format!(", --replicaof, {p}, \"6379\""))
+            .unwrap_or_default();
+        let agent = agent_secret
+            .map(|_| {
+                stillpoint::agent_container("redis", "redis://127.0.0.1:6379", "agent-tls", "data")
+            })
+            .unwrap_or_default();
+        let data = if *pvc {
+            format!("persistentVolumeClaim: {{claimName: data-{name}}}")
+        } else {
+            "emptyDir: {}".into()
+        };
+        let secret = agent_secret
+            .map(|s| format!("  - {{name: agent-tls, secret: {{secretName: {s}}}}}\n"))
+            .unwrap_or_default();
+        format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}
+spec:
+  serviceAccountName: {sa}
+  containers:
+  - name: redis
+    image: redis:7
+    args: [--port, "6379", --dir, {dir}, --appendonly, "yes", --save, "", --protected-mode, "no"{replica}]
+    ports: [{{name: redis, containerPort: 6379}}]
+    readinessProbe: {{tcpSocket: {{port: redis}}, periodSeconds: 1}}
+    volumeMounts: [{{name: data, mountPath: /data}}]
+{agent}  volumes:
+  - {{name: data, {data}}}
+{secret}"#
+        )
+    }
+}
+
+/// A pod that claims to have an agent (the `stillpoint` port) but runs none.
+fn mute_pod(ns: &str, name: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}
+spec:
+  containers:
+  - name: app
+    image: busybox
+    command: [sh, -c, "exec sleep 3600"]
+    ports: [{{name: stillpoint, containerPort: 9443}}]
+"#
+    )
+}
+
+/// The Events of one object, by reason.
+async fn event_reasons(space: &Space, name: &str) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(space.admin.clone(), &space.ns);
+    events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
+/// Whether a Redis write goes through within `bound` (not frozen).
+async fn writes(redis: &Pod, bound: Duration) -> bool {
+    let ip = pod_ip(redis).unwrap();
+    let mut c = redis::Client::open(format!("redis://{ip}:6379"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    c.set_response_timeout(bound);
+    redis::cmd("SET")
+        .arg("probe")
+        .arg(1)
+        .query_async::<()>(&mut c)
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freezes() {
+    let space = Space::new("unprotectable").await;
+    let ns = space.ns.clone();
+    for sa in ["redis", "other"] {
+        space.identity(sa).await;
+    }
+    for pvc in [
+        "data-redis-a",
+        "data-imposter",
+        "data-scattered",
+        "data-orphan",
+    ] {
+        space.pvc(pvc, None).await;
+    }
+    let healthy = RedisPod {
+        name: "redis-a",
+        app: "ra",
+        sa: "redis",
+        agent_secret: Some("agent-redis"),
+        dir: "/data",
+        upstream: None,
+        pvc: true,
+    };
+    space.apply(&healthy.yaml(&ns)).await;
+    let redis_a = space.ready("redis-a").await;
+    let ip = pod_ip(&redis_a).unwrap().to_string();
+    for pod in [
+        RedisPod {
+            name: "plain",
+            app: "plain",
+            agent_secret: None,
+            pvc: false,
+            ..healthy
+        },
+        // Its agent presents the identity of ServiceAccount `other`.
+        RedisPod {
+            name: "imposter",
+            app: "imposter",
+            agent_secret: Some("agent-other"),
+            ..healthy
+        },
+        // Its data directory is not on its PVC.
+        RedisPod {
+            name: "scattered",
+            app: "scattered",
+            dir: "/tmp",
+            ..healthy
+        },
+        RedisPod {
+            name: "orphan",
+            app: "orphan",
+            upstream: Some(&ip),
+            ..healthy
+        },
+    ] {
+        space.apply(&pod.yaml(&ns)).await;
+        space.ready(pod.name).await;
+    }
+    space.apply(&mute_pod(&ns, "mute")).await;
+    space.ready("mute").await;
+    // A PVC no driver provisions, and a pod waiting for it.
+    space
+        .apply(&format!(
+            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: data-stuck, namespace: {ns}}}\n\
+             spec:\n  storageClassName: nowhere\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 1Gi}}}}\n"
+        ))
+        .await;
+    space
+        .apply(
+            &RedisPod {
+                name: "stuck",
+                app: "stuck",
+                ..healthy
+            }
+            .yaml(&ns),
+        )
+        .await;
+    // A snapshot class of another driver.
+    space
+        .apply(
+            "apiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshotClass\nmetadata: {name: elsewhere}\n\
+             driver: other.csi.example\ndeletionPolicy: Delete\n",
+        )
+        .await;
+    let _controller = space
+        .controller("unprotectable-a", &format!("lease-{ns}"))
+        .await;
+    let member =
+        |app: &str| format!("  - {{name: m-{app}, selector: {{matchLabels: {{app: {app}}}}}}}\n");
+    let orphan_needles = ["orphan", ip.as_str()];
+    let cases: Vec<(&str, String, &str, &[&str])> = vec![
+        (
+            "no-agent",
+            member("plain"),
+            "NoAgent",
+            &["plain", "stillpoint"],
+        ),
+        (
+            "unreachable",
+            member("ra") + &member("mute"),
+            "AgentUnreachable",
+            &["mute", "9443"],
+        ),
+        (
+            "wrong-identity",
+            member("imposter"),
+            "WrongIdentity",
+            &["imposter", "/sa/other", "/sa/redis"],
+        ),
+        (
+            "orphan",
+            member("orphan"),
+            "ReplicaWithoutPrimary",
+            &orphan_needles,
+        ),
+        (
+            "unbound",
+            member("stuck"),
+            "PVCUnbound",
+            &["data-stuck", "Pending"],
+        ),
+        (
+            "not-covered",
+            member("scattered"),
+            "NotCovered",
+            &["scattered", "/tmp", "accept_uncovered"],
+        ),
+        (
+            "missing-pod",
+            member("nothing"),
+            "MemberNotFound",
+            &["m-nothing", "app=nothing"],
+        ),
+        (
+            "role",
+            "  - {name: m-ra, selector: {matchLabels: {app: ra}}, role: replica}\n".into(),
+            "RoleMismatch",
+            &["redis-a", "replica", "primary"],
+        ),
+        (
+            "not-pvc",
+            "  - {name: m-ra, selector: {matchLabels: {app: ra}}, volumes: [agent-tls]}\n".into(),
+            "VolumeNotPVC",
+            &["agent-tls"],
+        ),
+    ];
+    for (group, members, _, _) in &cases {
+        space.apply(&group_yaml(&ns, group, "csi", members)).await;
+    }
+    for (class, reason, needles) in [
+        ("missing", "NoSnapshotClass", &["missing"][..]),
+        (
+            "elsewhere",
+            "ClassDriverMismatch",
+            &["elsewhere", "other.csi.example", kube::csi::DRIVER][..],
+        ),
+    ] {
+        space
+            .apply(&format!(
+                "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: class-{class}, namespace: {ns}}}\n\
+                 spec:\n  members:\n{}  snapshot: {{driver: csi, volumeSnapshotClassName: {class}}}\n",
+                member("ra")
+            ))
+            .await;
+        let (got, message) = space.protectable(&format!("class-{class}"), "False").await;
+        assert_eq!(got, reason, "{message}");
+        for n in needles {
+            assert!(message.contains(n), "{reason}: {n} not in {message}");
+        }
+    }
+    for (group, _, reason, needles) in &cases {
+        let (got, message) = space.protectable(group, "False").await;
+        assert_eq!(&got, reason, "{group}: {message}");
+        for n in *needles {
+            assert!(message.contains(n), "{group}: {n} not in: {message}");
+        }
+    }
+    // The healthy member alone is protectable.
+    // (on storage that takes 3 s to cut, so that two backups would overlap)
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: solo, namespace: {ns}}}\n\
+             spec:\n  members:\n{}  snapshot: {{driver: csi, volumeSnapshotClassName: {}}}\n",
+            member("ra"),
+            kube::SLOW_SNAPSHOT_CLASS
+        ))
+        .await;
+    space.protectable("solo", "True").await;
+
+    // A backup of a group with an unreachable agent fails at once, naming
+    // the member and the cause; its healthy member never froze.
+    let b = space.backup("half-1", "unreachable").await;
+    let s = status(&b);
+    assert_eq!(s.phase, Some(BackupPhase::Failed));
+    let c = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Completed")
+        .unwrap();
+    assert_eq!(c.reason, "AgentUnreachable", "{c:?}");
+    assert!(
+        c.message.contains("mute") && c.message.contains("9443"),
+        "{}",
+        c.message
+    );
+    assert!(s.error.as_deref().unwrap().contains("mute"));
+    assert!(
+        writes(&redis_a, Duration::from_secs(2)).await,
+        "nothing stays frozen"
+    );
+    assert!(
+        event_reasons(&space, "half-1")
+            .await
+            .contains(&"AgentUnreachable".to_string())
+    );
+
+    // A backup of a group that does not exist fails at once.
+    let b = space.backup("ghost-1", "ghost").await;
+    let s = status(&b);
+    assert_eq!(s.phase, Some(BackupPhase::Failed));
+    assert_eq!(s.conditions[0].reason, "GroupNotFound");
+    assert!(
+        s.error
+            .unwrap()
+            .contains("ConsistencyGroup ghost does not exist")
+    );
+
+    // Two backups of one group never run at once: the second waits.
+    for name in ["solo-1", "solo-2"] {
+        space
+            .apply(&format!(
+                "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupBackup\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+                 spec: {{group: solo}}"
+            ))
+            .await;
+    }
+    let (one, two) = (
+        space.finished("solo-1").await,
+        space.finished("solo-2").await,
+    );
+    for b in [&one, &two] {
+        assert_eq!(
+            status(b).phase,
+            Some(BackupPhase::Succeeded),
+            "{:?}",
+            status(b)
+        );
+    }
+    let waited = [
+        event_reasons(&space, "solo-1").await,
+        event_reasons(&space, "solo-2").await,
+    ];
+    assert!(
+        waited.iter().any(|r| r.contains(&"Waiting".to_string())),
+        "one of them waited for the other: {waited:?}"
+    );
+    let (s1, s2) = (status(&one), status(&two));
+    let (first, second) = if s1.start_time <= s2.start_time {
+        (s1, s2)
+    } else {
+        (s2, s1)
+    };
+    assert!(first.completion_time.unwrap().0 <= second.start_time.unwrap().0);
+
+    // A running (or finished) backup's spec cannot be changed.
+    let err = space
+        .backups()
+        .patch(
+            "solo-1",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "spec": { "group": "unreachable" } })),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot be changed"), "{err}");
+}
+
+/// VolumeSnapshots labelled with a backup's uid.
+async fn labelled_snapshots(space: &Space, uid: &str) -> Vec<String> {
+    let gvk = ::kube::api::GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot");
+    let (resource, _) = ::kube::discovery::pinned_kind(&space.admin, &gvk)
+        .await
+        .unwrap();
+    let vs: Api<::kube::api::DynamicObject> =
+        Api::namespaced_with(space.admin.clone(), &space.ns, &resource);
+    vs.list(&ListParams::default().labels(&format!("stillpoint.dev/backup={uid}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|o| o.metadata.name)
+        .collect()
+}
+
+/// The VolumeSnapshots (and their contents) of a backup, for a failure's message.
+async fn dump_snapshots(space: &Space, uid: &str) -> String {
+    let mut out = String::new();
+    for (kind, plural, namespaced) in [
+        ("VolumeSnapshot", "volumesnapshots", true),
+        ("VolumeSnapshotContent", "volumesnapshotcontents", false),
+    ] {
+        let gvk = ::kube::api::GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", kind);
+        let resource = ::kube::api::ApiResource::from_gvk_with_plural(&gvk, plural);
+        let api: Api<::kube::api::DynamicObject> = match namespaced {
+            true => Api::namespaced_with(space.admin.clone(), &space.ns, &resource),
+            false => Api::all_with(space.admin.clone(), &resource),
+        };
+        for o in api.list(&ListParams::default()).await.unwrap().items {
+            let v = serde_json::to_value(&o).unwrap();
+            if namespaced && v["metadata"]["labels"]["stillpoint.dev/backup"] != uid {
+                continue;
+            }
+            if !namespaced && v["spec"]["volumeSnapshotRef"]["namespace"] != space.ns.as_str() {
+                continue;
+            }
+            out.push_str(&format!(
+                "{kind} {}: finalizers {} deletion {} status {}\n",
+                v["metadata"]["name"],
+                v["metadata"]["finalizers"],
+                v["metadata"]["deletionTimestamp"],
+                v["status"]
+            ));
+        }
+    }
+    out
+}
+
+async fn lease_holder(space: &Space, lease: &str) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(space.admin.clone(), stillpoint::CONTROLLER_NS);
+    leases
+        .get_opt(lease)
+        .await
+        .unwrap()
+        .and_then(|l| l.spec?.holder_identity)
+}
+
+/// Creates a GroupBackup and returns once one of its VolumeSnapshots
+/// exists (the group is frozen, the cut under way); returns its uid.
+async fn until_cutting(space: &Space, name: &str, group: &str) -> String {
+    let ns = &space.ns;
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupBackup\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec: {{group: {group}}}"
+        ))
+        .await;
+    let uid = space
+        .backups()
+        .get(name)
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while labelled_snapshots(space, &uid).await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} never started cutting"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    uid
+}
+
+/// Waits until Redis takes writes again; returns how long that took.
+async fn until_writes(redis: &Pod) -> Duration {
+    let started = tokio::time::Instant::now();
+    while !writes(redis, Duration::from_millis(200)).await {
+        assert!(started.elapsed() < BOUND, "writes never resumed");
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_killed_mid_freeze_is_replaced_and_its_backup_failed_and_cleaned_up() {
+    let space = Space::new("failover").await;
+    let ns = space.ns.clone();
+    space.identity("redis").await;
+    space.pvc("data-redis-k", None).await;
+    let pod = RedisPod {
+        name: "redis-k",
+        app: "rk",
+        sa: "redis",
+        agent_secret: Some("agent-redis"),
+        dir: "/data",
+        upstream: None,
+        pvc: true,
+    };
+    space.apply(&pod.yaml(&ns)).await;
+    let redis = space.ready("redis-k").await;
+    // Storage that takes 3 s to cut: the group stays frozen that long.
+    let ttl = Duration::from_secs(3);
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: slow, namespace: {ns}}}\n\
+             spec:\n  members:\n  - {{name: cache, selector: {{matchLabels: {{app: rk}}}}}}\n\
+             \x20 snapshot: {{driver: csi, volumeSnapshotClassName: {}}}\n  leaseTTL: 3s\n  freezeBudget: 30s\n",
+            kube::SLOW_SNAPSHOT_CLASS
+        ))
+        .await;
+    let lease = format!("lease-{ns}");
+    let mut a = space.controller("failover-a", &lease).await;
+    wait_async("failover-a leads", BOUND, || {
+        let (space, lease) = (&space, &lease);
+        async move { Ok(lease_holder(space, lease).await.as_deref() == Some("failover-a")) }
+    })
+    .await
+    .unwrap();
+    let mut b = space.controller("failover-b", &lease).await;
+    space.protectable("slow", "True").await;
+
+    // Killed while frozen, mid-cut.
+    let uid = until_cutting(&space, "doomed", "slow").await;
+    assert!(
+        !writes(&redis, Duration::from_millis(300)).await,
+        "the group is frozen"
+    );
+    a.kill();
+    let resumed = until_writes(&redis).await;
+    assert!(
+        resumed <= ttl + Duration::from_secs(1),
+        "writes resumed {resumed:?} after the kill; the lease TTL is {ttl:?}"
+    );
+    // The standby takes the Lease, fails the orphaned backup and deletes
+    // its partial snapshots.
+    let doomed = space.finished("doomed").await;
+    let s = status(&doomed);
+    assert_eq!(s.phase, Some(BackupPhase::Failed), "{s:?}");
+    let c = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Completed")
+        .unwrap();
+    assert_eq!(c.reason, "ControllerRestarted");
+    assert!(c.message.contains("failover-a"), "{}", c.message);
+    assert_eq!(
+        lease_holder(&space, &lease).await.as_deref(),
+        Some("failover-b")
+    );
+    let deleted = wait_async("the partial VolumeSnapshots deleted", BOUND, || {
+        let (space, uid) = (&space, &uid);
+        async move { Ok(labelled_snapshots(space, uid).await.is_empty()) }
+    })
+    .await;
+    if let Err(e) = deleted {
+        panic!("{e}\n{}", dump_snapshots(&space, &uid).await);
+    }
+
+    // SIGTERM mid-freeze: the backup is aborted, the group thawed at once
+    // (not by lease), the Lease released, and the controller exits.
+    let uid = until_cutting(&space, "interrupted", "slow").await;
+    let started = tokio::time::Instant::now();
+    let exit = tokio::task::block_in_place(|| b.terminate(Duration::from_secs(30))).unwrap();
+    assert!(exit.success(), "{exit}: {}", b.logs());
+    assert!(writes(&redis, Duration::from_millis(500)).await);
+    let s = status(&space.finished("interrupted").await);
+    assert_eq!(s.phase, Some(BackupPhase::Aborted), "{s:?}");
+    assert!(s.error.as_deref().unwrap().contains("SIGTERM"), "{s:?}");
+    assert_eq!(
+        lease_holder(&space, &lease).await,
+        None,
+        "the Lease was released"
+    );
+    // Deleted before it exited (the snapshot controller finishes that).
+    let deleted = wait_async(
+        "the aborted backup's VolumeSnapshots deleted",
+        BOUND,
+        || {
+            let (space, uid) = (&space, &uid);
+            async move { Ok(labelled_snapshots(space, uid).await.is_empty()) }
+        },
+    )
+    .await;
+    if let Err(e) = deleted {
+        panic!("{e}\n{}\n{}", dump_snapshots(&space, &uid).await, b.logs());
+    }
+    eprintln!("SIGTERM to exit: {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_controller_needs_every_permission_deploy_gives_it() {
+    let space = Space::new("rbac").await;
+    let ns = space.ns.clone();
+    space.identity("redis").await;
+    space.pvc("data-redis-r", None).await;
+    let pod = RedisPod {
+        name: "redis-r",
+        app: "rr",
+        sa: "redis",
+        agent_secret: Some("agent-redis"),
+        dir: "/data",
+        upstream: None,
+        pvc: true,
+    };
+    space.apply(&pod.yaml(&ns)).await;
+    let redis = space.ready("redis-r").await;
+    space
+        .apply(&group_yaml(
+            &ns,
+            "shop",
+            "csi",
+            "  - {name: cache, selector: {matchLabels: {app: rr}}}\n",
+        ))
+        .await;
+    // deploy/rbac.yaml for another ServiceAccount, less `create` on
+    // VolumeSnapshots.
+    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml"))
+        .unwrap();
+    let mut limited = Vec::new();
+    for doc in rbac.split("\n---\n") {
+        let mut v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
+        let kind = v["kind"].as_str().unwrap_or_default().to_string();
+        match kind.as_str() {
+            "ClusterRole" => {
+                v["metadata"]["name"] = "stillpoint-limited".into();
+                for rule in v["rules"].as_sequence_mut().unwrap() {
+                    if rule["resources"]
+                        == serde_yaml::from_str::<serde_yaml::Value>("[volumesnapshots]").unwrap()
+                    {
+                        let verbs = rule["verbs"].as_sequence_mut().unwrap();
+                        let before = verbs.len();
+                        verbs.retain(|v| v.as_str() != Some("create"));
+                        assert_eq!(verbs.len(), before - 1);
+                    }
+                }
+            }
+            "ClusterRoleBinding" | "RoleBinding" => {
+                v["metadata"]["name"] = format!("stillpoint-limited-{kind}").to_lowercase().into();
+                if kind == "ClusterRoleBinding" {
+                    v["roleRef"]["name"] = "stillpoint-limited".into();
+                }
+                v["subjects"][0]["name"] = "stillpoint-limited".into();
+            }
+            "ServiceAccount" => v["metadata"]["name"] = "stillpoint-limited".into(),
+            _ => continue,
+        }
+        limited.push(serde_yaml::to_string(&v).unwrap());
+    }
+    space.apply(&limited.join("\n---\n")).await;
+    let _controller = ControllerProc::start_as(
+        space.lab,
+        space.installed,
+        &ns,
+        "rbac-limited",
+        &format!("lease-{ns}"),
+        "stillpoint-limited",
+    )
+    .await
+    .unwrap();
+    space.protectable("shop", "True").await;
+    let s = status(&space.backup("denied", "shop").await);
+    assert_eq!(s.phase, Some(BackupPhase::Failed), "{s:?}");
+    let error = s.error.unwrap();
+    for needle in [
+        "forbidden",
+        "cannot create resource \"volumesnapshots\"",
+        "system:serviceaccount:stillpoint-system:stillpoint-limited",
+    ] {
+        assert!(error.contains(needle), "{needle} not in: {error}");
+    }
+    assert!(
+        writes(&redis, Duration::from_secs(1)).await,
+        "nothing stays frozen"
+    );
+}

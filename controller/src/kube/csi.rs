@@ -312,13 +312,38 @@ impl Snapshotter for Csi {
     }
 }
 
-/// Deletes snapshots by name; those already gone are fine.
+/// Bound on waiting for a snapshot being cut to be cut before deleting it.
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// Deletes snapshots by name; those already gone are fine. A snapshot
+/// the storage is still cutting is deleted once cut (or failed): the
+/// snapshot controller can lose track of one deleted mid-creation and
+/// leave it (and its content) terminating for good.
 async fn delete_snapshots<'a>(
     driver: &'static str,
     api: &Api<DynamicObject>,
     names: impl Iterator<Item = &'a str>,
 ) -> Result<(), SnapshotError> {
     let mut errors = Vec::new();
+    let names: Vec<&str> = names.collect();
+    join_all(names.iter().map(|name| async move {
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        while let Ok(Some(obj)) = api.get_opt(name).await {
+            let (created, _, error) = progress(&obj);
+            if created || error.is_some() || obj.metadata.deletion_timestamp.is_some() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    "{name} is still being cut after {} s; deleting it anyway",
+                    SETTLE.as_secs()
+                );
+                break;
+            }
+            tokio::time::sleep(POLL * 5).await;
+        }
+    }))
+    .await;
     for name in names {
         match api.delete(name, &DeleteParams::background()).await {
             Ok(_) => {}

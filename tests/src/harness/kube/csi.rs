@@ -11,7 +11,8 @@
 //! read-only btrfs snapshot of each volume (atomic per volume; a group's
 //! volumes are still snapshotted one by one, so not at one instant).
 //! Restoring a volume from a snapshot copies (or, atomic, snapshots) it
-//! back. Snapshots are ready as soon as they are made.
+//! back. Snapshots are ready as soon as they are made. A class parameter
+//! `delayMs` makes each snapshot take that long (slow storage).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -376,6 +377,16 @@ impl pb::controller_server::Controller for Driver {
             move || -> Result<Response<pb::CreateSnapshotResponse>, Status> {
                 let store = &*store;
                 let r = request.into_inner();
+                // `delayMs`: storage that takes this long to cut (a first
+                // request only; a retry finds the snapshot made).
+                if let Some(ms) = r.parameters.get("delayMs")
+                    && store.read_snapshot(checked(&r.name)?).is_none()
+                {
+                    let ms: u64 = ms.parse().map_err(|_| {
+                        Status::invalid_argument("parameter delayMs must be a number")
+                    })?;
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
                 let _guard = store.lock.lock().unwrap();
                 let id = checked(&r.name)?;
                 let meta = match store.read_snapshot(id) {

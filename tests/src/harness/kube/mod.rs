@@ -46,6 +46,8 @@ pub const STORAGE_CLASS: &str = "lab";
 /// snapshots.
 pub const SNAPSHOT_CLASS: &str = "lab";
 pub const ATOMIC_SNAPSHOT_CLASS: &str = "lab-atomic";
+/// Atomic per-volume snapshots that take 3 s each (slow storage).
+pub const SLOW_SNAPSHOT_CLASS: &str = "lab-slow";
 
 /// One upstream process of the lab, stopped (SIGTERM, then SIGKILL) on drop.
 #[derive(Debug)]
@@ -505,6 +507,9 @@ impl KubeLab {
                 // client's rate limiter, not by the driver.
                 "--kube-api-qps=200".into(),
                 "--kube-api-burst=400".into(),
+                // Retries back off to 5 minutes by default: a snapshot
+                // deleted while it is being cut would sit that long.
+                "--retry-interval-max=2s".into(),
             ],
         )?;
         self.spawn(
@@ -517,6 +522,9 @@ impl KubeLab {
                 "--leader-election=false".into(),
                 "--kube-api-qps=200".into(),
                 "--kube-api-burst=400".into(),
+                // Retries back off to 5 minutes by default: a snapshot
+                // deleted while it is being cut would sit that long.
+                "--retry-interval-max=2s".into(),
             ],
         )?;
         self.spawn(
@@ -598,6 +606,14 @@ metadata:
 driver: {driver}
 deletionPolicy: Delete
 parameters: {{mode: atomic}}
+---
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotClass
+metadata:
+  name: {SLOW_SNAPSHOT_CLASS}
+driver: {driver}
+deletionPolicy: Delete
+parameters: {{mode: atomic, delayMs: "3000"}}
 ---
 apiVersion: groupsnapshot.storage.k8s.io/v1
 kind: VolumeGroupSnapshotClass

@@ -166,12 +166,23 @@ impl ControllerProc {
         identity: &str,
         lease: &str,
     ) -> Result<Self> {
+        Self::start_as(lab, installed, ns, identity, lease, CONTROLLER_SA).await
+    }
+
+    /// The same, as ServiceAccount `sa` of stillpoint-system.
+    pub async fn start_as(
+        lab: &KubeLab,
+        installed: &Installed,
+        ns: &str,
+        identity: &str,
+        lease: &str,
+        sa: &str,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("stillpoint-controller-")
             .tempdir()?;
         let kubeconfig = dir.path().join("kubeconfig");
-        lab.kubeconfig_for(CONTROLLER_NS, CONTROLLER_SA, &kubeconfig)
-            .await?;
+        lab.kubeconfig_for(CONTROLLER_NS, sa, &kubeconfig).await?;
         let log = dir.path().join("controller.log");
         let out = std::fs::File::create(&log)?;
         let child = Command::new(controller_binary()?)
