@@ -339,6 +339,24 @@ impl Workload {
     }
 }
 
+/// Runs the `stillpoint` CLI in Kubernetes mode against the lab as its
+/// admin; returns (success, stdout, stderr).
+fn cli(space: &Space, args: &[&str]) -> (bool, String, String) {
+    let out =
+        std::process::Command::new(stillpoint_tests::harness::agent::controller_binary().unwrap())
+            .args(["--kube", "--kubeconfig"])
+            .arg(&space.lab.admin_kubeconfig)
+            .args(["-n", &space.ns])
+            .args(args)
+            .output()
+            .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn status(b: &GroupBackup) -> GroupBackupStatus {
     b.status.clone().unwrap_or_default()
 }
@@ -588,6 +606,47 @@ async fn group_backups_with_csi_and_csi_group_restore_to_a_consistent_cut() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    // The CLI in Kubernetes mode: create and follow, list, describe,
+    // status and plan.
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        cli(&space, &["backup", "create", "shop", "--id", "by-cli"])
+    });
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("GroupBackup by-cli of group shop succeeded"),
+        "{out}"
+    );
+    let (ok, out, _) = tokio::task::block_in_place(|| cli(&space, &["backup", "list"]));
+    assert!(
+        ok && out.contains("by-cli") && out.contains("csi-group-4") && out.contains("Succeeded"),
+        "{out}"
+    );
+    let (ok, out, _) =
+        tokio::task::block_in_place(|| cli(&space, &["backup", "describe", "csi-1", "-o", "json"]));
+    assert!(ok);
+    let described: GroupBackup = serde_json::from_str(&out).unwrap();
+    assert_eq!(status(&described).members.len(), 4);
+    let (ok, out, _) =
+        tokio::task::block_in_place(|| cli(&space, &["backup", "describe", "csi-1"]));
+    assert!(
+        ok && out.contains("VOLUMESNAPSHOT") && out.contains("data-pg-1"),
+        "{out}"
+    );
+    let (ok, out, _) = tokio::task::block_in_place(|| cli(&space, &["status", "shop"]));
+    assert!(
+        ok && out.contains("Protectable=True") && out.contains("pg-1") && out.contains("replica"),
+        "{out}"
+    );
+    let (ok, out, _) = tokio::task::block_in_place(|| cli(&space, &["status", "-o", "yaml"]));
+    assert!(
+        ok && out.contains("protectable: \"True\"") || out.contains("protectable: True"),
+        "{out}"
+    );
+    let (ok, out, _) = tokio::task::block_in_place(|| cli(&space, &["plan", "csi-1"]));
+    assert!(
+        ok && out.contains("must reach") && out.contains("2 databases"),
+        "{out}"
+    );
     let acked = workload.stop().await;
     assert!(
         acked > taken.len(),
@@ -605,11 +664,16 @@ async fn group_backups_with_csi_and_csi_group_restore_to_a_consistent_cut() {
         let api = api.clone();
         async move {
             let g = api.get("shop").await?;
-            Ok(g.status.and_then(|s| s.last_successful_backup).as_deref() == Some("csi-group-4"))
+            Ok(g.status.and_then(|s| s.last_successful_backup).as_deref() == Some("by-cli"))
         }
     })
     .await
-    .unwrap();
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}",
+            tokio::task::block_in_place(|| cli(&space, &["status", "shop"]))
+        )
+    });
     // Deleting a backup deletes its snapshots (deletionPolicy Delete).
     let first = &taken[0].0;
     let snapshots: Vec<String> = status(first)
@@ -970,6 +1034,21 @@ async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freeze
             .await
             .contains(&"AgentUnreachable".to_string())
     );
+
+    // The CLI follows a backup to its end; its exit code is the outcome.
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        cli(
+            &space,
+            &["backup", "create", "unreachable", "--id", "half-2"],
+        )
+    });
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("half-2") && err.contains("AgentUnreachable") && err.contains("mute"),
+        "{err}"
+    );
+    let (ok, _, err) = tokio::task::block_in_place(|| cli(&space, &["backup", "create", "ghost"]));
+    assert!(!ok && err.contains("no ConsistencyGroup ghost"), "{err}");
 
     // A backup of a group that does not exist fails at once.
     let b = space.backup("ghost-1", "ghost").await;

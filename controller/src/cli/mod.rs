@@ -17,6 +17,7 @@ pub mod certs;
 pub mod config;
 pub mod controller;
 pub mod demo;
+pub mod kube;
 pub mod output;
 pub mod plan;
 pub mod quiesce;
@@ -53,6 +54,18 @@ pub struct Global {
     /// the command ends, for a node-exporter textfile collector.
     #[arg(long, global = true, env = "STILLPOINT_METRICS_FILE")]
     pub metrics_file: Option<PathBuf>,
+    /// Kubernetes mode: GroupBackups and ConsistencyGroups through the API
+    /// server (the default when the local config file does not exist but
+    /// a kubeconfig or an in-cluster ServiceAccount does).
+    #[arg(long, global = true, env = "STILLPOINT_KUBE")]
+    pub kube: bool,
+    /// Kubernetes mode: the namespace (default: the kubeconfig context's).
+    #[arg(long, short = 'n', global = true, env = "STILLPOINT_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Kubernetes mode: the kubeconfig file (default: KUBECONFIG,
+    /// ~/.kube/config, or the in-cluster ServiceAccount).
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<PathBuf>,
     /// Log filter for the controller's own logs (stderr).
     #[arg(long, global = true, env = "STILLPOINT_LOG", default_value = "warn")]
     pub log: String,
@@ -126,6 +139,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let kube_command = matches!(
+        cli.command,
+        Command::Backup(_)
+            | Command::Status(_)
+            | Command::Plan(_)
+            | Command::Quiesce(_)
+            | Command::Thaw(_)
+            | Command::Restore(_)
+    );
+    if kube_command && kube::wanted(&cli.global) {
+        return kube::dispatch(cli.command, &cli.global);
+    }
     match cli.command {
         Command::Certs(command) => certs::run(command),
         Command::Backup(command) => backup::run(command, &cli.global),

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -297,12 +297,15 @@ pub struct GroupBackupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start_time: Option<Time>,
+    pub start_time: Option<MicroTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub completion_time: Option<Time>,
+    pub completion_time: Option<MicroTime>,
     /// First freeze request to last thaw acknowledgement, e.g. `7.4ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze_window: Option<String>,
+    /// The same, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_window_microseconds: Option<u64>,
     /// The snapshotter: `csi` or `csi-group`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshotter: Option<String>,

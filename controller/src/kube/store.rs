@@ -175,6 +175,7 @@ pub fn apply_manifest(status: &mut GroupBackupStatus, manifest: &Manifest) {
     status.backup_id = Some(manifest.id.clone());
     status.snapshotter = Some(manifest.snapshotter.clone());
     status.freeze_window = manifest.freeze_window_us.map(format_us);
+    status.freeze_window_microseconds = manifest.freeze_window_us;
     status.warnings = manifest.warnings.clone();
     status.error = manifest.error.clone();
     status.timeline = manifest.timeline.members.clone();

@@ -1,0 +1,499 @@
+//! The CLI in Kubernetes mode (`--kube`, or when there is no local config
+//! file but a kubeconfig or an in-cluster ServiceAccount): `backup
+//! create|list|describe|delete`, `status [GROUP]` and `plan ID` on
+//! GroupBackups and ConsistencyGroups, with the output formats of local
+//! mode.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, PostParams};
+use serde::Serialize;
+
+use super::backup::{BackupCommand, members_table};
+use super::output::table;
+use super::plan::plan_table;
+use super::{Command, Global};
+use crate::core::model::{Engine, Role};
+use crate::core::plan::plan;
+use crate::core::protocol::new_backup_id;
+use crate::core::record::{Consistency, Manifest, MemberRecord, Outcome};
+use crate::core::snapshot::SnapshotHandle;
+use crate::core::timeline::Timeline;
+use crate::kube::crd::{BackupPhase, ConsistencyGroup, GroupBackup, GroupBackupSpec};
+
+/// Whether this invocation is in Kubernetes mode.
+pub fn wanted(global: &Global) -> bool {
+    if global.kube {
+        return true;
+    }
+    if global.config.exists() {
+        return false;
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    std::env::var_os("KUBECONFIG").is_some()
+        || home.is_some_and(|h| h.join(".kube/config").exists())
+        || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+}
+
+/// Runs a command in Kubernetes mode.
+pub fn dispatch(command: Command, global: &Global) -> anyhow::Result<()> {
+    let runtime = super::runtime()?;
+    runtime.block_on(async {
+        let client = super::controller::kube_client(global.kubeconfig.as_deref()).await?;
+        let ns = global
+            .namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        let k = Kube { client, ns };
+        match command {
+            Command::Backup(command) => k.backup(command, global).await,
+            Command::Status(args) => k.status(args.group.as_deref(), global).await,
+            Command::Plan(args) => k.plan(&args.id, global).await,
+            _ => bail!(
+                "this command works in local mode only (a local config file, `--config`); in \
+                 Kubernetes mode use `backup`, `status` and `plan`"
+            ),
+        }
+    })
+}
+
+struct Kube {
+    client: kube::Client,
+    ns: String,
+}
+
+/// A name as the enum it names (`postgres`, `replica`, `backup-label`).
+fn parse<T: serde::de::DeserializeOwned>(text: &Option<String>) -> Option<T> {
+    text.as_ref()
+        .and_then(|t| serde_json::from_value(serde_json::json!(t)).ok())
+}
+
+/// A GroupBackup as a manifest (what the tables and plans of local mode take).
+pub fn manifest_of(b: &GroupBackup) -> Manifest {
+    let s = b.status.clone().unwrap_or_default();
+    let snapshotter = s.snapshotter.clone().unwrap_or_default();
+    Manifest {
+        id: b.name_any(),
+        group: b.spec.group.clone(),
+        schedule: None,
+        created_at: b
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
+        outcome: match s.phase.unwrap_or_default() {
+            BackupPhase::Succeeded => Outcome::Succeeded,
+            BackupPhase::Failed => Outcome::Failed,
+            BackupPhase::Aborted => Outcome::Aborted,
+            _ => Outcome::Running,
+        },
+        error: s.error.clone(),
+        snapshotter: snapshotter.clone(),
+        freeze_window_us: s.freeze_window_microseconds,
+        cut_us: None,
+        members: s
+            .members
+            .iter()
+            .map(|m| MemberRecord {
+                name: m.pod.clone(),
+                engine: parse(&m.engine).unwrap_or(Engine::Unknown),
+                server_version: String::new(),
+                role: parse(&m.role).unwrap_or(Role::Unknown),
+                primary: m.primary.clone(),
+                position: m.position.clone(),
+                aligned_to: m.aligned_to.clone(),
+                consistency: parse::<Consistency>(&m.consistency),
+                restore_stage: m.restore_stage,
+                freeze_us: None,
+                thaw_us: None,
+                restore_stage_explicit: false,
+                flush: None,
+                flush_us: None,
+                paths: Vec::new(),
+                snapshots: m
+                    .volume_snapshots
+                    .iter()
+                    .enumerate()
+                    .map(|(index, v)| SnapshotHandle {
+                        backup: b.name_any(),
+                        member: m.pod.clone(),
+                        index,
+                        volume: v.mount_path.clone().unwrap_or_default().into(),
+                        claim: Some(v.pvc.clone()),
+                        handle: v.name.clone(),
+                        driver: snapshotter.clone(),
+                        checksum: None,
+                        part: None,
+                    })
+                    .collect(),
+                artefacts: m
+                    .artefacts
+                    .iter()
+                    .map(|a| (a.clone(), String::new()))
+                    .collect(),
+            })
+            .collect(),
+        timeline: Timeline {
+            members: s.timeline.clone(),
+            window: None,
+        },
+        warnings: s.warnings.clone(),
+    }
+}
+
+fn phase(b: &GroupBackup) -> BackupPhase {
+    b.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
+}
+
+fn window(b: &GroupBackup) -> String {
+    b.status
+        .as_ref()
+        .and_then(|s| s.freeze_window.clone())
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The reason and message of a condition.
+fn condition(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<(String, String, String)> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+#[derive(Debug, Serialize)]
+struct GroupRow {
+    name: String,
+    protectable: String,
+    reason: String,
+    message: String,
+    members: u32,
+    last_successful_backup: Option<String>,
+}
+
+impl Kube {
+    fn backups(&self) -> Api<GroupBackup> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn groups(&self) -> Api<ConsistencyGroup> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    async fn get_backup(&self, name: &str) -> anyhow::Result<GroupBackup> {
+        self.backups()
+            .get_opt(name)
+            .await?
+            .with_context(|| format!("no GroupBackup {name} in namespace {}", self.ns))
+    }
+
+    async fn backup(&self, command: BackupCommand, global: &Global) -> anyhow::Result<()> {
+        match command {
+            BackupCommand::Create(args) => self.create(&args.group, args.id, global).await,
+            BackupCommand::List => {
+                let mut list = self.backups().list(&Default::default()).await?.items;
+                list.sort_by_key(|b| b.metadata.creation_timestamp.clone().map(|t| t.0));
+                global.output.print(&list, || {
+                    let rows: Vec<Vec<String>> = list
+                        .iter()
+                        .map(|b| {
+                            vec![
+                                b.name_any(),
+                                b.spec.group.clone(),
+                                phase(b).as_str().into(),
+                                window(b),
+                                b.metadata
+                                    .creation_timestamp
+                                    .as_ref()
+                                    .map(|t| t.0.to_string())
+                                    .unwrap_or_default(),
+                                b.status
+                                    .as_ref()
+                                    .and_then(|s| s.error.clone())
+                                    .unwrap_or_default()
+                                    .chars()
+                                    .take(80)
+                                    .collect(),
+                            ]
+                        })
+                        .collect();
+                    table(
+                        &["NAME", "GROUP", "PHASE", "WINDOW", "CREATED", "ERROR"],
+                        &rows,
+                    )
+                });
+                Ok(())
+            }
+            BackupCommand::Describe(args) => {
+                let b = self.get_backup(&args.id).await?;
+                let m = manifest_of(&b);
+                global.output.print(&b, || {
+                    let s = b.status.clone().unwrap_or_default();
+                    let mut out = format!(
+                        "GroupBackup {}/{}\n  group:         {}\n  phase:         {}\n  snapshotter:   {}\n  freeze window: {}\n  run by:        {}\n",
+                        self.ns,
+                        b.name_any(),
+                        b.spec.group,
+                        phase(&b).as_str(),
+                        s.snapshotter.clone().unwrap_or_else(|| "-".into()),
+                        window(&b),
+                        s.run_by.clone().unwrap_or_else(|| "-".into()),
+                    );
+                    if let Some(v) = &s.volume_group_snapshot {
+                        out.push_str(&format!("  group snapshot: {v}\n"));
+                    }
+                    if let Some(e) = &s.error {
+                        out.push_str(&format!("  error:         {e}\n"));
+                    }
+                    for c in &s.conditions {
+                        out.push_str(&format!("  condition:     {}={} {}: {}\n", c.type_, c.status, c.reason, c.message));
+                    }
+                    out.push('\n');
+                    out.push_str(&members_table(&m));
+                    let rows: Vec<Vec<String>> = s
+                        .members
+                        .iter()
+                        .flat_map(|m| m.volume_snapshots.iter().map(move |v| vec![m.pod.clone(), v.pvc.clone(), v.name.clone()]))
+                        .collect();
+                    if !rows.is_empty() {
+                        out.push('\n');
+                        out.push_str(&table(&["POD", "PVC", "VOLUMESNAPSHOT"], &rows));
+                    }
+                    if args.timeline {
+                        out.push('\n');
+                        out.push_str(&m.timeline.gantt(60));
+                    }
+                    out
+                });
+                Ok(())
+            }
+            BackupCommand::Delete(args) => {
+                let b = self.get_backup(&args.id).await?;
+                self.backups()
+                    .delete(&args.id, &DeleteParams::default())
+                    .await?;
+                // The finalizer deletes its snapshots first (per deletionPolicy).
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+                while self.backups().get_opt(&args.id).await?.is_some() {
+                    if tokio::time::Instant::now() > deadline {
+                        bail!(
+                            "GroupBackup {} is still being deleted after 120 s: is the controller running? \
+                             (its finalizer deletes the snapshots)",
+                            args.id
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                println!(
+                    "deleted GroupBackup {} ({} its snapshots)",
+                    args.id,
+                    match b.spec.deletion_policy {
+                        crate::kube::crd::DeletionPolicy::Delete => "and",
+                        crate::kube::crd::DeletionPolicy::Retain => "keeping",
+                    }
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Creates a GroupBackup and follows it to its end.
+    async fn create(&self, group: &str, id: Option<String>, global: &Global) -> anyhow::Result<()> {
+        if self.groups().get_opt(group).await?.is_none() {
+            bail!("no ConsistencyGroup {group} in namespace {}", self.ns);
+        }
+        let name = id.unwrap_or_else(|| new_backup_id(group));
+        let backup = GroupBackup::new(
+            &name,
+            GroupBackupSpec {
+                group: group.into(),
+                deletion_policy: Default::default(),
+            },
+        );
+        self.backups()
+            .create(&PostParams::default(), &backup)
+            .await
+            .with_context(|| format!("creating GroupBackup {name}"))?;
+        let spinner = global.output.interactive().then(|| {
+            let s = indicatif::ProgressBar::new_spinner();
+            s.enable_steady_tick(Duration::from_millis(100));
+            s
+        });
+        let mut last = BackupPhase::Pending;
+        let b = loop {
+            let b = self.get_backup(&name).await?;
+            let now = phase(&b);
+            if let Some(s) = &spinner {
+                s.set_message(format!(
+                    "GroupBackup {name} of group {group}: {}",
+                    now.as_str()
+                ));
+            } else if now != last {
+                eprintln!("GroupBackup {name}: {}", now.as_str());
+            }
+            last = now;
+            if now.is_final() {
+                break b;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        if let Some(s) = spinner {
+            s.finish_and_clear();
+        }
+        let m = manifest_of(&b);
+        match phase(&b) {
+            BackupPhase::Succeeded => {
+                global.output.print(&b, || {
+                    format!(
+                        "GroupBackup {name} of group {group} succeeded; freeze window {}\n\n{}",
+                        window(&b),
+                        members_table(&m)
+                    )
+                });
+                Ok(())
+            }
+            other => {
+                if global.output != super::output::Output::Table {
+                    global.output.print(&b, String::new);
+                }
+                let s = b.status.unwrap_or_default();
+                let reason = condition(&s.conditions, "Completed")
+                    .map(|c| c.1)
+                    .unwrap_or_default();
+                bail!(
+                    "GroupBackup {name} of group {group} {} ({reason}): {}; every member was thawed and \
+                     partial snapshots were deleted",
+                    other.as_str().to_lowercase(),
+                    s.error.unwrap_or_default()
+                )
+            }
+        }
+    }
+
+    async fn status(&self, group: Option<&str>, global: &Global) -> anyhow::Result<()> {
+        let groups =
+            match group {
+                Some(g) => vec![self.groups().get_opt(g).await?.with_context(|| {
+                    format!("no ConsistencyGroup {g} in namespace {}", self.ns)
+                })?],
+                None => self.groups().list(&Default::default()).await?.items,
+            };
+        if group.is_some() {
+            let g = &groups[0];
+            return {
+                global.output.print(g, || {
+                    let s = g.status.clone().unwrap_or_default();
+                    let mut out = format!("ConsistencyGroup {}/{}\n", self.ns, g.name_any());
+                    for c in &s.conditions {
+                        out.push_str(&format!(
+                            "  {}={} {}: {}\n",
+                            c.type_, c.status, c.reason, c.message
+                        ));
+                    }
+                    if let Some(b) = &s.last_successful_backup {
+                        out.push_str(&format!("  last successful backup: {b}\n"));
+                    }
+                    let rows: Vec<Vec<String>> = s
+                        .members
+                        .iter()
+                        .map(|m| {
+                            let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                            vec![
+                                m.name.clone(),
+                                m.pod.clone(),
+                                dash(&m.ip),
+                                dash(&m.engine),
+                                dash(&m.role),
+                                dash(&m.primary),
+                                dash(&m.position),
+                                m.pvcs.join(","),
+                                dash(&m.driver),
+                            ]
+                        })
+                        .collect();
+                    out.push('\n');
+                    out.push_str(&table(
+                        &[
+                            "MEMBER", "POD", "IP", "ENGINE", "ROLE", "PRIMARY", "POSITION", "PVCS",
+                            "DRIVER",
+                        ],
+                        &rows,
+                    ));
+                    out
+                });
+                Ok(())
+            };
+        }
+        let rows: Vec<GroupRow> = groups
+            .iter()
+            .map(|g| {
+                let s = g.status.clone().unwrap_or_default();
+                let (protectable, reason, message) = condition(&s.conditions, "Protectable")
+                    .unwrap_or(("Unknown".into(), String::new(), String::new()));
+                GroupRow {
+                    name: g.name_any(),
+                    protectable,
+                    reason,
+                    message,
+                    members: s.resolved_members,
+                    last_successful_backup: s.last_successful_backup,
+                }
+            })
+            .collect();
+        global.output.print(&rows, || {
+            let lines: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.name.clone(),
+                        r.protectable.clone(),
+                        r.reason.clone(),
+                        r.members.to_string(),
+                        r.last_successful_backup
+                            .clone()
+                            .unwrap_or_else(|| "-".into()),
+                        r.message.chars().take(100).collect(),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "GROUP",
+                    "PROTECTABLE",
+                    "REASON",
+                    "MEMBERS",
+                    "LAST BACKUP",
+                    "MESSAGE",
+                ],
+                &lines,
+            )
+        });
+        Ok(())
+    }
+
+    async fn plan(&self, id: &str, global: &Global) -> anyhow::Result<()> {
+        let b = self.get_backup(id).await?;
+        let manifest = manifest_of(&b);
+        let steps = plan(&manifest);
+        global.output.print(&steps, || {
+            let mut out = format!(
+                "recovery plan of GroupBackup {} (group {}, {}, {})\n\
+                 each stage starts only once every member of the one before is healthy;\n\
+                 within a stage, primaries start before their replicas\n\n",
+                manifest.id,
+                manifest.group,
+                manifest.snapshotter,
+                phase(&b).as_str()
+            );
+            out.push_str(&plan_table(&steps));
+            out
+        });
+        Ok(())
+    }
+}
