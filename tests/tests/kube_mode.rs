@@ -1401,3 +1401,48 @@ async fn the_controller_needs_every_permission_deploy_gives_it() {
         "nothing stays frozen"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_class_that_copies_cuts_postgresql_in_backup_mode_with_its_wal_and_backup_label() {
+    let space = Space::new("copies").await;
+    let ns = space.ns.clone();
+    space.identity("pg").await;
+    space.pvc("data-pg-0", None).await;
+    space.apply(&postgres_pod(&ns, "pg-0", None, false)).await;
+    space.ready("pg-0").await;
+    // The lab's default classes copy files one after another, as hostpath does.
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: copies, namespace: {ns}}}\n\
+             spec:\n  members:\n  - {{name: pg, selector: {{matchLabels: {{app: pg}}}}}}\n\
+             \x20 snapshot: {{driver: csi, volumeSnapshotClassName: {}, atomic: false}}\n",
+            kube::SNAPSHOT_CLASS
+        ))
+        .await;
+    let _controller = space.controller("copies-a", &format!("lease-{ns}")).await;
+    space.protectable("copies", "True").await;
+    let b = space.backup("copy-1", "copies").await;
+    let s = status(&b);
+    assert_eq!(s.phase, Some(BackupPhase::Succeeded), "{s:?}");
+    let pg = &s.members[0];
+    assert_eq!(pg.consistency.as_deref(), Some("backup-label"));
+    assert!(pg.artefacts.iter().any(|a| a == "backup_label"), "{pg:?}");
+    // The data, then the WAL up to the backup stop.
+    assert_eq!(pg.volume_snapshots.len(), 2, "{pg:?}");
+    assert_eq!(pg.volume_snapshots[0].part, None);
+    assert_eq!(pg.volume_snapshots[1].part.as_deref(), Some("pg_wal"));
+    // The artefacts, in a Secret the backup owns.
+    let secret_name = s.artefacts_secret.clone().unwrap();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(space.admin.clone(), &ns);
+    let secret = secrets.get(&secret_name).await.unwrap();
+    let label = &secret.data.as_ref().unwrap()["pg-0.backup_label"];
+    assert!(String::from_utf8_lossy(&label.0).starts_with("START WAL LOCATION"));
+    let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("GroupBackup", "copy-1")
+    );
+    let (ok, out, _) = tokio::task::block_in_place(|| cli(&space, &["plan", "copy-1"]));
+    assert!(ok && out.contains("backup-label"), "{out}");
+}

@@ -127,7 +127,7 @@ pub fn manifest_of(b: &GroupBackup) -> Manifest {
                         handle: v.name.clone(),
                         driver: snapshotter.clone(),
                         checksum: None,
-                        part: None,
+                        part: v.part.clone(),
                     })
                     .collect(),
                 artefacts: m

@@ -367,6 +367,11 @@ pub struct VolumeSnapshotRef {
     /// Where the member's server has the PVC mounted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount_path: Option<String>,
+    /// Set on a later snapshot of the same PVC that holds only this path
+    /// (relative to the volume) up to date: PostgreSQL's `pg_wal` up to
+    /// the backup stop, on a class whose snapshots are not atomic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<String>,
 }
 
 /// Every CRD, as one multi-document YAML (what `deploy/crds/` holds).

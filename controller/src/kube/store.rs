@@ -199,6 +199,7 @@ pub fn apply_manifest(status: &mut GroupBackupStatus, manifest: &Manifest) {
                     pvc: h.claim.clone().unwrap_or_default(),
                     name: h.handle.clone(),
                     mount_path: Some(h.volume.display().to_string()).filter(|p| !p.is_empty()),
+                    part: h.part.clone(),
                 })
                 .collect(),
             artefacts: m.artefacts.keys().cloned().collect(),
