@@ -275,17 +275,22 @@ async fn a_backup_mode_copy_with_its_wal_and_label_recovers_as_a_real_server() {
     );
     writer.abort();
 
-    // The WAL from start to stop is still there: the slot keeps it.
-    let wal_copy = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "rm -rf '{dst}/pg_wal' && cp -a '{src}/pg_wal' '{dst}/pg_wal'",
-            src = pg.primary.data.display(),
-            dst = restored.data_dir().display()
-        ))
-        .status()
-        .unwrap();
-    assert!(wal_copy.success());
+    // The WAL from start to stop is still there: the slot keeps it. The
+    // server still runs, so a segment it does not need can be recycled
+    // (renamed) while `cp` reads the directory: copy again then.
+    let wal_copy = (0..5).any(|_| {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "rm -rf '{dst}/pg_wal' && cp -a '{src}/pg_wal' '{dst}/pg_wal'",
+                src = pg.primary.data.display(),
+                dst = restored.data_dir().display()
+            ))
+            .status()
+            .unwrap()
+            .success()
+    });
+    assert!(wal_copy, "pg_wal could not be copied");
     std::fs::write(restored.data_dir().join("backup_label"), label).unwrap();
     if let Some(map) = result.artefacts.get("tablespace_map") {
         std::fs::write(restored.data_dir().join("tablespace_map"), map).unwrap();

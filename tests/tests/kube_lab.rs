@@ -22,14 +22,7 @@ fn lab() -> &'static KubeLab {
 
 /// The uid and gid of a host user (the lab runs containers as host users).
 fn user(name: &str) -> (u32, u32) {
-    let id = |flag: &str| {
-        let out = std::process::Command::new("id")
-            .args([flag, name])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    };
-    (id("-u"), id("-g"))
+    kube::host_user(name).unwrap()
 }
 
 fn pvc(ns: &str, name: &str, labels: &str, source: &str) -> String {

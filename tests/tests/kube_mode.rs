@@ -28,14 +28,7 @@ fn lab() -> &'static KubeLab {
 
 /// The uid and gid of a host user (the lab runs containers as host users).
 fn user(name: &str) -> (u32, u32) {
-    let id = |flag: &str| {
-        let out = std::process::Command::new("id")
-            .args([flag, name])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    };
-    (id("-u"), id("-g"))
+    kube::host_user(name).unwrap()
 }
 
 /// Everything one namespace of a test holds.
@@ -723,7 +716,21 @@ struct RedisPod<'a> {
     pvc: bool,
 }
 
-impl RedisPod<'_> {
+impl<'a> RedisPod<'a> {
+    /// A Redis primary on PVC `data-<name>` with its agent (ServiceAccount
+    /// `redis`, identity Secret `agent-redis`).
+    fn with_agent(name: &'a str, app: &'a str) -> Self {
+        RedisPod {
+            name,
+            app,
+            sa: "redis",
+            agent_secret: Some("agent-redis"),
+            dir: "/data",
+            upstream: None,
+            pvc: true,
+        }
+    }
+
     fn yaml(&self, ns: &str) -> String {
         let RedisPod {
             name,
@@ -833,15 +840,7 @@ async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freeze
     ] {
         space.pvc(pvc, None).await;
     }
-    let healthy = RedisPod {
-        name: "redis-a",
-        app: "ra",
-        sa: "redis",
-        agent_secret: Some("agent-redis"),
-        dir: "/data",
-        upstream: None,
-        pvc: true,
-    };
+    let healthy = RedisPod::with_agent("redis-a", "ra");
     space.apply(&healthy.yaml(&ns)).await;
     let redis_a = space.ready("redis-a").await;
     let ip = pod_ip(&redis_a).unwrap().to_string();
@@ -879,6 +878,15 @@ async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freeze
     }
     space.apply(&mute_pod(&ns, "mute")).await;
     space.ready("mute").await;
+    // A pod whose container cannot start (the lab maps no image `nosuch`).
+    space.pvc("data-broken", None).await;
+    space
+        .apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: broken, namespace: {ns}, labels: {{app: broken}}}}\n\
+             spec:\n  containers:\n  - {{name: db, image: nosuch:1, ports: [{{name: stillpoint, containerPort: 9443}}], \
+             volumeMounts: [{{name: data, mountPath: /data}}]}}\n  volumes: [{{name: data, persistentVolumeClaim: {{claimName: data-broken}}}}]\n"
+        ))
+        .await;
     // A PVC no driver provisions, and a pod waiting for it.
     space
         .apply(&format!(
@@ -951,6 +959,18 @@ async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freeze
             member("nothing"),
             "MemberNotFound",
             &["m-nothing", "app=nothing"],
+        ),
+        (
+            "not-running",
+            member("broken"),
+            "PodNotRunning",
+            &["broken", "not running"],
+        ),
+        (
+            "ordinal",
+            "  - {name: m-sts, statefulSet: {name: redis, ordinal: 9}}\n".into(),
+            "MemberNotFound",
+            &["m-sts", "pod redis-9 of StatefulSet redis"],
         ),
         (
             "role",
@@ -1215,15 +1235,7 @@ async fn a_controller_killed_mid_freeze_is_replaced_and_its_backup_failed_and_cl
     let ns = space.ns.clone();
     space.identity("redis").await;
     space.pvc("data-redis-k", None).await;
-    let pod = RedisPod {
-        name: "redis-k",
-        app: "rk",
-        sa: "redis",
-        agent_secret: Some("agent-redis"),
-        dir: "/data",
-        upstream: None,
-        pvc: true,
-    };
+    let pod = RedisPod::with_agent("redis-k", "rk");
     space.apply(&pod.yaml(&ns)).await;
     let redis = space.ready("redis-k").await;
     // Storage that takes 3 s to cut: the group stays frozen that long.
@@ -1246,6 +1258,22 @@ async fn a_controller_killed_mid_freeze_is_replaced_and_its_backup_failed_and_cl
     .unwrap();
     let mut b = space.controller("failover-b", &lease).await;
     space.protectable("slow", "True").await;
+    // Ready while leading; the standby is alive but not ready.
+    let get = |c: &ControllerProc, path: &str| {
+        tokio::task::block_in_place(|| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                match c.get(path) {
+                    Ok(r) => return r,
+                    Err(e) if std::time::Instant::now() > deadline => panic!("{path}: {e}"),
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        })
+    };
+    assert_eq!(get(&a, "/readyz").0, 200);
+    assert_eq!(get(&b, "/readyz").0, 503);
+    assert_eq!(get(&b, "/healthz").0, 200);
 
     // Killed while frozen, mid-cut.
     let uid = until_cutting(&space, "doomed", "slow").await;
@@ -1274,6 +1302,12 @@ async fn a_controller_killed_mid_freeze_is_replaced_and_its_backup_failed_and_cl
     assert_eq!(
         lease_holder(&space, &lease).await.as_deref(),
         Some("failover-b")
+    );
+    assert_eq!(get(&b, "/readyz").0, 200, "the new leader is ready");
+    let (code, metrics) = get(&b, "/metrics");
+    assert!(
+        code == 200 && metrics.contains("# TYPE stillpoint_") && metrics.ends_with("# EOF\n"),
+        "{metrics}"
     );
     let deleted = wait_async("the partial VolumeSnapshots deleted", BOUND, || {
         let (space, uid) = (&space, &uid);
@@ -1321,15 +1355,7 @@ async fn the_controller_needs_every_permission_deploy_gives_it() {
     let ns = space.ns.clone();
     space.identity("redis").await;
     space.pvc("data-redis-r", None).await;
-    let pod = RedisPod {
-        name: "redis-r",
-        app: "rr",
-        sa: "redis",
-        agent_secret: Some("agent-redis"),
-        dir: "/data",
-        upstream: None,
-        pvc: true,
-    };
+    let pod = RedisPod::with_agent("redis-r", "rr");
     space.apply(&pod.yaml(&ns)).await;
     let redis = space.ready("redis-r").await;
     space

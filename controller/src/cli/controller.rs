@@ -121,6 +121,7 @@ pub fn run(args: ControllerArgs, _global: &Global) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.metrics_listen)
             .await
             .with_context(|| format!("cannot listen on {} (--metrics-listen)", args.metrics_listen))?;
+        let listening = listener.local_addr().unwrap_or(args.metrics_listen);
         let (ready_tx, ready) = tokio::sync::watch::channel(false);
         tokio::spawn(admin::serve(listener, move |method, path| match (method, path) {
             (&Method::GET, "/healthz") => (StatusCode::OK, TEXT, "ok\n".to_string()),
@@ -143,7 +144,7 @@ pub fn run(args: ControllerArgs, _global: &Global) -> anyhow::Result<()> {
         });
         eprintln!(
             "stillpoint controller {identity}: waiting for the leader Lease {}/{}; metrics on http://{}/metrics",
-            args.lease_namespace, args.lease_name, args.metrics_listen
+            args.lease_namespace, args.lease_name, listening
         );
         controller::run(ctx, shutdown, ready_tx).await?;
         eprintln!("stillpoint controller {identity}: stopped; every member thawed, the Lease released");

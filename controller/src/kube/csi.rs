@@ -171,22 +171,19 @@ impl Csi {
         if let Some(class) = &self.class {
             spec["volumeSnapshotClassName"] = json!(class);
         }
-        let obj: DynamicObject = serde_json::from_value(json!({
-            "apiVersion": "snapshot.storage.k8s.io/v1",
-            "kind": "VolumeSnapshot",
-            "metadata": { "name": name, "namespace": self.owner.namespace, "labels": self.owner.labels() },
-            "spec": spec,
-        }))
-        .expect("a VolumeSnapshot");
-        self.api()
-            .create(&PostParams::default(), &obj)
-            .await
-            .map_err(|e| {
-                err(
-                    "csi",
-                    format!("creating VolumeSnapshot {name} of PVC {claim}: {e}"),
-                )
-            })?;
+        let what = format!("VolumeSnapshot {name} of PVC {claim}");
+        let api_version = "snapshot.storage.k8s.io/v1";
+        create_labelled(
+            &self.api(),
+            api_version,
+            "VolumeSnapshot",
+            name,
+            &self.owner,
+            spec,
+            "csi",
+            &what,
+        )
+        .await?;
         Ok(())
     }
 }
@@ -314,6 +311,31 @@ impl Snapshotter for Csi {
 
 /// Bound on waiting for a snapshot being cut to be cut before deleting it.
 const SETTLE: Duration = Duration::from_secs(60);
+
+/// Creates a snapshot object labelled with its backup and group.
+#[allow(clippy::too_many_arguments)]
+async fn create_labelled(
+    api: &Api<DynamicObject>,
+    api_version: &str,
+    kind: &str,
+    name: &str,
+    owner: &Owner,
+    spec: Value,
+    driver: &'static str,
+    what: &str,
+) -> Result<(), SnapshotError> {
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": { "name": name, "namespace": owner.namespace, "labels": owner.labels() },
+        "spec": spec,
+    }))
+    .expect("a snapshot object");
+    api.create(&PostParams::default(), &obj)
+        .await
+        .map_err(|e| err(driver, format!("creating {what}: {e}")))?;
+    Ok(())
+}
 
 /// Deletes snapshots by name; those already gone are fine. A snapshot
 /// the storage is still cutting is deleted once cut (or failed): the
@@ -472,22 +494,19 @@ impl Snapshotter for CsiGroup {
         if let Some(class) = &self.class {
             spec["volumeGroupSnapshotClassName"] = json!(class);
         }
-        let obj: DynamicObject = serde_json::from_value(json!({
-            "apiVersion": self.resource.api_version,
-            "kind": "VolumeGroupSnapshot",
-            "metadata": { "name": name, "namespace": self.owner.namespace, "labels": self.owner.labels() },
-            "spec": spec,
-        }))
-        .expect("a VolumeGroupSnapshot");
-        self.groups()
-            .create(&PostParams::default(), &obj)
-            .await
-            .map_err(|e| {
-                err(
-                    "csi-group",
-                    format!("creating VolumeGroupSnapshot {name}: {e}"),
-                )
-            })?;
+        let what = format!("VolumeGroupSnapshot {name}");
+        let api_version = &self.resource.api_version;
+        create_labelled(
+            &self.groups(),
+            api_version,
+            "VolumeGroupSnapshot",
+            &name,
+            &self.owner,
+            spec,
+            "csi-group",
+            &what,
+        )
+        .await?;
         let group = wait_for(
             "csi-group",
             &self.groups(),

@@ -921,3 +921,17 @@ pub async fn custom_field(
     let object = serde_json::to_value(api.get(name).await?)?;
     Ok(object.pointer(pointer).cloned())
 }
+
+/// The uid and gid of a host user (the lab runs containers as host users).
+pub fn host_user(name: &str) -> Result<(u32, u32)> {
+    let id = |flag: &str| -> Result<u32> {
+        let out = std::process::Command::new("id")
+            .args([flag, name])
+            .output()?;
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .with_context(|| format!("no host user {name}"))
+    };
+    Ok((id("-u")?, id("-g")?))
+}

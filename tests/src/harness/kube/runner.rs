@@ -87,6 +87,11 @@ pub fn entrypoint(image: &str) -> Option<Vec<String>> {
     Some(vec![program])
 }
 
+/// The network namespace of the pod with `uid`.
+fn netns_name(uid: &str) -> String {
+    format!("spl-{}", &uid[..uid.len().min(12)])
+}
+
 /// Single-quotes a word for `sh`.
 fn q(word: &str) -> String {
     format!("'{}'", word.replace('\'', "'\\''"))
@@ -96,7 +101,6 @@ fn q(word: &str) -> String {
 #[derive(Debug, Default)]
 struct Shared {
     groups: Mutex<Vec<u32>>,
-    netns: Mutex<Option<String>>,
 }
 
 #[derive(Debug)]
@@ -148,14 +152,8 @@ impl PodRunner {
     /// pods' files go with the lab's directory).
     pub fn stop_all(self) {
         self.task.abort();
-        let handles: Vec<Handle> = self
-            .ctx
-            .pods
-            .lock()
-            .unwrap()
-            .drain()
-            .map(|(_, h)| h)
-            .collect();
+        let (uids, handles): (Vec<String>, Vec<Handle>) =
+            self.ctx.pods.lock().unwrap().drain().unzip();
         for h in &handles {
             let _ = h.stop.send(true);
             for group in h.shared.groups.lock().unwrap().iter() {
@@ -169,7 +167,12 @@ impl PodRunner {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
-            if let Some(netns) = h.shared.netns.lock().unwrap().take() {
+        }
+        // By name, not by what each pod task recorded: a task that is
+        // releasing its network right now has already cleared its record.
+        for uid in &uids {
+            let netns = netns_name(uid);
+            if super::net::namespaces_with_prefix(&netns).contains(&netns) {
                 let _ = std::process::Command::new("ip")
                     .args(["netns", "del", &netns])
                     .status();
@@ -448,10 +451,9 @@ impl PodTask {
             }
         }
         self.failure = None;
-        let netns = format!("spl-{}", &self.uid[..self.uid.len().min(12)]);
+        let netns = netns_name(&self.uid);
         let bridge = self.ctx.bridge.clone();
         let net = tokio::task::spawn_blocking(move || bridge.attach(&netns)).await??;
-        *self.shared.netns.lock().unwrap() = Some(net.netns.clone());
         self.net = Some(net);
         loop {
             if *self.stopped.borrow() {
@@ -1234,7 +1236,6 @@ impl PodTask {
                 .retain(|g| *g != running.pid);
         }
         if let Some(net) = self.net.take() {
-            *self.shared.netns.lock().unwrap() = None;
             self.ctx.bridge.release(net);
         }
         // The containers' mount namespaces ended with their processes.

@@ -212,6 +212,36 @@ impl ControllerProc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// `GET path` on its metrics listener: (status code, body).
+    pub fn get(&self, path: &str) -> Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let logs = self.logs();
+        let addr = logs
+            .split("metrics on http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .context("the controller has not said where it listens yet")?;
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no HTTP status")?;
+        let body = response
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        Ok((code, body))
+    }
+
     /// SIGKILL: it gets no chance to thaw or release anything.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
