@@ -14,10 +14,8 @@ use serde::Serialize;
 
 use super::backup::{BackupCommand, members_table};
 use super::output::table;
-use super::plan::plan_table;
 use super::{Command, Global};
 use crate::core::model::{Engine, Role};
-use crate::core::plan::plan;
 use crate::core::protocol::new_backup_id;
 use crate::core::record::{Consistency, Manifest, MemberRecord, Outcome};
 use crate::core::snapshot::SnapshotHandle;
@@ -479,21 +477,7 @@ impl Kube {
 
     async fn plan(&self, id: &str, global: &Global) -> anyhow::Result<()> {
         let b = self.get_backup(id).await?;
-        let manifest = manifest_of(&b);
-        let steps = plan(&manifest);
-        global.output.print(&steps, || {
-            let mut out = format!(
-                "recovery plan of GroupBackup {} (group {}, {}, {})\n\
-                 each stage starts only once every member of the one before is healthy;\n\
-                 within a stage, primaries start before their replicas\n\n",
-                manifest.id,
-                manifest.group,
-                manifest.snapshotter,
-                phase(&b).as_str()
-            );
-            out.push_str(&plan_table(&steps));
-            out
-        });
+        super::plan::print(&manifest_of(&b), "GroupBackup", phase(&b).as_str(), global);
         Ok(())
     }
 }

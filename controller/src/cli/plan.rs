@@ -4,7 +4,7 @@ use clap::Args;
 
 use super::output::table;
 use super::{Global, Local};
-use crate::catalog::Consistency;
+use crate::catalog::{Consistency, Manifest};
 use crate::restore::{PlanStep, plan};
 
 #[derive(Debug, Args)]
@@ -50,19 +50,21 @@ pub fn plan_table(steps: &[PlanStep]) -> String {
 pub fn run(args: PlanArgs, global: &Global) -> anyhow::Result<()> {
     let local = Local::load(global)?;
     let manifest = local.catalog()?.get(&args.id)?;
-    let steps = plan(&manifest);
+    print(&manifest, "backup", manifest.outcome.as_str(), global);
+    Ok(())
+}
+
+/// Prints the recovery plan of `manifest` (a `what`, whose state is `state`).
+pub fn print(manifest: &Manifest, what: &str, state: &str, global: &Global) {
+    let steps = plan(manifest);
     global.output.print(&steps, || {
         let mut out = format!(
-            "recovery plan of backup {} (group {}, {}, {})\n\
+            "recovery plan of {what} {} (group {}, {}, {state})\n\
              each stage starts only once every member of the one before is healthy;\n\
              within a stage, primaries start before their replicas\n\n",
-            manifest.id,
-            manifest.group,
-            manifest.snapshotter,
-            manifest.outcome.as_str()
+            manifest.id, manifest.group, manifest.snapshotter,
         );
         out.push_str(&plan_table(&steps));
         out
     });
-    Ok(())
 }

@@ -713,6 +713,16 @@ impl PodTask {
             "mount -t tmpfs -o mode=755 tmpfs \"$R/run\"".into(),
             format!("hostname {}", q(&self.name)),
         ];
+        // A mapped program built in a temp dir (a fresh clone under /tmp)
+        // would be hidden by the container's own /tmp and /run.
+        if let Some(program) = argv
+            .first()
+            .filter(|p| p.starts_with("/tmp/") || p.starts_with("/run/"))
+        {
+            let target = format!("\"$R\"{}", q(program));
+            script.push(format!("mkdir -p \"$(dirname {target})\"; touch {target}"));
+            script.push(format!("mount --bind {} {target}", q(program)));
+        }
         for m in c.volume_mounts.iter().flatten() {
             let source = self.volumes.get(&m.name).ok_or_else(|| {
                 (
