@@ -11,7 +11,7 @@ use crate::retention::delete_backup;
 
 #[derive(Debug, Subcommand)]
 pub enum BackupCommand {
-    /// Take a group backup now (local mode runs it in this process and waits).
+    /// Take a group backup now (local mode runs it in this process and waits; Kubernetes mode creates a GroupBackup and follows it).
     Create(CreateArgs),
     /// List the backups in the catalog.
     List,
@@ -25,7 +25,7 @@ pub enum BackupCommand {
 pub struct CreateArgs {
     /// The group to back up.
     pub group: String,
-    /// Wait for the backup to finish (local mode always does).
+    /// Wait for the backup to finish (local and Kubernetes mode always do).
     #[arg(long)]
     pub wait: bool,
     /// Use this backup id instead of `<group>-<UTC time>`.
