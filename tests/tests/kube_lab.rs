@@ -60,15 +60,7 @@ spec:
 }
 
 async fn connect(pod: &Pod) -> tokio_postgres::Client {
-    let ip = pod_ip(pod).unwrap();
-    let (client, conn) = tokio_postgres::connect(
-        &format!("host={ip} port=5432 user=postgres dbname=postgres connect_timeout=5"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    client
+    kube::postgres_of(pod).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

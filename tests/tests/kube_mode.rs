@@ -260,15 +260,7 @@ fn group_yaml(ns: &str, name: &str, driver: &str, members: &str) -> String {
 const SHOP_MEMBERS: &str = "  - {name: pg, selector: {matchLabels: {app: pg}}}\n  - {name: cache, selector: {matchLabels: {app: redis}}}\n";
 
 async fn pg_connect(pod: &Pod) -> tokio_postgres::Client {
-    let ip = pod_ip(pod).unwrap();
-    let (client, conn) = tokio_postgres::connect(
-        &format!("host={ip} port=5432 user=postgres dbname=postgres connect_timeout=5"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    client
+    kube::postgres_of(pod).await.unwrap()
 }
 
 async fn redis_connect(pod: &Pod) -> redis::aio::MultiplexedConnection {

@@ -935,3 +935,15 @@ pub fn host_user(name: &str) -> Result<(u32, u32)> {
     };
     Ok((id("-u")?, id("-g")?))
 }
+
+/// A client of the PostgreSQL that `pod` runs (port 5432, user postgres).
+pub async fn postgres_of(pod: &k8s_openapi::api::core::v1::Pod) -> Result<tokio_postgres::Client> {
+    let ip = pod_ip(pod)?;
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host={ip} port=5432 user=postgres dbname=postgres connect_timeout=5"),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
