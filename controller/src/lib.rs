@@ -4,27 +4,29 @@
 //!   mode — agents, held freezes, the timeline, records, recovery plans,
 //!   retention rules, the snapshotter and store traits.
 //! - [`local`]: local mode — the TOML file, the JSON catalog, the host
-//!   snapshotters (btrfs, copy, exec), local restores and schedules.
+//!   snapshotters (btrfs, copy, exec), local restores (and the restored
+//!   servers `restore --start` runs) and schedules.
+//! - [`kube`]: Kubernetes mode — the custom resources, discovery from pods,
+//!   the CSI snapshotters, the reconcilers and their leader Lease.
 //! - [`certs`]: the CA and identities (`stillpoint certs`).
 //! - [`cli`]: the command line, one file per command group.
 //! - [`metrics`]: what the controller counts.
-//! - [`servers`], [`demo`], [`bench`]: real database servers run locally,
-//!   the demo cluster and the benchmarks (`stillpoint demo|bench`, tests).
+//!
+//! The demo, the benchmarks and the server pairs the tests run are not
+//! here: they are the `stillpoint-lab` crate (`stillpoint demo|bench` run
+//! its `stillpoint-lab` program).
 //!
 //! The modules at the top level below `core` and `local` (`catalog`,
 //! `config`, `orchestrator`, ...) are the paths earlier versions used.
 #![forbid(unsafe_code)]
 
-pub mod bench;
 pub mod certs;
 pub mod cli;
 pub mod core;
-pub mod demo;
 pub mod kube;
 pub mod local;
 pub mod metrics;
 pub mod rlimit;
-pub mod servers;
 
 pub use crate::core::{agents, holder, plan, timeline};
 pub use crate::local::serve as scheduler;

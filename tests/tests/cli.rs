@@ -293,3 +293,37 @@ async fn restore_start_brings_the_servers_up_stage_by_stage() {
         "the restored files stay"
     );
 }
+
+/// `stillpoint demo|bench` run the lab program beside `stillpoint`, with
+/// their own options; where it is missing, they say how to get it.
+#[test]
+fn demo_and_bench_are_the_lab_programs() {
+    let bin = stillpoint_tests::harness::agent::controller_binary().unwrap();
+    for (command, option) in [("demo", "--backups"), ("bench", "--pgbench-seconds")] {
+        let out = std::process::Command::new(&bin)
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{command} --help: {out:?}");
+        assert!(
+            help.contains(&format!("stillpoint-lab {command}")) && help.contains(option),
+            "{command} --help is the lab's: {help}"
+        );
+    }
+    // A `stillpoint` installed alone (as the controller image has it).
+    let alone = tempfile::tempdir().unwrap();
+    let copy = alone.path().join("stillpoint");
+    std::fs::copy(&bin, &copy).unwrap();
+    let out = std::process::Command::new(&copy)
+        .arg("demo")
+        .env("PATH", alone.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("stillpoint-lab") && err.contains("cargo build -p stillpoint-lab"),
+        "{err}"
+    );
+}

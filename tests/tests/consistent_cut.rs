@@ -15,8 +15,8 @@
 use std::process::Command;
 
 use stillpoint_controller::catalog::Outcome;
-use stillpoint_controller::demo::{Cluster, Options};
-use stillpoint_controller::servers::redis::Persistence;
+use stillpoint_lab::demo::{Cluster, Options};
+use stillpoint_lab::servers::redis::Persistence;
 use stillpoint_tests::harness::agent::{agent_binary, controller_binary};
 
 /// Runs `backups` backups under the causal workload and verifies each.

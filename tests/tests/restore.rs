@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
 use stillpoint_controller::catalog::{Catalog, Manifest, Outcome};
-use stillpoint_controller::servers::Setup as Layout;
-use stillpoint_controller::servers::loopfs::LoopMount;
-use stillpoint_controller::servers::mariadb::{MariaPair, MariaRestored};
-use stillpoint_controller::servers::postgres::PgPair;
-use stillpoint_controller::servers::redis::{Persistence, RedisPair};
+use stillpoint_lab::servers::Setup as Layout;
+use stillpoint_lab::servers::loopfs::LoopMount;
+use stillpoint_lab::servers::mariadb::{MariaPair, MariaRestored};
+use stillpoint_lab::servers::postgres::PgPair;
+use stillpoint_lab::servers::redis::{Persistence, RedisPair};
 use stillpoint_tests::harness::group::{Setup, member};
 use stillpoint_tests::harness::postgres::fresh_database;
 use stillpoint_tests::harness::{shared, signal};

@@ -12,12 +12,11 @@ use crate::config::Config;
 use crate::orchestrator::Orchestrator;
 
 pub mod backup;
-pub mod bench;
 pub mod certs;
 pub mod config;
 pub mod controller;
-pub mod demo;
 pub mod kube;
+pub mod lab;
 pub mod output;
 pub mod plan;
 pub mod quiesce;
@@ -103,12 +102,13 @@ pub enum Command {
     /// Print the CustomResourceDefinitions (YAML), as deploy/crds/ holds them.
     Crds,
     /// Run the whole thing on this machine: six real databases on btrfs,
-    /// six agents, a causal workload, group backups, restore and checks.
-    Demo(demo::DemoArgs),
+    /// six agents, a causal workload, group backups, restore and checks
+    /// (runs `stillpoint-lab demo`; `stillpoint demo --help` for options).
+    Demo(lab::LabArgs),
     /// Run the benchmark suite: freeze window against exec hooks, fan-out,
     /// application stall under pgbench, controller memory. Prints a table
-    /// and writes JSON.
-    Bench(bench::BenchArgs),
+    /// and writes JSON (runs `stillpoint-lab bench`; `--help` for options).
+    Bench(lab::LabArgs),
     /// Print shell completions.
     Completions {
         #[arg(value_enum)]
@@ -163,8 +163,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args, &cli.global),
         Command::Controller(args) => controller::run(args, &cli.global),
         Command::Crds => controller::crds(),
-        Command::Demo(args) => demo::run(args, &cli.global),
-        Command::Bench(args) => bench::run(args, &cli.global),
+        Command::Demo(args) => lab::run("demo", args),
+        Command::Bench(args) => lab::run("bench", args),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -177,7 +177,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// The two-thread runtime the commands run on.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

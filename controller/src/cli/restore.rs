@@ -9,11 +9,11 @@ use clap::Args;
 use super::output::table;
 use super::{Global, Local};
 use crate::catalog::{Consistency, MemberRecord};
+use crate::local::servers::mariadb::MariaRestored;
+use crate::local::servers::postgres::PgRestored;
+use crate::local::servers::redis::RedisRestored;
 use crate::metrics::metrics;
 use crate::restore::{restore_files, restored_data_dir, restored_path, stage_class};
-use crate::servers::mariadb::MariaRestored;
-use crate::servers::postgres::PgRestored;
-use crate::servers::redis::RedisRestored;
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {

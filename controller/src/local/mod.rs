@@ -12,4 +12,5 @@ pub mod orchestrator;
 pub mod restore;
 pub mod retention;
 pub mod serve;
+pub mod servers;
 pub mod snapshot;

@@ -1,6 +1,6 @@
-//! The agent binary as a child process: `stillpoint_controller::servers::agent`,
+//! The agent binary as a child process: `stillpoint_lab::servers::agent`,
 //! plus the tests' default spec.
-pub use stillpoint_controller::servers::agent::*;
+pub use stillpoint_lab::servers::agent::*;
 use stillpoint_proto::tls::TlsFiles;
 
 /// A noop agent accepting the tests' controller identity.

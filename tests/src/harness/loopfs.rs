@@ -1,2 +1,2 @@
-//! Re-exported from `stillpoint_controller::servers::loopfs`, which `stillpoint demo` shares.
-pub use stillpoint_controller::servers::loopfs::*;
+//! Re-exported from `stillpoint_lab::servers::loopfs`, which `stillpoint demo` shares.
+pub use stillpoint_lab::servers::loopfs::*;

@@ -1,2 +1,2 @@
-//! Re-exported from `stillpoint_controller::servers::mariadb`, which `stillpoint demo` shares.
-pub use stillpoint_controller::servers::mariadb::*;
+//! Re-exported from `stillpoint_lab::servers::mariadb`, which `stillpoint demo` shares.
+pub use stillpoint_lab::servers::mariadb::*;

@@ -1,6 +1,6 @@
-//! Re-exported from `stillpoint_controller::servers::postgres` (which `stillpoint demo`
+//! Re-exported from `stillpoint_lab::servers::postgres` (which `stillpoint demo`
 //! shares), plus a per-test database helper.
-pub use stillpoint_controller::servers::postgres::*;
+pub use stillpoint_lab::servers::postgres::*;
 
 /// Drops and recreates database `name` on `server` (tests isolate themselves
 /// by database), runs `ddl` in it, and returns a client connected to it.

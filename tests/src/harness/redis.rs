@@ -1,2 +1,2 @@
-//! Re-exported from `stillpoint_controller::servers::redis`, which `stillpoint demo` shares.
-pub use stillpoint_controller::servers::redis::*;
+//! Re-exported from `stillpoint_lab::servers::redis`, which `stillpoint demo` shares.
+pub use stillpoint_lab::servers::redis::*;

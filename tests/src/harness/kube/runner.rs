@@ -59,7 +59,7 @@ use super::{KubeLab, NODE, csi, net};
 
 /// The default `PATH` inside containers (PostgreSQL's programs included).
 fn default_path() -> String {
-    let pg = stillpoint_controller::servers::postgres::bindir()
+    let pg = stillpoint_lab::servers::postgres::bindir()
         .map(|p| format!("{}:", p.display()))
         .unwrap_or_default();
     format!("{pg}/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
@@ -74,7 +74,7 @@ pub fn entrypoint(image: &str) -> Option<Vec<String>> {
             .ok()?
             .display()
             .to_string(),
-        "postgres" | "postgresql" => stillpoint_controller::servers::postgres::bindir()
+        "postgres" | "postgresql" => stillpoint_lab::servers::postgres::bindir()
             .ok()?
             .join("postgres")
             .display()

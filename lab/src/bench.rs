@@ -23,13 +23,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::catalog::Manifest;
-use crate::certs;
-use crate::config::{Driver, Group, MemberFile, RoleHint};
 use crate::demo::Cluster;
-use crate::orchestrator::Orchestrator;
 use crate::servers::agent::{AgentProc, AgentSpec};
-use crate::snapshot::{Snapshotter, VolumeRef, btrfs::Btrfs};
+use stillpoint_controller::catalog::Manifest;
+use stillpoint_controller::certs;
+use stillpoint_controller::config::{Driver, Group, MemberFile, RoleHint};
+use stillpoint_controller::orchestrator::Orchestrator;
+use stillpoint_controller::snapshot::{Snapshotter, VolumeRef, btrfs::Btrfs};
 
 /// What to run and how much of it.
 #[derive(Debug, Clone)]
@@ -124,7 +124,7 @@ pub struct Report {
 }
 
 fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    crate::cli::output::table(headers, rows)
+    stillpoint_controller::cli::output::table(headers, rows)
 }
 
 /// One exec hook: a client process per member, as hook frameworks run it.
@@ -240,7 +240,7 @@ async fn hook_backup(
     for h in pre {
         tokio::task::block_in_place(|| h.run())?;
     }
-    let made = crate::snapshot::Made::default();
+    let made = stillpoint_controller::snapshot::Made::default();
     if let Some((btrfs, volumes)) = cut {
         btrfs.cut(id, volumes, &made).await?;
     }
@@ -261,7 +261,7 @@ async fn stillpoint_backup(
     id: &str,
 ) -> Result<Manifest> {
     let m = orchestrator.backup(group, id).await?;
-    crate::retention::delete_backup(&orchestrator.catalog, &m, Some(group)).await?;
+    stillpoint_controller::retention::delete_backup(&orchestrator.catalog, &m, Some(group)).await?;
     Ok(m)
 }
 
@@ -272,7 +272,7 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
     let mut none_group = cluster.group.clone();
     none_group.driver = Driver::None;
     let btrfs = Btrfs::new(cluster.group.snapshot_dir.clone());
-    let vols = crate::snapshot::volumes_of(&cluster.group.members);
+    let vols = stillpoint_controller::snapshot::volumes_of(&cluster.group.members);
     let mut sp_btrfs = Vec::new();
     let mut sp_none = Vec::new();
     let mut hk_btrfs = Vec::new();
@@ -631,11 +631,13 @@ impl NoopFleet {
 
     pub fn orchestrator(&self) -> Result<Orchestrator> {
         Ok(Orchestrator {
-            tls: crate::agents::ControllerTls::watch(
+            tls: stillpoint_controller::agents::ControllerTls::watch(
                 stillpoint_proto::tls::TlsFiles::in_dir(&self.controller_tls),
                 Duration::from_secs(600),
             )?,
-            catalog: crate::catalog::Catalog::open(&self.dir.path().join("catalog"))?,
+            catalog: stillpoint_controller::catalog::Catalog::open(
+                &self.dir.path().join("catalog"),
+            )?,
         })
     }
 
@@ -813,7 +815,7 @@ pub async fn flush(agent: &Path, runs: usize, report: &mut Report) -> Result<()>
     let pki = certs::ScratchPki::new(&dir.path().join("pki"), "Stillpoint bench CA")?;
     let identity = "spiffe://stillpoint.bench/ns/bench/sa/redis";
     let agent_tls = stillpoint_proto::tls::TlsFiles::in_dir(&pki.issue("redis", identity)?);
-    let tls = crate::agents::ControllerTls::watch(
+    let tls = stillpoint_controller::agents::ControllerTls::watch(
         stillpoint_proto::tls::TlsFiles::in_dir(&pki.issue("controller", CONTROLLER)?),
         Duration::from_secs(600),
     )?;
@@ -838,7 +840,7 @@ pub async fn flush(agent: &Path, runs: usize, report: &mut Report) -> Result<()>
             let (mut flushes, mut windows) = (Vec::new(), Vec::new());
             for run in 0..n {
                 let started = Instant::now();
-                let mut held = crate::agents::HeldFreeze::start(
+                let mut held = stillpoint_controller::agents::HeldFreeze::start(
                     &mut client,
                     &format!("flush-{keys}-{run}"),
                     Duration::from_secs(60),

@@ -1,9 +1,8 @@
-//! `stillpoint demo`: the whole product on this machine in one command.
+//! `stillpoint-lab demo` (`stillpoint demo`): the whole product on this machine in one command.
 
 use anyhow::anyhow;
 use clap::Args;
 
-use super::Global;
 use crate::demo::Cluster;
 use crate::servers::agent::agent_binary;
 
@@ -14,14 +13,14 @@ pub struct DemoArgs {
     pub backups: usize,
 }
 
-pub fn run(args: DemoArgs, _global: &Global) -> anyhow::Result<()> {
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     if !crate::servers::is_root() {
         anyhow::bail!(
             "the demo loop-mounts a btrfs image and runs database servers as their service users: run it as root"
         );
     }
     let agent = agent_binary()?;
-    super::runtime()?.block_on(async {
+    stillpoint_controller::cli::runtime()?.block_on(async {
         tokio::select! {
             result = demo(&agent, args.backups.max(1)) => result,
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted: everything was stopped and removed")),
@@ -67,7 +66,10 @@ async fn demo(agent: &std::path::Path, backups: usize) -> anyhow::Result<()> {
          acknowledged before a backup started is in that backup"
     );
     let (last, _) = manifests.last().expect("at least one backup");
-    println!("\n{}", super::backup::members_table(last));
+    println!(
+        "\n{}",
+        stillpoint_controller::cli::backup::members_table(last)
+    );
     println!("timeline of {}:\n{}", last.id, last.timeline.gantt(64));
     say("cleaning up: agents, servers, snapshots and the btrfs image");
     drop(cluster);

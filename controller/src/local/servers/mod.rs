@@ -1,12 +1,11 @@
-//! Real database servers run locally: a PostgreSQL primary with a
-//! streaming replica, a MariaDB primary with a GTID replica, a Redis primary
-//! with a replica, and loop-mounted filesystems — for `stillpoint demo` and
-//! the end-to-end tests, which share this code.
+//! Database servers run locally as their service users: the restored
+//! servers `stillpoint restore --start` brings up, stage by stage, on free
+//! local ports, and the process helpers they are built from.
 //!
-//! Each pair runs on free ports in its own temp dir (on a btrfs mount, each
-//! data directory is its own subvolume, so it can be snapshotted), as the
-//! Debian service users (`postgres`, `mysql`, `redis`) when run as root, and
-//! is stopped and removed on drop.
+//! Each server runs in a temp dir of its own (on btrfs, each owned dir is a
+//! subvolume) as the Debian service user (`postgres`, `mysql`, `redis`)
+//! when run as root, and is stopped and its run files removed on drop; a
+//! restored data directory itself is kept.
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -17,34 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-pub mod agent;
-pub mod loopfs;
 pub mod mariadb;
 pub mod postgres;
 pub mod redis;
-
-/// How a pair of servers is laid out and tuned.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Setup<'a> {
-    /// Where the pair's files go (on a btrfs mount, each data directory is
-    /// its own subvolume).
-    pub base: Option<&'a Path>,
-    /// Each data directory on its own loop-mounted ext4 filesystem, whose
-    /// image `<volume>.img` lies beside it: a block device, as cloud disks
-    /// are. A copy of the image sees what reached the device, not the page
-    /// cache (on btrfs, `cp --reflink=always` of the image is such a copy).
-    pub block: bool,
-    /// Acknowledge writes before they are durable, as many operators run:
-    /// PostgreSQL `synchronous_commit = off`; MariaDB
-    /// `innodb_flush_log_at_trx_commit = 2`, `sync_binlog = 0`; Redis
-    /// `appendfsync everysec` (its default).
-    pub relaxed: bool,
-    /// Each server keeps its logs in a directory of its own beside its
-    /// data directory, as operators do with a separate disk: PostgreSQL's
-    /// WAL (`pg_wal` is then a link to `<name>-wal`), MariaDB's binlog
-    /// (`<name>-binlog/binlog`).
-    pub logs_apart: bool,
-}
 
 /// Size of each block-layout volume (sparse).
 const BLOCK_VOLUME_MB: u64 = 512;
@@ -55,7 +29,7 @@ pub struct Scratch {
     dir: tempfile::TempDir,
     /// On btrfs, every owned dir is a subvolume (snapshottable on its own).
     subvolumes: bool,
-    /// Data directories on loop-mounted images ([`Setup::block`]).
+    /// Data directories on loop-mounted images ([`Scratch::use_block_volumes`]).
     block: bool,
     mounts: std::sync::Mutex<Vec<PathBuf>>,
 }
@@ -81,20 +55,15 @@ impl Scratch {
         })
     }
 
-    /// A scratch dir laid out as `setup` says.
-    pub fn with_setup(setup: &Setup<'_>, what: &str) -> Result<Self> {
-        let mut scratch = match setup.base {
-            Some(base) => Self::new_in(base, what)?,
-            None => Self::new(what)?,
-        };
-        if setup.block {
-            require(&["mkfs.ext4"], "e2fsprogs")?;
-            if !is_root() {
-                bail!("the block layout loop-mounts filesystems, which needs root");
-            }
-            scratch.block = true;
+    /// Puts every data directory on its own loop-mounted ext4 filesystem
+    /// (see [`Scratch::data_dir`]); needs root and `mkfs.ext4`.
+    pub fn use_block_volumes(&mut self) -> Result<()> {
+        require(&["mkfs.ext4"], "e2fsprogs")?;
+        if !is_root() {
+            bail!("the block layout loop-mounts filesystems, which needs root");
         }
-        Ok(scratch)
+        self.block = true;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -223,63 +192,12 @@ pub fn remove_tree(path: &Path) {
     let _ = std::fs::remove_dir_all(path);
 }
 
-/// One running database server of a pair.
+/// One running database server.
 pub trait Server {
     /// Its main process, while it runs.
     fn pid(&self) -> Option<u32>;
     /// Stops it (cleanly if it can, killed if it must). Idempotent.
     fn stop(&self);
-}
-
-/// A primary and its replica in one temp dir; both stopped and the dir
-/// removed on drop.
-#[derive(Debug)]
-pub struct Pair<S: Server> {
-    pub primary: S,
-    pub replica: S,
-    scratch: Scratch,
-}
-
-impl<S: Server> Pair<S> {
-    pub(crate) fn new(primary: S, replica: S, scratch: Scratch) -> Self {
-        Pair {
-            primary,
-            replica,
-            scratch,
-        }
-    }
-
-    /// The temp dir holding both servers' files.
-    pub fn dir(&self) -> &Path {
-        self.scratch.path()
-    }
-
-    /// Both servers' pids.
-    pub fn pids(&self) -> Vec<u32> {
-        [self.primary.pid(), self.replica.pid()]
-            .into_iter()
-            .flatten()
-            .collect()
-    }
-
-    /// The volume a data directory of the pair is on (see [`Setup::block`]).
-    pub fn volume_of(&self, data: &Path) -> PathBuf {
-        self.scratch.volume_of(data)
-    }
-
-    /// Stops both servers and removes their files. Idempotent.
-    pub fn teardown(&self) {
-        self.replica.stop();
-        self.primary.stop();
-        self.scratch.release();
-        remove_tree(self.dir());
-    }
-}
-
-impl<S: Server> Drop for Pair<S> {
-    fn drop(&mut self) {
-        self.teardown();
-    }
 }
 
 /// The last lines of a server's log, for error messages.
@@ -497,29 +415,4 @@ pub fn kill_and_wait(pid: u32) {
             Ok(!pid_alive(pid))
         });
     }
-}
-
-/// A plain HTTP/1.0 GET: the status line and the body.
-pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(String, String)> {
-    use std::io::{Read, Write};
-    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(tcp, "GET {path} HTTP/1.0\r\nHost: stillpoint\r\n\r\n")?;
-    let mut response = String::new();
-    tcp.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    Ok((
-        head.lines().next().unwrap_or("").to_string(),
-        body.to_string(),
-    ))
-}
-
-/// The sum of the samples of a Prometheus text exposition whose lines
-/// start with `prefix`.
-pub fn metric_sum(exposition: &str, prefix: &str) -> f64 {
-    exposition
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }

@@ -22,11 +22,6 @@ use anyhow::{Context, Result, bail};
 use mysql_async::prelude::Queryable;
 use tokio::sync::watch;
 
-use crate::agents::ControllerTls;
-use crate::catalog::{Catalog, Manifest, MemberRecord};
-use crate::certs;
-use crate::config::{Driver, ExecTemplates, Group, MemberFile, RoleHint};
-use crate::orchestrator::Orchestrator;
 use crate::servers::Setup;
 use crate::servers::agent::{AgentProc, AgentSpec};
 use crate::servers::loopfs::LoopMount;
@@ -34,6 +29,11 @@ use crate::servers::mariadb::{MariaPair, MariaRestored};
 use crate::servers::postgres::{PgPair, PgRestored};
 use crate::servers::redis::{Persistence, RedisPair, RedisRestored};
 use crate::servers::run;
+use stillpoint_controller::agents::ControllerTls;
+use stillpoint_controller::catalog::{Catalog, Manifest, MemberRecord};
+use stillpoint_controller::certs;
+use stillpoint_controller::config::{Driver, ExecTemplates, Group, MemberFile, RoleHint};
+use stillpoint_controller::orchestrator::Orchestrator;
 
 /// How the demo cluster is set up.
 #[derive(Debug, Clone, Copy)]
@@ -155,7 +155,11 @@ impl Restored {
             name: m.name.clone(),
             data: data
                 .with_context(|| format!("{}: its data directory is not in the restore", m.name))?,
-            log_bin: crate::restore::relocated_path(m, &volumes, "log_bin_basename"),
+            log_bin: stillpoint_controller::restore::relocated_path(
+                m,
+                &volumes,
+                "log_bin_basename",
+            ),
         })
     }
 }
@@ -478,7 +482,7 @@ impl Cluster {
     /// (mounts) and each member's volumes (backed up from, restored to).
     fn restore(&self, manifest: &Manifest, to: &Path) -> Result<(Restore, Vec<Restored>)> {
         if !self.options.block {
-            crate::restore::restore_files(manifest, to)?;
+            stillpoint_controller::restore::restore_files(manifest, to)?;
             let restored = manifest
                 .members
                 .iter()
@@ -489,7 +493,11 @@ impl Cluster {
                         .enumerate()
                         .map(|(i, h)| (h.volume.clone(), to.join(&m.name).join(i.to_string())))
                         .collect();
-                    Restored::new(m, volumes, crate::restore::restored_data_dir(m, to))
+                    Restored::new(
+                        m,
+                        volumes,
+                        stillpoint_controller::restore::restored_data_dir(m, to),
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?;
             return Ok((Restore::Files, restored));
@@ -516,7 +524,7 @@ impl Cluster {
                 volumes.push((h.volume.clone(), mount.path().to_path_buf()));
                 mounts.push(mount);
             }
-            let data = crate::restore::relocate(m, &volumes)?;
+            let data = stillpoint_controller::restore::relocate(m, &volumes)?;
             restored.push(Restored::new(m, volumes, Some(data))?);
         }
         Ok((Restore::Mounts(mounts), restored))

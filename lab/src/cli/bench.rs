@@ -1,11 +1,10 @@
-//! `stillpoint bench`: the benchmark suite (see `crate::bench`).
+//! `stillpoint-lab bench` (`stillpoint bench`): the benchmark suite (see `crate::bench`).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
 
-use super::Global;
 use crate::bench::{self, Options, Part};
 use crate::servers::agent::agent_binary;
 
@@ -59,7 +58,7 @@ fn build_agent_under_cargo() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(args: BenchArgs, _global: &Global) -> anyhow::Result<()> {
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !crate::servers::is_root() {
         anyhow::bail!(
             "the benchmarks loop-mount btrfs and run database servers as their service users: run as root"
@@ -67,7 +66,7 @@ pub fn run(args: BenchArgs, _global: &Global) -> anyhow::Result<()> {
     }
     if cfg!(debug_assertions) {
         eprintln!(
-            "note: this is a debug build; figures from `cargo run --release -p stillpoint-controller -- bench` are the ones to quote"
+            "note: this is a debug build; figures from `cargo run --release -p stillpoint-lab -- bench` are the ones to quote"
         );
     }
     build_agent_under_cargo()?;
@@ -79,7 +78,7 @@ pub fn run(args: BenchArgs, _global: &Global) -> anyhow::Result<()> {
         pgbench_seconds: args.pgbench_seconds.max(1),
         parts: args.parts.clone(),
     };
-    let report = super::runtime()?.block_on(async {
+    let report = stillpoint_controller::cli::runtime()?.block_on(async {
         tokio::select! {
             r = bench::run(&options, &agent, |m| eprintln!("==> {m}")) => r,
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted: everything was stopped and removed")),

@@ -1,19 +1,12 @@
-//! A real PostgreSQL primary with a streaming replica (`pg_basebackup -R`,
-//! with a physical slot so that backup checkpoints never recycle WAL the
-//! replica still needs).
+//! A PostgreSQL server on a data directory: started with `pg_ctl` as the
+//! `postgres` user, stopped (fast, then killed) on drop.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::servers::{
-    Scratch, ServiceUser, Setup, command_as, free_port, kill_and_wait, run, service_user, wait_for,
-};
-
-/// The replication slot the replica streams from.
-pub const REPLICA_SLOT: &str = "stillpoint_replica";
+use super::{Scratch, ServiceUser, command_as, free_port, kill_and_wait, run, service_user};
 
 /// Where PostgreSQL's server programs live (`STILLPOINT_PG_BINDIR` overrides).
 pub fn bindir() -> Result<PathBuf> {
@@ -47,9 +40,12 @@ pub struct PgServer {
     pub port: u16,
     pub data: PathBuf,
     pub log: PathBuf,
-    bindir: PathBuf,
-    user: Option<ServiceUser>,
-    scratch_root: PathBuf,
+    /// Where `pg_ctl` and `psql` are ([`bindir`]).
+    pub bindir: PathBuf,
+    /// Who it runs as (none unless we are root).
+    pub user: Option<ServiceUser>,
+    /// The directory its programs run in.
+    pub scratch_root: PathBuf,
 }
 
 impl PgServer {
@@ -71,7 +67,8 @@ impl PgServer {
         run(&mut cmd, what)
     }
 
-    fn start(&self) -> Result<()> {
+    /// Starts it (`pg_ctl start -w`).
+    pub fn start(&self) -> Result<()> {
         self.pg_ctl(
             &["-l", self.log.to_str().unwrap(), "-w", "-t", "60", "start"],
             &format!("starting PostgreSQL {}", self.name),
@@ -107,7 +104,7 @@ impl PgServer {
             .trim()
             .parse()
             .ok()
-            .filter(|pid| crate::servers::pid_alive(*pid))
+            .filter(|pid| super::pid_alive(*pid))
             .filter(|pid| self.runs_here(*pid))
     }
 
@@ -145,11 +142,11 @@ impl PgServer {
     }
 
     pub fn log_tail(&self) -> String {
-        crate::servers::log_tail(&self.log)
+        super::log_tail(&self.log)
     }
 }
 
-impl crate::servers::Server for PgServer {
+impl super::Server for PgServer {
     fn pid(&self) -> Option<u32> {
         PgServer::pid(self)
     }
@@ -159,141 +156,8 @@ impl crate::servers::Server for PgServer {
     }
 }
 
-/// A primary and its streaming replica.
-pub type PgPair = crate::servers::Pair<PgServer>;
-
-const SETTINGS: &str = "
-listen_addresses = '127.0.0.1'
-wal_level = replica
-max_wal_senders = 10
-max_replication_slots = 10
-hot_standby = on
-wal_keep_size = '64MB'
-shared_buffers = '32MB'
-max_connections = 100
-log_min_messages = warning
-logging_collector = off
-";
-
-impl crate::servers::Pair<PgServer> {
-    /// Starts a primary and a replica and waits until replication streams.
-    pub fn start() -> Result<Self> {
-        Self::start_in(None)
-    }
-
-    /// Starts the pair under `base` (a btrfs mount makes each data
-    /// directory a subvolume).
-    pub fn start_in(base: Option<&Path>) -> Result<Self> {
-        Self::start_with(&Setup {
-            base,
-            ..Setup::default()
-        })
-    }
-
-    /// Starts the pair laid out and tuned as `setup` says.
-    pub fn start_with(setup: &Setup<'_>) -> Result<Self> {
-        let bindir = bindir()?;
-        let user = service_user("postgres")?;
-        let scratch = Scratch::with_setup(setup, "pg")?;
-        let root = scratch.path().to_path_buf();
-        let run_dir = scratch.owned_dir("run", user.as_ref())?;
-        let logs = scratch.owned_dir("log", user.as_ref())?;
-        let server = |name: &'static str| -> Result<PgServer> {
-            Ok(PgServer {
-                name,
-                port: free_port(),
-                data: scratch.data_dir(name, user.as_ref())?,
-                log: logs.join(format!("{name}.log")),
-                bindir: bindir.clone(),
-                user: user.clone(),
-                scratch_root: root.clone(),
-            })
-        };
-        let primary = server("primary")?;
-        let replica = server("replica")?;
-        let wal_dir = |name: &str| -> Result<Option<PathBuf>> {
-            match setup.logs_apart {
-                true => Ok(Some(
-                    scratch.owned_dir(&format!("{name}-wal"), user.as_ref())?,
-                )),
-                false => Ok(None),
-            }
-        };
-        let (primary_wal, replica_wal) = (wal_dir("primary")?, wal_dir("replica")?);
-
-        let mut initdb = command_as(&bindir.join("initdb"), user.as_ref(), &root);
-        if let Some(wal) = &primary_wal {
-            initdb.arg(format!("--waldir={}", wal.display()));
-        }
-        initdb.arg("-D").arg(&primary.data).args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-            "--no-sync",
-        ]);
-        run(&mut initdb, "initdb")?;
-        append(
-            &primary.data.join("postgresql.conf"),
-            &format!(
-                "{SETTINGS}port = {}\nunix_socket_directories = '{}'\nsynchronous_commit = {}\n",
-                primary.port,
-                run_dir.display(),
-                if setup.relaxed { "off" } else { "on" }
-            ),
-        )?;
-        append(
-            &primary.data.join("pg_hba.conf"),
-            "host replication all 127.0.0.1/32 trust\n",
-        )?;
-        let pair = PgPair::new(primary, replica, scratch);
-        pair.primary.start()?;
-
-        let mut basebackup = command_as(&bindir.join("pg_basebackup"), user.as_ref(), &root);
-        if let Some(wal) = &replica_wal {
-            basebackup.arg(format!("--waldir={}", wal.display()));
-        }
-        basebackup
-            .args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
-            .arg(pair.primary.port.to_string())
-            .arg("-D")
-            .arg(&pair.replica.data)
-            .args([
-                "-R",
-                "-X",
-                "stream",
-                "-c",
-                "fast",
-                "-C",
-                "-S",
-                REPLICA_SLOT,
-                "--no-sync",
-            ]);
-        run(&mut basebackup, "pg_basebackup for the replica")?;
-        append(
-            &pair.replica.data.join("postgresql.auto.conf"),
-            &format!("port = {}\n", pair.replica.port),
-        )?;
-        pair.replica.start()?;
-        wait_for(
-            "PostgreSQL replica streaming",
-            Duration::from_secs(30),
-            || {
-                Ok(pair
-                    .primary
-                    .psql("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")?
-                    == "1")
-            },
-        )
-        .with_context(|| pair.replica.log_tail())?;
-        Ok(pair)
-    }
-}
-
-fn append(path: &Path, text: &str) -> Result<()> {
+/// Appends `text` to a configuration file.
+pub fn append(path: &Path, text: &str) -> Result<()> {
     use std::io::Write;
     let mut file = std::fs::OpenOptions::new()
         .append(true)
