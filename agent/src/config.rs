@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use stillpoint_proto::tls::{TlsFiles, validate_identity};
 
+use crate::certs::CertSource;
 use crate::engine::EngineKind;
 
 /// Name of this member in logs, errors and `Describe` (default: `$HOSTNAME`).
@@ -40,6 +41,19 @@ pub const DEFAULT_TLS_CA: &str = "/etc/stillpoint/tls/ca.crt";
 /// `spiffe://cluster.local/ns/stillpoint/sa/stillpoint-controller`. Required.
 pub const ENV_CONTROLLER_IDENTITY: &str = "STILLPOINT_CONTROLLER_IDENTITY";
 /// How often the TLS files are checked for changes.
+/// The controller's certificate endpoint (`https://…/v1/certificate`).
+/// When set, the agent obtains its certificate there at start (and renews
+/// it at two thirds of its life) and writes it to the TLS files, which
+/// then need not exist beforehand.
+pub const ENV_CERT_URL: &str = "STILLPOINT_CERT_URL";
+/// The projected ServiceAccount token (audience `stillpoint`) the agent
+/// proves itself with at the certificate endpoint.
+pub const ENV_TOKEN_FILE: &str = "STILLPOINT_TOKEN_FILE";
+pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/stillpoint/token";
+/// The CA bundle the certificate endpoint's serving certificate is checked
+/// against.
+pub const ENV_CERT_CA: &str = "STILLPOINT_CERT_CA";
+pub const DEFAULT_CERT_CA: &str = "/etc/stillpoint/ca/ca.crt";
 pub const ENV_TLS_RELOAD_INTERVAL: &str = "STILLPOINT_TLS_RELOAD_INTERVAL";
 pub const DEFAULT_TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 /// Bound on one TLS handshake.
@@ -144,6 +158,9 @@ pub const ALL_KEYS: &[&str] = &[
     ENV_TLS_CA,
     ENV_CONTROLLER_IDENTITY,
     ENV_TLS_RELOAD_INTERVAL,
+    ENV_CERT_URL,
+    ENV_TOKEN_FILE,
+    ENV_CERT_CA,
     ENV_HANDSHAKE_TIMEOUT,
     ENV_MAX_TTL,
     ENV_FREEZE_TIMEOUT,
@@ -267,6 +284,8 @@ pub struct Config {
     pub listen_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub tls: TlsFiles,
+    /// Where the certificate comes from, when the controller issues it.
+    pub certificates: Option<CertSource>,
     pub controller_identity: String,
     pub tls_reload_interval: Duration,
     pub handshake_timeout: Duration,
@@ -419,10 +438,42 @@ impl Config {
         };
         let listen_addr = r.addr(ENV_LISTEN_ADDR, DEFAULT_LISTEN_ADDR);
         let admin_addr = r.addr(ENV_ADMIN_ADDR, DEFAULT_ADMIN_ADDR);
-        let tls = TlsFiles {
-            cert: r.file(ENV_TLS_CERT, DEFAULT_TLS_CERT),
-            key: r.file(ENV_TLS_KEY, DEFAULT_TLS_KEY),
-            ca: r.file(ENV_TLS_CA, DEFAULT_TLS_CA),
+        let certificates = r.raw(ENV_CERT_URL).map(|url| CertSource {
+            url,
+            token_file: PathBuf::from(r.string(ENV_TOKEN_FILE, DEFAULT_TOKEN_FILE)),
+            ca_file: PathBuf::from(r.string(ENV_CERT_CA, DEFAULT_CERT_CA)),
+        });
+        let tls = match &certificates {
+            // Written by the agent itself from the controller's answer.
+            Some(source) => {
+                if !source.url.starts_with("https://") {
+                    r.errors.push(format!(
+                        "{ENV_CERT_URL}={:?}: must be an https:// URL",
+                        source.url
+                    ));
+                }
+                for (key, file) in [
+                    (ENV_TOKEN_FILE, &source.token_file),
+                    (ENV_CERT_CA, &source.ca_file),
+                ] {
+                    if !file.is_file() {
+                        r.errors.push(format!(
+                            "{key}: file {} does not exist (with {ENV_CERT_URL} set)",
+                            file.display()
+                        ));
+                    }
+                }
+                TlsFiles {
+                    cert: PathBuf::from(r.string(ENV_TLS_CERT, DEFAULT_TLS_CERT)),
+                    key: PathBuf::from(r.string(ENV_TLS_KEY, DEFAULT_TLS_KEY)),
+                    ca: PathBuf::from(r.string(ENV_TLS_CA, DEFAULT_TLS_CA)),
+                }
+            }
+            None => TlsFiles {
+                cert: r.file(ENV_TLS_CERT, DEFAULT_TLS_CERT),
+                key: r.file(ENV_TLS_KEY, DEFAULT_TLS_KEY),
+                ca: r.file(ENV_TLS_CA, DEFAULT_TLS_CA),
+            },
         };
         let controller_identity = match r.raw(ENV_CONTROLLER_IDENTITY) {
             None => {
@@ -567,6 +618,7 @@ impl Config {
             listen_addr,
             admin_addr,
             tls,
+            certificates,
             controller_identity,
             tls_reload_interval,
             handshake_timeout,

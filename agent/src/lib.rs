@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 
 pub mod admin;
+pub mod certs;
 pub mod config;
 pub mod durable;
 pub mod engine;
@@ -57,6 +58,23 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Agent
 /// and stops serving (in-flight RPCs get `shutdown_grace`).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let metrics = Arc::new(metrics::Metrics::default());
+    // Certificates from the controller: the first one before serving
+    // anything (a shutdown meanwhile ends the wait), then renewed.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let renewals = match &config.certificates {
+        Some(source) => {
+            let renew_at = tokio::select! {
+                at = certs::obtain_until_done(source, &config.tls) => at,
+                () = &mut shutdown => return Ok(()),
+            };
+            Some(tokio::spawn(certs::keep_renewed(
+                source.clone(),
+                config.tls.clone(),
+                renew_at,
+            )))
+        }
+        None => None,
+    };
     let tls_config = tls::watch_server_config(
         config.tls.clone(),
         config.controller_identity.clone(),
@@ -115,6 +133,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
 
     shutdown.await;
+    if let Some(renewals) = renewals {
+        renewals.abort();
+    }
     tracing::info!("shutting down: thawing any hold first");
     holds.shutdown().await;
     let _ = stop.send(());

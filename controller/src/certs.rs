@@ -62,7 +62,9 @@ impl Validity {
 /// A leaf request.
 #[derive(Debug, Clone)]
 pub struct LeafSpec {
+    /// The identity (a `spiffe://` URI SAN).
     pub uri: String,
+    /// DNS names; an entry that parses as an IP address becomes an IP SAN.
     pub dns: Vec<String>,
     pub validity: Validity,
 }
@@ -77,7 +79,7 @@ fn refuse_existing(paths: &[PathBuf], force: bool) -> Result<(), CertError> {
     }
 }
 
-fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), CertError> {
+pub(crate) fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), CertError> {
     let err = |source| CertError::Write {
         path: path.to_path_buf(),
         source,
@@ -98,17 +100,15 @@ fn write_file(path: &Path, contents: &str, mode: u32) -> Result<(), CertError> {
     fs::rename(&tmp, path).map_err(err)
 }
 
-fn create_dir(dir: &Path) -> Result<(), CertError> {
+pub(crate) fn create_dir(dir: &Path) -> Result<(), CertError> {
     fs::create_dir_all(dir).map_err(|source| CertError::Write {
         path: dir.to_path_buf(),
         source,
     })
 }
 
-/// Creates a CA in `out` (`ca.crt`, `ca.key`).
-pub fn init_ca(out: &Path, name: &str, validity: Validity, force: bool) -> Result<(), CertError> {
-    let (cert, key) = (out.join(CA_CERT), out.join(CA_KEY));
-    refuse_existing(&[cert.clone(), key.clone()], force)?;
+/// A new self-signed CA `name`: its certificate (PEM) and key pair.
+pub fn new_ca(name: &str, validity: Validity) -> Result<(String, KeyPair), CertError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.distinguished_name.push(DnType::CommonName, name);
@@ -124,14 +124,68 @@ pub fn init_ca(out: &Path, name: &str, validity: Validity, force: bool) -> Resul
     params.not_after = validity.not_after;
     let key_pair = KeyPair::generate()?;
     let ca = params.self_signed(&key_pair)?;
+    Ok((ca.pem(), key_pair))
+}
+
+/// Creates a CA in `out` (`ca.crt`, `ca.key`).
+pub fn init_ca(out: &Path, name: &str, validity: Validity, force: bool) -> Result<(), CertError> {
+    let (cert, key) = (out.join(CA_CERT), out.join(CA_KEY));
+    refuse_existing(&[cert.clone(), key.clone()], force)?;
+    let (ca_pem, key_pair) = new_ca(name, validity)?;
     create_dir(out)?;
     write_file(&key, &key_pair.serialize_pem(), 0o600)?;
-    write_file(&cert, &ca.pem(), 0o644)?;
+    write_file(&cert, &ca_pem, 0o644)?;
     Ok(())
 }
 
-/// Issues a leaf signed by the CA in `ca_dir` into `out`
-/// (`tls.crt`, `tls.key`, `ca.crt`).
+/// The certificate parameters of a leaf: the identity `spec.uri` as its
+/// only URI SAN, `spec.dns` as DNS names (or IP addresses), usable both as
+/// a server and a client certificate.
+pub fn leaf_params(spec: &LeafSpec) -> Result<CertificateParams, CertError> {
+    validate_identity(&spec.uri).map_err(CertError::Invalid)?;
+    if spec.validity.not_after <= spec.validity.not_before {
+        return Err(CertError::Invalid(
+            "the certificate would never be valid (not_after <= not_before)".into(),
+        ));
+    }
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let name = spec.uri.rsplit('/').next().unwrap_or("stillpoint");
+    params.distinguished_name.push(DnType::CommonName, name);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Stillpoint");
+    params.subject_alt_names.push(SanType::URI(
+        spec.uri
+            .as_str()
+            .try_into()
+            .map_err(|_| CertError::Invalid(format!("'{}' is not a valid URI", spec.uri)))?,
+    ));
+    for dns in &spec.dns {
+        if let Ok(ip) = dns.parse::<std::net::IpAddr>() {
+            params.subject_alt_names.push(SanType::IpAddress(ip));
+            continue;
+        }
+        params.subject_alt_names.push(SanType::DnsName(
+            dns.as_str()
+                .try_into()
+                .map_err(|_| CertError::Invalid(format!("'{dns}' is not a valid DNS name")))?,
+        ));
+    }
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = spec.validity.not_before;
+    params.not_after = spec.validity.not_after;
+    Ok(params)
+}
+
 /// A throwaway PKI (a one-day CA in `<dir>/ca`) for the demo and the
 /// benchmarks: issues leaves into `<dir>/<name>`.
 #[derive(Debug)]
@@ -160,13 +214,10 @@ impl ScratchPki {
     }
 }
 
+/// Issues a leaf signed by the CA in `ca_dir` into `out`
+/// (`tls.crt`, `tls.key`, `ca.crt`).
 pub fn issue(ca_dir: &Path, spec: &LeafSpec, out: &Path, force: bool) -> Result<(), CertError> {
-    validate_identity(&spec.uri).map_err(CertError::Invalid)?;
-    if spec.validity.not_after <= spec.validity.not_before {
-        return Err(CertError::Invalid(
-            "the certificate would never be valid (not_after <= not_before)".into(),
-        ));
-    }
+    let params = leaf_params(spec)?;
     let ca_err = |reason: String| CertError::Ca {
         dir: ca_dir.to_path_buf(),
         reason,
@@ -181,37 +232,6 @@ pub fn issue(ca_dir: &Path, spec: &LeafSpec, out: &Path, force: bool) -> Result<
 
     let paths = [out.join(LEAF_CERT), out.join(LEAF_KEY), out.join(CA_CERT)];
     refuse_existing(&paths, force)?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    let name = spec.uri.rsplit('/').next().unwrap_or("stillpoint");
-    params.distinguished_name.push(DnType::CommonName, name);
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "Stillpoint");
-    params.subject_alt_names.push(SanType::URI(
-        spec.uri
-            .as_str()
-            .try_into()
-            .map_err(|_| CertError::Invalid(format!("'{}' is not a valid URI", spec.uri)))?,
-    ));
-    for dns in &spec.dns {
-        params.subject_alt_names.push(SanType::DnsName(
-            dns.as_str()
-                .try_into()
-                .map_err(|_| CertError::Invalid(format!("'{dns}' is not a valid DNS name")))?,
-        ));
-    }
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    params.use_authority_key_identifier_extension = true;
-    params.not_before = spec.validity.not_before;
-    params.not_after = spec.validity.not_after;
     let key_pair = KeyPair::generate()?;
     let cert = params.signed_by(&key_pair, &issuer)?;
     create_dir(out)?;

@@ -19,7 +19,10 @@ fn help_names_the_demo_and_the_benchmarks() {
     assert!(help.contains("demo") && help.contains("bench"), "{help}");
     let out = lab(&["bench", "--help"]);
     let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains("--parts") && help.contains("--json"), "{help}");
+    assert!(
+        help.contains("--parts") && help.contains("--json"),
+        "{help}"
+    );
 }
 
 #[test]

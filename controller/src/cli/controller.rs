@@ -17,6 +17,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use super::Global;
 use crate::core::agents::ControllerTls;
 use crate::kube::controller::{self, Context, Settings};
+use crate::kube::inject::InjectConfig;
+use crate::kube::pki::Pki;
+use crate::kube::webhook::{self, OwnIdentity, Webhook, WebhookSettings};
+
+/// How often the PKI is checked (CA Secret, rotation, bundles, renewals).
+const PKI_UPKEEP: Duration = Duration::from_secs(10);
 use crate::metrics::metrics;
 
 #[derive(Debug, Args)]
@@ -70,6 +76,91 @@ pub struct ControllerArgs {
     /// in-cluster ServiceAccount).
     #[arg(long, env = "STILLPOINT_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    #[command(flatten)]
+    pub pki: PkiArgs,
+}
+
+/// The in-cluster PKI, the injecting webhook and the agents' certificate
+/// endpoint.
+#[derive(Debug, Args)]
+pub struct PkiArgs {
+    /// Run the in-cluster PKI: keep the CA in Secret --pki-secret (created
+    /// once, reused after restarts), issue this controller's identity into
+    /// --tls-dir (which must be writable), and serve the injecting webhook
+    /// and the agents' certificate endpoint on --webhook-listen. Without
+    /// it, --tls-dir holds certificates made elsewhere (cert-manager,
+    /// `stillpoint certs`).
+    #[arg(long, env = "STILLPOINT_PKI")]
+    pub pki: bool,
+    /// The Secret (in --lease-namespace) holding the CA.
+    #[arg(long, env = "STILLPOINT_PKI_SECRET", default_value = "stillpoint-ca")]
+    pub pki_secret: String,
+    /// How long a new CA is valid; it is rotated two thirds of the way in,
+    /// the previous one trusted until it expires.
+    #[arg(long, env = "STILLPOINT_CA_VALIDITY", default_value = "365d", value_parser = parse_duration)]
+    pub ca_validity: Duration,
+    /// How long an agent's (and this controller's) certificate is valid;
+    /// renewed two thirds of the way in.
+    #[arg(long, env = "STILLPOINT_AGENT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub agent_cert_ttl: Duration,
+    /// The controller's ServiceAccount (its identity is
+    /// `spiffe://<trust-domain>/ns/<lease-namespace>/sa/<this>`).
+    #[arg(
+        long,
+        env = "STILLPOINT_SERVICE_ACCOUNT",
+        default_value = "stillpoint-controller"
+    )]
+    pub service_account: String,
+    /// HTTPS address of the webhook and the certificate endpoint.
+    #[arg(
+        long,
+        env = "STILLPOINT_WEBHOOK_LISTEN",
+        default_value = "0.0.0.0:9444"
+    )]
+    pub webhook_listen: SocketAddr,
+    /// Names (DNS or IP) of the endpoint's serving certificate (default:
+    /// the Service `stillpoint-controller` in --lease-namespace).
+    #[arg(
+        long = "webhook-host",
+        env = "STILLPOINT_WEBHOOK_HOSTS",
+        value_delimiter = ','
+    )]
+    pub webhook_hosts: Vec<String>,
+    /// The MutatingWebhookConfiguration whose caBundle the leader keeps current.
+    #[arg(
+        long,
+        env = "STILLPOINT_WEBHOOK_CONFIG",
+        default_value = "stillpoint-injector"
+    )]
+    pub webhook_config: String,
+    /// The URL injected agents ask for their certificate at (default:
+    /// `https://<first --webhook-host>:<port>/v1/certificate`).
+    #[arg(long, env = "STILLPOINT_CERTIFICATE_URL")]
+    pub certificate_url: Option<String>,
+    /// The agent image the webhook injects.
+    #[arg(
+        long,
+        env = "STILLPOINT_AGENT_IMAGE",
+        default_value = concat!("ghcr.io/stillpoint-dev/stillpoint-agent:", env!("CARGO_PKG_VERSION"))
+    )]
+    pub agent_image: String,
+    /// Inject the agent as a native sidecar (`auto`: when the API server is
+    /// 1.29 or newer), or as a regular container.
+    #[arg(
+        long,
+        env = "STILLPOINT_NATIVE_SIDECARS",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub native_sidecars: NativeSidecars,
+}
+
+/// Whether injected agents are native sidecars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NativeSidecars {
+    Auto,
+    Always,
+    Never,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -93,9 +184,109 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
+/// Starts the in-cluster PKI and the webhook endpoint; returns the
+/// endpoint (whose upkeep the caller starts once it knows who leads).
+async fn start_pki(
+    args: &ControllerArgs,
+    client: &kube::Client,
+) -> anyhow::Result<(std::sync::Arc<Webhook>, OwnIdentity, time::OffsetDateTime)> {
+    let p = &args.pki;
+    let ns = &args.lease_namespace;
+    if p.ca_validity < p.agent_cert_ttl * 3 {
+        anyhow::bail!(
+            "--ca-validity ({:?}) must be at least three times --agent-cert-ttl ({:?}): a rotation \
+             trusts the next CA for one certificate lifetime before it signs",
+            p.ca_validity,
+            p.agent_cert_ttl
+        );
+    }
+    let pki = Pki::load_or_create(
+        client.clone(),
+        ns,
+        &p.pki_secret,
+        p.ca_validity,
+        p.agent_cert_ttl,
+    )
+    .await
+    .with_context(|| format!("the CA in Secret {ns}/{}", p.pki_secret))?;
+    let identity = format!(
+        "spiffe://{}/ns/{ns}/sa/{}",
+        args.trust_domain, p.service_account
+    );
+    let own = OwnIdentity {
+        dir: args.tls_dir.clone(),
+        uri: identity.clone(),
+        ttl: p.agent_cert_ttl,
+    };
+    let own_not_after = pki
+        .write_identity(&own.dir, &own.uri, own.ttl)
+        .with_context(|| {
+            format!(
+                "writing the controller's identity into {}",
+                own.dir.display()
+            )
+        })?;
+    let hosts = match p.webhook_hosts.is_empty() {
+        false => p.webhook_hosts.clone(),
+        true => vec![
+            format!("stillpoint-controller.{ns}.svc"),
+            format!("stillpoint-controller.{ns}.svc.cluster.local"),
+        ],
+    };
+    let listener = tokio::net::TcpListener::bind(p.webhook_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--webhook-listen)", p.webhook_listen))?;
+    let listening = listener.local_addr().unwrap_or(p.webhook_listen);
+    let url = p.certificate_url.clone().unwrap_or_else(|| {
+        let host = &hosts[0];
+        let host = match host.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => format!("[{host}]"),
+            Err(_) => host.clone(),
+        };
+        format!("https://{host}:{}/v1/certificate", listening.port())
+    });
+    let native = match p.native_sidecars {
+        NativeSidecars::Always => true,
+        NativeSidecars::Never => false,
+        NativeSidecars::Auto => {
+            let v = client
+                .apiserver_version()
+                .await
+                .context("reading the API server's version (for --native-sidecars auto)")?;
+            let minor: u32 = v.minor.trim_end_matches('+').parse().unwrap_or(0);
+            v.major == "1" && minor >= 29
+        }
+    };
+    let settings = WebhookSettings {
+        hosts,
+        identity: identity.clone(),
+        trust_domain: args.trust_domain.clone(),
+        agent_cert_ttl: p.agent_cert_ttl,
+        serving_cert_ttl: p.agent_cert_ttl,
+        inject: InjectConfig {
+            image: p.agent_image.clone(),
+            native_sidecars: native,
+            controller_identity: identity,
+            certificate_url: url,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        },
+    };
+    let webhook = Webhook::new(client.clone(), std::sync::Arc::new(pki), settings)?;
+    eprintln!("stillpoint controller: webhook and certificate endpoint on https://{listening}");
+    tokio::spawn(webhook.clone().serve(listener));
+    Ok((webhook, own, own_not_after))
+}
+
 pub fn run(args: ControllerArgs, _global: &Global) -> anyhow::Result<()> {
     let runtime = super::runtime()?;
     runtime.block_on(async {
+        let pki = match args.pki.pki {
+            true => {
+                let client = kube_client(args.kubeconfig.as_deref()).await?;
+                Some(start_pki(&args, &client).await?)
+            }
+            false => None,
+        };
         let tls = ControllerTls::watch(TlsFiles::in_dir(&args.tls_dir), Duration::from_secs(10))
             .with_context(|| {
                 format!(
@@ -123,6 +314,16 @@ pub fn run(args: ControllerArgs, _global: &Global) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {} (--metrics-listen)", args.metrics_listen))?;
         let listening = listener.local_addr().unwrap_or(args.metrics_listen);
         let (ready_tx, ready) = tokio::sync::watch::channel(false);
+        if let Some((webhook, own, own_not_after)) = pki {
+            tokio::spawn(webhook::upkeep(
+                webhook,
+                own,
+                own_not_after,
+                args.pki.webhook_config.clone(),
+                ready_tx.subscribe(),
+                PKI_UPKEEP,
+            ));
+        }
         tokio::spawn(admin::serve(listener, move |method, path| match (method, path) {
             (&Method::GET, "/healthz") => (StatusCode::OK, TEXT, "ok\n".to_string()),
             // Ready while leading: a standby is alive but not serving.

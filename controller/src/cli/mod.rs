@@ -98,7 +98,7 @@ pub enum Command {
     /// Kubernetes mode's control plane: reconcile ConsistencyGroups and
     /// GroupBackups while holding the leader Lease; serve /metrics,
     /// /healthz and /readyz. SIGTERM aborts and thaws any backup in flight.
-    Controller(controller::ControllerArgs),
+    Controller(Box<controller::ControllerArgs>),
     /// Print the CustomResourceDefinitions (YAML), as deploy/crds/ holds them.
     Crds,
     /// Run the whole thing on this machine: six real databases on btrfs,
@@ -161,7 +161,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Plan(args) => plan::run(args, &cli.global),
         Command::Restore(args) => restore::run(args, &cli.global),
         Command::Serve(args) => serve::run(args, &cli.global),
-        Command::Controller(args) => controller::run(args, &cli.global),
+        Command::Controller(args) => controller::run(*args, &cli.global),
         Command::Crds => controller::crds(),
         Command::Demo(args) => lab::run("demo", args),
         Command::Bench(args) => lab::run("bench", args),

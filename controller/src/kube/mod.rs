@@ -7,9 +7,16 @@
 //! - [`store`]: the GroupBackup status as the backup's store.
 //! - [`controller`]: the reconcilers and leader election
 //!   (`stillpoint controller`).
+//! - [`inject`]: what the sidecar-injecting webhook does to a pod.
+//! - [`pki`]: the in-cluster CA (a Secret) and the trust bundle's upkeep.
+//! - [`webhook`]: the HTTPS endpoint serving the webhook and the agents'
+//!   certificate requests (TokenReview-authenticated).
 
 pub mod controller;
 pub mod crd;
 pub mod csi;
+pub mod inject;
+pub mod pki;
 pub mod resolve;
 pub mod store;
+pub mod webhook;

@@ -746,6 +746,31 @@ metadata:
         )
     }
 
+    /// What container `container` of pod `ns/pod` wrote (every run of the
+    /// pod of that name, oldest first), for failure messages.
+    pub fn container_log(&self, ns: &str, pod: &str, container: &str) -> String {
+        let prefix = format!("{ns}_{pod}_");
+        let mut runs: Vec<(std::time::SystemTime, PathBuf)> =
+            std::fs::read_dir(self.dir.join("pods"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                .map(|e| {
+                    let at = e
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .unwrap_or(std::time::UNIX_EPOCH);
+                    (at, e.path().join(format!("{container}.log")))
+                })
+                .collect();
+        runs.sort();
+        runs.iter()
+            .map(|(_, p)| std::fs::read_to_string(p).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// A new namespace named after `prefix` (unique in this lab).
     pub async fn namespace(&self, prefix: &str) -> Result<String> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

@@ -153,6 +153,8 @@ pub struct ControllerProc {
     child: Child,
     pub identity: String,
     pub log: PathBuf,
+    /// Its identity's directory (`--pki`: it writes it), removed on drop.
+    pub tls_dir: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -178,6 +180,58 @@ impl ControllerProc {
         lease: &str,
         sa: &str,
     ) -> Result<Self> {
+        Self::spawn(lab, ns, identity, lease, sa, &installed.controller_tls, &[]).await
+    }
+
+    /// A replica running the in-cluster PKI (`--pki`, CA Secret `secret`),
+    /// watching namespace `ns` (every namespace if empty):
+    /// it issues its own identity into a directory of its own and serves
+    /// the webhook and the certificate endpoint on the lab's bridge, whose
+    /// address the API server and the pods reach. `extra` are more flags.
+    pub async fn start_pki(
+        lab: &KubeLab,
+        ns: &str,
+        identity: &str,
+        lease: &str,
+        webhook_config: &str,
+        secret: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let tls = tempfile::Builder::new()
+            .prefix("stillpoint-controller-tls-")
+            .tempdir()?
+            .keep();
+        let gateway = lab.bridge.gateway().to_string();
+        let mut args: Vec<String> = [
+            "--pki",
+            "--pki-secret",
+            secret,
+            "--webhook-config",
+            webhook_config,
+            "--webhook-host",
+            &gateway,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push("--webhook-listen".into());
+        args.push(format!("{gateway}:0"));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut proc = Self::spawn(lab, ns, identity, lease, CONTROLLER_SA, &tls, &args).await?;
+        proc.tls_dir = Some(tls);
+        Ok(proc)
+    }
+
+    async fn spawn(
+        lab: &KubeLab,
+        ns: &str,
+        identity: &str,
+        lease: &str,
+        sa: &str,
+        tls_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("stillpoint-controller-")
             .tempdir()?;
@@ -188,12 +242,17 @@ impl ControllerProc {
         let child = Command::new(controller_binary()?)
             .arg("controller")
             .args(["--kubeconfig", &kubeconfig.display().to_string()])
-            .args(["--tls-dir", &installed.controller_tls.display().to_string()])
+            .args(["--tls-dir", &tls_dir.display().to_string()])
             .args(["--trust-domain", TRUST_DOMAIN])
             .args(["--lease-namespace", CONTROLLER_NS, "--lease-name", lease])
             .args(["--lease-duration", "3s", "--resync", "5s"])
-            .args(["--identity", identity, "--watch-namespace", ns])
+            .args(["--identity", identity])
+            .args(match ns.is_empty() {
+                true => vec![],
+                false => vec!["--watch-namespace", ns],
+            })
             .args(["--metrics-listen", "127.0.0.1:0"])
+            .args(extra)
             .env("STILLPOINT_LOG", "info,stillpoint_controller=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::from(out.try_clone()?))
@@ -204,8 +263,33 @@ impl ControllerProc {
             child,
             identity: identity.into(),
             log,
+            tls_dir: None,
             _dir: dir,
         })
+    }
+
+    /// Where the webhook and certificate endpoint listen (`--pki`), once
+    /// the controller said so.
+    pub async fn webhook_addr(&self, bound: Duration) -> Result<String> {
+        let found = std::sync::Arc::new(std::sync::Mutex::new(None));
+        wait_async("the controller's webhook address", bound, || {
+            let found = found.clone();
+            let logs = self.logs();
+            async move {
+                let addr = logs
+                    .split("certificate endpoint on https://")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .map(str::to_string);
+                let some = addr.is_some();
+                *found.lock().unwrap() = addr;
+                Ok(some)
+            }
+        })
+        .await
+        .with_context(|| self.logs())?;
+        let addr = found.lock().unwrap().clone().unwrap_or_default();
+        Ok(addr)
     }
 
     pub fn logs(&self) -> String {
@@ -273,5 +357,8 @@ impl Drop for ControllerProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(dir) = &self.tls_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

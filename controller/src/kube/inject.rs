@@ -1,0 +1,1038 @@
+//! Sidecar injection: what the mutating admission webhook does to a pod
+//! that opted in (label `stillpoint.dev/inject: "true"`), as a pure
+//! function from the AdmissionReview body to the answer.
+//!
+//! The agent goes in as a native sidecar (an `initContainers` entry with
+//! `restartPolicy: Always`: it starts before the database and never keeps
+//! a Job alive) where the API server supports it, as a regular container
+//! otherwise. It gets the pod's data volumes (at the database's own
+//! mount paths, for the flush step), the DSN from the referenced Secret as
+//! a file, a projected ServiceAccount token for audience `stillpoint` (to
+//! obtain its certificate from the controller), the CA bundle, and a
+//! restricted securityContext. A pod already injected is left as it is.
+//! Bad annotations on an opted-in pod are denied with a message naming
+//! the annotation and what is allowed; nothing is ever patched half-way.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+/// The label that opts a pod in (the webhook's `objectSelector`).
+pub const INJECT_LABEL: &str = "stillpoint.dev/inject";
+/// Set on an injected pod: the version that injected it.
+pub const INJECTED_ANNOTATION: &str = "stillpoint.dev/injected";
+/// The injected container's name.
+pub const AGENT_CONTAINER: &str = "stillpoint-agent";
+/// The ConfigMap (in the pod's namespace) holding the CA bundle, key `ca.crt`.
+pub const CA_BUNDLE_CONFIGMAP: &str = "stillpoint-ca";
+/// The audience of the projected token the agent proves itself with.
+pub const TOKEN_AUDIENCE: &str = "stillpoint";
+/// The agent's gRPC port (named `stillpoint`, which discovery looks for).
+pub const AGENT_PORT: i32 = 9443;
+/// The agent's admin port (`/healthz`, `/metrics`).
+pub const ADMIN_PORT: i32 = 9090;
+/// The user the agent runs as when neither the database container nor the
+/// pod names one.
+pub const DEFAULT_AGENT_USER: i64 = 65532;
+
+/// Every annotation the injector reads; any other `stillpoint.dev/` key on
+/// an opted-in pod is refused (a typo would otherwise be silently ignored).
+pub const ANNOTATIONS: &[(&str, &str)] = &[
+    (
+        "stillpoint.dev/engine",
+        "postgres | mysql | mariadb | redis | mongodb | exec | fsfreeze (required)",
+    ),
+    (
+        "stillpoint.dev/dsn-secret",
+        "a Secret in the pod's namespace whose key `dsn` is the connection string (required for a database engine)",
+    ),
+    (
+        "stillpoint.dev/data-volumes",
+        "comma-separated names of the pod's volumes holding the database's files (default: every PVC-backed volume)",
+    ),
+    ("stillpoint.dev/pg-mode", "backup | fence (postgres only)"),
+    (
+        "stillpoint.dev/lock-timeout",
+        "a duration such as 5s or 500ms (how long the engine waits for its lock)",
+    ),
+    (
+        "stillpoint.dev/fsfreeze",
+        "true | false: also FIFREEZE the data volumes' filesystems (needs SYS_ADMIN)",
+    ),
+    (
+        "stillpoint.dev/exec-command",
+        "the hold command (engine exec only, required there)",
+    ),
+    (INJECTED_ANNOTATION, "set by the injector"),
+];
+
+const ENGINES: &[&str] = &[
+    "postgres",
+    "postgresql",
+    "mysql",
+    "mariadb",
+    "redis",
+    "mongodb",
+    "exec",
+    "fsfreeze",
+];
+
+/// How the webhook injects (the controller's flags).
+#[derive(Debug, Clone)]
+pub struct InjectConfig {
+    /// The agent image.
+    pub image: String,
+    /// Native sidecars (Kubernetes 1.29 and later), else a regular container.
+    pub native_sidecars: bool,
+    /// The controller's identity the agent accepts.
+    pub controller_identity: String,
+    /// Where the agent asks for its certificate.
+    pub certificate_url: String,
+    /// The version written into the status annotation.
+    pub version: String,
+}
+
+/// A denial: the message says which annotation and what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Denied(pub String);
+
+/// The settings an opted-in pod asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSettings {
+    pub engine: String,
+    pub dsn_secret: Option<String>,
+    /// (volume name, mount path in the database container).
+    pub data_volumes: Vec<(String, String)>,
+    pub pg_mode: Option<String>,
+    pub lock_timeout: Option<String>,
+    pub fsfreeze: bool,
+    pub exec_command: Option<String>,
+}
+
+fn get_str<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    let mut cur = v;
+    for key in path {
+        cur = cur.get(key)?;
+    }
+    cur.as_str()
+}
+
+fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
+    v.and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn arr<'a>(v: &'a Value, key: &str) -> &'a [Value] {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+/// The pod's containers (not init containers), in order.
+fn containers(pod: &Value) -> &[Value] {
+    pod.get("spec").map(|s| arr(s, "containers")).unwrap_or(&[])
+}
+
+/// Whether the pod already has the agent (by annotation or by container).
+pub fn already_injected(pod: &Value) -> bool {
+    let annotations = string_map(pod.pointer("/metadata/annotations"));
+    if annotations.contains_key(INJECTED_ANNOTATION) {
+        return true;
+    }
+    let spec = pod.get("spec").cloned().unwrap_or(Value::Null);
+    arr(&spec, "containers")
+        .iter()
+        .chain(arr(&spec, "initContainers"))
+        .any(|c| get_str(c, &["name"]) == Some(AGENT_CONTAINER))
+}
+
+fn check_duration(key: &str, text: &str) -> Result<(), Denied> {
+    match stillpoint_proto::duration::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(()),
+        _ => Err(Denied(format!(
+            "annotation {key}: {text:?} is not a duration; allowed: a positive number with a unit, such as 5s, 500ms or 1m"
+        ))),
+    }
+}
+
+/// Reads and checks the pod's `stillpoint.dev/` annotations.
+/// `namespace_labels` decide whether SYS_ADMIN may be asked for.
+pub fn settings(
+    pod: &Value,
+    namespace_labels: &BTreeMap<String, String>,
+) -> Result<PodSettings, Denied> {
+    let annotations = string_map(pod.pointer("/metadata/annotations"));
+    for key in annotations.keys() {
+        if key.starts_with("stillpoint.dev/") && !ANNOTATIONS.iter().any(|(k, _)| k == key) {
+            let known: Vec<&str> = ANNOTATIONS
+                .iter()
+                .map(|(k, _)| *k)
+                .filter(|k| *k != INJECTED_ANNOTATION)
+                .collect();
+            return Err(Denied(format!(
+                "annotation {key} is not one the injector reads; allowed: {}",
+                known.join(", ")
+            )));
+        }
+    }
+    let get = |key: &str| annotations.get(key).map(|v| v.trim().to_string());
+    let engine = match get("stillpoint.dev/engine") {
+        None => {
+            return Err(Denied(
+                "annotation stillpoint.dev/engine is missing; allowed: postgres, mysql, mariadb, redis, mongodb, exec, fsfreeze".into(),
+            ));
+        }
+        Some(e) if ENGINES.contains(&e.as_str()) => e,
+        Some(e) => {
+            return Err(Denied(format!(
+                "annotation stillpoint.dev/engine: {e:?} is not an engine; allowed: postgres, mysql, mariadb, redis, mongodb, exec, fsfreeze"
+            )));
+        }
+    };
+    let database = !matches!(engine.as_str(), "exec" | "fsfreeze");
+    let dsn_secret = get("stillpoint.dev/dsn-secret");
+    match (&dsn_secret, database) {
+        (None, true) => {
+            return Err(Denied(format!(
+                "annotation stillpoint.dev/dsn-secret is missing; engine {engine} needs the name of a Secret in this namespace whose key `dsn` is the connection string"
+            )));
+        }
+        (Some(s), _) if !is_dns_subdomain(s) => {
+            return Err(Denied(format!(
+                "annotation stillpoint.dev/dsn-secret: {s:?} is not a Secret name; allowed: a DNS subdomain (lower-case letters, digits, '-' and '.')"
+            )));
+        }
+        _ => {}
+    }
+    let pg_mode = get("stillpoint.dev/pg-mode");
+    if let Some(mode) = &pg_mode {
+        if !matches!(engine.as_str(), "postgres" | "postgresql") {
+            return Err(Denied(format!(
+                "annotation stillpoint.dev/pg-mode applies to engine postgres only, not {engine}"
+            )));
+        }
+        if !matches!(mode.as_str(), "backup" | "fence") {
+            return Err(Denied(format!(
+                "annotation stillpoint.dev/pg-mode: {mode:?} is not a mode; allowed: backup, fence"
+            )));
+        }
+    }
+    let lock_timeout = get("stillpoint.dev/lock-timeout");
+    if let Some(t) = &lock_timeout {
+        check_duration("stillpoint.dev/lock-timeout", t)?;
+    }
+    let fsfreeze = match get("stillpoint.dev/fsfreeze").as_deref() {
+        None | Some("false") => engine == "fsfreeze",
+        Some("true") => true,
+        Some(other) => {
+            return Err(Denied(format!(
+                "annotation stillpoint.dev/fsfreeze: {other:?} is not a boolean; allowed: true, false"
+            )));
+        }
+    };
+    if fsfreeze {
+        let level = namespace_labels
+            .get("pod-security.kubernetes.io/enforce")
+            .map(String::as_str)
+            .unwrap_or("privileged");
+        if level != "privileged" {
+            return Err(Denied(format!(
+                "annotation stillpoint.dev/fsfreeze (or engine fsfreeze) needs the SYS_ADMIN capability, which this namespace's Pod Security level {level:?} forbids; run the database in a namespace labelled pod-security.kubernetes.io/enforce=privileged, or leave fsfreeze off"
+            )));
+        }
+    }
+    let exec_command = get("stillpoint.dev/exec-command");
+    match (&exec_command, engine.as_str()) {
+        (None, "exec") => {
+            return Err(Denied(
+                "annotation stillpoint.dev/exec-command is missing; engine exec needs the hold command".into(),
+            ));
+        }
+        (Some(_), e) if e != "exec" => {
+            return Err(Denied(format!(
+                "annotation stillpoint.dev/exec-command applies to engine exec only, not {e}"
+            )));
+        }
+        _ => {}
+    }
+    let data_volumes = data_volumes(pod, get("stillpoint.dev/data-volumes"))?;
+    if fsfreeze && data_volumes.is_empty() {
+        return Err(Denied(
+            "fsfreeze needs data volumes, and this pod has none: name them in annotation stillpoint.dev/data-volumes".into(),
+        ));
+    }
+    Ok(PodSettings {
+        engine,
+        dsn_secret,
+        data_volumes,
+        pg_mode,
+        lock_timeout,
+        fsfreeze,
+        exec_command,
+    })
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// The data volumes with the path the database container mounts each at.
+fn data_volumes(pod: &Value, named: Option<String>) -> Result<Vec<(String, String)>, Denied> {
+    let spec = pod.get("spec").cloned().unwrap_or(Value::Null);
+    let volumes = arr(&spec, "volumes");
+    let mount_of = |volume: &str| -> Option<String> {
+        containers(pod).iter().find_map(|c| {
+            arr(c, "volumeMounts").iter().find_map(|m| {
+                (get_str(m, &["name"]) == Some(volume))
+                    .then(|| get_str(m, &["mountPath"]).map(str::to_string))
+                    .flatten()
+            })
+        })
+    };
+    let names: Vec<String> = match named {
+        Some(list) => {
+            let names: Vec<String> = list
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+            if names.is_empty() {
+                return Err(Denied(
+                    "annotation stillpoint.dev/data-volumes is empty; allowed: comma-separated names of the pod's volumes".into(),
+                ));
+            }
+            for name in &names {
+                if !volumes
+                    .iter()
+                    .any(|v| get_str(v, &["name"]) == Some(name.as_str()))
+                {
+                    let have: Vec<&str> = volumes
+                        .iter()
+                        .filter_map(|v| get_str(v, &["name"]))
+                        .collect();
+                    return Err(Denied(format!(
+                        "annotation stillpoint.dev/data-volumes: {name:?} is not a volume of this pod; allowed: {}",
+                        if have.is_empty() {
+                            "none (the pod has no volumes)".to_string()
+                        } else {
+                            have.join(", ")
+                        }
+                    )));
+                }
+            }
+            names
+        }
+        None => volumes
+            .iter()
+            .filter(|v| v.get("persistentVolumeClaim").is_some())
+            .filter_map(|v| get_str(v, &["name"]).map(str::to_string))
+            .collect(),
+    };
+    names
+        .into_iter()
+        .map(|name| match mount_of(&name) {
+            Some(path) => Ok((name, path)),
+            None => Err(Denied(format!(
+                "annotation stillpoint.dev/data-volumes: volume {name:?} is mounted by no container of the pod, so the agent cannot know where the database sees it; mount it in the database container"
+            ))),
+        })
+        .collect()
+}
+
+/// The user and group the agent runs as: the database container's, else
+/// the pod's, else [`DEFAULT_AGENT_USER`] (root only for fsfreeze, whose
+/// FIFREEZE needs an effective SYS_ADMIN, which a non-root user never has).
+fn agent_user(pod: &Value, fsfreeze: bool) -> (i64, Option<i64>) {
+    if fsfreeze {
+        return (0, Some(0));
+    }
+    let first = containers(pod).first();
+    let from = |key: &str| -> Option<i64> {
+        first
+            .and_then(|c| c.pointer(&format!("/securityContext/{key}")))
+            .and_then(Value::as_i64)
+            .or_else(|| {
+                pod.pointer(&format!("/spec/securityContext/{key}"))
+                    .and_then(Value::as_i64)
+            })
+    };
+    match from("runAsUser") {
+        Some(0) | None => (DEFAULT_AGENT_USER, Some(DEFAULT_AGENT_USER)),
+        Some(uid) => (uid, from("runAsGroup")),
+    }
+}
+
+/// The agent container for this pod.
+pub fn agent_container(pod: &Value, s: &PodSettings, cfg: &InjectConfig) -> Value {
+    let mut env = vec![
+        json!({"name": "STILLPOINT_MEMBER", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+        json!({"name": "STILLPOINT_ENGINE", "value": s.engine}),
+        json!({"name": "STILLPOINT_CONTROLLER_IDENTITY", "value": cfg.controller_identity}),
+        json!({"name": "STILLPOINT_LISTEN_ADDR", "value": format!("0.0.0.0:{AGENT_PORT}")}),
+        json!({"name": "STILLPOINT_ADMIN_ADDR", "value": format!("0.0.0.0:{ADMIN_PORT}")}),
+        json!({"name": "STILLPOINT_TLS_CERT", "value": "/var/run/stillpoint/tls/tls.crt"}),
+        json!({"name": "STILLPOINT_TLS_KEY", "value": "/var/run/stillpoint/tls/tls.key"}),
+        // Written by the agent from the controller's answer (the bundle
+        // follows CA rotations); the mounted one only bootstraps trust.
+        json!({"name": "STILLPOINT_TLS_CA", "value": "/var/run/stillpoint/tls/ca.crt"}),
+        json!({"name": "STILLPOINT_CERT_CA", "value": "/etc/stillpoint/ca/ca.crt"}),
+        json!({"name": "STILLPOINT_CERT_URL", "value": cfg.certificate_url}),
+        json!({"name": "STILLPOINT_TOKEN_FILE", "value": "/var/run/secrets/stillpoint/token"}),
+        json!({"name": "STILLPOINT_STATE_DIR", "value": "/var/lib/stillpoint"}),
+    ];
+    if s.dsn_secret.is_some() {
+        env.push(json!({"name": "STILLPOINT_DSN_FILE", "value": "/etc/stillpoint/dsn/dsn"}));
+    }
+    if let Some(mode) = &s.pg_mode {
+        env.push(json!({"name": "STILLPOINT_PG_MODE", "value": mode}));
+    }
+    if let Some(t) = &s.lock_timeout {
+        env.push(json!({"name": "STILLPOINT_LOCK_TIMEOUT", "value": t}));
+    }
+    if let Some(cmd) = &s.exec_command {
+        env.push(json!({"name": "STILLPOINT_EXEC_COMMAND", "value": cmd}));
+    }
+    let paths: Vec<&str> = s.data_volumes.iter().map(|(_, p)| p.as_str()).collect();
+    if !paths.is_empty() {
+        env.push(json!({"name": "STILLPOINT_VOLUMES", "value": paths.join(",")}));
+    }
+    if s.fsfreeze {
+        env.push(json!({"name": "STILLPOINT_FSFREEZE_MOUNTS", "value": paths.join(",")}));
+    }
+    let mut mounts: Vec<Value> = s
+        .data_volumes
+        .iter()
+        .map(|(name, path)| json!({"name": name, "mountPath": path}))
+        .collect();
+    mounts.extend([
+        json!({"name": "stillpoint-tls", "mountPath": "/var/run/stillpoint/tls"}),
+        json!({"name": "stillpoint-token", "mountPath": "/var/run/secrets/stillpoint", "readOnly": true}),
+        json!({"name": "stillpoint-ca", "mountPath": "/etc/stillpoint/ca", "readOnly": true}),
+        json!({"name": "stillpoint-state", "mountPath": "/var/lib/stillpoint"}),
+    ]);
+    if s.dsn_secret.is_some() {
+        mounts.push(
+            json!({"name": "stillpoint-dsn", "mountPath": "/etc/stillpoint/dsn", "readOnly": true}),
+        );
+    }
+    let (uid, gid) = agent_user(pod, s.fsfreeze);
+    let mut security = json!({
+        "runAsNonRoot": uid != 0,
+        "runAsUser": uid,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    });
+    if let Some(gid) = gid {
+        security["runAsGroup"] = json!(gid);
+    }
+    if s.fsfreeze {
+        security["capabilities"]["add"] = json!(["SYS_ADMIN"]);
+    }
+    let mut container = json!({
+        "name": AGENT_CONTAINER,
+        "image": cfg.image,
+        "imagePullPolicy": "IfNotPresent",
+        "env": env,
+        "ports": [
+            {"name": "stillpoint", "containerPort": AGENT_PORT, "protocol": "TCP"},
+            {"name": "stillpoint-adm", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+        ],
+        "startupProbe": {"httpGet": {"path": "/healthz", "port": ADMIN_PORT}, "periodSeconds": 1, "failureThreshold": 120},
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": ADMIN_PORT}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": ADMIN_PORT}, "periodSeconds": 10, "failureThreshold": 6},
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "16Mi"},
+            "limits": {"memory": "64Mi"},
+        },
+        "securityContext": security,
+        "volumeMounts": mounts,
+    });
+    if cfg.native_sidecars {
+        container["restartPolicy"] = json!("Always");
+    }
+    container
+}
+
+/// The volumes the agent adds to the pod.
+fn agent_volumes(s: &PodSettings) -> Vec<Value> {
+    let mut volumes = vec![
+        json!({"name": "stillpoint-tls", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}),
+        // Readable by the agent's user (no fsGroup is set: it would change
+        // the database's volumes); only the agent container mounts these.
+        json!({"name": "stillpoint-token", "projected": {"defaultMode": 0o444, "sources": [
+            {"serviceAccountToken": {"audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}
+        ]}}),
+        json!({"name": "stillpoint-ca", "configMap": {"name": CA_BUNDLE_CONFIGMAP}}),
+        json!({"name": "stillpoint-state", "emptyDir": {"sizeLimit": "1Mi"}}),
+    ];
+    if let Some(secret) = &s.dsn_secret {
+        volumes.push(json!({"name": "stillpoint-dsn", "secret": {
+            "secretName": secret, "defaultMode": 0o444, "items": [{"key": "dsn", "path": "dsn"}]
+        }}));
+    }
+    volumes
+}
+
+/// Escapes a JSON Pointer token (RFC 6901).
+fn pointer_token(s: &str) -> String {
+    s.replace('~', "~0").replace('/', "~1")
+}
+
+/// The JSON Patch that injects the agent into `pod`.
+pub fn patch(pod: &Value, s: &PodSettings, cfg: &InjectConfig) -> Result<Vec<Value>, Denied> {
+    let spec = pod.get("spec").cloned().unwrap_or(Value::Null);
+    for volume in agent_volumes(s) {
+        let name = get_str(&volume, &["name"]).unwrap_or_default().to_string();
+        if arr(&spec, "volumes")
+            .iter()
+            .any(|v| get_str(v, &["name"]) == Some(name.as_str()))
+        {
+            return Err(Denied(format!(
+                "the pod already has a volume named {name:?}, which the injector adds; rename it"
+            )));
+        }
+    }
+    let mut ops = Vec::new();
+    let container = agent_container(pod, s, cfg);
+    let (list, index_first) = if cfg.native_sidecars {
+        ("initContainers", true)
+    } else {
+        ("containers", false)
+    };
+    match spec.get(list).and_then(Value::as_array) {
+        Some(_) if index_first => {
+            ops.push(json!({"op": "add", "path": format!("/spec/{list}/0"), "value": container}))
+        }
+        Some(_) => {
+            ops.push(json!({"op": "add", "path": format!("/spec/{list}/-"), "value": container}))
+        }
+        None => {
+            ops.push(json!({"op": "add", "path": format!("/spec/{list}"), "value": [container]}))
+        }
+    }
+    let volumes = agent_volumes(s);
+    match spec.get("volumes").and_then(Value::as_array) {
+        Some(_) => ops.extend(
+            volumes
+                .into_iter()
+                .map(|v| json!({"op": "add", "path": "/spec/volumes/-", "value": v})),
+        ),
+        None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes})),
+    }
+    match pod
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+    {
+        Some(_) => ops.push(json!({
+            "op": "add",
+            "path": format!("/metadata/annotations/{}", pointer_token(INJECTED_ANNOTATION)),
+            "value": cfg.version,
+        })),
+        None => ops.push(json!({
+            "op": "add",
+            "path": "/metadata/annotations",
+            "value": {INJECTED_ANNOTATION: cfg.version},
+        })),
+    }
+    Ok(ops)
+}
+
+/// What the webhook answers for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// Allowed as it is (not opted in, or already injected).
+    Unchanged,
+    /// Allowed with this JSON Patch.
+    Patch(Vec<Value>),
+    /// Denied (HTTP 403 in the AdmissionReview status) with this message.
+    Denied(String),
+}
+
+/// Decides what to do with a pod: `namespace_labels` are its namespace's.
+pub fn decide(
+    pod: &Value,
+    namespace_labels: &BTreeMap<String, String>,
+    cfg: &InjectConfig,
+) -> Answer {
+    let labels = string_map(pod.pointer("/metadata/labels"));
+    if labels.get(INJECT_LABEL).map(String::as_str) != Some("true") || already_injected(pod) {
+        return Answer::Unchanged;
+    }
+    match settings(pod, namespace_labels).and_then(|s| patch(pod, &s, cfg)) {
+        Ok(ops) => Answer::Patch(ops),
+        Err(Denied(message)) => Answer::Denied(message),
+    }
+}
+
+/// A request the webhook could not read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadReview(pub String);
+
+/// What the webhook needs of an AdmissionReview request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub uid: String,
+    pub namespace: String,
+    pub operation: String,
+    pub pod: Value,
+}
+
+/// Reads an `admission.k8s.io/v1` AdmissionReview for a pod.
+pub fn read_review(body: &[u8]) -> Result<Request, BadReview> {
+    let review: Value = serde_json::from_slice(body)
+        .map_err(|e| BadReview(format!("the body is not JSON: {e}")))?;
+    if get_str(&review, &["apiVersion"]) != Some("admission.k8s.io/v1")
+        || get_str(&review, &["kind"]) != Some("AdmissionReview")
+    {
+        return Err(BadReview(
+            "not an admission.k8s.io/v1 AdmissionReview".into(),
+        ));
+    }
+    let request = review
+        .get("request")
+        .filter(|r| r.is_object())
+        .ok_or_else(|| BadReview("the AdmissionReview has no request".into()))?;
+    let uid = get_str(request, &["uid"])
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| BadReview("the request has no uid".into()))?
+        .to_string();
+    let namespace = get_str(request, &["namespace"])
+        .unwrap_or_default()
+        .to_string();
+    let operation = get_str(request, &["operation"])
+        .unwrap_or_default()
+        .to_string();
+    let pod = request.get("object").cloned().unwrap_or(Value::Null);
+    if !pod.is_object() {
+        return Err(BadReview("the request has no object".into()));
+    }
+    if pod
+        .get("kind")
+        .and_then(Value::as_str)
+        .is_some_and(|k| k != "Pod")
+    {
+        return Err(BadReview("the object is not a Pod".into()));
+    }
+    Ok(Request {
+        uid,
+        namespace,
+        operation,
+        pod,
+    })
+}
+
+/// The AdmissionReview response for request `uid`.
+pub fn response(uid: &str, answer: &Answer) -> Value {
+    use base64::Engine as _;
+    let mut response = json!({"uid": uid, "allowed": true});
+    match answer {
+        Answer::Unchanged => {}
+        Answer::Patch(ops) => {
+            let patch = serde_json::to_vec(ops).unwrap_or_default();
+            response["patchType"] = json!("JSONPatch");
+            response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
+        }
+        Answer::Denied(message) => {
+            response["allowed"] = json!(false);
+            response["status"] = json!({
+                "code": 403,
+                "reason": "Forbidden",
+                "message": format!("stillpoint injector: {message}"),
+            });
+        }
+    }
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": response,
+    })
+}
+
+/// The answer to an unreadable review: a response with the uid when one
+/// can be found (the API server then applies the failure policy), else
+/// none (the server answers HTTP 400).
+pub fn bad_review_response(body: &[u8], err: &BadReview) -> Option<Value> {
+    let uid = serde_json::from_slice::<Value>(body)
+        .ok()?
+        .pointer("/request/uid")?
+        .as_str()?
+        .to_string();
+    Some(json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {
+            "uid": uid,
+            "allowed": false,
+            "status": {"code": 400, "reason": "BadRequest", "message": format!("stillpoint injector: {err}")},
+        },
+    }))
+}
+
+/// The whole webhook, given the namespace's labels: the body in, the
+/// answer's body and HTTP status out. Never panics on any input.
+pub fn review(
+    body: &[u8],
+    namespace_labels: &BTreeMap<String, String>,
+    cfg: &InjectConfig,
+) -> (u16, Value) {
+    match read_review(body) {
+        Ok(request) => {
+            // Only CREATE injects; an UPDATE of an injected pod (or any
+            // other) is left alone, so re-invocation never doubles it.
+            let answer = match request.operation.as_str() {
+                "CREATE" | "" => decide(&request.pod, namespace_labels, cfg),
+                _ => Answer::Unchanged,
+            };
+            (200, response(&request.uid, &answer))
+        }
+        Err(err) => match bad_review_response(body, &err) {
+            Some(answer) => (200, answer),
+            None => (400, json!({"error": format!("stillpoint injector: {err}")})),
+        },
+    }
+}
+
+/// The namespace a review is about, without checking anything else (the
+/// webhook looks up its labels before [`review`]).
+pub fn review_namespace(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Value>(body)
+        .ok()?
+        .pointer("/request/namespace")?
+        .as_str()
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(native: bool) -> InjectConfig {
+        InjectConfig {
+            image: "ghcr.io/stillpoint-dev/stillpoint-agent:0.1.0".into(),
+            native_sidecars: native,
+            controller_identity:
+                "spiffe://cluster.local/ns/stillpoint-system/sa/stillpoint-controller".into(),
+            certificate_url:
+                "https://stillpoint-controller.stillpoint-system.svc:9444/v1/certificate".into(),
+            version: "0.1.0".into(),
+        }
+    }
+
+    fn pod(annotations: Value) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "pg-0", "labels": {"app": "pg", INJECT_LABEL: "true"}, "annotations": annotations},
+            "spec": {
+                "serviceAccountName": "pg",
+                "securityContext": {"runAsUser": 999, "runAsGroup": 999},
+                "containers": [{"name": "postgres", "image": "postgres:16",
+                    "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}]}],
+                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data-pg-0"}},
+                            {"name": "scratch", "emptyDir": {}}],
+            }
+        })
+    }
+
+    fn pg() -> Value {
+        pod(json!({"stillpoint.dev/engine": "postgres", "stillpoint.dev/dsn-secret": "pg-agent"}))
+    }
+
+    /// Applies the JSON Patch ops this module emits (add only).
+    fn apply(mut doc: Value, ops: &[Value]) -> Value {
+        for op in ops {
+            assert_eq!(op["op"], "add");
+            let path = op["path"].as_str().unwrap();
+            let (parent, last) = path.rsplit_once('/').unwrap();
+            let last = last.replace("~1", "/").replace("~0", "~");
+            let target = doc.pointer_mut(parent).unwrap();
+            match target {
+                Value::Array(a) if last == "-" => a.push(op["value"].clone()),
+                Value::Array(a) => a.insert(last.parse().unwrap(), op["value"].clone()),
+                Value::Object(m) => {
+                    m.insert(last, op["value"].clone());
+                }
+                _ => panic!("cannot add at {path}"),
+            }
+        }
+        doc
+    }
+
+    fn env<'a>(c: &'a Value, name: &str) -> Option<&'a str> {
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+    }
+
+    #[test]
+    fn a_native_sidecar_with_everything_it_needs() {
+        let Answer::Patch(ops) = decide(&pg(), &BTreeMap::new(), &cfg(true)) else {
+            panic!("injects");
+        };
+        let out = apply(pg(), &ops);
+        let agent = &out["spec"]["initContainers"][0];
+        assert_eq!(agent["name"], AGENT_CONTAINER);
+        assert_eq!(agent["restartPolicy"], "Always");
+        assert_eq!(env(agent, "STILLPOINT_ENGINE"), Some("postgres"));
+        assert_eq!(
+            env(agent, "STILLPOINT_VOLUMES"),
+            Some("/var/lib/postgresql/data")
+        );
+        assert_eq!(
+            env(agent, "STILLPOINT_DSN_FILE"),
+            Some("/etc/stillpoint/dsn/dsn")
+        );
+        assert!(env(agent, "STILLPOINT_FSFREEZE_MOUNTS").is_none());
+        let sc = &agent["securityContext"];
+        assert_eq!(sc["runAsUser"], 999, "the database's user reads its volume");
+        assert_eq!(sc["runAsNonRoot"], true);
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+        assert!(sc["capabilities"].get("add").is_none());
+        assert_eq!(agent["ports"][0]["name"], "stillpoint");
+        let volumes = out["spec"]["volumes"].as_array().unwrap();
+        let token = volumes
+            .iter()
+            .find(|v| v["name"] == "stillpoint-token")
+            .unwrap();
+        assert_eq!(
+            token["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+            TOKEN_AUDIENCE
+        );
+        let dsn = volumes
+            .iter()
+            .find(|v| v["name"] == "stillpoint-dsn")
+            .unwrap();
+        assert_eq!(dsn["secret"]["secretName"], "pg-agent");
+        assert_eq!(out["metadata"]["annotations"][INJECTED_ANNOTATION], "0.1.0");
+        assert_eq!(out["spec"]["containers"].as_array().unwrap().len(), 1);
+        // Injecting the injected pod changes nothing.
+        assert_eq!(
+            decide(&out, &BTreeMap::new(), &cfg(true)),
+            Answer::Unchanged
+        );
+    }
+
+    #[test]
+    fn a_regular_container_where_native_sidecars_are_missing() {
+        let Answer::Patch(ops) = decide(&pg(), &BTreeMap::new(), &cfg(false)) else {
+            panic!("injects");
+        };
+        let out = apply(pg(), &ops);
+        assert!(out["spec"].get("initContainers").is_none());
+        let agent = &out["spec"]["containers"][1];
+        assert_eq!(agent["name"], AGENT_CONTAINER);
+        assert!(agent.get("restartPolicy").is_none());
+    }
+
+    #[test]
+    fn pods_that_did_not_opt_in_are_left_alone() {
+        let mut p = pg();
+        p["metadata"]["labels"][INJECT_LABEL] = json!("false");
+        assert_eq!(decide(&p, &BTreeMap::new(), &cfg(true)), Answer::Unchanged);
+        p["metadata"]["labels"]
+            .as_object_mut()
+            .unwrap()
+            .remove(INJECT_LABEL);
+        assert_eq!(decide(&p, &BTreeMap::new(), &cfg(true)), Answer::Unchanged);
+    }
+
+    #[test]
+    fn a_pod_with_the_agent_by_hand_is_not_injected_again() {
+        let mut p = pg();
+        p["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": AGENT_CONTAINER, "image": "x"}));
+        assert_eq!(decide(&p, &BTreeMap::new(), &cfg(true)), Answer::Unchanged);
+    }
+
+    #[test]
+    fn every_bad_annotation_is_denied_with_its_name_and_what_is_allowed() {
+        let restricted: BTreeMap<String, String> = [(
+            "pod-security.kubernetes.io/enforce".to_string(),
+            "restricted".to_string(),
+        )]
+        .into();
+        let none = BTreeMap::new();
+        let cases: Vec<(Value, &BTreeMap<String, String>, &[&str])> = vec![
+            (
+                json!({}),
+                &none,
+                &["stillpoint.dev/engine is missing", "postgres"],
+            ),
+            (
+                json!({"stillpoint.dev/engine": "postgress"}),
+                &none,
+                &[
+                    "stillpoint.dev/engine",
+                    "\"postgress\"",
+                    "allowed: postgres",
+                ],
+            ),
+            (
+                json!({"stillpoint.dev/engine": "postgres"}),
+                &none,
+                &["stillpoint.dev/dsn-secret is missing"],
+            ),
+            (
+                json!({"stillpoint.dev/engine": "redis", "stillpoint.dev/dsn-secret": "Bad_Name"}),
+                &none,
+                &["stillpoint.dev/dsn-secret", "DNS subdomain"],
+            ),
+            (
+                json!({"stillpoint.dev/engine": "postgres", "stillpoint.dev/dsn-secret": "s", "stillpoint.dev/pg-mode": "freeze"}),
+                &none,
+                &["stillpoint.dev/pg-mode", "allowed: backup, fence"],
+            ),
+            (
+                json!({"stillpoint.dev/engine": "redis", "stillpoint.dev/dsn-secret": "s", "stillpoint.dev/pg-mode": "fence"}),
+                &none,
+                &["stillpoint.dev/pg-mode applies to engine postgres only"],
+            ),
+            (
+                json!({"stillpoint.dev/engine": "redis", "stillpoint.dev/dsn-secret": "s", "stillpoint.dev/lock-timeout": "soon"}),
+                &none,
+                &["stillpoint.dev/lock-timeout", "5s"],
+            ),
+            (
+                json!({"stillpoint.dev/engine": "redis", "stillpoint.dev/dsn-secret": "s", "stillpoint.dev/fsfreeze": "yes"}),
+                &none,
+                &["stillpoint.dev/fsfreeze", "allowed: true, false"],
+            ),
+            (
+                json!({"stillpoint.dev/engine": "redis", "stillpoint.dev/dsn-secret": "s", "stillpoint.dev/fsfreeze": "true"}),
+                &restricted,
+                &[
+                    "SYS_ADMIN",
+                    "\"restricted\"",
+                    "pod-security.kubernetes.io/enforce=privileged",
+                ],
+            ),
+            (
+                json!({"stillpoint.dev/engine": "redis", "stillpoint.dev/dsn-secret": "s", "stillpoint.dev/data-volumes": "data,logs"}),
+                &none,
+                &[
+                    "stillpoint.dev/data-volumes",
+                    "\"logs\"",
+                    "allowed: data, scratch",
+                ],
+            ),
+            (
+                json!({"stillpoint.dev/engine": "redis", "stillpoint.dev/dsn-secret": "s", "stillpoint.dev/data-volumes": "scratch"}),
+                &none,
+                &["volume \"scratch\" is mounted by no container"],
+            ),
+            (
+                json!({"stillpoint.dev/engine": "redis", "stillpoint.dev/dsn-secret": "s", "stillpoint.dev/datavolumes": "data"}),
+                &none,
+                &[
+                    "stillpoint.dev/datavolumes is not one the injector reads",
+                    "stillpoint.dev/data-volumes",
+                ],
+            ),
+            (
+                json!({"stillpoint.dev/engine": "exec"}),
+                &none,
+                &["stillpoint.dev/exec-command is missing"],
+            ),
+            (
+                json!({"stillpoint.dev/engine": "redis", "stillpoint.dev/dsn-secret": "s", "stillpoint.dev/exec-command": "x"}),
+                &none,
+                &["stillpoint.dev/exec-command applies to engine exec only"],
+            ),
+        ];
+        for (annotations, ns, needles) in cases {
+            let p = pod(annotations.clone());
+            let answer = decide(&p, ns, &cfg(true));
+            let Answer::Denied(message) = &answer else {
+                panic!("{annotations} is denied, not {answer:?}");
+            };
+            for needle in needles {
+                assert!(
+                    message.contains(needle),
+                    "{annotations}: {message:?} lacks {needle:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fsfreeze_asks_for_sys_admin_where_the_namespace_allows_it() {
+        let p = pod(
+            json!({"stillpoint.dev/engine": "postgres", "stillpoint.dev/dsn-secret": "s",
+            "stillpoint.dev/fsfreeze": "true"}),
+        );
+        let Answer::Patch(ops) = decide(&p, &BTreeMap::new(), &cfg(true)) else {
+            panic!("injects");
+        };
+        let out = apply(p, &ops);
+        let agent = &out["spec"]["initContainers"][0];
+        assert_eq!(
+            agent["securityContext"]["capabilities"]["add"],
+            json!(["SYS_ADMIN"])
+        );
+        assert_eq!(agent["securityContext"]["runAsUser"], 0);
+        assert_eq!(
+            env(agent, "STILLPOINT_FSFREEZE_MOUNTS"),
+            Some("/var/lib/postgresql/data")
+        );
+    }
+
+    #[test]
+    fn the_review_envelope() {
+        let body = json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u-1", "namespace": "shop", "operation": "CREATE", "object": pg()},
+        });
+        let bytes = serde_json::to_vec(&body).unwrap();
+        assert_eq!(review_namespace(&bytes).as_deref(), Some("shop"));
+        let (code, answer) = review(&bytes, &BTreeMap::new(), &cfg(true));
+        assert_eq!(code, 200);
+        assert_eq!(answer["response"]["uid"], "u-1");
+        assert_eq!(answer["response"]["allowed"], true);
+        assert_eq!(answer["response"]["patchType"], "JSONPatch");
+        // An UPDATE is never mutated.
+        let mut update = body.clone();
+        update["request"]["operation"] = json!("UPDATE");
+        let (_, answer) = review(
+            &serde_json::to_vec(&update).unwrap(),
+            &BTreeMap::new(),
+            &cfg(true),
+        );
+        assert!(answer["response"].get("patch").is_none());
+        // Malformed: with a uid, a 400 inside the review; without, HTTP 400.
+        let mut broken = body.clone();
+        broken["request"]["object"] = json!("a string");
+        let (code, answer) = review(
+            &serde_json::to_vec(&broken).unwrap(),
+            &BTreeMap::new(),
+            &cfg(true),
+        );
+        assert_eq!(code, 200);
+        assert_eq!(answer["response"]["allowed"], false);
+        assert_eq!(answer["response"]["status"]["code"], 400);
+        for garbage in [&b"{"[..], b"[]", b"null", b"{\"request\":{}}", b"\xff\xfe"] {
+            let (code, _) = review(garbage, &BTreeMap::new(), &cfg(true));
+            assert_eq!(code, 400);
+        }
+    }
+}

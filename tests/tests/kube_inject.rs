@@ -1,0 +1,660 @@
+//! Sidecar injection and the in-cluster PKI against the lab's real API
+//! server: the controller (under deploy's RBAC, `--pki`) keeps its CA in a
+//! Secret, serves the mutating webhook the API server calls for opted-in
+//! pods, and issues agents their certificates after a TokenReview of their
+//! projected tokens; the injected agents then serve a group backup.
+
+use std::time::Duration;
+
+use ::kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use stillpoint_agent::certs::{CertError, CertSource};
+use stillpoint_controller::kube::crd::{BackupPhase, GroupBackup};
+use stillpoint_controller::kube::inject::{AGENT_CONTAINER, INJECTED_ANNOTATION};
+use stillpoint_proto::tls::{TlsFiles, uri_sans};
+use stillpoint_tests::harness::kube::stillpoint::{self, ControllerProc, TRUST_DOMAIN};
+use stillpoint_tests::harness::kube::{
+    self, KubeLab, postgres_of, wait_async, wait_pod_ready, wait_pvc_bound,
+};
+use tokio::sync::OnceCell;
+
+const BOUND: Duration = Duration::from_secs(180);
+const WEBHOOK: &str = "stillpoint-injector";
+
+fn lab() -> &'static KubeLab {
+    tokio::task::block_in_place(KubeLab::shared)
+}
+
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The controller every test of this binary shares (one leader: the
+/// webhook and the CA are cluster-wide), and where its endpoint listens.
+struct Shared {
+    controller: ControllerProc,
+    addr: String,
+}
+
+async fn shared() -> &'static Shared {
+    static SHARED: OnceCell<Shared> = OnceCell::const_new();
+    SHARED
+        .get_or_init(|| async {
+            let lab = lab();
+            stillpoint::install(lab).await.unwrap();
+            let admin = lab.admin().await.unwrap();
+            // The configuration first: the leader fills in its caBundle.
+            let controller = ControllerProc::start_pki(
+                lab,
+                "",
+                "inject-0",
+                "stillpoint-inject",
+                WEBHOOK,
+                "stillpoint-ca",
+                &["--agent-cert-ttl", "1h"],
+            )
+            .await
+            .unwrap();
+            let addr = controller.webhook_addr(BOUND).await.unwrap();
+            install_webhook(&admin, WEBHOOK, &format!("https://{addr}/mutate"), None).await;
+            let configs: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
+            wait_async("the webhook's caBundle published", BOUND, || {
+                let configs = configs.clone();
+                async move {
+                    let c = configs.get(WEBHOOK).await?;
+                    Ok(c.webhooks
+                        .iter()
+                        .flatten()
+                        .all(|w| w.client_config.ca_bundle.is_some()))
+                }
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", controller.logs()));
+            Shared { controller, addr }
+        })
+        .await
+}
+
+/// deploy/webhook.yaml's configuration, named `name`, calling `url`
+/// (the lab has no Service network), optionally only for namespace `only`.
+async fn install_webhook(admin: &::kube::Client, name: &str, url: &str, only: Option<&str>) {
+    let yaml = std::fs::read_to_string(repo().join("deploy/webhook.yaml")).unwrap();
+    let doc = yaml.split("\n---\n").next().unwrap();
+    let mut config: serde_json::Value = serde_yaml::from_str(doc).unwrap();
+    config["metadata"]["name"] = name.into();
+    let hook = &mut config["webhooks"][0];
+    hook["clientConfig"] = serde_json::json!({ "url": url });
+    if let Some(ns) = only {
+        hook["name"] = format!("{name}.stillpoint.dev").into();
+        hook["namespaceSelector"] = serde_json::json!({
+            "matchLabels": {"kubernetes.io/metadata.name": ns}
+        });
+    }
+    let api: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
+    api.patch(
+        name,
+        &PatchParams::apply("stillpoint-tests").force(),
+        &Patch::Apply(&config),
+    )
+    .await
+    .unwrap();
+}
+
+struct Space {
+    lab: &'static KubeLab,
+    admin: ::kube::Client,
+    ns: String,
+}
+
+impl Space {
+    async fn new(prefix: &str) -> Space {
+        shared().await;
+        let lab = lab();
+        let admin = lab.admin().await.unwrap();
+        let ns = lab.namespace(prefix).await.unwrap();
+        Space { lab, admin, ns }
+    }
+
+    async fn apply(&self, yaml: &str) {
+        stillpoint::apply_all(self.lab, &self.admin, yaml)
+            .await
+            .unwrap();
+    }
+
+    /// Creates `yaml` (one object); the API server's error if it refuses.
+    async fn create(&self, yaml: &str) -> Result<(), String> {
+        self.lab
+            .apply_yaml(&self.admin, yaml)
+            .await
+            .map(drop)
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    async fn sa(&self, name: &str) {
+        let ns = &self.ns;
+        self.apply(&format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {name}, namespace: {ns}}}"
+        ))
+        .await;
+    }
+
+    async fn pod(&self, name: &str) -> Pod {
+        Api::<Pod>::namespaced(self.admin.clone(), &self.ns)
+            .get(name)
+            .await
+            .unwrap()
+    }
+
+    /// A token of ServiceAccount `sa` for `audience`, bound to `pod` if given.
+    async fn token(&self, sa: &str, audience: &str, pod: Option<&Pod>) -> String {
+        let api: Api<ServiceAccount> = Api::namespaced(self.admin.clone(), &self.ns);
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: Some(vec![audience.to_string()]),
+                expiration_seconds: Some(3600),
+                bound_object_ref: pod.map(|p| BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: p.metadata.name.clone(),
+                    uid: p.metadata.uid.clone(),
+                }),
+            }),
+            ..Default::default()
+        };
+        api.create_token_request(sa, &PostParams::default(), &request)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .token
+            .unwrap()
+    }
+}
+
+fn agent_of(pod: &Pod) -> Vec<&k8s_openapi::api::core::v1::Container> {
+    let spec = pod.spec.as_ref().unwrap();
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .filter(|c| c.name == AGENT_CONTAINER)
+        .collect()
+}
+
+/// A PostgreSQL StatefulSet `pg` (one replica) that opted in.
+fn postgres_statefulset(ns: &str) -> String {
+    let (uid, gid) = kube::host_user("postgres").unwrap();
+    format!(
+        r#"apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: pg, namespace: {ns}}}
+spec:
+  serviceName: pg
+  replicas: 1
+  selector: {{matchLabels: {{app: pg}}}}
+  template:
+    metadata:
+      labels: {{app: pg, stillpoint.dev/inject: "true"}}
+      annotations:
+        stillpoint.dev/engine: postgres
+        stillpoint.dev/dsn-secret: pg-agent
+        stillpoint.dev/data-volumes: data
+    spec:
+      serviceAccountName: pg
+      containers:
+      - name: postgres
+        image: postgres:16
+        command: [sh, -c, "test -f /data/pgdata/PG_VERSION || {{ initdb -D /data/pgdata -U postgres -A trust >/dev/null && echo 'host all all 0.0.0.0/0 trust' >> /data/pgdata/pg_hba.conf; }} && exec postgres -D /data/pgdata -c listen_addresses=* -c unix_socket_directories=/tmp"]
+        securityContext: {{runAsUser: {uid}, runAsGroup: {gid}}}
+        ports: [{{name: pg, containerPort: 5432}}]
+        readinessProbe: {{exec: {{command: [pg_isready, -h, 127.0.0.1]}}, periodSeconds: 1}}
+        volumeMounts: [{{name: data, mountPath: /data}}]
+  volumeClaimTemplates:
+  - metadata: {{name: data}}
+    spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_opted_in_statefulset_gets_the_agent_its_certificate_and_a_consistent_backup() {
+    let s = Space::new("inject").await;
+    let ns = &s.ns;
+    s.sa("pg").await;
+    s.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: pg-agent, namespace: {ns}}}\n\
+         stringData: {{dsn: \"host=127.0.0.1 port=5432 user=postgres dbname=postgres\"}}"
+    ))
+    .await;
+    s.apply(&postgres_statefulset(ns)).await;
+    let pod = wait_pod_ready(&s.admin, ns, "pg-0", BOUND)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nagent:\n{}\ncontroller:\n{}",
+                s.lab.container_log(ns, "pg-0", AGENT_CONTAINER),
+                shared_logs()
+            )
+        });
+    // Injected once, as a native sidecar, with the status annotation.
+    let agents = agent_of(&pod);
+    assert_eq!(agents.len(), 1, "one agent");
+    assert_eq!(agents[0].restart_policy.as_deref(), Some("Always"));
+    assert!(
+        pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0].name == AGENT_CONTAINER,
+        "the agent starts first"
+    );
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    assert!(annotations.contains_key(INJECTED_ANNOTATION));
+
+    // Its group is protectable: the agent answered with the identity of
+    // the pod's ServiceAccount, from a certificate the controller issued.
+    s.apply(&format!(
+        "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: shop, namespace: {ns}}}\n\
+         spec:\n  members:\n  - {{name: pg, selector: {{matchLabels: {{app: pg}}}}}}\n  \
+         snapshot: {{driver: csi, volumeSnapshotClassName: {}}}\n  freezeBudget: 20s\n  leaseTTL: 5s\n",
+        kube::ATOMIC_SNAPSHOT_CLASS
+    ))
+    .await;
+    // Backups run under a controller watching this namespace, with the
+    // identity the PKI issued the shared one.
+    let db = postgres_of(&pod).await.unwrap();
+    db.batch_execute("CREATE TABLE t (id int primary key)")
+        .await
+        .unwrap();
+    for id in 0..100 {
+        db.execute("INSERT INTO t VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+    }
+    s.apply(&format!(
+        "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupBackup\nmetadata: {{name: b1, namespace: {ns}}}\n\
+         spec: {{group: shop}}"
+    ))
+    .await;
+    let backups: Api<GroupBackup> = Api::namespaced(s.admin.clone(), ns);
+    wait_async("GroupBackup b1 to end", BOUND, || {
+        let backups = backups.clone();
+        async move {
+            Ok(backups
+                .get("b1")
+                .await?
+                .status
+                .and_then(|s| s.phase)
+                .is_some_and(BackupPhase::is_final))
+        }
+    })
+    .await
+    .unwrap();
+    let b = backups.get("b1").await.unwrap();
+    let status = b.status.clone().unwrap();
+    assert_eq!(
+        status.phase,
+        Some(BackupPhase::Succeeded),
+        "{status:?}\n{}",
+        shared_logs()
+    );
+    let snapshot = status.members[0].volume_snapshots[0].name.clone();
+
+    // Restored into a new PVC and a plain pod: every acknowledged row.
+    s.apply(&format!(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: restored, namespace: {ns}}}\n\
+         spec:\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 1Gi}}}}\n  \
+         dataSource: {{apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: {snapshot}}}\n"
+    ))
+    .await;
+    wait_pvc_bound(&s.admin, ns, "restored", BOUND)
+        .await
+        .unwrap();
+    let (uid, gid) = kube::host_user("postgres").unwrap();
+    s.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: restored, namespace: {ns}}}
+spec:
+  containers:
+  - name: postgres
+    image: postgres:16
+    command: [sh, -c, "rm -f /data/pgdata/postmaster.pid && exec postgres -D /data/pgdata -c listen_addresses=* -c unix_socket_directories=/tmp"]
+    securityContext: {{runAsUser: {uid}, runAsGroup: {gid}}}
+    readinessProbe: {{exec: {{command: [pg_isready, -h, 127.0.0.1]}}, periodSeconds: 1}}
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  volumes: [{{name: data, persistentVolumeClaim: {{claimName: restored}}}}]
+"#
+    ))
+    .await;
+    let restored = wait_pod_ready(&s.admin, ns, "restored", BOUND)
+        .await
+        .unwrap();
+    assert!(
+        agent_of(&restored).is_empty(),
+        "a pod that did not opt in is left alone"
+    );
+    let n: i64 = postgres_of(&restored)
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 100, "every row acknowledged before the backup");
+}
+
+fn shared_logs() -> String {
+    tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(async { shared().await.controller.logs() })
+    })
+}
+
+/// The CA bundle (to reach the endpoint) as the namespace's ConfigMap has it.
+async fn bundle_file(s: &Space, dir: &std::path::Path) -> std::path::PathBuf {
+    let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(s.admin.clone(), &s.ns);
+    let found = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    wait_async("the CA bundle ConfigMap", BOUND, || {
+        let (api, found) = (api.clone(), found.clone());
+        async move {
+            let cm = api.get_opt("stillpoint-ca").await?;
+            let bundle = cm
+                .and_then(|c| c.data)
+                .and_then(|d| d.get("ca.crt").cloned())
+                .unwrap_or_default();
+            *found.lock().unwrap() = bundle.clone();
+            Ok(!bundle.is_empty())
+        }
+    })
+    .await
+    .unwrap();
+    let path = dir.join("bundle.crt");
+    std::fs::write(&path, found.lock().unwrap().as_str()).unwrap();
+    path
+}
+
+/// Asks the endpoint for a certificate with `token`, as an agent does.
+async fn ask(addr: &str, bundle: &std::path::Path, token: &str) -> Result<TlsFiles, CertError> {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let source = CertSource {
+        url: format!("https://{addr}/v1/certificate"),
+        token_file,
+        ca_file: bundle.to_path_buf(),
+    };
+    let files = TlsFiles::in_dir(&dir);
+    stillpoint_agent::certs::obtain(&source, &files).await?;
+    Ok(files)
+}
+
+/// A JWT like the API server's for `sa`, signed with the lab's
+/// ServiceAccount key, that expired an hour ago.
+fn expired_token(lab: &KubeLab, ns: &str, sa: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = b64(br#"{"alg":"RS256","typ":"JWT"}"#);
+    let claims = serde_json::json!({
+        "aud": ["stillpoint"],
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "iat": now - 7200, "nbf": now - 7200, "exp": now - 3600,
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "0"}},
+    });
+    let payload = b64(claims.to_string().as_bytes());
+    let signing_input = format!("{header}.{payload}");
+    let out = std::process::Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(lab.dir.join("pki/service-accounts.key"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(signing_input.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success(), "openssl signs the token");
+    format!("{signing_input}.{}", b64(&out.stdout))
+}
+
+fn refused(result: Result<TlsFiles, CertError>) -> (u16, String) {
+    match result {
+        Err(CertError::Refused(code, message)) => (code, message),
+        other => panic!("refused, not {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn certificates_only_for_opted_in_pods_presenting_their_own_token() {
+    let s = Space::new("certs").await;
+    let ns = &s.ns;
+    let addr = shared().await.addr.clone();
+    s.sa("db").await;
+    s.sa("other").await;
+    // An opted-in pod (its own agent is injected and asks too) and one that
+    // did not opt in.
+    for (name, label) in [("opted", "true"), ("plain", "false")] {
+        s.create(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {ns}
+  labels: {{stillpoint.dev/inject: "{label}"}}
+  annotations: {{stillpoint.dev/engine: redis, stillpoint.dev/dsn-secret: redis-agent}}
+spec:
+  serviceAccountName: db
+  containers: [{{name: redis, image: redis:7, args: [--port, "6379"]}}]
+"#
+        ))
+        .await
+        .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = bundle_file(&s, dir.path()).await;
+    let opted = s.pod("opted").await;
+    let plain = s.pod("plain").await;
+
+    // The pod's own bound token: a certificate for its ServiceAccount.
+    let token = s.token("db", "stillpoint", Some(&opted)).await;
+    let files = ask(&addr, &bundle, &token).await.unwrap();
+    let pem = std::fs::read(&files.cert).unwrap();
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        uri_sans(&der).unwrap(),
+        vec![format!("spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/db")]
+    );
+
+    // Another audience.
+    let token = s.token("db", "api", Some(&opted)).await;
+    let (code, message) = refused(ask(&addr, &bundle, &token).await);
+    assert_eq!(code, 401, "{message}");
+    // Not bound to a pod.
+    let token = s.token("db", "stillpoint", None).await;
+    let (code, message) = refused(ask(&addr, &bundle, &token).await);
+    assert_eq!(code, 403);
+    assert!(message.contains("not bound to a pod"), "{message}");
+    // A pod that did not opt in.
+    let token = s.token("db", "stillpoint", Some(&plain)).await;
+    let (code, message) = refused(ask(&addr, &bundle, &token).await);
+    assert_eq!(code, 403);
+    assert!(message.contains("not opted in"), "{message}");
+    // Another ServiceAccount's token for the opted-in pod: the API server
+    // refuses to bind it, or the controller refuses it.
+    let api: Api<ServiceAccount> = Api::namespaced(s.admin.clone(), ns);
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec!["stillpoint".into()]),
+            expiration_seconds: Some(3600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: opted.metadata.name.clone(),
+                uid: opted.metadata.uid.clone(),
+            }),
+        }),
+        ..Default::default()
+    };
+    if let Ok(issued) = api
+        .create_token_request("other", &PostParams::default(), &request)
+        .await
+    {
+        let token = issued.status.unwrap().token.unwrap();
+        let (code, message) = refused(ask(&addr, &bundle, &token).await);
+        assert_eq!(code, 403);
+        assert!(message.contains("runs as ServiceAccount db"), "{message}");
+    }
+    // An expired token (signed by the cluster's own key).
+    let token = expired_token(s.lab, ns, "db");
+    let (code, message) = refused(ask(&addr, &bundle, &token).await);
+    assert_eq!(code, 401, "{message}");
+    // No token at all.
+    let (code, _) = refused(ask(&addr, &bundle, "").await);
+    assert_eq!(code, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_annotations_are_denied_and_a_pod_is_injected_once() {
+    let s = Space::new("annotations").await;
+    let ns = &s.ns;
+    s.sa("db").await;
+    let pod = |name: &str, annotations: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {ns}
+  labels: {{stillpoint.dev/inject: "true"}}
+  annotations: {{{annotations}}}
+spec:
+  serviceAccountName: db
+  containers:
+  - name: redis
+    image: redis:7
+    args: [--port, "6379"]
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  volumes: [{{name: data, emptyDir: {{}}}}]
+"#
+        )
+    };
+    for (annotations, needle) in [
+        (
+            "stillpoint.dev/engine: redis5",
+            "stillpoint.dev/engine: \"redis5\" is not an engine",
+        ),
+        (
+            "stillpoint.dev/engine: redis",
+            "stillpoint.dev/dsn-secret is missing",
+        ),
+        (
+            "stillpoint.dev/engine: redis, stillpoint.dev/dsn-secret: s, stillpoint.dev/lock-timeout: soon",
+            "stillpoint.dev/lock-timeout",
+        ),
+        (
+            "stillpoint.dev/engine: redis, stillpoint.dev/dsn-secret: s, stillpoint.dev/data-volumes: logs",
+            "\"logs\" is not a volume of this pod; allowed: data",
+        ),
+        (
+            "stillpoint.dev/engine: redis, stillpoint.dev/dsn-secret: s, stillpoint.dev/pg-mode: fence",
+            "stillpoint.dev/pg-mode applies to engine postgres only",
+        ),
+    ] {
+        let err = s.create(&pod("bad", annotations)).await.unwrap_err();
+        assert!(err.contains(needle), "{annotations}: {err}");
+        assert!(err.contains("denied"), "{err}");
+    }
+    // A good one, then updated and applied again: one agent, always.
+    let good = pod(
+        "good",
+        "stillpoint.dev/engine: redis, stillpoint.dev/dsn-secret: redis-agent, stillpoint.dev/data-volumes: data",
+    );
+    s.create(&good).await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(s.admin.clone(), ns);
+    pods.patch(
+        "good",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"labels": {"touched": "yes"}}})),
+    )
+    .await
+    .unwrap();
+    let manifest: serde_json::Value = serde_yaml::from_str(&good).unwrap();
+    pods.patch(
+        "good",
+        &PatchParams::apply("stillpoint-tests"),
+        &Patch::Apply(&manifest),
+    )
+    .await
+    .unwrap();
+    let p = pods.get("good").await.unwrap();
+    assert_eq!(agent_of(&p).len(), 1, "injected exactly once");
+    let mounts: Vec<String> = agent_of(&p)[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| format!("{}={}", m.name, m.mount_path))
+        .collect();
+    assert!(mounts.contains(&"data=/data".to_string()), "{mounts:?}");
+    // A server-side dry run of another opted-in pod injects, and writes nothing.
+    let other = pod(
+        "dry",
+        "stillpoint.dev/engine: redis, stillpoint.dev/dsn-secret: redis-agent",
+    );
+    let manifest: serde_json::Value = serde_yaml::from_str(&other).unwrap();
+    let dry = pods
+        .patch(
+            "dry",
+            &PatchParams::apply("stillpoint-tests").dry_run(),
+            &Patch::Apply(&manifest),
+        )
+        .await
+        .unwrap();
+    assert_eq!(agent_of(&dry).len(), 1);
+    assert!(pods.get_opt("dry").await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_down_webhook_delays_only_opted_in_pods() {
+    let s = Space::new("down").await;
+    let ns = &s.ns;
+    // A second configuration, for this namespace only, whose webhook is
+    // down (nothing listens on its port).
+    let closed = std::net::TcpListener::bind((s.lab.bridge.gateway(), 0)).unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let name = format!("stillpoint-down-{ns}");
+    install_webhook(
+        &s.admin,
+        &name,
+        &format!("https://{}:{port}/mutate", s.lab.bridge.gateway()),
+        Some(ns),
+    )
+    .await;
+    let pod = |name: &str, label: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{stillpoint.dev/inject: \"{label}\"}}}}\n\
+             spec:\n  containers: [{{name: c, image: busybox, command: [sleep, \"3600\"]}}]\n"
+        )
+    };
+    // Not opted in: never sent to the webhook, created at once.
+    s.create(&pod("plain", "false")).await.unwrap();
+    // Opted in: the failure policy (Fail) keeps it out, and says why.
+    let err = s.create(&pod("opted", "true")).await.unwrap_err();
+    assert!(err.contains("failed calling webhook"), "{err}");
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(s.admin.clone());
+    configs
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
+}
