@@ -658,3 +658,235 @@ async fn a_down_webhook_delays_only_opted_in_pods() {
         .await
         .unwrap();
 }
+
+/// The CA Secret's `ca.crt`, and whether a next CA is staged.
+async fn ca_state(s: &Space, secret: &str) -> (String, bool) {
+    let api: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(s.admin.clone(), stillpoint::CONTROLLER_NS);
+    let data = api.get(secret).await.unwrap().data.unwrap_or_default();
+    let text = |k: &str| {
+        data.get(k)
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .unwrap_or_default()
+    };
+    (text("ca.crt"), data.contains_key("next.crt"))
+}
+
+/// The agent's count of TLS reloads (from its admin port).
+async fn tls_reloads(ip: std::net::Ipv4Addr) -> f64 {
+    let addr = std::net::SocketAddr::from((ip, 9090));
+    tokio::task::spawn_blocking(move || {
+        stillpoint_tests::harness::http_get(addr, "/metrics")
+            .map(|(_, body)| {
+                stillpoint_tests::harness::metric_sum(&body, "stillpoint_agent_tls_reloads")
+            })
+            .unwrap_or(-1.0)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_held_freeze_outlives_agent_certificate_renewals_and_a_ca_rotation() {
+    use stillpoint_controller::agents::{ControllerTls, HeldFreeze};
+    let s = Space::new("rotation").await;
+    let ns = s.ns.clone();
+    // This namespace leaves the shared webhook for a controller of its own
+    // whose CA lives a minute and whose certificates twelve seconds.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(s.admin.clone());
+    namespaces
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"metadata": {"labels": {"stillpoint.dev/inject": "disabled"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let secret = format!("ca-{ns}");
+    let config = format!("stillpoint-rotation-{ns}");
+    // deploy's RBAC names the Secret stillpoint-ca and the configuration
+    // stillpoint-injector; this second CA and configuration need the same
+    // rights for their own names.
+    s.apply(&format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: {secret}, namespace: stillpoint-system}}\n\
+         rules: [{{apiGroups: [\"\"], resources: [secrets], resourceNames: [{secret}], verbs: [get]}}]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: {secret}, namespace: stillpoint-system}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: {secret}}}\n\
+         subjects: [{{kind: ServiceAccount, name: stillpoint-controller, namespace: stillpoint-system}}]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: {config}}}\n\
+         rules: [{{apiGroups: [admissionregistration.k8s.io], resources: [mutatingwebhookconfigurations], resourceNames: [{config}], verbs: [get, patch]}}]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: {config}}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {config}}}\n\
+         subjects: [{{kind: ServiceAccount, name: stillpoint-controller, namespace: stillpoint-system}}]"
+    ))
+    .await;
+    let ctl = ControllerProc::start_pki(
+        s.lab,
+        &ns,
+        "rotation-0",
+        &format!("rotation-{ns}"),
+        &config,
+        &secret,
+        &[
+            "--ca-validity",
+            "60s",
+            "--agent-cert-ttl",
+            "12s",
+            "--pki-interval",
+            "1s",
+        ],
+    )
+    .await
+    .unwrap();
+    let addr = ctl.webhook_addr(BOUND).await.unwrap();
+    install_webhook(
+        &s.admin,
+        &config,
+        &format!("https://{addr}/mutate"),
+        Some(&ns),
+    )
+    .await;
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(s.admin.clone());
+    wait_async("the caBundle", BOUND, || {
+        let (configs, config) = (configs.clone(), config.clone());
+        async move {
+            Ok(configs
+                .get(&config)
+                .await?
+                .webhooks
+                .iter()
+                .flatten()
+                .all(|w| w.client_config.ca_bundle.is_some()))
+        }
+    })
+    .await
+    .unwrap();
+    s.sa("cache").await;
+    s.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: cache-agent, namespace: {ns}}}\n\
+         stringData: {{dsn: \"redis://127.0.0.1:6379\"}}"
+    ))
+    .await;
+    s.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: cache
+  namespace: {ns}
+  labels: {{stillpoint.dev/inject: "true"}}
+  annotations: {{stillpoint.dev/engine: redis, stillpoint.dev/dsn-secret: cache-agent}}
+spec:
+  serviceAccountName: cache
+  containers:
+  - name: redis
+    image: redis:7
+    args: [--port, "6379", --save, "", --protected-mode, "no"]
+    readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}
+"#
+    ))
+    .await;
+    let pod = wait_pod_ready(&s.admin, &ns, "cache", BOUND)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\n{}\n{}",
+                s.lab.container_log(&ns, "cache", AGENT_CONTAINER),
+                ctl.logs()
+            )
+        });
+    let ip = kube::pod_ip(&pod).unwrap();
+    let agent = format!("{ip}:9443");
+    let identity = format!("spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/cache");
+    let tls_dir = ctl.tls_dir.clone().unwrap();
+    let tls = ControllerTls::watch(TlsFiles::in_dir(&tls_dir), Duration::from_secs(1)).unwrap();
+    let mut client = tls.connect(&agent, &identity).await.unwrap();
+    let (first_ca, _) = ca_state(&s, &secret).await;
+    let reloads_before = tls_reloads(ip).await;
+    let mut hold = HeldFreeze::start(&mut client, "rotation", Duration::from_secs(5))
+        .await
+        .unwrap();
+    // Writes wait while the hold lasts.
+    let mut redis = redis::Client::open(format!("redis://{ip}:6379"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis.set_response_timeout(Duration::from_millis(500));
+    let blocked = |r: redis::RedisResult<()>| r.is_err();
+    assert!(blocked(
+        redis::cmd("SET")
+            .arg("k")
+            .arg("1")
+            .query_async(&mut redis)
+            .await
+    ));
+    // Renew until the CA was staged and then signs (about 52 s in).
+    let mut staged = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        hold.renew().await.unwrap();
+        let (ca, next) = ca_state(&s, &secret).await;
+        staged |= next;
+        if ca != first_ca {
+            assert!(staged, "the next CA was trusted before it signed");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no rotation:\n{}",
+            ctl.logs()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // The controller and the agent renewed under the new CA (a few
+    // seconds), the hold renewing all along.
+    let mut renewed = false;
+    for _ in 0..30 {
+        hold.renew().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if tls_reloads(ip).await >= reloads_before + 2.0 {
+            renewed = true;
+        }
+        // A new connection (the controller's new identity, the agent's
+        // current certificate) still sees the hold.
+        if renewed
+            && let Ok(mut fresh) = tls.connect(&agent, &identity).await
+            && let Ok(d) = fresh
+                .describe(stillpoint_proto::pb::DescribeRequest::default())
+                .await
+        {
+            assert_eq!(d.into_inner().holder, "rotation", "the hold is intact");
+            break;
+        }
+    }
+    assert!(renewed, "the agent reloaded its certificate while frozen");
+    assert!(blocked(
+        redis::cmd("SET")
+            .arg("k")
+            .arg("2")
+            .query_async(&mut redis)
+            .await
+    ));
+    hold.request_thaw(false).await.unwrap();
+    while let Some(event) = hold.next_event().await.unwrap() {
+        if matches!(
+            event.event,
+            Some(stillpoint_proto::pb::freeze_event::Event::Thawed(_))
+        ) {
+            break;
+        }
+    }
+    redis.set_response_timeout(Duration::from_secs(5));
+    let () = redis::cmd("SET")
+        .arg("k")
+        .arg("3")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    configs
+        .delete(&config, &DeleteParams::default())
+        .await
+        .unwrap();
+}

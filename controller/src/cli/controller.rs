@@ -21,8 +21,6 @@ use crate::kube::inject::InjectConfig;
 use crate::kube::pki::Pki;
 use crate::kube::webhook::{self, OwnIdentity, Webhook, WebhookSettings};
 
-/// How often the PKI is checked (CA Secret, rotation, bundles, renewals).
-const PKI_UPKEEP: Duration = Duration::from_secs(10);
 use crate::metrics::metrics;
 
 #[derive(Debug, Args)]
@@ -137,6 +135,11 @@ pub struct PkiArgs {
     /// `https://<first --webhook-host>:<port>/v1/certificate`).
     #[arg(long, env = "STILLPOINT_CERTIFICATE_URL")]
     pub certificate_url: Option<String>,
+    /// How often each replica re-reads the CA Secret and renews its
+    /// certificates, and the leader takes the next step of a CA rotation
+    /// and republishes the bundle.
+    #[arg(long, env = "STILLPOINT_PKI_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub pki_interval: Duration,
     /// The agent image the webhook injects.
     #[arg(
         long,
@@ -321,7 +324,7 @@ pub fn run(args: ControllerArgs, _global: &Global) -> anyhow::Result<()> {
                 own_not_after,
                 args.pki.webhook_config.clone(),
                 ready_tx.subscribe(),
-                PKI_UPKEEP,
+                args.pki.pki_interval,
             ));
         }
         tokio::spawn(admin::serve(listener, move |method, path| match (method, path) {

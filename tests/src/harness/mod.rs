@@ -20,8 +20,8 @@ pub mod postgres;
 pub mod redis;
 pub mod shared;
 
-// The server-running code lives in the controller crate (`stillpoint demo`
-// uses it too); the tests reach it through here.
+// The server-running code lives in the lab crate (`stillpoint demo` uses it
+// too); the tests reach it through here.
 pub use stillpoint_lab::servers::{
     Pair, Scratch, Server, ServerProcess, ServiceUser, command_as, free_port, http_get, is_btrfs,
     is_root, kill_and_wait, log_tail, metric_sum, pid_alive, remove_tree, require, run,
