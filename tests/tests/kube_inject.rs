@@ -890,3 +890,29 @@ spec:
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_namespace_that_opted_out_is_never_injected() {
+    let s = Space::new("optout").await;
+    let ns = &s.ns;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(s.admin.clone());
+    namespaces
+        .patch(
+            ns,
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"metadata": {"labels": {"stillpoint.dev/inject": "disabled"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    // Opted in, with an annotation the webhook would deny: it never sees it.
+    s.create(&format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: {ns}, labels: {{stillpoint.dev/inject: \"true\"}}, \
+         annotations: {{stillpoint.dev/engine: nope}}}}\n\
+         spec:\n  containers: [{{name: c, image: busybox, command: [sleep, \"3600\"]}}]\n"
+    ))
+    .await
+    .unwrap();
+    assert!(agent_of(&s.pod("p").await).is_empty());
+}
