@@ -1464,3 +1464,160 @@ async fn a_class_that_copies_cuts_postgresql_in_backup_mode_with_its_wal_and_bac
     let (ok, out, _) = tokio::task::block_in_place(|| cli(&space, &["plan", "copy-1"]));
     assert!(ok && out.contains("backup-label"), "{out}");
 }
+
+/// Waits until GroupQuiesce `name` has reached `phase`; returns it.
+async fn quiesce_phase(
+    space: &Space,
+    name: &str,
+    phase: stillpoint_controller::kube::crd::QuiescePhase,
+) -> stillpoint_controller::kube::crd::GroupQuiesce {
+    let api: Api<stillpoint_controller::kube::crd::GroupQuiesce> =
+        Api::namespaced(space.admin.clone(), &space.ns);
+    wait_async(&format!("GroupQuiesce {name} {phase:?}"), BOUND, || {
+        let api = api.clone();
+        async move {
+            Ok(api
+                .get_opt(name)
+                .await?
+                .and_then(|q| q.status)
+                .and_then(|s| s.phase)
+                == Some(phase))
+        }
+    })
+    .await
+    .unwrap();
+    api.get(name).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_quiesce_holds_writes_until_deleted_expired_thawed_or_its_controller_dies() {
+    use stillpoint_controller::kube::crd::{GroupQuiesce, QuiescePhase};
+    let space = Space::new("quiesce").await;
+    let ns = space.ns.clone();
+    space.identity("redis").await;
+    space.pvc("data-redis-q", None).await;
+    let pod = RedisPod::with_agent("redis-q", "rq");
+    space.apply(&pod.yaml(&ns)).await;
+    let redis = space.ready("redis-q").await;
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: hold, namespace: {ns}}}\n\
+             spec:\n  members:\n  - {{name: cache, selector: {{matchLabels: {{app: rq}}}}}}\n\
+             \x20 snapshot: {{driver: csi, volumeSnapshotClassName: {}}}\n  leaseTTL: 3s\n",
+            kube::ATOMIC_SNAPSHOT_CLASS
+        ))
+        .await;
+    let lease = format!("lease-{ns}");
+    let mut a = space.controller("quiesce-a", &lease).await;
+    space.protectable("hold", "True").await;
+    let quiesces: Api<GroupQuiesce> = Api::namespaced(space.admin.clone(), &ns);
+    let create = |name: &str, extra: &str| {
+        format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupQuiesce\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec: {{group: hold, duration: 10m{extra}}}"
+        )
+    };
+
+    // Held, with positions, until deleted.
+    space.apply(&create("q1", "")).await;
+    let q = quiesce_phase(&space, "q1", QuiescePhase::Frozen).await;
+    let status = q.status.unwrap();
+    assert_eq!(status.members.len(), 1);
+    assert_eq!(status.members[0].pod, "redis-q");
+    assert!(status.members[0].position.is_some(), "{status:?}");
+    assert!(status.until.is_some());
+    assert!(
+        !writes(&redis, Duration::from_millis(500)).await,
+        "writes wait"
+    );
+    quiesces
+        .delete("q1", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_async("q1 gone", BOUND, || {
+        let quiesces = quiesces.clone();
+        async move { Ok(quiesces.get_opt("q1").await?.is_none()) }
+    })
+    .await
+    .unwrap();
+    assert!(
+        writes(&redis, Duration::from_secs(2)).await,
+        "deleting thawed"
+    );
+
+    // The CLI: a member for two seconds; it ends by itself.
+    let cli_space = (space.lab.admin_kubeconfig.clone(), ns.clone());
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(stillpoint_tests::harness::agent::controller_binary().unwrap())
+            .args(["--kube", "--kubeconfig"])
+            .arg(&cli_space.0)
+            .args([
+                "-n",
+                &cli_space.1,
+                "quiesce",
+                "cache",
+                "--for",
+                "3s",
+                "--ttl",
+                "3s",
+            ])
+            .output()
+            .unwrap()
+    });
+    wait_async("the CLI's quiesce frozen", BOUND, || {
+        let quiesces = quiesces.clone();
+        async move {
+            Ok(quiesces
+                .list(&Default::default())
+                .await?
+                .items
+                .iter()
+                .any(|q| q.status.as_ref().and_then(|s| s.phase) == Some(QuiescePhase::Frozen)))
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!writes(&redis, Duration::from_millis(500)).await);
+    let out = run.await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("frozen redis-q at"), "{stdout}");
+    assert!(stdout.contains("thawed: Expired"), "{stdout}");
+    assert!(
+        writes(&redis, Duration::from_secs(2)).await,
+        "expiry thawed"
+    );
+
+    // `stillpoint thaw GROUP` ends a quiesce at once.
+    space.apply(&create("q2", "")).await;
+    quiesce_phase(&space, "q2", QuiescePhase::Frozen).await;
+    let (ok, stdout, stderr) = cli(&space, &["thaw", "hold"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("thawed: GroupQuiesce q2 deleted"),
+        "{stdout}"
+    );
+    assert!(writes(&redis, Duration::from_secs(2)).await);
+
+    // The controller dies: writes resume within the lease TTL + 1 s, and
+    // the next leader says what happened.
+    space.apply(&create("q3", ", ttl: 3s")).await;
+    quiesce_phase(&space, "q3", QuiescePhase::Frozen).await;
+    assert!(!writes(&redis, Duration::from_millis(300)).await);
+    a.kill();
+    let resumed = until_writes(&redis).await;
+    assert!(
+        resumed <= Duration::from_secs(4),
+        "writes resumed {resumed:?} after the controller died (TTL 3 s)"
+    );
+    let _b = space.controller("quiesce-b", &lease).await;
+    let q = quiesce_phase(&space, "q3", QuiescePhase::Failed).await;
+    let status = q.status.unwrap();
+    let frozen = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Frozen")
+        .unwrap();
+    assert_eq!(frozen.reason, "ControllerRestarted", "{frozen:?}");
+    assert_eq!(frozen.status, "False");
+}

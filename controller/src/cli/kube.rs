@@ -20,7 +20,7 @@ use crate::core::protocol::new_backup_id;
 use crate::core::record::{Consistency, Manifest, MemberRecord, Outcome};
 use crate::core::snapshot::SnapshotHandle;
 use crate::core::timeline::Timeline;
-use crate::kube::crd::{BackupPhase, ConsistencyGroup, GroupBackup, GroupBackupSpec};
+use crate::kube::crd::{BackupPhase, ConsistencyGroup, GroupBackup, GroupBackupSpec, GroupQuiesce};
 
 /// Whether this invocation is in Kubernetes mode.
 pub fn wanted(global: &Global) -> bool {
@@ -50,9 +50,11 @@ pub fn dispatch(command: Command, global: &Global) -> anyhow::Result<()> {
             Command::Backup(command) => k.backup(command, global).await,
             Command::Status(args) => k.status(args.group.as_deref(), global).await,
             Command::Plan(args) => k.plan(&args.id, global).await,
+            Command::Quiesce(args) => k.quiesce(args).await,
+            Command::Thaw(args) => k.thaw(&args.target).await,
             _ => bail!(
                 "this command works in local mode only (a local config file, `--config`); in \
-                 Kubernetes mode use `backup`, `status` and `plan`"
+                 Kubernetes mode use `backup`, `status`, `plan`, `quiesce` and `thaw`"
             ),
         }
     })
@@ -61,6 +63,162 @@ pub fn dispatch(command: Command, global: &Global) -> anyhow::Result<()> {
 struct Kube {
     client: kube::Client,
     ns: String,
+}
+
+/// How long a quiesce without `--for` holds (Ctrl-C ends it sooner).
+const QUIESCE_DEFAULT: Duration = Duration::from_secs(3600);
+
+impl Kube {
+    /// The group and (for a member) the member a target names: a group's
+    /// name, a member name of a group, or a pod of one.
+    async fn target(&self, target: &str) -> anyhow::Result<(String, Option<String>)> {
+        let groups: Api<ConsistencyGroup> = Api::namespaced(self.client.clone(), &self.ns);
+        let list = groups.list(&Default::default()).await?.items;
+        if list.iter().any(|g| g.name_any() == target) {
+            return Ok((target.to_string(), None));
+        }
+        let found: Vec<String> = list
+            .iter()
+            .filter(|g| {
+                g.spec.members.iter().any(|m| m.name == target)
+                    || g.status
+                        .iter()
+                        .flat_map(|s| s.members.iter())
+                        .any(|m| m.pod == target)
+            })
+            .map(|g| g.name_any())
+            .collect();
+        match found.as_slice() {
+            [one] => Ok((one.clone(), Some(target.to_string()))),
+            [] => bail!(
+                "no ConsistencyGroup in namespace {} is named {target} or has a member or pod of that name",
+                self.ns
+            ),
+            many => bail!(
+                "{target} is a member of several groups ({}); quiesce the group instead",
+                many.join(", ")
+            ),
+        }
+    }
+
+    /// `quiesce TARGET [--for D] [--ttl T]`: creates a GroupQuiesce,
+    /// prints the frozen members and positions, and follows it to its end;
+    /// Ctrl-C deletes it (which thaws).
+    async fn quiesce(&self, args: super::quiesce::QuiesceArgs) -> anyhow::Result<()> {
+        use crate::kube::crd::{GroupQuiesceSpec, QuiescePhase};
+        let (group, member) = self.target(&args.target).await?;
+        let duration = args.duration.unwrap_or(QUIESCE_DEFAULT);
+        let secs = |d: Duration| format!("{}ms", d.as_millis());
+        let name = format!("quiesce-{}", new_backup_id(&args.target));
+        let q = GroupQuiesce::new(
+            &name,
+            GroupQuiesceSpec {
+                group,
+                member,
+                duration: secs(duration),
+                ttl: Some(secs(args.ttl)),
+            },
+        );
+        let api: Api<GroupQuiesce> = Api::namespaced(self.client.clone(), &self.ns);
+        api.create(&PostParams::default(), &q)
+            .await
+            .with_context(|| format!("creating GroupQuiesce {name}"))?;
+        let follow = async {
+            let mut printed = false;
+            loop {
+                let q = api.get(&name).await?;
+                let status = q.status.clone().unwrap_or_default();
+                match status.phase.unwrap_or_default() {
+                    QuiescePhase::Frozen if !printed => {
+                        for m in &status.members {
+                            println!(
+                                "frozen {} at {}",
+                                m.pod,
+                                m.position.as_deref().unwrap_or("-")
+                            );
+                        }
+                        println!(
+                            "GroupQuiesce {name} holds for {duration:?} (Ctrl-C, or `stillpoint thaw {}`, thaws now)",
+                            args.target
+                        );
+                        printed = true;
+                    }
+                    QuiescePhase::Thawed => {
+                        println!("thawed: {}", condition_message(&status));
+                        return Ok(());
+                    }
+                    QuiescePhase::Failed => {
+                        bail!(
+                            "{}",
+                            status
+                                .error
+                                .clone()
+                                .unwrap_or_else(|| condition_message(&status))
+                        )
+                    }
+                    _ => {}
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        };
+        tokio::select! {
+            result = follow => result,
+            _ = tokio::signal::ctrl_c() => {
+                api.delete(&name, &DeleteParams::default()).await?;
+                self.gone(&api, &name).await?;
+                println!("interrupted: GroupQuiesce {name} deleted, its members thawed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits (bounded) until a GroupQuiesce is gone: its finalizer goes
+    /// only once its members thawed.
+    async fn gone(&self, api: &Api<GroupQuiesce>, name: &str) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while api.get_opt(name).await?.is_some() {
+            if tokio::time::Instant::now() > deadline {
+                bail!("GroupQuiesce {name} is still there after 60 s: is the controller running?");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
+    /// `thaw TARGET`: deletes every GroupQuiesce of that group or member
+    /// and waits until each thawed.
+    async fn thaw(&self, target: &str) -> anyhow::Result<()> {
+        let api: Api<GroupQuiesce> = Api::namespaced(self.client.clone(), &self.ns);
+        let matching: Vec<String> = api
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|q| q.metadata.deletion_timestamp.is_none())
+            .filter(|q| q.spec.group == target || q.spec.member.as_deref() == Some(target))
+            .map(|q| q.name_any())
+            .collect();
+        if matching.is_empty() {
+            println!("no GroupQuiesce holds {target} in namespace {}", self.ns);
+            return Ok(());
+        }
+        for name in &matching {
+            api.delete(name, &DeleteParams::default()).await?;
+        }
+        for name in &matching {
+            self.gone(&api, name).await?;
+            println!("thawed: GroupQuiesce {name} deleted");
+        }
+        Ok(())
+    }
+}
+
+fn condition_message(s: &crate::kube::crd::GroupQuiesceStatus) -> String {
+    s.conditions
+        .iter()
+        .find(|c| c.type_ == "Frozen")
+        .map(|c| format!("{}: {}", c.reason, c.message))
+        .unwrap_or_default()
 }
 
 /// A name as the enum it names (`postgres`, `replica`, `backup-label`).

@@ -34,7 +34,7 @@ use crate::core::protocol::{BackupJob, Protocol};
 use crate::core::snapshot::Snapshotter;
 use crate::kube::crd::{
     BackupPhase, ConsistencyGroup, ConsistencyGroupStatus, DeletionPolicy, FINALIZER, GroupBackup,
-    SnapshotDriver,
+    GroupQuiesce, SnapshotDriver,
 };
 use crate::kube::csi::{Csi, CsiGroup, Owner};
 use crate::kube::resolve::{Resolution, Resolver};
@@ -92,12 +92,12 @@ impl From<kube::Error> for ReconcileError {
     }
 }
 
-/// One backup this process runs.
+/// One backup (or quiesce) this process runs.
 #[derive(Debug)]
-struct Live {
-    group: (String, String),
-    cancel: watch::Sender<Option<String>>,
-    done: watch::Receiver<bool>,
+pub(crate) struct Live {
+    pub(crate) group: (String, String),
+    pub(crate) cancel: watch::Sender<Option<String>>,
+    pub(crate) done: watch::Receiver<bool>,
 }
 
 /// What the reconcilers share.
@@ -107,8 +107,8 @@ pub struct Context {
     pub protocol: Protocol,
     pub settings: Settings,
     recorder: Recorder,
-    /// Backups running in this process, by uid.
-    live: Mutex<BTreeMap<String, Live>>,
+    /// Backups and quiesces running in this process, by uid.
+    pub(crate) live: Mutex<BTreeMap<String, Live>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -139,7 +139,7 @@ impl Context {
         })
     }
 
-    async fn event<K: Resource<DynamicType = ()>>(
+    pub(crate) async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
         warning: bool,
@@ -180,7 +180,7 @@ impl Context {
 }
 
 /// Now, to the microsecond (backups of a group end within one second).
-fn now() -> MicroTime {
+pub(crate) fn now() -> MicroTime {
     MicroTime(k8s_openapi::jiff::Timestamp::now())
 }
 
@@ -778,8 +778,13 @@ pub async fn run(
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .run(reconcile_backup, retry, ctx.clone())
         .for_each(|_| async {});
+    let quiesces: Api<GroupQuiesce> = ctx.settings.api(&ctx.client);
+    let quiesce_controller = Controller::new(quiesces, watcher::Config::default())
+        .graceful_shutdown_on(stopped(stop_rx.clone()))
+        .run(crate::kube::quiesce::reconcile, retry, ctx.clone())
+        .for_each(|_| async {});
     let reconcilers = tokio::spawn(async move {
-        tokio::join!(group_controller, backup_controller);
+        tokio::join!(group_controller, backup_controller, quiesce_controller);
     });
     // Keep the Lease while running.
     let mut last_renewal = tokio::time::Instant::now();

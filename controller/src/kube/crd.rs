@@ -374,14 +374,118 @@ pub struct VolumeSnapshotRef {
     pub part: Option<String>,
 }
 
+/// The finalizer a GroupQuiesce carries while it holds its members.
+pub const QUIESCE_FINALIZER: &str = "stillpoint.dev/thaw";
+
+/// A manual freeze of a group, or of one member of it, for a while: the
+/// controller freezes, holds (renewing the agents' lease) and thaws when
+/// the duration ends or the resource is deleted; if the controller dies,
+/// the agents thaw by themselves when the lease runs out. Who may quiesce
+/// is decided by RBAC on this resource.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "stillpoint.dev",
+    version = "v1alpha1",
+    kind = "GroupQuiesce",
+    namespaced,
+    status = "GroupQuiesceStatus",
+    shortname = "gquiesce",
+    category = "stillpoint",
+    printcolumn = r#"{"name":"Group","type":"string","jsonPath":".spec.group"}"#,
+    printcolumn = r#"{"name":"Member","type":"string","jsonPath":".spec.member"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Until","type":"date","jsonPath":".status.until"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Error","type":"string","jsonPath":".status.error"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self == oldSelf",
+    "message": "a GroupQuiesce's spec cannot be changed; delete it (which thaws) and create another"
+}]))]
+pub struct GroupQuiesceSpec {
+    /// The ConsistencyGroup (same namespace).
+    pub group: String,
+    /// Only this member: a member name of the group (every pod it
+    /// selects) or one pod's name. Default: the whole group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    /// How long to hold, e.g. `5m` (at most 24h).
+    pub duration: String,
+    /// The lease given to the agents, renewed every third of it (default:
+    /// the group's leaseTTL): how long members stay frozen after the
+    /// controller died.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+}
+
+/// A GroupQuiesce's phases.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum QuiescePhase {
+    #[default]
+    Pending,
+    Frozen,
+    Thawed,
+    Failed,
+}
+
+impl QuiescePhase {
+    pub fn is_final(self) -> bool {
+        matches!(self, QuiescePhase::Thawed | QuiescePhase::Failed)
+    }
+}
+
+/// What a quiesce holds, or held.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupQuiesceStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<QuiescePhase>,
+    /// `Frozen` (True while held; its reason says how it ended).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Which controller replica holds (held) it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_at: Option<MicroTime>,
+    /// When the hold ends by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<MicroTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thawed_at: Option<MicroTime>,
+    /// The frozen members and the positions they were frozen at.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<QuiescedMember>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One frozen member.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuiescedMember {
+    pub pod: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<String>,
+}
+
 /// Every CRD, as one multi-document YAML (what `deploy/crds/` holds).
 pub fn crds_yaml() -> String {
     use kube::CustomResourceExt;
-    [ConsistencyGroup::crd(), GroupBackup::crd()]
-        .iter()
-        .map(|crd| serde_yaml::to_string(crd).expect("CRDs serialize"))
-        .collect::<Vec<_>>()
-        .join("---\n")
+    [
+        ConsistencyGroup::crd(),
+        GroupBackup::crd(),
+        GroupQuiesce::crd(),
+    ]
+    .iter()
+    .map(|crd| serde_yaml::to_string(crd).expect("CRDs serialize"))
+    .collect::<Vec<_>>()
+    .join("---\n")
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! - [`store`]: the GroupBackup status as the backup's store.
 //! - [`controller`]: the reconcilers and leader election
 //!   (`stillpoint controller`).
+//! - [`quiesce`]: GroupQuiesce, a manual freeze held by the controller.
 //! - [`inject`]: what the sidecar-injecting webhook does to a pod.
 //! - [`pki`]: the in-cluster CA (a Secret) and the trust bundle's upkeep.
 //! - [`webhook`]: the HTTPS endpoint serving the webhook and the agents'
@@ -17,6 +18,7 @@ pub mod crd;
 pub mod csi;
 pub mod inject;
 pub mod pki;
+pub mod quiesce;
 pub mod resolve;
 pub mod store;
 pub mod webhook;
