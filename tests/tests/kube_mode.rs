@@ -1621,3 +1621,194 @@ async fn a_group_quiesce_holds_writes_until_deleted_expired_thawed_or_its_contro
     assert_eq!(frozen.reason, "ControllerRestarted", "{frozen:?}");
     assert_eq!(frozen.status, "False");
 }
+
+/// The GroupBackups schedule `name` made, and which have not ended.
+async fn scheduled(space: &Space, name: &str) -> (Vec<GroupBackup>, Vec<String>) {
+    let all = space
+        .backups()
+        .list(&ListParams::default().labels(&format!("stillpoint.dev/schedule={name}")))
+        .await
+        .unwrap()
+        .items;
+    let active = all
+        .iter()
+        .filter(|b| {
+            !b.status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(BackupPhase::is_final)
+        })
+        .map(|b| b.name_any())
+        .collect();
+    (all, active)
+}
+
+/// Sleeps until the wall clock's second within the minute, modulo
+/// `period`, is `at`.
+async fn until_second(period: u64, at: u64) {
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        if now.as_secs() % period == at {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn schedules_never_overlap_keep_the_newest_and_follow_their_missed_policy() {
+    let space = Space::new("schedule").await;
+    let ns = space.ns.clone();
+    space.identity("redis").await;
+    space.pvc("data-redis-s", None).await;
+    let pod = RedisPod::with_agent("redis-s", "rs");
+    space.apply(&pod.yaml(&ns)).await;
+    space.ready("redis-s").await;
+    // Two groups over the pod: one whose storage takes 3 s to cut (every
+    // other firing of a 2-second schedule finds a backup running), one fast.
+    for (group, class) in [
+        ("slow", kube::SLOW_SNAPSHOT_CLASS),
+        ("fast", kube::ATOMIC_SNAPSHOT_CLASS),
+    ] {
+        space
+            .apply(&format!(
+                "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: {group}, namespace: {ns}}}\n\
+                 spec:\n  members:\n  - {{name: cache, selector: {{matchLabels: {{app: rs}}}}}}\n\
+                 \x20 snapshot: {{driver: csi, volumeSnapshotClassName: {class}}}\n  leaseTTL: 5s\n  freezeBudget: 30s\n"
+            ))
+            .await;
+    }
+    let lease = format!("lease-{ns}");
+    let mut a = space.controller("schedule-a", &lease).await;
+    space.protectable("slow", "True").await;
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: BackupSchedule\nmetadata: {{name: every2s, namespace: {ns}}}\n\
+             spec: {{group: slow, schedule: \"*/2 * * * * *\", keepLast: 2, immediate: true}}"
+        ))
+        .await;
+    // Never two of the group at once, while backups pile up.
+    let started = tokio::time::Instant::now();
+    let mut made = std::collections::BTreeMap::new();
+    while made.len() < 5 {
+        let (all, active) = scheduled(&space, "every2s").await;
+        assert!(
+            active.len() <= 1,
+            "two backups of one group at once: {active:?}"
+        );
+        made.extend(all.iter().map(|b| (b.name_any(), b.uid().unwrap())));
+        assert!(started.elapsed() < BOUND, "only {made:?}\n{}", a.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let schedules: Api<stillpoint_controller::kube::crd::BackupSchedule> =
+        Api::namespaced(space.admin.clone(), &ns);
+    schedules
+        .patch(
+            "every2s",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
+        )
+        .await
+        .unwrap();
+    // Retention: once everything ended, the newest two are left, and the
+    // deleted ones' VolumeSnapshots are gone.
+    wait_async("retention down to keepLast", BOUND, || {
+        let space = &space;
+        async move {
+            let (all, active) = scheduled(space, "every2s").await;
+            Ok(active.is_empty() && all.len() <= 2)
+        }
+    })
+    .await
+    .unwrap();
+    let (kept, _) = scheduled(&space, "every2s").await;
+    let kept: BTreeSet<String> = kept.iter().map(|b| b.name_any()).collect();
+    // Names sort by time: the kept ones are the newest of all made.
+    let every: BTreeSet<String> = made.keys().cloned().chain(kept.iter().cloned()).collect();
+    let newest: BTreeSet<String> = every.iter().rev().take(kept.len()).cloned().collect();
+    assert_eq!(kept, newest, "the newest are kept");
+    for (gone, uid) in made.iter().filter(|(n, _)| !kept.contains(*n)) {
+        // Each deleted backup's snapshots went with it (its finalizer).
+        assert!(space.backups().get_opt(gone).await.unwrap().is_none());
+        assert!(
+            labelled_snapshots(&space, uid).await.is_empty(),
+            "{gone}'s snapshots"
+        );
+    }
+    let reasons = event_reasons(&space, "every2s").await;
+    assert!(reasons.iter().any(|r| r == "Scheduled"), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r == "Skipped"),
+        "overlapping firings skipped: {reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r == "Pruned"), "{reasons:?}");
+    let (_, metrics) = a.get("/metrics").unwrap();
+    assert!(
+        metrics
+            .contains("stillpoint_schedule_skips_total{schedule=\"every2s\",reason=\"overlap\"}"),
+        "{metrics}"
+    );
+
+    // Missed runs: every 15 s, the controller down across a run, back 5 s
+    // after the next one would have been taken.
+    space.protectable("fast", "True").await;
+    for (policy, fires) in [("run-once", true), ("skip", false)] {
+        let name = format!("q15-{policy}");
+        space
+            .apply(&format!(
+                "apiVersion: stillpoint.dev/v1alpha1\nkind: BackupSchedule\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+                 spec: {{group: fast, schedule: \"*/15 * * * * *\", missed: {policy}, immediate: true}}"
+            ))
+            .await;
+        wait_async("the first backup", BOUND, || {
+            let (space, name) = (&space, &name);
+            async move { Ok(scheduled(space, name).await.0.len() == 1) }
+        })
+        .await
+        .unwrap();
+        wait_async("it ended", BOUND, || {
+            let (space, name) = (&space, &name);
+            async move { Ok(scheduled(space, name).await.1.is_empty()) }
+        })
+        .await
+        .unwrap();
+        a.kill();
+        // Down across the next run, back 6 s after it.
+        until_second(15, 14).await;
+        until_second(15, 6).await;
+        a = space
+            .controller(&format!("schedule-{policy}"), &lease)
+            .await;
+        // Before the run after that (9 s away): a backup only for run-once.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let (all, _) = scheduled(&space, &name).await;
+        assert_eq!(
+            all.len(),
+            if fires { 2 } else { 1 },
+            "{policy}: {:?}\n{}",
+            all.iter().map(|b| b.name_any()).collect::<Vec<_>>(),
+            a.logs()
+        );
+        let reasons = event_reasons(&space, &name).await;
+        assert!(
+            reasons.iter().any(|r| r == "Missed"),
+            "{policy}: {reasons:?}"
+        );
+        schedules
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
+            )
+            .await
+            .unwrap();
+        wait_async("its backups ended", BOUND, || {
+            let (space, name) = (&space, &name);
+            async move { Ok(scheduled(space, name).await.1.is_empty()) }
+        })
+        .await
+        .unwrap();
+    }
+}

@@ -15,11 +15,7 @@ use serde::Serialize;
 use super::backup::{BackupCommand, members_table};
 use super::output::table;
 use super::{Command, Global};
-use crate::core::model::{Engine, Role};
 use crate::core::protocol::new_backup_id;
-use crate::core::record::{Consistency, Manifest, MemberRecord, Outcome};
-use crate::core::snapshot::SnapshotHandle;
-use crate::core::timeline::Timeline;
 use crate::kube::crd::{BackupPhase, ConsistencyGroup, GroupBackup, GroupBackupSpec, GroupQuiesce};
 
 /// Whether this invocation is in Kubernetes mode.
@@ -221,85 +217,7 @@ fn condition_message(s: &crate::kube::crd::GroupQuiesceStatus) -> String {
         .unwrap_or_default()
 }
 
-/// A name as the enum it names (`postgres`, `replica`, `backup-label`).
-fn parse<T: serde::de::DeserializeOwned>(text: &Option<String>) -> Option<T> {
-    text.as_ref()
-        .and_then(|t| serde_json::from_value(serde_json::json!(t)).ok())
-}
-
-/// A GroupBackup as a manifest (what the tables and plans of local mode take).
-pub fn manifest_of(b: &GroupBackup) -> Manifest {
-    let s = b.status.clone().unwrap_or_default();
-    let snapshotter = s.snapshotter.clone().unwrap_or_default();
-    Manifest {
-        id: b.name_any(),
-        group: b.spec.group.clone(),
-        schedule: None,
-        created_at: b
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0.to_string())
-            .unwrap_or_default(),
-        outcome: match s.phase.unwrap_or_default() {
-            BackupPhase::Succeeded => Outcome::Succeeded,
-            BackupPhase::Failed => Outcome::Failed,
-            BackupPhase::Aborted => Outcome::Aborted,
-            _ => Outcome::Running,
-        },
-        error: s.error.clone(),
-        snapshotter: snapshotter.clone(),
-        freeze_window_us: s.freeze_window_microseconds,
-        cut_us: None,
-        members: s
-            .members
-            .iter()
-            .map(|m| MemberRecord {
-                name: m.pod.clone(),
-                engine: parse(&m.engine).unwrap_or(Engine::Unknown),
-                server_version: String::new(),
-                role: parse(&m.role).unwrap_or(Role::Unknown),
-                primary: m.primary.clone(),
-                position: m.position.clone(),
-                aligned_to: m.aligned_to.clone(),
-                consistency: parse::<Consistency>(&m.consistency),
-                restore_stage: m.restore_stage,
-                freeze_us: None,
-                thaw_us: None,
-                restore_stage_explicit: false,
-                flush: None,
-                flush_us: None,
-                paths: Vec::new(),
-                snapshots: m
-                    .volume_snapshots
-                    .iter()
-                    .enumerate()
-                    .map(|(index, v)| SnapshotHandle {
-                        backup: b.name_any(),
-                        member: m.pod.clone(),
-                        index,
-                        volume: v.mount_path.clone().unwrap_or_default().into(),
-                        claim: Some(v.pvc.clone()),
-                        handle: v.name.clone(),
-                        driver: snapshotter.clone(),
-                        checksum: None,
-                        part: v.part.clone(),
-                    })
-                    .collect(),
-                artefacts: m
-                    .artefacts
-                    .iter()
-                    .map(|a| (a.clone(), String::new()))
-                    .collect(),
-            })
-            .collect(),
-        timeline: Timeline {
-            members: s.timeline.clone(),
-            window: None,
-        },
-        warnings: s.warnings.clone(),
-    }
-}
+pub use crate::kube::store::manifest_of;
 
 fn phase(b: &GroupBackup) -> BackupPhase {
     b.status.as_ref().and_then(|s| s.phase).unwrap_or_default()

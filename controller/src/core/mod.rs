@@ -18,6 +18,7 @@ pub mod plan;
 pub mod protocol;
 pub mod record;
 pub mod retention;
+pub mod schedule;
 pub mod snapshot;
 pub mod store;
 pub mod timeline;

@@ -33,8 +33,8 @@ use crate::core::agents::ControllerTls;
 use crate::core::protocol::{BackupJob, Protocol};
 use crate::core::snapshot::Snapshotter;
 use crate::kube::crd::{
-    BackupPhase, ConsistencyGroup, ConsistencyGroupStatus, DeletionPolicy, FINALIZER, GroupBackup,
-    GroupQuiesce, SnapshotDriver,
+    BackupPhase, BackupSchedule, ConsistencyGroup, ConsistencyGroupStatus, DeletionPolicy,
+    FINALIZER, GroupBackup, GroupQuiesce, SnapshotDriver,
 };
 use crate::kube::csi::{Csi, CsiGroup, Owner};
 use crate::kube::resolve::{Resolution, Resolver};
@@ -783,8 +783,18 @@ pub async fn run(
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .run(crate::kube::quiesce::reconcile, retry, ctx.clone())
         .for_each(|_| async {});
+    let schedules: Api<BackupSchedule> = ctx.settings.api(&ctx.client);
+    let schedule_controller = Controller::new(schedules, watcher::Config::default())
+        .graceful_shutdown_on(stopped(stop_rx.clone()))
+        .run(crate::kube::schedule::reconcile, retry, ctx.clone())
+        .for_each(|_| async {});
     let reconcilers = tokio::spawn(async move {
-        tokio::join!(group_controller, backup_controller, quiesce_controller);
+        tokio::join!(
+            group_controller,
+            backup_controller,
+            quiesce_controller,
+            schedule_controller
+        );
     });
     // Keep the Lease while running.
     let mut last_renewal = tokio::time::Instant::now();

@@ -374,6 +374,81 @@ pub struct VolumeSnapshotRef {
     pub part: Option<String>,
 }
 
+/// The label on the GroupBackups a BackupSchedule made (its name).
+pub const SCHEDULE_LABEL: &str = "stillpoint.dev/schedule";
+
+/// GroupBackups of a group at cron times, with retention.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "stillpoint.dev",
+    version = "v1alpha1",
+    kind = "BackupSchedule",
+    namespaced,
+    status = "BackupScheduleStatus",
+    shortname = "gschedule",
+    category = "stillpoint",
+    printcolumn = r#"{"name":"Group","type":"string","jsonPath":".spec.group"}"#,
+    printcolumn = r#"{"name":"Schedule","type":"string","jsonPath":".spec.schedule"}"#,
+    printcolumn = r#"{"name":"Suspend","type":"boolean","jsonPath":".spec.suspend"}"#,
+    printcolumn = r#"{"name":"Last","type":"date","jsonPath":".status.lastScheduleTime"}"#,
+    printcolumn = r#"{"name":"Next","type":"string","jsonPath":".status.nextScheduleTime"}"#,
+    printcolumn = r#"{"name":"Last Success","type":"string","jsonPath":".status.lastSuccessfulBackup"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupScheduleSpec {
+    /// The ConsistencyGroup (same namespace).
+    pub group: String,
+    /// A cron expression; a sixth, leading field gives seconds
+    /// (`0 */15 * * * *`: every quarter hour).
+    pub schedule: String,
+    /// The IANA time zone the expression is read in (default UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    /// Take no backups (retention still applies).
+    #[serde(default)]
+    pub suspend: bool,
+    /// Take the first backup at once, not at the first scheduled time.
+    #[serde(default)]
+    pub immediate: bool,
+    /// Keep this many of the schedule's newest backups (of each outcome).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<u32>,
+    /// Delete the schedule's backups older than this (e.g. `7d`); the
+    /// newest successful one is never deleted for its age alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<String>,
+    /// Runs missed while no controller led: `run-once` (default: one backup
+    /// at once) or `skip`.
+    #[serde(default)]
+    pub missed: crate::core::schedule::Missed,
+    /// The `deletionPolicy` of the GroupBackups it creates.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// What a schedule did.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupScheduleStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Valid` (False with the reason when the spec cannot be read).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// When it last fired (a backup taken, or a run skipped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<MicroTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_time: Option<MicroTime>,
+    /// The newest of its GroupBackups that succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_successful_backup: Option<String>,
+    /// Its GroupBackups that have not ended.
+    #[serde(default)]
+    pub active: Vec<String>,
+}
+
 /// The finalizer a GroupQuiesce carries while it holds its members.
 pub const QUIESCE_FINALIZER: &str = "stillpoint.dev/thaw";
 
@@ -481,6 +556,7 @@ pub fn crds_yaml() -> String {
         ConsistencyGroup::crd(),
         GroupBackup::crd(),
         GroupQuiesce::crd(),
+        BackupSchedule::crd(),
     ]
     .iter()
     .map(|crd| serde_yaml::to_string(crd).expect("CRDs serialize"))

@@ -7,6 +7,7 @@
 //! - [`store`]: the GroupBackup status as the backup's store.
 //! - [`controller`]: the reconcilers and leader election
 //!   (`stillpoint controller`).
+//! - [`schedule`]: BackupSchedule, backups at cron times with retention.
 //! - [`quiesce`]: GroupQuiesce, a manual freeze held by the controller.
 //! - [`inject`]: what the sidecar-injecting webhook does to a pod.
 //! - [`pki`]: the in-cluster CA (a Secret) and the trust bundle's upkeep.
@@ -20,5 +21,6 @@ pub mod inject;
 pub mod pki;
 pub mod quiesce;
 pub mod resolve;
+pub mod schedule;
 pub mod store;
 pub mod webhook;

@@ -34,16 +34,7 @@ pub struct File {
     pub schedules: BTreeMap<String, ScheduleFile>,
 }
 
-/// What `serve` does about runs that fell while it was not running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum Missed {
-    /// Run once at start-up if at least one run was missed.
-    #[default]
-    RunOnce,
-    /// Wait for the next scheduled time.
-    Skip,
-}
+pub use crate::core::schedule::{Missed, Schedule};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,18 +53,6 @@ pub struct ScheduleFile {
     pub missed: Missed,
     /// Do not run (the schedule stays in the file).
     #[serde(default)]
-    pub suspend: bool,
-}
-
-/// A validated schedule.
-#[derive(Debug, Clone)]
-pub struct Schedule {
-    pub name: String,
-    pub group: String,
-    pub cron: croner::Cron,
-    pub timezone: chrono_tz::Tz,
-    pub retention: crate::retention::Retention,
-    pub missed: Missed,
     pub suspend: bool,
 }
 
@@ -398,23 +377,12 @@ impl Config {
                     groups.keys().cloned().collect::<Vec<_>>().join(", ")
                 ));
             }
-            let cron = croner::parser::CronParser::builder()
-                .seconds(croner::parser::Seconds::Optional)
-                .build()
-                .parse(&s.cron)
-                .map_err(|e| problems.push(format!("{at}.cron: '{}': {e}", s.cron)))
+            let cron = crate::core::schedule::parse_cron(&s.cron)
+                .map_err(|e| problems.push(format!("{at}.cron: {e}")))
                 .ok();
-            let timezone = match &s.timezone {
-                None => Some(chrono_tz::UTC),
-                Some(tz) => tz
-                    .parse::<chrono_tz::Tz>()
-                    .map_err(|_| {
-                        problems.push(format!(
-                            "{at}.timezone: '{tz}' is not an IANA time zone (e.g. Europe/Berlin, UTC)"
-                        ))
-                    })
-                    .ok(),
-            };
+            let timezone = crate::core::schedule::parse_timezone(s.timezone.as_deref())
+                .map_err(|e| problems.push(format!("{at}.timezone: {e}")))
+                .ok();
             if s.keep_last == Some(0) {
                 problems.push(format!(
                     "{at}.keep_last: must be at least 1 (leave it out to keep any number)"

@@ -84,22 +84,7 @@ impl State {
     }
 }
 
-/// The runs of `schedule` that fell strictly after `last` and up to `now`
-/// (counted up to 10,000).
-pub fn missed_runs(schedule: &Schedule, last: DateTime<Utc>, now: DateTime<Utc>) -> u64 {
-    let mut count = 0;
-    let mut at = last.with_timezone(&schedule.timezone);
-    while count < 10_000 {
-        match schedule.cron.find_next_occurrence(&at, false) {
-            Ok(next) if next.with_timezone(&Utc) <= now => {
-                count += 1;
-                at = next;
-            }
-            _ => break,
-        }
-    }
-    count
-}
+pub use crate::core::schedule::missed_runs;
 
 /// Runs every schedule of `config` until `shutdown` fires, then waits for
 /// the runs in flight to abort.

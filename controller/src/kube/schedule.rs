@@ -1,0 +1,330 @@
+//! The BackupSchedule reconciler: GroupBackups at cron times, with the
+//! same schedule and retention rules as local mode (`crate::core::schedule`,
+//! `crate::core::retention`).
+//!
+//! - A firing that finds a backup of the group not yet ended (from this
+//!   schedule or any other creator) is skipped: an Event `Skipped` and
+//!   `stillpoint_schedule_skips_total{reason="overlap"}`.
+//! - Runs that fell while no controller led (from `status.lastScheduleTime`)
+//!   are counted (`stillpoint_schedule_missed_total`, an Event) and, with
+//!   `missed: run-once`, one backup is taken at once; `skip` waits.
+//! - Retention looks only at the schedule's own GroupBackups (label
+//!   `stillpoint.dev/schedule`) that have ended, deletes what the policy
+//!   does not keep (their snapshots go through the GroupBackup finalizer),
+//!   and never deletes the newest successful one for its age alone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use serde_json::json;
+
+use crate::core::retention::{Retention, select};
+use crate::core::schedule::{Schedule, decide, parse_cron, parse_timezone};
+use crate::kube::controller::{Context, ReconcileError};
+use crate::kube::crd::{
+    BackupSchedule, BackupScheduleStatus, GROUP_LABEL, GroupBackup, GroupBackupSpec, SCHEDULE_LABEL,
+};
+use crate::kube::store::{FIELD_MANAGER, manifest_of, set_condition};
+use crate::metrics::{Metrics, SkipLabels, metrics};
+
+/// A run is on time when it is reconciled within this of its time;
+/// otherwise it was missed.
+pub const ON_TIME: Duration = Duration::from_secs(3);
+/// The longest wait between two looks at a schedule.
+const RESYNC: Duration = Duration::from_secs(5);
+
+fn micro(t: DateTime<Utc>) -> MicroTime {
+    let ts = k8s_openapi::jiff::Timestamp::from_microsecond(t.timestamp_micros())
+        .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now());
+    MicroTime(ts)
+}
+
+fn from_micro(t: &MicroTime) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.0.as_microsecond()).unwrap_or_else(Utc::now)
+}
+
+fn schedule_of(bs: &BackupSchedule) -> Result<Schedule, String> {
+    let s = &bs.spec;
+    let cron = parse_cron(&s.schedule).map_err(|e| format!("spec.schedule {e}"))?;
+    let timezone =
+        parse_timezone(s.time_zone.as_deref()).map_err(|e| format!("spec.timeZone {e}"))?;
+    if s.keep_last == Some(0) {
+        return Err("spec.keepLast must be at least 1 (leave it out to keep any number)".into());
+    }
+    let max_age = s
+        .max_age
+        .as_deref()
+        .map(|t| {
+            stillpoint_proto::duration::parse_duration(t)
+                .map_err(|e| format!("spec.maxAge {t:?}: {e}"))
+        })
+        .transpose()?;
+    Ok(Schedule {
+        name: bs.name_any(),
+        group: s.group.clone(),
+        cron,
+        timezone,
+        retention: Retention {
+            keep_last: s.keep_last.map(|n| n as usize),
+            max_age,
+        },
+        missed: s.missed,
+        suspend: s.suspend,
+    })
+}
+
+async fn apply_status(
+    api: &Api<BackupSchedule>,
+    name: &str,
+    status: &BackupScheduleStatus,
+) -> Result<(), kube::Error> {
+    let patch = json!({
+        "apiVersion": "stillpoint.dev/v1alpha1",
+        "kind": "BackupSchedule",
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+fn created(b: &GroupBackup) -> DateTime<Utc> {
+    b.metadata
+        .creation_timestamp
+        .as_ref()
+        .and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0))
+        .unwrap_or_else(Utc::now)
+}
+
+fn ended(b: &GroupBackup) -> bool {
+    b.status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(|p| p.is_final())
+}
+
+pub async fn reconcile(
+    bs: Arc<BackupSchedule>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let ns = bs.namespace().unwrap_or_default();
+    let name = bs.name_any();
+    let api: Api<BackupSchedule> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut status = bs.status.clone().unwrap_or_default();
+    status.observed_generation = bs.metadata.generation;
+    let generation = bs.metadata.generation;
+    let schedule = match schedule_of(&bs) {
+        Ok(s) => s,
+        Err(message) => {
+            let already = status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Valid" && c.status == "False" && c.message == message);
+            set_condition(
+                &mut status.conditions,
+                "Valid",
+                false,
+                "InvalidSpec",
+                &message,
+                generation,
+            );
+            status.next_schedule_time = None;
+            apply_status(&api, &name, &status).await?;
+            if !already {
+                ctx.event(&*bs, true, "InvalidSpec", message).await;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+    set_condition(
+        &mut status.conditions,
+        "Valid",
+        true,
+        "Valid",
+        "the schedule is valid",
+        generation,
+    );
+
+    // The schedule's own backups, and every backup of the group.
+    let backups: Api<GroupBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let all = backups.list(&ListParams::default()).await?.items;
+    let own: Vec<&GroupBackup> = all
+        .iter()
+        .filter(|b| b.labels().get(SCHEDULE_LABEL) == Some(&name))
+        .collect();
+    status.active = own
+        .iter()
+        .filter(|b| !ended(b) && b.metadata.deletion_timestamp.is_none())
+        .map(|b| b.name_any())
+        .collect();
+    status.last_successful_backup = own
+        .iter()
+        .filter(|b| {
+            b.status.as_ref().and_then(|s| s.phase)
+                == Some(crate::kube::crd::BackupPhase::Succeeded)
+        })
+        .max_by_key(|b| (created(b), b.name_any()))
+        .map(|b| b.name_any());
+
+    // Retention, among the backups that have ended.
+    let manifests: Vec<_> = own
+        .iter()
+        .filter(|b| ended(b) && b.metadata.deletion_timestamp.is_none())
+        .map(|b| {
+            let mut m = manifest_of(b);
+            m.schedule = Some(name.clone());
+            m
+        })
+        .collect();
+    let now_time = time::OffsetDateTime::now_utc();
+    for doomed in select(&manifests, &name, schedule.retention, now_time) {
+        match backups.delete(&doomed, &DeleteParams::default()).await {
+            Ok(_) => {
+                ctx.event(
+                    &*bs,
+                    false,
+                    "Pruned",
+                    format!("deleted GroupBackup {doomed} (retention)"),
+                )
+                .await
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+
+    let now = Utc::now();
+    if schedule.suspend {
+        status.next_schedule_time = None;
+        apply_status(&api, &name, &status).await?;
+        return Ok(Action::requeue(RESYNC));
+    }
+    let last = status.last_schedule_time.as_ref().map(from_micro);
+    let firing = match last {
+        None if bs.spec.immediate => crate::core::schedule::Firing {
+            fire: true,
+            missed: 0,
+            record: Some(now),
+        },
+        _ => {
+            let since = last.unwrap_or_else(|| {
+                bs.metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0))
+                    .unwrap_or(now)
+            });
+            let due = schedule.runs_between(since, now, 10_000);
+            decide(
+                &due,
+                now,
+                chrono::Duration::from_std(ON_TIME).unwrap_or_default(),
+                schedule.missed,
+            )
+        }
+    };
+    let m: &Metrics = metrics();
+    if firing.missed > 0 {
+        m.schedule_missed
+            .get_or_create(&Metrics::schedule(&name))
+            .inc_by(firing.missed);
+        let what = match firing.fire {
+            true => "one backup is taken now (missed: run-once)",
+            false => "none is taken for them (missed: skip)",
+        };
+        ctx.event(
+            &*bs,
+            true,
+            "Missed",
+            format!(
+                "{} run(s) fell while no controller led; {what}",
+                firing.missed
+            ),
+        )
+        .await;
+    }
+    if firing.fire {
+        let running = all.iter().find(|b| {
+            b.spec.group == schedule.group && !ended(b) && b.metadata.deletion_timestamp.is_none()
+        });
+        match running {
+            Some(b) => {
+                m.schedule_skips
+                    .get_or_create(&SkipLabels {
+                        schedule: name.clone(),
+                        reason: "overlap".into(),
+                    })
+                    .inc();
+                ctx.event(
+                    &*bs,
+                    true,
+                    "Skipped",
+                    format!(
+                        "a run was skipped: GroupBackup {} of group {} has not ended",
+                        b.name_any(),
+                        schedule.group
+                    ),
+                )
+                .await;
+            }
+            None => {
+                let backup_name = format!("{name}-{}", now.format("%Y%m%d-%H%M%S"));
+                let mut backup = GroupBackup::new(
+                    &backup_name,
+                    GroupBackupSpec {
+                        group: schedule.group.clone(),
+                        deletion_policy: bs.spec.deletion_policy,
+                    },
+                );
+                backup.metadata.labels = Some(
+                    [
+                        (SCHEDULE_LABEL.to_string(), name.clone()),
+                        (GROUP_LABEL.to_string(), schedule.group.clone()),
+                    ]
+                    .into(),
+                );
+                let made = match backups.create(&PostParams::default(), &backup).await {
+                    Ok(_) => Ok(()),
+                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                    Err(e) => Err(e),
+                };
+                match made {
+                    Ok(()) => {
+                        m.schedule_runs
+                            .get_or_create(&Metrics::schedule(&name))
+                            .inc();
+                        status.active.push(backup_name.clone());
+                        ctx.event(
+                            &*bs,
+                            false,
+                            "Scheduled",
+                            format!("created GroupBackup {backup_name}"),
+                        )
+                        .await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    if let Some(at) = firing.record {
+        status.last_schedule_time = Some(micro(at));
+    }
+    let next = schedule.next_after(now);
+    status.next_schedule_time = next.map(micro);
+    apply_status(&api, &name, &status).await?;
+    let wait = next
+        .and_then(|n| (n - Utc::now()).to_std().ok())
+        .unwrap_or(RESYNC)
+        .clamp(Duration::from_millis(100), RESYNC);
+    Ok(Action::requeue(wait))
+}
