@@ -3,14 +3,13 @@
 
 use anyhow::bail;
 use clap::Args;
-use futures_util::future::join_all;
 use stillpoint_proto::PositionExt;
 
 use super::status::targets;
 use super::{Global, Local};
-use crate::agents::HeldFreeze;
 use crate::config::parse_duration;
-use crate::holder::Holder;
+use crate::core::model::AgentEndpoint;
+use crate::holder::freeze_all;
 
 #[derive(Debug, Args)]
 pub struct QuiesceArgs {
@@ -34,37 +33,30 @@ pub fn run(args: QuiesceArgs, global: &Global) -> anyhow::Result<()> {
             "quiesce-{}",
             crate::orchestrator::new_backup_id(&args.target)
         );
-        let frozen = join_all(members.iter().map(|(_, m)| {
-            let (tls, id) = (tls.clone(), id.clone());
-            async move {
-                let mut client = tls
-                    .connect(&m.agent, &m.identity)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let held = HeldFreeze::start(&mut client, &id, args.ttl)
-                    .await
-                    .map_err(|e| format!("member {}: {}", m.name, e.message()))?;
-                Ok::<_, String>((m.name.clone(), Holder::spawn(held, args.ttl)))
-            }
-        }))
-        .await;
-        let mut holders = Vec::new();
-        let mut errors = Vec::new();
-        for r in frozen {
-            match r {
-                Ok(h) => holders.push(h),
-                Err(e) => errors.push(e),
-            }
-        }
-        if !errors.is_empty() {
-            for (_, h) in holders {
-                let _ = h.thaw(false).await;
-            }
-            bail!(
+        let agents: Vec<(String, AgentEndpoint)> = members
+            .iter()
+            .map(|(_, m)| {
+                let endpoint = AgentEndpoint {
+                    addr: m.agent.clone(),
+                    identity: m.identity.clone(),
+                };
+                (m.name.clone(), endpoint)
+            })
+            .collect();
+        let holders = freeze_all(
+            &tls,
+            &agents,
+            |name| format!("member {name}"),
+            &id,
+            args.ttl,
+        )
+        .await
+        .map_err(|errors| {
+            anyhow::anyhow!(
                 "quiesce refused; nothing is left frozen: {}",
                 errors.join("; ")
-            );
-        }
+            )
+        })?;
         for (name, h) in &holders {
             println!(
                 "frozen {name} at {}",

@@ -171,6 +171,47 @@ impl Holder {
     }
 }
 
+/// Freezes every `(key, agent)` in parallel under hold id `id` with lease
+/// `ttl` and keeps each renewing; if any refuses, thaws the others and
+/// returns every refusal (nothing is left frozen). A manual quiesce, in
+/// either mode.
+pub async fn freeze_all<K: Clone>(
+    tls: &crate::agents::ControllerTls,
+    agents: &[(K, crate::core::model::AgentEndpoint)],
+    label: impl Fn(&K) -> String,
+    id: &str,
+    ttl: Duration,
+) -> Result<Vec<(K, Holder)>, Vec<String>> {
+    let frozen = futures_util::future::join_all(agents.iter().map(|(key, agent)| {
+        let (tls, label) = (tls.clone(), label(key));
+        async move {
+            let mut client = tls
+                .connect(&agent.addr, &agent.identity)
+                .await
+                .map_err(|e| format!("{label}: {e}"))?;
+            let held = HeldFreeze::start(&mut client, id, ttl)
+                .await
+                .map_err(|e| format!("{label}: {}", e.message()))?;
+            Ok::<_, String>((key.clone(), Holder::spawn(held, ttl)))
+        }
+    }))
+    .await;
+    let (mut holders, mut errors) = (Vec::new(), Vec::new());
+    for r in frozen {
+        match r {
+            Ok(h) => holders.push(h),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        return Ok(holders);
+    }
+    for (_, h) in holders {
+        let _ = h.thaw(false).await;
+    }
+    Err(errors)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::join_all;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
@@ -18,38 +17,26 @@ use serde_json::json;
 use stillpoint_proto::PositionExt;
 use tokio::sync::watch;
 
-use crate::core::agents::HeldFreeze;
-use crate::core::holder::Holder;
+use crate::core::holder::freeze_all;
+use crate::core::model::AgentEndpoint;
 use crate::kube::controller::{Context, Live, ReconcileError, now};
 use crate::kube::crd::{
     ConsistencyGroup, GroupQuiesce, GroupQuiesceStatus, QUIESCE_FINALIZER, QuiescePhase,
     QuiescedMember,
 };
-use crate::kube::store::{FIELD_MANAGER, set_condition};
+use crate::kube::store::set_condition;
 
 /// The longest hold a GroupQuiesce may ask for.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// The lease when neither the quiesce nor the group names one.
 const DEFAULT_TTL: Duration = Duration::from_secs(30);
 
-/// Applies the whole status (server-side apply, one field manager).
 async fn apply_status(
     api: &Api<GroupQuiesce>,
     name: &str,
     status: &GroupQuiesceStatus,
 ) -> Result<(), kube::Error> {
-    let patch = json!({
-        "apiVersion": "stillpoint.dev/v1alpha1",
-        "kind": "GroupQuiesce",
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    crate::kube::store::apply_status(api, name, "GroupQuiesce", status).await
 }
 
 async fn set_finalizer(
@@ -228,42 +215,29 @@ pub async fn reconcile(q: Arc<GroupQuiesce>, ctx: Arc<Context>) -> Result<Action
         },
     );
     let id = format!("quiesce-{name}");
-    let tls = ctx.resolver.tls.clone();
-    let frozen = join_all(targets.iter().map(|m| {
-        let (tls, id) = (tls.clone(), id.clone());
-        async move {
-            let agent = m.agent.clone().unwrap_or_default();
-            let identity = m.identity.clone().unwrap_or_default();
-            let mut client = tls
-                .connect(&agent, &identity)
-                .await
-                .map_err(|e| format!("pod {}: {e}", m.pod))?;
-            let held = HeldFreeze::start(&mut client, &id, ttl)
-                .await
-                .map_err(|e| format!("pod {}: {}", m.pod, e.message()))?;
-            Ok::<_, String>((m.clone(), Holder::spawn(held, ttl)))
+    let agents: Vec<_> = targets
+        .iter()
+        .map(|m| {
+            let endpoint = AgentEndpoint {
+                addr: m.agent.clone().unwrap_or_default(),
+                identity: m.identity.clone().unwrap_or_default(),
+            };
+            (m.clone(), endpoint)
+        })
+        .collect();
+    let tls = &ctx.resolver.tls;
+    let holders = match freeze_all(tls, &agents, |m| format!("pod {}", m.pod), &id, ttl).await {
+        Ok(holders) => holders,
+        Err(errors) => {
+            ctx.live.lock().unwrap().remove(&uid);
+            let _ = finished.send(true);
+            let m = format!(
+                "the freeze was refused; nothing is left frozen: {}",
+                errors.join("; ")
+            );
+            return end(&ctx, &q, QuiescePhase::Failed, "FreezeFailed", m).await;
         }
-    }))
-    .await;
-    let (mut holders, mut errors) = (Vec::new(), Vec::new());
-    for r in frozen {
-        match r {
-            Ok(h) => holders.push(h),
-            Err(e) => errors.push(e),
-        }
-    }
-    if !errors.is_empty() {
-        for (_, h) in holders {
-            let _ = h.thaw(false).await;
-        }
-        ctx.live.lock().unwrap().remove(&uid);
-        let _ = finished.send(true);
-        let m = format!(
-            "the freeze was refused; nothing is left frozen: {}",
-            errors.join("; ")
-        );
-        return end(&ctx, &q, QuiescePhase::Failed, "FreezeFailed", m).await;
-    }
+    };
     let until = k8s_openapi::jiff::Timestamp::now()
         .checked_add(k8s_openapi::jiff::SignedDuration::try_from(duration).unwrap_or_default())
         .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now());

@@ -19,9 +19,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::controller::Action;
-use serde_json::json;
 
 use crate::core::retention::{Retention, select};
 use crate::core::schedule::{Schedule, decide, parse_cron, parse_timezone};
@@ -29,7 +28,7 @@ use crate::kube::controller::{Context, ReconcileError};
 use crate::kube::crd::{
     BackupSchedule, BackupScheduleStatus, GROUP_LABEL, GroupBackup, GroupBackupSpec, SCHEDULE_LABEL,
 };
-use crate::kube::store::{FIELD_MANAGER, manifest_of, set_condition};
+use crate::kube::store::{manifest_of, set_condition};
 use crate::metrics::{Metrics, SkipLabels, metrics};
 
 /// A run is on time when it is reconciled within this of its time;
@@ -83,18 +82,7 @@ async fn apply_status(
     name: &str,
     status: &BackupScheduleStatus,
 ) -> Result<(), kube::Error> {
-    let patch = json!({
-        "apiVersion": "stillpoint.dev/v1alpha1",
-        "kind": "BackupSchedule",
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    crate::kube::store::apply_status(api, name, "BackupSchedule", status).await
 }
 
 fn created(b: &GroupBackup) -> DateTime<Utc> {

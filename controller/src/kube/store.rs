@@ -254,6 +254,31 @@ impl BackupStore for StatusWriter {
     }
 }
 
+/// Applies a whole status of a Stillpoint resource `kind` (server-side
+/// apply with the controller's one field manager).
+pub async fn apply_status<K>(
+    api: &Api<K>,
+    name: &str,
+    kind: &str,
+    status: &impl serde::Serialize,
+) -> Result<(), kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = json!({
+        "apiVersion": "stillpoint.dev/v1alpha1",
+        "kind": kind,
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
 /// A name as the enum it names (`postgres`, `replica`, `backup-label`).
 fn parse<T: serde::de::DeserializeOwned>(text: &Option<String>) -> Option<T> {
     text.as_ref()
