@@ -896,6 +896,40 @@ async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freeze
             .yaml(&ns),
         )
         .await;
+    // A pod whose PVC does not exist (it never runs).
+    space
+        .apply(
+            &RedisPod {
+                name: "lost",
+                app: "lost",
+                ..healthy
+            }
+            .yaml(&ns),
+        )
+        .await;
+    // A PVC bound to a PersistentVolume that is not CSI (hostPath).
+    space
+        .apply(&format!(
+            "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: hp-{ns}}}\n\
+             spec:\n  capacity: {{storage: 1Gi}}\n  accessModes: [ReadWriteOnce]\n  storageClassName: \"\"\n  \
+             hostPath: {{path: /tmp/stillpoint-hp-{ns}}}\n  claimRef: {{namespace: {ns}, name: data-hp}}\n---\n\
+             apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: data-hp, namespace: {ns}}}\n\
+             spec:\n  storageClassName: \"\"\n  volumeName: hp-{ns}\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 1Gi}}}}\n"
+        ))
+        .await;
+    wait_pvc_bound(&space.admin, &ns, "data-hp", BOUND)
+        .await
+        .unwrap();
+    space
+        .apply(
+            &RedisPod {
+                name: "hp",
+                app: "hp",
+                ..healthy
+            }
+            .yaml(&ns),
+        )
+        .await;
     // A snapshot class of another driver.
     space
         .apply(
@@ -976,6 +1010,20 @@ async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freeze
             "VolumeNotPVC",
             &["agent-tls"],
         ),
+        (
+            "no-such-volume",
+            "  - {name: m-ra, selector: {matchLabels: {app: ra}}, volumes: [nope]}\n".into(),
+            "VolumeNotFound",
+            &["nope"],
+        ),
+        (
+            "two-names",
+            member("ra") + &member("ra"),
+            "InvalidSpec",
+            &["two members are named m-ra"],
+        ),
+        ("lost-pvc", member("lost"), "PVCNotFound", &["data-lost"]),
+        ("not-csi", member("hp"), "NotCSI", &["data-hp"]),
     ];
     for (group, members, _, _) in &cases {
         space.apply(&group_yaml(&ns, group, "csi", members)).await;
