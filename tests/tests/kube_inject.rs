@@ -206,7 +206,7 @@ spec:
       containers:
       - name: postgres
         image: postgres:16
-        command: [sh, -c, "test -f /data/pgdata/PG_VERSION || {{ initdb -D /data/pgdata -U postgres -A trust >/dev/null && echo 'host all all 0.0.0.0/0 trust' >> /data/pgdata/pg_hba.conf; }} && exec postgres -D /data/pgdata -c listen_addresses=* -c unix_socket_directories=/tmp"]
+        command: [sh, -c, "test -f /data/pgdata/PG_VERSION || {{ initdb -D /data/pgdata -U postgres -A trust >/dev/null && echo 'host all all 0.0.0.0/0 trust' >> /data/pgdata/pg_hba.conf && echo 'host replication all 0.0.0.0/0 trust' >> /data/pgdata/pg_hba.conf; }} && exec postgres -D /data/pgdata -c listen_addresses=* -c unix_socket_directories=/tmp"]
         securityContext: {{runAsUser: {uid}, runAsGroup: {gid}}}
         ports: [{{name: pg, containerPort: 5432}}]
         readinessProbe: {{exec: {{command: [pg_isready, -h, 127.0.0.1]}}, periodSeconds: 1}}
@@ -248,6 +248,43 @@ async fn an_opted_in_statefulset_gets_the_agent_its_certificate_and_a_consistent
     );
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
     assert!(annotations.contains_key(INJECTED_ANNOTATION));
+    // A streaming replica of it, an opted-in pod too.
+    let primary_ip = kube::pod_ip(&pod).unwrap();
+    let (uid, gid) = kube::host_user("postgres").unwrap();
+    s.apply(&format!(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: data-pg-r, namespace: {ns}}}\n\
+         spec:\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 1Gi}}}}\n"
+    ))
+    .await;
+    s.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: pg-r
+  namespace: {ns}
+  labels: {{app: pg, stillpoint.dev/inject: "true"}}
+  annotations: {{stillpoint.dev/engine: postgres, stillpoint.dev/dsn-secret: pg-agent, stillpoint.dev/data-volumes: data}}
+spec:
+  serviceAccountName: pg
+  containers:
+  - name: postgres
+    image: postgres:16
+    command: [sh, -c, "test -f /data/pgdata/PG_VERSION || pg_basebackup -h {primary_ip} -U postgres -D /data/pgdata -R -X stream -C -S pg_r && chmod 700 /data/pgdata && exec postgres -D /data/pgdata -c listen_addresses=* -c unix_socket_directories=/tmp"]
+    securityContext: {{runAsUser: {uid}, runAsGroup: {gid}}}
+    readinessProbe: {{exec: {{command: [pg_isready, -h, 127.0.0.1]}}, periodSeconds: 1}}
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  volumes: [{{name: data, persistentVolumeClaim: {{claimName: data-pg-r}}}}]
+"#
+    ))
+    .await;
+    wait_pod_ready(&s.admin, ns, "pg-r", BOUND)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nagent:\n{}",
+                s.lab.container_log(ns, "pg-r", AGENT_CONTAINER)
+            )
+        });
 
     // Its group is protectable: the agent answered with the identity of
     // the pod's ServiceAccount, from a certificate the controller issued.
@@ -296,50 +333,62 @@ async fn an_opted_in_statefulset_gets_the_agent_its_certificate_and_a_consistent
         "{status:?}\n{}",
         shared_logs()
     );
-    let snapshot = status.members[0].volume_snapshots[0].name.clone();
+    // Both members, the replica aligned to its primary's frozen position.
+    assert_eq!(status.members.len(), 2, "{status:?}");
+    let replica = status
+        .members
+        .iter()
+        .find(|m| m.role.as_deref() == Some("replica"))
+        .unwrap_or_else(|| panic!("a replica in {status:?}"));
+    assert_eq!(replica.pod, "pg-r");
+    assert!(replica.aligned_to.is_some(), "{replica:?}");
 
-    // Restored into a new PVC and a plain pod: every acknowledged row.
-    s.apply(&format!(
-        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: restored, namespace: {ns}}}\n\
-         spec:\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 1Gi}}}}\n  \
-         dataSource: {{apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: {snapshot}}}\n"
-    ))
-    .await;
-    wait_pvc_bound(&s.admin, ns, "restored", BOUND)
-        .await
-        .unwrap();
-    let (uid, gid) = kube::host_user("postgres").unwrap();
-    s.apply(&format!(
-        r#"apiVersion: v1
+    // Each restored into a new PVC and a plain pod: every acknowledged
+    // row, in the primary and in its replica alike.
+    for (i, member) in status.members.iter().enumerate() {
+        let snapshot = &member.volume_snapshots[0].name;
+        let name = format!("restored-{i}");
+        s.apply(&format!(
+            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec:\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 1Gi}}}}\n  \
+             dataSource: {{apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: {snapshot}}}\n"
+        ))
+        .await;
+        wait_pvc_bound(&s.admin, ns, &name, BOUND).await.unwrap();
+        s.apply(&format!(
+            r#"apiVersion: v1
 kind: Pod
-metadata: {{name: restored, namespace: {ns}}}
+metadata: {{name: {name}, namespace: {ns}}}
 spec:
   containers:
   - name: postgres
     image: postgres:16
-    command: [sh, -c, "rm -f /data/pgdata/postmaster.pid && exec postgres -D /data/pgdata -c listen_addresses=* -c unix_socket_directories=/tmp"]
+    command: [sh, -c, "rm -f /data/pgdata/postmaster.pid /data/pgdata/standby.signal && exec postgres -D /data/pgdata -c listen_addresses=* -c unix_socket_directories=/tmp"]
     securityContext: {{runAsUser: {uid}, runAsGroup: {gid}}}
     readinessProbe: {{exec: {{command: [pg_isready, -h, 127.0.0.1]}}, periodSeconds: 1}}
     volumeMounts: [{{name: data, mountPath: /data}}]
-  volumes: [{{name: data, persistentVolumeClaim: {{claimName: restored}}}}]
+  volumes: [{{name: data, persistentVolumeClaim: {{claimName: {name}}}}}]
 "#
-    ))
-    .await;
-    let restored = wait_pod_ready(&s.admin, ns, "restored", BOUND)
-        .await
-        .unwrap();
-    assert!(
-        agent_of(&restored).is_empty(),
-        "a pod that did not opt in is left alone"
-    );
-    let n: i64 = postgres_of(&restored)
-        .await
-        .unwrap()
-        .query_one("SELECT count(*) FROM t", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 100, "every row acknowledged before the backup");
+        ))
+        .await;
+        let restored = wait_pod_ready(&s.admin, ns, &name, BOUND).await.unwrap();
+        assert!(
+            agent_of(&restored).is_empty(),
+            "a pod that did not opt in is left alone"
+        );
+        let n: i64 = postgres_of(&restored)
+            .await
+            .unwrap()
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            n, 100,
+            "{}: every row acknowledged before the backup",
+            member.pod
+        );
+    }
 }
 
 fn shared_logs() -> String {
