@@ -117,7 +117,7 @@ pub struct PkiArgs {
     )]
     pub webhook_listen: SocketAddr,
     /// Names (DNS or IP) of the endpoint's serving certificate (default:
-    /// the Service `stillpoint-controller` in --lease-namespace).
+    /// the Service `stillpoint-webhook` in --lease-namespace, deploy/webhook.yaml).
     #[arg(
         long = "webhook-host",
         env = "STILLPOINT_WEBHOOK_HOSTS",
@@ -232,8 +232,8 @@ async fn start_pki(
     let hosts = match p.webhook_hosts.is_empty() {
         false => p.webhook_hosts.clone(),
         true => vec![
-            format!("stillpoint-controller.{ns}.svc"),
-            format!("stillpoint-controller.{ns}.svc.cluster.local"),
+            format!("stillpoint-webhook.{ns}.svc"),
+            format!("stillpoint-webhook.{ns}.svc.cluster.local"),
         ],
     };
     let listener = tokio::net::TcpListener::bind(p.webhook_listen)

@@ -81,9 +81,11 @@ pub enum Command {
     /// Validate the configuration file.
     #[command(subcommand)]
     Config(config::ConfigCommand),
-    /// Freeze a group or member and keep it frozen (renewing) until Ctrl-C or --for.
+    /// Freeze a group or member and keep it frozen (renewing) until Ctrl-C or
+    /// --for (in Kubernetes mode: a GroupQuiesce, held by the controller).
     Quiesce(quiesce::QuiesceArgs),
-    /// Break the hold on a group or member, whoever owns it.
+    /// Break the hold on a group or member, whoever owns it (in Kubernetes
+    /// mode: delete its GroupQuiesces and wait until they thawed).
     Thaw(status::TargetArgs),
     /// Agents' reachability, engine, role, position and replica lag.
     Status(status::StatusArgs),

@@ -15,7 +15,8 @@ use crate::holder::freeze_all;
 pub struct QuiesceArgs {
     /// A group name, or a member name.
     pub target: String,
-    /// Thaw after this long (e.g. 30s, 5m); without it, hold until Ctrl-C.
+    /// Thaw after this long (e.g. 30s, 5m); without it, hold until Ctrl-C
+    /// (in Kubernetes mode: a GroupQuiesce of at most 1h).
     #[arg(long = "for", value_parser = parse_duration)]
     pub duration: Option<std::time::Duration>,
     /// The lease given to the agents (renewed every third of it).

@@ -727,8 +727,8 @@ mod tests {
             native_sidecars: native,
             controller_identity:
                 "spiffe://cluster.local/ns/stillpoint-system/sa/stillpoint-controller".into(),
-            certificate_url:
-                "https://stillpoint-controller.stillpoint-system.svc:9444/v1/certificate".into(),
+            certificate_url: "https://stillpoint-webhook.stillpoint-system.svc:9444/v1/certificate"
+                .into(),
             version: "0.1.0".into(),
         }
     }
