@@ -27,6 +27,7 @@ pub mod durable;
 pub mod engine;
 pub mod hold;
 pub mod metrics;
+pub mod restore;
 pub mod server;
 pub mod tls;
 pub mod watchdog;

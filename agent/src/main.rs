@@ -24,10 +24,11 @@ fn main() -> ExitCode {
             print_help();
             return ExitCode::SUCCESS;
         }
+        Some("restore") if args.len() == 1 => return restore(),
         Some(_) => {
             eprintln!(
-                "stillpoint-agent takes no arguments: it is configured by STILLPOINT_* environment \
-                 variables (credentials too, never the command line). See --help."
+                "stillpoint-agent takes no arguments but `restore`: it is configured by STILLPOINT_* \
+                 environment variables (credentials too, never the command line). See --help."
             );
             return ExitCode::from(EXIT_CONFIG);
         }
@@ -55,6 +56,35 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(%err, "agent failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `stillpoint-agent restore`: prepares a restored PostgreSQL data
+/// directory, then exits (see `restore.rs`).
+fn restore() -> ExitCode {
+    use stillpoint_agent::restore::{RestoreConfig, run};
+    let config = match RestoreConfig::from_source(|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(problems) => {
+            eprintln!(
+                "stillpoint-agent restore: invalid configuration ({} problem(s)):",
+                problems.len()
+            );
+            for p in problems {
+                eprintln!("  - {p}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match run(&config) {
+        Ok(done) => {
+            println!("stillpoint-agent restore: {done}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("stillpoint-agent restore: {err}");
             ExitCode::FAILURE
         }
     }
@@ -92,5 +122,13 @@ fn print_help() {
     for key in config::ALL_KEYS {
         println!("  {key}");
     }
+    println!(
+        "\n`stillpoint-agent restore` prepares a restored PostgreSQL data directory (backup-label\n\
+         method) before PostgreSQL starts, then exits: {}, {}, {}, {} (optional).",
+        stillpoint_agent::restore::ENV_RESTORE_DATA_DIR,
+        stillpoint_agent::restore::ENV_RESTORE_FROM,
+        stillpoint_agent::restore::ENV_RESTORE_MEMBER,
+        stillpoint_agent::restore::ENV_RESTORE_WAL_FROM
+    );
     println!("\nExit codes: 0 stopped cleanly, 1 runtime failure, 64 bad configuration.");
 }

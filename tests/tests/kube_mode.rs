@@ -1475,7 +1475,16 @@ async fn a_class_that_copies_cuts_postgresql_in_backup_mode_with_its_wal_and_bac
     space.identity("pg").await;
     space.pvc("data-pg-0", None).await;
     space.apply(&postgres_pod(&ns, "pg-0", None, false)).await;
-    space.ready("pg-0").await;
+    let pg0 = space.ready("pg-0").await;
+    let db = pg_connect(&pg0).await;
+    db.batch_execute("CREATE TABLE acked (id int primary key)")
+        .await
+        .unwrap();
+    for id in 0..50 {
+        db.execute("INSERT INTO acked VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+    }
     // The lab's default classes copy files one after another, as hostpath does.
     space
         .apply(&format!(
@@ -1511,6 +1520,77 @@ async fn a_class_that_copies_cuts_postgresql_in_backup_mode_with_its_wal_and_bac
     );
     let (ok, out, _) = tokio::task::block_in_place(|| cli(&space, &["plan", "copy-1"]));
     assert!(ok && out.contains("backup-label"), "{out}");
+
+    // Restored: the data, and its WAL part beside it; the agent in restore
+    // mode (an init container) lays the WAL and the backup_label in before
+    // PostgreSQL starts, which then recovers from the label.
+    space
+        .pvc("restored-data", Some(&pg.volume_snapshots[0].name))
+        .await;
+    space
+        .pvc("restored-wal", Some(&pg.volume_snapshots[1].name))
+        .await;
+    let (uid, gid) = user("postgres");
+    space
+        .apply(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: restored, namespace: {ns}}}
+spec:
+  initContainers:
+  - name: prepare
+    image: ghcr.io/stillpoint-dev/stillpoint-agent:0.1.0
+    args: [restore]
+    env:
+    - {{name: STILLPOINT_RESTORE_DATA_DIR, value: /data/pgdata}}
+    - {{name: STILLPOINT_RESTORE_FROM, value: /artefacts}}
+    - {{name: STILLPOINT_RESTORE_MEMBER, value: pg-0}}
+    - {{name: STILLPOINT_RESTORE_WAL_FROM, value: /wal/pgdata/pg_wal}}
+    securityContext: {{runAsUser: {uid}, runAsGroup: {gid}}}
+    volumeMounts:
+    - {{name: data, mountPath: /data}}
+    - {{name: wal, mountPath: /wal, readOnly: true}}
+    - {{name: artefacts, mountPath: /artefacts, readOnly: true}}
+  containers:
+  - name: postgres
+    image: postgres:15
+    command: [sh, -c, "rm -f /data/pgdata/postmaster.pid && exec postgres -D /data/pgdata -c listen_addresses=* -c unix_socket_directories=/tmp"]
+    securityContext: {{runAsUser: {uid}, runAsGroup: {gid}}}
+    readinessProbe: {{exec: {{command: [pg_isready, -h, 127.0.0.1]}}, periodSeconds: 1}}
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  volumes:
+  - {{name: data, persistentVolumeClaim: {{claimName: restored-data}}}}
+  - {{name: wal, persistentVolumeClaim: {{claimName: restored-wal}}}}
+  - {{name: artefacts, secret: {{secretName: {secret_name}, defaultMode: 292}}}}
+"#
+        ))
+        .await;
+    let restored = wait_pod_ready(&space.admin, &ns, "restored", BOUND)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nprepare:\n{}\npostgres:\n{}",
+                space.lab.container_log(&ns, "restored", "prepare"),
+                space.lab.container_log(&ns, "restored", "postgres")
+            )
+        });
+    let prepared = space.lab.container_log(&ns, "restored", "prepare");
+    assert!(prepared.contains("backup_label of pg-0"), "{prepared}");
+    let db = pg_connect(&restored).await;
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM acked", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50, "every row acknowledged before the backup");
+    // It recovered from the label (which it then renamed).
+    let recovered = db
+        .query_one("SELECT size FROM pg_stat_file('backup_label.old')", &[])
+        .await;
+    assert!(
+        recovered.is_ok(),
+        "started from its backup_label: {recovered:?}"
+    );
 }
 
 /// Waits until GroupQuiesce `name` has reached `phase`; returns it.
