@@ -5,8 +5,6 @@
 //! answer to its TLS files (`tls.key`, `tls.crt`, and the CA bundle), which
 //! the server reloads without a restart. The key never leaves the agent.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -75,18 +73,8 @@ fn split_url(url: &str) -> Result<(String, u16, String), CertError> {
 }
 
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
-    let err = |e| CertError::Write(path.to_path_buf(), e);
-    let tmp = path.with_extension("new");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
-    file.write_all(contents).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    crate::durable::write_file(path, contents, mode, None)
+        .map_err(|e| CertError::Write(path.to_path_buf(), e))
 }
 
 /// The roots the endpoint is checked against: the configured bundle, plus
@@ -197,15 +185,7 @@ pub async fn obtain(source: &CertSource, tls: &TlsFiles) -> Result<SystemTime, C
 
 /// Two thirds of the way through the certificate's life.
 fn renewal_time(pem: &str) -> Result<SystemTime, CertError> {
-    let der = rustls_pemfile::certs(&mut pem.as_bytes())
-        .next()
-        .and_then(Result::ok)
-        .ok_or_else(|| CertError::Answer("no certificate in the answer".into()))?;
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(&der).map_err(|e| CertError::Answer(e.to_string()))?;
-    let v = cert.validity();
-    let from = v.not_before.timestamp();
-    let to = v.not_after.timestamp();
+    let (from, to) = stillpoint_proto::tls::pem_validity(pem).map_err(CertError::Answer)?;
     let at = from + (to - from) * 2 / 3;
     Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(at.max(0) as u64))
 }

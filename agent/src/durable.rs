@@ -97,6 +97,32 @@ pub fn sync_all(paths: &[PathBuf], configured: bool) -> Result<Vec<PathBuf>, Str
     Ok(synced)
 }
 
+/// Writes a whole file so that no reader (PostgreSQL, the TLS reloader)
+/// ever sees half of it: beside the target with `mode` (and `owner`), synced,
+/// then renamed into place.
+pub fn write_file(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("stillpoint-new");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

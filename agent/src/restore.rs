@@ -16,8 +16,7 @@
 //! is: preparing it again after PostgreSQL ran would make it replay from
 //! the backup's checkpoint over newer data.
 
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// The data directory to prepare.
@@ -104,18 +103,7 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Restore
 
 /// Writes `contents` to `path` as the data directory's owner, atomically.
 fn write_owned(path: &Path, contents: &[u8], owner: (u32, u32)) -> Result<(), RestoreError> {
-    let tmp = path.with_extension("stillpoint-new");
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io("creating", &tmp))?;
-    file.write_all(contents).map_err(io("writing", &tmp))?;
-    file.sync_all().map_err(io("syncing", &tmp))?;
-    std::os::unix::fs::chown(&tmp, Some(owner.0), Some(owner.1)).map_err(io("chown", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io("renaming into place", path))
+    crate::durable::write_file(path, contents, 0o600, Some(owner)).map_err(io("writing", path))
 }
 
 /// Prepares the directory; returns what was done.

@@ -51,10 +51,15 @@ pub struct Validity {
 impl Validity {
     /// From a minute ago (clock skew) for `days` days.
     pub fn days(days: u32) -> Self {
+        Self::lasting(std::time::Duration::from_secs(u64::from(days) * 86_400))
+    }
+
+    /// From a minute ago (clock skew) until `lifetime` from now.
+    pub fn lasting(lifetime: std::time::Duration) -> Self {
         let now = OffsetDateTime::now_utc();
         Validity {
             not_before: now - Duration::minutes(1),
-            not_after: now + Duration::days(i64::from(days)),
+            not_after: now + lifetime,
         }
     }
 }

@@ -208,6 +208,19 @@ pub fn uri_sans(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
         .collect())
 }
 
+/// The validity window (`notBefore`, `notAfter`, Unix seconds) of the
+/// first certificate in `pem`.
+pub fn pem_validity(pem: &str) -> Result<(i64, i64), String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let der = rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .ok_or("no certificate in the PEM")?
+        .map_err(|e| e.to_string())?;
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| e.to_string())?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
 /// Checks the form `spiffe://<trust-domain>/<path>` of an identity.
 pub fn validate_identity(identity: &str) -> Result<(), String> {
     let Some(rest) = identity.strip_prefix("spiffe://") else {

@@ -76,11 +76,7 @@ impl Ca {
     }
 
     fn new(validity: Duration) -> Result<Ca, PkiError> {
-        let now = OffsetDateTime::now_utc();
-        let v = Validity {
-            not_before: now - time::Duration::minutes(1),
-            not_after: now + validity,
-        };
+        let v = Validity::lasting(validity);
         let (cert_pem, key) = certs::new_ca("Stillpoint in-cluster CA", v)?;
         Ok(Ca {
             cert_pem,
@@ -193,16 +189,9 @@ impl CaState {
 
 /// A certificate's validity window.
 pub fn validity_of(pem: &str) -> Result<(OffsetDateTime, OffsetDateTime), String> {
-    let der = rustls_pemfile::certs(&mut pem.as_bytes())
-        .next()
-        .ok_or("no certificate in the PEM")?
-        .map_err(|e| e.to_string())?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
-    let v = cert.validity();
-    let at = |t: x509_parser::time::ASN1Time| {
-        OffsetDateTime::from_unix_timestamp(t.timestamp()).map_err(|e| e.to_string())
-    };
-    Ok((at(v.not_before)?, at(v.not_after)?))
+    let (from, to) = stillpoint_proto::tls::pem_validity(pem)?;
+    let at = |t: i64| OffsetDateTime::from_unix_timestamp(t).map_err(|e| e.to_string());
+    Ok((at(from)?, at(to)?))
 }
 
 impl std::fmt::Debug for Pki {
@@ -387,14 +376,10 @@ impl Pki {
         uri: &str,
         ttl: Duration,
     ) -> Result<OffsetDateTime, PkiError> {
-        let now = OffsetDateTime::now_utc();
         let issued = self.issue(&LeafSpec {
             uri: uri.to_string(),
             dns: vec![],
-            validity: Validity {
-                not_before: now - time::Duration::minutes(1),
-                not_after: now + ttl,
-            },
+            validity: Validity::lasting(ttl),
         })?;
         certs::create_dir(dir)?;
         certs::write_file(&dir.join(certs::CA_CERT), &self.bundle(), 0o644)?;
@@ -414,14 +399,10 @@ impl Pki {
     ) -> Result<String, PkiError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::BadRequest(e.to_string()))?;
-        let now = OffsetDateTime::now_utc();
         let spec = LeafSpec {
             uri: uri.to_string(),
             dns: vec![],
-            validity: self.capped(Validity {
-                not_before: now - time::Duration::minutes(1),
-                not_after: now + ttl,
-            }),
+            validity: self.capped(Validity::lasting(ttl)),
         };
         let signed = CertificateSigningRequestParams {
             params: certs::leaf_params(&spec)?,

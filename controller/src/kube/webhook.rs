@@ -134,14 +134,10 @@ impl Webhook {
         pki: &Pki,
         settings: &WebhookSettings,
     ) -> Result<(CertifiedKey, OffsetDateTime), WebhookError> {
-        let now = OffsetDateTime::now_utc();
         let issued = pki.issue(&LeafSpec {
             uri: settings.identity.clone(),
             dns: settings.hosts.clone(),
-            validity: Validity {
-                not_before: now - time::Duration::minutes(1),
-                not_after: now + settings.serving_cert_ttl,
-            },
+            validity: Validity::lasting(settings.serving_cert_ttl),
         })?;
         Ok((
             certified(&issued.cert_pem, &issued.key_pem, &pki.bundle())?,

@@ -1,15 +1,12 @@
 //! A real Redis primary with a replica.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 pub use stillpoint_controller::local::servers::redis::*;
 
-use crate::servers::{
-    ServerProcess, Setup, command_as, free_port, require, service_user, wait_for,
-};
+use crate::servers::{ServerProcess, Setup, free_port, require, service_user, wait_for};
 
 /// A primary and its replica.
 pub type RedisPair = crate::servers::Pair<RedisServer>;
@@ -49,7 +46,8 @@ impl crate::servers::Pair<RedisServer> {
 
     /// Starts the pair laid out as `setup` says, persisting as `persistence`.
     pub fn start_with(setup: &Setup<'_>, persistence: Persistence) -> Result<Self> {
-        let server_bin = require(&["redis-server"], "redis-server")?;
+        // Fails before any directory is made when Redis is not installed.
+        require(&["redis-server"], "redis-server")?;
         let user = service_user("redis")?;
         let scratch = setup.scratch("redis")?;
         let (save, append_only) = match persistence {
@@ -74,39 +72,21 @@ impl crate::servers::Pair<RedisServer> {
             (&pair.primary, None),
             (&pair.replica, Some(pair.primary.port)),
         ] {
-            let mut cmd = command_as(&server_bin, user.as_ref(), &s.dir);
-            cmd.args(["--port", &s.port.to_string(), "--bind", "127.0.0.1"])
-                .arg("--dir")
-                .arg(&s.dir)
-                .arg("--logfile")
-                .arg(&s.log)
-                .args([
-                    "--daemonize",
-                    "no",
-                    "--save",
-                    save,
-                    "--appendonly",
-                    append_only,
-                    "--appendfsync",
-                    "everysec",
-                    "--repl-diskless-sync-delay",
-                    "0",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            if let Some(port) = upstream {
-                cmd.args(["--replicaof", "127.0.0.1", &port.to_string()]);
+            let upstream = upstream.map(|port| port.to_string());
+            let mut options = vec![
+                "--save",
+                save,
+                "--appendonly",
+                append_only,
+                "--appendfsync",
+                "everysec",
+                "--repl-diskless-sync-delay",
+                "0",
+            ];
+            if let Some(port) = &upstream {
+                options.extend(["--replicaof", "127.0.0.1", port]);
             }
-            s.process.set(cmd.spawn().context("starting redis-server")?);
-            wait_for(
-                &format!("Redis {} answering", s.name),
-                Duration::from_secs(20),
-                || {
-                    s.process.ensure_running("redis-server")?;
-                    Ok(s.cli(&["ping"]).is_ok_and(|out| out == "PONG"))
-                },
-            )
-            .with_context(|| s.log_tail())?;
+            s.launch(user.as_ref(), &options)?;
         }
         wait_for("Redis replica link up", Duration::from_secs(20), || {
             Ok(pair

@@ -47,6 +47,36 @@ impl RedisServer {
             });
     }
 
+    /// Starts `redis-server` on its port, directory and log (as `user`,
+    /// with `options`) and waits until it answers.
+    pub fn launch(&self, user: Option<&super::ServiceUser>, options: &[&str]) -> Result<()> {
+        let mut cmd = command_as(
+            &require(&["redis-server"], "redis-server")?,
+            user,
+            &self.dir,
+        );
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(&self.log)
+            .args(["--daemonize", "no"])
+            .args(options)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.process
+            .set(cmd.spawn().context("starting redis-server")?);
+        wait_for(
+            &format!("Redis {} answering", self.name),
+            Duration::from_secs(20),
+            || {
+                self.process.ensure_running("redis-server")?;
+                Ok(self.cli(&["ping"]).is_ok_and(|out| out == "PONG"))
+            },
+        )
+        .with_context(|| self.log_tail())
+    }
+
     pub fn log_tail(&self) -> String {
         super::log_tail(&self.log)
     }
@@ -118,32 +148,10 @@ impl RedisRestored {
             }
         }
         let aof = s.dir.join("appendonlydir").exists();
-        let mut cmd = command_as(
-            &require(&["redis-server"], "redis-server")?,
+        s.launch(
             self.user.as_ref(),
-            &s.dir,
-        );
-        cmd.args(["--port", &s.port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(&s.dir)
-            .arg("--logfile")
-            .arg(&s.log)
-            .args([
-                "--daemonize",
-                "no",
-                "--save",
-                "",
-                "--appendonly",
-                if aof { "yes" } else { "no" },
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        s.process.set(cmd.spawn().context("starting redis-server")?);
-        wait_for("restored Redis answering", Duration::from_secs(20), || {
-            s.process.ensure_running("redis-server")?;
-            Ok(s.cli(&["ping"]).is_ok_and(|out| out == "PONG"))
-        })
-        .with_context(|| s.log_tail())
+            &["--save", "", "--appendonly", if aof { "yes" } else { "no" }],
+        )
     }
 }
 
