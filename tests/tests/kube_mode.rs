@@ -486,9 +486,14 @@ async fn shop(space: &Space) -> (Pod, Pod) {
         .await;
     let pg1 = space.ready("pg-1").await;
     let redis1 = space.ready("redis-1").await;
-    // Both replicas stream from their primaries before anything starts.
-    let replica = pg_connect(&pg1).await;
-    let cache = redis_connect(&redis1).await;
+    streaming(&pg1, &redis1).await;
+    (pg0, redis0)
+}
+
+/// Waits until both replicas stream from their primaries.
+async fn streaming(pg1: &Pod, redis1: &Pod) {
+    let replica = pg_connect(pg1).await;
+    let cache = redis_connect(redis1).await;
     wait_async("both replicas streaming", BOUND, || {
         let (replica, mut cache) = (&replica, cache.clone());
         async move {
@@ -508,7 +513,6 @@ async fn shop(space: &Space) -> (Pod, Pod) {
     })
     .await
     .unwrap();
-    (pg0, redis0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1591,6 +1595,80 @@ spec:
         recovered.is_ok(),
         "started from its backup_label: {recovered:?}"
     );
+
+    // The same by a GroupRestore. The pod was no workload's: without
+    // volumesOnly the restore says so and changes nothing.
+    use stillpoint_controller::kube::crd::RestorePhase;
+    let r = restore(&space, "no-workload", "{backup: copy-1}").await;
+    let rs = r.status.unwrap();
+    assert_eq!(rs.phase, Some(RestorePhase::Failed));
+    assert!(
+        rs.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("volumesOnly"),
+        "{rs:?}"
+    );
+    assert!(rs.pvcs.is_empty());
+    // volumesOnly: the PVC, prepared by the agent in restore mode (in a
+    // pod of the restore's) before anything starts PostgreSQL on it.
+    let r = restore(&space, "by-restore", "{backup: copy-1, volumesOnly: true}").await;
+    let rs = r.status.unwrap();
+    assert_eq!(rs.phase, Some(RestorePhase::Succeeded), "{rs:#?}");
+    assert_eq!(rs.pvcs, ["restored-data-pg-0"]);
+    assert_eq!(rs.members[0].phase, "Prepared", "{rs:#?}");
+    let pods: Api<Pod> = Api::namespaced(space.admin.clone(), &ns);
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(space.admin.clone(), &ns);
+    wait_async("the preparation pod and WAL PVC gone", BOUND, || {
+        let (pods, claims) = (pods.clone(), claims.clone());
+        async move {
+            Ok(pods.get_opt("by-restore-prepare-pg-0").await?.is_none()
+                && claims.get_opt("by-restore-wal-pg-0").await?.is_none())
+        }
+    })
+    .await
+    .unwrap();
+    space
+        .apply(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: by-restore, namespace: {ns}}}
+spec:
+  containers:
+  - name: postgres
+    image: postgres:15
+    command: [sh, -c, "rm -f /data/pgdata/postmaster.pid && exec postgres -D /data/pgdata -c listen_addresses=* -c unix_socket_directories=/tmp"]
+    securityContext: {{runAsUser: {uid}, runAsGroup: {gid}}}
+    readinessProbe: {{exec: {{command: [pg_isready, -h, 127.0.0.1]}}, periodSeconds: 1}}
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  volumes:
+  - {{name: data, persistentVolumeClaim: {{claimName: restored-data-pg-0}}}}
+"#
+        ))
+        .await;
+    let restored = wait_pod_ready(&space.admin, &ns, "by-restore", BOUND)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\n{}",
+                space.lab.container_log(&ns, "by-restore", "postgres")
+            )
+        });
+    let db = pg_connect(&restored).await;
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM acked", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50, "every row acknowledged before the backup");
+    let recovered = db
+        .query_one("SELECT size FROM pg_stat_file('backup_label.old')", &[])
+        .await;
+    assert!(
+        recovered.is_ok(),
+        "started from its backup_label: {recovered:?}"
+    );
 }
 
 /// Waits until GroupQuiesce `name` has reached `phase`; returns it.
@@ -1939,4 +2017,543 @@ async fn schedules_never_overlap_keep_the_newest_and_follow_their_missed_policy(
         .await
         .unwrap();
     }
+}
+
+/// How a StatefulSet of the restore tests runs its server.
+#[derive(Clone, Copy, PartialEq)]
+enum Run {
+    /// The original: a new primary, or a replica of `upstream`.
+    Original,
+    /// A copy for a restore: starts on restored data, follows no upstream.
+    Copy,
+    /// A copy whose readiness probe never passes.
+    NeverReady,
+}
+
+/// A StatefulSet `name` of one pod running `engine` (`postgres` or
+/// `redis`) with its agent, claim template `data`.
+fn sts_yaml(ns: &str, name: &str, engine: &str, upstream: Option<&str>, run: Run) -> String {
+    let (uid, gid) = user("postgres");
+    let replicas = if run == Run::Original { 1 } else { 0 };
+    let (sa, server) = match engine {
+        "postgres" => {
+            let start = match (run, upstream) {
+                (Run::Original, None) => "test -f /data/pgdata/PG_VERSION || { initdb -D /data/pgdata -U postgres -A trust >/dev/null && \
+                     echo 'host all all 0.0.0.0/0 trust' >> /data/pgdata/pg_hba.conf && \
+                     echo 'host replication all 0.0.0.0/0 trust' >> /data/pgdata/pg_hba.conf; } && "
+                    .to_string(),
+                (Run::Original, Some(primary)) => format!(
+                    "test -f /data/pgdata/PG_VERSION || pg_basebackup -h {primary} -U postgres -D /data/pgdata -R -X stream -C -S {} && \
+                     chmod 700 /data/pgdata && ",
+                    name.replace('-', "_")
+                ),
+                _ => "rm -f /data/pgdata/postmaster.pid && ".to_string(),
+            };
+            // A restored replica follows nobody: its upstream is the original.
+            let follow = if run == Run::Original {
+                ""
+            } else {
+                " -c primary_conninfo="
+            };
+            let probe = if run == Run::NeverReady {
+                "[\"false\"]"
+            } else {
+                "[pg_isready, -h, 127.0.0.1]"
+            };
+            (
+                "pg",
+                format!(
+                    r#"      - name: postgres
+        image: postgres:15
+        command: [sh, -c, "{start}exec postgres -D /data/pgdata -c listen_addresses=* -c unix_socket_directories=/tmp{follow}"]
+        securityContext: {{runAsUser: {uid}, runAsGroup: {gid}}}
+        readinessProbe: {{exec: {{command: {probe}}}, periodSeconds: 1}}
+        volumeMounts: [{{name: data, mountPath: /data}}]
+"#
+                ),
+            )
+        }
+        _ => {
+            let replica = match (run, upstream) {
+                (Run::Original, Some(p)) => format!(", --replicaof, {p}, \"6379\""),
+                _ => String::new(),
+            };
+            (
+                "redis",
+                format!(
+                    r#"      - name: redis
+        image: redis:7
+        args: [--port, "6379", --dir, /data, --appendonly, "yes", --save, "", --protected-mode, "no"{replica}]
+        readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}
+        volumeMounts: [{{name: data, mountPath: /data}}]
+"#
+                ),
+            )
+        }
+    };
+    let dsn = match engine {
+        "postgres" => "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
+        _ => "redis://127.0.0.1:6379",
+    };
+    let agent: String = stillpoint::agent_container(engine, dsn, "agent-tls", "data")
+        .lines()
+        .map(|l| format!("    {l}\n"))
+        .collect();
+    format!(
+        r#"apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  serviceName: {name}
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      serviceAccountName: {sa}
+      terminationGracePeriodSeconds: 5
+      containers:
+{server}{agent}      volumes:
+      - {{name: agent-tls, secret: {{secretName: agent-{sa}}}}}
+  volumeClaimTemplates:
+  - metadata: {{name: data}}
+    spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
+"#
+    )
+}
+
+/// The four StatefulSets of the shop (`<prefix>pg`, `<prefix>pg-replica`,
+/// `<prefix>redis`, `<prefix>redis-replica`) as copies for a restore.
+async fn shop_copies(space: &Space, prefix: &str, pg: Run) {
+    let ns = &space.ns;
+    space
+        .apply(&sts_yaml(ns, &format!("{prefix}pg"), "postgres", None, pg))
+        .await;
+    for (name, engine) in [
+        ("pg-replica", "postgres"),
+        ("redis", "redis"),
+        ("redis-replica", "redis"),
+    ] {
+        space
+            .apply(&sts_yaml(
+                ns,
+                &format!("{prefix}{name}"),
+                engine,
+                None,
+                Run::Copy,
+            ))
+            .await;
+    }
+}
+
+/// Creates GroupRestore `name` and waits for its final phase.
+async fn restore(
+    space: &Space,
+    name: &str,
+    spec: &str,
+) -> stillpoint_controller::kube::crd::GroupRestore {
+    use stillpoint_controller::kube::crd::GroupRestore;
+    let ns = &space.ns;
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupRestore\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}"
+        ))
+        .await;
+    let api: Api<GroupRestore> = Api::namespaced(space.admin.clone(), ns);
+    wait_async(
+        &format!("GroupRestore {name} to end"),
+        Duration::from_secs(300),
+        || {
+            let api = api.clone();
+            async move {
+                Ok(api
+                    .get(name)
+                    .await?
+                    .status
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| p.is_final()))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    api.get(name).await.unwrap()
+}
+
+/// When each pod of the namespace was first seen, and first seen Ready,
+/// polled every 100 ms while the returned task runs.
+type Sightings = std::sync::Arc<
+    std::sync::Mutex<
+        std::collections::BTreeMap<String, (std::time::Instant, Option<std::time::Instant>)>,
+    >,
+>;
+
+fn watch_pods(space: &Space) -> (Sightings, tokio::task::JoinHandle<()>) {
+    let seen: Sightings = Default::default();
+    let pods: Api<Pod> = Api::namespaced(space.admin.clone(), &space.ns);
+    let record = seen.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            if let Ok(list) = pods.list(&ListParams::default()).await {
+                let now = std::time::Instant::now();
+                let mut seen = record.lock().unwrap();
+                for p in list.items {
+                    let ready = p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| {
+                            c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        });
+                    let entry = seen.entry(p.name_any()).or_insert((now, None));
+                    if ready && entry.1.is_none() {
+                        entry.1 = Some(now);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    (seen, task)
+}
+
+/// The consistent-cut check on four running pods: Redis's chain is a
+/// prefix of PostgreSQL's, each replica holds no more than its primary,
+/// and every step acknowledged before the backup started is there.
+async fn check_cut(tag: &str, pods: [&str; 4], space: &Space, before: usize) {
+    let [pg_p, pg_r, redis_p, redis_r] = pods;
+    let pg_ids = |name: &str| {
+        let name = name.to_string();
+        async move {
+            let pod = space.ready(&name).await;
+            pg_connect(&pod)
+                .await
+                .query("SELECT id FROM chain", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, i32>(0))
+                .collect::<BTreeSet<i32>>()
+        }
+    };
+    let redis_ids = |name: &str| {
+        let name = name.to_string();
+        async move {
+            let pod = space.ready(&name).await;
+            let ids: Vec<i32> = redis::cmd("LRANGE")
+                .arg("chain")
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut redis_connect(&pod).await)
+                .await
+                .unwrap();
+            ids.into_iter().collect::<BTreeSet<i32>>()
+        }
+    };
+    let (pg_primary, pg_replica) = (pg_ids(pg_p).await, pg_ids(pg_r).await);
+    let (redis_primary, redis_replica) = (redis_ids(redis_p).await, redis_ids(redis_r).await);
+    let ahead: Vec<&i32> = redis_primary.difference(&pg_primary).take(5).collect();
+    assert!(
+        ahead.is_empty(),
+        "{tag}: Redis holds steps PostgreSQL does not: {ahead:?}"
+    );
+    assert!(
+        pg_replica.is_subset(&pg_primary),
+        "{tag}: the PostgreSQL replica is ahead of its primary"
+    );
+    assert!(
+        redis_replica.is_subset(&redis_primary),
+        "{tag}: the Redis replica is ahead of its primary"
+    );
+    let expected: BTreeSet<i32> = (1..=before as i32).collect();
+    assert!(
+        expected.is_subset(&pg_primary),
+        "{tag}: steps acknowledged before the backup are missing"
+    );
+    assert!(
+        expected.is_subset(&redis_primary),
+        "{tag}: Redis lacks steps acknowledged before the backup"
+    );
+    assert!(
+        expected.is_subset(&pg_replica),
+        "{tag}: the aligned PostgreSQL replica lacks acknowledged steps"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_restores_bring_a_shop_back_stage_by_stage_and_a_stage_never_ready_holds_the_rest() {
+    use stillpoint_controller::kube::crd::{RestorePhase, WorkloadRef};
+    let space = Space::new("restore").await;
+    let ns = space.ns.clone();
+    for sa in ["pg", "redis"] {
+        space.identity(sa).await;
+    }
+    // The shop as StatefulSets: PostgreSQL primary and replica, Redis
+    // primary and replica.
+    space
+        .apply(&sts_yaml(&ns, "pg", "postgres", None, Run::Original))
+        .await;
+    space
+        .apply(&sts_yaml(&ns, "redis", "redis", None, Run::Original))
+        .await;
+    let pg0 = space.ready("pg-0").await;
+    let redis0 = space.ready("redis-0").await;
+    let (pg_ip, redis_ip) = (
+        pod_ip(&pg0).unwrap().to_string(),
+        pod_ip(&redis0).unwrap().to_string(),
+    );
+    space
+        .apply(&sts_yaml(
+            &ns,
+            "pg-replica",
+            "postgres",
+            Some(&pg_ip),
+            Run::Original,
+        ))
+        .await;
+    space
+        .apply(&sts_yaml(
+            &ns,
+            "redis-replica",
+            "redis",
+            Some(&redis_ip),
+            Run::Original,
+        ))
+        .await;
+    let pg1 = space.ready("pg-replica-0").await;
+    let redis1 = space.ready("redis-replica-0").await;
+    streaming(&pg1, &redis1).await;
+    let members = "  - {name: pg, selector: {matchLabels: {app: pg}}}\n  - {name: pg-replica, selector: {matchLabels: {app: pg-replica}}}\n  \
+                   - {name: cache, selector: {matchLabels: {app: redis}}}\n  - {name: cache-replica, selector: {matchLabels: {app: redis-replica}}}\n";
+    space.apply(&group_yaml(&ns, "shop", "csi", members)).await;
+    let _controller = space.controller("restore-a", &format!("lease-{ns}")).await;
+    space.protectable("shop", "True").await;
+    let workload = Workload::start(&pg0, &redis0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A csi backup and a csi-group backup under the causal workload.
+    let mut taken = Vec::new();
+    for driver in ["csi", "csi-group"] {
+        space
+            .groups()
+            .patch(
+                "shop",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"snapshot": {"driver": driver}}})),
+            )
+            .await
+            .unwrap();
+        space.protectable("shop", "True").await;
+        let before = workload.acked();
+        let b = space.backup(&format!("{driver}-1"), "shop").await;
+        let s = status(&b);
+        assert_eq!(s.phase, Some(BackupPhase::Succeeded), "{s:?}");
+        // Each member's workload is recorded for the restore.
+        let pg = s.members.iter().find(|m| m.pod == "pg-replica-0").unwrap();
+        assert_eq!(
+            pg.workload,
+            Some(WorkloadRef {
+                kind: "StatefulSet".into(),
+                name: "pg-replica".into()
+            })
+        );
+        assert_eq!(pg.data_directory.as_deref(), Some("/data/pgdata"));
+        taken.push((b, before));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    workload.stop().await;
+
+    // Under new names from the csi backup: copies of the StatefulSets,
+    // scaled up stage by stage.
+    shop_copies(&space, "restored-", Run::Copy).await;
+    let (seen, watcher) = watch_pods(&space);
+    let r = restore(&space, "from-csi", "{backup: csi-1}").await;
+    watcher.abort();
+    let rs = r.status.clone().unwrap();
+    assert_eq!(rs.phase, Some(RestorePhase::Succeeded), "{rs:#?}");
+    let mut pvcs = rs.pvcs.clone();
+    pvcs.sort();
+    assert_eq!(
+        pvcs,
+        [
+            "data-restored-pg-0",
+            "data-restored-pg-replica-0",
+            "data-restored-redis-0",
+            "data-restored-redis-replica-0"
+        ]
+    );
+    let stages: Vec<(u32, &str, &str)> = rs
+        .stages
+        .iter()
+        .map(|s| (s.stage, s.class.as_str(), s.phase.as_str()))
+        .collect();
+    assert_eq!(
+        stages,
+        [(2, "databases", "Ready"), (3, "messaging", "Ready")],
+        "{rs:#?}"
+    );
+    // Stage by stage, primaries before their replicas: each pod appeared
+    // only after every pod before it in the plan was Ready.
+    {
+        let seen = seen.lock().unwrap();
+        let order = [
+            "restored-pg-0",
+            "restored-pg-replica-0",
+            "restored-redis-0",
+            "restored-redis-replica-0",
+        ];
+        for pair in order.windows(2) {
+            let (earlier, later) = (&seen[pair[0]], &seen[pair[1]]);
+            let ready = earlier
+                .1
+                .unwrap_or_else(|| panic!("{} never seen Ready", pair[0]));
+            assert!(
+                later.0 >= ready,
+                "{} appeared before {} was Ready",
+                pair[1],
+                pair[0]
+            );
+        }
+    }
+    // The restored PostgreSQL servers hold what the backup recorded.
+    let replica = rs.members.iter().find(|m| m.pod == "pg-replica-0").unwrap();
+    assert!(
+        replica
+            .check
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("ok:"),
+        "{replica:?}"
+    );
+    assert!(
+        replica
+            .check
+            .as_deref()
+            .unwrap_or_default()
+            .contains("not ahead of restored-pg-0"),
+        "{replica:?}"
+    );
+    let primary = rs.members.iter().find(|m| m.pod == "pg-0").unwrap();
+    assert!(
+        primary
+            .check
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("ok:"),
+        "{primary:?}"
+    );
+    check_cut(
+        "from-csi",
+        [
+            "restored-pg-0",
+            "restored-pg-replica-0",
+            "restored-redis-0",
+            "restored-redis-replica-0",
+        ],
+        &space,
+        taken[0].1,
+    )
+    .await;
+    // The copies go (their PVCs stay).
+    let sts: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(space.admin.clone(), &ns);
+    for name in ["pg", "pg-replica", "redis", "redis-replica"] {
+        sts.delete(
+            &format!("restored-{name}"),
+            &DeleteParams::default().grace_period(1),
+        )
+        .await
+        .unwrap();
+    }
+
+    // A stage that never becomes Ready holds the later ones, and says why.
+    shop_copies(&space, "stuck-", Run::NeverReady).await;
+    let r = restore(
+        &space,
+        "stuck",
+        "{backup: csi-1, pvcPrefix: stuck-, stageTimeout: 8s}",
+    )
+    .await;
+    let rs = r.status.clone().unwrap();
+    assert_eq!(rs.phase, Some(RestorePhase::Failed), "{rs:#?}");
+    let completed = rs
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Completed")
+        .unwrap();
+    assert_eq!(completed.reason, "StageNotReady");
+    let error = rs.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("stuck-pg-0")
+            && error.contains("not Ready")
+            && error.contains("later stages 3 (messaging) were not started"),
+        "{error}"
+    );
+    let phases: Vec<(u32, String)> = rs
+        .stages
+        .iter()
+        .map(|s| (s.stage, s.phase.clone()))
+        .collect();
+    assert_eq!(phases, [(2, "Failed".to_string()), (3, "Held".to_string())]);
+    for held in ["stuck-pg-replica", "stuck-redis", "stuck-redis-replica"] {
+        let s = sts.get(held).await.unwrap();
+        assert_eq!(s.spec.unwrap().replicas, Some(0), "{held} was not started");
+    }
+    let pods: Api<Pod> = Api::namespaced(space.admin.clone(), &ns);
+    for pod in [
+        "stuck-pg-replica-0",
+        "stuck-redis-0",
+        "stuck-redis-replica-0",
+    ] {
+        assert!(
+            pods.get_opt(pod).await.unwrap().is_none(),
+            "{pod} must not run"
+        );
+    }
+    let reasons = event_reasons(&space, "stuck").await;
+    assert!(reasons.iter().any(|r| r == "StageNotReady"), "{reasons:?}");
+    let (_, metrics) = _controller.get("/metrics").unwrap();
+    let violations = metrics
+        .lines()
+        .find(|l| l.starts_with("stillpoint_restore_order_violations_total"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(violations >= 1.0, "{metrics}");
+    for name in ["pg", "pg-replica", "redis", "redis-replica"] {
+        sts.delete(
+            &format!("stuck-{name}"),
+            &DeleteParams::default().grace_period(1),
+        )
+        .await
+        .unwrap();
+    }
+
+    // In place from the csi-group backup: the originals scaled to zero,
+    // their PVCs replaced from the snapshots, and scaled up again.
+    let r = restore(&space, "in-place", "{backup: csi-group-1, inPlace: true}").await;
+    let rs = r.status.clone().unwrap();
+    assert_eq!(rs.phase, Some(RestorePhase::Succeeded), "{rs:#?}");
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(space.admin.clone(), &ns);
+    for claim in [
+        "data-pg-0",
+        "data-pg-replica-0",
+        "data-redis-0",
+        "data-redis-replica-0",
+    ] {
+        let c = claims.get(claim).await.unwrap();
+        assert_eq!(
+            c.labels().get("stillpoint.dev/restore").map(String::as_str),
+            Some("in-place"),
+            "{claim}"
+        );
+    }
+    check_cut(
+        "in-place",
+        ["pg-0", "pg-replica-0", "redis-0", "redis-replica-0"],
+        &space,
+        taken[1].1,
+    )
+    .await;
 }

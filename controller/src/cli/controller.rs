@@ -140,7 +140,8 @@ pub struct PkiArgs {
     /// and republishes the bundle.
     #[arg(long, env = "STILLPOINT_PKI_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub pki_interval: Duration,
-    /// The agent image the webhook injects.
+    /// The agent image the webhook injects (and GroupRestore runs in
+    /// restore mode).
     #[arg(
         long,
         env = "STILLPOINT_AGENT_IMAGE",
@@ -310,6 +311,7 @@ pub fn run(args: ControllerArgs, _global: &Global) -> anyhow::Result<()> {
             trust_domain: args.trust_domain.clone(),
             resync: args.resync,
             namespace: args.watch_namespace.clone(),
+            agent_image: args.pki.agent_image.clone(),
         };
         let ctx = Context::new(client, tls, settings);
         let listener = tokio::net::TcpListener::bind(args.metrics_listen)

@@ -48,9 +48,10 @@ pub fn dispatch(command: Command, global: &Global) -> anyhow::Result<()> {
             Command::Plan(args) => k.plan(&args.id, global).await,
             Command::Quiesce(args) => k.quiesce(args).await,
             Command::Thaw(args) => k.thaw(&args.target).await,
+            Command::Restore(args) => k.restore(args, global).await,
             _ => bail!(
                 "this command works in local mode only (a local config file, `--config`); in \
-                 Kubernetes mode use `backup`, `status`, `plan`, `quiesce` and `thaw`"
+                 Kubernetes mode use `backup`, `status`, `plan`, `quiesce`, `thaw` and `restore`"
             ),
         }
     })
@@ -206,6 +207,133 @@ impl Kube {
             println!("thawed: GroupQuiesce {name} deleted");
         }
         Ok(())
+    }
+}
+
+impl Kube {
+    /// `restore BACKUP`: creates a GroupRestore, prints each stage as it
+    /// changes and follows it to its end (exit code = outcome). Ctrl-C
+    /// stops following; the restore goes on.
+    async fn restore(
+        &self,
+        args: super::restore::RestoreArgs,
+        global: &Global,
+    ) -> anyhow::Result<()> {
+        use crate::kube::crd::{GroupRestore, GroupRestoreSpec, RestorePhase};
+        if args.to.is_some() || args.start {
+            bail!(
+                "--to and --start are local mode's; in Kubernetes mode the restore makes PVCs and scales workloads"
+            );
+        }
+        if self.get_backup(&args.id).await.is_err() {
+            bail!("no GroupBackup {} in namespace {}", args.id, self.ns);
+        }
+        let name = args
+            .name
+            .clone()
+            .unwrap_or_else(|| new_backup_id(&format!("{}-restore", args.id)));
+        let r = GroupRestore::new(
+            &name,
+            GroupRestoreSpec {
+                backup: args.id.clone(),
+                pvc_prefix: args.prefix.clone(),
+                in_place: args.in_place,
+                volumes_only: args.volumes_only,
+                stage_timeout: args.stage_timeout.clone(),
+            },
+        );
+        let api: Api<GroupRestore> = Api::namespaced(self.client.clone(), &self.ns);
+        api.create(&PostParams::default(), &r)
+            .await
+            .with_context(|| format!("creating GroupRestore {name}"))?;
+        eprintln!("GroupRestore {name} of GroupBackup {} created", args.id);
+        let follow = async {
+            let mut shown: Vec<String> = Vec::new();
+            loop {
+                let r = api.get(&name).await?;
+                let s = r.status.clone().unwrap_or_default();
+                let lines: Vec<String> = s
+                    .stages
+                    .iter()
+                    .map(|st| {
+                        format!(
+                            "stage {} ({}): {} [{}]",
+                            st.stage,
+                            st.class,
+                            st.phase,
+                            st.members.join(", ")
+                        )
+                    })
+                    .collect();
+                for line in &lines {
+                    if !shown.contains(line) {
+                        eprintln!("{line}");
+                    }
+                }
+                shown = lines;
+                let phase = s.phase.unwrap_or_default();
+                if phase.is_final() {
+                    return Ok::<_, anyhow::Error>(r);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        };
+        let r = tokio::select! {
+            r = follow => r?,
+            _ = tokio::signal::ctrl_c() => {
+                println!("stopped following; GroupRestore {name} goes on (kubectl get grouprestore {name} -n {})", self.ns);
+                return Ok(());
+            }
+        };
+        let s = r.status.clone().unwrap_or_default();
+        let rows: Vec<Vec<String>> = s
+            .members
+            .iter()
+            .map(|m| {
+                vec![
+                    m.stage.to_string(),
+                    m.pod.clone(),
+                    m.restored_pod.clone().unwrap_or_else(|| "-".into()),
+                    m.phase.clone(),
+                    m.pvcs.join(","),
+                    m.check.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        match s.phase.unwrap_or_default() {
+            RestorePhase::Succeeded => {
+                global.output.print(&r, || {
+                    format!(
+                        "GroupRestore {name} succeeded\n\n{}",
+                        table(
+                            &["STAGE", "POD", "RESTORED AS", "PHASE", "PVCS", "CHECK"],
+                            &rows
+                        )
+                    )
+                });
+                Ok(())
+            }
+            _ => {
+                if global.output != super::output::Output::Table {
+                    global.output.print(&r, String::new);
+                } else {
+                    eprintln!(
+                        "{}",
+                        table(
+                            &["STAGE", "POD", "RESTORED AS", "PHASE", "PVCS", "CHECK"],
+                            &rows
+                        )
+                    );
+                }
+                let reason = condition(&s.conditions, "Completed")
+                    .map(|c| c.1)
+                    .unwrap_or_default();
+                bail!(
+                    "GroupRestore {name} failed ({reason}): {}",
+                    s.error.unwrap_or_default()
+                )
+            }
+        }
     }
 }
 

@@ -1,4 +1,6 @@
-//! `stillpoint restore ID --to DIR [--start]`.
+//! `stillpoint restore ID --to DIR [--start]` (local mode); in Kubernetes
+//! mode `stillpoint restore BACKUP [--prefix P | --in-place]` creates a
+//! GroupRestore and follows it (`cli::kube`).
 
 use std::any::Any;
 use std::path::{Path, PathBuf};
@@ -17,11 +19,12 @@ use crate::restore::{restore_files, restored_data_dir, restored_path, stage_clas
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// The backup to restore.
+    /// The backup to restore (in Kubernetes mode: a GroupBackup).
     pub id: String,
-    /// Where to put every member's volumes (`DIR/<member>/<volume index>`).
+    /// Local mode: where to put every member's volumes
+    /// (`DIR/<member>/<volume index>`).
     #[arg(long)]
-    pub to: PathBuf,
+    pub to: Option<PathBuf>,
     /// Then start every restored server on a free local port, following
     /// the recovery plan (`stillpoint plan`): a stage starts only once every
     /// member of the previous stage is healthy (started and answering). If
@@ -29,6 +32,23 @@ pub struct RestoreArgs {
     /// servers run until Ctrl-C.
     #[arg(long)]
     pub start: bool,
+    /// Kubernetes mode: restore PVCs under new names with this prefix, into
+    /// copies of the workloads named `<prefix><name>` (default `restored-`).
+    #[arg(long, conflicts_with = "in_place")]
+    pub prefix: Option<String>,
+    /// Kubernetes mode: replace the original PVCs (workloads scaled to zero
+    /// first). What the original volumes held is lost.
+    #[arg(long)]
+    pub in_place: bool,
+    /// Kubernetes mode: only make (and prepare) the PVCs; start nothing.
+    #[arg(long)]
+    pub volumes_only: bool,
+    /// Kubernetes mode: how long one stage may take to become Ready.
+    #[arg(long)]
+    pub stage_timeout: Option<String>,
+    /// Kubernetes mode: the GroupRestore's name (default `<backup>-restore-<time>`).
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 /// Starts one restored member and checks it answers; returns the running
@@ -67,9 +87,12 @@ fn start_member(record: &MemberRecord, to: &Path) -> anyhow::Result<(Box<dyn Any
 }
 
 pub fn run(args: RestoreArgs, global: &Global) -> anyhow::Result<()> {
+    let Some(to) = args.to.clone() else {
+        bail!("--to DIR is required in local mode: where to put every member's volumes");
+    };
     let local = Local::load(global)?;
     let manifest = local.catalog()?.get(&args.id)?;
-    let restored = restore_files(&manifest, &args.to)?;
+    let restored = restore_files(&manifest, &to)?;
     let rows: Vec<Vec<String>> = restored
         .iter()
         .map(|r| {
@@ -102,7 +125,7 @@ pub fn run(args: RestoreArgs, global: &Global) -> anyhow::Result<()> {
     for (i, stage) in stages.iter().enumerate() {
         let mut unhealthy = Vec::new();
         for record in members.iter().filter(|m| m.restore_stage == *stage) {
-            match start_member(record, &args.to) {
+            match start_member(record, &to) {
                 Ok((server, address)) => {
                     println!(
                         "stage {stage} ({}): {} ({}) started and answering at {address}",
@@ -138,7 +161,7 @@ pub fn run(args: RestoreArgs, global: &Global) -> anyhow::Result<()> {
                  files stay in {}",
                 manifest.id,
                 unhealthy.join(", "),
-                args.to.display()
+                to.display()
             );
         }
     }

@@ -34,7 +34,7 @@ use crate::core::protocol::{BackupJob, Protocol};
 use crate::core::snapshot::Snapshotter;
 use crate::kube::crd::{
     BackupPhase, BackupSchedule, ConsistencyGroup, ConsistencyGroupStatus, DeletionPolicy,
-    FINALIZER, GroupBackup, GroupQuiesce, SnapshotDriver,
+    FINALIZER, GroupBackup, GroupQuiesce, GroupRestore, SnapshotDriver,
 };
 use crate::kube::csi::{Csi, CsiGroup, Owner};
 use crate::kube::resolve::{Resolution, Resolver};
@@ -56,6 +56,8 @@ pub struct Settings {
     pub resync: Duration,
     /// Only this namespace's groups and backups (default: every namespace).
     pub namespace: Option<String>,
+    /// The agent image (GroupRestore runs it in restore mode).
+    pub agent_image: String,
 }
 
 impl Settings {
@@ -508,7 +510,13 @@ async fn reconcile_backup(
         .iter()
         .map(|m| (m.pod.clone(), m.name.clone()))
         .collect();
-    writer.set_members(members.iter().cloned().collect());
+    writer.set_members(
+        resolution
+            .members
+            .iter()
+            .map(|m| (m.pod.clone(), (m.name.clone(), m.workload.clone())))
+            .collect(),
+    );
     writer
         .update(|s| {
             s.phase = Some(BackupPhase::Running);
@@ -525,6 +533,11 @@ async fn reconcile_backup(
                 .map(|(pod, member)| crate::kube::crd::BackupMember {
                     pod: pod.clone(),
                     member: Some(member.clone()),
+                    workload: resolution
+                        .members
+                        .iter()
+                        .find(|m| &m.pod == pod)
+                        .and_then(|m| m.workload.clone()),
                     ..Default::default()
                 })
                 .collect();
@@ -788,12 +801,18 @@ pub async fn run(
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .run(crate::kube::schedule::reconcile, retry, ctx.clone())
         .for_each(|_| async {});
+    let restores: Api<GroupRestore> = ctx.settings.api(&ctx.client);
+    let restore_controller = Controller::new(restores, watcher::Config::default())
+        .graceful_shutdown_on(stopped(stop_rx.clone()))
+        .run(crate::kube::restore::reconcile, retry, ctx.clone())
+        .for_each(|_| async {});
     let reconcilers = tokio::spawn(async move {
         tokio::join!(
             group_controller,
             backup_controller,
             quiesce_controller,
-            schedule_controller
+            schedule_controller,
+            restore_controller
         );
     });
     // Keep the Lease while running.

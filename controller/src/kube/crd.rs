@@ -206,6 +206,25 @@ pub struct ResolvedMember {
     /// The CSI driver of its PVCs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
+    /// The StatefulSet or Deployment that runs the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadRef>,
+}
+
+/// The StatefulSet or Deployment that runs a pod (from its owner
+/// references).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    /// `StatefulSet` or `Deployment`.
+    pub kind: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for WorkloadRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.kind, self.name)
+    }
 }
 
 /// One backup of a ConsistencyGroup.
@@ -349,6 +368,13 @@ pub struct BackupMember {
     pub consistency: Option<String>,
     #[serde(default)]
     pub restore_stage: u32,
+    /// The StatefulSet or Deployment that ran the pod (a GroupRestore
+    /// scales it, or its copy, up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadRef>,
+    /// The server's data directory, as its agent reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_directory: Option<String>,
     /// The VolumeSnapshots of its PVCs, in the order of its volumes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volume_snapshots: Vec<VolumeSnapshotRef>,
@@ -549,6 +575,160 @@ pub struct QuiescedMember {
     pub position: Option<String>,
 }
 
+/// The label on the PVCs (and preparation pods) a GroupRestore made (its
+/// name).
+pub const RESTORE_LABEL: &str = "stillpoint.dev/restore";
+
+/// A restore of a GroupBackup, stage by stage, as `stillpoint plan` orders
+/// it: PVCs from the backup's VolumeSnapshots, PostgreSQL volumes cut by a
+/// class that copies prepared (WAL and `backup_label`) before PostgreSQL
+/// starts, and the workloads scaled up one stage after another, each only
+/// when every member of the previous one is Ready.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "stillpoint.dev",
+    version = "v1alpha1",
+    kind = "GroupRestore",
+    namespaced,
+    status = "GroupRestoreStatus",
+    shortname = "grestore",
+    category = "stillpoint",
+    printcolumn = r#"{"name":"Backup","type":"string","jsonPath":".spec.backup"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Stage","type":"integer","jsonPath":".status.stage"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Error","type":"string","jsonPath":".status.error"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self == oldSelf",
+    "message": "a GroupRestore's spec cannot be changed; create another GroupRestore"
+}]))]
+pub struct GroupRestoreSpec {
+    /// The GroupBackup to restore (same namespace; it must have succeeded).
+    pub backup: String,
+    /// New names (the default mode): a PVC `<name>` is restored as
+    /// `<pvcPrefix><name>`, except a StatefulSet's claim `<template>-<sts>-<n>`,
+    /// restored as `<template>-<pvcPrefix><sts>-<n>` so that a copy of the
+    /// StatefulSet named `<pvcPrefix><sts>` claims it. The workloads scaled
+    /// up are those copies (`<pvcPrefix><workload>`, which must exist).
+    /// Default `restored-`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc_prefix: Option<String>,
+    /// Replace the originals instead: each member's workload is scaled to
+    /// zero, its PVCs are deleted and made again, under the same names,
+    /// from the snapshots, and it is scaled up again stage by stage. What
+    /// the original volumes held is lost (with a `Delete` reclaim policy,
+    /// the volumes themselves).
+    #[serde(default)]
+    pub in_place: bool,
+    /// Only make the PVCs (and prepare the PostgreSQL ones that need it);
+    /// start no workload. For members no StatefulSet or Deployment ran.
+    #[serde(default)]
+    pub volumes_only: bool,
+    /// How long one stage may take to become Ready (default `10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_timeout: Option<String>,
+}
+
+/// A GroupRestore's phases.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RestorePhase {
+    #[default]
+    Pending,
+    Restoring,
+    Succeeded,
+    Failed,
+}
+
+impl RestorePhase {
+    pub fn is_final(self) -> bool {
+        matches!(self, RestorePhase::Succeeded | RestorePhase::Failed)
+    }
+}
+
+/// What a restore did, and is doing.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupRestoreStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<RestorePhase>,
+    /// `Completed` (with the outcome's reason).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<MicroTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<MicroTime>,
+    /// The stage being started (or that failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<u32>,
+    /// Each stage, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<RestoreStage>,
+    /// Each member (pod) of the backup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<RestoredMember>,
+    /// The PVCs made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pvcs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One restore stage (members of one `restoreStage`; primaries start
+/// before their replicas within it).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreStage {
+    pub stage: u32,
+    /// What the stage number stands for (`databases`, ...).
+    pub class: String,
+    /// `Waiting`, `Starting`, `Ready`, `Failed` or `Held` (not started
+    /// because an earlier stage failed).
+    pub phase: String,
+    /// The pods (of the backup) it restores.
+    pub members: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<MicroTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_at: Option<MicroTime>,
+}
+
+/// One member of a restore.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoredMember {
+    /// The backed-up pod.
+    pub pod: String,
+    /// The pod that runs it again (`<workload>-<n>` of a StatefulSet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadRef>,
+    pub stage: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// `Pending`, `VolumesCreated`, `Prepared`, `Starting`, `Ready` or
+    /// `Failed`.
+    pub phase: String,
+    /// Its restored PVCs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pvcs: Vec<String>,
+    /// The restored server's position once Ready (through its agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<String>,
+    /// The check of that position against the backup's record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 /// Every CRD, as one multi-document YAML (what `deploy/crds/` holds).
 pub fn crds_yaml() -> String {
     use kube::CustomResourceExt;
@@ -557,6 +737,7 @@ pub fn crds_yaml() -> String {
         GroupBackup::crd(),
         GroupQuiesce::crd(),
         BackupSchedule::crd(),
+        GroupRestore::crd(),
     ]
     .iter()
     .map(|crd| serde_yaml::to_string(crd).expect("CRDs serialize"))

@@ -9,6 +9,7 @@
 //!   (`stillpoint controller`).
 //! - [`schedule`]: BackupSchedule, backups at cron times with retention.
 //! - [`quiesce`]: GroupQuiesce, a manual freeze held by the controller.
+//! - [`restore`]: GroupRestore, a backup restored stage by stage.
 //! - [`inject`]: what the sidecar-injecting webhook does to a pod.
 //! - [`pki`]: the in-cluster CA (a Secret) and the trust bundle's upkeep.
 //! - [`webhook`]: the HTTPS endpoint serving the webhook and the agents'
@@ -21,6 +22,7 @@ pub mod inject;
 pub mod pki;
 pub mod quiesce;
 pub mod resolve;
+pub mod restore;
 pub mod schedule;
 pub mod store;
 pub mod webhook;

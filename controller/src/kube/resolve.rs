@@ -23,7 +23,7 @@ use crate::core::model::{AgentEndpoint, Engine, GroupSpec, MemberSpec, Role, Vol
 use crate::core::protocol::{copy_refusal, coverage};
 use crate::core::record::ServerPath;
 use crate::kube::crd::{
-    ConsistencyGroup, MemberRole, MemberTemplate, ResolvedMember, SnapshotDriver,
+    ConsistencyGroup, MemberRole, MemberTemplate, ResolvedMember, SnapshotDriver, WorkloadRef,
 };
 
 /// The name of the agent's container port.
@@ -109,6 +109,33 @@ pub fn agent_port(pod: &Pod) -> Option<i32> {
         .flat_map(|c| c.ports.iter().flatten())
         .find(|p| p.name.as_deref() == Some(AGENT_PORT_NAME))
         .map(|p| p.container_port)
+}
+
+/// The StatefulSet or Deployment that runs a pod, from its controller
+/// owner reference (a Deployment's ReplicaSet is `<deployment>-<hash>`,
+/// the hash being the pod's `pod-template-hash` label).
+pub fn workload_of(pod: &Pod) -> Option<WorkloadRef> {
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))?;
+    match owner.kind.as_str() {
+        "StatefulSet" => Some(WorkloadRef {
+            kind: "StatefulSet".into(),
+            name: owner.name.clone(),
+        }),
+        "ReplicaSet" => {
+            let hash = kube::ResourceExt::labels(pod).get("pod-template-hash")?;
+            let name = owner.name.strip_suffix(&format!("-{hash}"))?;
+            Some(WorkloadRef {
+                kind: "Deployment".into(),
+                name: name.to_string(),
+            })
+        }
+        _ => None,
+    }
 }
 
 /// Whether a pod's labels match a selector's.
@@ -200,12 +227,12 @@ fn pod_volumes(
 }
 
 /// What an agent said.
-struct Described {
-    engine: Engine,
-    role: Role,
-    upstream: String,
-    position: Option<String>,
-    paths: Vec<ServerPath>,
+pub(crate) struct Described {
+    pub(crate) engine: Engine,
+    pub(crate) role: Role,
+    pub(crate) upstream: String,
+    pub(crate) position: Option<String>,
+    pub(crate) paths: Vec<ServerPath>,
 }
 
 /// The host of a `host:port` (or `[v6]:port`) address.
@@ -221,7 +248,7 @@ fn host_of(addr: &str) -> &str {
 }
 
 impl Resolver {
-    async fn describe(
+    pub(crate) async fn describe(
         &self,
         addr: &str,
         identity: &str,
@@ -395,6 +422,7 @@ impl Resolver {
                 name: t.name.clone(),
                 pod: pod.clone(),
                 ip: ip.clone(),
+                workload: workload_of(p),
                 ..Default::default()
             };
             let Some(port) = agent_port(p) else {

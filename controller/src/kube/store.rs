@@ -16,14 +16,17 @@ use serde_json::json;
 use tokio::sync::Mutex;
 
 use crate::core::model::{Engine, Role};
-use crate::core::record::{Consistency, Manifest, MemberRecord, Outcome};
+use crate::core::record::{Consistency, Manifest, MemberRecord, Outcome, ServerPath};
 use crate::core::snapshot::SnapshotHandle;
 use crate::core::store::{BackupStore, StoreError};
 use crate::core::timeline::Timeline;
 use crate::kube::crd::{
     BACKUP_LABEL, BackupMember, BackupPhase, GROUP_LABEL, GroupBackup, GroupBackupStatus,
-    VolumeSnapshotRef,
+    VolumeSnapshotRef, WorkloadRef,
 };
+
+/// What agents call the server's data directory among the paths they report.
+const DATA_DIRECTORY: &str = "data_directory";
 
 /// The field manager of everything the controller applies.
 pub const FIELD_MANAGER: &str = "stillpoint-controller";
@@ -68,6 +71,9 @@ pub fn set_condition(
     }
 }
 
+/// Each pod's member (of the group's spec) and the workload that runs it.
+pub type MemberOf = BTreeMap<String, (String, Option<WorkloadRef>)>;
+
 /// Writes one GroupBackup's status: always all of it, as one field manager.
 #[derive(Debug, Clone)]
 pub struct StatusWriter {
@@ -75,8 +81,8 @@ pub struct StatusWriter {
     secrets: Api<Secret>,
     backup: GroupBackup,
     status: Arc<Mutex<GroupBackupStatus>>,
-    /// Which member (of the group's spec) each pod is.
-    member_of: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
+    /// Which member (of the group's spec) each pod is, and its workload.
+    member_of: Arc<std::sync::Mutex<MemberOf>>,
 }
 
 impl StatusWriter {
@@ -91,8 +97,9 @@ impl StatusWriter {
         }
     }
 
-    /// Records which member each pod is (shown with the pod's record).
-    pub fn set_members(&self, member_of: BTreeMap<String, String>) {
+    /// Records which member each pod is and what runs it (shown with the
+    /// pod's record).
+    pub fn set_members(&self, member_of: MemberOf) {
         *self.member_of.lock().unwrap() = member_of;
     }
 
@@ -195,6 +202,12 @@ pub fn apply_manifest(status: &mut GroupBackupStatus, manifest: &Manifest) {
             aligned_to: m.aligned_to.clone(),
             consistency: m.consistency.map(|c: Consistency| c.as_str().to_string()),
             restore_stage: m.restore_stage,
+            workload: None,
+            data_directory: m
+                .paths
+                .iter()
+                .find(|p| p.what == DATA_DIRECTORY)
+                .map(|p| p.path.display().to_string()),
             volume_snapshots: m
                 .snapshots
                 .iter()
@@ -236,7 +249,10 @@ impl BackupStore for StatusWriter {
         self.update(|s| {
             apply_manifest(s, manifest);
             for m in &mut s.members {
-                m.member = member_of.get(&m.pod).cloned();
+                if let Some((member, workload)) = member_of.get(&m.pod) {
+                    m.member = Some(member.clone());
+                    m.workload = workload.clone();
+                }
             }
             if secret.is_some() {
                 s.artefacts_secret = secret;
@@ -327,7 +343,14 @@ pub fn manifest_of(b: &GroupBackup) -> Manifest {
                 restore_stage_explicit: false,
                 flush: None,
                 flush_us: None,
-                paths: Vec::new(),
+                paths: m
+                    .data_directory
+                    .iter()
+                    .map(|d| ServerPath {
+                        what: DATA_DIRECTORY.into(),
+                        path: d.into(),
+                    })
+                    .collect(),
                 snapshots: m
                     .volume_snapshots
                     .iter()
