@@ -2531,7 +2531,24 @@ async fn group_restores_bring_a_shop_back_stage_by_stage_and_a_stage_never_ready
 
     // In place from the csi-group backup: the originals scaled to zero,
     // their PVCs replaced from the snapshots, and scaled up again.
-    let r = restore(&space, "in-place", "{backup: csi-group-1, inPlace: true}").await;
+    // By the CLI, which creates the GroupRestore and follows it.
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        cli(
+            &space,
+            &["restore", "csi-group-1", "--in-place", "--name", "in-place"],
+        )
+    });
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("GroupRestore in-place succeeded") && out.contains("RESTORED AS"),
+        "{out}"
+    );
+    assert!(err.contains("stage 2 (databases): Ready"), "{err}");
+    let r =
+        Api::<stillpoint_controller::kube::crd::GroupRestore>::namespaced(space.admin.clone(), &ns)
+            .get("in-place")
+            .await
+            .unwrap();
     let rs = r.status.clone().unwrap();
     assert_eq!(rs.phase, Some(RestorePhase::Succeeded), "{rs:#?}");
     let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
