@@ -385,6 +385,35 @@ fn reached(engine: &str, a: &str, b: &str) -> Option<bool> {
     }
 }
 
+/// What the spec asks, checked alone: the stage bound.
+fn validate(spec: &crate::kube::crd::GroupRestoreSpec) -> Result<Duration, Stop> {
+    if spec.in_place && spec.volumes_only {
+        return Err(stop(
+            "InvalidSpec",
+            "inPlace with volumesOnly would delete PVCs that running pods still use; scale the workloads \
+             to zero yourself and restore inPlace without volumesOnly, or restore under new names",
+        ));
+    }
+    if !spec.in_place && spec.pvc_prefix.as_deref() == Some("") {
+        return Err(stop(
+            "InvalidSpec",
+            "spec.pvcPrefix is empty: that would be the originals' names; use inPlace: true to replace them",
+        ));
+    }
+    match &spec.stage_timeout {
+        None => Ok(DEFAULT_STAGE_TIMEOUT),
+        Some(t) => stillpoint_proto::duration::parse_duration(t)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                stop(
+                    "InvalidSpec",
+                    format!("spec.stageTimeout {t:?} is not a duration longer than zero"),
+                )
+            }),
+    }
+}
+
 /// The running restore: its resource, status and what it works with.
 struct Run {
     ctx: Arc<Context>,
@@ -1162,24 +1191,7 @@ impl Run {
 
     async fn run(&mut self) -> Result<usize, Stop> {
         let spec = self.restore.spec.clone();
-        let bound = match &spec.stage_timeout {
-            None => DEFAULT_STAGE_TIMEOUT,
-            Some(t) => stillpoint_proto::duration::parse_duration(t)
-                .ok()
-                .filter(|d| !d.is_zero())
-                .ok_or_else(|| {
-                    stop(
-                        "InvalidSpec",
-                        format!("spec.stageTimeout {t:?} is not a duration longer than zero"),
-                    )
-                })?,
-        };
-        if !spec.in_place && spec.pvc_prefix.as_deref() == Some("") {
-            return Err(stop(
-                "InvalidSpec",
-                "spec.pvcPrefix is empty: that would be the originals' names; use inPlace: true to replace them",
-            ));
-        }
+        let bound = validate(&spec)?;
         let backups: Api<GroupBackup> = Api::namespaced(self.ctx.client.clone(), &self.ns);
         let Some(backup) = backups.get_opt(&spec.backup).await? else {
             return Err(stop(
@@ -1476,6 +1488,36 @@ mod tests {
         let sts: StatefulSet = serde_yaml::from_str(text.split("\n---\n").next().unwrap()).unwrap();
         assert_eq!(sts.metadata.name.as_deref(), Some("restored-pg"));
         assert_eq!(sts.spec.unwrap().replicas, Some(0));
+    }
+
+    #[test]
+    fn a_spec_that_cannot_be_meant_is_refused_with_why() {
+        let spec = |yaml: &str| -> crate::kube::crd::GroupRestoreSpec {
+            serde_yaml::from_str(yaml).unwrap()
+        };
+        assert_eq!(
+            validate(&spec("{backup: b}")).unwrap(),
+            DEFAULT_STAGE_TIMEOUT
+        );
+        assert_eq!(
+            validate(&spec("{backup: b, stageTimeout: 90s}")).unwrap(),
+            Duration::from_secs(90)
+        );
+        for (yaml, says) in [
+            (
+                "{backup: b, inPlace: true, volumesOnly: true}",
+                "running pods still use",
+            ),
+            ("{backup: b, pvcPrefix: ''}", "pvcPrefix is empty"),
+            ("{backup: b, stageTimeout: 0s}", "longer than zero"),
+            ("{backup: b, stageTimeout: soon}", "stageTimeout \"soon\""),
+        ] {
+            let e = validate(&spec(yaml)).unwrap_err();
+            assert_eq!(e.reason, "InvalidSpec");
+            assert!(e.message.contains(says), "{yaml}: {}", e.message);
+        }
+        // In place, an empty prefix is beside the point.
+        assert!(validate(&spec("{backup: b, inPlace: true, pvcPrefix: ''}")).is_ok());
     }
 
     #[test]
