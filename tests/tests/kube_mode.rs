@@ -134,6 +134,20 @@ impl Space {
         api.get(name).await.unwrap()
     }
 
+    /// Switches `group` to snapshot `driver` and waits until it is
+    /// Protectable with it.
+    async fn use_driver(&self, group: &str, driver: &str) {
+        self.groups()
+            .patch(
+                group,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({ "spec": { "snapshot": { "driver": driver } } })),
+            )
+            .await
+            .unwrap();
+        self.protectable(group, "True").await;
+    }
+
     /// Waits until the group's `Protectable` condition has `status`, and
     /// returns its reason and message.
     async fn protectable(&self, group: &str, status: &str) -> (String, String) {
@@ -368,61 +382,25 @@ async fn verify_restore(space: &Space, backup: &GroupBackup, before: usize) -> u
         space.apply(&yaml).await;
         restored.push((m.clone(), name));
     }
-    let mut pg = std::collections::BTreeMap::new();
-    let mut cache = std::collections::BTreeMap::new();
-    for (m, name) in &restored {
-        let pod = space.ready(name).await;
-        match m.engine.as_deref() {
-            Some("postgres") => {
-                let ids: BTreeSet<i32> = pg_connect(&pod)
-                    .await
-                    .query("SELECT id FROM chain", &[])
-                    .await
-                    .unwrap()
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect();
-                pg.insert(m.role.clone().unwrap(), ids);
-            }
-            _ => {
-                let ids: Vec<i32> = redis::cmd("LRANGE")
-                    .arg("chain")
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut redis_connect(&pod).await)
-                    .await
-                    .unwrap();
-                cache.insert(
-                    m.role.clone().unwrap(),
-                    ids.into_iter().collect::<BTreeSet<i32>>(),
-                );
-            }
-        }
-    }
-    let (pg_primary, pg_replica) = (&pg["primary"], &pg["replica"]);
-    let (redis_primary, redis_replica) = (&cache["primary"], &cache["replica"]);
-    let ahead: Vec<&i32> = redis_primary.difference(pg_primary).take(5).collect();
-    assert!(
-        ahead.is_empty(),
-        "{tag}: Redis holds steps PostgreSQL does not: {ahead:?}"
-    );
-    assert!(
-        pg_replica.is_subset(pg_primary),
-        "{tag}: the PostgreSQL replica is ahead of its primary"
-    );
-    assert!(
-        redis_replica.is_subset(redis_primary),
-        "{tag}: the Redis replica is ahead of its primary"
-    );
-    let expected: BTreeSet<i32> = (1..=before as i32).collect();
-    assert!(
-        expected.is_subset(pg_primary),
-        "{tag}: steps acknowledged before the backup are missing"
-    );
-    assert!(
-        expected.is_subset(redis_primary),
-        "{tag}: Redis lacks steps acknowledged before the backup"
-    );
+    let named = |engine: &str, role: &str| {
+        restored
+            .iter()
+            .find(|(m, _)| m.engine.as_deref() == Some(engine) && m.role.as_deref() == Some(role))
+            .map(|(_, name)| name.as_str())
+            .unwrap_or_else(|| panic!("{tag}: no restored {engine} {role}"))
+    };
+    let held = check_cut(
+        &tag,
+        [
+            named("postgres", "primary"),
+            named("postgres", "replica"),
+            named("redis", "primary"),
+            named("redis", "replica"),
+        ],
+        space,
+        before,
+    )
+    .await;
     // Replicas were aligned to their primaries: what the replica holds is
     // what the primary held at the freeze.
     for m in s
@@ -457,7 +435,7 @@ async fn verify_restore(space: &Space, backup: &GroupBackup, before: usize) -> u
         .await
         .unwrap();
     }
-    pg_primary.len()
+    held
 }
 
 /// Starts the shop: PostgreSQL primary + streaming replica, Redis primary
@@ -548,16 +526,7 @@ async fn group_backups_with_csi_and_csi_group_restore_to_a_consistent_cut() {
 
     let mut taken = Vec::new();
     for (driver, count) in [("csi", 5), ("csi-group", 5)] {
-        space
-            .groups()
-            .patch(
-                "shop",
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({ "spec": { "snapshot": { "driver": driver } } })),
-            )
-            .await
-            .unwrap();
-        space.protectable("shop", "True").await;
+        space.use_driver("shop", driver).await;
         for n in 0..count {
             let before = workload.acked();
             let name = format!("{driver}-{n}");
@@ -1580,21 +1549,7 @@ spec:
         });
     let prepared = space.lab.container_log(&ns, "restored", "prepare");
     assert!(prepared.contains("backup_label of pg-0"), "{prepared}");
-    let db = pg_connect(&restored).await;
-    let n: i64 = db
-        .query_one("SELECT count(*) FROM acked", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 50, "every row acknowledged before the backup");
-    // It recovered from the label (which it then renamed).
-    let recovered = db
-        .query_one("SELECT size FROM pg_stat_file('backup_label.old')", &[])
-        .await;
-    assert!(
-        recovered.is_ok(),
-        "started from its backup_label: {recovered:?}"
-    );
+    recovered_from_label(&restored, 50).await;
 
     // The same by a GroupRestore. The pod was no workload's: without
     // volumesOnly the restore says so and changes nothing.
@@ -1655,13 +1610,19 @@ spec:
                 space.lab.container_log(&ns, "by-restore", "postgres")
             )
         });
-    let db = pg_connect(&restored).await;
+    recovered_from_label(&restored, 50).await;
+}
+
+/// The restored PostgreSQL holds every row acknowledged before the backup
+/// (`acked`) and recovered from its backup_label (which it then renamed).
+async fn recovered_from_label(restored: &Pod, acked: i64) {
+    let db = pg_connect(restored).await;
     let n: i64 = db
         .query_one("SELECT count(*) FROM acked", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 50, "every row acknowledged before the backup");
+    assert_eq!(n, acked, "every row acknowledged before the backup");
     let recovered = db
         .query_one("SELECT size FROM pg_stat_file('backup_label.old')", &[])
         .await;
@@ -2220,7 +2181,8 @@ fn watch_pods(space: &Space) -> (Sightings, tokio::task::JoinHandle<()>) {
 /// The consistent-cut check on four running pods: Redis's chain is a
 /// prefix of PostgreSQL's, each replica holds no more than its primary,
 /// and every step acknowledged before the backup started is there.
-async fn check_cut(tag: &str, pods: [&str; 4], space: &Space, before: usize) {
+/// Returns how many steps the PostgreSQL primary holds.
+async fn check_cut(tag: &str, pods: [&str; 4], space: &Space, before: usize) -> usize {
     let [pg_p, pg_r, redis_p, redis_r] = pods;
     let pg_ids = |name: &str| {
         let name = name.to_string();
@@ -2278,6 +2240,7 @@ async fn check_cut(tag: &str, pods: [&str; 4], space: &Space, before: usize) {
         expected.is_subset(&pg_replica),
         "{tag}: the aligned PostgreSQL replica lacks acknowledged steps"
     );
+    pg_primary.len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -2334,16 +2297,7 @@ async fn group_restores_bring_a_shop_back_stage_by_stage_and_a_stage_never_ready
     // A csi backup and a csi-group backup under the causal workload.
     let mut taken = Vec::new();
     for driver in ["csi", "csi-group"] {
-        space
-            .groups()
-            .patch(
-                "shop",
-                &PatchParams::default(),
-                &Patch::Merge(serde_json::json!({"spec": {"snapshot": {"driver": driver}}})),
-            )
-            .await
-            .unwrap();
-        space.protectable("shop", "True").await;
+        space.use_driver("shop", driver).await;
         let before = workload.acked();
         let b = space.backup(&format!("{driver}-1"), "shop").await;
         let s = status(&b);
