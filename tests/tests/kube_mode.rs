@@ -2528,3 +2528,140 @@ async fn group_restores_bring_a_shop_back_stage_by_stage_and_a_stage_never_ready
     )
     .await;
 }
+
+/// A Redis Deployment `name` (one pod) with its agent, on PVC `claim`.
+fn redis_deployment(ns: &str, name: &str, claim: &str, replicas: u32) -> String {
+    let agent: String =
+        stillpoint::agent_container("redis", "redis://127.0.0.1:6379", "agent-tls", "data")
+            .lines()
+            .map(|l| format!("    {l}\n"))
+            .collect();
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  replicas: {replicas}
+  strategy: {{type: Recreate}}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      serviceAccountName: redis
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: redis
+        image: redis:7
+        args: [--port, "6379", --dir, /data, --appendonly, "yes", --save, "", --protected-mode, "no"]
+        readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}
+        volumeMounts: [{{name: data, mountPath: /data}}]
+{agent}      volumes:
+      - {{name: data, persistentVolumeClaim: {{claimName: {claim}}}}}
+      - {{name: agent-tls, secret: {{secretName: agent-redis}}}}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_restore_scales_up_a_deployments_copy_on_its_restored_claim() {
+    use stillpoint_controller::kube::crd::{RestorePhase, WorkloadRef};
+    let space = Space::new("deploy").await;
+    let ns = space.ns.clone();
+    space.identity("redis").await;
+    space.pvc("data-cache", None).await;
+    space
+        .apply(&redis_deployment(&ns, "cache", "data-cache", 1))
+        .await;
+    let pods: Api<Pod> = Api::namespaced(space.admin.clone(), &ns);
+    let ready_pod = |app: &'static str| {
+        let pods = pods.clone();
+        async move {
+            let found = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let slot = found.clone();
+            wait_async(&format!("a Ready pod of {app}"), BOUND, || {
+                let (pods, slot) = (pods.clone(), slot.clone());
+                async move {
+                    let list = pods
+                        .list(&ListParams::default().labels(&format!("app={app}")))
+                        .await?;
+                    let ready = list.items.into_iter().find(|p| {
+                        p.status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_some_and(|c| {
+                                c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                            })
+                    });
+                    let ok = ready.is_some();
+                    *slot.lock().unwrap() = ready;
+                    Ok(ok)
+                }
+            })
+            .await
+            .unwrap();
+            found.lock().unwrap().clone().unwrap()
+        }
+    };
+    let cache = ready_pod("cache").await;
+    let mut c = redis_connect(&cache).await;
+    let _: () = redis::cmd("SET")
+        .arg("acked")
+        .arg("before the backup")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    space
+        .apply(&group_yaml(
+            &ns,
+            "cache",
+            "csi",
+            "  - {name: cache, selector: {matchLabels: {app: cache}}}\n",
+        ))
+        .await;
+    let _controller = space.controller("deploy-a", &format!("lease-{ns}")).await;
+    space.protectable("cache", "True").await;
+    let b = space.backup("cache-1", "cache").await;
+    let s = status(&b);
+    assert_eq!(s.phase, Some(BackupPhase::Succeeded), "{s:?}");
+    assert_eq!(
+        s.members[0].workload,
+        Some(WorkloadRef {
+            kind: "Deployment".into(),
+            name: "cache".into()
+        }),
+        "found through its ReplicaSet"
+    );
+    // The copy mounts the restored claim; the restore scales it to one pod.
+    space
+        .apply(&redis_deployment(
+            &ns,
+            "restored-cache",
+            "restored-data-cache",
+            0,
+        ))
+        .await;
+    let r = restore(&space, "cache-back", "{backup: cache-1}").await;
+    let rs = r.status.unwrap();
+    assert_eq!(rs.phase, Some(RestorePhase::Succeeded), "{rs:#?}");
+    assert_eq!(rs.pvcs, ["restored-data-cache"]);
+    let restored = ready_pod("restored-cache").await;
+    let value: String = redis::cmd("GET")
+        .arg("acked")
+        .query_async(&mut redis_connect(&restored).await)
+        .await
+        .unwrap();
+    assert_eq!(value, "before the backup");
+    // A copy that does not mount the restored claim is refused up front.
+    space
+        .apply(&redis_deployment(&ns, "other-cache", "data-cache", 0))
+        .await;
+    let r = restore(&space, "mismatch", "{backup: cache-1, pvcPrefix: other-}").await;
+    let rs = r.status.unwrap();
+    assert_eq!(rs.phase, Some(RestorePhase::Failed));
+    let error = rs.error.unwrap_or_default();
+    assert!(
+        error.contains("Deployment/other-cache would not mount PVC other-data-cache"),
+        "{error}"
+    );
+    assert!(rs.pvcs.is_empty(), "nothing made");
+}
