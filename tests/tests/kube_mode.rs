@@ -1989,6 +1989,8 @@ enum Run {
     Copy,
     /// A copy whose readiness probe never passes.
     NeverReady,
+    /// A copy whose server starts only after a few seconds.
+    Slow,
 }
 
 /// A StatefulSet `name` of one pod running `engine` (`postgres` or
@@ -2008,6 +2010,7 @@ fn sts_yaml(ns: &str, name: &str, engine: &str, upstream: Option<&str>, run: Run
                      chmod 700 /data/pgdata && ",
                     name.replace('-', "_")
                 ),
+                (Run::Slow, _) => "sleep 5 && rm -f /data/pgdata/postmaster.pid && ".to_string(),
                 _ => "rm -f /data/pgdata/postmaster.pid && ".to_string(),
             };
             // A restored replica follows nobody: its upstream is the original.
@@ -2483,6 +2486,58 @@ async fn group_restores_bring_a_shop_back_stage_by_stage_and_a_stage_never_ready
         .unwrap();
     }
 
+    // Deleted while a stage waits, a restore stops where it is: the pod
+    // it waits for becomes Ready after the deletion, and nothing later is
+    // started.
+    shop_copies(&space, "late-", Run::Slow).await;
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupRestore\nmetadata: {{name: late, namespace: {ns}}}\n\
+             spec: {{backup: csi-1, pvcPrefix: late-}}"
+        ))
+        .await;
+    let restores: Api<stillpoint_controller::kube::crd::GroupRestore> =
+        Api::namespaced(space.admin.clone(), &ns);
+    wait_async("GroupRestore late starting stage 2", BOUND, || {
+        let restores = restores.clone();
+        async move {
+            Ok(restores
+                .get("late")
+                .await?
+                .status
+                .is_some_and(|s| s.stages.iter().any(|st| st.phase == "Starting")))
+        }
+    })
+    .await
+    .unwrap();
+    restores
+        .delete("late", &DeleteParams::default())
+        .await
+        .unwrap();
+    space.ready("late-pg-0").await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for held in ["late-pg-replica", "late-redis", "late-redis-replica"] {
+        let s = sts.get(held).await.unwrap();
+        assert_eq!(
+            s.spec.unwrap().replicas,
+            Some(0),
+            "{held} started by a deleted restore"
+        );
+    }
+    let logs = _controller.logs();
+    assert!(
+        logs.contains("GroupRestore deleted: stopped where it was"),
+        "{logs}"
+    );
+    for name in ["pg", "pg-replica", "redis", "redis-replica"] {
+        sts.delete(
+            &format!("late-{name}"),
+            &DeleteParams::default().grace_period(1),
+        )
+        .await
+        .unwrap();
+    }
+
     // In place from the csi-group backup: the originals scaled to zero,
     // their PVCs replaced from the snapshots, and scaled up again.
     // By the CLI, which creates the GroupRestore and follows it.
@@ -2651,6 +2706,68 @@ async fn a_group_restore_scales_up_a_deployments_copy_on_its_restored_claim() {
         .await
         .unwrap();
     assert_eq!(value, "before the backup");
+    // An in-place restore deleted while it waits for the original's pod
+    // to go (held here by a finalizer) stops there: the original PVC is
+    // never replaced.
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(space.admin.clone(), &ns);
+    let original = claims.get("data-cache").await.unwrap().uid();
+    let held = ready_pod("cache").await.name_any();
+    let hold = |on: bool| serde_json::json!({"metadata": {"finalizers": if on { vec!["stillpoint.dev/test-hold"] } else { vec![] }}});
+    pods.patch(&held, &PatchParams::default(), &Patch::Merge(hold(true)))
+        .await
+        .unwrap();
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupRestore\nmetadata: {{name: cancelled, namespace: {ns}}}\n\
+             spec: {{backup: cache-1, inPlace: true}}"
+        ))
+        .await;
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(space.admin.clone(), &ns);
+    wait_async("the restore scaling cache down", BOUND, || {
+        let deployments = deployments.clone();
+        async move {
+            Ok(deployments
+                .get("cache")
+                .await?
+                .spec
+                .and_then(|s| s.replicas)
+                == Some(0))
+        }
+    })
+    .await
+    .unwrap();
+    let restores: Api<stillpoint_controller::kube::crd::GroupRestore> =
+        Api::namespaced(space.admin.clone(), &ns);
+    restores
+        .delete("cancelled", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pods.patch(&held, &PatchParams::default(), &Patch::Merge(hold(false)))
+        .await
+        .unwrap();
+    wait_async("the held pod gone", BOUND, || {
+        let (pods, held) = (pods.clone(), held.clone());
+        async move { Ok(pods.get_opt(&held).await?.is_none()) }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let claim = claims.get("data-cache").await.unwrap();
+    assert_eq!(
+        claim.uid(),
+        original,
+        "a deleted restore replaced the original PVC"
+    );
+    assert!(claim.metadata.deletion_timestamp.is_none());
+    let logs = _controller.logs();
+    assert!(
+        logs.contains("GroupRestore deleted: stopped where it was"),
+        "{logs}"
+    );
+
     // A copy that does not mount the restored claim is refused up front.
     space
         .apply(&redis_deployment(&ns, "other-cache", "data-cache", 0))

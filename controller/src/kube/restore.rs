@@ -1373,10 +1373,31 @@ pub async fn reconcile(r: Arc<GroupRestore>, ctx: Arc<Context>) -> Result<Action
         false => format!("restoring GroupBackup {}", r.spec.backup),
     };
     ctx.event(&*r, false, "Restoring", note).await;
+    // A GroupRestore has no finalizer (what it made outlives it): its
+    // deletion is seen by looking, and stops the run where it is.
+    let gone = {
+        let (api, name, uid) = (run.api.clone(), run.name.clone(), uid.clone());
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                match api.get_opt(&name).await {
+                    Ok(Some(r))
+                        if r.uid().as_deref() == Some(uid.as_str())
+                            && r.metadata.deletion_timestamp.is_none() => {}
+                    Ok(_) => return,
+                    Err(e) => tracing::debug!(restore = %name, "looking for the GroupRestore: {e}"),
+                }
+            }
+        }
+    };
     tokio::spawn(async move {
         let outcome = tokio::select! {
             o = run.run() => Some(o),
             _ = cancelled.wait_for(|c| c.is_some()) => None,
+            _ = gone => {
+                tracing::warn!(restore = %run.name, namespace = %run.ns, "GroupRestore deleted: stopped where it was; the PVCs it made stay");
+                None
+            }
         };
         match outcome {
             // Stopped (deleted, or the controller is shutting down): the
