@@ -2586,6 +2586,11 @@ async fn group_restores_bring_a_shop_back_stage_by_stage_and_a_stage_never_ready
 
 /// A Redis Deployment `name` (one pod) with its agent, on PVC `claim`.
 fn redis_deployment(ns: &str, name: &str, claim: &str, replicas: u32) -> String {
+    redis_deployment_after(ns, name, claim, replicas, 0)
+}
+
+/// The same, its Redis starting `delay` seconds after its container.
+fn redis_deployment_after(ns: &str, name: &str, claim: &str, replicas: u32, delay: u32) -> String {
     let agent: String =
         stillpoint::agent_container("redis", "redis://127.0.0.1:6379", "agent-tls", "data")
             .lines()
@@ -2607,7 +2612,7 @@ spec:
       containers:
       - name: redis
         image: redis:7
-        args: [--port, "6379", --dir, /data, --appendonly, "yes", --save, "", --protected-mode, "no"]
+        command: [sh, -c, "sleep {delay} && exec redis-server --port 6379 --dir /data --appendonly yes --save '' --protected-mode no"]
         readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}
         volumeMounts: [{{name: data, mountPath: /data}}]
 {agent}      volumes:
@@ -2673,7 +2678,7 @@ async fn a_group_restore_scales_up_a_deployments_copy_on_its_restored_claim() {
             "  - {name: cache, selector: {matchLabels: {app: cache}}}\n",
         ))
         .await;
-    let _controller = space.controller("deploy-a", &format!("lease-{ns}")).await;
+    let mut _controller = space.controller("deploy-a", &format!("lease-{ns}")).await;
     space.protectable("cache", "True").await;
     let b = space.backup("cache-1", "cache").await;
     let s = status(&b);
@@ -2781,4 +2786,52 @@ async fn a_group_restore_scales_up_a_deployments_copy_on_its_restored_claim() {
         "{error}"
     );
     assert!(rs.pvcs.is_empty(), "nothing made");
+
+    // A restore whose controller dies mid-stage is taken up by the next
+    // leader and finished.
+    space
+        .apply(&redis_deployment_after(
+            &ns,
+            "again-cache",
+            "again-data-cache",
+            0,
+            8,
+        ))
+        .await;
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupRestore\nmetadata: {{name: again, namespace: {ns}}}\n\
+             spec: {{backup: cache-1, pvcPrefix: again-}}"
+        ))
+        .await;
+    wait_async("GroupRestore again starting its stage", BOUND, || {
+        let restores = restores.clone();
+        async move {
+            Ok(restores
+                .get("again")
+                .await?
+                .status
+                .is_some_and(|s| s.stages.iter().any(|st| st.phase == "Starting")))
+        }
+    })
+    .await
+    .unwrap();
+    _controller.kill();
+    let _next = space.controller("deploy-b", &format!("lease-{ns}")).await;
+    let r = restore(&space, "again", "{backup: cache-1, pvcPrefix: again-}").await;
+    let rs = r.status.unwrap();
+    assert_eq!(rs.phase, Some(RestorePhase::Succeeded), "{rs:#?}");
+    assert_eq!(rs.pvcs, ["again-data-cache"]);
+    let notes = event_reasons(&space, "again").await;
+    assert!(
+        notes.iter().filter(|r| *r == "Restoring").count() >= 2,
+        "{notes:?}"
+    );
+    let restored = ready_pod("again-cache").await;
+    let value: String = redis::cmd("GET")
+        .arg("acked")
+        .query_async(&mut redis_connect(&restored).await)
+        .await
+        .unwrap();
+    assert_eq!(value, "before the backup");
 }
