@@ -92,7 +92,8 @@ pub enum Command {
     /// Print a backup's recovery plan: stages in order, each member's
     /// consistency method and the position each replica must reach.
     Plan(plan::PlanArgs),
-    /// Restore a backup's volumes, stage by stage, with each member's consistency method.
+    /// Restore a backup's volumes, stage by stage, with each member's consistency method
+    /// (Kubernetes mode: create a GroupRestore and follow it).
     Restore(restore::RestoreArgs),
     /// Run the configured schedules (with retention) and serve /metrics,
     /// until SIGTERM or Ctrl-C (which abort and thaw any backup in flight).
