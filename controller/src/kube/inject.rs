@@ -592,12 +592,44 @@ pub struct Request {
     pub pod: Value,
 }
 
+/// A request body, parsed once as JSON (or why it is not JSON).
+#[derive(Debug, Clone)]
+pub struct Body(Result<Value, String>);
+
+impl Body {
+    pub fn parse(body: &[u8]) -> Body {
+        Body(serde_json::from_slice(body).map_err(|e| e.to_string()))
+    }
+
+    fn str_at(&self, pointer: &str) -> Option<&str> {
+        self.0.as_ref().ok()?.pointer(pointer)?.as_str()
+    }
+
+    /// The namespace a review is about, without checking anything else
+    /// (the webhook looks up its labels before [`review_body`]).
+    pub fn namespace(&self) -> Option<String> {
+        self.str_at("/request/namespace").map(str::to_string)
+    }
+
+    /// Whether the request is a dry run (nothing it causes is kept).
+    pub fn dry_run(&self) -> bool {
+        self.0
+            .as_ref()
+            .ok()
+            .and_then(|r| r.pointer("/request/dryRun"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+}
+
 /// Reads an `admission.k8s.io/v1` AdmissionReview for a pod.
-pub fn read_review(body: &[u8]) -> Result<Request, BadReview> {
-    let review: Value = serde_json::from_slice(body)
+pub fn read_review(body: &Body) -> Result<Request, BadReview> {
+    let review = body
+        .0
+        .as_ref()
         .map_err(|e| BadReview(format!("the body is not JSON: {e}")))?;
-    if get_str(&review, &["apiVersion"]) != Some("admission.k8s.io/v1")
-        || get_str(&review, &["kind"]) != Some("AdmissionReview")
+    if get_str(review, &["apiVersion"]) != Some("admission.k8s.io/v1")
+        || get_str(review, &["kind"]) != Some("AdmissionReview")
     {
         return Err(BadReview(
             "not an admission.k8s.io/v1 AdmissionReview".into(),
@@ -666,12 +698,8 @@ pub fn response(uid: &str, answer: &Answer) -> Value {
 /// The answer to an unreadable review: a response with the uid when one
 /// can be found (the API server then applies the failure policy), else
 /// none (the server answers HTTP 400).
-pub fn bad_review_response(body: &[u8], err: &BadReview) -> Option<Value> {
-    let uid = serde_json::from_slice::<Value>(body)
-        .ok()?
-        .pointer("/request/uid")?
-        .as_str()?
-        .to_string();
+pub fn bad_review_response(body: &Body, err: &BadReview) -> Option<Value> {
+    let uid = body.str_at("/request/uid")?.to_string();
     Some(json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -690,6 +718,15 @@ pub fn review(
     namespace_labels: &BTreeMap<String, String>,
     cfg: &InjectConfig,
 ) -> (u16, Value) {
+    review_body(&Body::parse(body), namespace_labels, cfg)
+}
+
+/// [`review`] of a body already parsed.
+pub fn review_body(
+    body: &Body,
+    namespace_labels: &BTreeMap<String, String>,
+    cfg: &InjectConfig,
+) -> (u16, Value) {
     match read_review(body) {
         Ok(request) => {
             // Only CREATE injects; an UPDATE of an injected pod (or any
@@ -705,16 +742,6 @@ pub fn review(
             None => (400, json!({"error": format!("stillpoint injector: {err}")})),
         },
     }
-}
-
-/// The namespace a review is about, without checking anything else (the
-/// webhook looks up its labels before [`review`]).
-pub fn review_namespace(body: &[u8]) -> Option<String> {
-    serde_json::from_slice::<Value>(body)
-        .ok()?
-        .pointer("/request/namespace")?
-        .as_str()
-        .map(str::to_string)
 }
 
 #[cfg(test)]
@@ -1004,7 +1031,7 @@ mod tests {
             "request": {"uid": "u-1", "namespace": "shop", "operation": "CREATE", "object": pg()},
         });
         let bytes = serde_json::to_vec(&body).unwrap();
-        assert_eq!(review_namespace(&bytes).as_deref(), Some("shop"));
+        assert_eq!(Body::parse(&bytes).namespace().as_deref(), Some("shop"));
         let (code, answer) = review(&bytes, &BTreeMap::new(), &cfg(true));
         assert_eq!(code, 200);
         assert_eq!(answer["response"]["uid"], "u-1");

@@ -259,7 +259,8 @@ impl Webhook {
     }
 
     async fn mutate(&self, body: &[u8]) -> Response<Full<Bytes>> {
-        let ns = inject::review_namespace(body).unwrap_or_default();
+        let body = inject::Body::parse(body);
+        let ns = body.namespace().unwrap_or_default();
         // Without the namespace's labels the Pod Security level is
         // unknown: fsfreeze is then refused rather than guessed.
         let labels = match ns.is_empty() {
@@ -271,16 +272,9 @@ impl Webhook {
                 )])
             }),
         };
-        let (code, answer) = inject::review(body, &labels, &self.settings.inject);
+        let (code, answer) = inject::review_body(&body, &labels, &self.settings.inject);
         let patched = answer.pointer("/response/patch").is_some();
-        let dry_run = serde_json::from_slice::<serde_json::Value>(body)
-            .ok()
-            .and_then(|r| {
-                r.pointer("/request/dryRun")
-                    .and_then(serde_json::Value::as_bool)
-            })
-            .unwrap_or(false);
-        if patched && !dry_run {
+        if patched && !body.dry_run() {
             // The pod mounts the bundle: it must exist before the pod runs.
             // If it cannot be written the webhook fails (the failure policy
             // decides), rather than let a pod in that cannot start.
