@@ -1993,6 +1993,15 @@ enum Run {
     Slow,
 }
 
+/// The agent sidecar in a workload's pod template (identity `agent-tls`,
+/// data volume `data`).
+fn template_agent(engine: &str, dsn: &str) -> String {
+    stillpoint::agent_container(engine, dsn, "agent-tls", "data")
+        .lines()
+        .map(|l| format!("    {l}\n"))
+        .collect()
+}
+
 /// A StatefulSet `name` of one pod running `engine` (`postgres` or
 /// `redis`) with its agent, claim template `data`.
 fn sts_yaml(ns: &str, name: &str, engine: &str, upstream: Option<&str>, run: Run) -> String {
@@ -2059,10 +2068,7 @@ fn sts_yaml(ns: &str, name: &str, engine: &str, upstream: Option<&str>, run: Run
         "postgres" => "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
         _ => "redis://127.0.0.1:6379",
     };
-    let agent: String = stillpoint::agent_container(engine, dsn, "agent-tls", "data")
-        .lines()
-        .map(|l| format!("    {l}\n"))
-        .collect();
+    let agent = template_agent(engine, dsn);
     format!(
         r#"apiVersion: apps/v1
 kind: StatefulSet
@@ -2110,6 +2116,52 @@ async fn shop_copies(space: &Space, prefix: &str, pg: Run) {
     }
 }
 
+/// Deletes the copies [`shop_copies`] made (their PVCs stay).
+async fn remove_copies(space: &Space, prefix: &str) {
+    let sts: Api<k8s_openapi::api::apps::v1::StatefulSet> =
+        Api::namespaced(space.admin.clone(), &space.ns);
+    for name in ["pg", "pg-replica", "redis", "redis-replica"] {
+        sts.delete(
+            &format!("{prefix}{name}"),
+            &DeleteParams::default().grace_period(1),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Creates GroupRestore `name` with `spec` (YAML flow).
+async fn start_restore(space: &Space, name: &str, spec: &str) {
+    let ns = &space.ns;
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupRestore\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}"
+        ))
+        .await;
+}
+
+/// Waits until GroupRestore `name` is starting a stage.
+async fn until_starting(space: &Space, name: &str) {
+    let restores: Api<stillpoint_controller::kube::crd::GroupRestore> =
+        Api::namespaced(space.admin.clone(), &space.ns);
+    wait_async(
+        &format!("GroupRestore {name} starting a stage"),
+        BOUND,
+        || {
+            let restores = restores.clone();
+            async move {
+                Ok(restores
+                    .get(name)
+                    .await?
+                    .status
+                    .is_some_and(|s| s.stages.iter().any(|st| st.phase == "Starting")))
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
 /// Creates GroupRestore `name` and waits for its final phase.
 async fn restore(
     space: &Space,
@@ -2117,13 +2169,8 @@ async fn restore(
     spec: &str,
 ) -> stillpoint_controller::kube::crd::GroupRestore {
     use stillpoint_controller::kube::crd::GroupRestore;
-    let ns = &space.ns;
-    space
-        .apply(&format!(
-            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupRestore\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}"
-        ))
-        .await;
-    let api: Api<GroupRestore> = Api::namespaced(space.admin.clone(), ns);
+    start_restore(space, name, spec).await;
+    let api: Api<GroupRestore> = Api::namespaced(space.admin.clone(), &space.ns);
     wait_async(
         &format!("GroupRestore {name} to end"),
         Duration::from_secs(300),
@@ -2414,14 +2461,7 @@ async fn group_restores_bring_a_shop_back_stage_by_stage_and_a_stage_never_ready
     // The copies go (their PVCs stay).
     let sts: Api<k8s_openapi::api::apps::v1::StatefulSet> =
         Api::namespaced(space.admin.clone(), &ns);
-    for name in ["pg", "pg-replica", "redis", "redis-replica"] {
-        sts.delete(
-            &format!("restored-{name}"),
-            &DeleteParams::default().grace_period(1),
-        )
-        .await
-        .unwrap();
-    }
+    remove_copies(&space, "restored-").await;
 
     // A stage that never becomes Ready holds the later ones, and says why.
     shop_copies(&space, "stuck-", Run::NeverReady).await;
@@ -2477,39 +2517,16 @@ async fn group_restores_bring_a_shop_back_stage_by_stage_and_a_stage_never_ready
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(violations >= 1.0, "{metrics}");
-    for name in ["pg", "pg-replica", "redis", "redis-replica"] {
-        sts.delete(
-            &format!("stuck-{name}"),
-            &DeleteParams::default().grace_period(1),
-        )
-        .await
-        .unwrap();
-    }
+    remove_copies(&space, "stuck-").await;
 
     // Deleted while a stage waits, a restore stops where it is: the pod
     // it waits for becomes Ready after the deletion, and nothing later is
     // started.
     shop_copies(&space, "late-", Run::Slow).await;
-    space
-        .apply(&format!(
-            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupRestore\nmetadata: {{name: late, namespace: {ns}}}\n\
-             spec: {{backup: csi-1, pvcPrefix: late-}}"
-        ))
-        .await;
+    start_restore(&space, "late", "{backup: csi-1, pvcPrefix: late-}").await;
     let restores: Api<stillpoint_controller::kube::crd::GroupRestore> =
         Api::namespaced(space.admin.clone(), &ns);
-    wait_async("GroupRestore late starting stage 2", BOUND, || {
-        let restores = restores.clone();
-        async move {
-            Ok(restores
-                .get("late")
-                .await?
-                .status
-                .is_some_and(|s| s.stages.iter().any(|st| st.phase == "Starting")))
-        }
-    })
-    .await
-    .unwrap();
+    until_starting(&space, "late").await;
     restores
         .delete("late", &DeleteParams::default())
         .await
@@ -2529,14 +2546,7 @@ async fn group_restores_bring_a_shop_back_stage_by_stage_and_a_stage_never_ready
         logs.contains("GroupRestore deleted: stopped where it was"),
         "{logs}"
     );
-    for name in ["pg", "pg-replica", "redis", "redis-replica"] {
-        sts.delete(
-            &format!("late-{name}"),
-            &DeleteParams::default().grace_period(1),
-        )
-        .await
-        .unwrap();
-    }
+    remove_copies(&space, "late-").await;
 
     // In place from the csi-group backup: the originals scaled to zero,
     // their PVCs replaced from the snapshots, and scaled up again.
@@ -2591,11 +2601,7 @@ fn redis_deployment(ns: &str, name: &str, claim: &str, replicas: u32) -> String 
 
 /// The same, its Redis starting `delay` seconds after its container.
 fn redis_deployment_after(ns: &str, name: &str, claim: &str, replicas: u32, delay: u32) -> String {
-    let agent: String =
-        stillpoint::agent_container("redis", "redis://127.0.0.1:6379", "agent-tls", "data")
-            .lines()
-            .map(|l| format!("    {l}\n"))
-            .collect();
+    let agent = template_agent("redis", "redis://127.0.0.1:6379");
     format!(
         r#"apiVersion: apps/v1
 kind: Deployment
@@ -2722,12 +2728,7 @@ async fn a_group_restore_scales_up_a_deployments_copy_on_its_restored_claim() {
     pods.patch(&held, &PatchParams::default(), &Patch::Merge(hold(true)))
         .await
         .unwrap();
-    space
-        .apply(&format!(
-            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupRestore\nmetadata: {{name: cancelled, namespace: {ns}}}\n\
-             spec: {{backup: cache-1, inPlace: true}}"
-        ))
-        .await;
+    start_restore(&space, "cancelled", "{backup: cache-1, inPlace: true}").await;
     let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
         Api::namespaced(space.admin.clone(), &ns);
     wait_async("the restore scaling cache down", BOUND, || {
@@ -2798,24 +2799,8 @@ async fn a_group_restore_scales_up_a_deployments_copy_on_its_restored_claim() {
             8,
         ))
         .await;
-    space
-        .apply(&format!(
-            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupRestore\nmetadata: {{name: again, namespace: {ns}}}\n\
-             spec: {{backup: cache-1, pvcPrefix: again-}}"
-        ))
-        .await;
-    wait_async("GroupRestore again starting its stage", BOUND, || {
-        let restores = restores.clone();
-        async move {
-            Ok(restores
-                .get("again")
-                .await?
-                .status
-                .is_some_and(|s| s.stages.iter().any(|st| st.phase == "Starting")))
-        }
-    })
-    .await
-    .unwrap();
+    start_restore(&space, "again", "{backup: cache-1, pvcPrefix: again-}").await;
+    until_starting(&space, "again").await;
     _controller.kill();
     let _next = space.controller("deploy-b", &format!("lease-{ns}")).await;
     let r = restore(&space, "again", "{backup: cache-1, pvcPrefix: again-}").await;
