@@ -300,30 +300,22 @@ impl Kube {
                 ]
             })
             .collect();
+        let members = table(
+            &["STAGE", "POD", "RESTORED AS", "PHASE", "PVCS", "CHECK"],
+            &rows,
+        );
         match s.phase.unwrap_or_default() {
             RestorePhase::Succeeded => {
-                global.output.print(&r, || {
-                    format!(
-                        "GroupRestore {name} succeeded\n\n{}",
-                        table(
-                            &["STAGE", "POD", "RESTORED AS", "PHASE", "PVCS", "CHECK"],
-                            &rows
-                        )
-                    )
-                });
+                global
+                    .output
+                    .print(&r, || format!("GroupRestore {name} succeeded\n\n{members}"));
                 Ok(())
             }
             _ => {
                 if global.output != super::output::Output::Table {
                     global.output.print(&r, String::new);
                 } else {
-                    eprintln!(
-                        "{}",
-                        table(
-                            &["STAGE", "POD", "RESTORED AS", "PHASE", "PVCS", "CHECK"],
-                            &rows
-                        )
-                    );
+                    eprintln!("{members}");
                 }
                 let reason = condition(&s.conditions, "Completed")
                     .map(|c| c.1)

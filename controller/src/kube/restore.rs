@@ -36,8 +36,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, PodSecurityContext, SecurityContext};
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
-use kube::core::GroupVersionKind;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -452,6 +451,14 @@ impl Run {
         &mut self.status.stages[i]
     }
 
+    fn snapshots(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.ctx.client.clone(),
+            &self.ns,
+            &crate::kube::csi::volume_snapshot_resource(),
+        )
+    }
+
     fn labels(&self) -> serde_json::Value {
         json!({ RESTORE_LABEL: self.name })
     }
@@ -479,10 +486,7 @@ impl Run {
     /// 1. Everything is checked before anything changes.
     async fn check(&self, planned: &[Planned]) -> Result<(), Stop> {
         let spec = &self.restore.spec;
-        let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot");
-        let (resource, _) = kube::discovery::pinned_kind(&self.ctx.client, &gvk).await?;
-        let snapshots: Api<DynamicObject> =
-            Api::namespaced_with(self.ctx.client.clone(), &self.ns, &resource);
+        let snapshots = self.snapshots();
         for p in planned {
             for v in p.rec.volume_snapshots.iter() {
                 let Some(s) = snapshots.get_opt(&v.name).await? else {
@@ -693,11 +697,8 @@ impl Run {
         // The original's class, access modes and size; the snapshot's
         // restore size when the original is gone.
         let original = self.pvcs.get_opt(&v.pvc).await?.and_then(|p| p.spec);
-        let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot");
-        let resource = ApiResource::from_gvk_with_plural(&gvk, "volumesnapshots");
-        let snapshots: Api<DynamicObject> =
-            Api::namespaced_with(self.ctx.client.clone(), &self.ns, &resource);
-        let restore_size = snapshots
+        let restore_size = self
+            .snapshots()
             .get_opt(&v.name)
             .await?
             .and_then(|s| s.data["status"]["restoreSize"].as_str().map(String::from));
