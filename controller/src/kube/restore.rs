@@ -740,16 +740,9 @@ impl Run {
     /// 4. WAL and `backup_label` in before PostgreSQL starts.
     async fn prepare(&mut self, planned: &[Planned], bound: Duration) -> Result<(), Stop> {
         for p in planned.iter().filter(|p| p.needs_label()) {
-            let done = ["Prepared", "Starting", "Ready"];
-            if done.contains(
-                &self
-                    .status
-                    .members
-                    .iter()
-                    .find(|m| m.pod == p.rec.pod)
-                    .map(|m| m.phase.as_str())
-                    .unwrap_or(""),
-            ) {
+            // Prepared by an earlier run of this restore: never twice.
+            let phase = self.member(&p.rec.pod).phase.as_str();
+            if matches!(phase, "Prepared" | "Starting" | "Ready") {
                 continue;
             }
             let pod = self.prepare_pod(p).await?;
