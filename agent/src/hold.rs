@@ -198,11 +198,14 @@ impl Holds {
     /// The `Frozen` event is sent on `events` before this returns.
     /// Takes the hold; `aligned_us` (the alignment wait that preceded it,
     /// if any) is reported in the `frozen` event.
+    /// `block_writes`: every write must wait (a quiesce; see
+    /// [`Engine::freeze_writes`]).
     pub async fn freeze(
         self: &Arc<Self>,
         backup_id: &str,
         ttl: Duration,
         aligned_us: u64,
+        block_writes: bool,
         events: Events,
     ) -> Result<Attached, HoldError> {
         if backup_id.trim().is_empty() {
@@ -265,12 +268,11 @@ impl Holds {
         }
         // The slot says Freezing: whatever happens below must leave it.
         let started = Instant::now();
-        let outcome = match timeout(
-            self.limits.freeze_timeout,
-            self.engine.freeze(backup_id, ttl),
-        )
-        .await
-        {
+        let freezing = match block_writes {
+            true => self.engine.freeze_writes(backup_id, ttl),
+            false => self.engine.freeze(backup_id, ttl),
+        };
+        let outcome = match timeout(self.limits.freeze_timeout, freezing).await {
             Ok(result) => result,
             Err(_) => Err(EngineError {
                 member: self.member.clone(),

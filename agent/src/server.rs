@@ -106,7 +106,7 @@ impl Agent for AgentService {
             tracing::warn!("{warning}");
         }
         Ok(Response::new(pb::DescribeResponse {
-            engine: self.engine.kind().to_pb() as i32,
+            engine: d.engine.unwrap_or_else(|| self.engine.kind().to_pb()) as i32,
             member: self.member.clone(),
             server_version: d.server_version,
             role: d.role as i32,
@@ -204,7 +204,10 @@ impl Agent for AgentService {
         // then sees the end of the stream and thaws.
         let (granted, grant) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let attached = match holds.freeze(&backup_id, ttl, aligned_us, events).await {
+            let attached = match holds
+                .freeze(&backup_id, ttl, aligned_us, start.block_writes, events)
+                .await
+            {
                 Ok(attached) => {
                     let _ = granted.send(Ok(()));
                     attached

@@ -153,6 +153,18 @@ fn compare_gtid(a: &pb::GtidPosition, b: &pb::GtidPosition) -> Result<Ordering, 
     }
 }
 
+/// The GTID position a displayed one stands for (`gtid '0-1-42'
+/// (binlog.000002:4)`, as [`PositionExt::display`] writes it, or the bare
+/// set), without its binlog coordinates.
+pub fn gtid_from_display(flavor: GtidFlavor, text: &str) -> pb::Position {
+    let set = text
+        .trim()
+        .strip_prefix("gtid '")
+        .and_then(|rest| rest.split_once('\''))
+        .map_or(text.trim(), |(set, _)| set);
+    make::gtid(flavor, set, "", 0)
+}
+
 /// MariaDB GTID position: replication domain → highest sequence number.
 /// (The server id in `domain-server-seq` does not take part in the order.)
 pub fn parse_mariadb_gtid(text: &str) -> Result<BTreeMap<u32, u64>, String> {
@@ -304,6 +316,24 @@ mod tests {
         assert!(lsn(10).reached(&lsn(10)).unwrap());
         assert!(lsn(11).reached(&lsn(10)).unwrap());
         assert!(!lsn(9).reached(&lsn(10)).unwrap());
+    }
+
+    #[test]
+    fn displayed_gtid_positions_read_back_without_their_coordinates() {
+        let shown = gtid(Mariadb, "0-1-42,1-2-7", "binlog.000002", 1234).display();
+        assert_eq!(shown, "gtid '0-1-42,1-2-7' (binlog.000002:1234)");
+        let back = gtid_from_display(Mariadb, &shown);
+        assert_eq!(back, gtid(Mariadb, "0-1-42,1-2-7", "", 0));
+        assert_eq!(
+            gtid_from_display(Mariadb, " 0-1-42 "),
+            gtid(Mariadb, "0-1-42", "", 0)
+        );
+        let uuid = "3e11fa47-71ca-11e1-9e33-c80aa9429562";
+        let mysql = gtid(Mysql, &format!("{uuid}:1-5"), "", 0).display();
+        assert_eq!(
+            gtid_from_display(Mysql, &mysql),
+            gtid(Mysql, &format!("{uuid}:1-5"), "", 0)
+        );
     }
 
     #[test]

@@ -43,14 +43,20 @@ fn timed_insert(server: &PgServer, db: &str) -> tokio::task::JoinHandle<Duration
 }
 
 async fn fenced_pg(s: &mut Setup, db: &str) -> String {
+    database(&shared::postgres().primary, db).await;
+    pg_group(s, db, "fence")
+}
+
+/// Group `q` of one PostgreSQL member `pg-q` on database `db` (which must
+/// exist), its agent in `mode`.
+fn pg_group(s: &mut Setup, db: &str, mode: &str) -> String {
     let pg = shared::postgres();
-    database(&pg.primary, db).await;
     let addr = s.agent(
         "pg-q",
         "postgres",
         &[
             ("STILLPOINT_DSN", pg.primary.conninfo(db)),
-            ("STILLPOINT_PG_MODE", "fence".into()),
+            ("STILLPOINT_PG_MODE", mode.into()),
         ],
     );
     s.config(
@@ -82,6 +88,41 @@ async fn quiesce_for_two_seconds_blocks_writes_then_thaws() {
         s.agents[0].logs()
     );
     assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(!is_frozen(&s.agents[0]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiesce_stops_postgres_writes_in_backup_mode_too_or_refuses() {
+    let mut s = Setup::new();
+    database(&shared::postgres().primary, "cli_backup_mode").await;
+    pg_group(&mut s, "cli_backup_mode", "backup");
+    let mut quiesce = spawn_stillpoint(&s, &["quiesce", "q", "--for", "2s"]);
+    wait_frozen(&s);
+    let blocked = timed_insert(&shared::postgres().primary, "cli_backup_mode")
+        .await
+        .unwrap();
+    assert!(quiesce.wait().unwrap().success());
+    assert!(
+        blocked >= Duration::from_millis(1500),
+        "a write went through a quiesce of PostgreSQL in backup mode after {blocked:?}:\n{}",
+        s.agents[0].logs()
+    );
+    assert!(!is_frozen(&s.agents[0]));
+
+    // Nothing to fence: refused, with the setting to change, and nothing held.
+    let mut s = Setup::new();
+    fresh_database(&shared::postgres().primary, "cli_no_tables", "SELECT 1").await;
+    pg_group(&mut s, "cli_no_tables", "backup");
+    let out = stillpoint(&s, &["quiesce", "q", "--for", "1s"]);
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "quiesce must stop every write",
+        "STILLPOINT_PG_FENCE_SCHEMAS",
+        "nothing is left frozen",
+    ] {
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
     assert!(!is_frozen(&s.agents[0]));
 }
 

@@ -95,7 +95,11 @@ async fn block_commit_blocks_writes_keeps_reads_and_loses_nothing() {
         .unwrap();
     let mut a = agent(&fleet, "maria-writes", &maria.primary).await;
     let d = a.describe().await.unwrap();
-    assert_eq!(d.engine, pb::Engine::Mysql as i32);
+    assert_eq!(
+        d.engine,
+        pb::Engine::Mariadb as i32,
+        "MariaDB is named as such"
+    );
     assert!(
         d.server_version.starts_with("MariaDB 10."),
         "{}",

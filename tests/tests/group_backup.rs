@@ -60,7 +60,7 @@ async fn a_postgres_and_redis_group_is_cut_aligned_and_recorded() {
     assert!(lsn(&p1.position) >= lsn(&p0.position));
     // The copy of a PostgreSQL member in backup mode restores with its label.
     assert_eq!(p0.consistency, Some(Consistency::BackupLabel));
-    assert!(p0.artefacts["backup_label"].contains("LABEL: stillpoint g-1"));
+    assert!(p0.artefacts["backup_label"].contains("LABEL: stillpoint backup:g-1"));
     assert_eq!(q0.consistency, Some(Consistency::FrozenCopy));
     for m in &manifest.members {
         assert_eq!(m.snapshots.len(), 1, "{}", m.name);

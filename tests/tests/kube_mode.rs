@@ -360,6 +360,10 @@ fn status(b: &GroupBackup) -> GroupBackupStatus {
     b.status.clone().unwrap_or_default()
 }
 
+fn status_of_phase(b: &GroupBackup) -> Option<BackupPhase> {
+    b.status.as_ref().and_then(|s| s.phase)
+}
+
 /// Restores every VolumeSnapshot of `backup` into new PVCs, starts the
 /// databases on them, and checks the cut: Redis's chain is a prefix of
 /// PostgreSQL's, each replica holds no more than its primary, and every
@@ -1632,6 +1636,98 @@ async fn recovered_from_label(restored: &Pod, acked: i64) {
     );
 }
 
+/// A MariaDB pod `name` (app label `maria`) with the agent, on PVC
+/// `data-<name>`; `root` may connect from anywhere.
+fn mariadb_pod(ns: &str, name: &str) -> String {
+    let (uid, gid) = user("mysql");
+    // The init file takes one statement per line.
+    let start = "echo \\\"CREATE USER IF NOT EXISTS root@'%';\\\" > /tmp/init.sql && \
+         echo \\\"GRANT ALL ON *.* TO root@'%' WITH GRANT OPTION;\\\" >> /tmp/init.sql && \
+         { test -d /data/db/mysql || mariadb-install-db --no-defaults --datadir=/data/db \
+            --auth-root-authentication-method=normal --skip-test-db >/dev/null 2>&1; } && \
+         exec mariadbd --no-defaults --datadir=/data/db --port=3306 --bind-address=0.0.0.0 \
+            --socket=/tmp/mysqld.sock --pid-file=/tmp/mysqld.pid --skip-name-resolve \
+            --innodb-buffer-pool-size=64M --server-id=1 --log-bin=/data/db/binlog \
+            --binlog-format=ROW --init-file=/tmp/init.sql";
+    let agent = stillpoint::agent_container(
+        "mariadb",
+        "mysql://root@127.0.0.1:3306/",
+        "agent-tls",
+        "data",
+    );
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {ns}, labels: {{app: maria}}}}
+spec:
+  serviceAccountName: maria
+  containers:
+  - name: mariadb
+    image: mariadb:10.11
+    command: [sh, -c, "{start}"]
+    securityContext: {{runAsUser: {uid}, runAsGroup: {gid}}}
+    ports: [{{name: mysql, containerPort: 3306}}]
+    readinessProbe: {{tcpSocket: {{port: 3306}}, periodSeconds: 1}}
+    volumeMounts: [{{name: data, mountPath: /data}}]
+{agent}  volumes:
+  - {{name: data, persistentVolumeClaim: {{claimName: data-{name}}}}}
+  - {{name: agent-tls, secret: {{secretName: agent-maria}}}}
+"#
+    )
+}
+
+async fn maria_connect(pod: &Pod) -> mysql_async::Conn {
+    let ip = pod_ip(pod).unwrap();
+    mysql_async::Conn::from_url(format!("mysql://root@{ip}:3306/"))
+        .await
+        .unwrap()
+}
+
+/// One write to each engine of the quiesce test, each in its own task:
+/// PostgreSQL and MariaDB insert `id` into `t`, Redis sets `k<id>`.
+fn writes_to_each(
+    pg: &Pod,
+    maria: &Pod,
+    redis: &Pod,
+    id: i32,
+) -> Vec<(&'static str, tokio::task::JoinHandle<()>)> {
+    let (pg, maria, redis) = (pg.clone(), maria.clone(), redis.clone());
+    vec![
+        (
+            "postgres",
+            tokio::spawn(async move {
+                pg_connect(&pg)
+                    .await
+                    .execute("INSERT INTO t VALUES ($1)", &[&id])
+                    .await
+                    .unwrap();
+            }),
+        ),
+        (
+            "mariadb",
+            tokio::spawn(async move {
+                use mysql_async::prelude::Queryable;
+                let mut c = maria_connect(&maria).await;
+                c.exec_drop("INSERT INTO app.t VALUES (?)", (id,))
+                    .await
+                    .unwrap();
+            }),
+        ),
+        (
+            "redis",
+            tokio::spawn(async move {
+                let mut c = redis_connect(&redis).await;
+                redis::cmd("SET")
+                    .arg(format!("k{id}"))
+                    .arg(id)
+                    .query_async::<()>(&mut c)
+                    .await
+                    .unwrap();
+            }),
+        ),
+    ]
+}
+
 /// Waits until GroupQuiesce `name` has reached `phase`; returns it.
 async fn quiesce_phase(
     space: &Space,
@@ -1661,22 +1757,51 @@ async fn a_group_quiesce_holds_writes_until_deleted_expired_thawed_or_its_contro
     use stillpoint_controller::kube::crd::{GroupQuiesce, QuiescePhase};
     let space = Space::new("quiesce").await;
     let ns = space.ns.clone();
-    space.identity("redis").await;
-    space.pvc("data-redis-q", None).await;
+    for sa in ["redis", "pg", "maria"] {
+        space.identity(sa).await;
+    }
+    for pvc in ["data-redis-q", "data-pg-q", "data-maria-q"] {
+        space.pvc(pvc, None).await;
+    }
     let pod = RedisPod::with_agent("redis-q", "rq");
     space.apply(&pod.yaml(&ns)).await;
+    // PostgreSQL in the default mode (`backup`: a backup's freeze lets
+    // its writes flow), and MariaDB.
+    space.apply(&postgres_pod(&ns, "pg-q", None, false)).await;
+    space.apply(&mariadb_pod(&ns, "maria-q")).await;
     let redis = space.ready("redis-q").await;
-    space
-        .apply(&format!(
-            "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: hold, namespace: {ns}}}\n\
-             spec:\n  members:\n  - {{name: cache, selector: {{matchLabels: {{app: rq}}}}}}\n\
+    let pg = space.ready("pg-q").await;
+    let maria = space.ready("maria-q").await;
+    pg_connect(&pg)
+        .await
+        .batch_execute("CREATE TABLE t (id int)")
+        .await
+        .unwrap();
+    {
+        use mysql_async::prelude::Queryable;
+        let mut c = maria_connect(&maria).await;
+        c.query_drop("CREATE DATABASE app; CREATE TABLE app.t (id int) ENGINE=InnoDB")
+            .await
+            .unwrap();
+    }
+    let group = |name: &str, members: &str| {
+        format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec:\n  members:\n{members}\
              \x20 snapshot: {{driver: csi, volumeSnapshotClassName: {}}}\n  leaseTTL: 3s\n",
             kube::ATOMIC_SNAPSHOT_CLASS
-        ))
-        .await;
+        )
+    };
+    let cache = "  - {name: cache, selector: {matchLabels: {app: rq}}}\n";
+    let all = format!(
+        "{cache}  - {{name: pg, selector: {{matchLabels: {{app: pg}}}}}}\n  - {{name: maria, selector: {{matchLabels: {{app: maria}}}}}}\n"
+    );
+    space.apply(&group("hold", &all)).await;
+    space.apply(&group("cache-only", cache)).await;
     let lease = format!("lease-{ns}");
     let mut a = space.controller("quiesce-a", &lease).await;
     space.protectable("hold", "True").await;
+    space.protectable("cache-only", "True").await;
     let quiesces: Api<GroupQuiesce> = Api::namespaced(space.admin.clone(), &ns);
     let create = |name: &str, extra: &str| {
         format!(
@@ -1685,18 +1810,49 @@ async fn a_group_quiesce_holds_writes_until_deleted_expired_thawed_or_its_contro
         )
     };
 
-    // Held, with positions, until deleted.
+    // Held, with positions, until deleted: every write of every engine
+    // waits (PostgreSQL too, whatever its mode), then completes.
     space.apply(&create("q1", "")).await;
     let q = quiesce_phase(&space, "q1", QuiescePhase::Frozen).await;
     let status = q.status.unwrap();
-    assert_eq!(status.members.len(), 1);
-    assert_eq!(status.members[0].pod, "redis-q");
-    assert!(status.members[0].position.is_some(), "{status:?}");
-    assert!(status.until.is_some());
+    let pods: BTreeSet<&str> = status.members.iter().map(|m| m.pod.as_str()).collect();
+    assert_eq!(pods, BTreeSet::from(["maria-q", "pg-q", "redis-q"]));
     assert!(
-        !writes(&redis, Duration::from_millis(500)).await,
-        "writes wait"
+        status.members.iter().all(|m| m.position.is_some()),
+        "{status:?}"
     );
+    assert!(status.until.is_some());
+    let waiting = writes_to_each(&pg, &maria, &redis, 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (engine, w) in &waiting {
+        assert!(
+            !w.is_finished(),
+            "a {engine} write went through the quiesce"
+        );
+    }
+    // A GroupBackup named as the quiesce's hold once was takes nothing
+    // over: it is refused, and the quiesce holds on.
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupBackup\nmetadata: {{name: quiesce-q1, namespace: {ns}}}\n\
+             spec: {{group: cache-only}}"
+        ))
+        .await;
+    let b = space.finished("quiesce-q1").await;
+    assert_eq!(status_of_phase(&b), Some(BackupPhase::Failed), "{b:?}");
+    let q = quiesce_phase(&space, "q1", QuiescePhase::Frozen).await;
+    assert!(q.status.unwrap().error.is_none());
+    space
+        .groups()
+        .delete("cache-only", &DeleteParams::default())
+        .await
+        .unwrap();
+    for (engine, w) in &waiting {
+        assert!(
+            !w.is_finished(),
+            "a {engine} write went through the quiesce"
+        );
+    }
     quiesces
         .delete("q1", &DeleteParams::default())
         .await
@@ -1707,9 +1863,90 @@ async fn a_group_quiesce_holds_writes_until_deleted_expired_thawed_or_its_contro
     })
     .await
     .unwrap();
+    for (engine, w) in waiting {
+        tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .unwrap_or_else(|_| panic!("the {engine} write did not complete after the thaw"))
+            .unwrap();
+    }
+    let rows: i64 = pg_connect(&pg)
+        .await
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "the PostgreSQL write landed once");
+    {
+        use mysql_async::prelude::Queryable;
+        let n: Option<i64> = maria_connect(&maria)
+            .await
+            .query_first("SELECT count(*) FROM app.t")
+            .await
+            .unwrap();
+        assert_eq!(n, Some(1), "the MariaDB write landed once");
+    }
+    let k1: Option<i32> = redis::cmd("GET")
+        .arg("k1")
+        .query_async(&mut redis_connect(&redis).await)
+        .await
+        .unwrap();
+    assert_eq!(k1, Some(1), "the Redis write landed");
+
+    // A Secret named as a backup's artefacts would be is never adopted:
+    // the backup fails before anything freezes, and the Secret stays as
+    // it was.
+    space
+        .apply(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: stranger-artefacts, namespace: {ns}}}\n\
+             stringData: {{keep: mine}}"
+        ))
+        .await;
+    let b = space.backup("stranger", "hold").await;
+    let s = b.status.clone().unwrap_or_default();
+    assert_eq!(s.phase, Some(BackupPhase::Failed), "{s:?}");
+    let completed = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Completed")
+        .unwrap();
+    assert_eq!(completed.reason, "ArtefactsSecretExists", "{completed:?}");
     assert!(
-        writes(&redis, Duration::from_secs(2)).await,
-        "deleting thawed"
+        s.members.iter().all(|m| m.position.is_none()),
+        "nothing froze: {s:?}"
+    );
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(space.admin.clone(), &ns);
+    let stranger = secrets.get("stranger-artefacts").await.unwrap();
+    assert!(
+        stranger
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .is_empty()
+    );
+    assert_eq!(
+        stranger.data.unwrap()["keep"].0,
+        b"mine".to_vec(),
+        "the Secret is untouched"
+    );
+    space
+        .backups()
+        .delete("stranger", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_async("backup stranger gone", BOUND, || {
+        let backups = space.backups();
+        async move { Ok(backups.get_opt("stranger").await?.is_none()) }
+    })
+    .await
+    .unwrap();
+    assert!(
+        secrets
+            .get_opt("stranger-artefacts")
+            .await
+            .unwrap()
+            .is_some(),
+        "a Secret the backup did not make outlives it"
     );
 
     // The CLI: a member for two seconds; it ends by itself.
@@ -1918,9 +2155,52 @@ async fn schedules_never_overlap_keep_the_newest_and_follow_their_missed_policy(
         "{metrics}"
     );
 
+    // Retention prunes only what its own schedule made: backups made by
+    // hand that carry the schedule's name label (of this group or
+    // another) are never touched, even by a schedule that keeps one.
+    space.protectable("fast", "True").await;
+    for (hand, group) in [("hand-1", "fast"), ("hand-2", "fast"), ("hand-3", "slow")] {
+        space
+            .apply(&format!(
+                "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupBackup\nmetadata: {{name: {hand}, namespace: {ns}, \
+                 labels: {{stillpoint.dev/schedule: strict}}}}\nspec: {{group: {group}}}"
+            ))
+            .await;
+        space.finished(hand).await;
+    }
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: BackupSchedule\nmetadata: {{name: strict, namespace: {ns}}}\n\
+             spec: {{group: fast, schedule: \"0 0 0 1 1 *\", keepLast: 1, suspend: true}}"
+        ))
+        .await;
+    wait_async("schedule strict reconciled", BOUND, || {
+        let schedules = schedules.clone();
+        async move {
+            let s = schedules.get("strict").await?;
+            Ok(s.status
+                .is_some_and(|st| st.conditions.iter().any(|c| c.type_ == "Valid")))
+        }
+    })
+    .await
+    .unwrap();
+    // Another look after a resync would have had its chance.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for hand in ["hand-1", "hand-2", "hand-3"] {
+        assert!(
+            space.backups().get_opt(hand).await.unwrap().is_some(),
+            "retention of schedule strict deleted {hand}, which it did not make"
+        );
+    }
+    assert!(
+        !event_reasons(&space, "strict")
+            .await
+            .iter()
+            .any(|r| r == "Pruned")
+    );
+
     // Missed runs: every 15 s, the controller down across a run, back 5 s
     // after the next one would have been taken.
-    space.protectable("fast", "True").await;
     for (policy, fires) in [("run-once", true), ("skip", false)] {
         let name = format!("q15-{policy}");
         space

@@ -281,30 +281,12 @@ impl Layered {
     pub fn new(inner: Arc<dyn Engine>, fs: FsFreeze) -> Self {
         Layered { inner, fs }
     }
-}
 
-#[async_trait]
-impl Engine for Layered {
-    fn kind(&self) -> EngineKind {
-        self.inner.kind()
-    }
-
-    async fn describe(&self) -> Result<Description, EngineError> {
-        let mut d = self.inner.describe().await?;
-        d.capabilities.blocks_writes = true;
-        Ok(d)
-    }
-
-    async fn position(&self) -> Result<(pb::Position, pb::Role), EngineError> {
-        self.inner.position().await
-    }
-
-    async fn prepare(&self, backup_id: &str, atomic_cut: bool) -> Result<String, EngineError> {
-        self.inner.prepare(backup_id, atomic_cut).await
-    }
-
-    async fn freeze(&self, backup_id: &str, ttl: Duration) -> Result<Box<dyn Frozen>, EngineError> {
-        let mut database = self.inner.freeze(backup_id, ttl).await?;
+    /// Freezes the mounts once the database is frozen; any failure thaws it.
+    async fn freeze_mounts_after(
+        &self,
+        mut database: Box<dyn Frozen>,
+    ) -> Result<Box<dyn Frozen>, EngineError> {
         // The database's own flush comes before FIFREEZE: once the mounts
         // are frozen, its writes (a Redis save) would block. Its writes are
         // frozen already, so nothing it acknowledges later is missed.
@@ -331,6 +313,41 @@ impl Engine for Layered {
                 Err(self.fs.err(Step::Freeze, Cause::Refused, e.to_string()))
             }
         }
+    }
+}
+
+#[async_trait]
+impl Engine for Layered {
+    fn kind(&self) -> EngineKind {
+        self.inner.kind()
+    }
+
+    async fn describe(&self) -> Result<Description, EngineError> {
+        let mut d = self.inner.describe().await?;
+        d.capabilities.blocks_writes = true;
+        Ok(d)
+    }
+
+    async fn position(&self) -> Result<(pb::Position, pb::Role), EngineError> {
+        self.inner.position().await
+    }
+
+    async fn prepare(&self, backup_id: &str, atomic_cut: bool) -> Result<String, EngineError> {
+        self.inner.prepare(backup_id, atomic_cut).await
+    }
+
+    async fn freeze(&self, backup_id: &str, ttl: Duration) -> Result<Box<dyn Frozen>, EngineError> {
+        let database = self.inner.freeze(backup_id, ttl).await?;
+        self.freeze_mounts_after(database).await
+    }
+
+    async fn freeze_writes(
+        &self,
+        backup_id: &str,
+        ttl: Duration,
+    ) -> Result<Box<dyn Frozen>, EngineError> {
+        let database = self.inner.freeze_writes(backup_id, ttl).await?;
+        self.freeze_mounts_after(database).await
     }
 
     async fn wait_for_position(

@@ -200,6 +200,9 @@ pub struct EngineError {
 /// Who the member is, as `Describe` reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Description {
+    /// The engine as the server turned out to be, where the configured
+    /// kind covers several (`mysql`: MySQL or MariaDB); else the kind's.
+    pub engine: Option<pb::Engine>,
     pub server_version: String,
     pub role: pb::Role,
     pub upstream: String,
@@ -376,6 +379,18 @@ pub trait Engine: Send + Sync + 'static {
     /// Freezes and returns the hold. `ttl` is the lease; engines whose lock
     /// can carry its own timeout (Redis `CLIENT PAUSE`) use it.
     async fn freeze(&self, backup_id: &str, ttl: Duration) -> Result<Box<dyn Frozen>, EngineError>;
+
+    /// Freezes so that every write waits, whatever the engine's backup
+    /// freeze would let through (a manual quiesce). Most engines' freeze
+    /// already blocks every write; PostgreSQL's `backup` mode does not, and
+    /// fences instead.
+    async fn freeze_writes(
+        &self,
+        backup_id: &str,
+        ttl: Duration,
+    ) -> Result<Box<dyn Frozen>, EngineError> {
+        self.freeze(backup_id, ttl).await
+    }
 
     /// Waits until this member has replayed up to `target`, at most `timeout`.
     async fn wait_for_position(

@@ -534,11 +534,12 @@ impl Engine for Mysql {
                         .flatten()
                 })
                 .collect();
-            let name = match Flavor::detect(&version) {
-                Flavor::Mariadb { .. } => "MariaDB",
-                Flavor::Mysql { .. } => "MySQL",
+            let (name, engine) = match Flavor::detect(&version) {
+                Flavor::Mariadb { .. } => ("MariaDB", pb::Engine::Mariadb),
+                Flavor::Mysql { .. } => ("MySQL", pb::Engine::Mysql),
             };
             Ok(Description {
+                engine: Some(engine),
                 server_version: format!("{name} {version}"),
                 role,
                 upstream,

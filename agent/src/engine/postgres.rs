@@ -44,7 +44,10 @@ use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 
 use super::{Cause, Ctx, Description, Ending, Engine, EngineError, Frozen, Step, Thawed};
-use crate::config::{ENV_LOCK_TIMEOUT, EngineConfig, PgConfig, PgMode, Secret};
+use crate::config::{
+    ENV_LOCK_TIMEOUT, ENV_PG_FENCE_DATABASES, ENV_PG_FENCE_SCHEMAS, EngineConfig, PgConfig, PgMode,
+    Secret,
+};
 
 /// Parses a libpq-style DSN (`host=… user=…` or `postgresql://…`).
 pub fn parse_dsn(dsn: &str) -> Result<tokio_postgres::Config, String> {
@@ -399,6 +402,12 @@ impl Postgres {
         if self.pg.mode != PgMode::Fence {
             return Ok(Vec::new());
         }
+        self.open_fence_sessions(step).await
+    }
+
+    /// Opens the fence sessions whatever the mode (a manual quiesce fences
+    /// PostgreSQL in `backup` mode too).
+    async fn open_fence_sessions(&self, step: Step) -> Result<Vec<Session>, EngineError> {
         let databases: Vec<Option<&str>> = if self.pg.fence_databases.is_empty() {
             vec![None]
         } else {
@@ -522,6 +531,56 @@ impl Postgres {
             .await
             .map_err(|e| self.fence_error(session, &e))?;
         Ok(None)
+    }
+
+    /// Locks the fences (if any), reads the position and holds `backup`.
+    async fn hold(&self, mut backup: Backup) -> Result<Box<dyn Frozen>, EngineError> {
+        let fences = std::mem::take(&mut backup.fences);
+        // With one fence, its round trip also reads the position (after the
+        // locks); with several, the position is read once all are locked.
+        let single = fences.len() == 1;
+        let locked =
+            futures_util::future::join_all(fences.iter().map(|f| self.lock_fence(f, single))).await;
+        // On an error the fences drop here, which ends their transactions:
+        // nothing stays locked.
+        let read = locked.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let (position, primary) = match read.into_iter().flatten().next() {
+            // A fence is only ever on a primary.
+            Some(position) => (position, true),
+            None => {
+                let (position, role) = self
+                    .read_position(&backup.session.client, Step::Freeze)
+                    .await?;
+                (position, role == pb::Role::Primary)
+            }
+        };
+        Ok(Box::new(PgHold {
+            ctx: self.ctx.clone(),
+            backup,
+            fences,
+            position,
+            primary,
+            wal_retain: self.pg.wal_retain,
+        }))
+    }
+
+    /// Why a quiesce of this primary is refused: its fence would lock nothing.
+    fn nothing_to_fence(&self) -> EngineError {
+        let databases = match self.pg.fence_databases.is_empty() {
+            true => "the DSN's database".to_string(),
+            false => self.pg.fence_databases.join(", "),
+        };
+        self.ctx.err(
+            Step::Freeze,
+            Cause::Refused,
+            format!(
+                "a quiesce must stop every write, but the fence finds no table to lock in schema(s) {} \
+                 of {databases}; name the schemas and databases that hold the data in \
+                 {ENV_PG_FENCE_SCHEMAS} and {ENV_PG_FENCE_DATABASES} (injected agents: the pod \
+                 annotations stillpoint.dev/pg-fence-schemas and stillpoint.dev/pg-fence-databases)",
+                self.pg.fence_schemas.join(", ")
+            ),
+        )
     }
 
     fn fence_error(&self, session: &Session, e: &tokio_postgres::Error) -> EngineError {
@@ -681,6 +740,7 @@ impl Engine for Postgres {
             },
             paths,
             warnings,
+            ..Default::default()
         })
     }
 
@@ -762,34 +822,39 @@ impl Engine for Postgres {
             // Unprepared: the safe default is a backup session.
             None => self.start_backup(backup_id, Step::Freeze, false).await?,
         };
-        let mut backup = backup;
-        let fences = std::mem::take(&mut backup.fences);
-        // With one fence, its round trip also reads the position (after the
-        // locks); with several, the position is read once all are locked.
-        let single = fences.len() == 1;
-        let locked =
-            futures_util::future::join_all(fences.iter().map(|f| self.lock_fence(f, single))).await;
-        // On an error the fences drop here, which ends their transactions:
-        // nothing stays locked.
-        let read = locked.into_iter().collect::<Result<Vec<_>, _>>()?;
-        let (position, primary) = match read.into_iter().flatten().next() {
-            // A fence is only ever on a primary.
-            Some(position) => (position, true),
-            None => {
-                let (position, role) = self
-                    .read_position(&backup.session.client, Step::Freeze)
-                    .await?;
-                (position, role == pb::Role::Primary)
-            }
+        self.hold(backup).await
+    }
+
+    /// A quiesce: no backup session (nothing is cut), and the fences taken
+    /// whatever the mode, since every write must wait. A primary with
+    /// nothing to fence is refused: a hold that lets writes through would
+    /// be a lie. A standby accepts no writes, so it needs no fence.
+    async fn freeze_writes(
+        &self,
+        backup_id: &str,
+        _ttl: Duration,
+    ) -> Result<Box<dyn Frozen>, EngineError> {
+        let session = self.connect(None, Step::Freeze, "hold session").await?;
+        let standby: bool = session
+            .client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| self.err(Step::Freeze, &e))?
+            .get(0);
+        let fences = match standby {
+            true => Vec::new(),
+            false => self.open_fence_sessions(Step::Freeze).await?,
         };
-        Ok(Box::new(PgHold {
-            ctx: self.ctx.clone(),
-            backup,
+        if !standby && fences.iter().all(|f| f.tables.is_none()) {
+            return Err(self.nothing_to_fence());
+        }
+        let backup = Backup {
+            backup_id: backup_id.to_string(),
+            session,
+            stop: None,
             fences,
-            position,
-            primary,
-            wal_retain: self.pg.wal_retain,
-        }))
+        };
+        self.hold(backup).await
     }
 
     async fn wait_for_position(

@@ -30,9 +30,10 @@ pub fn run(args: QuiesceArgs, global: &Global) -> anyhow::Result<()> {
     let runtime = super::runtime()?;
     runtime.block_on(async {
         let tls = local.tls()?;
-        let id = format!(
-            "quiesce-{}",
-            crate::orchestrator::new_backup_id(&args.target)
+        let id = crate::core::holder::hold_id(
+            "quiesce",
+            &crate::orchestrator::new_backup_id(&args.target),
+            None,
         );
         let agents: Vec<(String, AgentEndpoint)> = members
             .iter()

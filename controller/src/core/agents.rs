@@ -168,13 +168,20 @@ impl OpenFreeze {
             Some((target, bound)) => (Some(target), (bound.as_millis() as u64).max(1)),
             None => (None, 0),
         };
+        self.start_with(pb::FreezeStart {
+            backup_id: backup_id.to_string(),
+            ttl_ms: ttl.as_millis() as u64,
+            align_to,
+            align_timeout_ms: align_timeout,
+            block_writes: false,
+        })
+        .await
+    }
+
+    /// Sends `start` as given and waits for the agent's answer.
+    pub async fn start_with(self, start: pb::FreezeStart) -> Result<HeldFreeze, tonic::Status> {
         let start = pb::FreezeRequest {
-            msg: Some(Msg::Start(pb::FreezeStart {
-                backup_id: backup_id.to_string(),
-                ttl_ms: ttl.as_millis() as u64,
-                align_to,
-                align_timeout_ms: align_timeout,
-            })),
+            msg: Some(Msg::Start(start)),
         };
         self.requests
             .send(start)
@@ -223,6 +230,23 @@ impl HeldFreeze {
         ttl: Duration,
     ) -> Result<Self, tonic::Status> {
         Self::start_aligned(client, backup_id, ttl, None).await
+    }
+
+    /// Freezes so that every write waits (a manual quiesce): an engine
+    /// whose backup freeze lets writes flow fences, or refuses.
+    pub async fn quiesce(
+        client: &mut AgentClient<Channel>,
+        id: &str,
+        ttl: Duration,
+    ) -> Result<Self, tonic::Status> {
+        OpenFreeze::open(client)
+            .start_with(pb::FreezeStart {
+                backup_id: id.to_string(),
+                ttl_ms: ttl.as_millis() as u64,
+                block_writes: true,
+                ..Default::default()
+            })
+            .await
     }
 
     /// Freezes a replica once it has reached `align` (its primary's frozen

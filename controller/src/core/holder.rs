@@ -9,6 +9,19 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::agents::HeldFreeze;
 
+/// The id agents know a hold by: the kind of what holds it (a backup or a
+/// quiesce; in Kubernetes mode the resource's kind), its name and, in
+/// Kubernetes mode, its uid. Agents hand a hold to any stream that names
+/// its id, so no two holders may ever share one: not a GroupBackup and a
+/// GroupQuiesce of similar names, nor an object and a later one that took
+/// its name.
+pub fn hold_id(kind: &str, name: &str, uid: Option<&str>) -> String {
+    match uid {
+        Some(uid) => format!("{kind}:{name}:{uid}"),
+        None => format!("{kind}:{name}"),
+    }
+}
+
 type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 enum Request {
@@ -174,7 +187,8 @@ impl Holder {
 /// Freezes every `(key, agent)` in parallel under hold id `id` with lease
 /// `ttl` and keeps each renewing; if any refuses, thaws the others and
 /// returns every refusal (nothing is left frozen). A manual quiesce, in
-/// either mode.
+/// either mode: every write of every member waits (PostgreSQL is fenced
+/// whatever its mode, or refuses).
 pub async fn freeze_all<K: Clone>(
     tls: &crate::agents::ControllerTls,
     agents: &[(K, crate::core::model::AgentEndpoint)],
@@ -189,7 +203,7 @@ pub async fn freeze_all<K: Clone>(
                 .connect(&agent.addr, &agent.identity)
                 .await
                 .map_err(|e| format!("{label}: {e}"))?;
-            let held = HeldFreeze::start(&mut client, id, ttl)
+            let held = HeldFreeze::quiesce(&mut client, id, ttl)
                 .await
                 .map_err(|e| format!("{label}: {}", e.message()))?;
             Ok::<_, String>((key.clone(), Holder::spawn(held, ttl)))

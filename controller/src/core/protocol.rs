@@ -230,6 +230,9 @@ pub struct Protocol {
 pub struct BackupJob<'a> {
     pub group: &'a GroupSpec,
     pub id: &'a str,
+    /// The id the agents know its hold by ([`hold_id`]): never one that
+    /// another backup or quiesce could also use.
+    pub hold: String,
     /// The schedule that started it, if any.
     pub schedule: Option<&'a str>,
     pub snapshotter: Box<dyn Snapshotter>,
@@ -241,6 +244,7 @@ impl std::fmt::Debug for BackupJob<'_> {
         f.debug_struct("BackupJob")
             .field("group", &self.group.name)
             .field("id", &self.id)
+            .field("hold", &self.hold)
             .field("snapshotter", &self.snapshotter)
             .finish_non_exhaustive()
     }
@@ -271,6 +275,8 @@ struct Run<'a, 'g> {
     group: &'g GroupSpec,
     metrics: &'static Metrics,
     id: &'a str,
+    /// What the agents know the hold by.
+    hold: String,
     clock: Clock,
     timeline: Timeline,
     snapshotter: Box<dyn Snapshotter>,
@@ -351,6 +357,7 @@ impl Protocol {
         let BackupJob {
             group,
             id,
+            hold,
             schedule,
             snapshotter,
             store,
@@ -377,6 +384,7 @@ impl Protocol {
             group,
             metrics: self.metrics,
             id,
+            hold,
             clock: Clock::default(),
             timeline: Timeline::default(),
             snapshotter,
@@ -705,7 +713,7 @@ impl<'g> Run<'_, 'g> {
     }
 
     async fn prepare(&mut self) -> Result<(), Problems> {
-        let id = self.id;
+        let id = self.hold.as_str();
         let start = self.clock.now_us();
         for m in &self.members {
             self.timeline.mark(&m.config.name, "prepare", start);
@@ -819,7 +827,7 @@ impl<'g> Run<'_, 'g> {
         let deadline = self.window_deadline.expect("just set");
         let bound = self.budget_left(Phase::Freeze, "the freeze")?;
         let (id, ttl, clock, group, metrics) = (
-            self.id,
+            self.hold.as_str(),
             self.group.lease_ttl,
             self.clock.clone(),
             self.group,

@@ -30,6 +30,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::core::agents::ControllerTls;
+use crate::core::holder::hold_id;
 use crate::core::protocol::{BackupJob, Protocol};
 use crate::core::snapshot::Snapshotter;
 use crate::kube::crd::{
@@ -473,6 +474,11 @@ async fn reconcile_backup(
         }
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
+    // Before anything freezes: the artefacts' Secret is this backup's to
+    // create, never a stranger's to adopt.
+    if let Err(why) = writer.create_artefacts_secret().await? {
+        return fail(&ctx, &backup, "ArtefactsSecretExists", why).await;
+    }
     let resolution = ctx.resolver.resolve(&group).await;
     let Some(spec) = resolution.spec.clone() else {
         let p = &resolution.protectable;
@@ -561,6 +567,7 @@ async fn reconcile_backup(
         let job = BackupJob {
             group: &spec,
             id: &name,
+            hold: hold_id("GroupBackup", &format!("{ns}/{name}"), Some(&uid)),
             schedule: None,
             snapshotter,
             store: Arc::new(writer.clone()),

@@ -403,6 +403,12 @@ pub struct VolumeSnapshotRef {
 /// The label on the GroupBackups a BackupSchedule made (its name).
 pub const SCHEDULE_LABEL: &str = "stillpoint.dev/schedule";
 
+/// The label that says which BackupSchedule made a GroupBackup (its uid):
+/// retention prunes only backups of its group that carry its own uid, so
+/// neither a hand-made backup with a copied `stillpoint.dev/schedule`
+/// label nor one made by an earlier schedule of the same name is touched.
+pub const SCHEDULE_UID_LABEL: &str = "stillpoint.dev/schedule-uid";
+
 /// GroupBackups of a group at cron times, with retention.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -579,6 +585,12 @@ pub struct QuiescedMember {
 /// name).
 pub const RESTORE_LABEL: &str = "stillpoint.dev/restore";
 
+/// The label that says which GroupRestore made a PVC or pod (its uid):
+/// what a restore takes as its own. The name alone outlives the restore,
+/// and a later one of the same name must never take the earlier one's
+/// PVCs (or the original data under their names) as restored.
+pub const RESTORE_UID_LABEL: &str = "stillpoint.dev/restore-uid";
+
 /// A restore of a GroupBackup, stage by stage, as `stillpoint plan` orders
 /// it: PVCs from the backup's VolumeSnapshots, PostgreSQL volumes cut by a
 /// class that copies prepared (WAL and `backup_label`) before PostgreSQL
@@ -674,6 +686,10 @@ pub struct GroupRestoreStatus {
     /// The PVCs made.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pvcs: Vec<String>,
+    /// The uid of each PVC made, by name: a PVC of that name with another
+    /// uid is not this restore's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pvc_uids: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

@@ -52,6 +52,14 @@ pub const ANNOTATIONS: &[(&str, &str)] = &[
     ),
     ("stillpoint.dev/pg-mode", "backup | fence (postgres only)"),
     (
+        "stillpoint.dev/pg-fence-schemas",
+        "comma-separated schemas whose tables a fence (and every quiesce) locks (postgres only; default public)",
+    ),
+    (
+        "stillpoint.dev/pg-fence-databases",
+        "comma-separated databases fenced (postgres only; default: the DSN's database)",
+    ),
+    (
         "stillpoint.dev/lock-timeout",
         "a duration such as 5s or 500ms (how long the engine waits for its lock)",
     ),
@@ -105,6 +113,9 @@ pub struct PodSettings {
     /// (volume name, mount path in the database container).
     pub data_volumes: Vec<(String, String)>,
     pub pg_mode: Option<String>,
+    /// `STILLPOINT_PG_FENCE_SCHEMAS` and `STILLPOINT_PG_FENCE_DATABASES`.
+    pub pg_fence_schemas: Option<String>,
+    pub pg_fence_databases: Option<String>,
     pub lock_timeout: Option<String>,
     pub fsfreeze: bool,
     pub exec_command: Option<String>,
@@ -224,6 +235,8 @@ pub fn settings(
             )));
         }
     }
+    let pg_fence_schemas = pg_names(&engine, "stillpoint.dev/pg-fence-schemas", get)?;
+    let pg_fence_databases = pg_names(&engine, "stillpoint.dev/pg-fence-databases", get)?;
     let lock_timeout = get("stillpoint.dev/lock-timeout");
     if let Some(t) = &lock_timeout {
         check_duration("stillpoint.dev/lock-timeout", t)?;
@@ -273,10 +286,38 @@ pub fn settings(
         dsn_secret,
         data_volumes,
         pg_mode,
+        pg_fence_schemas,
+        pg_fence_databases,
         lock_timeout,
         fsfreeze,
         exec_command,
     })
+}
+
+/// A PostgreSQL-only annotation that lists names (schemas, databases).
+fn pg_names(
+    engine: &str,
+    key: &str,
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<Option<String>, Denied> {
+    let Some(value) = get(key) else {
+        return Ok(None);
+    };
+    if !matches!(engine, "postgres" | "postgresql") {
+        return Err(Denied(format!(
+            "annotation {key} applies to engine postgres only, not {engine}"
+        )));
+    }
+    let names: Vec<&str> = value.split(',').map(str::trim).collect();
+    if names
+        .iter()
+        .any(|n| n.is_empty() || n.len() > 63 || n.chars().any(char::is_control))
+    {
+        return Err(Denied(format!(
+            "annotation {key}: {value:?} is not a list of names; allowed: comma-separated names of at most 63 characters"
+        )));
+    }
+    Ok(Some(names.join(",")))
 }
 
 fn is_dns_subdomain(s: &str) -> bool {
@@ -397,6 +438,12 @@ pub fn agent_container(pod: &Value, s: &PodSettings, cfg: &InjectConfig) -> Valu
     }
     if let Some(mode) = &s.pg_mode {
         env.push(json!({"name": "STILLPOINT_PG_MODE", "value": mode}));
+    }
+    if let Some(schemas) = &s.pg_fence_schemas {
+        env.push(json!({"name": "STILLPOINT_PG_FENCE_SCHEMAS", "value": schemas}));
+    }
+    if let Some(databases) = &s.pg_fence_databases {
+        env.push(json!({"name": "STILLPOINT_PG_FENCE_DATABASES", "value": databases}));
     }
     if let Some(t) = &s.lock_timeout {
         env.push(json!({"name": "STILLPOINT_LOCK_TIMEOUT", "value": t}));
@@ -859,6 +906,36 @@ mod tests {
     }
 
     #[test]
+    fn the_fence_is_configured_by_annotation() {
+        let p = pod(json!({
+            "stillpoint.dev/engine": "postgres",
+            "stillpoint.dev/dsn-secret": "pg-agent",
+            "stillpoint.dev/pg-fence-schemas": "shop, audit",
+            "stillpoint.dev/pg-fence-databases": "app",
+        }));
+        let Answer::Patch(ops) = decide(&p, &BTreeMap::new(), &cfg(true)) else {
+            panic!("injects");
+        };
+        let out = apply(p, &ops);
+        let agent = &out["spec"]["initContainers"][0];
+        assert_eq!(
+            env(agent, "STILLPOINT_PG_FENCE_SCHEMAS"),
+            Some("shop,audit")
+        );
+        assert_eq!(env(agent, "STILLPOINT_PG_FENCE_DATABASES"), Some("app"));
+        let plain = apply(pg(), &ops_of(&pg()));
+        let agent = &plain["spec"]["initContainers"][0];
+        assert!(env(agent, "STILLPOINT_PG_FENCE_SCHEMAS").is_none());
+    }
+
+    fn ops_of(p: &Value) -> Vec<Value> {
+        match decide(p, &BTreeMap::new(), &cfg(true)) {
+            Answer::Patch(ops) => ops,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn a_regular_container_where_native_sidecars_are_missing() {
         let Answer::Patch(ops) = decide(&pg(), &BTreeMap::new(), &cfg(false)) else {
             panic!("injects");
@@ -934,6 +1011,16 @@ mod tests {
                 json!({"stillpoint.dev/engine": "redis", "stillpoint.dev/dsn-secret": "s", "stillpoint.dev/pg-mode": "fence"}),
                 &none,
                 &["stillpoint.dev/pg-mode applies to engine postgres only"],
+            ),
+            (
+                json!({"stillpoint.dev/engine": "redis", "stillpoint.dev/dsn-secret": "s", "stillpoint.dev/pg-fence-schemas": "app"}),
+                &none,
+                &["stillpoint.dev/pg-fence-schemas applies to engine postgres only"],
+            ),
+            (
+                json!({"stillpoint.dev/engine": "postgres", "stillpoint.dev/dsn-secret": "s", "stillpoint.dev/pg-fence-databases": "shop,,other"}),
+                &none,
+                &["stillpoint.dev/pg-fence-databases", "comma-separated names"],
             ),
             (
                 json!({"stillpoint.dev/engine": "redis", "stillpoint.dev/dsn-secret": "s", "stillpoint.dev/lock-timeout": "soon"}),

@@ -17,7 +17,7 @@ use serde_json::json;
 use stillpoint_proto::PositionExt;
 use tokio::sync::watch;
 
-use crate::core::holder::freeze_all;
+use crate::core::holder::{freeze_all, hold_id};
 use crate::core::model::AgentEndpoint;
 use crate::kube::controller::{Context, Live, ReconcileError, now};
 use crate::kube::crd::{
@@ -214,7 +214,7 @@ pub async fn reconcile(q: Arc<GroupQuiesce>, ctx: Arc<Context>) -> Result<Action
             done,
         },
     );
-    let id = format!("quiesce-{name}");
+    let id = hold_id("GroupQuiesce", &format!("{ns}/{name}"), Some(&uid));
     let agents: Vec<_> = targets
         .iter()
         .map(|m| {

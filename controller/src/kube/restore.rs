@@ -46,7 +46,7 @@ use crate::core::plan::stage_class;
 use crate::kube::controller::{Context, Live, ReconcileError, now};
 use crate::kube::crd::{
     BackupMember, BackupPhase, GroupBackup, GroupRestore, GroupRestoreStatus, RESTORE_LABEL,
-    RestorePhase, RestoreStage, RestoredMember, VolumeSnapshotRef, WorkloadRef,
+    RESTORE_UID_LABEL, RestorePhase, RestoreStage, RestoredMember, VolumeSnapshotRef, WorkloadRef,
 };
 use crate::kube::resolve::{agent_port, pod_identity, workload_of};
 use crate::kube::store::{apply_status, set_condition};
@@ -371,16 +371,40 @@ fn not_ready_because(pod: &Pod) -> String {
     }
 }
 
-/// The LSN or GTID position `a` is at or past `b` (`None`: not comparable).
+/// How restored position `a` stands to recorded position `b`, by engine
+/// (`None`: not comparable: GTID sets that each lack what the other has,
+/// or an engine whose positions do not survive a restart).
+fn compare(engine: &str, a: &str, b: &str) -> Option<std::cmp::Ordering> {
+    use stillpoint_proto::PositionExt;
+    use stillpoint_proto::pb::GtidFlavor;
+    use stillpoint_proto::position::{gtid_from_display, parse_lsn};
+    let flavor = match engine {
+        "postgres" => return Some(parse_lsn(a)?.cmp(&parse_lsn(b)?)),
+        "mariadb" => GtidFlavor::Mariadb,
+        "mysql" => GtidFlavor::Mysql,
+        _ => return None,
+    };
+    gtid_from_display(flavor, a)
+        .compare(&gtid_from_display(flavor, b))
+        .ok()
+}
+
+/// Whether a restored server of `engine` must be exactly at the position
+/// the backup recorded. A MySQL or MariaDB member was frozen with its
+/// commits blocked, so its restored GTID set is the recorded one; a
+/// PostgreSQL member's crash recovery writes WAL of its own (and in
+/// `backup` mode writes flowed through the cut), so it is at or past it.
+fn exact(engine: &str) -> bool {
+    matches!(engine, "mariadb" | "mysql")
+}
+
+/// Whether restored position `a` is at or past `b` (`None`: not known).
 fn reached(engine: &str, a: &str, b: &str) -> Option<bool> {
-    use stillpoint_proto::position::{parse_lsn, parse_mariadb_gtid};
-    match engine {
-        "postgres" => Some(parse_lsn(a)? >= parse_lsn(b)?),
-        "mariadb" => {
-            let (a, b) = (parse_mariadb_gtid(a).ok()?, parse_mariadb_gtid(b).ok()?);
-            Some(b.iter().all(|(d, s)| a.get(d).is_some_and(|x| x >= s)))
-        }
-        _ => None,
+    match (compare(engine, a, b), exact(engine)) {
+        (Some(o), _) => Some(o != std::cmp::Ordering::Less),
+        // GTID sets that are not comparable: `a` lacks some of `b`.
+        (None, true) => Some(false),
+        (None, false) => None,
     }
 }
 
@@ -459,12 +483,26 @@ impl Run {
         )
     }
 
-    fn labels(&self) -> serde_json::Value {
-        json!({ RESTORE_LABEL: self.name })
+    fn uid(&self) -> String {
+        self.restore.uid().unwrap_or_default()
     }
 
+    fn labels(&self) -> serde_json::Value {
+        json!({ RESTORE_LABEL: self.name, RESTORE_UID_LABEL: self.uid() })
+    }
+
+    /// Made by this restore (this object, not an earlier one of its name):
+    /// its uid label, and the PVC's own uid where it was recorded.
     fn ours(&self, pvc: &PersistentVolumeClaim) -> bool {
-        pvc.labels().get(RESTORE_LABEL) == Some(&self.name)
+        let uid = self.uid();
+        let name = pvc.name_any();
+        !uid.is_empty()
+            && pvc.labels().get(RESTORE_UID_LABEL) == Some(&uid)
+            && self
+                .status
+                .pvc_uids
+                .get(&name)
+                .is_none_or(|recorded| pvc.uid().as_ref() == Some(recorded))
     }
 
     /// Waits for `check` (returning why not yet) within `bound`.
@@ -657,12 +695,14 @@ impl Run {
         for p in planned {
             let mut made = Vec::new();
             for (v, claim) in &p.volumes {
-                self.make_pvc(claim, v, false).await?;
+                let uid = self.make_pvc(claim, v, false).await?;
+                self.status.pvc_uids.insert(claim.clone(), uid);
                 made.push(claim.clone());
             }
             if let Some(wal) = &p.wal_part {
                 let claim = self.wal_claim(p);
-                self.make_pvc(&claim, wal, true).await?;
+                let uid = self.make_pvc(&claim, wal, true).await?;
+                self.status.pvc_uids.insert(claim, uid);
             }
             for c in &made {
                 if !self.status.pvcs.contains(c) {
@@ -683,11 +723,17 @@ impl Run {
         format!("{}-wal-{}", self.name, p.rec.pod)
     }
 
-    /// A PVC from snapshot `v`, sized and classed as the original was.
-    async fn make_pvc(&self, claim: &str, v: &VolumeSnapshotRef, owned: bool) -> Result<(), Stop> {
+    /// A PVC from snapshot `v`, sized and classed as the original was;
+    /// returns its uid.
+    async fn make_pvc(
+        &self,
+        claim: &str,
+        v: &VolumeSnapshotRef,
+        owned: bool,
+    ) -> Result<String, Stop> {
         if let Some(pvc) = self.pvcs.get_opt(claim).await? {
             if self.ours(&pvc) {
-                return Ok(());
+                return Ok(pvc.uid().unwrap_or_default());
             }
             return Err(stop(
                 "PVCExists",
@@ -733,8 +779,8 @@ impl Run {
         });
         let pvc: PersistentVolumeClaim =
             serde_json::from_value(pvc).map_err(|e| stop("InvalidSpec", e.to_string()))?;
-        self.pvcs.create(&Default::default(), &pvc).await?;
-        Ok(())
+        let made = self.pvcs.create(&Default::default(), &pvc).await?;
+        Ok(made.uid().unwrap_or_default())
     }
 
     /// 4. WAL and `backup_label` in before PostgreSQL starts.
@@ -749,6 +795,17 @@ impl Run {
             let name = pod.name_any();
             let pods = self.w.pods.clone();
             match pods.get_opt(&name).await? {
+                // An earlier restore's pod of that name is not this one's:
+                // wait for it to go (it goes with its restore).
+                Some(old) if old.labels().get(RESTORE_UID_LABEL) != Some(&self.uid()) => {
+                    return Err(stop(
+                        "PodExists",
+                        format!(
+                            "pod {name} exists and was not made by this restore (an earlier one of the same \
+                             name?); it goes with its own restore: delete it, or retry in a moment"
+                        ),
+                    ));
+                }
                 Some(_) => {}
                 None => {
                     pods.create(&Default::default(), &pod).await?;
@@ -1101,7 +1158,7 @@ impl Run {
     ) -> Result<(), Stop> {
         for p in members {
             let engine = p.rec.engine.clone().unwrap_or_default();
-            if !matches!(engine.as_str(), "postgres" | "mariadb") {
+            if !matches!(engine.as_str(), "postgres" | "mariadb" | "mysql") {
                 self.member(&p.rec.pod).check = Some(format!(
                     "not checked: {engine} positions do not survive a restart"
                 ));
@@ -1112,12 +1169,12 @@ impl Run {
                     Some("not checked: a Deployment's pods have no fixed names".into());
                 continue;
             };
-            let (must, what) = match p.is_replica() {
-                true => (
+            let (must, what) = match (p.is_replica(), exact(&engine)) {
+                (true, false) => (
                     p.rec.aligned_to.clone().or(p.rec.position.clone()),
                     "the position it was aligned to",
                 ),
-                false => (p.rec.position.clone(), "the position it was frozen at"),
+                _ => (p.rec.position.clone(), "the position it was frozen at"),
             };
             let Some(must) = must else {
                 self.member(&p.rec.pod).check =
@@ -1159,7 +1216,19 @@ impl Run {
                     ),
                 ));
             }
-            let mut check = format!("ok: {at} holds {what} ({must})");
+            if exact(&engine) && compare(&engine, &at, &must) != Some(std::cmp::Ordering::Equal) {
+                return Err(stop(
+                    "PositionCheckFailed",
+                    format!(
+                        "restored pod {pod} is at {at}, past {what} ({must}): it holds transactions \
+                         the backup did not record, so its data is not this backup's"
+                    ),
+                ));
+            }
+            let mut check = match exact(&engine) {
+                true => format!("ok: {at} is exactly {what}"),
+                false => format!("ok: {at} holds {what} ({must})"),
+            };
             if p.is_replica()
                 && let Some(primary) = planned
                     .iter()
@@ -1543,5 +1612,36 @@ mod tests {
         assert_eq!(reached("mariadb", "0-1-10,1-2-5", "0-1-9"), Some(true));
         assert_eq!(reached("mariadb", "0-1-8", "0-1-9"), Some(false));
         assert_eq!(reached("redis", "x", "y"), None);
+        // As the agents show them: with binlog coordinates.
+        let shown = "gtid '0-1-10' (binlog.000002:4)";
+        assert_eq!(
+            reached("mariadb", shown, "gtid '0-1-9' (binlog.000002:1)"),
+            Some(true)
+        );
+        assert_eq!(
+            compare("mariadb", shown, "0-1-10"),
+            Some(std::cmp::Ordering::Equal)
+        );
+        let uuid = "3e11fa47-71ca-11e1-9e33-c80aa9429562";
+        let other = "4e11fa47-71ca-11e1-9e33-c80aa9429562";
+        let set = |s: &str| format!("gtid '{s}' (binlog.000001:4)");
+        assert_eq!(
+            reached(
+                "mysql",
+                &set(&format!("{uuid}:1-9")),
+                &format!("{uuid}:1-5")
+            ),
+            Some(true)
+        );
+        // Each lacks what the other has: not at the recorded position.
+        assert_eq!(
+            reached(
+                "mysql",
+                &set(&format!("{uuid}:1-9")),
+                &format!("{uuid}:1-5,{other}:1")
+            ),
+            Some(false)
+        );
+        assert!(exact("mariadb") && exact("mysql") && !exact("postgres"));
     }
 }

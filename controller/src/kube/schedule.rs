@@ -8,8 +8,9 @@
 //! - Runs that fell while no controller led (from `status.lastScheduleTime`)
 //!   are counted (`stillpoint_schedule_missed_total`, an Event) and, with
 //!   `missed: run-once`, one backup is taken at once; `skip` waits.
-//! - Retention looks only at the schedule's own GroupBackups (label
-//!   `stillpoint.dev/schedule`) that have ended, deletes what the policy
+//! - Retention looks only at the schedule's own GroupBackups (the label
+//!   `stillpoint.dev/schedule-uid` with this schedule's uid, of its group)
+//!   that have ended, deletes what the policy
 //!   does not keep (their snapshots go through the GroupBackup finalizer),
 //!   and never deletes the newest successful one for its age alone.
 
@@ -26,7 +27,8 @@ use crate::core::retention::{Retention, select};
 use crate::core::schedule::{Schedule, decide, parse_cron, parse_timezone};
 use crate::kube::controller::{Context, ReconcileError};
 use crate::kube::crd::{
-    BackupSchedule, BackupScheduleStatus, GROUP_LABEL, GroupBackup, GroupBackupSpec, SCHEDULE_LABEL,
+    BackupSchedule, BackupScheduleStatus, GROUP_LABEL, GroupBackup, GroupBackupSpec,
+    SCHEDULE_LABEL, SCHEDULE_UID_LABEL,
 };
 use crate::kube::store::{manifest_of, set_condition};
 use crate::metrics::{Metrics, SkipLabels, metrics};
@@ -93,6 +95,13 @@ fn created(b: &GroupBackup) -> DateTime<Utc> {
         .unwrap_or_else(Utc::now)
 }
 
+/// Whether schedule `uid` (of `group`) made backup `b`.
+fn made_by(b: &GroupBackup, uid: &str, group: &str) -> bool {
+    !uid.is_empty()
+        && b.labels().get(SCHEDULE_UID_LABEL).map(String::as_str) == Some(uid)
+        && b.spec.group == group
+}
+
 fn ended(b: &GroupBackup) -> bool {
     b.status
         .as_ref()
@@ -145,9 +154,10 @@ pub async fn reconcile(
     // The schedule's own backups, and every backup of the group.
     let backups: Api<GroupBackup> = Api::namespaced(ctx.client.clone(), &ns);
     let all = backups.list(&ListParams::default()).await?.items;
+    let uid = bs.uid().unwrap_or_default();
     let own: Vec<&GroupBackup> = all
         .iter()
-        .filter(|b| b.labels().get(SCHEDULE_LABEL) == Some(&name))
+        .filter(|b| made_by(b, &uid, &schedule.group))
         .collect();
     status.active = own
         .iter()
@@ -276,6 +286,7 @@ pub async fn reconcile(
                 backup.metadata.labels = Some(
                     [
                         (SCHEDULE_LABEL.to_string(), name.clone()),
+                        (SCHEDULE_UID_LABEL.to_string(), uid.clone()),
                         (GROUP_LABEL.to_string(), schedule.group.clone()),
                     ]
                     .into(),

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::Mutex;
@@ -140,8 +140,54 @@ impl StatusWriter {
         self.backup.controller_owner_ref(&())
     }
 
-    /// Keeps the members' artefacts in the backup's Secret.
-    async fn save_artefacts(&self, manifest: &Manifest) -> Result<Option<String>, kube::Error> {
+    /// The name of the Secret that keeps the backup's artefacts.
+    pub fn artefacts_secret(&self) -> String {
+        format!("{}-artefacts", self.name())
+    }
+
+    /// Creates the (empty) Secret that will keep the backup's artefacts,
+    /// before anything freezes. A Secret of that name that exists already
+    /// is never adopted (it would be garbage-collected with the backup):
+    /// `Ok(Err(why))`.
+    pub async fn create_artefacts_secret(&self) -> Result<Result<(), String>, kube::Error> {
+        let name = self.artefacts_secret();
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(self.artefact_labels()),
+                owner_references: self.owner().map(|o| vec![o]),
+                ..Default::default()
+            },
+            type_: Some("Opaque".into()),
+            ..Default::default()
+        };
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        match self.secrets.create(&params, &secret).await {
+            Ok(_) => Ok(Ok(())),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Err(format!(
+                "Secret {name} exists and was not made by this backup, which keeps its artefacts \
+                 under that name; delete or rename that Secret, or give the backup another name"
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn artefact_labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (GROUP_LABEL.to_string(), self.backup.spec.group.clone()),
+            (
+                BACKUP_LABEL.to_string(),
+                self.backup.metadata.uid.clone().unwrap_or_default(),
+            ),
+        ])
+    }
+
+    /// Keeps the members' artefacts in the backup's Secret: created by
+    /// the backup, never adopted.
+    async fn save_artefacts(&self, manifest: &Manifest) -> Result<Option<String>, StoreError> {
         let data: BTreeMap<String, ByteString> = manifest
             .members
             .iter()
@@ -157,25 +203,27 @@ impl StatusWriter {
         if data.is_empty() {
             return Ok(None);
         }
-        let name = format!("{}-artefacts", self.name());
+        let name = self.artefacts_secret();
         let secret = json!({
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {
                 "name": name,
-                "labels": { GROUP_LABEL: manifest.group, BACKUP_LABEL: self.backup.metadata.uid },
+                "labels": self.artefact_labels(),
                 "ownerReferences": self.owner().into_iter().collect::<Vec<_>>(),
             },
             "type": "Opaque",
             "data": data,
         });
+        // The backup created it before anything froze: it is its own.
         self.secrets
             .patch(
                 &name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&secret),
             )
-            .await?;
+            .await
+            .map_err(|e| StoreError(format!("keeping the artefacts in Secret {name}: {e}")))?;
         Ok(Some(name))
     }
 }
@@ -241,10 +289,7 @@ pub fn apply_manifest(status: &mut GroupBackupStatus, manifest: &Manifest) {
 #[async_trait]
 impl BackupStore for StatusWriter {
     async fn save(&self, manifest: &Manifest) -> Result<(), StoreError> {
-        let secret = self
-            .save_artefacts(manifest)
-            .await
-            .map_err(|e| StoreError(format!("keeping the artefacts in a Secret: {e}")))?;
+        let secret = self.save_artefacts(manifest).await?;
         let member_of = self.member_of.lock().unwrap().clone();
         self.update(|s| {
             apply_manifest(s, manifest);

@@ -42,6 +42,7 @@ impl Orchestrator {
         let job = BackupJob {
             group: &spec,
             id,
+            hold: crate::core::holder::hold_id("backup", id, None),
             schedule,
             snapshotter: snapshot::for_group(group),
             store: Arc::new(self.catalog.clone()),
