@@ -45,6 +45,11 @@ pub struct Options {
     /// Data directories on loop devices, cut as reflink copies of their
     /// images ([`Setup::block`]) instead of btrfs subvolume snapshots.
     pub block: bool,
+    /// The worst order on purpose: PostgreSQL in `backup` mode (its writes
+    /// flow through the cut), and the cut made by the exec snapshotter as
+    /// btrfs snapshots, each primary's volume at once and every other
+    /// volume this long later.
+    pub worst_order: Option<Duration>,
 }
 
 impl Default for Options {
@@ -53,6 +58,7 @@ impl Default for Options {
             redis: Persistence::Aof,
             relaxed: false,
             block: false,
+            worst_order: None,
         }
     }
 }
@@ -264,9 +270,13 @@ impl Cluster {
         say("starting six agents (mTLS)");
         let maria_url = |port: u16| format!("mysql://root@127.0.0.1:{port}/");
         // btrfs snapshots are atomic: no WAL needs keeping past the thaw.
+        let pg_mode = match options.worst_order {
+            Some(_) => "backup",
+            None => "fence",
+        };
         let fence = || {
             vec![
-                ("STILLPOINT_PG_MODE", "fence".to_string()),
+                ("STILLPOINT_PG_MODE", pg_mode.to_string()),
                 ("STILLPOINT_PG_WAL_RETAIN", "0s".to_string()),
             ]
         };
@@ -375,9 +385,26 @@ impl Cluster {
         std::fs::create_dir_all(&snapshots)?;
         // The block layout's cut: a reflink copy of each volume's image,
         // which holds what reached the device and nothing of the page cache.
-        let (driver, exec) = match options.block {
-            false => (Driver::Btrfs, None),
-            true => (
+        let (driver, exec) = match (options.block, options.worst_order) {
+            (false, Some(later)) => (
+                Driver::Exec,
+                Some(ExecTemplates {
+                    // Primaries are the `-0` members.
+                    snapshot: format!(
+                        "sh -c 'case {{member}} in *-0) ;; *) sleep {:.3};; esac; \
+                         btrfs -q subvolume snapshot -r {{volume}} {}/{{snapshot}}'",
+                        later.as_secs_f64(),
+                        snapshots.display()
+                    ),
+                    delete: format!(
+                        "sh -c 'test ! -e {0}/{{snapshot}} || btrfs -q subvolume delete {0}/{{snapshot}}'",
+                        snapshots.display()
+                    ),
+                    timeout: None,
+                }),
+            ),
+            (false, None) => (Driver::Btrfs, None),
+            (true, _) => (
                 Driver::Exec,
                 Some(ExecTemplates {
                     snapshot: format!(
@@ -481,6 +508,9 @@ impl Cluster {
     /// Restores `manifest`; returns what keeps the restore in place
     /// (mounts) and each member's volumes (backed up from, restored to).
     fn restore(&self, manifest: &Manifest, to: &Path) -> Result<(Restore, Vec<Restored>)> {
+        if self.options.worst_order.is_some() {
+            return self.restore_exec(manifest, to);
+        }
         if !self.options.block {
             stillpoint_controller::restore::restore_files(manifest, to)?;
             let restored = manifest
@@ -530,6 +560,31 @@ impl Cluster {
         Ok((Restore::Mounts(mounts), restored))
     }
 
+    /// Restores the worst-order layout: each snapshot is a btrfs subvolume
+    /// the exec snapshotter made; copy it, then point what pointed at the
+    /// source at the copy.
+    fn restore_exec(&self, manifest: &Manifest, to: &Path) -> Result<(Restore, Vec<Restored>)> {
+        std::fs::create_dir_all(to)?;
+        let mut restored = Vec::new();
+        for m in &manifest.members {
+            let mut volumes = Vec::new();
+            for (index, h) in m.snapshots.iter().enumerate() {
+                let copy = to.join(format!("{}-{index}", m.name));
+                run(
+                    std::process::Command::new("cp")
+                        .args(["-a", "--reflink=auto"])
+                        .arg(self.group.snapshot_dir.join(&h.handle))
+                        .arg(&copy),
+                    "copying a snapshot",
+                )?;
+                volumes.push((h.volume.clone(), copy));
+            }
+            let data = stillpoint_controller::restore::relocate(m, &volumes)?;
+            restored.push(Restored::new(m, volumes, Some(data))?);
+        }
+        Ok((Restore::Files, restored))
+    }
+
     /// Restores `manifest`, starts every member from it, and checks the
     /// consistent-cut invariant, that each replica holds exactly its
     /// primary's data, and that every chain acknowledged before the backup
@@ -546,6 +601,7 @@ impl Cluster {
         };
         let path = |name: &str| -> Result<PathBuf> { Ok(member(name)?.data.clone()) };
         let mut sets = Vec::new();
+        let mut wal_ends = Vec::new();
         for name in ["pg-0", "pg-1"] {
             // An atomic snapshot restores by crash recovery: no backup_label.
             if path(name)?.join("backup_label").exists() {
@@ -556,6 +612,13 @@ impl Cluster {
             let (c, conn) =
                 tokio_postgres::connect(&server.server.conninfo(DB), tokio_postgres::NoTls).await?;
             tokio::spawn(conn);
+            // Where its WAL ends once recovered (each wrote the same
+            // end-of-recovery checkpoint after it).
+            let end: String = c
+                .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+                .await?
+                .get(0);
+            wal_ends.push((name, end));
             let ids = |table: &'static str| {
                 let c = &c;
                 async move {
@@ -631,11 +694,31 @@ impl Cluster {
             ("maria-0", "maria-1"),
             ("redis-0", "redis-1"),
         ] {
-            if get(primary) != get(replica) {
+            let (p, r) = (get(primary), get(replica));
+            // PostgreSQL in backup mode takes writes through the cut: its
+            // replica holds what it held at the alignment, never more.
+            let flows = primary == "pg-0" && self.options.worst_order.is_some();
+            let held = match flows {
+                true => r.a.is_subset(&p.a) && r.b.is_subset(&p.b),
+                false => p == r,
+            };
+            if !held {
                 problems.push(format!(
-                    "replica {replica} does not hold exactly its primary {primary}'s data"
+                    "replica {replica} does not hold {} its primary {primary}'s data",
+                    if flows { "only" } else { "exactly" }
                 ));
             }
+        }
+        let lsn = |name: &str| {
+            wal_ends
+                .iter()
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, l)| stillpoint_proto::position::parse_lsn(l))
+        };
+        if lsn("pg-1") > lsn("pg-0") {
+            problems.push(format!(
+                "the PostgreSQL replica's WAL ends ahead of its primary's: {wal_ends:?}"
+            ));
         }
         // Whatever was acknowledged before the backup started is in it.
         let before_a: BTreeSet<i32> = before.a.iter().copied().collect();

@@ -6,11 +6,13 @@
 //! backup started is whole in it; and nothing the workload saw acknowledged
 //! is lost.
 //!
-//! Three setups: Redis on AOF with btrfs subvolume snapshots (the demo);
-//! Redis with RDB persistence only; and block-level snapshots of members
+//! Four setups: Redis on AOF with btrfs subvolume snapshots (the demo);
+//! Redis with RDB persistence only; block-level snapshots of members
 //! that acknowledge writes before they are durable (each data directory on
 //! its own loop device, cut as a reflink copy of the device's image, which
-//! holds nothing of the page cache).
+//! holds nothing of the page cache); and the worst order (PostgreSQL's
+//! writes flowing through a cut that takes primaries first, replicas
+//! later), where a replica holds only what its primary holds.
 
 use std::process::Command;
 
@@ -98,6 +100,20 @@ async fn block_level_snapshots_hold_every_write_acknowledged_before_the_freeze()
         redis: Persistence::Aof,
         relaxed: true,
         block: true,
+        ..Options::default()
+    };
+    consistent_cuts(options, 10).await;
+}
+
+/// The worst order, locally: PostgreSQL in `backup` mode (writes flow
+/// through the cut) and a cut that takes each primary's volume at once and
+/// every other volume 300 ms later. No replica restores ahead of its
+/// primary (by rows and by where its WAL ends), and every cut is causal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_replica_is_ahead_of_its_primary_when_the_storage_cuts_primaries_first() {
+    let options = Options {
+        worst_order: Some(std::time::Duration::from_millis(300)),
+        ..Options::default()
     };
     consistent_cuts(options, 10).await;
 }

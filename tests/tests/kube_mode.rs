@@ -2026,6 +2026,190 @@ async fn a_group_quiesce_holds_writes_until_deleted_expired_thawed_or_its_contro
     assert_eq!(frozen.status, "False");
 }
 
+/// Rows of `chain` on a restored PostgreSQL pod.
+async fn chain_rows(space: &Space, pod: &str) -> BTreeSet<i32> {
+    let pod = space.ready(pod).await;
+    pg_connect(&pod)
+        .await
+        .query("SELECT id FROM chain", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, i32>(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_replica_is_restored_ahead_of_its_primary_whatever_order_the_storage_cuts_in() {
+    use stillpoint_controller::kube::crd::RestorePhase;
+    let space = Space::new("order").await;
+    let ns = space.ns.clone();
+    space.identity("pg").await;
+    space
+        .apply(&sts_yaml(&ns, "pg", "postgres", None, Run::Original))
+        .await;
+    let pg0 = space.ready("pg-0").await;
+    let pg_ip = pod_ip(&pg0).unwrap().to_string();
+    space
+        .apply(&sts_yaml(
+            &ns,
+            "pg-replica",
+            "postgres",
+            Some(&pg_ip),
+            Run::Original,
+        ))
+        .await;
+    let pg1 = space.ready("pg-replica-0").await;
+    let replica = pg_connect(&pg1).await;
+    wait_async("the replica streaming", BOUND, || {
+        let replica = &replica;
+        async move {
+            Ok(replica
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+                    &[],
+                )
+                .await?
+                .is_some())
+        }
+    })
+    .await
+    .unwrap();
+    // The worst order, on purpose: the primary's volume is cut first, the
+    // replica's 400 ms later, by both the group and the single snapshots.
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(space.admin.clone(), &ns);
+    let primary_volume = claims
+        .get("data-pg-0")
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.volume_name)
+        .unwrap();
+    let class = format!("worst-{ns}");
+    let driver = kube::csi::DRIVER;
+    for (api, kind) in [
+        ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"),
+        (
+            "groupsnapshot.storage.k8s.io/v1",
+            "VolumeGroupSnapshotClass",
+        ),
+    ] {
+        space
+            .apply(&format!(
+                "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: {class}}}\ndriver: {driver}\n\
+                 deletionPolicy: Delete\nparameters: {{mode: atomic, firstVolumes: {primary_volume}, thenAfterMs: \"400\"}}"
+            ))
+            .await;
+    }
+    // PostgreSQL in its default mode: writes flow through the cut.
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: pair, namespace: {ns}}}\n\
+             spec:\n  members:\n  - {{name: pg, selector: {{matchLabels: {{app: pg}}}}}}\n  \
+             - {{name: pg-replica, selector: {{matchLabels: {{app: pg-replica}}}}}}\n  \
+             snapshot: {{driver: csi-group, volumeSnapshotClassName: {class}, volumeGroupSnapshotClassName: {class}}}\n  \
+             freezeBudget: 20s\n  leaseTTL: 5s\n  alignTimeout: 10s\n"
+        ))
+        .await;
+    let _controller = space.controller("order-a", &format!("lease-{ns}")).await;
+    space.protectable("pair", "True").await;
+
+    // Write load: one committed row after another.
+    let db = pg_connect(&pg0).await;
+    db.batch_execute("CREATE TABLE chain (id int primary key)")
+        .await
+        .unwrap();
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let writer = {
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !*stopped.borrow() {
+                n += 1;
+                db.execute("INSERT INTO chain VALUES ($1)", &[&n])
+                    .await
+                    .unwrap();
+                acked.store(n, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut taken = Vec::new();
+    for driver in ["csi-group", "csi"] {
+        space.use_driver("pair", driver).await;
+        for n in 0..10 {
+            let name = format!("{driver}-{n}");
+            let before = acked.load(std::sync::atomic::Ordering::SeqCst);
+            let b = space.backup(&name, "pair").await;
+            let s = status(&b);
+            assert_eq!(s.phase, Some(BackupPhase::Succeeded), "{name}: {s:?}");
+            // The replica's cut was fixed before its primary's.
+            let cut = |pod: &str| s.timeline[pod]["cut"];
+            assert!(
+                cut("pg-replica-0") < cut("pg-0"),
+                "{name}: {:?}",
+                s.timeline
+            );
+            taken.push((name, before));
+        }
+    }
+    let _ = stop.send(true);
+    writer.await.unwrap();
+    let after = acked.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        after > taken.len() as i32,
+        "the writes went on through the backups"
+    );
+
+    // Every backup restored in place: the product's own check finds no
+    // replica ahead of its primary, and neither do the rows.
+    let mut ahead = Vec::new();
+    for (name, before) in &taken {
+        let r = restore(
+            &space,
+            &format!("r-{name}"),
+            &format!("{{backup: {name}, inPlace: true}}"),
+        )
+        .await;
+        let rs = r.status.clone().unwrap();
+        if rs.phase != Some(RestorePhase::Succeeded) {
+            ahead.push(format!("{name}: {}", rs.error.clone().unwrap_or_default()));
+            continue;
+        }
+        let replica = rs.members.iter().find(|m| m.pod == "pg-replica-0").unwrap();
+        assert!(
+            replica
+                .check
+                .as_deref()
+                .unwrap_or_default()
+                .contains("not ahead of pg-0"),
+            "{name}: {replica:?}"
+        );
+        let (primary, replica) = (
+            chain_rows(&space, "pg-0").await,
+            chain_rows(&space, "pg-replica-0").await,
+        );
+        if !replica.is_subset(&primary) {
+            ahead.push(format!("{name}: the replica holds rows its primary lacks"));
+        }
+        let acknowledged: BTreeSet<i32> = (1..=*before).collect();
+        assert!(
+            acknowledged.is_subset(&primary),
+            "{name}: acknowledged rows lost"
+        );
+        assert!(
+            acknowledged.is_subset(&replica),
+            "{name}: the aligned replica lacks acknowledged rows"
+        );
+    }
+    assert!(
+        ahead.is_empty(),
+        "replicas restored ahead of their primaries: {ahead:#?}"
+    );
+}
+
 /// The GroupBackups schedule `name` made, and which have not ended.
 async fn scheduled(space: &Space, name: &str) -> (Vec<GroupBackup>, Vec<String>) {
     let all = space
@@ -2726,7 +2910,7 @@ async fn group_restores_bring_a_shop_back_stage_by_stage_and_a_stage_never_ready
             .starts_with("ok:"),
         "{primary:?}"
     );
-    check_cut(
+    let held_by_csi = check_cut(
         "from-csi",
         [
             "restored-pg-0",
@@ -2865,13 +3049,48 @@ async fn group_restores_bring_a_shop_back_stage_by_stage_and_a_stage_never_ready
             "{claim}"
         );
     }
-    check_cut(
+    let held_by_group = check_cut(
         "in-place",
         ["pg-0", "pg-replica-0", "redis-0", "redis-replica-0"],
         &space,
         taken[1].1,
     )
     .await;
+    assert!(held_by_csi < held_by_group, "the second backup holds more");
+
+    // The same name again, from the older backup: the PVCs the first
+    // restore made are not this one's, so they are replaced too, and the
+    // shop holds the older backup's data.
+    let uid_before = claims.get("data-pg-0").await.unwrap().uid();
+    let restores: Api<stillpoint_controller::kube::crd::GroupRestore> =
+        Api::namespaced(space.admin.clone(), &ns);
+    restores
+        .delete("in-place", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_async("GroupRestore in-place gone", BOUND, || {
+        let restores = restores.clone();
+        async move { Ok(restores.get_opt("in-place").await?.is_none()) }
+    })
+    .await
+    .unwrap();
+    let r = restore(&space, "in-place", "{backup: csi-1, inPlace: true}").await;
+    let rs = r.status.clone().unwrap();
+    assert_eq!(rs.phase, Some(RestorePhase::Succeeded), "{rs:#?}");
+    let pvc = claims.get("data-pg-0").await.unwrap();
+    assert_ne!(pvc.uid(), uid_before, "data-pg-0 was replaced");
+    assert_eq!(rs.pvc_uids.get("data-pg-0"), pvc.uid().as_ref());
+    let held = check_cut(
+        "in-place again",
+        ["pg-0", "pg-replica-0", "redis-0", "redis-replica-0"],
+        &space,
+        taken[0].1,
+    )
+    .await;
+    assert_eq!(
+        held, held_by_csi,
+        "the re-created restore holds the older backup's data"
+    );
 }
 
 /// A Redis Deployment `name` (one pod) with its agent, on PVC `claim`.

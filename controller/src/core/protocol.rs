@@ -195,6 +195,41 @@ pub fn coverage(
         .collect())
 }
 
+/// Which cut takes each member (0 first): a primary after every replica
+/// of it, a replica of a replica before that one; members without
+/// replicas in the group go with the first. See `Run::cut_plan`.
+pub fn cut_batches(members: &[&MemberSpec]) -> Vec<usize> {
+    // How many primaries up its chain a member is; bounded, so that a
+    // cycle in a bad configuration cannot loop.
+    let depth = |name: &str| {
+        let mut depth = 0;
+        let mut at = name;
+        while let Some(up) = members
+            .iter()
+            .find(|m| m.name == at)
+            .and_then(|m| m.primary.as_deref())
+            .filter(|_| depth < members.len())
+        {
+            depth += 1;
+            at = up;
+        }
+        depth
+    };
+    let max = members.iter().map(|m| depth(&m.name)).max().unwrap_or(0);
+    members
+        .iter()
+        .map(|m| {
+            let has_replica = members
+                .iter()
+                .any(|r| r.primary.as_deref() == Some(m.name.as_str()));
+            match has_replica {
+                true => max - depth(&m.name),
+                false => 0,
+            }
+        })
+        .collect()
+}
+
 struct Member<'g> {
     config: &'g MemberSpec,
     client: AgentClient<Channel>,
@@ -744,7 +779,7 @@ impl<'g> Run<'_, 'g> {
             m.open = Some(OpenFreeze::open(&m.client));
         }
         // Last, so as little as possible is written between it and the cut.
-        let volumes = self.volumes(&|_| true);
+        let volumes: Vec<VolumeRef> = self.cut_plan().into_iter().flatten().collect();
         self.snapshotter.prepare(&volumes).await.map_err(|e| {
             self.metrics
                 .snapshot_failure(&self.group.name, e.driver, "prepare");
@@ -1030,27 +1065,44 @@ impl<'g> Run<'_, 'g> {
         }
     }
 
-    /// The volumes of the members `pred` selects.
-    fn volumes(&self, pred: &dyn Fn(&Member<'_>) -> bool) -> Vec<VolumeRef> {
-        self.members
-            .iter()
-            .filter(|m| pred(m))
-            .flat_map(|m| VolumeRef::of(m.config))
-            .collect()
+    /// The order of the cut, as batches of volumes cut one after another:
+    /// every replica's volumes, their cut point fixed, before its
+    /// primary's (deepest replicas of a cascade first), and every other
+    /// member with the first batch.
+    ///
+    /// Whatever the storage does, a member must be static in what its
+    /// restore depends on from its freeze (a replica: its alignment) until
+    /// its cut is fixed. A primary need not be: PostgreSQL in `backup`
+    /// mode takes writes through the cut, and even a fenced or frozen
+    /// primary's replication stream moves (PostgreSQL's running-xacts and
+    /// checkpoint records and the flush's own commit, Redis's pings). Its
+    /// replica receives that stream into its own volume, so a replica cut
+    /// after its primary would restore ahead of it, diverged. Cut first,
+    /// the replica's volume holds only what its primary had flushed
+    /// before, so the primary's later cut holds all of it. A group
+    /// snapshot is one request, not one instant, so this order is never
+    /// left to the storage: each batch is a request of its own.
+    fn cut_plan(&self) -> Vec<Vec<VolumeRef>> {
+        let specs: Vec<&MemberSpec> = self.members.iter().map(|m| m.config).collect();
+        let batches = cut_batches(&specs);
+        let mut plan: Vec<Vec<VolumeRef>> =
+            vec![Vec::new(); batches.iter().max().map_or(0, |b| b + 1)];
+        for (m, batch) in specs.iter().zip(batches) {
+            plan[batch].extend(VolumeRef::of(m).into_iter().map(|mut v| {
+                v.batch = batch;
+                v
+            }));
+        }
+        plan.retain(|b| !b.is_empty());
+        for (i, batch) in plan.iter_mut().enumerate() {
+            batch.iter_mut().for_each(|v| v.batch = i);
+        }
+        plan
     }
 
     async fn cut(&mut self) -> Result<(), Problems> {
         let bound = self.budget_left(Phase::Cut, "the cut")?;
-        // Unless every volume is cut at one instant, a primary whose writes
-        // flow (PostgreSQL backup mode) is cut after its replicas, so no
-        // replica is ever ahead of it: separate snapshots of each volume,
-        // even atomic ones, are taken at slightly different instants.
-        let first = |m: &Member<'_>| m.blocks_writes() || m.config.role == Role::Replica;
-        let batches: Vec<Vec<VolumeRef>> = if self.snapshotter.one_instant() {
-            vec![self.volumes(&|_| true)]
-        } else {
-            vec![self.volumes(&first), self.volumes(&|m| !first(m))]
-        };
+        let batches = self.cut_plan();
         let over = self.over_budget(Phase::Cut, "the cut");
         let started = self.clock.now_us();
         let (clock, snapshotter, made, id) = (&self.clock, &self.snapshotter, &self.made, self.id);
@@ -1248,6 +1300,51 @@ mod tests {
         assert_eq!(refused[0].what, "log_bin_basename");
         assert_eq!(accepted.len(), 1);
         assert_eq!(accepted[0].what, "relay_log_basename");
+    }
+
+    fn spec(name: &str, primary: Option<&str>) -> MemberSpec {
+        MemberSpec {
+            name: name.into(),
+            agent: crate::core::model::AgentEndpoint {
+                addr: "127.0.0.1:1".into(),
+                identity: "spiffe://x/ns/a/sa/b".into(),
+            },
+            role: match primary {
+                Some(_) => Role::Replica,
+                None => Role::Primary,
+            },
+            primary: primary.map(str::to_string),
+            volumes: Vec::new(),
+            restore_stage: None,
+            fsfreeze: false,
+            accept_uncovered: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn replicas_are_cut_before_their_primaries_whatever_else_is_in_the_group() {
+        let members = [
+            spec("pg-0", None),
+            spec("pg-1", Some("pg-0")),
+            spec("cache", None),
+            spec("maria-0", None),
+            spec("maria-1", Some("maria-0")),
+            spec("maria-2", Some("maria-1")),
+        ];
+        let refs: Vec<&MemberSpec> = members.iter().collect();
+        let batches = cut_batches(&refs);
+        let at = |name: &str| batches[members.iter().position(|m| m.name == name).unwrap()];
+        assert!(at("pg-1") < at("pg-0"));
+        assert!(at("maria-2") < at("maria-1") && at("maria-1") < at("maria-0"));
+        assert_eq!(at("cache"), 0, "a member without replicas goes first");
+        // No replicas: one cut.
+        let alone = [spec("a", None), spec("b", None)];
+        let refs: Vec<&MemberSpec> = alone.iter().collect();
+        assert_eq!(cut_batches(&refs), vec![0, 0]);
+        // A cycle (a bad configuration) ends.
+        let cycle = [spec("x", Some("y")), spec("y", Some("x"))];
+        let refs: Vec<&MemberSpec> = cycle.iter().collect();
+        assert_eq!(cut_batches(&refs).len(), 2);
     }
 
     #[test]

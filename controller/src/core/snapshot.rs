@@ -20,6 +20,9 @@ pub struct VolumeRef {
     pub path: PathBuf,
     /// The PersistentVolumeClaim (Kubernetes mode).
     pub claim: Option<String>,
+    /// Which of the backup's cuts takes it (0 first): every replica's
+    /// volumes are cut before its primary's (see the protocol's cut).
+    pub batch: usize,
 }
 
 impl VolumeRef {
@@ -38,6 +41,7 @@ impl VolumeRef {
                     VolumeId::Pvc { claim, .. } => Some(claim.clone()),
                     VolumeId::Path(_) => None,
                 },
+                batch: 0,
             })
             .collect()
     }
@@ -145,12 +149,6 @@ pub trait Snapshotter: Send + Sync + std::fmt::Debug {
     /// (btrfs, LVM/ZFS). A copy is not.
     fn atomic(&self) -> bool;
 
-    /// Whether every volume of a cut is snapshotted at one instant (a
-    /// group snapshot); per-volume snapshots taken in parallel are not.
-    fn one_instant(&self) -> bool {
-        false
-    }
-
     /// Whether the snapshot holds what is still in the page cache (btrfs
     /// writes dirty data into the snapshot; a copy reads through the cache).
     /// Block-level snapshots (LVM, cloud disks, CSI) do not: before them the
@@ -162,13 +160,16 @@ pub trait Snapshotter: Send + Sync + std::fmt::Debug {
     /// Runs before the freeze, while writes still flow: whatever makes
     /// the cut itself shorter (btrfs commits the filesystem's dirty data,
     /// so the snapshot has little left to write while members are frozen).
+    /// Every volume of the backup is given, each with the cut (`batch`)
+    /// that will take it.
     async fn prepare(&self, _volumes: &[VolumeRef]) -> Result<(), SnapshotError> {
         Ok(())
     }
 
-    /// Cuts every volume (in parallel where it can), recording each
-    /// snapshot in `made` as soon as it exists. Returns when the cut point
-    /// is fixed.
+    /// Cuts every volume of one batch (in parallel where it can, in any
+    /// order), recording each snapshot in `made` as soon as it exists.
+    /// Returns when the cut point of every one is fixed. A backup may be
+    /// cut in several batches, one after another.
     async fn cut(
         &self,
         backup_id: &str,

@@ -20,6 +20,9 @@ pub const FINALIZER: &str = "stillpoint.dev/snapshots";
 pub const BACKUP_LABEL: &str = "stillpoint.dev/backup";
 /// The label on objects a backup of a group made.
 pub const GROUP_LABEL: &str = "stillpoint.dev/group";
+/// The label on a PVC that says which cut of its backup takes it
+/// (`csi-group`: one VolumeGroupSnapshot selects each cut's PVCs).
+pub const CUT_LABEL: &str = "stillpoint.dev/cut";
 
 /// A set of database pods backed up together, at one consistent cut.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -125,8 +128,9 @@ pub enum MemberRole {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SnapshotSettings {
-    /// `csi-group`: one VolumeGroupSnapshot over the group's PVCs (cut at
-    /// one instant by the driver); `csi`: one VolumeSnapshot per PVC.
+    /// `csi-group`: one VolumeGroupSnapshot over the group's PVCs (per
+    /// cut: replicas are cut before their primaries; never assumed to be
+    /// one instant); `csi`: one VolumeSnapshot per PVC.
     #[serde(default)]
     pub driver: SnapshotDriver,
     /// The VolumeGroupSnapshotClass (`csi-group`).
@@ -328,7 +332,9 @@ pub struct GroupBackupStatus {
     /// The snapshotter: `csi` or `csi-group`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshotter: Option<String>,
-    /// The VolumeGroupSnapshot (`csi-group`).
+    /// The VolumeGroupSnapshot of the first cut (`csi-group`). A group
+    /// with replicas is cut in several, replicas before their primaries:
+    /// the later ones are named `<this>.2`, `<this>.3`, ….
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_group_snapshot: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -4,9 +4,12 @@
 //!   is frozen. The cut point is fixed once every snapshot has
 //!   `status.creationTime` (the driver took it); members thaw then, and
 //!   `readyToUse` is awaited afterwards (Finalizing).
-//! - `csi-group`: one VolumeGroupSnapshot over a label the controller puts
-//!   on exactly the group's PVCs before the freeze; the driver cuts them at
-//!   one instant. Its per-PVC VolumeSnapshots (owned by it) are recorded.
+//! - `csi-group`: one VolumeGroupSnapshot per cut over labels the
+//!   controller puts on exactly the group's PVCs before the freeze (a group
+//!   with replicas is cut in two or more, replicas first: see the
+//!   protocol's cut). The driver may cut a group's volumes in any order,
+//!   one after another; nothing here relies on one instant. Its per-PVC
+//!   VolumeSnapshots (owned by it) are recorded.
 //!
 //! A snapshot's `status.error` ends the cut (or the wait) with its message.
 
@@ -23,7 +26,7 @@ use kube::core::GroupVersionKind;
 use serde_json::{Value, json};
 
 use crate::core::snapshot::{Made, SnapshotError, SnapshotHandle, Snapshotter, VolumeRef};
-use crate::kube::crd::{BACKUP_LABEL, GROUP_LABEL};
+use crate::kube::crd::{BACKUP_LABEL, CUT_LABEL, GROUP_LABEL};
 
 /// How often a snapshot's status is read while waiting for it.
 const POLL: Duration = Duration::from_millis(20);
@@ -448,9 +451,36 @@ impl CsiGroup {
         )
     }
 
-    /// The VolumeGroupSnapshot's name: the backup's.
+    /// The VolumeGroupSnapshot of the first cut: the backup's name.
     pub fn group_name(&self) -> &str {
         &self.owner.backup
+    }
+
+    /// The VolumeGroupSnapshot of cut `batch` (0 first).
+    fn batch_name(&self, batch: usize) -> String {
+        match batch {
+            0 => self.owner.backup.clone(),
+            n => format!("{}.{}", self.owner.backup, n + 1),
+        }
+    }
+
+    /// The backup's VolumeGroupSnapshots (every cut's), by its label.
+    async fn backup_groups(&self) -> Result<Vec<String>, SnapshotError> {
+        let list = self
+            .groups()
+            .list(&ListParams::default().labels(&format!("{BACKUP_LABEL}={}", self.owner.uid)))
+            .await
+            .map_err(|e| {
+                err(
+                    "csi-group",
+                    format!("listing the backup's VolumeGroupSnapshots: {e}"),
+                )
+            })?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|g| g.metadata.name)
+            .collect())
     }
 }
 
@@ -464,18 +494,17 @@ impl Snapshotter for CsiGroup {
         self.atomic
     }
 
-    fn one_instant(&self) -> bool {
-        // The driver cuts every volume of the group at one instant only
-        // if its snapshots are point-in-time at all.
-        self.atomic
-    }
-
-    /// Labels exactly the group's PVCs (before the freeze).
+    /// Labels exactly the group's PVCs, each with the cut that takes it
+    /// (before the freeze).
     async fn prepare(&self, volumes: &[VolumeRef]) -> Result<(), SnapshotError> {
         let pvcs: Api<PersistentVolumeClaim> =
             Api::namespaced(self.client.clone(), &self.owner.namespace);
-        for claim in volumes.iter().filter_map(|v| v.claim.as_deref()) {
-            let patch = json!({ "metadata": { "labels": { BACKUP_LABEL: self.owner.uid } } });
+        for v in volumes {
+            let Some(claim) = v.claim.as_deref() else {
+                continue;
+            };
+            let labels = json!({ BACKUP_LABEL: self.owner.uid, CUT_LABEL: v.batch.to_string() });
+            let patch = json!({ "metadata": { "labels": labels } });
             pvcs.patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map_err(|e| err("csi-group", format!("labelling PVC {claim}: {e}")))?;
@@ -483,14 +512,18 @@ impl Snapshotter for CsiGroup {
         Ok(())
     }
 
+    /// One VolumeGroupSnapshot per batch (the backup's name, then
+    /// `<name>.2`, … for later cuts), over exactly the batch's PVCs.
     async fn cut(
         &self,
         backup_id: &str,
         volumes: &[VolumeRef],
         made: &Made,
     ) -> Result<(), SnapshotError> {
-        let name = self.group_name().to_string();
-        let mut spec = json!({ "source": { "selector": { "matchLabels": { BACKUP_LABEL: self.owner.uid } } } });
+        let batch = volumes.first().map_or(0, |v| v.batch);
+        let name = self.batch_name(batch);
+        let selector = json!({ BACKUP_LABEL: self.owner.uid, CUT_LABEL: batch.to_string() });
+        let mut spec = json!({ "source": { "selector": { "matchLabels": selector } } });
         if let Some(class) = &self.class {
             spec["volumeGroupSnapshotClassName"] = json!(class);
         }
@@ -588,15 +621,17 @@ impl Snapshotter for CsiGroup {
     }
 
     async fn ready(&self, handles: &mut [SnapshotHandle]) -> Result<(), SnapshotError> {
-        wait_for(
-            "csi-group",
-            &self.groups(),
-            self.group_name(),
-            "readyToUse",
-            READY_TIMEOUT,
-            |o| progress(o).1,
-        )
-        .await?;
+        for name in self.backup_groups().await? {
+            wait_for(
+                "csi-group",
+                &self.groups(),
+                &name,
+                "readyToUse",
+                READY_TIMEOUT,
+                |o| progress(o).1,
+            )
+            .await?;
+        }
         let api = self.snapshots();
         for h in handles.iter() {
             wait_for(
@@ -619,10 +654,11 @@ impl Snapshotter for CsiGroup {
             handles.iter().map(|h| h.handle.as_str()),
         )
         .await?;
+        let groups = self.backup_groups().await?;
         delete_snapshots(
             "csi-group",
             &self.groups(),
-            std::iter::once(self.group_name()),
+            groups.iter().map(String::as_str),
         )
         .await
     }

@@ -132,6 +132,7 @@ mod tests {
             index: 1,
             path: "/srv/pg".into(),
             claim: None,
+            batch: 0,
         };
         let id = "shop-20261124-081500-123";
         let name = snapshot_name(id, &v);

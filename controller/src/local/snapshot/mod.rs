@@ -22,6 +22,7 @@ pub fn volumes_of<'a>(
                 index,
                 path: path.clone(),
                 claim: None,
+                batch: 0,
             })
         })
         .collect()

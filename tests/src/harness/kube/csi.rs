@@ -13,6 +13,12 @@
 //! Restoring a volume from a snapshot copies (or, atomic, snapshots) it
 //! back. Snapshots are ready as soon as they are made. A class parameter
 //! `delayMs` makes each snapshot take that long (slow storage).
+//!
+//! The worst order on purpose: with `firstVolumes` (comma-separated volume
+//! ids) and `thenAfterMs`, a group snapshot cuts those volumes first and
+//! the others `thenAfterMs` later, and a single snapshot of any other
+//! volume waits `thenAfterMs` before it is cut. Users' storage cuts a
+//! group's volumes in every order; this makes the bad one deterministic.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -225,6 +231,30 @@ impl Store {
     }
 }
 
+/// The order parameters of a class: the volumes cut first, and how long
+/// every other volume's cut waits after them.
+fn order(
+    parameters: &BTreeMap<String, String>,
+) -> Result<(Vec<String>, std::time::Duration), Status> {
+    let first = parameters
+        .get("firstVolumes")
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let after = match parameters.get("thenAfterMs") {
+        None => 0,
+        Some(ms) => ms
+            .parse()
+            .map_err(|_| Status::invalid_argument("parameter thenAfterMs must be a number"))?,
+    };
+    Ok((first, std::time::Duration::from_millis(after)))
+}
+
 fn mode(parameters: &BTreeMap<String, String>) -> Result<Mode, Status> {
     match parameters.get("mode").map(String::as_str) {
         None | Some("copy") => Ok(Mode::Copy),
@@ -387,6 +417,16 @@ impl pb::controller_server::Controller for Driver {
                     })?;
                     std::thread::sleep(std::time::Duration::from_millis(ms));
                 }
+                // `thenAfterMs`: a volume not named first is cut later.
+                let parameters: BTreeMap<String, String> =
+                    r.parameters.clone().into_iter().collect();
+                let (first, after) = order(&parameters)?;
+                if !after.is_zero()
+                    && !first.contains(&r.source_volume_id)
+                    && store.read_snapshot(checked(&r.name)?).is_none()
+                {
+                    std::thread::sleep(after);
+                }
                 let _guard = store.lock.lock().unwrap();
                 let id = checked(&r.name)?;
                 let meta = match store.read_snapshot(id) {
@@ -504,9 +544,18 @@ impl pb::group_controller_server::GroupController for Driver {
                         let parameters: BTreeMap<String, String> =
                             r.parameters.into_iter().collect();
                         let mode = mode(&parameters)?;
+                        let (first, after) = order(&parameters)?;
                         let mut snapshots = Vec::new();
-                        // One volume after another, as hostpath does.
-                        for volume in &r.source_volume_ids {
+                        // One volume after another, as hostpath does: those
+                        // named first, then (after the pause) the others.
+                        let mut volumes = r.source_volume_ids.clone();
+                        volumes.sort_by_key(|v| !first.contains(v));
+                        let mut paused = after.is_zero();
+                        for volume in &volumes {
+                            if !paused && !first.contains(volume) {
+                                std::thread::sleep(after);
+                                paused = true;
+                            }
                             let snapshot = format!("{id}--{volume}");
                             if store.read_snapshot(&snapshot).is_none() {
                                 store.take(volume, &snapshot, mode, &id)?;
