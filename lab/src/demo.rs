@@ -251,7 +251,8 @@ impl Cluster {
             tokio_postgres::connect(&pg.primary.conninfo(DB), tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
         c.batch_execute(
-            "CREATE TABLE chain_a (id int PRIMARY KEY); CREATE TABLE chain_b (id int PRIMARY KEY)",
+            "CREATE TABLE chain_a (id int PRIMARY KEY); CREATE TABLE chain_b (id int PRIMARY KEY); \
+             CREATE TABLE flow (id int PRIMARY KEY)",
         )
         .await?;
         maria.primary.sql(&format!(
@@ -497,7 +498,30 @@ impl Cluster {
                 Ok(())
             }));
         }
+        if self.options.worst_order.is_some() {
+            tasks.push(self.flowing_writes(stopped).await?);
+        }
         Ok(Workload { stop, acked, tasks })
+    }
+
+    /// PostgreSQL writes that depend on no other member, one after
+    /// another: in `backup` mode they go on through the freeze and the cut.
+    async fn flowing_writes(
+        &self,
+        mut stopped: watch::Receiver<bool>,
+    ) -> Result<tokio::task::JoinHandle<Result<()>>> {
+        let (pg, conn) =
+            tokio_postgres::connect(&self.pg.primary.conninfo(DB), tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok(tokio::spawn(async move {
+            for id in 1.. {
+                if *stopped.borrow_and_update() {
+                    break;
+                }
+                pg.execute("INSERT INTO flow VALUES ($1)", &[&id]).await?;
+            }
+            Ok(())
+        }))
     }
 
     /// Takes one group backup.
