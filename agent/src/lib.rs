@@ -7,6 +7,7 @@
 //! - [`hold`]: the lease: one hold at a time, renewal, expiry, takeover.
 //! - [`engine`]: the per-database engines behind one trait.
 //! - [`durable`]: the flush's `syncfs(2)` on the member's volumes.
+//! - [`mounts`]: where a volume (a directory, device or image) is mounted.
 //! - [`admin`] and [`metrics`]: `/healthz` and `/metrics`.
 //! - [`watchdog`]: the child process that undoes holds if the agent dies.
 //!
@@ -27,6 +28,7 @@ pub mod durable;
 pub mod engine;
 pub mod hold;
 pub mod metrics;
+pub mod mounts;
 pub mod restore;
 pub mod server;
 pub mod tls;

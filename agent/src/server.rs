@@ -94,8 +94,20 @@ impl AgentService {
 impl Agent for AgentService {
     async fn describe(
         &self,
-        _request: Request<pb::DescribeRequest>,
+        request: Request<pb::DescribeRequest>,
     ) -> Result<Response<pb::DescribeResponse>, Status> {
+        let volume_roots = request
+            .into_inner()
+            .volumes
+            .into_iter()
+            .map(|volume| pb::VolumeRoots {
+                roots: crate::mounts::roots(std::path::Path::new(&volume))
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect(),
+                volume,
+            })
+            .collect();
         let d = self
             .engine
             .describe()
@@ -124,6 +136,7 @@ impl Agent for AgentService {
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect(),
+            volume_roots,
         }))
     }
 

@@ -224,13 +224,14 @@ fn hooks(cluster: &Cluster) -> (Vec<Hook>, Vec<Hook>) {
     (pre, post)
 }
 
-/// One exec-hook backup: returns its window (µs).
+/// One exec-hook backup: returns its window and its cut (one request for
+/// every volume), in µs.
 async fn hook_backup(
     pre: &[Hook],
     post: &[Hook],
     cut: Option<(&Btrfs, &[VolumeRef])>,
     id: &str,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     if let Some((btrfs, volumes)) = cut {
         // As the orchestrator does before its freeze: the comparison is of
         // the freeze pattern, not of the flush.
@@ -241,9 +242,11 @@ async fn hook_backup(
         tokio::task::block_in_place(|| h.run())?;
     }
     let made = stillpoint_controller::snapshot::Made::default();
+    let cutting = Instant::now();
     if let Some((btrfs, volumes)) = cut {
         btrfs.cut(id, volumes, &made).await?;
     }
+    let cut_us = cutting.elapsed().as_micros() as f64;
     for h in post {
         tokio::task::block_in_place(|| h.run())?;
     }
@@ -252,7 +255,7 @@ async fn hook_backup(
         btrfs.delete(&made.handles()).await?;
         btrfs.delete_backup(id).await?;
     }
-    Ok(window)
+    Ok((window, cut_us))
 }
 
 async fn stillpoint_backup(
@@ -281,6 +284,11 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
     let mut member_max = Vec::new();
     let mut flush_phase = Vec::new();
     let mut member_flush: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    // The btrfs backups' cut phase: one request for the replicas, then one
+    // for their primaries (the cut never relies on one instant).
+    let mut cut_phase = Vec::new();
+    // The same six volumes in one request (the hooks' cut), for the cost.
+    let mut one_request = Vec::new();
     let mut last = None;
     for i in 0..runs + 2 {
         let a =
@@ -291,13 +299,16 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
             &format!("sp-btrfs-{i}"),
         )
         .await?;
-        let c = hook_backup(&pre, &post, None, &format!("hk-none-{i}")).await?;
-        let d = hook_backup(&pre, &post, Some((&btrfs, &vols)), &format!("hk-btrfs-{i}")).await?;
+        let (c, _) = hook_backup(&pre, &post, None, &format!("hk-none-{i}")).await?;
+        let (d, one_cut) =
+            hook_backup(&pre, &post, Some((&btrfs, &vols)), &format!("hk-btrfs-{i}")).await?;
         if i < 2 {
             continue; // warm-up
         }
         sp_none.push(a.freeze_window_us.unwrap_or(0) as f64);
         sp_btrfs.push(b.freeze_window_us.unwrap_or(0) as f64);
+        cut_phase.extend(b.cut_us.map(|us| us as f64));
+        one_request.push(one_cut);
         hk_none.push(c);
         hk_btrfs.push(d);
         last = Some(a.clone());
@@ -331,6 +342,8 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
     let text = format!(
         "{}\nStillpoint orchestration overhead (no-op cut): p50 {}, p99 {}; slowest member's own freeze+thaw: p50 {}\n\
          flush phase (no-op cut, inside the window): p50 {}, p99 {}; each member's own flush p50: {}\n\
+         cut phase (btrfs: the replicas' snapshots, then their primaries'): p50 {}, p99 {}; \
+         the same volumes in one request: p50 {}, p99 {}\n\
          The exec-hook baseline cannot hold its locks: each lock ends when its client process exits,\n\
          so its \"window\" protects nothing. That is the correctness gap; the time is the cost of the pattern.\n\n\
          timeline of the last Stillpoint backup (no-op cut):\n{gantt}",
@@ -355,6 +368,10 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
         ms(Stats::of(&flush_phase).p50),
         ms(Stats::of(&flush_phase).p99),
         flushes.join(", "),
+        ms(Stats::of(&cut_phase).p50),
+        ms(Stats::of(&cut_phase).p99),
+        ms(Stats::of(&one_request).p50),
+        ms(Stats::of(&one_request).p99),
     );
     report.sections.push((
         format!("1. Freeze window against exec hooks ({runs} runs each, interleaved)"),
@@ -378,6 +395,8 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
             "overhead": Stats::of(&overhead).json_ms(),
             "slowest_member_freeze_thaw": Stats::of(&member_max).json_ms(),
             "flush_phase": Stats::of(&flush_phase).json_ms(),
+            "btrfs_cut_phase": Stats::of(&cut_phase).json_ms(),
+            "btrfs_cut_one_request": Stats::of(&one_request).json_ms(),
             "member_flush": member_flush
                 .iter()
                 .map(|(name, us)| (name.clone(), Stats::of(us).json_ms()))

@@ -106,11 +106,20 @@ async fn innodb_on_the_copy_snapshotter_is_refused_before_anything_freezes() {
         .await
         .unwrap_err();
     assert!(
-        err.cause.contains("cannot be cut by the copy snapshotter"),
+        err.cause
+            .contains("cannot be cut by a snapshot that is not atomic"),
         "{}",
         err.cause
     );
-    assert!(err.cause.contains("fsfreeze"), "{}", err.cause);
+    // The fix, in local mode's words.
+    for needle in [
+        "`fsfreeze = true` for member maria-0",
+        "STILLPOINT_FSFREEZE_MOUNTS",
+        "btrfs, exec",
+    ] {
+        assert!(err.cause.contains(needle), "{needle}: {}", err.cause);
+    }
+    assert!(!err.cause.contains("annotate"), "{}", err.cause);
     assert_eq!(err.manifest.outcome, Outcome::Failed);
     assert!(
         s.agents[0].logs().find("freeze requested").is_none(),
@@ -594,4 +603,117 @@ async fn a_postgres_copy_in_backup_mode_restores_with_its_label_and_keeps_acknow
     let log = std::fs::read_to_string(&server.server.log).unwrap();
     assert!(log.contains("starting backup recovery"), "{log}");
     let _ = std::fs::remove_dir_all(s.snapshots());
+}
+
+/// The loop device an image is attached to (`losetup -j`).
+fn loop_device_of(image: &Path) -> std::path::PathBuf {
+    let out = std::process::Command::new("losetup")
+        .arg("-j")
+        .arg(image)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let device = text
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert!(device.starts_with("/dev/loop"), "losetup -j: {text}");
+    device.into()
+}
+
+/// A member's volume named as a block storage user names it: the
+/// filesystem image, the loop device it is attached to, or the mount
+/// point. The agent resolves each to where it is mounted, so the coverage
+/// check passes, and the exec snapshotter cuts the image (a block-level
+/// copy) whatever the volume is called. An image mounted nowhere covers
+/// nothing, and the refusal says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_may_be_devices_images_or_mount_points() {
+    use stillpoint_lab::servers::Setup as Layout;
+    use stillpoint_lab::servers::loopfs::LoopMount;
+    use stillpoint_lab::servers::postgres::PgPair;
+    let pg = tokio::task::spawn_blocking(|| {
+        PgPair::start_with(&Layout {
+            block: true,
+            ..Layout::default()
+        })
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let mount = pg.volume_of(&pg.primary.data);
+    let image = std::path::PathBuf::from(format!("{}.img", mount.display()));
+    let device = loop_device_of(&image);
+    let snapshots = tempfile::tempdir().unwrap();
+    let snapdir = snapshots.path().display().to_string();
+    for (what, volume, source) in [
+        ("image", image.clone(), "{volume}".to_string()),
+        (
+            "device",
+            device.clone(),
+            "$(losetup -nO BACK-FILE {volume})".to_string(),
+        ),
+        ("mount", mount.clone(), "{volume}.img".to_string()),
+    ] {
+        let mut s = Setup::new();
+        let addr = s.agent(
+            "pg-0",
+            "postgres",
+            &[("STILLPOINT_DSN", pg.primary.conninfo("postgres"))],
+        );
+        let body = format!(
+            "snapshotter = \"exec\"\n[groups.g.exec]\nsnapshot = \"cp --reflink=auto {source} {snapdir}/{{snapshot}}.img\"\n\
+             delete = \"rm -f {snapdir}/{{snapshot}}.img\"\n{}",
+            member("pg-0", &addr, "primary", None, &[&volume])
+        );
+        let config = s.config("g", &body);
+        let id = format!("blk-{what}");
+        let manifest = s
+            .orchestrator(&config)
+            .backup(config.group("g").unwrap(), &id)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {}", e.cause));
+        assert_eq!(manifest.outcome, Outcome::Succeeded, "{what}");
+        // The cut is a copy of the device: it holds the data directory.
+        let handle = &manifest.members[0].snapshots[0].handle;
+        let cut = snapshots.path().join(format!("{handle}.img"));
+        let copy = snapshots.path().join(format!("{handle}-copy.img"));
+        std::fs::copy(&cut, &copy).unwrap();
+        let opened =
+            LoopMount::image(&copy, &snapshots.path().join(format!("{handle}-m"))).unwrap();
+        assert!(
+            opened.path().join("data/PG_VERSION").exists(),
+            "{what}: the cut holds the data directory"
+        );
+        drop(opened);
+    }
+
+    // An image attached nowhere covers nothing.
+    let stray = snapshots.path().join("stray.img");
+    std::fs::File::create(&stray)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut s = Setup::new();
+    let addr = s.agent(
+        "pg-0",
+        "postgres",
+        &[("STILLPOINT_DSN", pg.primary.conninfo("postgres"))],
+    );
+    let body = format!(
+        "snapshotter = \"exec\"\n[groups.g.exec]\nsnapshot = \"true\"\ndelete = \"true\"\n{}",
+        member("pg-0", &addr, "primary", None, &[&stray])
+    );
+    let config = s.config("g", &body);
+    let err = s
+        .orchestrator(&config)
+        .backup(config.group("g").unwrap(), "blk-stray")
+        .await
+        .unwrap_err();
+    for needle in ["data_directory", "stray.img", "mounted nowhere"] {
+        assert!(err.cause.contains(needle), "{needle}: {}", err.cause);
+    }
+    assert!(s.agents[0].logs().find("freeze requested").is_none());
 }

@@ -670,6 +670,35 @@ async fn group_backups_with_csi_and_csi_group_restore_to_a_consistent_cut() {
     .await
     .unwrap();
     assert!(space.backups().get_opt("csi-0").await.unwrap().is_none());
+    // `backup delete` returns once the snapshots are gone too, the group
+    // snapshot's own included.
+    let group_backup = &taken[5].0;
+    assert_eq!(group_backup.name_any(), "csi-group-0");
+    let recorded: Vec<String> = status(group_backup)
+        .members
+        .iter()
+        .flat_map(|m| m.volume_snapshots.iter().map(|v| v.name.clone()))
+        .collect();
+    let (ok, out, err) =
+        tokio::task::block_in_place(|| cli(&space, &["backup", "delete", "csi-group-0"]));
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("deleted GroupBackup csi-group-0 and its snapshots"),
+        "{out}"
+    );
+    let names: BTreeSet<String> = vs
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|o| o.metadata.name)
+        .collect();
+    let left: Vec<&String> = recorded.iter().filter(|r| names.contains(*r)).collect();
+    assert!(
+        left.is_empty(),
+        "still there when the CLI returned: {left:?}"
+    );
 }
 
 /// A Redis pod with options: its app label, ServiceAccount, the Secret of
@@ -914,6 +943,15 @@ async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freeze
              driver: other.csi.example\ndeletionPolicy: Delete\n",
         )
         .await;
+    // A class of the right driver that does not say whether its snapshots
+    // are point-in-time.
+    space
+        .apply(&format!(
+            "apiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshotClass\nmetadata: {{name: unsaid-{ns}}}\n\
+             driver: {}\ndeletionPolicy: Delete\nparameters: {{mode: atomic}}\n",
+            kube::csi::DRIVER
+        ))
+        .await;
     let _controller = space
         .controller("unprotectable-a", &format!("lease-{ns}"))
         .await;
@@ -1005,6 +1043,7 @@ async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freeze
     for (group, members, _, _) in &cases {
         space.apply(&group_yaml(&ns, group, "csi", members)).await;
     }
+    let unsaid = format!("unsaid-{ns}");
     for (class, reason, needles) in [
         ("missing", "NoSnapshotClass", &["missing"][..]),
         (
@@ -1012,15 +1051,25 @@ async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freeze
             "ClassDriverMismatch",
             &["elsewhere", "other.csi.example", kube::csi::DRIVER][..],
         ),
+        (
+            unsaid.as_str(),
+            "AtomicityUnknown",
+            &[
+                unsaid.as_str(),
+                "spec.snapshot.atomic",
+                "stillpoint.dev/atomic",
+            ][..],
+        ),
     ] {
+        let group = class.split('-').next().unwrap();
         space
             .apply(&format!(
-                "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: class-{class}, namespace: {ns}}}\n\
+                "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: class-{group}, namespace: {ns}}}\n\
                  spec:\n  members:\n{}  snapshot: {{driver: csi, volumeSnapshotClassName: {class}}}\n",
                 member("ra")
             ))
             .await;
-        let (got, message) = space.protectable(&format!("class-{class}"), "False").await;
+        let (got, message) = space.protectable(&format!("class-{group}"), "False").await;
         assert_eq!(got, reason, "{message}");
         for n in needles {
             assert!(message.contains(n), "{reason}: {n} not in {message}");
@@ -1043,7 +1092,18 @@ async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freeze
             kube::SLOW_SNAPSHOT_CLASS
         ))
         .await;
-    space.protectable("solo", "True").await;
+    let (_, message) = space.protectable("solo", "True").await;
+    assert!(message.contains("point-in-time"), "{message}");
+    // The default class copies files and says so: taken as a copy.
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: on-default, namespace: {ns}}}\n\
+             spec:\n  members:\n{}  snapshot: {{driver: csi}}\n",
+            member("ra"),
+        ))
+        .await;
+    let (_, message) = space.protectable("on-default", "True").await;
+    assert!(message.contains("copies"), "{message}");
 
     // A backup of a group with an unreachable agent fails at once, naming
     // the member and the cause; its healthy member never froze.
@@ -2097,7 +2157,7 @@ async fn no_replica_is_restored_ahead_of_its_primary_whatever_order_the_storage_
     ] {
         space
             .apply(&format!(
-                "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: {class}}}\ndriver: {driver}\n\
+                "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: {class}, annotations: {{stillpoint.dev/atomic: \"true\"}}}}\ndriver: {driver}\n\
                  deletionPolicy: Delete\nparameters: {{mode: atomic, firstVolumes: {primary_volume}, thenAfterMs: \"400\"}}"
             ))
             .await;

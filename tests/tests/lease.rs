@@ -304,7 +304,7 @@ async fn invalid_ttls_are_refused_and_the_agent_stays_up() {
     }
     let described = s
         .client
-        .describe(pb::DescribeRequest {})
+        .describe(pb::DescribeRequest::default())
         .await
         .unwrap()
         .into_inner();

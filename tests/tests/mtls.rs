@@ -46,7 +46,7 @@ async fn describe(
         .await
         .map_err(|e| e.to_string())?;
     client
-        .describe(pb::DescribeRequest {})
+        .describe(pb::DescribeRequest::default())
         .await
         .map(|r| r.into_inner())
         .map_err(|s| s.to_string())
@@ -217,7 +217,7 @@ async fn plaintext_is_refused() {
         .await;
     if let Ok(channel) = channel {
         let mut client = pb::agent_client::AgentClient::new(channel);
-        let answer = client.describe(pb::DescribeRequest {}).await;
+        let answer = client.describe(pb::DescribeRequest::default()).await;
         assert!(answer.is_err(), "a plaintext client was served: {answer:?}");
     }
     s.agent

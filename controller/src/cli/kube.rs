@@ -484,16 +484,85 @@ impl Kube {
                     }
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
-                println!(
-                    "deleted GroupBackup {} ({} its snapshots)",
-                    args.id,
-                    match b.spec.deletion_policy {
-                        crate::kube::crd::DeletionPolicy::Delete => "and",
-                        crate::kube::crd::DeletionPolicy::Retain => "keeping",
-                    }
-                );
+                if b.spec.deletion_policy == crate::kube::crd::DeletionPolicy::Retain {
+                    println!("deleted GroupBackup {} (keeping its snapshots)", args.id);
+                    return Ok(());
+                }
+                // The finalizer asked for the snapshots' deletion; the
+                // snapshot controller carries it out: wait for that too.
+                self.snapshots_gone(&b, deadline).await?;
+                println!("deleted GroupBackup {} and its snapshots", args.id);
                 Ok(())
             }
+        }
+    }
+
+    /// The VolumeSnapshots and VolumeGroupSnapshots a backup left in the
+    /// namespace: those its status records (a group snapshot's own carry no
+    /// label) and those labelled with its uid.
+    async fn snapshots_of(&self, backup: &GroupBackup) -> anyhow::Result<Vec<String>> {
+        use kube::api::{DynamicObject, ListParams};
+        let uid = backup.metadata.uid.clone().unwrap_or_default();
+        let selector = format!("{}={uid}", crate::kube::crd::BACKUP_LABEL);
+        let mut left = Vec::new();
+        let snapshots: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &self.ns,
+            &crate::kube::csi::volume_snapshot_resource(),
+        );
+        let recorded = backup.status.iter().flat_map(|s| s.members.iter());
+        for v in recorded.flat_map(|m| m.volume_snapshots.iter()) {
+            if snapshots.get_opt(&v.name).await?.is_some() {
+                left.push(format!("VolumeSnapshot {}", v.name));
+            }
+        }
+        let mut resources = vec![crate::kube::csi::volume_snapshot_resource()];
+        if let Ok(groups) = crate::kube::csi::volume_group_snapshot_resource(&self.client).await {
+            resources.push(groups);
+        }
+        for resource in resources {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(self.client.clone(), &self.ns, &resource);
+            let list = api.list(&ListParams::default().labels(&selector)).await?;
+            for name in list.items.into_iter().filter_map(|o| o.metadata.name) {
+                let name = format!("{} {name}", resource.kind);
+                if !left.contains(&name) {
+                    left.push(name);
+                }
+            }
+        }
+        Ok(left)
+    }
+
+    /// Waits until a deleted backup's snapshots are gone, saying what is
+    /// left as it changes; past `deadline`, fails naming what remains.
+    async fn snapshots_gone(
+        &self,
+        backup: &GroupBackup,
+        deadline: tokio::time::Instant,
+    ) -> anyhow::Result<()> {
+        let mut said = Vec::new();
+        loop {
+            let left = self.snapshots_of(backup).await?;
+            if left.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "the GroupBackup is deleted, but its snapshots are still there after 120 s: {} \
+                     (is the snapshot controller running? `kubectl describe` them for why)",
+                    left.join(", ")
+                );
+            }
+            if left != said {
+                eprintln!(
+                    "waiting for {} snapshot(s) to be deleted: {}",
+                    left.len(),
+                    left.join(", ")
+                );
+                said = left;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 

@@ -129,7 +129,7 @@ pub fn run(args: StatusArgs, global: &Global) -> anyhow::Result<()> {
                     Err(e) => s.error = e.to_string(),
                     Ok(mut client) => {
                         s.reachable = true;
-                        match client.describe(pb::DescribeRequest {}).await {
+                        match client.describe(pb::DescribeRequest::default()).await {
                             Ok(d) => {
                                 let d = d.into_inner();
                                 s.engine = engine_name(d.engine).into();
@@ -236,7 +236,7 @@ pub fn thaw(args: TargetArgs, global: &Global) -> anyhow::Result<()> {
                         .await
                         .map_err(|e| e.to_string())?;
                     let holder = client
-                        .describe(pb::DescribeRequest {})
+                        .describe(pb::DescribeRequest::default())
                         .await
                         .map_err(|e| e.message().to_string())?
                         .into_inner()

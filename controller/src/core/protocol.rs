@@ -81,14 +81,16 @@ pub fn consistency(engine: Engine, blocks_writes: bool, atomic: bool) -> Consist
 }
 
 /// Whether a member may be cut by a non-atomic copy at all (the local
-/// `copy` snapshotter, a CSI class whose snapshots are not atomic).
-pub fn copy_refusal(member: &MemberSpec, engine: Engine) -> Option<String> {
+/// `copy` snapshotter, a CSI class whose snapshots are not atomic); `fix`
+/// says what to change, in the words of the mode the group is in
+/// ([`Snapshotter::copy_fix`]).
+pub fn copy_refusal(member: &MemberSpec, engine: Engine, fix: &str) -> Option<String> {
     match engine {
         Engine::Mysql | Engine::Mariadb if !member.fsfreeze => Some(format!(
-            "member {} ({engine}, InnoDB) cannot be cut by the copy snapshotter: a file copy of \
-             InnoDB is consistent only while its mount is frozen. Set `fsfreeze = true` for it \
-             (and STILLPOINT_FSFREEZE_MOUNTS on its agent), or use an atomic snapshotter (btrfs, exec)",
-            member.name
+            "member {} ({engine}, InnoDB) cannot be cut by a snapshot that is not atomic (a copy \
+             of its files): InnoDB is consistent in one only while its mount is frozen. {}",
+            member.name,
+            fix.replace("{member}", &member.name)
         )),
         _ => None,
     }
@@ -100,48 +102,46 @@ fn is_below(path: &std::path::Path, base: &std::path::Path) -> bool {
     path.starts_with(base) || canon(path).starts_with(canon(base))
 }
 
-/// Where a volume's files are: the volume itself, or — for a block device
-/// (an LVM volume cut by the exec snapshotter) — wherever it is mounted.
-fn volume_roots(volume: &std::path::Path) -> Vec<std::path::PathBuf> {
-    use std::os::unix::fs::FileTypeExt;
-    let is_device = std::fs::metadata(volume).is_ok_and(|m| m.file_type().is_block_device());
-    if !is_device {
-        return vec![volume.to_path_buf()];
-    }
-    let device = std::fs::canonicalize(volume).unwrap_or_else(|_| volume.to_path_buf());
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (source, target) = (fields.next()?, fields.next()?);
-            let source = std::fs::canonicalize(source).ok()?;
-            // Mount points are octal-escaped (`\040` for a space).
-            (source == device).then(|| target.replace("\\040", " ").into())
-        })
-        .collect()
-}
-
-/// Server paths that are on none of `volumes`: those refused, and those
-/// the member accepts (`accept_uncovered`).
+/// Server paths that are on none of the volumes' `roots` (where their
+/// files are): those refused, and those the member accepts
+/// (`accept_uncovered`).
 pub fn uncovered<'p>(
     paths: &'p [ServerPath],
-    volumes: &[std::path::PathBuf],
+    roots: &[std::path::PathBuf],
     accepted: &[std::path::PathBuf],
 ) -> (Vec<&'p ServerPath>, Vec<&'p ServerPath>) {
-    let roots: Vec<std::path::PathBuf> = volumes.iter().flat_map(|v| volume_roots(v)).collect();
     paths
         .iter()
         .filter(|p| !roots.iter().any(|v| is_below(&p.path, v)))
         .partition(|p| !accepted.iter().any(|a| is_below(&p.path, a)))
 }
 
+/// Where each of a member's volumes has its files: as its agent reports
+/// them (`agent`: a block device or an image is wherever it is mounted),
+/// or the volume itself when the agent said nothing of it.
+pub fn volume_roots(
+    volumes: &[std::path::PathBuf],
+    agent: &[pb::VolumeRoots],
+) -> Vec<std::path::PathBuf> {
+    volumes
+        .iter()
+        .flat_map(
+            |v| match agent.iter().find(|r| std::path::Path::new(&r.volume) == v) {
+                Some(r) => r.roots.iter().map(std::path::PathBuf::from).collect(),
+                None => vec![v.clone()],
+            },
+        )
+        .collect()
+}
+
 /// Checks that a member's volumes hold what its server needs; returns the
 /// warnings for accepted gaps, or why the member cannot be backed up.
+/// `agent_roots`: where its agent found each volume mounted.
 pub fn coverage(
     member: &MemberSpec,
     engine: Engine,
     paths: &[ServerPath],
+    agent_roots: &[pb::VolumeRoots],
 ) -> Result<Vec<String>, String> {
     if member.volumes.is_empty() {
         return Ok(match paths.is_empty() {
@@ -159,19 +159,34 @@ pub fn coverage(
         .map(|v| v.describe())
         .collect::<Vec<_>>()
         .join(", ");
-    let roots: Vec<std::path::PathBuf> = member
+    let volume_paths: Vec<std::path::PathBuf> = member
         .volumes
         .iter()
         .filter_map(|v| v.root().map(std::path::Path::to_path_buf))
         .collect();
+    let roots = volume_roots(&volume_paths, agent_roots);
     let (refused, accepted) = uncovered(paths, &roots, &member.accept_uncovered);
     if let Some(first) = refused.first() {
         let all: Vec<String> = refused
             .iter()
             .map(|p| format!("{} {}", p.what, p.path.display()))
             .collect();
+        let mounted = match roots.iter().any(|r| !volume_paths.contains(r)) {
+            true => format!(
+                ", mounted at {}",
+                roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            false if roots.len() < volume_paths.len() => {
+                ", which its agent finds mounted nowhere".to_string()
+            }
+            false => String::new(),
+        };
         return Err(format!(
-            "member {} ({engine}): its server keeps {} outside the member's volumes ({volumes}), \
+            "member {} ({engine}): its server keeps {} outside the member's volumes ({volumes}{mounted}), \
              so a restore from the snapshots would lack {}. Move it onto a snapshotted volume, \
              add its volume to the member, or accept the gap with \
              `accept_uncovered = [\"{}\"]`",
@@ -649,7 +664,14 @@ impl<'g> Run<'_, 'g> {
                     )
                 })?;
             let describe = client
-                .describe(pb::DescribeRequest {})
+                .describe(pb::DescribeRequest {
+                    volumes: m
+                        .volumes
+                        .iter()
+                        .filter_map(|v| v.root())
+                        .map(|p| p.display().to_string())
+                        .collect(),
+                })
                 .await
                 .map_err(|e| {
                     Problem::new(
@@ -682,7 +704,7 @@ impl<'g> Run<'_, 'g> {
                         ));
                     }
                     if !self.snapshotter.atomic()
-                        && let Some(why) = copy_refusal(config, engine)
+                        && let Some(why) = copy_refusal(config, engine, self.snapshotter.copy_fix())
                     {
                         problems.push(at(ErrorKind::CopyRefused, why));
                     }
@@ -694,7 +716,7 @@ impl<'g> Run<'_, 'g> {
                             path: p.path.clone().into(),
                         })
                         .collect();
-                    match coverage(config, engine, &paths) {
+                    match coverage(config, engine, &paths, &describe.volume_roots) {
                         Ok(warnings) => self.warnings.extend(warnings),
                         Err(why) => problems.push(at(ErrorKind::NotCovered, why)),
                     }
@@ -1362,7 +1384,8 @@ mod tests {
             fsfreeze: false,
             accept_uncovered: Vec::new(),
         };
-        let err = coverage(&member, Engine::Postgres, &[path("pg_wal", "/wal/pg")]).unwrap_err();
+        let err =
+            coverage(&member, Engine::Postgres, &[path("pg_wal", "/wal/pg")], &[]).unwrap_err();
         for needle in [
             "member pg-0 (postgres)",
             "pg_wal /wal/pg",

@@ -149,6 +149,13 @@ pub trait Snapshotter: Send + Sync + std::fmt::Debug {
     /// (btrfs, LVM/ZFS). A copy is not.
     fn atomic(&self) -> bool;
 
+    /// What an operator changes so that an InnoDB member can be cut when
+    /// this snapshotter's snapshots are not atomic (`{member}`: its name),
+    /// in the words of the mode it runs in.
+    fn copy_fix(&self) -> &'static str {
+        "Freeze the member's mount for the cut (fsfreeze), or use an atomic snapshotter"
+    }
+
     /// Whether the snapshot holds what is still in the page cache (btrfs
     /// writes dirty data into the snapshot; a copy reads through the cache).
     /// Block-level snapshots (LVM, cloud disks, CSI) do not: before them the

@@ -291,6 +291,7 @@ async fn snapshotter(
     ctx: &Context,
     group: &ConsistencyGroup,
     owner: Owner,
+    atomic: bool,
 ) -> Result<Box<dyn Snapshotter>, String> {
     let s = &group.spec.snapshot;
     Ok(match s.driver {
@@ -298,14 +299,14 @@ async fn snapshotter(
             ctx.client.clone(),
             owner,
             s.volume_snapshot_class_name.clone(),
-            s.atomic,
+            atomic,
         )),
         SnapshotDriver::CsiGroup => Box::new(
             CsiGroup::new(
                 ctx.client.clone(),
                 owner,
                 s.volume_group_snapshot_class_name.clone(),
-                s.atomic,
+                atomic,
             )
             .await?,
         ),
@@ -491,7 +492,7 @@ async fn reconcile_backup(
         group: key.1.clone(),
         uid: uid.clone(),
     };
-    let snapshotter = match snapshotter(&ctx, &group, owner).await {
+    let snapshotter = match snapshotter(&ctx, &group, owner, resolution.atomic).await {
         Ok(s) => s,
         Err(e) => return fail(&ctx, &backup, "NoSnapshotClass", e).await,
     };

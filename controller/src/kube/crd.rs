@@ -142,14 +142,17 @@ pub struct SnapshotSettings {
     /// Whether the class's snapshots are point-in-time (true for most block
     /// storage; false for drivers that copy files, such as hostpath). Not
     /// atomic: PostgreSQL is cut in backup mode and InnoDB only with its
-    /// mount frozen, as with the local `copy` snapshotter.
-    #[serde(default = "yes")]
-    pub atomic: bool,
+    /// mount frozen, as with the local `copy` snapshotter. Unset: what the
+    /// class says in its annotation `stillpoint.dev/atomic` ("true" or
+    /// "false"); a class that says neither is never trusted, and the group
+    /// is not Protectable (`AtomicityUnknown`) until one of them does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atomic: Option<bool>,
 }
 
-fn yes() -> bool {
-    true
-}
+/// The annotation by which a snapshot class says whether its snapshots are
+/// point-in-time (`"true"`) or copies (`"false"`).
+pub const ATOMIC_ANNOTATION: &str = "stillpoint.dev/atomic";
 
 /// The snapshotters of Kubernetes mode.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -796,10 +799,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(group.snapshot.driver, SnapshotDriver::Csi);
-        assert!(!group.snapshot.atomic);
+        assert_eq!(group.snapshot.atomic, Some(false));
         assert_eq!(group.lease_ttl.as_deref(), Some("10s"));
         let defaults: SnapshotSettings = serde_yaml::from_str("{}").unwrap();
-        assert!(defaults.atomic, "classes are atomic unless said otherwise");
+        assert_eq!(
+            defaults.atomic, None,
+            "the class decides unless the group says"
+        );
         assert_eq!(defaults.driver, SnapshotDriver::CsiGroup);
     }
 }

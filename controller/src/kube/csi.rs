@@ -28,6 +28,12 @@ use serde_json::{Value, json};
 use crate::core::snapshot::{Made, SnapshotError, SnapshotHandle, Snapshotter, VolumeRef};
 use crate::kube::crd::{BACKUP_LABEL, CUT_LABEL, GROUP_LABEL};
 
+/// What makes an InnoDB member cuttable on a class that copies files, in
+/// Kubernetes mode's words.
+pub const COPY_FIX: &str = "Set `fsfreeze: true` on member {member} in the ConsistencyGroup and \
+     annotate its pods `stillpoint.dev/fsfreeze: \"true\"` (the agent then freezes its mount), or \
+     use a VolumeSnapshotClass whose snapshots are point-in-time (`spec.snapshot.atomic: true`)";
+
 /// How often a snapshot's status is read while waiting for it.
 const POLL: Duration = Duration::from_millis(20);
 /// Bound on `readyToUse` after the cut.
@@ -195,6 +201,10 @@ impl Csi {
 impl Snapshotter for Csi {
     fn name(&self) -> &'static str {
         "csi"
+    }
+
+    fn copy_fix(&self) -> &'static str {
+        COPY_FIX
     }
 
     fn atomic(&self) -> bool {
@@ -488,6 +498,10 @@ impl CsiGroup {
 impl Snapshotter for CsiGroup {
     fn name(&self) -> &'static str {
         "csi-group"
+    }
+
+    fn copy_fix(&self) -> &'static str {
+        COPY_FIX
     }
 
     fn atomic(&self) -> bool {

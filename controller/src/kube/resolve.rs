@@ -23,7 +23,8 @@ use crate::core::model::{AgentEndpoint, Engine, GroupSpec, MemberSpec, Role, Vol
 use crate::core::protocol::{copy_refusal, coverage};
 use crate::core::record::ServerPath;
 use crate::kube::crd::{
-    ConsistencyGroup, MemberRole, MemberTemplate, ResolvedMember, SnapshotDriver, WorkloadRef,
+    ATOMIC_ANNOTATION, ConsistencyGroup, MemberRole, MemberTemplate, ResolvedMember,
+    SnapshotDriver, WorkloadRef,
 };
 
 /// The name of the agent's container port.
@@ -70,6 +71,9 @@ pub struct Resolution {
     pub members: Vec<ResolvedMember>,
     /// The group as the protocol runs it (when protectable).
     pub spec: Option<GroupSpec>,
+    /// Whether the group's snapshots are point-in-time: its spec, else its
+    /// class's `stillpoint.dev/atomic` annotation (known when protectable).
+    pub atomic: bool,
 }
 
 /// Resolves groups; dials agents with the controller's identity.
@@ -263,7 +267,7 @@ impl Resolver {
                 false => Verdict::no("AgentUnreachable", text),
             }
         })?;
-        let d = tokio::time::timeout(timeout, client.describe(pb::DescribeRequest {}))
+        let d = tokio::time::timeout(timeout, client.describe(pb::DescribeRequest::default()))
             .await
             .map_err(|_| {
                 Verdict::no(
@@ -310,6 +314,7 @@ impl Resolver {
             resolved,
             members,
             spec: None,
+            atomic: false,
         };
         let budget = |text: &Option<String>, default: Duration| match text {
             None => Ok(default),
@@ -544,15 +549,20 @@ impl Resolver {
                 spec.members.len()
             ),
         );
-        // The snapshot class serves every PVC's driver.
-        if let Err(v) = self.check_class(group, &drivers).await {
-            return Resolution {
-                resolved,
-                protectable: v,
-                members,
-                spec: None,
-            };
-        }
+        // The snapshot class serves every PVC's driver, and says (or the
+        // group says) whether its snapshots are point-in-time.
+        let atomic = match self.check_class(group, &drivers).await {
+            Ok(atomic) => atomic,
+            Err(v) => {
+                return Resolution {
+                    resolved,
+                    protectable: v,
+                    members,
+                    spec: None,
+                    atomic: false,
+                };
+            }
+        };
         // Each agent describes its server.
         let described = join_all(members.iter().map(|m| {
             let (addr, identity) = (
@@ -587,6 +597,7 @@ impl Resolver {
                 protectable: v,
                 members,
                 spec: None,
+                atomic,
             };
         }
         let infos: Vec<Described> = infos.into_iter().flatten().collect();
@@ -668,11 +679,11 @@ impl Resolver {
                 fsfreeze: t.fsfreeze,
                 accept_uncovered: t.accept_uncovered.iter().map(PathBuf::from).collect(),
             };
-            if let Err(why) = coverage(&member_spec, d.engine, &d.paths) {
+            if let Err(why) = coverage(&member_spec, d.engine, &d.paths, &[]) {
                 problems.push(Verdict::no("NotCovered", why));
             }
-            if !spec.snapshot.atomic
-                && let Some(why) = copy_refusal(&member_spec, d.engine)
+            if !atomic
+                && let Some(why) = copy_refusal(&member_spec, d.engine, crate::kube::csi::COPY_FIX)
             {
                 problems.push(Verdict::no("CopyRefused", why));
             }
@@ -685,19 +696,26 @@ impl Resolver {
                 protectable: first,
                 members,
                 spec: None,
+                atomic,
             };
         }
         let message = format!(
-            "{} members can be backed up by {}",
+            "{} members can be backed up by {}; {}",
             members.len(),
             match spec.snapshot.driver {
                 SnapshotDriver::Csi => "csi (a VolumeSnapshot per PVC)",
-                SnapshotDriver::CsiGroup => "csi-group (one VolumeGroupSnapshot)",
+                SnapshotDriver::CsiGroup =>
+                    "csi-group (a VolumeGroupSnapshot per cut, replicas before their primaries)",
+            },
+            match atomic {
+                true => "its snapshots are point-in-time",
+                false => "its snapshots are copies (PostgreSQL is cut in backup mode)",
             }
         );
         Resolution {
             resolved,
             protectable: Verdict::yes("Ready", message),
+            atomic,
             members,
             spec: Some(GroupSpec {
                 name,
@@ -710,12 +728,13 @@ impl Resolver {
         }
     }
 
-    /// The group's snapshot class exists and serves every driver of its PVCs.
+    /// The group's snapshot class exists and serves every driver of its
+    /// PVCs; returns whether its snapshots are point-in-time.
     async fn check_class(
         &self,
         group: &ConsistencyGroup,
         drivers: &BTreeSet<String>,
-    ) -> Result<(), Verdict> {
+    ) -> Result<bool, Verdict> {
         let s = &group.spec.snapshot;
         let (resource, named, default_annotation, what) = match s.driver {
             SnapshotDriver::Csi => (
@@ -772,11 +791,12 @@ impl Resolver {
                         ),
                     ));
                 }
-                Ok(())
+                atomicity(s.atomic, &[class], what)
             }
             None => {
+                let mut used = Vec::new();
                 for d in drivers {
-                    let default = classes.iter().any(|c| {
+                    let default = classes.iter().find(|c| {
                         driver_of(c) == *d
                             && c.metadata
                                 .annotations
@@ -785,7 +805,7 @@ impl Resolver {
                                 .map(String::as_str)
                                 == Some("true")
                     });
-                    if !default {
+                    let Some(default) = default else {
                         return Err(Verdict::no(
                             "NoSnapshotClass",
                             format!(
@@ -793,10 +813,53 @@ impl Resolver {
                                  (annotation {default_annotation}: \"true\")"
                             ),
                         ));
-                    }
+                    };
+                    used.push(default);
                 }
-                Ok(())
+                atomicity(s.atomic, &used, what)
             }
+        }
+    }
+}
+
+/// Whether snapshots of `classes` are point-in-time: the group's word
+/// (`spec.snapshot.atomic`), else every class's annotation. Never assumed.
+fn atomicity(spec: Option<bool>, classes: &[&DynamicObject], what: &str) -> Result<bool, Verdict> {
+    if let Some(atomic) = spec {
+        return Ok(atomic);
+    }
+    let said: Vec<(String, Option<bool>)> = classes
+        .iter()
+        .map(|c| {
+            let value = c
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ATOMIC_ANNOTATION))
+                .and_then(|v| v.parse::<bool>().ok());
+            (c.metadata.name.clone().unwrap_or_default(), value)
+        })
+        .collect();
+    match said
+        .iter()
+        .map(|(_, v)| *v)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect::<Vec<_>>()[..]
+    {
+        [Some(atomic)] => Ok(atomic),
+        _ => {
+            let names: Vec<&str> = said.iter().map(|(n, _)| n.as_str()).collect();
+            Err(Verdict::no(
+                "AtomicityUnknown",
+                format!(
+                    "whether the snapshots of {what} {} are point-in-time is not known, and a backup's \
+                     consistency depends on it: set spec.snapshot.atomic in the group (true for block \
+                     storage that snapshots at an instant, false for drivers that copy files, such as \
+                     hostpath), or annotate the class {ATOMIC_ANNOTATION}: \"true\" or \"false\"",
+                    names.join(", ")
+                ),
+            ))
         }
     }
 }
@@ -811,5 +874,37 @@ mod tests {
         assert_eq!(host_of("pg-0.pg.shop.svc:5432"), "pg-0.pg.shop.svc");
         assert_eq!(host_of("[fd00::1]:6379"), "fd00::1");
         assert_eq!(host_of("rs0"), "rs0");
+    }
+
+    #[test]
+    fn a_copy_refusal_names_the_fix_in_kubernetes_words() {
+        let member = MemberSpec {
+            name: "maria".into(),
+            agent: crate::core::model::AgentEndpoint {
+                addr: "10.0.0.1:9443".into(),
+                identity: "spiffe://cluster.local/ns/shop/sa/maria".into(),
+            },
+            role: crate::core::model::Role::Primary,
+            primary: None,
+            volumes: Vec::new(),
+            restore_stage: None,
+            fsfreeze: false,
+            accept_uncovered: Vec::new(),
+        };
+        let why = copy_refusal(&member, Engine::Mariadb, crate::kube::csi::COPY_FIX).unwrap();
+        for needle in [
+            "member maria (mariadb",
+            "`fsfreeze: true` on member maria in the ConsistencyGroup",
+            "stillpoint.dev/fsfreeze",
+            "spec.snapshot.atomic: true",
+        ] {
+            assert!(why.contains(needle), "{needle}: {why}");
+        }
+        assert!(!why.contains("STILLPOINT_FSFREEZE_MOUNTS"), "{why}");
+        let frozen = MemberSpec {
+            fsfreeze: true,
+            ..member
+        };
+        assert!(copy_refusal(&frozen, Engine::Mariadb, crate::kube::csi::COPY_FIX).is_none());
     }
 }

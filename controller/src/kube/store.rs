@@ -146,11 +146,19 @@ impl StatusWriter {
     }
 
     /// Creates the (empty) Secret that will keep the backup's artefacts,
-    /// before anything freezes. A Secret of that name that exists already
-    /// is never adopted (it would be garbage-collected with the backup):
-    /// `Ok(Err(why))`.
+    /// before anything freezes, and names it in the status first. A Secret
+    /// of that name that exists already is never adopted (it would be
+    /// garbage-collected with the backup): `Ok(Err(why))` — unless the
+    /// status already named it before this attempt, which means an earlier
+    /// reconcile of this backup (a requeue, another leader) created it.
+    /// (The controller may create and patch Secrets, not read them.)
     pub async fn create_artefacts_secret(&self) -> Result<Result<(), String>, kube::Error> {
         let name = self.artefacts_secret();
+        let claimed = self.current().await.artefacts_secret.as_deref() == Some(name.as_str());
+        if !claimed {
+            self.update(|s| s.artefacts_secret = Some(name.clone()))
+                .await?;
+        }
         let secret = Secret {
             metadata: kube::api::ObjectMeta {
                 name: Some(name.clone()),
@@ -167,10 +175,14 @@ impl StatusWriter {
         };
         match self.secrets.create(&params, &secret).await {
             Ok(_) => Ok(Ok(())),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(Err(format!(
-                "Secret {name} exists and was not made by this backup, which keeps its artefacts \
+            Err(kube::Error::Api(e)) if e.code == 409 && claimed => Ok(Ok(())),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                self.update(|s| s.artefacts_secret = None).await?;
+                Ok(Err(format!(
+                    "Secret {name} exists and was not made by this backup, which keeps its artefacts \
                  under that name; delete or rename that Secret, or give the backup another name"
-            ))),
+                )))
+            }
             Err(e) => Err(e),
         }
     }

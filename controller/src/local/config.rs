@@ -19,6 +19,10 @@ pub const DEFAULT_LEASE_TTL: &str = "30s";
 pub const DEFAULT_ALIGN_TIMEOUT: &str = "5s";
 /// Default bound on dialling an agent.
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+/// What makes an InnoDB member cuttable by the `copy` snapshotter, in local
+/// mode's words.
+pub const COPY_FIX: &str = "Set `fsfreeze = true` for member {member} (and \
+     STILLPOINT_FSFREEZE_MOUNTS on its agent), or use an atomic snapshotter (btrfs, exec)";
 
 /// The file as written.
 #[derive(Debug, Clone, Deserialize)]

@@ -86,7 +86,7 @@ impl Agent {
     pub async fn describe(&mut self) -> Result<pb::DescribeResponse, tonic::Status> {
         Ok(self
             .client
-            .describe(pb::DescribeRequest {})
+            .describe(pb::DescribeRequest::default())
             .await?
             .into_inner())
     }

@@ -116,6 +116,10 @@ impl Snapshotter for Copy {
         false
     }
 
+    fn copy_fix(&self) -> &'static str {
+        crate::local::config::COPY_FIX
+    }
+
     async fn cut(
         &self,
         backup_id: &str,

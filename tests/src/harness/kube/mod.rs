@@ -594,7 +594,7 @@ apiVersion: snapshot.storage.k8s.io/v1
 kind: VolumeSnapshotClass
 metadata:
   name: {SNAPSHOT_CLASS}
-  annotations: {{snapshot.storage.kubernetes.io/is-default-class: "true"}}
+  annotations: {{snapshot.storage.kubernetes.io/is-default-class: "true", stillpoint.dev/atomic: "false"}}
 driver: {driver}
 deletionPolicy: Delete
 parameters: {{mode: copy}}
@@ -603,6 +603,7 @@ apiVersion: snapshot.storage.k8s.io/v1
 kind: VolumeSnapshotClass
 metadata:
   name: {ATOMIC_SNAPSHOT_CLASS}
+  annotations: {{stillpoint.dev/atomic: "true"}}
 driver: {driver}
 deletionPolicy: Delete
 parameters: {{mode: atomic}}
@@ -611,6 +612,7 @@ apiVersion: snapshot.storage.k8s.io/v1
 kind: VolumeSnapshotClass
 metadata:
   name: {SLOW_SNAPSHOT_CLASS}
+  annotations: {{stillpoint.dev/atomic: "true"}}
 driver: {driver}
 deletionPolicy: Delete
 parameters: {{mode: atomic, delayMs: "3000"}}
@@ -619,7 +621,7 @@ apiVersion: groupsnapshot.storage.k8s.io/v1
 kind: VolumeGroupSnapshotClass
 metadata:
   name: {SNAPSHOT_CLASS}
-  annotations: {{groupsnapshot.storage.kubernetes.io/is-default-class: "true"}}
+  annotations: {{groupsnapshot.storage.kubernetes.io/is-default-class: "true", stillpoint.dev/atomic: "false"}}
 driver: {driver}
 deletionPolicy: Delete
 parameters: {{mode: copy}}
@@ -628,6 +630,7 @@ apiVersion: groupsnapshot.storage.k8s.io/v1
 kind: VolumeGroupSnapshotClass
 metadata:
   name: {ATOMIC_SNAPSHOT_CLASS}
+  annotations: {{stillpoint.dev/atomic: "true"}}
 driver: {driver}
 deletionPolicy: Delete
 parameters: {{mode: atomic}}
