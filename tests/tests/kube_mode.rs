@@ -2758,20 +2758,6 @@ fn watch_pods(space: &Space) -> (Sightings, tokio::task::JoinHandle<()>) {
 /// Returns how many steps the PostgreSQL primary holds.
 async fn check_cut(tag: &str, pods: [&str; 4], space: &Space, before: usize) -> usize {
     let [pg_p, pg_r, redis_p, redis_r] = pods;
-    let pg_ids = |name: &str| {
-        let name = name.to_string();
-        async move {
-            let pod = space.ready(&name).await;
-            pg_connect(&pod)
-                .await
-                .query("SELECT id FROM chain", &[])
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get::<_, i32>(0))
-                .collect::<BTreeSet<i32>>()
-        }
-    };
     let redis_ids = |name: &str| {
         let name = name.to_string();
         async move {
@@ -2786,7 +2772,7 @@ async fn check_cut(tag: &str, pods: [&str; 4], space: &Space, before: usize) -> 
             ids.into_iter().collect::<BTreeSet<i32>>()
         }
     };
-    let (pg_primary, pg_replica) = (pg_ids(pg_p).await, pg_ids(pg_r).await);
+    let (pg_primary, pg_replica) = (chain_rows(space, pg_p).await, chain_rows(space, pg_r).await);
     let (redis_primary, redis_replica) = (redis_ids(redis_p).await, redis_ids(redis_r).await);
     let ahead: Vec<&i32> = redis_primary.difference(&pg_primary).take(5).collect();
     assert!(

@@ -17,7 +17,8 @@ pub enum BackupCommand {
     List,
     /// Show one backup: members, positions, snapshots, artefacts.
     Describe(DescribeArgs),
-    /// Delete a backup: its snapshots, then its manifest.
+    /// Delete a backup: its snapshots, then its manifest (Kubernetes mode:
+    /// the GroupBackup, then waits until its snapshots are gone).
     Delete(IdArgs),
 }
 
