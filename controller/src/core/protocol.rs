@@ -136,12 +136,15 @@ pub fn volume_roots(
 
 /// Checks that a member's volumes hold what its server needs; returns the
 /// warnings for accepted gaps, or why the member cannot be backed up.
-/// `agent_roots`: where its agent found each volume mounted.
+/// `agent_roots`: where its agent found each volume mounted; `accept`:
+/// how the member accepts a gap, in the words of its mode (`{path}`,
+/// `{member}`: see [`Snapshotter::accept_gap`]).
 pub fn coverage(
     member: &MemberSpec,
     engine: Engine,
     paths: &[ServerPath],
     agent_roots: &[pb::VolumeRoots],
+    accept: &str,
 ) -> Result<Vec<String>, String> {
     if member.volumes.is_empty() {
         return Ok(match paths.is_empty() {
@@ -188,12 +191,13 @@ pub fn coverage(
         return Err(format!(
             "member {} ({engine}): its server keeps {} outside the member's volumes ({volumes}{mounted}), \
              so a restore from the snapshots would lack {}. Move it onto a snapshotted volume, \
-             add its volume to the member, or accept the gap with \
-             `accept_uncovered = [\"{}\"]`",
+             add its volume to the member, or accept the gap with {}",
             member.name,
             all.join(", "),
             if all.len() == 1 { "it" } else { "them" },
-            first.path.display()
+            accept
+                .replace("{path}", &first.path.display().to_string())
+                .replace("{member}", &member.name)
         ));
     }
     Ok(accepted
@@ -716,7 +720,8 @@ impl<'g> Run<'_, 'g> {
                             path: p.path.clone().into(),
                         })
                         .collect();
-                    match coverage(config, engine, &paths, &describe.volume_roots) {
+                    let accept = self.snapshotter.accept_gap();
+                    match coverage(config, engine, &paths, &describe.volume_roots, accept) {
                         Ok(warnings) => self.warnings.extend(warnings),
                         Err(why) => problems.push(at(ErrorKind::NotCovered, why)),
                     }
@@ -1301,6 +1306,8 @@ mod tests {
 
     use super::*;
 
+    const LOCAL_ACCEPT: &str = crate::local::config::ACCEPT_GAP;
+
     fn path(what: &str, path: &str) -> ServerPath {
         ServerPath {
             what: what.into(),
@@ -1384,8 +1391,14 @@ mod tests {
             fsfreeze: false,
             accept_uncovered: Vec::new(),
         };
-        let err =
-            coverage(&member, Engine::Postgres, &[path("pg_wal", "/wal/pg")], &[]).unwrap_err();
+        let err = coverage(
+            &member,
+            Engine::Postgres,
+            &[path("pg_wal", "/wal/pg")],
+            &[],
+            LOCAL_ACCEPT,
+        )
+        .unwrap_err();
         for needle in [
             "member pg-0 (postgres)",
             "pg_wal /wal/pg",

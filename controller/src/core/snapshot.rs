@@ -156,6 +156,12 @@ pub trait Snapshotter: Send + Sync + std::fmt::Debug {
         "Freeze the member's mount for the cut (fsfreeze), or use an atomic snapshotter"
     }
 
+    /// How a member accepts a path its volumes do not hold (`{path}`,
+    /// `{member}`), in the words of the mode this snapshotter runs in.
+    fn accept_gap(&self) -> &'static str {
+        "listing {path} among member {member}'s accepted gaps"
+    }
+
     /// Whether the snapshot holds what is still in the page cache (btrfs
     /// writes dirty data into the snapshot; a copy reads through the cache).
     /// Block-level snapshots (LVM, cloud disks, CSI) do not: before them the

@@ -34,6 +34,11 @@ pub const COPY_FIX: &str = "Set `fsfreeze: true` on member {member} in the Consi
      annotate its pods `stillpoint.dev/fsfreeze: \"true\"` (the agent then freezes its mount), or \
      use a VolumeSnapshotClass whose snapshots are point-in-time (`spec.snapshot.atomic: true`)";
 
+/// How a member accepts a path its volumes do not hold, in Kubernetes
+/// mode's words.
+pub const ACCEPT_GAP: &str =
+    "`acceptUncovered: [\"{path}\"]` on member {member} in the ConsistencyGroup";
+
 /// How often a snapshot's status is read while waiting for it.
 const POLL: Duration = Duration::from_millis(20);
 /// Bound on `readyToUse` after the cut.
@@ -205,6 +210,10 @@ impl Snapshotter for Csi {
 
     fn copy_fix(&self) -> &'static str {
         COPY_FIX
+    }
+
+    fn accept_gap(&self) -> &'static str {
+        ACCEPT_GAP
     }
 
     fn atomic(&self) -> bool {
@@ -502,6 +511,10 @@ impl Snapshotter for CsiGroup {
 
     fn copy_fix(&self) -> &'static str {
         COPY_FIX
+    }
+
+    fn accept_gap(&self) -> &'static str {
+        ACCEPT_GAP
     }
 
     fn atomic(&self) -> bool {

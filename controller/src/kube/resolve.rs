@@ -679,7 +679,13 @@ impl Resolver {
                 fsfreeze: t.fsfreeze,
                 accept_uncovered: t.accept_uncovered.iter().map(PathBuf::from).collect(),
             };
-            if let Err(why) = coverage(&member_spec, d.engine, &d.paths, &[]) {
+            if let Err(why) = coverage(
+                &member_spec,
+                d.engine,
+                &d.paths,
+                &[],
+                crate::kube::csi::ACCEPT_GAP,
+            ) {
                 problems.push(Verdict::no("NotCovered", why));
             }
             if !atomic
@@ -906,5 +912,31 @@ mod tests {
             ..member
         };
         assert!(copy_refusal(&frozen, Engine::Mariadb, crate::kube::csi::COPY_FIX).is_none());
+        // A gap in coverage: accepted the Kubernetes way.
+        let paths = [ServerPath {
+            what: "datadir".into(),
+            path: "/var/lib/mysql".into(),
+        }];
+        let with_volume = MemberSpec {
+            volumes: vec![crate::core::model::VolumeId::Pvc {
+                claim: "data-maria-0".into(),
+                mount_path: Some("/data".into()),
+            }],
+            ..frozen
+        };
+        let why = coverage(
+            &with_volume,
+            Engine::Mariadb,
+            &paths,
+            &[],
+            crate::kube::csi::ACCEPT_GAP,
+        )
+        .unwrap_err();
+        assert!(
+            why.contains(
+                "`acceptUncovered: [\"/var/lib/mysql\"]` on member maria in the ConsistencyGroup"
+            ),
+            "{why}"
+        );
     }
 }

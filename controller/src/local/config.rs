@@ -19,6 +19,9 @@ pub const DEFAULT_LEASE_TTL: &str = "30s";
 pub const DEFAULT_ALIGN_TIMEOUT: &str = "5s";
 /// Default bound on dialling an agent.
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+/// How a member accepts a path its volumes do not hold, in local mode's
+/// words.
+pub const ACCEPT_GAP: &str = "`accept_uncovered = [\"{path}\"]` for member {member}";
 /// What makes an InnoDB member cuttable by the `copy` snapshotter, in local
 /// mode's words.
 pub const COPY_FIX: &str = "Set `fsfreeze = true` for member {member} (and \

@@ -36,6 +36,10 @@ impl Snapshotter for Btrfs {
         true
     }
 
+    fn accept_gap(&self) -> &'static str {
+        crate::local::config::ACCEPT_GAP
+    }
+
     async fn prepare(&self, volumes: &[VolumeRef]) -> Result<(), SnapshotError> {
         each_volume("btrfs", volumes, |v| async move {
             run(

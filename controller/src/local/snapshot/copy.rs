@@ -116,6 +116,10 @@ impl Snapshotter for Copy {
         false
     }
 
+    fn accept_gap(&self) -> &'static str {
+        crate::local::config::ACCEPT_GAP
+    }
+
     fn copy_fix(&self) -> &'static str {
         crate::local::config::COPY_FIX
     }

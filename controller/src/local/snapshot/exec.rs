@@ -68,6 +68,10 @@ impl Snapshotter for Exec {
         true
     }
 
+    fn accept_gap(&self) -> &'static str {
+        crate::local::config::ACCEPT_GAP
+    }
+
     async fn cut(
         &self,
         backup_id: &str,
