@@ -571,6 +571,90 @@ spec:
     // No token at all.
     let (code, _) = refused(ask(&addr, &bundle, "").await);
     assert_eq!(code, 401);
+
+    // An opted-in pod where the webhook never injects: a namespace that
+    // opted out, and the controller's own namespace and identity.
+    let off = Space::new("certs-off").await;
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(off.admin.clone())
+        .patch(
+            &off.ns,
+            &PatchParams::default(),
+            &Patch::Merge(
+                serde_json::json!({"metadata": {"labels": {"stillpoint.dev/inject": "disabled"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    off.sa("db").await;
+    let controller_ns = stillpoint_tests::harness::kube::stillpoint::CONTROLLER_NS;
+    let controller_sa = stillpoint_tests::harness::kube::stillpoint::CONTROLLER_SA;
+    for (space_ns, name, sa) in [
+        (off.ns.as_str(), "opted-off", "db"),
+        (controller_ns, "impostor", controller_sa),
+    ] {
+        off.create(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {space_ns}
+  labels: {{stillpoint.dev/inject: "true"}}
+spec:
+  serviceAccountName: {sa}
+  containers: [{{name: redis, image: redis:7, args: [--port, "6379"]}}]
+"#
+        ))
+        .await
+        .unwrap();
+    }
+    let pod_in = |ns: &str, name: &str| {
+        let api: Api<Pod> = Api::namespaced(off.admin.clone(), ns);
+        let name = name.to_string();
+        async move { api.get(&name).await.unwrap() }
+    };
+    let token_in = |ns: &str, sa: &str, pod: Pod| {
+        let api: Api<ServiceAccount> = Api::namespaced(off.admin.clone(), ns);
+        let sa = sa.to_string();
+        async move {
+            let request = TokenRequest {
+                spec: Some(TokenRequestSpec {
+                    audiences: Some(vec!["stillpoint".into()]),
+                    expiration_seconds: Some(3600),
+                    bound_object_ref: Some(BoundObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("Pod".into()),
+                        name: pod.metadata.name.clone(),
+                        uid: pod.metadata.uid.clone(),
+                    }),
+                }),
+                ..Default::default()
+            };
+            api.create_token_request(&sa, &PostParams::default(), &request)
+                .await
+                .unwrap()
+                .status
+                .unwrap()
+                .token
+                .unwrap()
+        }
+    };
+    let pod = pod_in(&off.ns, "opted-off").await;
+    let token = token_in(&off.ns, "db", pod).await;
+    let (code, message) = refused(ask(&addr, &bundle, &token).await);
+    assert_eq!(code, 403, "{message}");
+    assert!(message.contains("excluded from injection"), "{message}");
+    let pod = pod_in(controller_ns, "impostor").await;
+    let token = token_in(controller_ns, controller_sa, pod).await;
+    let (code, message) = refused(ask(&addr, &bundle, &token).await);
+    assert_eq!(code, 403, "{message}");
+    assert!(
+        message.contains("the controller's own identity"),
+        "{message}"
+    );
+    Api::<Pod>::namespaced(off.admin.clone(), controller_ns)
+        .delete("impostor", &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

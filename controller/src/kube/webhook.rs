@@ -247,6 +247,30 @@ impl Webhook {
         }
     }
 
+    /// Why namespace `ns` is one the webhook never injects into (as
+    /// `deploy/webhook.yaml` selects: `kube-system`, the controller's own
+    /// namespace, one labelled `stillpoint.dev/inject: disabled`, or one
+    /// that cannot be read), if it is.
+    async fn excluded(&self, ns: &str) -> Option<String> {
+        let own = self
+            .settings
+            .identity
+            .split("/ns/")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default();
+        if ns == "kube-system" || ns == own {
+            return Some("a system namespace".into());
+        }
+        match self.namespace_labels(ns).await {
+            None => Some("its labels could not be read".into()),
+            Some(labels) if labels.get(INJECT_LABEL).map(String::as_str) == Some("disabled") => {
+                Some(format!("labelled {INJECT_LABEL}: disabled"))
+            }
+            Some(_) => None,
+        }
+    }
+
     async fn namespace_labels(&self, ns: &str) -> Option<BTreeMap<String, String>> {
         let api: Api<Namespace> = Api::all(self.client.clone());
         match api.get(ns).await {
@@ -345,6 +369,23 @@ impl Webhook {
         else {
             return Err(forbidden(format!("{username} is not a ServiceAccount")));
         };
+        let uri = format!("spiffe://{}/ns/{ns}/sa/{sa}", self.settings.trust_domain);
+        if [
+            &self.settings.identity,
+            &self.settings.inject.controller_identity,
+        ]
+        .contains(&&uri)
+        {
+            return Err(forbidden(format!(
+                "{uri} is the controller's own identity, which every agent obeys: it is never \
+                 issued to an agent"
+            )));
+        }
+        if let Some(why) = self.excluded(ns).await {
+            return Err(forbidden(format!(
+                "namespace {ns} is excluded from injection ({why}): no agent runs there"
+            )));
+        }
         let extra = user.extra.unwrap_or_default();
         let first = |key: &str| extra.get(key).and_then(|v| v.first()).cloned();
         let Some(pod_name) = first("authentication.kubernetes.io/pod-name") else {
@@ -397,7 +438,6 @@ impl Webhook {
                 "the body is not a PEM certificate request".to_string(),
             )
         })?;
-        let uri = format!("spiffe://{}/ns/{ns}/sa/{sa}", self.settings.trust_domain);
         let ttl = self.settings.agent_cert_ttl;
         let cert = self
             .pki
