@@ -1630,8 +1630,23 @@ spec:
     );
     assert!(rs.pvcs.is_empty());
     // volumesOnly: the PVC, prepared by the agent in restore mode (in a
-    // pod of the restore's) before anything starts PostgreSQL on it.
+    // pod of the restore's) before anything starts PostgreSQL on it, in a
+    // namespace that enforces Pod Security `restricted`.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(space.admin.clone());
+    let enforce = |level: Option<&str>| serde_json::json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": level}}});
+    namespaces
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(enforce(Some("restricted"))),
+        )
+        .await
+        .unwrap();
     let r = restore(&space, "by-restore", "{backup: copy-1, volumesOnly: true}").await;
+    namespaces
+        .patch(&ns, &PatchParams::default(), &Patch::Merge(enforce(None)))
+        .await
+        .unwrap();
     let rs = r.status.unwrap();
     assert_eq!(rs.phase, Some(RestorePhase::Succeeded), "{rs:#?}");
     assert_eq!(rs.pvcs, ["restored-data-pg-0"]);

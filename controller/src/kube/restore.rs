@@ -39,7 +39,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, PodSecurityContext,
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::core::plan::stage_class;
@@ -60,6 +60,11 @@ const POLL: Duration = Duration::from_millis(500);
 /// How long a restored server may take to replay up to its recorded
 /// position once Ready.
 const POSITION_BOUND: Duration = Duration::from_secs(30);
+/// The preparation pod's CPU request: it copies WAL files and writes two.
+const PREPARE_CPU_REQUEST: &str = "50m";
+/// The preparation pod's memory request and limit (the agent in restore
+/// mode streams files; its resident size stays near its own ~10 MiB).
+const PREPARE_MEMORY: &str = "64Mi";
 /// Where the preparation pod mounts what it reads.
 const PREPARE_WAL: &str = "/stillpoint/wal";
 const PREPARE_ARTEFACTS: &str = "/stillpoint/artefacts";
@@ -369,6 +374,28 @@ fn not_ready_because(pod: &Pod) -> String {
     } else {
         why.join("; ")
     }
+}
+
+/// The preparation pod's security contexts: who the database runs as (so
+/// the restored files are its), and what Pod Security `restricted` asks:
+/// not root, no privilege escalation, no capability, the runtime's seccomp
+/// profile, a read-only root filesystem.
+fn restricted(
+    pod: Option<PodSecurityContext>,
+    container: Option<SecurityContext>,
+) -> (Value, Value) {
+    let object = |v: Result<Value, serde_json::Error>| {
+        v.ok().filter(Value::is_object).unwrap_or_else(|| json!({}))
+    };
+    let mut pod = object(serde_json::to_value(pod));
+    pod["runAsNonRoot"] = json!(true);
+    pod["seccompProfile"] = json!({"type": "RuntimeDefault"});
+    let mut container = object(serde_json::to_value(container));
+    container["runAsNonRoot"] = json!(true);
+    container["allowPrivilegeEscalation"] = json!(false);
+    container["readOnlyRootFilesystem"] = json!(true);
+    container["capabilities"] = json!({"drop": ["ALL"]});
+    (pod, container)
 }
 
 /// How restored position `a` stands to recorded position `b`, by engine
@@ -937,6 +964,7 @@ impl Run {
         volumes.push(
             json!({"name": "artefacts", "secret": {"secretName": secret, "defaultMode": 0o444}}),
         );
+        let (pod_security, container_security) = restricted(pod_security, container_security);
         let pod = json!({
             "apiVersion": "v1",
             "kind": "Pod",
@@ -947,6 +975,7 @@ impl Run {
             },
             "spec": {
                 "restartPolicy": "Never",
+                "automountServiceAccountToken": false,
                 "securityContext": pod_security,
                 "containers": [{
                     "name": "restore",
@@ -954,6 +983,10 @@ impl Run {
                     "args": ["restore"],
                     "env": env,
                     "securityContext": container_security,
+                    "resources": {
+                        "requests": {"cpu": PREPARE_CPU_REQUEST, "memory": PREPARE_MEMORY},
+                        "limits": {"memory": PREPARE_MEMORY},
+                    },
                     "volumeMounts": mounts,
                 }],
                 "volumes": volumes,
@@ -1602,6 +1635,29 @@ mod tests {
         }
         // In place, an empty prefix is beside the point.
         assert!(validate(&spec("{backup: b, inPlace: true, pvcPrefix: ''}")).is_ok());
+    }
+
+    #[test]
+    fn the_preparation_pod_is_restricted_and_runs_as_the_database() {
+        let (pod, container) = restricted(
+            Some(PodSecurityContext {
+                fs_group: Some(999),
+                ..Default::default()
+            }),
+            Some(SecurityContext {
+                run_as_user: Some(999),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(pod["fsGroup"], 999);
+        assert_eq!(pod["seccompProfile"]["type"], "RuntimeDefault");
+        assert_eq!(container["runAsUser"], 999);
+        assert_eq!(container["allowPrivilegeEscalation"], false);
+        assert_eq!(container["capabilities"]["drop"], json!(["ALL"]));
+        assert_eq!(container["runAsNonRoot"], true);
+        let (pod, container) = restricted(None, None);
+        assert_eq!(pod["runAsNonRoot"], true);
+        assert_eq!(container["readOnlyRootFilesystem"], true);
     }
 
     #[test]
