@@ -655,6 +655,43 @@ spec:
         .delete("impostor", &DeleteParams::default())
         .await
         .unwrap();
+
+    // Admission reviews the API server would never send (for namespaces
+    // the configuration leaves out), sent by anyone who reaches the
+    // endpoint: refused, and nothing written there.
+    for target in ["kube-system", off.ns.as_str(), controller_ns] {
+        let review = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "forged", "operation": "CREATE", "namespace": target,
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "object": {
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "forged", "namespace": target,
+                        "labels": {"stillpoint.dev/inject": "true"},
+                        "annotations": {"stillpoint.dev/engine": "redis", "stillpoint.dev/dsn-secret": "x"}},
+                    "spec": {"containers": [{"name": "redis", "image": "redis:7"}]}
+                }
+            }
+        });
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(&bundle)
+            .args(["-H", "Content-Type: application/json", "--data-binary"])
+            .arg(review.to_string())
+            .arg(format!("https://{addr}/mutate"))
+            .output()
+            .unwrap();
+        let code = String::from_utf8_lossy(&out.stdout).to_string();
+        assert_eq!(code, "403", "a forged review for {target}");
+        let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(off.admin.clone(), target);
+        assert!(
+            configmaps.get_opt("stillpoint-ca").await.unwrap().is_none(),
+            "a forged review wrote the CA bundle into {target}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -267,6 +267,7 @@ async fn start_pki(
         trust_domain: args.trust_domain.clone(),
         agent_cert_ttl: p.agent_cert_ttl,
         serving_cert_ttl: p.agent_cert_ttl,
+        webhook_config: p.webhook_config.clone(),
         inject: InjectConfig {
             image: p.agent_image.clone(),
             native_sidecars: native,

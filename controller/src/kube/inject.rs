@@ -100,6 +100,34 @@ pub struct InjectConfig {
     pub version: String,
 }
 
+/// Why a webhook configuration whose webhooks select namespaces by
+/// `selectors` (their `namespaceSelector`s; `None` for one without, which
+/// selects every namespace) never injects into a namespace with `labels`
+/// (`None`: they could not be read, which excludes it too). `None`: it
+/// may hold injected pods.
+pub fn excluded_namespace(
+    selectors: &[Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>],
+    labels: Option<&BTreeMap<String, String>>,
+) -> Option<String> {
+    use kube::core::{Selector, SelectorExt};
+    let Some(labels) = labels else {
+        return Some("its labels could not be read".into());
+    };
+    let selected = selectors.iter().any(|s| match s {
+        None => true,
+        Some(s) => Selector::try_from(s.clone()).is_ok_and(|s| s.matches(labels)),
+    });
+    match selected {
+        true => None,
+        false => Some(
+            "the webhook configuration's namespaceSelector does not select it (kube-system, the \
+             controller's own namespace and namespaces labelled stillpoint.dev/inject: disabled \
+             are left out)"
+                .into(),
+        ),
+    }
+}
+
 /// A denial: the message says which annotation and what is allowed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -903,6 +931,44 @@ mod tests {
             decide(&out, &BTreeMap::new(), &cfg(true)),
             Answer::Unchanged
         );
+    }
+
+    #[test]
+    fn namespaces_are_excluded_as_the_configuration_selects_them() {
+        let yaml = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/webhook.yaml"),
+        )
+        .unwrap();
+        let config: k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration =
+            serde_yaml::from_str(yaml.split("\n---\n").next().unwrap()).unwrap();
+        let selectors: Vec<_> = config
+            .webhooks
+            .unwrap()
+            .into_iter()
+            .map(|w| w.namespace_selector)
+            .collect();
+        let ns = |name: &str, extra: &[(&str, &str)]| {
+            let mut labels =
+                BTreeMap::from([("kubernetes.io/metadata.name".to_string(), name.to_string())]);
+            labels.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            labels
+        };
+        assert_eq!(excluded_namespace(&selectors, Some(&ns("shop", &[]))), None);
+        for labels in [
+            ns("kube-system", &[]),
+            ns("stillpoint-system", &[]),
+            ns("quiet", &[(INJECT_LABEL, "disabled")]),
+        ] {
+            assert!(
+                excluded_namespace(&selectors, Some(&labels)).is_some(),
+                "{labels:?}"
+            );
+        }
+        assert!(
+            excluded_namespace(&selectors, None).is_some(),
+            "unknown labels"
+        );
+        assert_eq!(excluded_namespace(&[None], Some(&ns("any", &[]))), None);
     }
 
     #[test]

@@ -465,10 +465,41 @@ impl Pki {
         Ok(())
     }
 
+    /// Why webhook configuration `config` never injects into namespace
+    /// `ns`, if it does not ([`crate::kube::inject::excluded_namespace`]);
+    /// a configuration that cannot be read excludes every namespace.
+    pub async fn excluded(&self, config: &str, ns: &str) -> Option<String> {
+        use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+        let configs: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
+        let selectors: Vec<_> = match configs.get(config).await {
+            Ok(c) => c
+                .webhooks
+                .unwrap_or_default()
+                .into_iter()
+                .map(|w| w.namespace_selector)
+                .collect(),
+            Err(e) => {
+                return Some(format!(
+                    "webhook configuration {config} could not be read: {e}"
+                ));
+            }
+        };
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(self.client.clone());
+        let labels = match namespaces.get_opt(ns).await {
+            Ok(n) => n.map(|n| n.metadata.labels.unwrap_or_default()),
+            Err(e) => {
+                tracing::warn!("reading namespace {ns}: {e}");
+                None
+            }
+        };
+        crate::kube::inject::excluded_namespace(&selectors, labels.as_ref())
+    }
+
     /// Writes the bundle into the ConfigMap of every namespace with
     /// opted-in pods (found from the pods, so the controller needs no
-    /// right to list ConfigMaps).
-    pub async fn publish_to_all_namespaces(&self) -> Result<(), PkiError> {
+    /// right to list ConfigMaps), except those webhook configuration
+    /// `config` never injects into: no agent runs there.
+    pub async fn publish_to_all_namespaces(&self, config: &str) -> Result<(), PkiError> {
         let api: Api<k8s_openapi::api::core::v1::Pod> = Api::all(self.client.clone());
         let pods = api
             .list_metadata(
@@ -482,7 +513,10 @@ impl Pki {
             .filter_map(|p| p.metadata.namespace)
             .collect();
         for ns in namespaces {
-            self.publish_to_namespace(&ns).await?;
+            match self.excluded(config, &ns).await {
+                Some(why) => tracing::debug!("not publishing the CA bundle into {ns}: {why}"),
+                None => self.publish_to_namespace(&ns).await?,
+            }
         }
         Ok(())
     }

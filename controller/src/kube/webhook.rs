@@ -54,6 +54,9 @@ pub struct WebhookSettings {
     pub agent_cert_ttl: Duration,
     /// How long the serving certificate is valid (renewed at two thirds).
     pub serving_cert_ttl: Duration,
+    /// The MutatingWebhookConfiguration that calls this webhook: its
+    /// namespaceSelector says where agents may run (and get certificates).
+    pub webhook_config: String,
     pub inject: InjectConfig,
 }
 
@@ -247,30 +250,6 @@ impl Webhook {
         }
     }
 
-    /// Why namespace `ns` is one the webhook never injects into (as
-    /// `deploy/webhook.yaml` selects: `kube-system`, the controller's own
-    /// namespace, one labelled `stillpoint.dev/inject: disabled`, or one
-    /// that cannot be read), if it is.
-    async fn excluded(&self, ns: &str) -> Option<String> {
-        let own = self
-            .settings
-            .identity
-            .split("/ns/")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .unwrap_or_default();
-        if ns == "kube-system" || ns == own {
-            return Some("a system namespace".into());
-        }
-        match self.namespace_labels(ns).await {
-            None => Some("its labels could not be read".into()),
-            Some(labels) if labels.get(INJECT_LABEL).map(String::as_str) == Some("disabled") => {
-                Some(format!("labelled {INJECT_LABEL}: disabled"))
-            }
-            Some(_) => None,
-        }
-    }
-
     async fn namespace_labels(&self, ns: &str) -> Option<BTreeMap<String, String>> {
         let api: Api<Namespace> = Api::all(self.client.clone());
         match api.get(ns).await {
@@ -299,6 +278,17 @@ impl Webhook {
         let (code, answer) = inject::review_body(&body, &labels, &self.settings.inject);
         let patched = answer.pointer("/response/patch").is_some();
         if patched && !body.dry_run() {
+            // A namespace the configuration leaves out is never called for
+            // by the API server: such a review is forged, and writes nothing.
+            if let Some(why) = self.pki.excluded(&self.settings.webhook_config, &ns).await {
+                tracing::warn!(
+                    "a forged admission review for namespace {ns} ({why}): nothing written"
+                );
+                return text(
+                    StatusCode::FORBIDDEN,
+                    &format!("namespace {ns} is not served by this webhook"),
+                );
+            }
             // The pod mounts the bundle: it must exist before the pod runs.
             // If it cannot be written the webhook fails (the failure policy
             // decides), rather than let a pod in that cannot start.
@@ -381,7 +371,7 @@ impl Webhook {
                  issued to an agent"
             )));
         }
-        if let Some(why) = self.excluded(ns).await {
+        if let Some(why) = self.pki.excluded(&self.settings.webhook_config, ns).await {
             return Err(forbidden(format!(
                 "namespace {ns} is excluded from injection ({why}): no agent runs there"
             )));
@@ -518,7 +508,8 @@ pub async fn upkeep(
             if let Err(e) = webhook.pki.publish_to_webhook(&webhook_config).await {
                 tracing::warn!("publishing the CA bundle to {webhook_config}: {e}");
             }
-            if changed && let Err(e) = webhook.pki.publish_to_all_namespaces().await {
+            if changed && let Err(e) = webhook.pki.publish_to_all_namespaces(&webhook_config).await
+            {
                 tracing::warn!("publishing the CA bundle to the namespaces: {e}");
             }
         }
