@@ -993,7 +993,11 @@ async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freeze
             "not-covered",
             member("scattered"),
             "NotCovered",
-            &["scattered", "/tmp", "accept_uncovered"],
+            &[
+                "scattered",
+                "/tmp",
+                "acceptUncovered: [\"/tmp\"]` on member scattered",
+            ],
         ),
         (
             "missing-pod",
