@@ -149,28 +149,39 @@ impl Space {
 
     /// A token of ServiceAccount `sa` for `audience`, bound to `pod` if given.
     async fn token(&self, sa: &str, audience: &str, pod: Option<&Pod>) -> String {
-        let api: Api<ServiceAccount> = Api::namespaced(self.admin.clone(), &self.ns);
-        let request = TokenRequest {
-            spec: Some(TokenRequestSpec {
-                audiences: Some(vec![audience.to_string()]),
-                expiration_seconds: Some(3600),
-                bound_object_ref: pod.map(|p| BoundObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Pod".into()),
-                    name: p.metadata.name.clone(),
-                    uid: p.metadata.uid.clone(),
-                }),
-            }),
-            ..Default::default()
-        };
-        api.create_token_request(sa, &PostParams::default(), &request)
-            .await
-            .unwrap()
-            .status
-            .unwrap()
-            .token
-            .unwrap()
+        token_of(&self.admin, &self.ns, sa, audience, pod).await
     }
+}
+
+/// A token of ServiceAccount `ns`/`sa` for `audience`, bound to `pod` if given.
+async fn token_of(
+    admin: &::kube::Client,
+    ns: &str,
+    sa: &str,
+    audience: &str,
+    pod: Option<&Pod>,
+) -> String {
+    let api: Api<ServiceAccount> = Api::namespaced(admin.clone(), ns);
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.to_string()]),
+            expiration_seconds: Some(3600),
+            bound_object_ref: pod.map(|p| BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: p.metadata.name.clone(),
+                uid: p.metadata.uid.clone(),
+            }),
+        }),
+        ..Default::default()
+    };
+    api.create_token_request(sa, &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+        .unwrap()
 }
 
 fn agent_of(pod: &Pod) -> Vec<&k8s_openapi::api::core::v1::Container> {
@@ -612,39 +623,20 @@ spec:
         let name = name.to_string();
         async move { api.get(&name).await.unwrap() }
     };
-    let token_in = |ns: &str, sa: &str, pod: Pod| {
-        let api: Api<ServiceAccount> = Api::namespaced(off.admin.clone(), ns);
-        let sa = sa.to_string();
-        async move {
-            let request = TokenRequest {
-                spec: Some(TokenRequestSpec {
-                    audiences: Some(vec!["stillpoint".into()]),
-                    expiration_seconds: Some(3600),
-                    bound_object_ref: Some(BoundObjectReference {
-                        api_version: Some("v1".into()),
-                        kind: Some("Pod".into()),
-                        name: pod.metadata.name.clone(),
-                        uid: pod.metadata.uid.clone(),
-                    }),
-                }),
-                ..Default::default()
-            };
-            api.create_token_request(&sa, &PostParams::default(), &request)
-                .await
-                .unwrap()
-                .status
-                .unwrap()
-                .token
-                .unwrap()
-        }
-    };
     let pod = pod_in(&off.ns, "opted-off").await;
-    let token = token_in(&off.ns, "db", pod).await;
+    let token = token_of(&off.admin, &off.ns, "db", "stillpoint", Some(&pod)).await;
     let (code, message) = refused(ask(&addr, &bundle, &token).await);
     assert_eq!(code, 403, "{message}");
     assert!(message.contains("excluded from injection"), "{message}");
     let pod = pod_in(controller_ns, "impostor").await;
-    let token = token_in(controller_ns, controller_sa, pod).await;
+    let token = token_of(
+        &off.admin,
+        controller_ns,
+        controller_sa,
+        "stillpoint",
+        Some(&pod),
+    )
+    .await;
     let (code, message) = refused(ask(&addr, &bundle, &token).await);
     assert_eq!(code, 403, "{message}");
     assert!(
