@@ -44,6 +44,11 @@ pub struct SkipLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -72,6 +77,7 @@ pub struct Metrics {
     pub schedule_missed: Family<ScheduleLabel, Counter>,
     pub retention_deletions: Family<ScheduleLabel, Counter>,
     pub restore_order_violations: Counter,
+    pub webhook_refusals: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -151,6 +157,14 @@ impl Default for Metrics {
             "Restore stages that were due while an earlier stage was not healthy (the start was refused)",
             restore_order_violations.clone(),
         );
+        let webhook_refusals = Family::default();
+        registry.register(
+            "webhook_refusals",
+            "Connections and requests the webhook endpoint refused before handling them, by \
+             reason (connections: over the connection limit; busy: no turn within the wait; \
+             too_large: over the route's body limit; timeout: the body came too slowly)",
+            webhook_refusals.clone(),
+        );
         Metrics {
             registry,
             freeze_window,
@@ -165,6 +179,7 @@ impl Default for Metrics {
             schedule_missed,
             retention_deletions,
             restore_order_violations,
+            webhook_refusals,
         }
     }
 }

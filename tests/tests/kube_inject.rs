@@ -648,35 +648,20 @@ spec:
         .await
         .unwrap();
 
-    // Admission reviews the API server would never send (for namespaces
-    // the configuration leaves out), sent by anyone who reaches the
-    // endpoint: refused, and nothing written there.
-    for target in ["kube-system", off.ns.as_str(), controller_ns] {
-        let review = serde_json::json!({
-            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-            "request": {
-                "uid": "forged", "operation": "CREATE", "namespace": target,
-                "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                "resource": {"group": "", "version": "v1", "resource": "pods"},
-                "object": {
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": "forged", "namespace": target,
-                        "labels": {"stillpoint.dev/inject": "true"},
-                        "annotations": {"stillpoint.dev/engine": "redis", "stillpoint.dev/dsn-secret": "x"}},
-                    "spec": {"containers": [{"name": "redis", "image": "redis:7"}]}
-                }
-            }
-        });
-        let out = std::process::Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-            .arg(&bundle)
-            .args(["-H", "Content-Type: application/json", "--data-binary"])
-            .arg(review.to_string())
-            .arg(format!("https://{addr}/mutate"))
-            .output()
-            .unwrap();
-        let code = String::from_utf8_lossy(&out.stdout).to_string();
-        assert_eq!(code, "403", "a forged review for {target}");
+    // Admission has no side effects: reviews the API server never sent,
+    // from anyone who reaches the endpoint, for namespaces the
+    // configuration leaves out and for one it serves that has no opted-in
+    // pod, are answered and write nothing.
+    let served = Space::new("forged").await;
+    for target in [
+        "kube-system",
+        off.ns.as_str(),
+        controller_ns,
+        served.ns.as_str(),
+    ] {
+        let review = forged_review(target, "forged").to_string();
+        let (code, _) = post(&addr, &bundle, "/mutate", review.as_bytes());
+        assert_eq!(code, 200, "a forged review for {target} is answered");
         let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> =
             Api::namespaced(off.admin.clone(), target);
         assert!(
@@ -684,6 +669,43 @@ spec:
             "a forged review wrote the CA bundle into {target}"
         );
     }
+}
+
+/// An AdmissionReview for an opted-in Redis pod `name` in `ns`, as the API
+/// server would send it.
+fn forged_review(ns: &str, name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": name, "operation": "CREATE", "namespace": ns,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "object": {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns,
+                    "labels": {"stillpoint.dev/inject": "true"},
+                    "annotations": {"stillpoint.dev/engine": "redis", "stillpoint.dev/dsn-secret": "x"}},
+                "spec": {"containers": [{"name": "redis", "image": "redis:7"}]}
+            }
+        }
+    })
+}
+
+/// POSTs `body` to `path` on the endpoint with curl: (HTTP code, body).
+fn post(addr: &str, bundle: &std::path::Path, path: &str, body: &[u8]) -> (u16, String) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), body).unwrap();
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "--cacert"])
+        .arg(bundle)
+        .args(["-H", "Content-Type: application/json", "--data-binary"])
+        .arg(format!("@{}", file.path().display()))
+        .arg(format!("https://{addr}{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (answer, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), answer.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1077,4 +1099,339 @@ async fn a_namespace_that_opted_out_is_never_injected() {
     .await
     .unwrap();
     assert!(agent_of(&s.pod("p").await).is_empty());
+}
+
+/// A forged review for an opted-in pod in `ns`, exactly `bytes` long,
+/// filled with what costs the parser most per byte: thousands of tiny
+/// containers, volumes and annotations.
+fn heaviest_review(ns: &str, bytes: usize) -> Vec<u8> {
+    let mut review = forged_review(ns, "heavy");
+    let object = &mut review["request"]["object"];
+    let per_part = bytes / 3;
+    let mut containers = vec![serde_json::json!({"name": "redis", "image": "redis:7"})];
+    let mut volumes = Vec::new();
+    let mut annotations = object["metadata"]["annotations"].clone();
+    let (mut c, mut v, mut a) = (0usize, 0usize, 0usize);
+    while c < per_part {
+        let name = format!("c{}", containers.len());
+        c += name.len() + 13;
+        containers.push(serde_json::json!({ "name": name }));
+    }
+    while v < per_part {
+        let name = format!("v{}", volumes.len());
+        v += name.len() + 13;
+        volumes.push(serde_json::json!({ "name": name }));
+    }
+    while a < per_part {
+        let key = format!("a{a}");
+        a += key.len() + 6;
+        annotations[key] = "".into();
+    }
+    object["spec"]["containers"] = containers.into();
+    object["spec"]["volumes"] = volumes.into();
+    object["metadata"]["annotations"] = annotations;
+    let mut body = review.to_string().into_bytes();
+    // Trim or pad (with spaces, which JSON allows) to exactly `bytes`.
+    while body.len() > bytes {
+        let review: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let mut review = review;
+        review["request"]["object"]["spec"]["volumes"]
+            .as_array_mut()
+            .unwrap()
+            .pop();
+        body = review.to_string().into_bytes();
+    }
+    body.resize(bytes, b' ');
+    body
+}
+
+/// A large pod as production PostgreSQL runs: the database, an exporter, a
+/// pooler and a log shipper, an init container, each with its environment,
+/// probes, resources and security context; eight volumes; anti-affinity,
+/// spread constraints and tolerations; and the copy of itself that
+/// `kubectl apply` keeps in an annotation.
+fn large_real_pod(ns: &str, name: &str) -> serde_json::Value {
+    use serde_json::json;
+    let env = |prefix: &str, n: usize| -> Vec<serde_json::Value> {
+        (0..n)
+            .map(|i| json!({"name": format!("{prefix}_SETTING_{i}"), "value": format!("value-of-setting-{i}-for-{prefix}")}))
+            .chain([json!({"name": format!("{prefix}_PASSWORD"), "valueFrom": {"secretKeyRef": {"name": "pg-credentials", "key": "password"}}})])
+            .collect()
+    };
+    let probe = |path: &str, port: i32| json!({"httpGet": {"path": path, "port": port}, "initialDelaySeconds": 10, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6});
+    let secure = json!({"runAsNonRoot": true, "runAsUser": 999, "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}});
+    let resources = |cpu: &str, mem: &str| json!({"requests": {"cpu": cpu, "memory": mem}, "limits": {"memory": mem}});
+    let container = |cname: &str, image: &str, n: usize, port: i32, mounts: serde_json::Value| {
+        json!({
+            "name": cname, "image": image, "imagePullPolicy": "IfNotPresent",
+            "command": [format!("/usr/local/bin/{cname}")], "args": ["--config", format!("/etc/{cname}/{cname}.conf"), "--log-format", "json"],
+            "ports": [{"name": format!("port-{port}"), "containerPort": port, "protocol": "TCP"}],
+            "env": env(&cname.to_uppercase().replace('-', "_"), n),
+            "resources": resources("500m", "1Gi"),
+            "livenessProbe": probe("/healthz", port), "readinessProbe": probe("/readyz", port), "startupProbe": probe("/healthz", port),
+            "securityContext": secure, "volumeMounts": mounts,
+            "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File",
+        })
+    };
+    let spec = json!({
+        "serviceAccountName": "db",
+        "securityContext": {"runAsUser": 999, "runAsGroup": 999, "fsGroup": 999, "seccompProfile": {"type": "RuntimeDefault"}},
+        "initContainers": [container("bootstrap", "postgres:16", 10, 8001, json!([{"name": "data", "mountPath": "/var/lib/postgresql/data"}]))],
+        "containers": [
+            container("postgres", "postgres:16", 40, 5432, json!([
+                {"name": "data", "mountPath": "/var/lib/postgresql/data"}, {"name": "wal", "mountPath": "/var/lib/postgresql/wal"},
+                {"name": "config", "mountPath": "/etc/postgres"}, {"name": "tls", "mountPath": "/etc/postgres/tls", "readOnly": true},
+                {"name": "run", "mountPath": "/var/run/postgresql"}, {"name": "shm", "mountPath": "/dev/shm"}])),
+            container("postgres-exporter", "quay.io/prometheuscommunity/postgres-exporter:v0.15.0", 15, 9187, json!([{"name": "run", "mountPath": "/var/run/postgresql"}])),
+            container("pgbouncer", "bitnami/pgbouncer:1.22.0", 20, 6432, json!([{"name": "pooler", "mountPath": "/etc/pgbouncer"}, {"name": "tls", "mountPath": "/etc/pgbouncer/tls", "readOnly": true}])),
+            container("fluent-bit", "fluent/fluent-bit:3.0", 15, 2020, json!([{"name": "data", "mountPath": "/var/lib/postgresql/data", "readOnly": true}])),
+        ],
+        "volumes": [
+            {"name": "data", "persistentVolumeClaim": {"claimName": format!("data-{name}")}},
+            {"name": "wal", "persistentVolumeClaim": {"claimName": format!("wal-{name}")}},
+            {"name": "config", "configMap": {"name": "pg-config", "defaultMode": 420}},
+            {"name": "pooler", "configMap": {"name": "pgbouncer-config"}},
+            {"name": "tls", "secret": {"secretName": "pg-tls", "defaultMode": 256}},
+            {"name": "run", "emptyDir": {}},
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+            {"name": "token", "projected": {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3600, "audience": "vault"}}]}},
+        ],
+        "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": {"matchLabels": {"app.kubernetes.io/name": "postgres", "app.kubernetes.io/instance": "shop"}}, "topologyKey": "kubernetes.io/hostname"}]}},
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule",
+            "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "postgres"}}}],
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "databases", "effect": "NoSchedule"}],
+        "terminationGracePeriodSeconds": 120, "priorityClassName": "",
+    });
+    let labels = json!({"stillpoint.dev/inject": "true", "app.kubernetes.io/name": "postgres", "app.kubernetes.io/instance": "shop",
+        "app.kubernetes.io/component": "database", "app.kubernetes.io/part-of": "shop", "app.kubernetes.io/managed-by": "kubectl",
+        "app.kubernetes.io/version": "16.4", "role": "primary"});
+    let mut pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels, "annotations": {
+            "stillpoint.dev/engine": "postgres", "stillpoint.dev/dsn-secret": "pg-agent", "stillpoint.dev/data-volumes": "data,wal",
+            "prometheus.io/scrape": "true", "prometheus.io/port": "9187"}},
+        "spec": spec,
+    });
+    for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        pod["spec"]["initContainers"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove(probe);
+    }
+    let applied = pod.to_string();
+    pod["spec"]["priorityClassName"] = serde_json::Value::Null;
+    pod["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] =
+        applied.into();
+    pod
+}
+
+/// Sends headers announcing a body of 1,000 bytes, then ten of them, and
+/// waits: the HTTP status the endpoint answers, and after how long.
+fn stalled_body(addr: &str, bundle: &std::path::Path) -> (u16, Duration) {
+    use std::io::{Read, Write};
+    let mut child = std::process::Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect", addr, "-CAfile"])
+        .arg(bundle)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let host = addr.split(':').next().unwrap();
+    let started = std::time::Instant::now();
+    write!(
+        stdin,
+        "POST /mutate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+         Content-Length: 1000\r\n\r\n{{\"apiVers"
+    )
+    .unwrap();
+    stdin.flush().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 12];
+    stdout.read_exact(&mut first).unwrap();
+    let waited = started.elapsed();
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = String::from_utf8_lossy(&first).to_string();
+    let code = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {line:?}"));
+    (code, waited)
+}
+
+/// The controller's peak resident memory (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+/// The controller's memory limit in deploy/controller.yaml, in bytes.
+fn deployed_memory_limit() -> u64 {
+    let yaml = std::fs::read_to_string(repo().join("deploy/controller.yaml")).unwrap();
+    let mib = yaml
+        .split("limits: {memory: ")
+        .nth(1)
+        .and_then(|rest| rest.split("Mi}").next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("deploy/controller.yaml sets a memory limit in Mi");
+    mib << 20
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_endpoint_takes_64_maximum_bodies_at_once_within_its_memory_limit_and_still_admits_pods()
+ {
+    let s = Space::new("flood").await;
+    let ns = s.ns.clone();
+    let shared = shared().await;
+    s.sa("db").await;
+    let pod = |name: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {ns}
+  labels: {{stillpoint.dev/inject: "true"}}
+  annotations: {{stillpoint.dev/engine: redis, stillpoint.dev/dsn-secret: redis-agent}}
+spec:
+  serviceAccountName: db
+  containers:
+  - name: redis
+    image: redis:7
+    args: [--port, "6379"]
+"#
+        )
+    };
+    // A real opted-in pod: the leader publishes the CA bundle here.
+    s.create(&pod("first")).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = bundle_file(&s, dir.path()).await;
+    let limit = stillpoint_controller::kube::webhook::DEFAULT_MAX_REVIEW;
+    // What a large real pod's review weighs, as the API server sends it.
+    let pods: Api<Pod> = Api::namespaced(s.admin.clone(), &ns);
+    pods.create(
+        &PostParams {
+            dry_run: true,
+            ..Default::default()
+        },
+        &serde_json::from_value(large_real_pod(&ns, "large")).unwrap(),
+    )
+    .await
+    .unwrap();
+    let logs = shared.controller.logs();
+    // Reinvoked, the review carries the injected pod: the larger one.
+    let large: usize = logs
+        .lines()
+        .filter(|l| l.contains(&format!("namespace={ns} ")) && l.contains("pod=\"large\""))
+        .filter_map(|l| l.split("an admission review of ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .max()
+        .unwrap_or_else(|| panic!("the controller logged no review of pod large:\n{logs}"));
+    eprintln!("a large real pod's AdmissionReview: {large} bytes (limit {limit})");
+    assert!(
+        large * 8 < limit,
+        "the limit leaves room for pods 8 times as large"
+    );
+    // Over the limit: refused before it is read.
+    let (code, message) = post(
+        &shared.addr,
+        &bundle,
+        "/mutate",
+        &heaviest_review(&ns, limit + 1),
+    );
+    assert_eq!(code, 413, "{message}");
+    // A body that stops coming is given up after the read timeout.
+    let (code, waited) = stalled_body(&shared.addr, &bundle);
+    assert_eq!(code, 408, "a stalled body is answered 408");
+    let bound = stillpoint_controller::kube::webhook::READ_TIMEOUT;
+    assert!(
+        waited >= bound && waited < bound + Duration::from_secs(5),
+        "given up after {waited:?}, the bound is {bound:?}"
+    );
+    let body = dir.path().join("heavy.json");
+    std::fs::write(&body, heaviest_review(&ns, limit)).unwrap();
+    let (code, message) = post(
+        &shared.addr,
+        &bundle,
+        "/mutate",
+        &std::fs::read(&body).unwrap(),
+    );
+    assert_eq!(code, 200, "a maximum-size review is read: {message}");
+    let pid = shared.controller.pid();
+    let before = peak_rss(pid);
+    // 64 at once, three rounds; real pods are admitted meanwhile.
+    let flood = {
+        let (addr, bundle, body) = (shared.addr.clone(), bundle.clone(), body.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut codes = std::collections::BTreeMap::<String, usize>::new();
+            for _ in 0..3 {
+                let children: Vec<_> = (0..64)
+                    .map(|_| {
+                        std::process::Command::new("curl")
+                            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+                            .arg(&bundle)
+                            .args(["-H", "Content-Type: application/json", "--data-binary"])
+                            .arg(format!("@{}", body.display()))
+                            .arg(format!("https://{addr}/mutate"))
+                            .stdout(std::process::Stdio::piped())
+                            .spawn()
+                            .unwrap()
+                    })
+                    .collect();
+                for child in children {
+                    let out = child.wait_with_output().unwrap();
+                    *codes
+                        .entry(String::from_utf8_lossy(&out.stdout).to_string())
+                        .or_default() += 1;
+                }
+            }
+            codes
+        })
+    };
+    let mut admitted = 0;
+    while !flood.is_finished() {
+        let manifest: serde_json::Value = serde_yaml::from_str(&pod("during")).unwrap();
+        let dry = pods
+            .patch(
+                "during",
+                &PatchParams::apply("stillpoint-tests").dry_run(),
+                &Patch::Apply(&manifest),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("a real pod refused during the flood: {e}"));
+        assert_eq!(agent_of(&dry).len(), 1, "injected during the flood");
+        admitted += 1;
+    }
+    let codes = flood.await.unwrap();
+    let after = peak_rss(pid);
+    let ceiling = deployed_memory_limit();
+    eprintln!(
+        "flood of 3 x 64 bodies of {limit} bytes: answers {codes:?}; {admitted} real pods \
+         admitted meanwhile; controller peak RSS {} MiB before, {} MiB after (limit {} MiB)",
+        before >> 20,
+        after >> 20,
+        ceiling >> 20
+    );
+    assert!(admitted >= 1, "no real pod was tried during the flood");
+    assert!(
+        codes.keys().all(|c| c == "200" || c == "503"),
+        "every body answered or refused as busy: {codes:?}"
+    );
+    assert!(
+        after < ceiling,
+        "the controller's peak RSS {} MiB reached its limit {} MiB",
+        after >> 20,
+        ceiling >> 20
+    );
 }

@@ -131,6 +131,17 @@ pub struct PkiArgs {
         default_value = "stillpoint-injector"
     )]
     pub webhook_config: String,
+    /// The largest AdmissionReview body the webhook reads; a larger one is
+    /// answered 413 (and, with `failurePolicy: Fail`, its pod is not
+    /// created). The default fits a pod with the API server's 256 KiB of
+    /// annotations and a large spec; at most 3 MiB.
+    #[arg(
+        long,
+        env = "STILLPOINT_WEBHOOK_MAX_REVIEW_BYTES",
+        default_value_t = webhook::DEFAULT_MAX_REVIEW,
+        value_parser = review_limit
+    )]
+    pub webhook_max_review_bytes: usize,
     /// The URL injected agents ask for their certificate at (default:
     /// `https://<first --webhook-host>:<port>/v1/certificate`).
     #[arg(long, env = "STILLPOINT_CERTIFICATE_URL")]
@@ -165,6 +176,20 @@ pub enum NativeSidecars {
     Auto,
     Always,
     Never,
+}
+
+/// `--webhook-max-review-bytes`: 4 KiB to 3 MiB.
+fn review_limit(text: &str) -> Result<usize, String> {
+    let bytes: usize = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of bytes"))?;
+    match bytes {
+        4096..=webhook::MAX_REVIEW_LIMIT => Ok(bytes),
+        _ => Err(format!(
+            "{bytes} is outside 4096..={} (the API server's own request limit)",
+            webhook::MAX_REVIEW_LIMIT
+        )),
+    }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -268,6 +293,7 @@ async fn start_pki(
         agent_cert_ttl: p.agent_cert_ttl,
         serving_cert_ttl: p.agent_cert_ttl,
         webhook_config: p.webhook_config.clone(),
+        max_review: p.webhook_max_review_bytes,
         inject: InjectConfig {
             image: p.agent_image.clone(),
             native_sidecars: native,
@@ -321,6 +347,11 @@ pub fn run(args: ControllerArgs, _global: &Global) -> anyhow::Result<()> {
         let listening = listener.local_addr().unwrap_or(args.metrics_listen);
         let (ready_tx, ready) = tokio::sync::watch::channel(false);
         if let Some((webhook, own, own_not_after)) = pki {
+            tokio::spawn(webhook::publish_bundles(
+                webhook.clone(),
+                args.pki.webhook_config.clone(),
+                ready_tx.subscribe(),
+            ));
             tokio::spawn(webhook::upkeep(
                 webhook,
                 own,

@@ -157,39 +157,113 @@ fn get_str<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     cur.as_str()
 }
 
-fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
-    v.and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
+/// What the injector reads of a pod, typed, and nothing more. Not
+/// k8s-openapi's `Pod`: its `Volume` is 3 KiB and its `Container` 2 KiB in
+/// memory, so a review listing thousands of `{"name": "v"}` would cost
+/// hundreds of times its size; here every other field is skipped as it is
+/// read, and what is kept costs about as much as its JSON.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodView {
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub metadata: MetaView,
+    #[serde(default)]
+    pub spec: SpecView,
 }
 
-fn arr<'a>(v: &'a Value, key: &str) -> &'a [Value] {
-    v.get(key)
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct MetaView {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub annotations: Option<BTreeMap<String, String>>,
 }
 
-/// The pod's containers (not init containers), in order.
-fn containers(pod: &Value) -> &[Value] {
-    pod.get("spec").map(|s| arr(s, "containers")).unwrap_or(&[])
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpecView {
+    #[serde(default)]
+    pub containers: Option<Vec<ContainerView>>,
+    #[serde(default)]
+    pub init_containers: Option<Vec<ContainerView>>,
+    #[serde(default)]
+    pub volumes: Option<Vec<VolumeView>>,
+    #[serde(default)]
+    pub security_context: Option<UserView>,
+}
+
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerView {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub volume_mounts: Vec<MountView>,
+    #[serde(default)]
+    pub security_context: Option<UserView>,
+}
+
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MountView {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub mount_path: String,
+}
+
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeView {
+    #[serde(default)]
+    pub name: String,
+    /// Whether the volume is a PVC (its fields are not read).
+    #[serde(default)]
+    pub persistent_volume_claim: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserView {
+    #[serde(default)]
+    pub run_as_user: Option<i64>,
+    #[serde(default)]
+    pub run_as_group: Option<i64>,
+}
+
+impl PodView {
+    fn labels(&self) -> &BTreeMap<String, String> {
+        static NONE: BTreeMap<String, String> = BTreeMap::new();
+        self.metadata.labels.as_ref().unwrap_or(&NONE)
+    }
+
+    fn annotations(&self) -> &BTreeMap<String, String> {
+        static NONE: BTreeMap<String, String> = BTreeMap::new();
+        self.metadata.annotations.as_ref().unwrap_or(&NONE)
+    }
+
+    /// The pod's containers (not init containers), in order.
+    fn containers(&self) -> &[ContainerView] {
+        self.spec.containers.as_deref().unwrap_or(&[])
+    }
+
+    fn volumes(&self) -> &[VolumeView] {
+        self.spec.volumes.as_deref().unwrap_or(&[])
+    }
 }
 
 /// Whether the pod already has the agent (by annotation or by container).
-pub fn already_injected(pod: &Value) -> bool {
-    let annotations = string_map(pod.pointer("/metadata/annotations"));
-    if annotations.contains_key(INJECTED_ANNOTATION) {
-        return true;
-    }
-    let spec = pod.get("spec").cloned().unwrap_or(Value::Null);
-    arr(&spec, "containers")
-        .iter()
-        .chain(arr(&spec, "initContainers"))
-        .any(|c| get_str(c, &["name"]) == Some(AGENT_CONTAINER))
+pub fn already_injected(pod: &PodView) -> bool {
+    pod.annotations().contains_key(INJECTED_ANNOTATION)
+        || pod
+            .containers()
+            .iter()
+            .chain(pod.spec.init_containers.iter().flatten())
+            .any(|c| c.name == AGENT_CONTAINER)
 }
 
 fn check_duration(key: &str, text: &str) -> Result<(), Denied> {
@@ -204,10 +278,10 @@ fn check_duration(key: &str, text: &str) -> Result<(), Denied> {
 /// Reads and checks the pod's `stillpoint.dev/` annotations.
 /// `namespace_labels` decide whether SYS_ADMIN may be asked for.
 pub fn settings(
-    pod: &Value,
+    pod: &PodView,
     namespace_labels: &BTreeMap<String, String>,
 ) -> Result<PodSettings, Denied> {
-    let annotations = string_map(pod.pointer("/metadata/annotations"));
+    let annotations = pod.annotations();
     for key in annotations.keys() {
         if key.starts_with("stillpoint.dev/") && !ANNOTATIONS.iter().any(|(k, _)| k == key) {
             let known: Vec<&str> = ANNOTATIONS
@@ -358,16 +432,14 @@ fn is_dns_subdomain(s: &str) -> bool {
 }
 
 /// The data volumes with the path the database container mounts each at.
-fn data_volumes(pod: &Value, named: Option<String>) -> Result<Vec<(String, String)>, Denied> {
-    let spec = pod.get("spec").cloned().unwrap_or(Value::Null);
-    let volumes = arr(&spec, "volumes");
+fn data_volumes(pod: &PodView, named: Option<String>) -> Result<Vec<(String, String)>, Denied> {
+    let volumes = pod.volumes();
     let mount_of = |volume: &str| -> Option<String> {
-        containers(pod).iter().find_map(|c| {
-            arr(c, "volumeMounts").iter().find_map(|m| {
-                (get_str(m, &["name"]) == Some(volume))
-                    .then(|| get_str(m, &["mountPath"]).map(str::to_string))
-                    .flatten()
-            })
+        pod.containers().iter().find_map(|c| {
+            c.volume_mounts
+                .iter()
+                .find(|m| m.name == volume && !m.mount_path.is_empty())
+                .map(|m| m.mount_path.clone())
         })
     };
     let names: Vec<String> = match named {
@@ -383,14 +455,8 @@ fn data_volumes(pod: &Value, named: Option<String>) -> Result<Vec<(String, Strin
                 ));
             }
             for name in &names {
-                if !volumes
-                    .iter()
-                    .any(|v| get_str(v, &["name"]) == Some(name.as_str()))
-                {
-                    let have: Vec<&str> = volumes
-                        .iter()
-                        .filter_map(|v| get_str(v, &["name"]))
-                        .collect();
+                if !volumes.iter().any(|v| &v.name == name) {
+                    let have: Vec<&str> = volumes.iter().map(|v| v.name.as_str()).collect();
                     return Err(Denied(format!(
                         "annotation stillpoint.dev/data-volumes: {name:?} is not a volume of this pod; allowed: {}",
                         if have.is_empty() {
@@ -405,8 +471,8 @@ fn data_volumes(pod: &Value, named: Option<String>) -> Result<Vec<(String, Strin
         }
         None => volumes
             .iter()
-            .filter(|v| v.get("persistentVolumeClaim").is_some())
-            .filter_map(|v| get_str(v, &["name"]).map(str::to_string))
+            .filter(|v| v.persistent_volume_claim.is_some())
+            .map(|v| v.name.clone())
             .collect(),
     };
     names
@@ -423,28 +489,26 @@ fn data_volumes(pod: &Value, named: Option<String>) -> Result<Vec<(String, Strin
 /// The user and group the agent runs as: the database container's, else
 /// the pod's, else [`DEFAULT_AGENT_USER`] (root only for fsfreeze, whose
 /// FIFREEZE needs an effective SYS_ADMIN, which a non-root user never has).
-fn agent_user(pod: &Value, fsfreeze: bool) -> (i64, Option<i64>) {
+fn agent_user(pod: &PodView, fsfreeze: bool) -> (i64, Option<i64>) {
     if fsfreeze {
         return (0, Some(0));
     }
-    let first = containers(pod).first();
-    let from = |key: &str| -> Option<i64> {
-        first
-            .and_then(|c| c.pointer(&format!("/securityContext/{key}")))
-            .and_then(Value::as_i64)
-            .or_else(|| {
-                pod.pointer(&format!("/spec/securityContext/{key}"))
-                    .and_then(Value::as_i64)
-            })
+    let first = pod
+        .containers()
+        .first()
+        .and_then(|c| c.security_context.as_ref());
+    let pod_level = pod.spec.security_context.as_ref();
+    let from = |key: fn(&UserView) -> Option<i64>| -> Option<i64> {
+        first.and_then(key).or_else(|| pod_level.and_then(key))
     };
-    match from("runAsUser") {
+    match from(|u| u.run_as_user) {
         Some(0) | None => (DEFAULT_AGENT_USER, Some(DEFAULT_AGENT_USER)),
-        Some(uid) => (uid, from("runAsGroup")),
+        Some(uid) => (uid, from(|u| u.run_as_group)),
     }
 }
 
 /// The agent container for this pod.
-pub fn agent_container(pod: &Value, s: &PodSettings, cfg: &InjectConfig) -> Value {
+pub fn agent_container(pod: &PodView, s: &PodSettings, cfg: &InjectConfig) -> Value {
     let mut env = vec![
         json!({"name": "STILLPOINT_MEMBER", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
         json!({"name": "STILLPOINT_ENGINE", "value": s.engine}),
@@ -568,14 +632,10 @@ fn pointer_token(s: &str) -> String {
 }
 
 /// The JSON Patch that injects the agent into `pod`.
-pub fn patch(pod: &Value, s: &PodSettings, cfg: &InjectConfig) -> Result<Vec<Value>, Denied> {
-    let spec = pod.get("spec").cloned().unwrap_or(Value::Null);
+pub fn patch(pod: &PodView, s: &PodSettings, cfg: &InjectConfig) -> Result<Vec<Value>, Denied> {
     for volume in agent_volumes(s) {
         let name = get_str(&volume, &["name"]).unwrap_or_default().to_string();
-        if arr(&spec, "volumes")
-            .iter()
-            .any(|v| get_str(v, &["name"]) == Some(name.as_str()))
-        {
+        if pod.volumes().iter().any(|v| v.name == name) {
             return Err(Denied(format!(
                 "the pod already has a volume named {name:?}, which the injector adds; rename it"
             )));
@@ -583,12 +643,12 @@ pub fn patch(pod: &Value, s: &PodSettings, cfg: &InjectConfig) -> Result<Vec<Val
     }
     let mut ops = Vec::new();
     let container = agent_container(pod, s, cfg);
-    let (list, index_first) = if cfg.native_sidecars {
-        ("initContainers", true)
+    let (list, present, index_first) = if cfg.native_sidecars {
+        ("initContainers", pod.spec.init_containers.is_some(), true)
     } else {
-        ("containers", false)
+        ("containers", pod.spec.containers.is_some(), false)
     };
-    match spec.get(list).and_then(Value::as_array) {
+    match present.then_some(()) {
         Some(_) if index_first => {
             ops.push(json!({"op": "add", "path": format!("/spec/{list}/0"), "value": container}))
         }
@@ -600,7 +660,7 @@ pub fn patch(pod: &Value, s: &PodSettings, cfg: &InjectConfig) -> Result<Vec<Val
         }
     }
     let volumes = agent_volumes(s);
-    match spec.get("volumes").and_then(Value::as_array) {
+    match pod.spec.volumes.as_ref() {
         Some(_) => ops.extend(
             volumes
                 .into_iter()
@@ -608,10 +668,7 @@ pub fn patch(pod: &Value, s: &PodSettings, cfg: &InjectConfig) -> Result<Vec<Val
         ),
         None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes})),
     }
-    match pod
-        .pointer("/metadata/annotations")
-        .and_then(Value::as_object)
-    {
+    match pod.metadata.annotations.as_ref() {
         Some(_) => ops.push(json!({
             "op": "add",
             "path": format!("/metadata/annotations/{}", pointer_token(INJECTED_ANNOTATION)),
@@ -639,12 +696,11 @@ pub enum Answer {
 
 /// Decides what to do with a pod: `namespace_labels` are its namespace's.
 pub fn decide(
-    pod: &Value,
+    pod: &PodView,
     namespace_labels: &BTreeMap<String, String>,
     cfg: &InjectConfig,
 ) -> Answer {
-    let labels = string_map(pod.pointer("/metadata/labels"));
-    if labels.get(INJECT_LABEL).map(String::as_str) != Some("true") || already_injected(pod) {
+    if pod.labels().get(INJECT_LABEL).map(String::as_str) != Some("true") || already_injected(pod) {
         return Answer::Unchanged;
     }
     match settings(pod, namespace_labels).and_then(|s| patch(pod, &s, cfg)) {
@@ -660,85 +716,124 @@ pub struct BadReview(pub String);
 
 /// What the webhook needs of an AdmissionReview request.
 #[derive(Debug, Clone)]
-pub struct Request {
+pub struct Request<'a> {
     pub uid: String,
     pub namespace: String,
     pub operation: String,
-    pub pod: Value,
+    pub pod: &'a PodView,
 }
 
-/// A request body, parsed once as JSON (or why it is not JSON).
+/// An `admission.k8s.io/v1` AdmissionReview as far as this webhook reads
+/// it: typed, and nothing else. kube's own `AdmissionRequest` also keeps
+/// `oldObject`, `userInfo` and `options` (untyped JSON), which this webhook
+/// never reads; parsing only what it reads means that whatever else a body
+/// carries is skipped without being held in memory.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Review {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    request: Option<ReviewRequest>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewRequest {
+    #[serde(default)]
+    uid: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    operation: String,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    object: Option<PodView>,
+}
+
+/// Only the uid, for answering a review that does not parse as a whole.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct UidOnly {
+    request: UidOnlyRequest,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+struct UidOnlyRequest {
+    uid: String,
+}
+
+/// A request body, parsed once (or why it is not an AdmissionReview of a
+/// pod), and the uid found in it, if any.
 #[derive(Debug, Clone)]
-pub struct Body(Result<Value, String>);
+pub struct Body {
+    review: Result<Review, String>,
+    uid: Option<String>,
+}
 
 impl Body {
     pub fn parse(body: &[u8]) -> Body {
-        Body(serde_json::from_slice(body).map_err(|e| e.to_string()))
+        let review = serde_json::from_slice::<Review>(body).map_err(|e| e.to_string());
+        let uid = match &review {
+            Ok(r) => r.request.as_ref().map(|r| r.uid.clone()),
+            Err(_) => serde_json::from_slice::<UidOnly>(body)
+                .ok()
+                .map(|u| u.request.uid),
+        };
+        Body { review, uid }
     }
 
-    fn str_at(&self, pointer: &str) -> Option<&str> {
-        self.0.as_ref().ok()?.pointer(pointer)?.as_str()
+    fn request(&self) -> Option<&ReviewRequest> {
+        self.review.as_ref().ok()?.request.as_ref()
     }
 
     /// The namespace a review is about, without checking anything else
     /// (the webhook looks up its labels before [`review_body`]).
     pub fn namespace(&self) -> Option<String> {
-        self.str_at("/request/namespace").map(str::to_string)
+        self.request()?.namespace.clone()
+    }
+
+    /// The pod's name, if the review names one.
+    pub fn pod_name(&self) -> Option<&str> {
+        self.request()?.object.as_ref()?.metadata.name.as_deref()
     }
 
     /// Whether the request is a dry run (nothing it causes is kept).
     pub fn dry_run(&self) -> bool {
-        self.0
-            .as_ref()
-            .ok()
-            .and_then(|r| r.pointer("/request/dryRun"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
+        self.request().is_some_and(|r| r.dry_run)
     }
 }
 
 /// Reads an `admission.k8s.io/v1` AdmissionReview for a pod.
-pub fn read_review(body: &Body) -> Result<Request, BadReview> {
+pub fn read_review(body: &Body) -> Result<Request<'_>, BadReview> {
     let review = body
-        .0
+        .review
         .as_ref()
-        .map_err(|e| BadReview(format!("the body is not JSON: {e}")))?;
-    if get_str(review, &["apiVersion"]) != Some("admission.k8s.io/v1")
-        || get_str(review, &["kind"]) != Some("AdmissionReview")
-    {
+        .map_err(|e| BadReview(format!("the body is not an AdmissionReview of a pod: {e}")))?;
+    if review.api_version != "admission.k8s.io/v1" || review.kind != "AdmissionReview" {
         return Err(BadReview(
             "not an admission.k8s.io/v1 AdmissionReview".into(),
         ));
     }
     let request = review
-        .get("request")
-        .filter(|r| r.is_object())
+        .request
+        .as_ref()
         .ok_or_else(|| BadReview("the AdmissionReview has no request".into()))?;
-    let uid = get_str(request, &["uid"])
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| BadReview("the request has no uid".into()))?
-        .to_string();
-    let namespace = get_str(request, &["namespace"])
-        .unwrap_or_default()
-        .to_string();
-    let operation = get_str(request, &["operation"])
-        .unwrap_or_default()
-        .to_string();
-    let pod = request.get("object").cloned().unwrap_or(Value::Null);
-    if !pod.is_object() {
-        return Err(BadReview("the request has no object".into()));
+    if request.uid.is_empty() {
+        return Err(BadReview("the request has no uid".into()));
     }
-    if pod
-        .get("kind")
-        .and_then(Value::as_str)
-        .is_some_and(|k| k != "Pod")
-    {
+    let pod = request
+        .object
+        .as_ref()
+        .ok_or_else(|| BadReview("the request has no object".into()))?;
+    if pod.kind.as_deref().is_some_and(|k| k != "Pod") {
         return Err(BadReview("the object is not a Pod".into()));
     }
     Ok(Request {
-        uid,
-        namespace,
-        operation,
+        uid: request.uid.clone(),
+        namespace: request.namespace.clone().unwrap_or_default(),
+        operation: request.operation.clone(),
         pod,
     })
 }
@@ -774,7 +869,7 @@ pub fn response(uid: &str, answer: &Answer) -> Value {
 /// can be found (the API server then applies the failure policy), else
 /// none (the server answers HTTP 400).
 pub fn bad_review_response(body: &Body, err: &BadReview) -> Option<Value> {
-    let uid = body.str_at("/request/uid")?.to_string();
+    let uid = body.uid.clone().filter(|u| !u.is_empty())?;
     Some(json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -807,7 +902,7 @@ pub fn review_body(
             // Only CREATE injects; an UPDATE of an injected pod (or any
             // other) is left alone, so re-invocation never doubles it.
             let answer = match request.operation.as_str() {
-                "CREATE" | "" => decide(&request.pod, namespace_labels, cfg),
+                "CREATE" | "" => decide(request.pod, namespace_labels, cfg),
                 _ => Answer::Unchanged,
             };
             (200, response(&request.uid, &answer))
@@ -848,6 +943,12 @@ mod tests {
                             {"name": "scratch", "emptyDir": {}}],
             }
         })
+    }
+
+    /// [`super::decide`] of a pod written as JSON.
+    fn decide(pod: &Value, labels: &BTreeMap<String, String>, cfg: &InjectConfig) -> Answer {
+        let view: PodView = serde_json::from_value(pod.clone()).unwrap();
+        super::decide(&view, labels, cfg)
     }
 
     fn pg() -> Value {
@@ -1210,6 +1311,26 @@ mod tests {
         assert_eq!(code, 200);
         assert_eq!(answer["response"]["allowed"], false);
         assert_eq!(answer["response"]["status"]["code"], 400);
+        // Typed: an object that is not a Pod is not read as one.
+        let mut secret = body.clone();
+        secret["request"]["object"] =
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}});
+        let (code, answer) = review(
+            &serde_json::to_vec(&secret).unwrap(),
+            &BTreeMap::new(),
+            &cfg(true),
+        );
+        assert_eq!(
+            (code, answer["response"]["allowed"].clone()),
+            (200, json!(false))
+        );
+        assert!(
+            answer["response"]["status"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("the object is not a Pod"),
+            "{answer}"
+        );
         for garbage in [&b"{"[..], b"[]", b"null", b"{\"request\":{}}", b"\xff\xfe"] {
             let (code, _) = review(garbage, &BTreeMap::new(), &cfg(true));
             assert_eq!(code, 400);

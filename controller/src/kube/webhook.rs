@@ -12,6 +12,20 @@
 //!   "notAfter"}`: a short-lived certificate for
 //!   `spiffe://<trust-domain>/ns/<ns>/sa/<serviceaccount>`.
 //! - `GET /healthz`.
+//!
+//! Admission has no side effects (`sideEffects: None`): it reads the pod's
+//! namespace and answers, nothing more. The CA bundle ConfigMap reaches a
+//! namespace through the leader ([`publish_bundles`]), never because a
+//! request named it.
+//!
+//! Every request is bounded before it costs memory: at most
+//! [`MAX_CONNECTIONS`] connections (more are closed at once), at most
+//! [`IN_FLIGHT`] requests read and handled at a time (a request that waits
+//! [`PERMIT_WAIT`] for its turn is answered 503 with `Retry-After`), a body
+//! limit per route (`/mutate`: `--webhook-max-review-bytes`, checked
+//! against `Content-Length` before reading; `/v1/certificate`:
+//! [`MAX_CSR_BODY`]), and [`READ_TIMEOUT`] for the TLS handshake, the
+//! headers and the body each.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -37,10 +51,21 @@ use crate::certs::{LeafSpec, Validity};
 use crate::kube::inject::{self, INJECT_LABEL, InjectConfig, TOKEN_AUDIENCE};
 use crate::kube::pki::Pki;
 
-/// Largest request body read (the API server's own limit is 3 MiB).
-const MAX_BODY: usize = 3 << 20;
-/// Bound on reading one request.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; more are closed as they are accepted.
+pub const MAX_CONNECTIONS: usize = 128;
+/// Requests read and handled at once.
+pub const IN_FLIGHT: usize = 8;
+/// How long a request waits for its turn before it is answered 503.
+pub const PERMIT_WAIT: Duration = Duration::from_secs(2);
+/// The largest certificate request body (a PEM CSR is about 1 KiB).
+pub const MAX_CSR_BODY: usize = 16 << 10;
+/// The default limit of an AdmissionReview body.
+pub const DEFAULT_MAX_REVIEW: usize = 512 << 10;
+/// The largest limit an AdmissionReview body may be given (the API
+/// server's own request limit).
+pub const MAX_REVIEW_LIMIT: usize = 3 << 20;
+/// Bound on the TLS handshake, on the headers and on the body, each.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How the endpoint runs.
 #[derive(Debug, Clone)]
@@ -57,6 +82,8 @@ pub struct WebhookSettings {
     /// The MutatingWebhookConfiguration that calls this webhook: its
     /// namespaceSelector says where agents may run (and get certificates).
     pub webhook_config: String,
+    /// The largest AdmissionReview body read (`--webhook-max-review-bytes`).
+    pub max_review: usize,
     pub inject: InjectConfig,
 }
 
@@ -77,6 +104,7 @@ pub struct Webhook {
     settings: WebhookSettings,
     serving: Arc<Resolver>,
     serving_not_after: RwLock<OffsetDateTime>,
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for Webhook {
@@ -130,6 +158,7 @@ impl Webhook {
             settings,
             serving: Arc::new(Resolver(RwLock::new(Arc::new(key)))),
             serving_not_after: RwLock::new(not_after),
+            in_flight: tokio::sync::Semaphore::new(IN_FLIGHT),
         }))
     }
 
@@ -177,13 +206,25 @@ impl Webhook {
     /// Serves until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls_config());
+        let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
-            let Ok((tcp, peer)) = listener.accept().await else {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors, say: wait rather than spin.
+                    tracing::warn!("webhook accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                refused("connections");
                 continue;
             };
             let acceptor = acceptor.clone();
             let this = self.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let tls = match tokio::time::timeout(READ_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -199,44 +240,62 @@ impl Webhook {
                 let _ = http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(READ_TIMEOUT)
+                    .max_buf_size(64 << 10)
                     .serve_connection(TokioIo::new(tls), service)
                     .await;
             });
         }
     }
 
+    /// Routes first, then waits its turn, then reads the body within the
+    /// route's limit.
     async fn handle(
         &self,
         request: Request<hyper::body::Incoming>,
         peer: SocketAddr,
     ) -> Response<Full<Bytes>> {
-        let method = request.method().clone();
-        let path = request.uri().path().to_string();
+        let route = match (request.method(), request.uri().path()) {
+            (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
+            (&Method::POST, "/mutate") => Route::Mutate,
+            (&Method::POST, "/v1/certificate") => Route::Certificate,
+            _ => return text(StatusCode::NOT_FOUND, "not found\n"),
+        };
+        let limit = match route {
+            Route::Mutate => self.settings.max_review,
+            Route::Certificate => MAX_CSR_BODY,
+        };
+        let length = request
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if length.is_some_and(|l| l > limit as u64) {
+            refused("too_large");
+            return too_large(limit);
+        }
+        let Ok(Ok(_turn)) = tokio::time::timeout(PERMIT_WAIT, self.in_flight.acquire()).await
+        else {
+            refused("busy");
+            let mut answer = text(StatusCode::SERVICE_UNAVAILABLE, "busy: try again\n");
+            answer.headers_mut().insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from_static("1"),
+            );
+            return answer;
+        };
         let bearer = request
             .headers()
             .get(hyper::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(|t| t.trim().to_string());
-        let body = match tokio::time::timeout(
-            READ_TIMEOUT,
-            Limited::new(request.into_body(), MAX_BODY).collect(),
-        )
-        .await
-        {
-            Ok(Ok(body)) => body.to_bytes(),
-            Ok(Err(e)) => {
-                return text(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("reading the body: {e}"),
-                );
-            }
-            Err(_) => return text(StatusCode::REQUEST_TIMEOUT, "reading the body timed out"),
+        let body = match read_body(request.into_body(), limit).await {
+            Ok(body) => body,
+            Err(answer) => return answer,
         };
-        match (&method, path.as_str()) {
-            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-            (&Method::POST, "/mutate") => self.mutate(&body).await,
-            (&Method::POST, "/v1/certificate") => {
+        match route {
+            Route::Mutate => self.mutate(&body).await,
+            Route::Certificate => {
                 let answer = self.certificate(bearer.as_deref(), &body).await;
                 if let Err((code, message)) = &answer {
                     tracing::warn!(%peer, "certificate refused ({code}): {message}");
@@ -246,7 +305,6 @@ impl Webhook {
                     Err((code, message)) => text(code, &message),
                 }
             }
-            _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
 
@@ -262,8 +320,14 @@ impl Webhook {
     }
 
     async fn mutate(&self, body: &[u8]) -> Response<Full<Bytes>> {
+        let size = body.len();
         let body = inject::Body::parse(body);
         let ns = body.namespace().unwrap_or_default();
+        tracing::debug!(
+            namespace = %ns,
+            pod = body.pod_name().unwrap_or_default(),
+            "an admission review of {size} bytes"
+        );
         // Without the namespace's labels the Pod Security level is
         // unknown: fsfreeze is then refused rather than guessed.
         let labels = match ns.is_empty() {
@@ -276,29 +340,6 @@ impl Webhook {
             }),
         };
         let (code, answer) = inject::review_body(&body, &labels, &self.settings.inject);
-        let patched = answer.pointer("/response/patch").is_some();
-        if patched && !body.dry_run() {
-            // A namespace the configuration leaves out is never called for
-            // by the API server: such a review is forged, and writes nothing.
-            if let Some(why) = self.pki.excluded(&self.settings.webhook_config, &ns).await {
-                tracing::warn!(
-                    "a forged admission review for namespace {ns} ({why}): nothing written"
-                );
-                return text(
-                    StatusCode::FORBIDDEN,
-                    &format!("namespace {ns} is not served by this webhook"),
-                );
-            }
-            // The pod mounts the bundle: it must exist before the pod runs.
-            // If it cannot be written the webhook fails (the failure policy
-            // decides), rather than let a pod in that cannot start.
-            if let Err(e) = self.pki.publish_to_namespace(&ns).await {
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &format!("writing the CA bundle ConfigMap in {ns}: {e}"),
-                );
-            }
-        }
         let code = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
         json_response(code, &answer)
     }
@@ -461,6 +502,58 @@ fn json_response(code: StatusCode, value: &serde_json::Value) -> Response<Full<B
         .expect("a valid response")
 }
 
+/// The routes that read a body.
+#[derive(Debug, Clone, Copy)]
+enum Route {
+    Mutate,
+    Certificate,
+}
+
+/// Reads a body of at most `limit` bytes within [`READ_TIMEOUT`].
+async fn read_body(
+    body: hyper::body::Incoming,
+    limit: usize,
+) -> Result<Bytes, Response<Full<Bytes>>> {
+    match tokio::time::timeout(READ_TIMEOUT, Limited::new(body, limit).collect()).await {
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            refused("too_large");
+            Err(too_large(limit))
+        }
+        Ok(Err(e)) => Err(text(
+            StatusCode::BAD_REQUEST,
+            &format!("reading the body: {e}"),
+        )),
+        Err(_) => {
+            refused("timeout");
+            Err(text(
+                StatusCode::REQUEST_TIMEOUT,
+                "reading the body timed out",
+            ))
+        }
+    }
+}
+
+fn too_large(limit: usize) -> Response<Full<Bytes>> {
+    text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!(
+            "the body is over this route's limit of {limit} bytes (for /mutate: \
+             --webhook-max-review-bytes)"
+        ),
+    )
+}
+
+/// Counts a request or connection refused before it was handled.
+fn refused(reason: &str) {
+    crate::metrics::metrics()
+        .webhook_refusals
+        .get_or_create(&crate::metrics::ReasonLabel {
+            reason: reason.to_string(),
+        })
+        .inc();
+}
+
 /// The controller's own client identity, issued from the CA into a
 /// directory it reloads from.
 #[derive(Debug, Clone)]
@@ -520,6 +613,63 @@ pub async fn upkeep(
                 if changed.is_err() {
                     tokio::time::sleep(every).await;
                 }
+            }
+        }
+    }
+}
+
+/// On the leader: writes the CA bundle ConfigMap into each namespace where
+/// an opted-in pod appears and the webhook configuration `config` serves,
+/// as the pod appears (an agent mounts it; until it exists the kubelet
+/// retries the mount). Admission itself writes nothing. [`upkeep`]
+/// rewrites every such ConfigMap when the bundle changes.
+pub async fn publish_bundles(
+    webhook: Arc<Webhook>,
+    config: String,
+    mut leading: tokio::sync::watch::Receiver<bool>,
+) {
+    use futures_util::StreamExt;
+    use kube::core::PartialObjectMeta;
+    use kube::runtime::{WatchStreamExt, watcher};
+    loop {
+        if leading.wait_for(|l| *l).await.is_err() {
+            return;
+        }
+        let pods: Api<PartialObjectMeta<Pod>> = Api::all(webhook.client.clone());
+        let selector = format!("{INJECT_LABEL}=true");
+        let mut stream = std::pin::pin!(
+            watcher(pods, watcher::Config::default().labels(&selector))
+                .default_backoff()
+                .applied_objects()
+        );
+        // The bundle last written into each namespace.
+        let mut published: BTreeMap<String, String> = BTreeMap::new();
+        loop {
+            let pod = tokio::select! {
+                pod = stream.next() => pod,
+                _ = leading.wait_for(|l| !*l) => break,
+            };
+            let Some(pod) = pod else { break };
+            let ns = match pod {
+                Ok(pod) => pod.metadata.namespace.unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!("watching opted-in pods: {e}");
+                    continue;
+                }
+            };
+            let bundle = webhook.pki.bundle();
+            if ns.is_empty() || published.get(&ns) == Some(&bundle) {
+                continue;
+            }
+            if let Some(why) = webhook.pki.excluded(&config, &ns).await {
+                tracing::debug!("not publishing the CA bundle into {ns}: {why}");
+                continue;
+            }
+            match webhook.pki.publish_to_namespace(&ns).await {
+                Ok(()) => {
+                    published.insert(ns, bundle);
+                }
+                Err(e) => tracing::warn!("writing the CA bundle ConfigMap in {ns}: {e}"),
             }
         }
     }

@@ -296,6 +296,11 @@ impl ControllerProc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `GET path` on its metrics listener: (status code, body).
     pub fn get(&self, path: &str) -> Result<(u16, String)> {
         use std::io::{Read, Write};
