@@ -1435,3 +1435,35 @@ spec:
         ceiling >> 20
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_manifest_in_deploy_is_accepted_by_the_api_server() {
+    let s = Space::new("manifests").await;
+    let mut files: Vec<_> = ["deploy", "deploy/examples"]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(repo().join(dir)).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 8, "{files:?}");
+    let mut checked = 0;
+    for file in &files {
+        // The examples' namespace is this test's.
+        let yaml = std::fs::read_to_string(file)
+            .unwrap()
+            .replace("namespace: shop", &format!("namespace: {}", s.ns));
+        for document in yaml.split("\n---\n") {
+            let has_object = document.lines().any(|l| l.starts_with("kind:"));
+            if !has_object {
+                continue;
+            }
+            s.lab
+                .dry_run_yaml(&s.admin, document)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e:#}\n{document}", file.display()));
+            checked += 1;
+        }
+    }
+    eprintln!("{checked} objects in {} files accepted", files.len());
+}

@@ -651,29 +651,26 @@ metadata:
     /// Creates the object a YAML document describes (any kind the server
     /// knows).
     pub async fn apply_yaml(&self, client: &kube::Client, yaml: &str) -> Result<DynamicObject> {
-        let object: DynamicObject = serde_yaml::from_str(yaml).context("parsing YAML")?;
-        let types = object
-            .types
-            .clone()
-            .context("the document has no apiVersion/kind")?;
-        let (group, version) = match types.api_version.split_once('/') {
-            Some((g, v)) => (g.to_string(), v.to_string()),
-            None => (String::new(), types.api_version.clone()),
-        };
-        let gvk = kube::api::GroupVersionKind::gvk(&group, &version, &types.kind);
-        let (resource, caps) = kube::discovery::pinned_kind(client, &gvk)
-            .await
-            .with_context(|| format!("the server has no {}", types.kind))?;
-        let api: Api<DynamicObject> = match (caps.scope, object.metadata.namespace.as_deref()) {
-            (kube::discovery::Scope::Namespaced, Some(ns)) => {
-                Api::namespaced_with(client.clone(), ns, &resource)
-            }
-            (kube::discovery::Scope::Namespaced, None) => {
-                Api::default_namespaced_with(client.clone(), &resource)
-            }
-            (kube::discovery::Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
-        };
+        let (api, object) = dynamic(client, yaml).await?;
         Ok(api.create(&PostParams::default(), &object).await?)
+    }
+
+    /// Server-side applies the object a YAML document describes as a dry
+    /// run: the API server validates it (schema, admission) and keeps
+    /// nothing.
+    pub async fn dry_run_yaml(&self, client: &kube::Client, yaml: &str) -> Result<DynamicObject> {
+        let (api, object) = dynamic(client, yaml).await?;
+        let name = object
+            .metadata
+            .name
+            .clone()
+            .context("the document has no name")?;
+        let params = kube::api::PatchParams::apply("stillpoint-tests")
+            .force()
+            .dry_run();
+        Ok(api
+            .patch(&name, &params, &kube::api::Patch::Apply(&object))
+            .await?)
     }
 
     async fn wait_default_service_account(&self) -> Result<()> {
@@ -974,4 +971,32 @@ pub async fn postgres_of(pod: &k8s_openapi::api::core::v1::Pod) -> Result<tokio_
     .await?;
     tokio::spawn(conn);
     Ok(client)
+}
+
+/// The object a YAML document describes and the API it lives in (any kind
+/// the server knows; a namespaced one without a namespace in `default`).
+async fn dynamic(client: &kube::Client, yaml: &str) -> Result<(Api<DynamicObject>, DynamicObject)> {
+    let object: DynamicObject = serde_yaml::from_str(yaml).context("parsing YAML")?;
+    let types = object
+        .types
+        .clone()
+        .context("the document has no apiVersion/kind")?;
+    let (group, version) = match types.api_version.split_once('/') {
+        Some((g, v)) => (g.to_string(), v.to_string()),
+        None => (String::new(), types.api_version.clone()),
+    };
+    let gvk = kube::api::GroupVersionKind::gvk(&group, &version, &types.kind);
+    let (resource, caps) = kube::discovery::pinned_kind(client, &gvk)
+        .await
+        .with_context(|| format!("the server has no {}", types.kind))?;
+    let api: Api<DynamicObject> = match (caps.scope, object.metadata.namespace.as_deref()) {
+        (kube::discovery::Scope::Namespaced, Some(ns)) => {
+            Api::namespaced_with(client.clone(), ns, &resource)
+        }
+        (kube::discovery::Scope::Namespaced, None) => {
+            Api::default_namespaced_with(client.clone(), &resource)
+        }
+        (kube::discovery::Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
+    };
+    Ok((api, object))
 }
