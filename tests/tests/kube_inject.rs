@@ -612,7 +612,13 @@ metadata:
   labels: {{stillpoint.dev/inject: "true"}}
 spec:
   serviceAccountName: {sa}
-  containers: [{{name: redis, image: redis:7, args: [--port, "6379"]}}]
+  # As Pod Security restricted requires (stillpoint-system enforces it).
+  securityContext: {{runAsNonRoot: true, runAsUser: 999, seccompProfile: {{type: RuntimeDefault}}}}
+  containers:
+  - name: redis
+    image: redis:7
+    args: [--port, "6379"]
+    securityContext: {{allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}
 "#
         ))
         .await
@@ -1466,4 +1472,15 @@ async fn every_manifest_in_deploy_is_accepted_by_the_api_server() {
         }
     }
     eprintln!("{checked} objects in {} files accepted", files.len());
+    // deploy/rbac.yaml's namespace enforces Pod Security restricted.
+    let root = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: root, namespace: {}}}\n\
+         spec: {{containers: [{{name: sh, image: busybox, securityContext: {{privileged: true}}}}]}}",
+        stillpoint_tests::harness::kube::stillpoint::CONTROLLER_NS
+    );
+    let refused = s.lab.dry_run_yaml(&s.admin, &root).await.unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("violates PodSecurity \"restricted"),
+        "{refused:#}"
+    );
 }
