@@ -80,6 +80,11 @@ impl Settings {
 pub enum ControllerError {
     #[error("lost the leader Lease {0}; every backup in flight was aborted")]
     LostLease(String),
+    #[error(
+        "the reconcilers stopped ({0}): every backup in flight was aborted and the leader Lease \
+         given up, so another replica leads; this one exits to be restarted"
+    )]
+    ReconcilersStopped(String),
     #[error("{0}")]
     Kube(#[from] kube::Error),
 }
@@ -814,7 +819,7 @@ pub async fn run(
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .run(crate::kube::restore::reconcile, retry, ctx.clone())
         .for_each(|_| async {});
-    let reconcilers = tokio::spawn(async move {
+    let mut reconcilers = tokio::spawn(async move {
         tokio::join!(
             group_controller,
             backup_controller,
@@ -829,6 +834,7 @@ pub async fn run(
         tokio::select! {
             _ = tokio::time::sleep(renew) => {}
             _ = shutdown.wait_for(|s| s.is_some()) => break Ok(()),
+            ended = &mut reconcilers => break Err(ControllerError::ReconcilersStopped(stopped_because(ended))),
         }
         match lease.try_acquire().await {
             Ok(true) => last_renewal = tokio::time::Instant::now(),
@@ -852,9 +858,61 @@ pub async fn run(
     tracing::warn!("{reason}: aborting every backup in flight");
     ctx.abort_all(&reason).await;
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), reconcilers).await;
-    if outcome.is_ok() {
+    if !reconcilers.is_finished() {
+        let _ = tokio::time::timeout(Duration::from_secs(10), reconcilers).await;
+    }
+    if !matches!(outcome, Err(ControllerError::LostLease(_))) {
         lease.release().await;
     }
     outcome
+}
+
+/// Why the reconcilers' task ended while this replica led: they run until
+/// shutdown, so any end is a failure — a panic in one of them ends them
+/// all, and a leader left without them would hold the Lease doing nothing.
+pub fn stopped_because(ended: Result<(), tokio::task::JoinError>) -> String {
+    match ended {
+        Ok(()) => "they ended on their own".into(),
+        Err(e) if e.is_panic() => {
+            let panic = e.into_panic();
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic without a message".into());
+            format!("a reconciler panicked: {message}")
+        }
+        Err(e) => format!("their task was cancelled: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_in_one_reconciler_ends_them_all_and_says_why() {
+        let quiet = async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        };
+        let failing = async {
+            tokio::task::yield_now().await;
+            let members: Vec<u32> = Vec::new();
+            let _ = members
+                .iter()
+                .position(|m| *m == 1)
+                .expect("a status for every member");
+        };
+        let reconcilers = tokio::spawn(async move {
+            tokio::join!(quiet, failing);
+        });
+        let ended = tokio::time::timeout(Duration::from_secs(10), reconcilers)
+            .await
+            .expect("the task ends at the panic, not when the quiet reconciler would");
+        let why = stopped_because(ended);
+        assert!(
+            why.contains("a reconciler panicked: a status for every member"),
+            "{why}"
+        );
+    }
 }
