@@ -3366,7 +3366,7 @@ async fn a_group_restore_scales_up_a_deployments_copy_on_its_restored_claim() {
     start_restore(&space, "again", "{backup: cache-1, pvcPrefix: again-}").await;
     until_starting(&space, "again").await;
     _controller.kill();
-    let _next = space.controller("deploy-b", &format!("lease-{ns}")).await;
+    let mut next = space.controller("deploy-b", &format!("lease-{ns}")).await;
     let r = restore(&space, "again", "{backup: cache-1, pvcPrefix: again-}").await;
     let rs = r.status.unwrap();
     assert_eq!(rs.phase, Some(RestorePhase::Succeeded), "{rs:#?}");
@@ -3383,4 +3383,48 @@ async fn a_group_restore_scales_up_a_deployments_copy_on_its_restored_claim() {
         .await
         .unwrap();
     assert_eq!(value, "before the backup");
+
+    // A restore taken up again after its backup was deleted and made again
+    // under its name: its status (from the API) was planned from the other
+    // backup. It fails saying so, and the controller goes on.
+    next.kill();
+    space
+        .apply(&redis_deployment(
+            &ns,
+            "resumed-cache",
+            "resumed-data-cache",
+            0,
+        ))
+        .await;
+    start_restore(&space, "resumed", "{backup: cache-1, pvcPrefix: resumed-}").await;
+    let restores: Api<stillpoint_controller::kube::crd::GroupRestore> =
+        Api::namespaced(space.admin.clone(), &ns);
+    let planned_elsewhere = serde_json::json!({"status": {
+        "phase": "Restoring",
+        "backupUid": "00000000-0000-0000-0000-000000000000",
+        "stage": 3,
+        "stages": [{"stage": 3, "class": "caches", "phase": "Waiting", "members": ["cache-0"]}],
+        "members": [{"pod": "cache-0", "stage": 3, "phase": "Pending"}],
+    }});
+    restores
+        .patch_status(
+            "resumed",
+            &PatchParams::default(),
+            &Patch::Merge(planned_elsewhere),
+        )
+        .await
+        .unwrap();
+    let mut last = space.controller("deploy-c", &format!("lease-{ns}")).await;
+    let r = restore(&space, "resumed", "{backup: cache-1, pvcPrefix: resumed-}").await;
+    let rs = r.status.unwrap();
+    assert_eq!(rs.phase, Some(RestorePhase::Failed), "{rs:#?}");
+    let completed = rs
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Completed")
+        .unwrap();
+    assert_eq!(completed.reason, "BackupReplaced", "{completed:?}");
+    assert!(rs.pvcs.is_empty(), "nothing made: {rs:#?}");
+    assert!(last.running(), "the controller goes on:\n{}", last.logs());
+    assert!(!last.logs().contains("panicked"), "{}", last.logs());
 }

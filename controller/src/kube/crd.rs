@@ -683,6 +683,10 @@ pub struct GroupRestoreStatus {
     pub start_time: Option<MicroTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<MicroTime>,
+    /// The uid of the GroupBackup being restored: a backup deleted and made
+    /// again under its name is not the one this restore began with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_uid: Option<String>,
     /// The stage being started (or that failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<u32>,

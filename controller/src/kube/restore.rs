@@ -482,24 +482,64 @@ impl Run {
         apply_status(&self.api, &self.name, "GroupRestore", &self.status).await
     }
 
+    /// The status of member `pod` (made if the status lacks it: the
+    /// status is read from the API and may have been written by anyone).
     fn member(&mut self, pod: &str) -> &mut RestoredMember {
-        let i = self
-            .status
-            .members
-            .iter()
-            .position(|m| m.pod == pod)
-            .expect("every planned member has a status");
-        &mut self.status.members[i]
+        let members = &mut self.status.members;
+        let i = match members.iter().position(|m| m.pod == pod) {
+            Some(i) => i,
+            None => {
+                members.push(RestoredMember {
+                    pod: pod.to_string(),
+                    ..Default::default()
+                });
+                members.len() - 1
+            }
+        };
+        &mut members[i]
     }
 
+    /// The status of `stage` (made if the status lacks it, as above).
     fn stage(&mut self, stage: u32) -> &mut RestoreStage {
-        let i = self
-            .status
-            .stages
-            .iter()
-            .position(|s| s.stage == stage)
-            .expect("every stage has a status");
-        &mut self.status.stages[i]
+        let stages = &mut self.status.stages;
+        let i = match stages.iter().position(|s| s.stage == stage) {
+            Some(i) => i,
+            None => {
+                stages.push(RestoreStage {
+                    stage,
+                    class: stage_class(stage).into(),
+                    ..Default::default()
+                });
+                stages.len() - 1
+            }
+        };
+        &mut stages[i]
+    }
+
+    /// A restore taken up again (by a new leader, after a restart) must be
+    /// restoring the backup it began with: the same object (uid), planned
+    /// into the same members.
+    fn same_backup(&self, backup: &GroupBackup, planned: &[Planned]) -> Result<(), Stop> {
+        let uid = backup.uid();
+        let recorded_uid = self.status.backup_uid.as_ref();
+        let pods: BTreeSet<&str> = planned.iter().map(|p| p.rec.pod.as_str()).collect();
+        let recorded: BTreeSet<&str> = self.status.members.iter().map(|m| m.pod.as_str()).collect();
+        if recorded_uid.is_some_and(|r| Some(r) != uid.as_ref()) || pods != recorded {
+            return Err(stop(
+                "BackupReplaced",
+                format!(
+                    "GroupBackup {} is not the backup this restore began with (it was deleted \
+                     and made again under its name: uid {} then {}; members {} then {}): \
+                     delete this GroupRestore and create a new one",
+                    backup.name_any(),
+                    recorded_uid.map(String::as_str).unwrap_or("unrecorded"),
+                    uid.as_deref().unwrap_or("none"),
+                    recorded.into_iter().collect::<Vec<_>>().join(", "),
+                    pods.into_iter().collect::<Vec<_>>().join(", "),
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn snapshots(&self) -> Api<DynamicObject> {
@@ -1314,7 +1354,10 @@ impl Run {
             ));
         }
         let planned = plan(&backup, &spec)?;
-        if self.status.members.is_empty() {
+        if !self.status.members.is_empty() {
+            self.same_backup(&backup, &planned)?;
+        } else {
+            self.status.backup_uid = backup.uid();
             self.status.members = planned
                 .iter()
                 .map(|p| RestoredMember {
