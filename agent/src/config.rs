@@ -142,6 +142,9 @@ pub const DEFAULT_EXEC_GRACE: Duration = Duration::from_secs(5);
 pub const ENV_NOOP_FREEZE_LATENCY: &str = "STILLPOINT_NOOP_FREEZE_LATENCY";
 /// noop engine: artificial thaw latency.
 pub const ENV_NOOP_THAW_LATENCY: &str = "STILLPOINT_NOOP_THAW_LATENCY";
+/// noop engine: artificial latency of describe and position (a server
+/// that stopped answering its agent).
+pub const ENV_NOOP_DESCRIBE_LATENCY: &str = "STILLPOINT_NOOP_DESCRIBE_LATENCY";
 /// noop engine: the role it reports, `primary` or `replica`.
 pub const ENV_NOOP_ROLE: &str = "STILLPOINT_NOOP_ROLE";
 /// noop engine: the upstream a replica reports.
@@ -190,6 +193,7 @@ pub const ALL_KEYS: &[&str] = &[
     ENV_EXEC_GRACE,
     ENV_NOOP_FREEZE_LATENCY,
     ENV_NOOP_THAW_LATENCY,
+    ENV_NOOP_DESCRIBE_LATENCY,
     ENV_NOOP_ROLE,
     ENV_NOOP_UPSTREAM,
 ];
@@ -226,6 +230,7 @@ pub enum LogFormat {
 pub struct NoopConfig {
     pub freeze_latency: Duration,
     pub thaw_latency: Duration,
+    pub describe_latency: Duration,
     pub replica: bool,
     pub upstream: String,
 }
@@ -602,6 +607,7 @@ impl Config {
         let noop = NoopConfig {
             freeze_latency: r.duration(ENV_NOOP_FREEZE_LATENCY, Duration::ZERO),
             thaw_latency: r.duration(ENV_NOOP_THAW_LATENCY, Duration::ZERO),
+            describe_latency: r.duration(ENV_NOOP_DESCRIBE_LATENCY, Duration::ZERO),
             replica: r.parse(ENV_NOOP_ROLE, false, |text| match text {
                 "primary" => Ok(false),
                 "replica" => Ok(true),

@@ -644,6 +644,7 @@ impl NoopFleet {
             lease_ttl: Duration::from_secs(30),
             align_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
+            rpc_timeout: stillpoint_controller::core::agents::DEFAULT_RPC_TIMEOUT,
             members: self.members(n),
         }
     }

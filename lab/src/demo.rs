@@ -426,6 +426,7 @@ impl Cluster {
             lease_ttl: Duration::from_secs(10),
             align_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            rpc_timeout: stillpoint_controller::core::agents::DEFAULT_RPC_TIMEOUT,
             members: group_members,
         };
         let orchestrator = Orchestrator {

@@ -717,3 +717,49 @@ async fn volumes_may_be_devices_images_or_mount_points() {
     }
     assert!(s.agents[0].logs().find("freeze requested").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_stops_answering_fails_the_backup_within_the_rpc_timeout() {
+    let mut s = Setup::new();
+    // A server that stopped answering its agent: describe never returns.
+    let stalled = [("STILLPOINT_NOOP_DESCRIBE_LATENCY", "1h".to_string())];
+    let config = noop_group(
+        &mut s,
+        &[("n-0", &[]), ("n-stalled", &stalled)],
+        "rpc_timeout = \"2s\"",
+    );
+    let orchestrator = s.orchestrator(&config);
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        orchestrator.backup(config.group("g").unwrap(), "g-stalled"),
+    )
+    .await;
+    let waited = started.elapsed();
+    let err = outcome
+        .expect("the backup ends instead of hanging")
+        .unwrap_err();
+    assert!(
+        err.cause.contains("n-stalled") && err.cause.contains("no answer to describe within 2s"),
+        "{}",
+        err.cause
+    );
+    assert!(waited >= Duration::from_secs(2), "{waited:?}");
+    assert!(s.agents.iter().all(|a| !is_frozen(a)), "nothing froze");
+    // Bounds over their maximum are refused by the configuration.
+    let volume = s.dir.path().join("volume");
+    let problems = s
+        .config_result(
+            "g",
+            &format!(
+                "snapshotter = \"copy\"\nrpc_timeout = \"1h\"\nconnect_timeout = \"2m\"\n{}",
+                member("n-0", "127.0.0.1:1", "primary", None, &[&volume]),
+            ),
+        )
+        .unwrap_err();
+    assert!(
+        problems.contains("groups.g.rpc_timeout 1h is outside its range")
+            && problems.contains("groups.g.connect_timeout 2m is outside its range"),
+        "{problems}"
+    );
+}

@@ -1041,6 +1041,18 @@ async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freeze
             "InvalidSpec",
             &["two members are named m-ra"],
         ),
+        (
+            "slow-dial",
+            member("ra") + "  connectTimeout: 300d\n",
+            "InvalidSpec",
+            &["connectTimeout 300d is outside its range", "at most 1m"],
+        ),
+        (
+            "slow-rpc",
+            member("ra") + "  rpcTimeout: 1h\n",
+            "InvalidSpec",
+            &["rpcTimeout 1h is outside its range", "at most 5m"],
+        ),
         ("lost-pvc", member("lost"), "PVCNotFound", &["data-lost"]),
         ("not-csi", member("hp"), "NotCSI", &["data-hp"]),
     ];

@@ -57,6 +57,7 @@ impl Engine for Noop {
     }
 
     async fn describe(&self) -> Result<Description, EngineError> {
+        tokio::time::sleep(self.config.describe_latency).await;
         Ok(Description {
             server_version: "noop".into(),
             role: self.role(),
@@ -71,6 +72,7 @@ impl Engine for Noop {
     }
 
     async fn position(&self) -> Result<(pb::Position, pb::Role), EngineError> {
+        tokio::time::sleep(self.config.describe_latency).await;
         let value = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
         Ok((make::counter(value), self.role()))
     }

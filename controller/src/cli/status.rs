@@ -1,5 +1,6 @@
 //! `stillpoint status` and `stillpoint thaw`.
 
+use crate::core::agents::{DEFAULT_RPC_TIMEOUT, answer};
 use anyhow::bail;
 use clap::Args;
 use futures_util::future::join_all;
@@ -129,17 +130,17 @@ pub fn run(args: StatusArgs, global: &Global) -> anyhow::Result<()> {
                     Err(e) => s.error = e.to_string(),
                     Ok(mut client) => {
                         s.reachable = true;
-                        match client.describe(pb::DescribeRequest::default()).await {
+                        let describe = client.describe(pb::DescribeRequest::default());
+                        match answer(DEFAULT_RPC_TIMEOUT, "describe", describe).await {
                             Ok(d) => {
-                                let d = d.into_inner();
                                 s.engine = engine_name(d.engine).into();
                                 s.held_by = d.holder;
                             }
                             Err(e) => s.error = e.message().to_string(),
                         }
-                        match client.position(pb::PositionRequest {}).await {
+                        let position_of = client.position(pb::PositionRequest {});
+                        match answer(DEFAULT_RPC_TIMEOUT, "position", position_of).await {
                             Ok(p) => {
-                                let p = p.into_inner();
                                 s.role = match pb::Role::try_from(p.role).unwrap_or_default() {
                                     pb::Role::Replica => "replica".into(),
                                     pb::Role::Primary => "primary".into(),
@@ -235,22 +236,20 @@ pub fn thaw(args: TargetArgs, global: &Global) -> anyhow::Result<()> {
                         .connect(&m.agent, &m.identity)
                         .await
                         .map_err(|e| e.to_string())?;
-                    let holder = client
-                        .describe(pb::DescribeRequest::default())
+                    let describe = client.describe(pb::DescribeRequest::default());
+                    let holder = answer(DEFAULT_RPC_TIMEOUT, "describe", describe)
                         .await
                         .map_err(|e| e.message().to_string())?
-                        .into_inner()
                         .holder;
                     if holder.is_empty() {
                         return Ok(format!("{}: not frozen", m.name));
                     }
-                    let r = client
-                        .thaw(pb::ThawRequest {
-                            backup_id: holder.clone(),
-                        })
+                    let thaw = client.thaw(pb::ThawRequest {
+                        backup_id: holder.clone(),
+                    });
+                    let r = answer(DEFAULT_RPC_TIMEOUT, "thaw", thaw)
                         .await
-                        .map_err(|e| e.message().to_string())?
-                        .into_inner();
+                        .map_err(|e| e.message().to_string())?;
                     Ok::<_, String>(format!("{}: {} (hold of '{holder}')", m.name, r.message))
                 }
             }))

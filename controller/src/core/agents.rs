@@ -20,6 +20,41 @@ use tonic::transport::{Channel, Endpoint};
 
 /// Default bound on dialling an agent (TCP + TLS).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a dial may be given.
+pub const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default bound on each request to an agent outside the freeze's own
+/// budgets (describe, position, prepare, and the answer to a thaw).
+pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a request may be given.
+pub const MAX_RPC_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `value` if it is within `max` (a setting named `name`), else why not.
+pub fn within(name: &str, value: Duration, max: Duration) -> Result<Duration, String> {
+    match value <= max && !value.is_zero() {
+        true => Ok(value),
+        false => Err(format!(
+            "{name} {} is outside its range (over zero, at most {})",
+            stillpoint_proto::duration::format_duration(value),
+            stillpoint_proto::duration::format_duration(max)
+        )),
+    }
+}
+
+/// Waits at most `bound` for an agent's answer to `what`: a stalled agent
+/// (or its stalled database) is an error, never a hang.
+pub async fn answer<T>(
+    bound: Duration,
+    what: &str,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(bound, call).await {
+        Ok(answered) => answered.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no answer to {what} within {}",
+            stillpoint_proto::duration::format_duration(bound)
+        ))),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentConnectError {

@@ -123,12 +123,19 @@ impl Holder {
                             }
                         },
                         Some(Request::Thaw { completed, reply }) => {
+                            // No renewal while the answer is awaited: once the
+                            // lease lapses the agent thaws by itself, so the
+                            // answer is awaited no longer than that.
                             let result = match held.request_thaw(completed).await {
-                                Ok(()) => held
-                                    .thawed()
-                                    .await
-                                    .map_err(|e| e.message().to_string())
-                                    .and_then(|r| r.ok_or_else(|| "the stream ended without a thaw result".into())),
+                                Ok(()) => match tokio::time::timeout(ttl, held.thawed()).await {
+                                    Ok(answer) => answer
+                                        .map_err(|e| e.message().to_string())
+                                        .and_then(|r| r.ok_or_else(|| "the stream ended without a thaw result".into())),
+                                    Err(_) => Err(format!(
+                                        "no answer to the thaw within the lease TTL ({}); the agent thaws by itself once it lapses",
+                                        stillpoint_proto::duration::format_duration(ttl)
+                                    )),
+                                },
                                 Err(e) => Err(e.message().to_string()),
                             };
                             let _ = reply.send(result);
@@ -203,8 +210,15 @@ pub async fn freeze_all<K: Clone>(
                 .connect(&agent.addr, &agent.identity)
                 .await
                 .map_err(|e| format!("{label}: {e}"))?;
-            let held = HeldFreeze::quiesce(&mut client, id, ttl)
+            // Frozen within the lease TTL, or not at all.
+            let held = tokio::time::timeout(ttl, HeldFreeze::quiesce(&mut client, id, ttl))
                 .await
+                .map_err(|_| {
+                    format!(
+                        "{label}: no answer to the freeze within the lease TTL ({})",
+                        stillpoint_proto::duration::format_duration(ttl)
+                    )
+                })?
                 .map_err(|e| format!("{label}: {}", e.message()))?;
             Ok::<_, String>((key.clone(), Holder::spawn(held, ttl)))
         }

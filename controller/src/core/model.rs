@@ -232,4 +232,6 @@ pub struct GroupSpec {
     pub align_timeout: Duration,
     /// Bound on dialling an agent.
     pub connect_timeout: Duration,
+    /// Bound on each request to an agent outside the freeze's own budgets.
+    pub rpc_timeout: Duration,
 }

@@ -667,25 +667,25 @@ impl<'g> Run<'_, 'g> {
                         format!("member {} is not reachable: {text}", m.name),
                     )
                 })?;
-            let describe = client
-                .describe(pb::DescribeRequest {
-                    volumes: m
-                        .volumes
-                        .iter()
-                        .filter_map(|v| v.root())
-                        .map(|p| p.display().to_string())
-                        .collect(),
-                })
-                .await
-                .map_err(|e| {
-                    Problem::new(
-                        Phase::Resolve,
-                        ErrorKind::ServerUnavailable,
-                        Some(&m.name),
-                        format!("member {}: describe failed: {}", m.name, e.message()),
-                    )
-                })?
-                .into_inner();
+            let request = pb::DescribeRequest {
+                volumes: m
+                    .volumes
+                    .iter()
+                    .filter_map(|v| v.root())
+                    .map(|p| p.display().to_string())
+                    .collect(),
+            };
+            let describe =
+                crate::agents::answer(group.rpc_timeout, "describe", client.describe(request))
+                    .await
+                    .map_err(|e| {
+                        Problem::new(
+                            Phase::Resolve,
+                            ErrorKind::ServerUnavailable,
+                            Some(&m.name),
+                            format!("member {}: describe failed: {}", m.name, e.message()),
+                        )
+                    })?;
             Ok::<_, Problem>((m, client, describe))
         }))
         .await;
@@ -781,12 +781,13 @@ impl<'g> Run<'_, 'g> {
             self.timeline.mark(&m.config.name, "prepare", start);
         }
         let atomic_cut = self.snapshotter.atomic();
+        let bound = self.group.rpc_timeout;
         let results = join_all(self.members.iter_mut().map(|m| async move {
-            m.client
-                .prepare(pb::PrepareRequest {
-                    backup_id: id.into(),
-                    atomic_cut,
-                })
+            let request = pb::PrepareRequest {
+                backup_id: id.into(),
+                atomic_cut,
+            };
+            crate::agents::answer(bound, "prepare", m.client.prepare(request))
                 .await
                 .map_err(|e| {
                     Problem::new(

@@ -57,9 +57,14 @@ pub struct ConsistencyGroupSpec {
     /// Bound on a replica's wait to reach its primary's position, e.g. `5s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub align_timeout: Option<String>,
-    /// Bound on dialling one agent, e.g. `5s`.
+    /// Bound on dialling one agent, e.g. `5s` (default 5s, at most 1m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<String>,
+    /// Bound on each request to an agent outside the freeze's own budgets
+    /// (describe, position, prepare, the answer to a thaw), e.g. `30s`
+    /// (default 30s, at most 5m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc_timeout: Option<String>,
 }
 
 /// Which pods a member is, and what of them to protect.

@@ -18,7 +18,9 @@ use kube::core::GroupVersionKind;
 use stillpoint_proto::PositionExt;
 use stillpoint_proto::pb;
 
-use crate::core::agents::ControllerTls;
+use crate::core::agents::{
+    ControllerTls, DEFAULT_RPC_TIMEOUT, MAX_CONNECT_TIMEOUT, MAX_RPC_TIMEOUT, answer, within,
+};
 use crate::core::model::{AgentEndpoint, Engine, GroupSpec, MemberSpec, Role, VolumeId};
 use crate::core::protocol::{copy_refusal, coverage};
 use crate::core::record::ServerPath;
@@ -252,14 +254,17 @@ fn host_of(addr: &str) -> &str {
 }
 
 impl Resolver {
+    /// Describes the agent at `addr`: dialled within `connect`, each
+    /// request answered within `rpc`.
     pub(crate) async fn describe(
         &self,
         addr: &str,
         identity: &str,
-        timeout: Duration,
+        connect: Duration,
+        rpc: Duration,
     ) -> Result<Described, Verdict> {
         let mut tls = self.tls.clone();
-        tls.connect_timeout = timeout;
+        tls.connect_timeout = connect;
         let mut client = tls.connect(addr, identity).await.map_err(|e| {
             let text = e.to_string();
             match text.contains(" presented ") {
@@ -267,26 +272,22 @@ impl Resolver {
                 false => Verdict::no("AgentUnreachable", text),
             }
         })?;
-        let d = tokio::time::timeout(timeout, client.describe(pb::DescribeRequest::default()))
-            .await
-            .map_err(|_| {
-                Verdict::no(
-                    "AgentUnreachable",
-                    format!("agent {addr}: no answer within {} s", timeout.as_secs()),
-                )
-            })?
-            .map_err(|e| {
-                Verdict::no(
-                    "ServerUnavailable",
-                    format!("agent {addr}: {}", e.message()),
-                )
-            })?
-            .into_inner();
-        let position = client
-            .position(pb::PositionRequest {})
+        let describe = client.describe(pb::DescribeRequest::default());
+        let d = answer(rpc, "describe", describe).await.map_err(|e| {
+            let reason = match e.code() {
+                tonic::Code::DeadlineExceeded => "AgentUnreachable",
+                _ => "ServerUnavailable",
+            };
+            Verdict::no(
+                reason,
+                format!("agent {addr}: {} (rpcTimeout)", e.message()),
+            )
+        })?;
+        // A position is only shown: none if it does not come in time.
+        let position = answer(rpc, "position", client.position(pb::PositionRequest {}))
             .await
             .ok()
-            .and_then(|r| r.into_inner().position)
+            .and_then(|r| r.position)
             .map(|p| p.display());
         Ok(Described {
             engine: Engine::from_pb(d.engine),
@@ -321,15 +322,28 @@ impl Resolver {
             Some(t) => stillpoint_proto::duration::parse_duration(t)
                 .map_err(|e| Verdict::no("InvalidSpec", e)),
         };
+        let bounded = |name: &str, value: Duration, max: Duration| {
+            within(name, value, max).map_err(|e| Verdict::no("InvalidSpec", e))
+        };
         let budgets = (|| {
             Ok::<_, Verdict>((
                 budget(&spec.freeze_budget, DEFAULT_FREEZE_BUDGET)?,
                 budget(&spec.lease_ttl, DEFAULT_LEASE_TTL)?,
                 budget(&spec.align_timeout, DEFAULT_ALIGN_TIMEOUT)?,
-                budget(&spec.connect_timeout, DEFAULT_CONNECT_TIMEOUT)?,
+                bounded(
+                    "connectTimeout",
+                    budget(&spec.connect_timeout, DEFAULT_CONNECT_TIMEOUT)?,
+                    MAX_CONNECT_TIMEOUT,
+                )?,
+                bounded(
+                    "rpcTimeout",
+                    budget(&spec.rpc_timeout, DEFAULT_RPC_TIMEOUT)?,
+                    MAX_RPC_TIMEOUT,
+                )?,
             ))
         })();
-        let (freeze_budget, lease_ttl, align_timeout, connect_timeout) = match budgets {
+        let (freeze_budget, lease_ttl, align_timeout, connect_timeout, rpc_timeout) = match budgets
+        {
             Ok(b) => b,
             Err(v) => return fail(v, Vec::new()),
         };
@@ -569,7 +583,10 @@ impl Resolver {
                 m.agent.clone().unwrap_or_default(),
                 m.identity.clone().unwrap_or_default(),
             );
-            async move { self.describe(&addr, &identity, connect_timeout).await }
+            async move {
+                self.describe(&addr, &identity, connect_timeout, rpc_timeout)
+                    .await
+            }
         }))
         .await;
         let mut protectable: Option<Verdict> = None;
@@ -730,6 +747,7 @@ impl Resolver {
                 lease_ttl,
                 align_timeout,
                 connect_timeout,
+                rpc_timeout,
             }),
         }
     }

@@ -1217,7 +1217,12 @@ impl Run {
         let d = self
             .ctx
             .resolver
-            .describe(&format!("{ip}:{port}"), &identity, Duration::from_secs(5))
+            .describe(
+                &format!("{ip}:{port}"),
+                &identity,
+                Duration::from_secs(5),
+                crate::core::agents::DEFAULT_RPC_TIMEOUT,
+            )
             .await
             .map_err(|v| v.message)?;
         Ok(d.position)

@@ -17,8 +17,11 @@ pub const DEFAULT_FREEZE_BUDGET: &str = "5s";
 pub const DEFAULT_LEASE_TTL: &str = "30s";
 /// Default bound on a replica's alignment wait.
 pub const DEFAULT_ALIGN_TIMEOUT: &str = "5s";
-/// Default bound on dialling an agent.
+/// Default bound on dialling an agent (at most 1m).
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+/// Default bound on each request to an agent outside the freeze's own
+/// budgets (at most 5m).
+pub const DEFAULT_RPC_TIMEOUT: &str = "30s";
 /// How a member accepts a path its volumes do not hold, in local mode's
 /// words.
 pub const ACCEPT_GAP: &str = "`accept_uncovered = [\"{path}\"]` for member {member}";
@@ -97,6 +100,7 @@ pub struct GroupFile {
     pub lease_ttl: Option<String>,
     pub align_timeout: Option<String>,
     pub connect_timeout: Option<String>,
+    pub rpc_timeout: Option<String>,
     pub members: Vec<MemberFile>,
 }
 
@@ -175,6 +179,7 @@ pub struct Group {
     pub lease_ttl: Duration,
     pub align_timeout: Duration,
     pub connect_timeout: Duration,
+    pub rpc_timeout: Duration,
     pub members: Vec<MemberFile>,
 }
 
@@ -263,6 +268,16 @@ impl Config {
                 &g.connect_timeout,
                 DEFAULT_CONNECT_TIMEOUT,
             );
+            let rpc_timeout = duration("rpc_timeout", &g.rpc_timeout, DEFAULT_RPC_TIMEOUT);
+            use crate::core::agents::{MAX_CONNECT_TIMEOUT, MAX_RPC_TIMEOUT, within};
+            for (field, value, max) in [
+                ("connect_timeout", connect_timeout, MAX_CONNECT_TIMEOUT),
+                ("rpc_timeout", rpc_timeout, MAX_RPC_TIMEOUT),
+            ] {
+                if let Err(e) = within(field, value, max) {
+                    problems.push(format!("{at}.{e}"));
+                }
+            }
             let snapshot_dir = match (&g.snapshot_dir, g.driver_needs_dir()) {
                 (Some(dir), _) => resolve(dir),
                 (None, true) => {
@@ -370,6 +385,7 @@ impl Config {
                     lease_ttl,
                     align_timeout,
                     connect_timeout,
+                    rpc_timeout,
                     members: g.members.clone(),
                 },
             );
@@ -480,6 +496,7 @@ impl Group {
             lease_ttl: self.lease_ttl,
             align_timeout: self.align_timeout,
             connect_timeout: self.connect_timeout,
+            rpc_timeout: self.rpc_timeout,
         }
     }
 }

@@ -59,6 +59,16 @@ impl Setup {
     /// As [`Setup::config`], with the group's snapshots in `snapshot_dir`
     /// (btrfs snapshots must be on the volumes' filesystem).
     pub fn config_in(&self, group: &str, snapshot_dir: &Path, body: &str) -> Config {
+        self.load(group, snapshot_dir, body)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// As [`Setup::config`], or the configuration's problems.
+    pub fn config_result(&self, group: &str, body: &str) -> Result<Config, String> {
+        self.load(group, &self.snapshots(), body)
+    }
+
+    fn load(&self, group: &str, snapshot_dir: &Path, body: &str) -> Result<Config, String> {
         self.pki.issue("controller", CONTROLLER_IDENTITY).unwrap();
         let text = format!(
             "catalog = \"{catalog}\"\n[tls]\ndir = \"{tls}\"\n[groups.{group}]\nsnapshot_dir = \"{snaps}\"\n{body}",
@@ -68,7 +78,7 @@ impl Setup {
         );
         let path = self.dir.path().join("stillpoint.toml");
         std::fs::write(&path, &text).unwrap();
-        Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{text}"))
+        Config::load(&path).map_err(|e| format!("{e}\n{text}"))
     }
 
     pub fn orchestrator(&self, config: &Config) -> Orchestrator {
