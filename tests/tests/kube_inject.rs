@@ -1484,3 +1484,88 @@ async fn every_manifest_in_deploy_is_accepted_by_the_api_server() {
         "{refused:#}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_controllers_service_account_creates_only_preparation_pods_and_artefacts_secrets() {
+    use stillpoint_tests::harness::kube::stillpoint::{CONTROLLER_NS, CONTROLLER_SA};
+    let s = Space::new("confined").await;
+    let ns = s.ns.clone();
+    // A GroupRestore to own the pod (no controller watches this namespace).
+    s.apply(&format!(
+        "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupRestore\nmetadata: {{name: r, namespace: {ns}}}\nspec: {{backup: b}}"
+    ))
+    .await;
+    let restores: Api<stillpoint_controller::kube::crd::GroupRestore> =
+        Api::namespaced(s.admin.clone(), &ns);
+    let uid = restores.get("r").await.unwrap().metadata.uid.unwrap();
+    // As the controller's ServiceAccount, with deploy's RBAC.
+    let controller = s.lab.client_for(CONTROLLER_NS, CONTROLLER_SA).await.unwrap();
+    let pod = |ns: &str, image: &str, secret: &str| -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "prepare", "namespace": ns,
+                "labels": {"stillpoint.dev/restore-uid": uid},
+                "ownerReferences": [{"apiVersion": "stillpoint.dev/v1alpha1", "kind": "GroupRestore",
+                    "name": "r", "uid": uid, "controller": true}]},
+            "spec": {
+                "restartPolicy": "Never", "automountServiceAccountToken": false,
+                "securityContext": {"runAsNonRoot": true, "runAsUser": 999, "seccompProfile": {"type": "RuntimeDefault"}},
+                "containers": [{"name": "restore", "image": image, "args": ["restore"],
+                    "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                        "capabilities": {"drop": ["ALL"]}},
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "artefacts", "mountPath": "/a"}]}],
+                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data-pg-0"}},
+                    {"name": "artefacts", "secret": {"secretName": secret}}],
+            }
+        }))
+        .unwrap()
+    };
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let create = |ns: &str, pod: Pod| {
+        let api: Api<Pod> = Api::namespaced(controller.clone(), ns);
+        let dry = dry.clone();
+        async move { api.create(&dry, &pod).await.map(drop).map_err(|e| e.to_string()) }
+    };
+    let agent = "ghcr.io/stillpoint-dev/stillpoint-agent:0.1.0";
+    // A policy is in force a moment after it is made.
+    wait_async("the policy in force", BOUND, || {
+        let attempt = create("kube-system", pod("kube-system", agent, "b-artefacts"));
+        async move { Ok(attempt.await.is_err()) }
+    })
+    .await
+    .unwrap();
+    // A preparation pod is admitted.
+    create(&ns, pod(&ns, agent, "b-artefacts")).await.unwrap();
+    for (target, p, needle) in [
+        ("kube-system", pod("kube-system", agent, "b-artefacts"), "system namespace"),
+        (ns.as_str(), pod(&ns, "busybox:1.36", "b-artefacts"), "the agent image"),
+        (ns.as_str(), pod(&ns, agent, "cloud-credentials"), "artefacts Secret"),
+    ] {
+        let refused = create(target, p).await.unwrap_err();
+        assert!(
+            refused.contains("stillpoint-controller-confined") && refused.contains(needle),
+            "{target}: {refused}"
+        );
+    }
+    // Secrets: a backup's artefacts, owned by it, only.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(controller.clone(), &ns);
+    let secret = |name: &str, owner: &str| -> k8s_openapi::api::core::v1::Secret {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": ns,
+                "ownerReferences": [{"apiVersion": "stillpoint.dev/v1alpha1", "kind": "GroupBackup",
+                    "name": owner, "uid": "00000000-0000-0000-0000-000000000001"}]},
+        }))
+        .unwrap()
+    };
+    secrets.create(&dry, &secret("b-artefacts", "b")).await.unwrap();
+    let refused = secrets
+        .create(&dry, &secret("registry-token", "b"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("stillpoint-controller-confined"), "{refused}");
+}

@@ -59,7 +59,8 @@ pub async fn apply_all(lab: &KubeLab, client: &kube::Client, yaml: &str) -> Resu
     Ok(())
 }
 
-/// Installs the CRDs and RBAC from `deploy/` (once per lab).
+/// Installs the CRDs, RBAC and the controller's admission policy from
+/// `deploy/` (once per lab).
 pub async fn install(lab: &'static KubeLab) -> Result<&'static Installed> {
     static INSTALLED: OnceCell<Installed> = OnceCell::const_new();
     INSTALLED
@@ -69,6 +70,10 @@ pub async fn install(lab: &'static KubeLab) -> Result<&'static Installed> {
             apply_all(lab, &admin, &crds).await?;
             let rbac = std::fs::read_to_string(repo().join("deploy/rbac.yaml"))?;
             apply_all(lab, &admin, &rbac).await?;
+            // The policy confining what the controller's ServiceAccount
+            // creates: every lab test runs under it.
+            let policy = std::fs::read_to_string(repo().join("deploy/controller-policy.yaml"))?;
+            apply_all(lab, &admin, &policy).await?;
             // The CRDs serve once established.
             let gvk = kube::api::GroupVersionKind::gvk("stillpoint.dev", "v1alpha1", "GroupBackup");
             wait_async(
