@@ -1472,6 +1472,20 @@ async fn every_manifest_in_deploy_is_accepted_by_the_api_server() {
         }
     }
     eprintln!("{checked} objects in {} files accepted", files.len());
+    // A ConsistencyGroup lists at most 64 members.
+    let members: String = (0..65)
+        .map(|i| format!("  - {{name: m{i}, selector: {{matchLabels: {{app: a{i}}}}}}}\n"))
+        .collect();
+    let group = format!(
+        "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: big, namespace: {}}}\n\
+         spec:\n  members:\n{members}  snapshot: {{driver: csi}}\n",
+        s.ns
+    );
+    let refused = s.lab.dry_run_yaml(&s.admin, &group).await.unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("must have at most 64 items"),
+        "{refused:#}"
+    );
     // deploy/rbac.yaml's namespace enforces Pod Security restricted.
     let root = format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: root, namespace: {}}}\n\
@@ -1499,7 +1513,11 @@ async fn the_controllers_service_account_creates_only_preparation_pods_and_artef
         Api::namespaced(s.admin.clone(), &ns);
     let uid = restores.get("r").await.unwrap().metadata.uid.unwrap();
     // As the controller's ServiceAccount, with deploy's RBAC.
-    let controller = s.lab.client_for(CONTROLLER_NS, CONTROLLER_SA).await.unwrap();
+    let controller = s
+        .lab
+        .client_for(CONTROLLER_NS, CONTROLLER_SA)
+        .await
+        .unwrap();
     let pod = |ns: &str, image: &str, secret: &str| -> Pod {
         serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
@@ -1527,7 +1545,12 @@ async fn the_controllers_service_account_creates_only_preparation_pods_and_artef
     let create = |ns: &str, pod: Pod| {
         let api: Api<Pod> = Api::namespaced(controller.clone(), ns);
         let dry = dry.clone();
-        async move { api.create(&dry, &pod).await.map(drop).map_err(|e| e.to_string()) }
+        async move {
+            api.create(&dry, &pod)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
     };
     let agent = "ghcr.io/stillpoint-dev/stillpoint-agent:0.1.0";
     // A policy is in force a moment after it is made.
@@ -1540,9 +1563,21 @@ async fn the_controllers_service_account_creates_only_preparation_pods_and_artef
     // A preparation pod is admitted.
     create(&ns, pod(&ns, agent, "b-artefacts")).await.unwrap();
     for (target, p, needle) in [
-        ("kube-system", pod("kube-system", agent, "b-artefacts"), "system namespace"),
-        (ns.as_str(), pod(&ns, "busybox:1.36", "b-artefacts"), "the agent image"),
-        (ns.as_str(), pod(&ns, agent, "cloud-credentials"), "artefacts Secret"),
+        (
+            "kube-system",
+            pod("kube-system", agent, "b-artefacts"),
+            "system namespace",
+        ),
+        (
+            ns.as_str(),
+            pod(&ns, "busybox:1.36", "b-artefacts"),
+            "the agent image",
+        ),
+        (
+            ns.as_str(),
+            pod(&ns, agent, "cloud-credentials"),
+            "artefacts Secret",
+        ),
     ] {
         let refused = create(target, p).await.unwrap_err();
         assert!(
@@ -1561,11 +1596,17 @@ async fn the_controllers_service_account_creates_only_preparation_pods_and_artef
         }))
         .unwrap()
     };
-    secrets.create(&dry, &secret("b-artefacts", "b")).await.unwrap();
+    secrets
+        .create(&dry, &secret("b-artefacts", "b"))
+        .await
+        .unwrap();
     let refused = secrets
         .create(&dry, &secret("registry-token", "b"))
         .await
         .unwrap_err()
         .to_string();
-    assert!(refused.contains("stillpoint-controller-confined"), "{refused}");
+    assert!(
+        refused.contains("stillpoint-controller-confined"),
+        "{refused}"
+    );
 }

@@ -2474,6 +2474,49 @@ async fn schedules_never_overlap_keep_the_newest_and_follow_their_missed_policy(
             .any(|r| r == "Pruned")
     );
 
+    // A schedule firing more often than the controller allows (the lab's
+    // floor: --min-schedule-interval 2s) is refused and takes nothing.
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: BackupSchedule\nmetadata: {{name: hasty, namespace: {ns}}}\n\
+             spec: {{group: fast, schedule: \"* * * * * *\", immediate: true}}"
+        ))
+        .await;
+    let valid = std::sync::Arc::new(std::sync::Mutex::new(None));
+    wait_async("schedule hasty refused", BOUND, || {
+        let (schedules, valid) = (schedules.clone(), valid.clone());
+        async move {
+            let s = schedules.get("hasty").await?;
+            let c = s
+                .status
+                .iter()
+                .flat_map(|st| st.conditions.clone())
+                .find(|c| c.type_ == "Valid");
+            let found = c.is_some();
+            *valid.lock().unwrap() = c;
+            Ok(found)
+        }
+    })
+    .await
+    .unwrap();
+    let c = valid.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "InvalidSpec"),
+        "{c:?}"
+    );
+    assert!(
+        c.message.contains("fires 1s apart") && c.message.contains("--min-schedule-interval"),
+        "{}",
+        c.message
+    );
+    let taken = space
+        .backups()
+        .list(&ListParams::default().labels("stillpoint.dev/schedule=hasty"))
+        .await
+        .unwrap();
+    assert!(taken.items.is_empty(), "a refused schedule took a backup");
+
     // Missed runs: every 15 s, the controller down across a run, back 5 s
     // after the next one would have been taken.
     for (policy, fires) in [("run-once", true), ("skip", false)] {

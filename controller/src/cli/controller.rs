@@ -59,6 +59,10 @@ pub struct ControllerArgs {
     /// How often each ConsistencyGroup is resolved again without changes.
     #[arg(long, env = "STILLPOINT_RESYNC", default_value = "30s", value_parser = parse_duration)]
     pub resync: Duration,
+    /// The shortest interval a BackupSchedule may fire at; one that fires
+    /// more often is refused (condition Valid=False, InvalidSpec).
+    #[arg(long, env = "STILLPOINT_MIN_SCHEDULE_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    pub min_schedule_interval: Duration,
     /// Watch only this namespace's ConsistencyGroups and GroupBackups
     /// (default: every namespace; the ClusterRole allows both).
     #[arg(long, env = "STILLPOINT_WATCH_NAMESPACE")]
@@ -339,6 +343,7 @@ pub fn run(args: ControllerArgs, _global: &Global) -> anyhow::Result<()> {
             resync: args.resync,
             namespace: args.watch_namespace.clone(),
             agent_image: args.pki.agent_image.clone(),
+            min_schedule_interval: args.min_schedule_interval,
         };
         let ctx = Context::new(client, tls, settings);
         let listener = tokio::net::TcpListener::bind(args.metrics_listen)

@@ -59,6 +59,8 @@ pub struct Settings {
     pub namespace: Option<String>,
     /// The agent image (GroupRestore runs it in restore mode).
     pub agent_image: String,
+    /// The shortest interval a BackupSchedule may fire at.
+    pub min_schedule_interval: Duration,
 }
 
 impl Settings {

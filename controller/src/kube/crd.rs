@@ -43,7 +43,8 @@ pub const CUT_LABEL: &str = "stillpoint.dev/cut";
 #[serde(rename_all = "camelCase")]
 pub struct ConsistencyGroupSpec {
     /// The members: each selects pods (every matching pod is one member
-    /// instance, named after its pod).
+    /// instance, named after its pod). At most 64.
+    #[schemars(length(min = 1, max = 64))]
     pub members: Vec<MemberTemplate>,
     /// How the group's volumes are cut.
     pub snapshot: SnapshotSettings,
@@ -457,7 +458,8 @@ pub struct BackupScheduleSpec {
     /// Take the first backup at once, not at the first scheduled time.
     #[serde(default)]
     pub immediate: bool,
-    /// Keep this many of the schedule's newest backups (of each outcome).
+    /// Keep this many of the schedule's newest backups (of each outcome;
+    /// default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_last: Option<u32>,
     /// Delete the schedule's backups older than this (e.g. `7d`); the

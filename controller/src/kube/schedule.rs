@@ -49,13 +49,45 @@ fn from_micro(t: &MicroTime) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(t.0.as_microsecond()).unwrap_or_else(Utc::now)
 }
 
-fn schedule_of(bs: &BackupSchedule) -> Result<Schedule, String> {
+/// How many backups a schedule keeps when `keepLast` is left out.
+pub const DEFAULT_KEEP_LAST: u32 = 30;
+
+/// The shortest gap between two of `cron`'s next 100 firings (in `tz`).
+fn shortest_gap(cron: &croner::Cron, tz: chrono_tz::Tz) -> Option<chrono::Duration> {
+    let mut at = Utc::now().with_timezone(&tz);
+    let mut times = Vec::with_capacity(100);
+    for _ in 0..100 {
+        match cron.find_next_occurrence(&at, false) {
+            Ok(next) => {
+                times.push(next);
+                at = next;
+            }
+            Err(_) => break,
+        }
+    }
+    times.windows(2).map(|w| w[1] - w[0]).min()
+}
+
+fn schedule_of(bs: &BackupSchedule, min_interval: Duration) -> Result<Schedule, String> {
     let s = &bs.spec;
     let cron = parse_cron(&s.schedule).map_err(|e| format!("spec.schedule {e}"))?;
     let timezone =
         parse_timezone(s.time_zone.as_deref()).map_err(|e| format!("spec.timeZone {e}"))?;
+    if let Some(gap) = shortest_gap(&cron, timezone)
+        && gap.to_std().unwrap_or_default() < min_interval
+    {
+        return Err(format!(
+            "spec.schedule {:?} fires {} apart, more often than this controller allows (at \
+             most every {}: --min-schedule-interval)",
+            s.schedule,
+            stillpoint_proto::duration::format_duration(gap.to_std().unwrap_or_default()),
+            stillpoint_proto::duration::format_duration(min_interval)
+        ));
+    }
     if s.keep_last == Some(0) {
-        return Err("spec.keepLast must be at least 1 (leave it out to keep any number)".into());
+        return Err(format!(
+            "spec.keepLast must be at least 1 (left out, the newest {DEFAULT_KEEP_LAST} are kept)"
+        ));
     }
     let max_age = s
         .max_age
@@ -71,7 +103,7 @@ fn schedule_of(bs: &BackupSchedule) -> Result<Schedule, String> {
         cron,
         timezone,
         retention: Retention {
-            keep_last: s.keep_last.map(|n| n as usize),
+            keep_last: Some(s.keep_last.unwrap_or(DEFAULT_KEEP_LAST) as usize),
             max_age,
         },
         missed: s.missed,
@@ -119,7 +151,7 @@ pub async fn reconcile(
     let mut status = bs.status.clone().unwrap_or_default();
     status.observed_generation = bs.metadata.generation;
     let generation = bs.metadata.generation;
-    let schedule = match schedule_of(&bs) {
+    let schedule = match schedule_of(&bs, ctx.settings.min_schedule_interval) {
         Ok(s) => s,
         Err(message) => {
             let already = status
@@ -326,4 +358,44 @@ pub async fn reconcile(
         .unwrap_or(RESYNC)
         .clamp(Duration::from_millis(100), RESYNC);
     Ok(Action::requeue(wait))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule(spec: &str) -> BackupSchedule {
+        serde_yaml::from_str(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: BackupSchedule\nmetadata: {{name: s, namespace: n}}\nspec: {spec}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_schedule_firing_more_often_than_allowed_is_refused() {
+        let minute = Duration::from_secs(60);
+        let every_second = schedule("{group: g, schedule: \"* * * * * *\"}");
+        let why = schedule_of(&every_second, minute).unwrap_err();
+        assert!(why.contains("fires 1s apart"), "{why}");
+        assert!(why.contains("at most every 1m"), "{why}");
+        // Irregular: twice a minute apart, then an hour's pause.
+        let bursts = schedule("{group: g, schedule: \"0 0,1 * * * *\"}");
+        assert!(schedule_of(&bursts, Duration::from_secs(61)).is_err());
+        assert!(schedule_of(&bursts, minute).is_ok());
+        let hourly = schedule("{group: g, schedule: \"0 * * * *\"}");
+        assert!(schedule_of(&hourly, minute).is_ok());
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_30_unless_told() {
+        let minute = Duration::from_secs(60);
+        let untold = schedule_of(&schedule("{group: g, schedule: \"0 * * * *\"}"), minute).unwrap();
+        assert_eq!(untold.retention.keep_last, Some(30));
+        let told = schedule_of(
+            &schedule("{group: g, schedule: \"0 * * * *\", keepLast: 3}"),
+            minute,
+        )
+        .unwrap();
+        assert_eq!(told.retention.keep_last, Some(3));
+    }
 }

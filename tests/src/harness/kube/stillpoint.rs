@@ -251,6 +251,8 @@ impl ControllerProc {
             .args(["--trust-domain", TRUST_DOMAIN])
             .args(["--lease-namespace", CONTROLLER_NS, "--lease-name", lease])
             .args(["--lease-duration", "3s", "--resync", "5s"])
+            // The lab's schedules fire every few seconds.
+            .args(["--min-schedule-interval", "2s"])
             .args(["--identity", identity])
             .args(match ns.is_empty() {
                 true => vec![],
