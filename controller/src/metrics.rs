@@ -4,19 +4,44 @@
 
 use std::sync::OnceLock;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+/// The namespace of a Kubernetes-mode series (`namespace="…"`, first);
+/// local mode's series have none. Groups and schedules of two namespaces
+/// may share a name: without it their series would be one.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Namespace(pub Option<String>);
+
+impl EncodeLabelSet for Namespace {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        match &self.0 {
+            Some(ns) => [("namespace", ns.as_str())].encode(encoder),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Namespace {
+    pub fn of(ns: Option<&str>) -> Namespace {
+        Namespace(ns.filter(|n| !n.is_empty()).map(str::to_string))
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GroupLabel {
+    #[prometheus(flatten)]
+    pub namespace: Namespace,
     pub group: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
+    #[prometheus(flatten)]
+    pub namespace: Namespace,
     pub group: String,
     pub result: String,
 }
@@ -28,6 +53,8 @@ pub struct EngineLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SnapshotLabels {
+    #[prometheus(flatten)]
+    pub namespace: Namespace,
     pub group: String,
     pub driver: String,
     pub step: String,
@@ -35,11 +62,15 @@ pub struct SnapshotLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScheduleLabel {
+    #[prometheus(flatten)]
+    pub namespace: Namespace,
     pub schedule: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SkipLabels {
+    #[prometheus(flatten)]
+    pub namespace: Namespace,
     pub schedule: String,
     pub reason: String,
 }
@@ -185,8 +216,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn group(group: &str) -> GroupLabel {
+    pub fn group(ns: Option<&str>, group: &str) -> GroupLabel {
         GroupLabel {
+            namespace: Namespace::of(ns),
             group: group.to_string(),
         }
     }
@@ -197,15 +229,17 @@ impl Metrics {
         }
     }
 
-    pub fn schedule(schedule: &str) -> ScheduleLabel {
+    pub fn schedule(ns: Option<&str>, schedule: &str) -> ScheduleLabel {
         ScheduleLabel {
+            namespace: Namespace::of(ns),
             schedule: schedule.to_string(),
         }
     }
 
-    pub fn snapshot_failure(&self, group: &str, driver: &str, step: &str) {
+    pub fn snapshot_failure(&self, ns: Option<&str>, group: &str, driver: &str, step: &str) {
         self.snapshot_failures
             .get_or_create(&SnapshotLabels {
+                namespace: Namespace::of(ns),
                 group: group.to_string(),
                 driver: driver.to_string(),
                 step: step.to_string(),

@@ -2424,9 +2424,12 @@ async fn schedules_never_overlap_keep_the_newest_and_follow_their_missed_policy(
     );
     assert!(reasons.iter().any(|r| r == "Pruned"), "{reasons:?}");
     let (_, metrics) = a.get("/metrics").unwrap();
+    // Labelled with the namespace: another namespace's schedule of this
+    // name is another series.
     assert!(
-        metrics
-            .contains("stillpoint_schedule_skips_total{schedule=\"every2s\",reason=\"overlap\"}"),
+        metrics.contains(&format!(
+            "stillpoint_schedule_skips_total{{namespace=\"{ns}\",schedule=\"every2s\",reason=\"overlap\"}}"
+        )),
         "{metrics}"
     );
 

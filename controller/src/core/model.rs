@@ -223,6 +223,8 @@ pub struct MemberSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupSpec {
     pub name: String,
+    /// Where the group lives, in Kubernetes mode (a label of its metrics).
+    pub namespace: Option<String>,
     pub members: Vec<MemberSpec>,
     /// Bound on the freeze window.
     pub freeze_budget: Duration,

@@ -432,7 +432,9 @@ impl Protocol {
         };
         if let Err(e) = store.save(&manifest).await {
             let problems = Problems::one(Phase::Record, ErrorKind::StoreFailed, None, e.0);
-            return Err(self.failed(&*store, manifest, problems).await);
+            return Err(self
+                .failed(&*store, group.namespace.as_deref(), manifest, problems)
+                .await);
         }
         let mut run = Run {
             group,
@@ -466,7 +468,7 @@ impl Protocol {
         if let Some(us) = manifest.freeze_window_us {
             self.metrics
                 .freeze_window
-                .get_or_create(&Metrics::group(&group.name))
+                .get_or_create(&Metrics::group(group.namespace.as_deref(), &group.name))
                 .observe(us as f64 / 1e6);
         }
         manifest.members = run.members.iter().map(|m| m.record.clone()).collect();
@@ -479,7 +481,7 @@ impl Protocol {
                 manifest.outcome = Outcome::Succeeded;
                 match store.save(&manifest).await {
                     Ok(()) => {
-                        self.count(&manifest);
+                        self.count(group.namespace.as_deref(), &manifest);
                         tracing::info!(
                             backup_id = id,
                             window_us = manifest.freeze_window_us.unwrap_or(0),
@@ -510,7 +512,9 @@ impl Protocol {
                 problems
             }
         };
-        Err(self.failed(&*store, manifest, problems).await)
+        Err(self
+            .failed(&*store, group.namespace.as_deref(), manifest, problems)
+            .await)
     }
 
     /// Records a backup that did not succeed (outcome `failed` unless it
@@ -518,6 +522,7 @@ impl Protocol {
     async fn failed(
         &self,
         store: &dyn BackupStore,
+        ns: Option<&str>,
         mut manifest: Manifest,
         problems: Problems,
     ) -> BackupError {
@@ -532,7 +537,7 @@ impl Protocol {
         if let Err(e) = store.save(&manifest).await {
             tracing::error!(backup_id = %manifest.id, "recording the failure: {e}");
         }
-        self.count(&manifest);
+        self.count(ns, &manifest);
         BackupError {
             id: manifest.id.clone(),
             group: manifest.group.clone(),
@@ -543,10 +548,11 @@ impl Protocol {
     }
 
     /// Counts a finished backup by its outcome.
-    fn count(&self, manifest: &Manifest) {
+    fn count(&self, ns: Option<&str>, manifest: &Manifest) {
         self.metrics
             .backups
             .get_or_create(&ResultLabels {
+                namespace: crate::metrics::Namespace::of(ns),
                 group: manifest.group.clone(),
                 result: manifest.outcome.as_str().to_string(),
             })
@@ -809,8 +815,12 @@ impl<'g> Run<'_, 'g> {
         // Last, so as little as possible is written between it and the cut.
         let volumes: Vec<VolumeRef> = self.cut_plan().into_iter().flatten().collect();
         self.snapshotter.prepare(&volumes).await.map_err(|e| {
-            self.metrics
-                .snapshot_failure(&self.group.name, e.driver, "prepare");
+            self.metrics.snapshot_failure(
+                self.group.namespace.as_deref(),
+                &self.group.name,
+                e.driver,
+                "prepare",
+            );
             Problems::one(
                 Phase::Prepare,
                 ErrorKind::PrepareFailed,
@@ -937,7 +947,7 @@ impl<'g> Run<'_, 'g> {
                             deadline,
                             id,
                             ttl,
-                            &group.name,
+                            &Metrics::group(group.namespace.as_deref(), &group.name),
                         )
                         .await
                     }
@@ -995,7 +1005,7 @@ impl<'g> Run<'_, 'g> {
         deadline: Instant,
         id: &str,
         ttl: Duration,
-        group: &str,
+        group: &crate::metrics::GroupLabel,
     ) -> Frozen {
         let name = m.config.name.clone();
         let Some(target) = target else {
@@ -1017,7 +1027,7 @@ impl<'g> Run<'_, 'g> {
             Ok((requested, frozen, aligned_us)) => {
                 metrics
                     .alignment_wait
-                    .get_or_create(&Metrics::group(group))
+                    .get_or_create(group)
                     .observe(aligned_us as f64 / 1e6);
                 m.record.aligned_to = Some(target.display());
                 // The agent froze right after the wait: on this clock, the
@@ -1138,8 +1148,12 @@ impl<'g> Run<'_, 'g> {
         let cutting = async {
             for batch in batches.iter().filter(|b| !b.is_empty()) {
                 if let Err(e) = snapshotter.cut(id, batch, made).await {
-                    self.metrics
-                        .snapshot_failure(&self.group.name, e.driver, "cut");
+                    self.metrics.snapshot_failure(
+                        self.group.namespace.as_deref(),
+                        &self.group.name,
+                        e.driver,
+                        "cut",
+                    );
                     return Err(Problems::one(
                         Phase::Cut,
                         ErrorKind::CutFailed,
@@ -1264,8 +1278,12 @@ impl<'g> Run<'_, 'g> {
     async fn finalize(&mut self) -> Result<(), Problems> {
         let mut handles = self.made.handles();
         self.snapshotter.ready(&mut handles).await.map_err(|e| {
-            self.metrics
-                .snapshot_failure(&self.group.name, e.driver, "ready");
+            self.metrics.snapshot_failure(
+                self.group.namespace.as_deref(),
+                &self.group.name,
+                e.driver,
+                "ready",
+            );
             Problems::one(Phase::Finalize, ErrorKind::NotReady, None, e.to_string())
         })?;
         self.made.set(handles);
@@ -1287,15 +1305,23 @@ impl<'g> Run<'_, 'g> {
             match self.snapshotter.delete(&made).await {
                 Ok(()) => self.made.set(Vec::new()),
                 Err(e) => {
-                    self.metrics
-                        .snapshot_failure(&self.group.name, e.driver, "delete");
+                    self.metrics.snapshot_failure(
+                        self.group.namespace.as_deref(),
+                        &self.group.name,
+                        e.driver,
+                        "delete",
+                    );
                     tracing::warn!(backup_id = self.id, "deleting partial snapshots: {e}");
                 }
             }
         }
         if let Err(e) = self.snapshotter.delete_backup(self.id).await {
-            self.metrics
-                .snapshot_failure(&self.group.name, e.driver, "delete");
+            self.metrics.snapshot_failure(
+                self.group.namespace.as_deref(),
+                &self.group.name,
+                e.driver,
+                "delete",
+            );
             tracing::warn!(backup_id = self.id, "deleting partial snapshots: {e}");
         }
     }

@@ -742,6 +742,7 @@ impl Resolver {
             members,
             spec: Some(GroupSpec {
                 name,
+                namespace: Some(ns),
                 members: specs,
                 freeze_budget,
                 lease_ttl,

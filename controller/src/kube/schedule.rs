@@ -265,7 +265,7 @@ pub async fn reconcile(
     let m: &Metrics = metrics();
     if firing.missed > 0 {
         m.schedule_missed
-            .get_or_create(&Metrics::schedule(&name))
+            .get_or_create(&Metrics::schedule(Some(&ns), &name))
             .inc_by(firing.missed);
         let what = match firing.fire {
             true => "one backup is taken now (missed: run-once)",
@@ -290,6 +290,7 @@ pub async fn reconcile(
             Some(b) => {
                 m.schedule_skips
                     .get_or_create(&SkipLabels {
+                        namespace: crate::metrics::Namespace::of(Some(&ns)),
                         schedule: name.clone(),
                         reason: "overlap".into(),
                     })
@@ -331,7 +332,7 @@ pub async fn reconcile(
                 match made {
                     Ok(()) => {
                         m.schedule_runs
-                            .get_or_create(&Metrics::schedule(&name))
+                            .get_or_create(&Metrics::schedule(Some(&ns), &name))
                             .inc();
                         status.active.push(backup_name.clone());
                         ctx.event(

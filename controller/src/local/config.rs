@@ -491,6 +491,7 @@ impl Group {
     pub fn spec(&self) -> GroupSpec {
         GroupSpec {
             name: self.name.clone(),
+            namespace: None,
             members: self.members.iter().map(MemberFile::spec).collect(),
             freeze_budget: self.freeze_budget,
             lease_ttl: self.lease_ttl,

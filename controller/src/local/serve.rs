@@ -145,7 +145,7 @@ impl Fire {
                 if missed > 0 {
                     metrics()
                         .schedule_missed
-                        .get_or_create(&Metrics::schedule(&name))
+                        .get_or_create(&Metrics::schedule(None, &name))
                         .inc_by(missed);
                     tracing::warn!(
                         schedule = %name,
@@ -188,6 +188,7 @@ impl Fire {
             metrics()
                 .schedule_skips
                 .get_or_create(&SkipLabels {
+                    namespace: Default::default(),
                     schedule: name.clone(),
                     reason: "overlap".into(),
                 })
@@ -202,7 +203,7 @@ impl Fire {
         };
         metrics()
             .schedule_runs
-            .get_or_create(&Metrics::schedule(name))
+            .get_or_create(&Metrics::schedule(None, name))
             .inc();
         let group = self.config.groups[&self.schedule.group].clone();
         let orchestrator = self.orchestrator.clone();
@@ -223,7 +224,7 @@ impl Fire {
                 Ok(deleted) if !deleted.is_empty() => {
                     metrics()
                         .retention_deletions
-                        .get_or_create(&Metrics::schedule(&schedule.name))
+                        .get_or_create(&Metrics::schedule(None, &schedule.name))
                         .inc_by(deleted.len() as u64);
                 }
                 Ok(_) => {}
