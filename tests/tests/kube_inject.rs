@@ -502,21 +502,7 @@ async fn certificates_only_for_opted_in_pods_presenting_their_own_token() {
     // An opted-in pod (its own agent is injected and asks too) and one that
     // did not opt in.
     for (name, label) in [("opted", "true"), ("plain", "false")] {
-        s.create(&format!(
-            r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  namespace: {ns}
-  labels: {{stillpoint.dev/inject: "{label}"}}
-  annotations: {{stillpoint.dev/engine: redis, stillpoint.dev/dsn-secret: redis-agent}}
-spec:
-  serviceAccountName: db
-  containers: [{{name: redis, image: redis:7, args: [--port, "6379"]}}]
-"#
-        ))
-        .await
-        .unwrap();
+        s.create(&redis_pod(ns, name, label)).await.unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let bundle = bundle_file(&s, dir.path()).await;
@@ -1107,6 +1093,24 @@ async fn a_namespace_that_opted_out_is_never_injected() {
     assert!(agent_of(&s.pod("p").await).is_empty());
 }
 
+/// A Redis pod `name` in `ns` running as ServiceAccount `db`, its opt-in
+/// label set to `label`, with the annotations an agent needs.
+fn redis_pod(ns: &str, name: &str, label: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {ns}
+  labels: {{stillpoint.dev/inject: "{label}"}}
+  annotations: {{stillpoint.dev/engine: redis, stillpoint.dev/dsn-secret: redis-agent}}
+spec:
+  serviceAccountName: db
+  containers: [{{name: redis, image: redis:7, args: [--port, "6379"]}}]
+"#
+    )
+}
+
 /// A forged review for an opted-in pod in `ns`, exactly `bytes` long,
 /// filled with what costs the parser most per byte: thousands of tiny
 /// containers, volumes and annotations.
@@ -1301,24 +1305,7 @@ async fn the_endpoint_takes_64_maximum_bodies_at_once_within_its_memory_limit_an
     let ns = s.ns.clone();
     let shared = shared().await;
     s.sa("db").await;
-    let pod = |name: &str| {
-        format!(
-            r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  namespace: {ns}
-  labels: {{stillpoint.dev/inject: "true"}}
-  annotations: {{stillpoint.dev/engine: redis, stillpoint.dev/dsn-secret: redis-agent}}
-spec:
-  serviceAccountName: db
-  containers:
-  - name: redis
-    image: redis:7
-    args: [--port, "6379"]
-"#
-        )
-    };
+    let pod = |name: &str| redis_pod(&ns, name, "true");
     // A real opted-in pod: the leader publishes the CA bundle here.
     s.create(&pod("first")).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
