@@ -15,9 +15,6 @@
 //! The demo, the benchmarks and the server pairs the tests run are not
 //! here: they are the `stillpoint-lab` crate (`stillpoint demo|bench` run
 //! its `stillpoint-lab` program).
-//!
-//! The modules at the top level below `core` and `local` (`catalog`,
-//! `config`, `orchestrator`, ...) are the paths earlier versions used.
 #![forbid(unsafe_code)]
 
 pub mod certs;
@@ -27,7 +24,3 @@ pub mod kube;
 pub mod local;
 pub mod metrics;
 pub mod rlimit;
-
-pub use crate::core::{agents, holder, plan, timeline};
-pub use crate::local::serve as scheduler;
-pub use crate::local::{catalog, config, orchestrator, restore, retention, snapshot};

@@ -25,11 +25,11 @@ use serde_json::{Value, json};
 
 use crate::demo::Cluster;
 use crate::servers::agent::{AgentProc, AgentSpec};
-use stillpoint_controller::catalog::Manifest;
 use stillpoint_controller::certs;
-use stillpoint_controller::config::{Driver, Group, MemberFile, RoleHint};
-use stillpoint_controller::orchestrator::Orchestrator;
-use stillpoint_controller::snapshot::{Snapshotter, VolumeRef, btrfs::Btrfs};
+use stillpoint_controller::local::catalog::Manifest;
+use stillpoint_controller::local::config::{Driver, Group, MemberFile, RoleHint};
+use stillpoint_controller::local::orchestrator::Orchestrator;
+use stillpoint_controller::local::snapshot::{Snapshotter, VolumeRef, btrfs::Btrfs};
 
 /// What to run and how much of it.
 #[derive(Debug, Clone)]
@@ -241,7 +241,7 @@ async fn hook_backup(
     for h in pre {
         tokio::task::block_in_place(|| h.run())?;
     }
-    let made = stillpoint_controller::snapshot::Made::default();
+    let made = stillpoint_controller::local::snapshot::Made::default();
     let cutting = Instant::now();
     if let Some((btrfs, volumes)) = cut {
         btrfs.cut(id, volumes, &made).await?;
@@ -264,7 +264,8 @@ async fn stillpoint_backup(
     id: &str,
 ) -> Result<Manifest> {
     let m = orchestrator.backup(group, id).await?;
-    stillpoint_controller::retention::delete_backup(&orchestrator.catalog, &m, Some(group)).await?;
+    stillpoint_controller::local::retention::delete_backup(&orchestrator.catalog, &m, Some(group))
+        .await?;
     Ok(m)
 }
 
@@ -275,7 +276,7 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
     let mut none_group = cluster.group.clone();
     none_group.driver = Driver::None;
     let btrfs = Btrfs::new(cluster.group.snapshot_dir.clone());
-    let vols = stillpoint_controller::snapshot::volumes_of(&cluster.group.members);
+    let vols = stillpoint_controller::local::snapshot::volumes_of(&cluster.group.members);
     let mut sp_btrfs = Vec::new();
     let mut sp_none = Vec::new();
     let mut hk_btrfs = Vec::new();
@@ -651,11 +652,11 @@ impl NoopFleet {
 
     pub fn orchestrator(&self) -> Result<Orchestrator> {
         Ok(Orchestrator {
-            tls: stillpoint_controller::agents::ControllerTls::watch(
+            tls: stillpoint_controller::core::agents::ControllerTls::watch(
                 stillpoint_proto::tls::TlsFiles::in_dir(&self.controller_tls),
                 Duration::from_secs(600),
             )?,
-            catalog: stillpoint_controller::catalog::Catalog::open(
+            catalog: stillpoint_controller::local::catalog::Catalog::open(
                 &self.dir.path().join("catalog"),
             )?,
         })
@@ -835,7 +836,7 @@ pub async fn flush(agent: &Path, runs: usize, report: &mut Report) -> Result<()>
     let pki = certs::ScratchPki::new(&dir.path().join("pki"), "Stillpoint bench CA")?;
     let identity = "spiffe://stillpoint.bench/ns/bench/sa/redis";
     let agent_tls = stillpoint_proto::tls::TlsFiles::in_dir(&pki.issue("redis", identity)?);
-    let tls = stillpoint_controller::agents::ControllerTls::watch(
+    let tls = stillpoint_controller::core::agents::ControllerTls::watch(
         stillpoint_proto::tls::TlsFiles::in_dir(&pki.issue("controller", CONTROLLER)?),
         Duration::from_secs(600),
     )?;
@@ -860,7 +861,7 @@ pub async fn flush(agent: &Path, runs: usize, report: &mut Report) -> Result<()>
             let (mut flushes, mut windows) = (Vec::new(), Vec::new());
             for run in 0..n {
                 let started = Instant::now();
-                let mut held = stillpoint_controller::agents::HeldFreeze::start(
+                let mut held = stillpoint_controller::core::agents::HeldFreeze::start(
                     &mut client,
                     &format!("flush-{keys}-{run}"),
                     Duration::from_secs(60),

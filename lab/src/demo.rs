@@ -29,11 +29,11 @@ use crate::servers::mariadb::{MariaPair, MariaRestored};
 use crate::servers::postgres::{PgPair, PgRestored};
 use crate::servers::redis::{Persistence, RedisPair, RedisRestored};
 use crate::servers::run;
-use stillpoint_controller::agents::ControllerTls;
-use stillpoint_controller::catalog::{Catalog, Manifest, MemberRecord};
 use stillpoint_controller::certs;
-use stillpoint_controller::config::{Driver, ExecTemplates, Group, MemberFile, RoleHint};
-use stillpoint_controller::orchestrator::Orchestrator;
+use stillpoint_controller::core::agents::ControllerTls;
+use stillpoint_controller::local::catalog::{Catalog, Manifest, MemberRecord};
+use stillpoint_controller::local::config::{Driver, ExecTemplates, Group, MemberFile, RoleHint};
+use stillpoint_controller::local::orchestrator::Orchestrator;
 
 /// How the demo cluster is set up.
 #[derive(Debug, Clone, Copy)]
@@ -161,7 +161,7 @@ impl Restored {
             name: m.name.clone(),
             data: data
                 .with_context(|| format!("{}: its data directory is not in the restore", m.name))?,
-            log_bin: stillpoint_controller::restore::relocated_path(
+            log_bin: stillpoint_controller::local::restore::relocated_path(
                 m,
                 &volumes,
                 "log_bin_basename",
@@ -537,7 +537,7 @@ impl Cluster {
             return self.restore_exec(manifest, to);
         }
         if !self.options.block {
-            stillpoint_controller::restore::restore_files(manifest, to)?;
+            stillpoint_controller::local::restore::restore_files(manifest, to)?;
             let restored = manifest
                 .members
                 .iter()
@@ -551,7 +551,7 @@ impl Cluster {
                     Restored::new(
                         m,
                         volumes,
-                        stillpoint_controller::restore::restored_data_dir(m, to),
+                        stillpoint_controller::local::restore::restored_data_dir(m, to),
                     )
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -579,7 +579,7 @@ impl Cluster {
                 volumes.push((h.volume.clone(), mount.path().to_path_buf()));
                 mounts.push(mount);
             }
-            let data = stillpoint_controller::restore::relocate(m, &volumes)?;
+            let data = stillpoint_controller::local::restore::relocate(m, &volumes)?;
             restored.push(Restored::new(m, volumes, Some(data))?);
         }
         Ok((Restore::Mounts(mounts), restored))
@@ -604,7 +604,7 @@ impl Cluster {
                 )?;
                 volumes.push((h.volume.clone(), copy));
             }
-            let data = stillpoint_controller::restore::relocate(m, &volumes)?;
+            let data = stillpoint_controller::local::restore::relocate(m, &volumes)?;
             restored.push(Restored::new(m, volumes, Some(data))?);
         }
         Ok((Restore::Files, restored))

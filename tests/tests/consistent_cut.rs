@@ -16,7 +16,7 @@
 
 use std::process::Command;
 
-use stillpoint_controller::catalog::Outcome;
+use stillpoint_controller::local::catalog::Outcome;
 use stillpoint_lab::demo::{Cluster, Options};
 use stillpoint_lab::servers::redis::Persistence;
 use stillpoint_tests::harness::agent::{agent_binary, controller_binary};

@@ -256,7 +256,7 @@ async fn a_backup_mode_copy_with_its_wal_and_label_recovers_as_a_real_server() {
 
     let restored = PgRestored::new().unwrap();
     // A live tree: files the server removes mid-copy are skipped.
-    stillpoint_controller::snapshot::copy::copy_tree(&pg.primary.data, restored.data_dir())
+    stillpoint_controller::local::snapshot::copy::copy_tree(&pg.primary.data, restored.data_dir())
         .unwrap();
 
     let acked_before_stop = acked.load(Ordering::SeqCst);

@@ -4,8 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use stillpoint_controller::catalog::{Consistency, Outcome};
-use stillpoint_controller::config::Config;
+use stillpoint_controller::local::catalog::{Consistency, Outcome};
+use stillpoint_controller::local::config::Config;
 use stillpoint_proto::position::parse_lsn;
 use stillpoint_tests::harness::group::{Setup, is_frozen, member};
 use stillpoint_tests::harness::pki::CONTROLLER_IDENTITY;
@@ -302,7 +302,8 @@ async fn snapshots_cut_before_an_abort_are_recorded_at_once_and_deleted() {
     // the fast one's snapshot.
     let made = dir.join(format!("{id}-fast-0"));
     let catalog =
-        stillpoint_controller::catalog::Catalog::open(&s.dir.path().join("catalog")).unwrap();
+        stillpoint_controller::local::catalog::Catalog::open(&s.dir.path().join("catalog"))
+            .unwrap();
     stillpoint_tests::harness::wait_for(
         "the fast snapshot in the manifest",
         Duration::from_secs(2),
@@ -509,10 +510,11 @@ async fn a_sigkilled_controller_leaves_the_leases_to_thaw_everything() {
         Ok(!is_frozen(&s.agents[0]))
     })
     .unwrap();
-    let manifest = stillpoint_controller::catalog::Catalog::open(&s.dir.path().join("catalog"))
-        .unwrap()
-        .get("g-ctlkill")
-        .unwrap();
+    let manifest =
+        stillpoint_controller::local::catalog::Catalog::open(&s.dir.path().join("catalog"))
+            .unwrap()
+            .get("g-ctlkill")
+            .unwrap();
     assert_eq!(
         manifest.outcome,
         Outcome::Running,
@@ -567,7 +569,8 @@ async fn a_postgres_copy_in_backup_mode_restores_with_its_label_and_keeps_acknow
         .unwrap();
     writer.abort();
     let restored_to = s.dir.path().join("restored");
-    let restored = stillpoint_controller::restore::restore_files(&manifest, &restored_to).unwrap();
+    let restored =
+        stillpoint_controller::local::restore::restore_files(&manifest, &restored_to).unwrap();
     assert_eq!(restored.len(), 1);
     let data = &restored[0].path;
     assert!(

@@ -136,8 +136,11 @@ async fn postgres_pair_replicates_and_leaves_nothing_behind() {
     // dropping it unstarted must not stop the primary.
     tokio::task::block_in_place(|| {
         let copy = stillpoint_tests::harness::postgres::PgRestored::new().unwrap();
-        stillpoint_controller::snapshot::copy::copy_tree(&pair.primary.data, copy.data_dir())
-            .unwrap();
+        stillpoint_controller::local::snapshot::copy::copy_tree(
+            &pair.primary.data,
+            copy.data_dir(),
+        )
+        .unwrap();
         assert!(copy.data_dir().join("postmaster.pid").exists());
         drop(copy);
     });

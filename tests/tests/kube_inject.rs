@@ -864,7 +864,7 @@ async fn tls_reloads(ip: std::net::Ipv4Addr) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_held_freeze_outlives_agent_certificate_renewals_and_a_ca_rotation() {
-    use stillpoint_controller::agents::{ControllerTls, HeldFreeze};
+    use stillpoint_controller::core::agents::{ControllerTls, HeldFreeze};
     let s = Space::new("rotation").await;
     let ns = s.ns.clone();
     // This namespace leaves the shared webhook for a controller of its own

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use stillpoint_controller::agents::{ControllerTls, HeldFreeze};
+use stillpoint_controller::core::agents::{ControllerTls, HeldFreeze};
 use stillpoint_proto::pb::{self, agent_client::AgentClient, freeze_event::Event};
 use stillpoint_tests::harness::agent::AgentProc;
 use stillpoint_tests::harness::pki::{CONTROLLER_IDENTITY, Pki, agent_identity};

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use stillpoint_controller::agents::ControllerTls;
 use stillpoint_controller::certs::Validity;
+use stillpoint_controller::core::agents::ControllerTls;
 use stillpoint_proto::pb;
 use stillpoint_proto::tls::TlsFiles;
 use stillpoint_tests::harness::agent::AgentProc;

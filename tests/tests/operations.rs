@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use stillpoint_controller::catalog::{Catalog, Manifest, Outcome};
+use stillpoint_controller::local::catalog::{Catalog, Manifest, Outcome};
 use stillpoint_tests::harness::group::{Setup, is_frozen, member};
 use stillpoint_tests::harness::postgres::fresh_database;
 use stillpoint_tests::harness::{free_port, http_get, metric_sum, shared, signal, wait_for};
@@ -103,7 +103,8 @@ fn rechecksum(s: &Setup, id: &str) {
     for m in &mut manifest.members {
         for h in &mut m.snapshots {
             h.checksum = Some(
-                stillpoint_controller::snapshot::copy::checksum(Path::new(&h.handle)).unwrap(),
+                stillpoint_controller::local::snapshot::copy::checksum(Path::new(&h.handle))
+                    .unwrap(),
             );
         }
     }

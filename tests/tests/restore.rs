@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
-use stillpoint_controller::catalog::{Catalog, Manifest, Outcome};
+use stillpoint_controller::local::catalog::{Catalog, Manifest, Outcome};
 use stillpoint_lab::servers::Setup as Layout;
 use stillpoint_lab::servers::loopfs::LoopMount;
 use stillpoint_lab::servers::mariadb::{MariaPair, MariaRestored};
@@ -464,16 +464,17 @@ async fn a_restored_mariadb_never_opens_a_file_of_the_source() {
     maria.replica.stop();
     let mut watch = OpenWatch::new(&[&maria.primary.data]);
     let to = mount.path().join("restored");
-    stillpoint_controller::restore::restore_files(&manifest, &to).unwrap();
+    stillpoint_controller::local::restore::restore_files(&manifest, &to).unwrap();
     let record = &manifest.members[0];
-    let restored =
-        MariaRestored::at(stillpoint_controller::restore::restored_data_dir(record, &to).unwrap())
-            .unwrap()
-            .with_log_bin(stillpoint_controller::restore::restored_path(
-                record,
-                &to,
-                "log_bin_basename",
-            ));
+    let restored = MariaRestored::at(
+        stillpoint_controller::local::restore::restored_data_dir(record, &to).unwrap(),
+    )
+    .unwrap()
+    .with_log_bin(stillpoint_controller::local::restore::restored_path(
+        record,
+        &to,
+        "log_bin_basename",
+    ));
     tokio::task::block_in_place(|| restored.start()).unwrap();
     let held = restored.server.sql("SELECT id FROM untouched.t").unwrap();
     drop(restored);

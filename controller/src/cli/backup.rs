@@ -5,9 +5,9 @@ use clap::{Args, Subcommand};
 
 use super::output::{Output, table};
 use super::{Global, Local};
-use crate::catalog::{Consistency, Manifest};
-use crate::orchestrator::new_backup_id;
-use crate::retention::delete_backup;
+use crate::local::catalog::{Consistency, Manifest};
+use crate::local::orchestrator::new_backup_id;
+use crate::local::retention::delete_backup;
 
 #[derive(Debug, Subcommand)]
 pub enum BackupCommand {

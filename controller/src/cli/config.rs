@@ -3,7 +3,7 @@
 use clap::Subcommand;
 
 use super::Global;
-use crate::config::Config;
+use crate::local::config::Config;
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {

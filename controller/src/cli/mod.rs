@@ -6,10 +6,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use crate::agents::ControllerTls;
-use crate::catalog::Catalog;
-use crate::config::Config;
-use crate::orchestrator::Orchestrator;
+use crate::core::agents::ControllerTls;
+use crate::local::catalog::Catalog;
+use crate::local::config::Config;
+use crate::local::orchestrator::Orchestrator;
 
 pub mod backup;
 pub mod certs;

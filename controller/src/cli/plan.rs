@@ -4,8 +4,8 @@ use clap::Args;
 
 use super::output::table;
 use super::{Global, Local};
-use crate::catalog::{Consistency, Manifest};
-use crate::restore::{PlanStep, plan};
+use crate::local::catalog::{Consistency, Manifest};
+use crate::local::restore::{PlanStep, plan};
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {

@@ -7,9 +7,9 @@ use stillpoint_proto::PositionExt;
 
 use super::status::targets;
 use super::{Global, Local};
-use crate::config::parse_duration;
+use crate::core::holder::freeze_all;
 use crate::core::model::AgentEndpoint;
-use crate::holder::freeze_all;
+use crate::local::config::parse_duration;
 
 #[derive(Debug, Args)]
 pub struct QuiesceArgs {
@@ -32,7 +32,7 @@ pub fn run(args: QuiesceArgs, global: &Global) -> anyhow::Result<()> {
         let tls = local.tls()?;
         let id = crate::core::holder::hold_id(
             "quiesce",
-            &crate::orchestrator::new_backup_id(&args.target),
+            &crate::local::orchestrator::new_backup_id(&args.target),
             None,
         );
         let agents: Vec<(String, AgentEndpoint)> = members

@@ -10,12 +10,12 @@ use clap::Args;
 
 use super::output::table;
 use super::{Global, Local};
-use crate::catalog::{Consistency, MemberRecord};
+use crate::local::catalog::{Consistency, MemberRecord};
+use crate::local::restore::{restore_files, restored_data_dir, restored_path, stage_class};
 use crate::local::servers::mariadb::MariaRestored;
 use crate::local::servers::postgres::PgRestored;
 use crate::local::servers::redis::RedisRestored;
 use crate::metrics::metrics;
-use crate::restore::{restore_files, restored_data_dir, restored_path, stage_class};
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
@@ -118,7 +118,7 @@ pub fn run(args: RestoreArgs, global: &Global) -> anyhow::Result<()> {
         return Ok(());
     }
     // Members in plan order (restore_files restored them in it).
-    let members = crate::restore::order(&manifest);
+    let members = crate::local::restore::order(&manifest);
     let mut stages: Vec<u32> = members.iter().map(|m| m.restore_stage).collect();
     stages.dedup();
     let mut running: Vec<Box<dyn Any>> = Vec::new();

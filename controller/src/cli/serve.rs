@@ -10,8 +10,8 @@ use stillpoint_proto::admin::{self, OPENMETRICS, TEXT};
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{Global, Local};
+use crate::local::serve;
 use crate::metrics::metrics;
-use crate::scheduler;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -57,7 +57,7 @@ pub fn run(args: ServeArgs, global: &Global) -> anyhow::Result<()> {
             "stillpoint serve: {active} of {schedules} schedule(s) active; metrics on http://{}/metrics",
             args.metrics_listen
         );
-        scheduler::serve(local.config.clone(), orchestrator, shutdown).await;
+        serve::serve(local.config.clone(), orchestrator, shutdown).await;
         eprintln!("stillpoint serve: stopped; every member thawed");
         Ok(())
     })

@@ -10,8 +10,8 @@ use stillpoint_proto::pb;
 
 use super::output::table;
 use super::{Global, Local};
-use crate::config::MemberFile;
-use crate::orchestrator::engine_name;
+use crate::local::config::MemberFile;
+use crate::local::orchestrator::engine_name;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {

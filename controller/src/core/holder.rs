@@ -7,7 +7,7 @@ use std::time::Duration;
 use stillpoint_proto::pb::{self, freeze_event::Event};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::agents::HeldFreeze;
+use crate::core::agents::HeldFreeze;
 
 /// The id agents know a hold by: the kind of what holds it (a backup or a
 /// quiesce; in Kubernetes mode the resource's kind), its name and, in
@@ -64,7 +64,7 @@ pub fn thaw_accepted(result: &pb::ThawResult) -> Result<(), String> {
         pb::ThawCause::Requested => Ok(()),
         _ => Err(format!(
             "its hold ended before the thaw was requested ({}): it was not held for the whole cut",
-            crate::agents::thaw_cause(result.cause)
+            crate::core::agents::thaw_cause(result.cause)
         )),
     }
 }
@@ -104,7 +104,7 @@ impl Holder {
                         }
                         Ok(Some(pb::FreezeEvent { event: Some(Event::Failed(f)) })) => fail(f.reason),
                         Ok(Some(pb::FreezeEvent { event: Some(Event::Thawed(t)) })) => {
-                            let cause = t.result.map(|r| crate::agents::thaw_cause(r.cause)).unwrap_or("?");
+                            let cause = t.result.map(|r| crate::core::agents::thaw_cause(r.cause)).unwrap_or("?");
                             fail(format!("the agent thawed on its own ({cause})"));
                         }
                         Ok(Some(_)) => {}
@@ -197,7 +197,7 @@ impl Holder {
 /// either mode: every write of every member waits (PostgreSQL is fenced
 /// whatever its mode, or refuses).
 pub async fn freeze_all<K: Clone>(
-    tls: &crate::agents::ControllerTls,
+    tls: &crate::core::agents::ControllerTls,
     agents: &[(K, crate::core::model::AgentEndpoint)],
     label: impl Fn(&K) -> String,
     id: &str,

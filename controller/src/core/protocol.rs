@@ -681,17 +681,20 @@ impl<'g> Run<'_, 'g> {
                     .map(|p| p.display().to_string())
                     .collect(),
             };
-            let describe =
-                crate::agents::answer(group.rpc_timeout, "describe", client.describe(request))
-                    .await
-                    .map_err(|e| {
-                        Problem::new(
-                            Phase::Resolve,
-                            ErrorKind::ServerUnavailable,
-                            Some(&m.name),
-                            format!("member {}: describe failed: {}", m.name, e.message()),
-                        )
-                    })?;
+            let describe = crate::core::agents::answer(
+                group.rpc_timeout,
+                "describe",
+                client.describe(request),
+            )
+            .await
+            .map_err(|e| {
+                Problem::new(
+                    Phase::Resolve,
+                    ErrorKind::ServerUnavailable,
+                    Some(&m.name),
+                    format!("member {}: describe failed: {}", m.name, e.message()),
+                )
+            })?;
             Ok::<_, Problem>((m, client, describe))
         }))
         .await;
@@ -793,7 +796,7 @@ impl<'g> Run<'_, 'g> {
                 backup_id: id.into(),
                 atomic_cut,
             };
-            crate::agents::answer(bound, "prepare", m.client.prepare(request))
+            crate::core::agents::answer(bound, "prepare", m.client.prepare(request))
                 .await
                 .map_err(|e| {
                     Problem::new(

@@ -424,7 +424,7 @@ impl Config {
                         group: s.group.clone(),
                         cron,
                         timezone,
-                        retention: crate::retention::Retention {
+                        retention: crate::local::retention::Retention {
                             keep_last: s.keep_last,
                             max_age,
                         },

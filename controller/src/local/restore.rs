@@ -242,7 +242,7 @@ fn check_member<'m>(m: &'m MemberRecord, to: &Path) -> Result<Checked<'m>, Resto
             ));
         }
         if let Some(recorded) = &snapshot.checksum {
-            let now = crate::snapshot::copy::checksum(&from).map_err(|e| {
+            let now = crate::local::snapshot::copy::checksum(&from).map_err(|e| {
                 member_error(&m.name, format!("checksumming {}: {e}", from.display()))
             })?;
             if &now != recorded {
@@ -286,7 +286,7 @@ fn check_member<'m>(m: &'m MemberRecord, to: &Path) -> Result<Checked<'m>, Resto
 /// checking every member (nothing is copied unless all of them can be
 /// restored).
 pub fn restore_files(manifest: &Manifest, to: &Path) -> Result<Vec<Restored>, RestoreError> {
-    if manifest.outcome != crate::catalog::Outcome::Succeeded {
+    if manifest.outcome != crate::local::catalog::Outcome::Succeeded {
         return Err(RestoreError::NotRestorable {
             id: manifest.id.clone(),
             outcome: format!("{:?}", manifest.outcome).to_lowercase(),

@@ -23,10 +23,10 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::{Config, Missed, Schedule};
+use crate::local::config::{Config, Missed, Schedule};
+use crate::local::orchestrator::{Orchestrator, new_backup_id};
+use crate::local::retention;
 use crate::metrics::{Metrics, SkipLabels, metrics};
-use crate::orchestrator::{Orchestrator, new_backup_id};
-use crate::retention;
 
 /// The reason a shutdown was asked for; `None` while running.
 pub type Shutdown = watch::Receiver<Option<String>>;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use stillpoint_controller::agents::{ControllerTls, HeldFreeze};
+use stillpoint_controller::core::agents::{ControllerTls, HeldFreeze};
 use stillpoint_proto::pb::{self, agent_client::AgentClient};
 use tonic::transport::Channel;
 

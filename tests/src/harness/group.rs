@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use stillpoint_controller::agents::ControllerTls;
-use stillpoint_controller::catalog::Catalog;
-use stillpoint_controller::config::Config;
-use stillpoint_controller::orchestrator::Orchestrator;
+use stillpoint_controller::core::agents::ControllerTls;
+use stillpoint_controller::local::catalog::Catalog;
+use stillpoint_controller::local::config::Config;
+use stillpoint_controller::local::orchestrator::Orchestrator;
 
 use super::agent::AgentProc;
 use super::pki::{CONTROLLER_IDENTITY, Pki, agent_identity};

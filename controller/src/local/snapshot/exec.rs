@@ -12,7 +12,7 @@ use tokio::process::Command;
 use super::{
     Made, SnapshotError, SnapshotHandle, Snapshotter, VolumeRef, cut_all, run_bounded, volume_name,
 };
-use crate::config::ExecTemplates;
+use crate::local::config::ExecTemplates;
 
 #[derive(Debug)]
 pub struct Exec {
