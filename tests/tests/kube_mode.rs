@@ -3486,3 +3486,52 @@ async fn a_group_restore_scales_up_a_deployments_copy_on_its_restored_claim() {
     assert!(last.running(), "the controller goes on:\n{}", last.logs());
     assert!(!last.logs().contains("panicked"), "{}", last.logs());
 }
+
+/// Storage that fails a cut at first (busy for a moment, or the snapshot
+/// controller's own write conflicts) sets the snapshot's `status.error` and
+/// the sidecars retry: a backup waits for the retry within its freeze
+/// budget instead of failing on the first error it reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_the_storage_fails_at_first_is_waited_for_not_failed() {
+    let space = Space::new("flaky").await;
+    let ns = space.ns.clone();
+    space.identity("redis").await;
+    space.pvc("data-redis-a", None).await;
+    let redis = RedisPod::with_agent("redis-a", "ra");
+    space.apply(&redis.yaml(&ns)).await;
+    space.ready("redis-a").await;
+    let class = format!("flaky-{ns}");
+    let driver = kube::csi::DRIVER;
+    for (api, kind) in [
+        ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"),
+        (
+            "groupsnapshot.storage.k8s.io/v1",
+            "VolumeGroupSnapshotClass",
+        ),
+    ] {
+        space
+            .apply(&format!(
+                "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: {class}, annotations: {{stillpoint.dev/atomic: \"true\"}}}}\n\
+                 driver: {driver}\ndeletionPolicy: Delete\nparameters: {{mode: atomic, failFirst: \"2\"}}\n"
+            ))
+            .await;
+    }
+    let _controller = space.controller("flaky-a", &format!("lease-{ns}")).await;
+    for snapshotter in ["csi", "csi-group"] {
+        space
+            .apply(&format!(
+                "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: {snapshotter}, namespace: {ns}}}\n\
+                 spec:\n  members: [{{name: cache, selector: {{matchLabels: {{app: ra}}}}}}]\n  \
+                 snapshot: {{driver: {snapshotter}, volumeSnapshotClassName: {class}, volumeGroupSnapshotClassName: {class}}}\n  \
+                 freezeBudget: 20s\n"
+            ))
+            .await;
+        let (reason, message) = space.protectable(snapshotter, "True").await;
+        assert_eq!(reason, "Ready", "{message}");
+        let name = format!("{snapshotter}-1");
+        let b = space.backup(&name, snapshotter).await;
+        let s = status(&b);
+        assert_eq!(s.phase, Some(BackupPhase::Succeeded), "{name}: {s:?}");
+        assert!(s.members.iter().all(|m| !m.volume_snapshots.is_empty()));
+    }
+}

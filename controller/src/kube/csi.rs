@@ -11,7 +11,12 @@
 //!   one after another; nothing here relies on one instant. Its per-PVC
 //!   VolumeSnapshots (owned by it) are recorded.
 //!
-//! A snapshot's `status.error` ends the cut (or the wait) with its message.
+//! A snapshot's `status.error` is the last error the snapshot controller
+//! saw; it keeps retrying and clears it on success (external-snapshotter's
+//! API says so), and storage that is busy for a moment, or a conflict of
+//! the controller's own writes, sets it briefly. So an error ends the cut
+//! (or the wait) only once it has stood for [`ERROR_GRACE`] — the freeze
+//! budget bounds the cut before that — and then with its message.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -41,6 +46,9 @@ pub const ACCEPT_GAP: &str =
 
 /// How often a snapshot's status is read while waiting for it.
 const POLL: Duration = Duration::from_millis(20);
+/// How long a snapshot's `status.error` must stand before it is taken as
+/// the snapshot's failure.
+pub const ERROR_GRACE: Duration = Duration::from_secs(10);
 /// Bound on `readyToUse` after the cut.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -120,23 +128,37 @@ async fn wait_for(
     done: fn(&DynamicObject) -> bool,
 ) -> Result<DynamicObject, SnapshotError> {
     let deadline = tokio::time::Instant::now() + bound;
+    let mut failing: Option<(tokio::time::Instant, String)> = None;
     loop {
         match api.get_opt(name).await {
             Ok(Some(obj)) => {
-                if let (_, _, Some(e)) = progress(&obj) {
-                    return Err(err(driver, format!("{name}: {e}")));
-                }
                 if done(&obj) {
                     return Ok(obj);
+                }
+                match progress(&obj).2 {
+                    Some(e) => {
+                        let since =
+                            failing.get_or_insert_with(|| (tokio::time::Instant::now(), e.clone()));
+                        since.1 = e;
+                        if since.0.elapsed() >= ERROR_GRACE {
+                            return Err(err(driver, format!("{name}: {}", since.1)));
+                        }
+                    }
+                    None => failing = None,
                 }
             }
             Ok(None) => return Err(err(driver, format!("{name} disappeared before {what}"))),
             Err(e) => tracing::debug!("reading {name}: {e}"),
         }
         if tokio::time::Instant::now() >= deadline {
+            let last = failing.map(|(_, e)| format!("; its last error: {e}"));
             return Err(err(
                 driver,
-                format!("{name}: no {what} within {} s", bound.as_secs()),
+                format!(
+                    "{name}: no {what} within {} s{}",
+                    bound.as_secs(),
+                    last.unwrap_or_default()
+                ),
             ));
         }
         tokio::time::sleep(POLL).await;

@@ -19,6 +19,10 @@
 //! the others `thenAfterMs` later, and a single snapshot of any other
 //! volume waits `thenAfterMs` before it is cut. Users' storage cuts a
 //! group's volumes in every order; this makes the bad one deterministic.
+//!
+//! Storage that fails and then succeeds: with `failFirst: "N"`, the first
+//! N requests for each snapshot (or group snapshot) fail with UNAVAILABLE;
+//! the sidecars report the error in the objects' `status.error` and retry.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -71,6 +75,8 @@ struct Store {
     btrfs: bool,
     /// One operation at a time: the sidecars retry, the lab is small.
     lock: Mutex<()>,
+    /// Requests so far per snapshot name (for `failFirst`).
+    attempts: Mutex<BTreeMap<String, u32>>,
 }
 
 fn now() -> (i64, i32) {
@@ -231,6 +237,30 @@ impl Store {
     }
 }
 
+/// `failFirst`: whether this request for snapshot `name` is one of the
+/// first N, which fail as storage that is busy would.
+fn fail_first<'a>(
+    store: &Store,
+    name: &str,
+    mut parameters: impl Iterator<Item = (&'a String, &'a String)>,
+) -> Result<(), Status> {
+    let Some((_, n)) = parameters.find(|(k, _)| *k == "failFirst") else {
+        return Ok(());
+    };
+    let n: u32 = n
+        .parse()
+        .map_err(|_| Status::invalid_argument("parameter failFirst must be a number"))?;
+    let mut attempts = store.attempts.lock().unwrap();
+    let seen = attempts.entry(name.to_string()).or_default();
+    *seen += 1;
+    match *seen <= n {
+        true => Err(Status::unavailable(format!(
+            "the lab's storage is busy (failFirst: request {seen} of {n} for {name} fails)"
+        ))),
+        false => Ok(()),
+    }
+}
+
 /// The order parameters of a class: the volumes cut first, and how long
 /// every other volume's cut waits after them.
 fn order(
@@ -315,6 +345,7 @@ impl pb::controller_server::Controller for Driver {
             move || -> Result<Response<pb::CreateVolumeResponse>, Status> {
                 let store = &*store;
                 let r = request.into_inner();
+                fail_first(store, &r.name, r.parameters.iter())?;
                 let _guard = store.lock.lock().unwrap();
                 let id = checked(&r.name)?.to_string();
                 let path = store.volume(&id);
@@ -407,6 +438,7 @@ impl pb::controller_server::Controller for Driver {
             move || -> Result<Response<pb::CreateSnapshotResponse>, Status> {
                 let store = &*store;
                 let r = request.into_inner();
+                fail_first(store, &r.name, r.parameters.iter())?;
                 // `delayMs`: storage that takes this long to cut (a first
                 // request only; a retry finds the snapshot made).
                 if let Some(ms) = r.parameters.get("delayMs")
@@ -670,6 +702,7 @@ impl CsiDriver {
             root: root.to_path_buf(),
             btrfs: crate::harness::is_btrfs(root),
             lock: Mutex::new(()),
+            attempts: Mutex::default(),
         });
         let driver = Driver(store);
         let task = tokio::spawn(async move {
