@@ -1596,4 +1596,56 @@ async fn the_controllers_service_account_creates_only_preparation_pods_and_artef
         refused.contains("stillpoint-controller-confined"),
         "{refused}"
     );
+    // PVCs: it changes only the labels a csi-group cut selects by.
+    s.apply(&format!(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: data, namespace: {ns}, labels: {{app: shop}}}}\n\
+         spec:\n  storageClassName: nowhere\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 1Gi}}}}\n"
+    ))
+    .await;
+    let pvcs: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(controller.clone(), &ns);
+    let patch = |metadata: serde_json::Value| {
+        let pvcs = pvcs.clone();
+        async move {
+            let params = PatchParams {
+                dry_run: true,
+                ..Default::default()
+            };
+            pvcs.patch(
+                "data",
+                &params,
+                &Patch::Merge(serde_json::json!({ "metadata": metadata })),
+            )
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+        }
+    };
+    patch(serde_json::json!({"labels": {"stillpoint.dev/backup": "u", "stillpoint.dev/cut": "1"}}))
+        .await
+        .unwrap();
+    for (what, metadata) in [
+        (
+            "another label",
+            serde_json::json!({"labels": {"app": "other"}}),
+        ),
+        (
+            "a label removed",
+            serde_json::json!({"labels": {"app": null}}),
+        ),
+        (
+            "an annotation",
+            serde_json::json!({"annotations": {"a": "b"}}),
+        ),
+        (
+            "a finalizer",
+            serde_json::json!({"finalizers": ["example.com/keep"]}),
+        ),
+    ] {
+        let refused = patch(metadata).await.unwrap_err();
+        assert!(
+            refused.contains("stillpoint-controller-confined") && refused.contains("labels"),
+            "{what}: {refused}"
+        );
+    }
 }

@@ -952,6 +952,17 @@ async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freeze
             kube::csi::DRIVER
         ))
         .await;
+    // More pods than a group may resolve to (never scheduled: objects only).
+    let crowd: String = (0..=stillpoint_controller::kube::resolve::MAX_GROUP_PODS)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: crowd-{i}, namespace: {ns}, labels: {{app: crowd}}}}\n\
+                 spec:\n  schedulerName: nobody\n  containers: [{{name: c, image: busybox, \
+                 ports: [{{name: stillpoint, containerPort: 9443}}]}}]\n---\n"
+            )
+        })
+        .collect();
+    space.apply(&crowd).await;
     let _controller = space
         .controller("unprotectable-a", &format!("lease-{ns}"))
         .await;
@@ -1052,6 +1063,12 @@ async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freeze
             member("ra") + "  rpcTimeout: 1h\n",
             "InvalidSpec",
             &["rpcTimeout 1h is outside its range", "at most 5m"],
+        ),
+        (
+            "crowd",
+            member("crowd"),
+            "TooManyPods",
+            &["match 257 pods", "at most 256"],
         ),
         ("lost-pvc", member("lost"), "PVCNotFound", &["data-lost"]),
         ("not-csi", member("hp"), "NotCSI", &["data-hp"]),

@@ -20,10 +20,10 @@ use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -87,6 +87,8 @@ pub enum ControllerError {
          given up, so another replica leads; this one exits to be restarted"
     )]
     ReconcilersStopped(String),
+    #[error("this controller context already ran; a process leads once")]
+    AlreadyRan,
     #[error("{0}")]
     Kube(#[from] kube::Error),
 }
@@ -119,6 +121,11 @@ pub struct Context {
     recorder: Recorder,
     /// Backups and quiesces running in this process, by uid.
     pub(crate) live: Mutex<BTreeMap<String, Live>>,
+    /// Every GroupBackup watched, as the backup reconciler's watch sees
+    /// them: groups, backups and schedules read a namespace's backups
+    /// here instead of listing them on every reconcile.
+    /// Set by the one leadership term of the process.
+    backups: std::sync::OnceLock<Store<GroupBackup>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -136,6 +143,7 @@ impl Context {
             instance: Some(settings.identity.clone()),
         };
         Arc::new(Context {
+            backups: std::sync::OnceLock::new(),
             resolver: Resolver {
                 client: client.clone(),
                 tls: tls.clone(),
@@ -147,6 +155,19 @@ impl Context {
             settings,
             live: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// The GroupBackups of namespace `ns` from the watch cache (waits for
+    /// its first full list). The cache may lag the API by a watch event:
+    /// callers decide nothing irreversible from an object's absence.
+    pub(crate) async fn backups_in(
+        &self,
+        ns: &str,
+    ) -> Result<Vec<Arc<GroupBackup>>, ReconcileError> {
+        let stopped = || ReconcileError("the GroupBackup watch is not running".into());
+        let store = self.backups.get().ok_or_else(stopped)?;
+        store.wait_until_ready().await.map_err(|_| stopped())?;
+        Ok(store.state_filter(|b| b.metadata.namespace.as_deref() == Some(ns)))
     }
 
     pub(crate) async fn event<K: Resource<DynamicType = ()>>(
@@ -203,11 +224,9 @@ async fn reconcile_group(
     let name = group.name_any();
     let resolution: Resolution = ctx.resolver.resolve(&group).await;
     // The newest successful backup of the group.
-    let backups: Api<GroupBackup> = Api::namespaced(ctx.client.clone(), &ns);
-    let last = backups
-        .list(&ListParams::default())
+    let last = ctx
+        .backups_in(&ns)
         .await?
-        .items
         .into_iter()
         .filter(|b| b.spec.group == name)
         .filter(|b| b.status.as_ref().and_then(|s| s.phase) == Some(BackupPhase::Succeeded))
@@ -239,13 +258,14 @@ async fn reconcile_group(
         &p.message,
         generation,
     );
-    let status = ConsistencyGroupStatus {
+    let mut status = ConsistencyGroupStatus {
         observed_generation: generation,
         conditions,
         resolved_members: resolution.members.len() as u32,
         members: resolution.members.clone(),
         last_successful_backup: last,
     };
+    crate::kube::store::fit(&mut status, generation);
     let was = old
         .conditions
         .iter()
@@ -442,7 +462,7 @@ async fn reconcile_backup(
     };
     // One backup of a group at a time.
     let key = (ns.clone(), backup.spec.group.clone());
-    let others = api.list(&ListParams::default()).await?.items;
+    let others = ctx.backups_in(&ns).await?;
     let running_elsewhere = others.iter().any(|b| {
         b.uid() != backup.uid()
             && b.spec.group == backup.spec.group
@@ -746,6 +766,9 @@ pub async fn run(
     mut shutdown: watch::Receiver<Option<String>>,
     ready: watch::Sender<bool>,
 ) -> Result<(), ControllerError> {
+    if ctx.backups.get().is_some() {
+        return Err(ControllerError::AlreadyRan);
+    }
     let lease = LeaderLease::new(ctx.client.clone(), ctx.settings.clone());
     let renew = (ctx.settings.lease_duration / 3).max(Duration::from_millis(200));
     // Wait to lead.
@@ -802,7 +825,11 @@ pub async fn run(
         .run(reconcile_group, retry, ctx.clone())
         .for_each(|_| async {});
     let backups: Api<GroupBackup> = ctx.settings.api(&ctx.client);
-    let backup_controller = Controller::new(backups, watcher::Config::default())
+    let backup_controller = Controller::new(backups, watcher::Config::default());
+    ctx.backups
+        .set(backup_controller.store())
+        .map_err(|_| ControllerError::AlreadyRan)?;
+    let backup_controller = backup_controller
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .run(reconcile_backup, retry, ctx.clone())
         .for_each(|_| async {});

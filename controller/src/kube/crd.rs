@@ -72,7 +72,9 @@ pub struct ConsistencyGroupSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MemberTemplate {
-    /// The member's name (a replica's `primary` names another member).
+    /// The member's name (a replica's `primary` names another member). At
+    /// most 63 characters.
+    #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// The pods of this member, by label (`matchLabels`, all must match).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -91,6 +93,7 @@ pub struct MemberTemplate {
     /// The pod volumes (by volume name in the pod spec) to snapshot; each
     /// must be a PersistentVolumeClaim. Unset: every PVC-backed volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub volumes: Option<Vec<String>>,
     /// Restore stage (lower first). Unset: by engine class (databases 2,
     /// caches 3, the rest 4).
@@ -103,6 +106,7 @@ pub struct MemberTemplate {
     /// Paths the member's server uses that are knowingly not on its
     /// snapshotted volumes; a restore lacks them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub accept_uncovered: Vec<String>,
 }
 
@@ -183,7 +187,10 @@ pub struct ConsistencyGroupStatus {
     /// How many member instances (pods) were resolved.
     #[serde(default)]
     pub resolved_members: u32,
+    /// The member instances (at most 256: a group of more pods does not
+    /// resolve).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
     pub members: Vec<ResolvedMember>,
     /// The newest GroupBackup of the group that succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -215,6 +222,7 @@ pub struct ResolvedMember {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
     pub pvcs: Vec<String>,
     /// The CSI driver of its PVCs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -347,6 +355,7 @@ pub struct GroupBackupStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume_group_snapshot: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
     pub members: Vec<BackupMember>,
     /// The Secret (owned by this backup) with the members' artefacts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -354,7 +363,10 @@ pub struct GroupBackupStatus {
     /// Each member's phases, µs from the backup's start.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub timeline: BTreeMap<String, BTreeMap<String, u64>>,
+    /// At most 64 (the first ones; condition `Truncated` says how many more
+    /// there were).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub warnings: Vec<String>,
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -392,10 +404,12 @@ pub struct BackupMember {
     pub data_directory: Option<String>,
     /// The VolumeSnapshots of its PVCs, in the order of its volumes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
     pub volume_snapshots: Vec<VolumeSnapshotRef>,
     /// The names of its artefacts (kept in the backup's Secret, as
     /// `<pod>.<name>`), e.g. PostgreSQL's `backup_label`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub artefacts: Vec<String>,
 }
 
@@ -492,8 +506,9 @@ pub struct BackupScheduleStatus {
     /// The newest of its GroupBackups that succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_successful_backup: Option<String>,
-    /// Its GroupBackups that have not ended.
+    /// Its GroupBackups that have not ended (at most 64 listed).
     #[serde(default)]
+    #[schemars(length(max = 64))]
     pub active: Vec<String>,
 }
 
@@ -581,6 +596,7 @@ pub struct GroupQuiesceStatus {
     pub thawed_at: Option<MicroTime>,
     /// The frozen members and the positions they were frozen at.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
     pub members: Vec<QuiescedMember>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -699,12 +715,15 @@ pub struct GroupRestoreStatus {
     pub stage: Option<u32>,
     /// Each stage, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
     pub stages: Vec<RestoreStage>,
     /// Each member (pod) of the backup.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
     pub members: Vec<RestoredMember>,
     /// The PVCs made.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 2048))]
     pub pvcs: Vec<String>,
     /// The uid of each PVC made, by name: a PVC of that name with another
     /// uid is not this restore's.
@@ -726,6 +745,7 @@ pub struct RestoreStage {
     /// because an earlier stage failed).
     pub phase: String,
     /// The pods (of the backup) it restores.
+    #[schemars(length(max = 256))]
     pub members: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<MicroTime>,
@@ -754,6 +774,7 @@ pub struct RestoredMember {
     pub phase: String,
     /// Its restored PVCs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
     pub pvcs: Vec<String>,
     /// The restored server's position once Ready (through its agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]

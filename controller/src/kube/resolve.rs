@@ -36,6 +36,12 @@ pub const DEFAULT_FREEZE_BUDGET: Duration = Duration::from_secs(5);
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_ALIGN_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most pods a group resolves to (its members' selectors together): a
+/// group's every status lists each of them, and must stay under the API
+/// server's object size limit.
+pub const MAX_GROUP_PODS: usize = 256;
+/// The most PVCs a group's pods snapshot together.
+pub const MAX_GROUP_PVCS: usize = 1024;
 
 /// A condition's verdict: its status, reason (CamelCase) and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -414,6 +420,19 @@ impl Resolver {
             }
             instances.extend(found.into_iter().map(|p| (t, p)));
         }
+        if instances.len() > MAX_GROUP_PODS {
+            return fail(
+                Verdict::no(
+                    "TooManyPods",
+                    format!(
+                        "the members' selectors match {} pods; a group resolves to at most \
+                         {MAX_GROUP_PODS}: narrow the selectors or split the group",
+                        instances.len()
+                    ),
+                ),
+                Vec::new(),
+            );
+        }
         let mut seen = BTreeSet::new();
         for (t, p) in &instances {
             let pod = p.metadata.name.clone().unwrap_or_default();
@@ -486,6 +505,17 @@ impl Resolver {
                 }
             }
             members.push(m);
+        }
+        let claims: usize = members.iter().map(|m| m.pvcs.len()).sum();
+        if claims > MAX_GROUP_PVCS {
+            let v = Verdict::no(
+                "TooManyVolumes",
+                format!(
+                    "the group's pods snapshot {claims} PVCs; a group takes at most \
+                     {MAX_GROUP_PVCS}: narrow members' `volumes` or split the group"
+                ),
+            );
+            return fail(v, Vec::new());
         }
         // PVCs bound, and their drivers.
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), &ns);

@@ -20,7 +20,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::runtime::controller::Action;
 
 use crate::core::retention::{Retention, select};
@@ -116,7 +116,10 @@ async fn apply_status(
     name: &str,
     status: &BackupScheduleStatus,
 ) -> Result<(), kube::Error> {
-    crate::kube::store::apply_status(api, name, "BackupSchedule", status).await
+    let mut status = status.clone();
+    let generation = status.observed_generation;
+    crate::kube::store::fit(&mut status, generation);
+    crate::kube::store::apply_status(api, name, "BackupSchedule", &status).await
 }
 
 fn created(b: &GroupBackup) -> DateTime<Utc> {
@@ -185,10 +188,11 @@ pub async fn reconcile(
 
     // The schedule's own backups, and every backup of the group.
     let backups: Api<GroupBackup> = Api::namespaced(ctx.client.clone(), &ns);
-    let all = backups.list(&ListParams::default()).await?.items;
+    let all = ctx.backups_in(&ns).await?;
     let uid = bs.uid().unwrap_or_default();
     let own: Vec<&GroupBackup> = all
         .iter()
+        .map(|b| &**b)
         .filter(|b| made_by(b, &uid, &schedule.group))
         .collect();
     status.active = own
@@ -262,6 +266,12 @@ pub async fn reconcile(
             )
         }
     };
+    tracing::debug!(
+        schedule = %format!("{ns}/{name}"),
+        fire = firing.fire,
+        missed = firing.missed,
+        "schedule reconciled"
+    );
     let m: &Metrics = metrics();
     if firing.missed > 0 {
         m.schedule_missed

@@ -120,6 +120,8 @@ impl StatusWriter {
         let mut status = self.status.lock().await;
         change(&mut status);
         status.observed_generation = self.backup.metadata.generation;
+        let generation = status.observed_generation;
+        fit(&mut *status, generation);
         let patch = json!({
             "apiVersion": "stillpoint.dev/v1alpha1",
             "kind": "GroupBackup",
@@ -439,6 +441,93 @@ pub fn manifest_of(b: &GroupBackup) -> Manifest {
     }
 }
 
+/// The most bytes a status is written with. The API server keeps objects
+/// of up to 1.5 MiB (etcd's default request limit), spec and metadata
+/// included: a status over it is refused, and refused again on every
+/// retry.
+pub const STATUS_BUDGET: usize = 1024 * 1024;
+
+/// A status whose lists that only inform (never what a restore or a
+/// resumed run reads) may be shortened so that it fits.
+pub trait Bounded: serde::Serialize {
+    fn conditions_mut(&mut self) -> &mut Vec<Condition>;
+    /// Keeps each informative list within its CRD `maxItems` halved
+    /// `level` times; returns how many entries it left out.
+    fn shorten(&mut self, level: u32) -> usize;
+}
+
+/// Fits `status` to its CRD's `maxItems` and under [`STATUS_BUDGET`],
+/// shortening its informative lists as far as needed, and says so in
+/// condition `Truncated` (removed once nothing is left out).
+pub fn fit<S: Bounded>(status: &mut S, generation: Option<i64>) {
+    let size = |s: &S| serde_json::to_vec(s).map(|v| v.len()).unwrap_or(0);
+    let mut level = 0;
+    let mut left_out = status.shorten(level);
+    while size(status) > STATUS_BUDGET && level < 16 {
+        level += 1;
+        left_out += status.shorten(level);
+    }
+    let conditions = status.conditions_mut();
+    if left_out == 0 {
+        conditions.retain(|c| c.type_ != "Truncated");
+        return;
+    }
+    let message = format!(
+        "{left_out} list entries are left out of this status to keep it within its bounds \
+         (the CRD's maxItems, {} KiB in all)",
+        STATUS_BUDGET / 1024
+    );
+    set_condition(
+        conditions,
+        "Truncated",
+        true,
+        "StatusTooLarge",
+        &message,
+        generation,
+    );
+}
+
+/// Truncates `list` to `max` halved `level` times; how many it removed.
+fn keep<T>(list: &mut Vec<T>, max: usize, level: u32) -> usize {
+    let bound = max.checked_shr(level).unwrap_or(0);
+    let removed = list.len().saturating_sub(bound);
+    list.truncate(bound);
+    removed
+}
+
+impl Bounded for crate::kube::crd::ConsistencyGroupStatus {
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
+    fn shorten(&mut self, level: u32) -> usize {
+        // `resolvedMembers` keeps the whole count.
+        keep(&mut self.members, 256, level)
+    }
+}
+
+impl Bounded for GroupBackupStatus {
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
+    fn shorten(&mut self, level: u32) -> usize {
+        let mut left_out = keep(&mut self.warnings, 64, level);
+        if level >= 2 && !self.timeline.is_empty() {
+            left_out += self.timeline.len();
+            self.timeline.clear();
+        }
+        left_out
+    }
+}
+
+impl Bounded for crate::kube::crd::BackupScheduleStatus {
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
+    fn shorten(&mut self, level: u32) -> usize {
+        keep(&mut self.active, 64, level)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,5 +552,62 @@ mod tests {
         assert_eq!(c[0].observed_generation, Some(2));
         set_condition(&mut c, "Protectable", true, "Ready", "c", Some(2));
         assert_ne!(c[0].last_transition_time, first);
+    }
+
+    #[test]
+    fn a_status_over_its_bounds_is_shortened_with_a_note_and_the_note_goes_when_it_fits() {
+        use crate::kube::crd::{ConsistencyGroupStatus, ResolvedMember};
+        let member = |i: usize| ResolvedMember {
+            name: "db".into(),
+            pod: format!("db-{i}"),
+            // Long enough that 256 of them exceed the byte budget.
+            position: Some("0/".to_string() + &"F".repeat(8_000)),
+            ..Default::default()
+        };
+        let mut status = ConsistencyGroupStatus {
+            resolved_members: 300,
+            members: (0..300).map(member).collect(),
+            ..Default::default()
+        };
+        fit(&mut status, Some(3));
+        assert!(serde_json::to_vec(&status).unwrap().len() <= STATUS_BUDGET);
+        assert!(status.members.len() < 256, "{}", status.members.len());
+        assert_eq!(status.members[0].pod, "db-0", "the first entries are kept");
+        assert_eq!(status.resolved_members, 300);
+        let note = status.conditions.iter().find(|c| c.type_ == "Truncated");
+        let note = note.expect("a Truncated condition");
+        assert_eq!(
+            (note.status.as_str(), note.reason.as_str()),
+            ("True", "StatusTooLarge")
+        );
+        assert!(
+            note.message
+                .contains(&(300 - status.members.len()).to_string())
+        );
+        assert_eq!(note.observed_generation, Some(3));
+
+        status.members.truncate(2);
+        fit(&mut status, Some(4));
+        assert_eq!(status.members.len(), 2);
+        assert!(status.conditions.iter().all(|c| c.type_ != "Truncated"));
+    }
+
+    #[test]
+    fn a_backups_record_is_never_shortened_only_its_warnings_and_timeline() {
+        let mut status = GroupBackupStatus {
+            members: (0..256)
+                .map(|i| BackupMember {
+                    pod: format!("db-{i}"),
+                    ..Default::default()
+                })
+                .collect(),
+            warnings: (0..100).map(|i| format!("warning {i}")).collect(),
+            ..Default::default()
+        };
+        fit(&mut status, None);
+        assert_eq!(status.members.len(), 256);
+        assert_eq!(status.warnings.len(), 64);
+        assert_eq!(status.warnings[63], "warning 63");
+        assert!(status.conditions.iter().any(|c| c.type_ == "Truncated"));
     }
 }

@@ -176,6 +176,20 @@ impl ControllerProc {
         Self::start_as(lab, installed, ns, identity, lease, CONTROLLER_SA).await
     }
 
+    /// The same, with more flags (`extra` overrides the lab's defaults,
+    /// e.g. `--resync 30s`).
+    pub async fn start_with(
+        lab: &KubeLab,
+        installed: &Installed,
+        ns: &str,
+        identity: &str,
+        lease: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let tls = &installed.controller_tls;
+        Self::spawn(lab, ns, identity, lease, CONTROLLER_SA, tls, extra).await
+    }
+
     /// The same, as ServiceAccount `sa` of stillpoint-system.
     pub async fn start_as(
         lab: &KubeLab,

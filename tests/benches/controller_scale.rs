@@ -1,0 +1,304 @@
+//! Controller scale benchmark, in the Kubernetes lab: one controller
+//! replica (under `deploy/`'s RBAC and policy, production `--resync 30s`)
+//! watching every namespace, with many ConsistencyGroups, a BackupSchedule
+//! per group and many ended GroupBackups. It measures
+//!
+//! - the time from the controller's start until every group's status is
+//!   written (its first full pass),
+//! - the reconcile latency of a group: a spec change (a new generation) to
+//!   its status's `observedGeneration`, p50/p99 over many samples,
+//! - the controller's RSS (now and peak) and its CPU time per second in the
+//!   steady state,
+//! - the GroupBackup LIST requests the API server served in the steady state
+//!   (`apiserver_request_total`), every client together.
+//!
+//! The groups' members select no pod (each resolves to `MemberNotFound`):
+//! what is measured is the controller's own bookkeeping, not the agents.
+//!
+//! Run with:
+//!   cargo build --release -p stillpoint-controller -p stillpoint-agent
+//!   cargo bench -p stillpoint-tests --bench controller_scale
+//! Prints a table and writes JSON to `target/bench/controller-scale.json`.
+//! `STILLPOINT_BENCH_GROUPS` (default 100), `STILLPOINT_BENCH_BACKUPS`
+//! (2000), `STILLPOINT_BENCH_NAMESPACES` (10), `STILLPOINT_BENCH_SAMPLES`
+//! (50) and `STILLPOINT_BENCH_STEADY_SECONDS` (60) set the sizes.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures_util::{StreamExt, TryStreamExt, stream};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use stillpoint_controller::kube::crd::{BackupSchedule, ConsistencyGroup, GroupBackup};
+use stillpoint_tests::harness::kube::stillpoint::{self, ControllerProc};
+use stillpoint_tests::harness::kube::{KubeLab, wait_async};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Sizes {
+    groups: usize,
+    backups: usize,
+    namespaces: usize,
+    samples: usize,
+    steady: Duration,
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[(((p / 100.0) * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)]
+}
+
+fn proc_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// User + system CPU time of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 (11 and 12 after the name).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The API server's count of GroupBackup LISTs so far.
+async fn backup_lists(admin: &kube::Client) -> Result<f64> {
+    let request = http::Request::get("/metrics").body(Vec::new())?;
+    let text = admin.request_text(request).await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| l.contains("resource=\"groupbackups\"") && l.contains("verb=\"LIST\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Groups, a schedule per group, and ended backups spread over them.
+async fn populate(admin: &kube::Client, namespaces: &[String], sizes: &Sizes) -> Result<()> {
+    let per_ns = sizes.groups.div_ceil(namespaces.len());
+    let groups: Vec<(String, String)> = (0..sizes.groups)
+        .map(|i| (namespaces[i / per_ns].clone(), format!("g{i}")))
+        .collect();
+    stream::iter(groups.clone())
+        .map(|(ns, g)| {
+            let admin = admin.clone();
+            async move {
+                let group: ConsistencyGroup = serde_json::from_value(json!({
+                    "apiVersion": "stillpoint.dev/v1alpha1", "kind": "ConsistencyGroup",
+                    "metadata": {"name": g, "namespace": ns},
+                    "spec": {"members": [{"name": "db", "selector": {"matchLabels": {"app": g}}}],
+                        "snapshot": {"driver": "csi"}},
+                }))?;
+                Api::<ConsistencyGroup>::namespaced(admin.clone(), &ns)
+                    .create(&PostParams::default(), &group)
+                    .await?;
+                let schedule: BackupSchedule = serde_json::from_value(json!({
+                    "apiVersion": "stillpoint.dev/v1alpha1", "kind": "BackupSchedule",
+                    "metadata": {"name": g, "namespace": ns},
+                    "spec": {"group": g, "schedule": "0 0 3 * * *"},
+                }))?;
+                Api::<BackupSchedule>::namespaced(admin, &ns)
+                    .create(&PostParams::default(), &schedule)
+                    .await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await?;
+    stream::iter(0..sizes.backups)
+        .map(|i| {
+            let (ns, g) = groups[i % groups.len()].clone();
+            let admin = admin.clone();
+            async move {
+                let name = format!("{g}-b{i}");
+                let api = Api::<GroupBackup>::namespaced(admin, &ns);
+                let backup: GroupBackup = serde_json::from_value(json!({
+                    "apiVersion": "stillpoint.dev/v1alpha1", "kind": "GroupBackup",
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {"group": g},
+                }))?;
+                api.create(&PostParams::default(), &backup).await?;
+                let status = json!({
+                    "apiVersion": "stillpoint.dev/v1alpha1", "kind": "GroupBackup",
+                    "status": {"phase": "Succeeded", "backupId": name,
+                        "completionTime": format!("2026-01-01T00:00:{:02}.000000Z", i % 60)},
+                });
+                api.patch_status(
+                    &name,
+                    &PatchParams::apply("stillpoint-bench").force(),
+                    &Patch::Apply(&status),
+                )
+                .await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+/// Every group's status written for its current generation.
+async fn all_current(admin: &kube::Client) -> Result<usize> {
+    let groups = Api::<ConsistencyGroup>::all(admin.clone())
+        .list(&ListParams::default())
+        .await?;
+    Ok(groups
+        .items
+        .iter()
+        .filter(|g| {
+            let status = g.status.as_ref();
+            status.and_then(|s| s.observed_generation) == g.metadata.generation
+                && status
+                    .and_then(|s| s.last_successful_backup.as_ref())
+                    .is_some()
+        })
+        .count())
+}
+
+/// One spec change of a group until its status says it saw it (ms).
+async fn latency(admin: &kube::Client, ns: &str, group: &str, n: usize) -> Result<f64> {
+    let api = Api::<ConsistencyGroup>::namespaced(admin.clone(), ns);
+    let budget = if n.is_multiple_of(2) { "6s" } else { "5s" };
+    let patch = json!({"spec": {"freezeBudget": budget}});
+    let start = Instant::now();
+    let changed = api
+        .patch(group, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let generation = changed.metadata.generation;
+    loop {
+        let g = api.get(group).await?;
+        if g.status.as_ref().and_then(|s| s.observed_generation) >= generation {
+            return Ok(start.elapsed().as_secs_f64() * 1e3);
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            anyhow::bail!("group {ns}/{group} not reconciled within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn run(lab: &'static KubeLab, sizes: Sizes) -> Result<serde_json::Value> {
+    let installed = stillpoint::install(lab).await?;
+    let admin = lab.admin().await?;
+    let mut namespaces = Vec::new();
+    for _ in 0..sizes.namespaces {
+        namespaces.push(lab.namespace("scale").await?);
+    }
+    let made = Instant::now();
+    populate(&admin, &namespaces, &sizes).await?;
+    eprintln!(
+        "made {} groups, schedules and {} backups in {:.1} s",
+        sizes.groups,
+        sizes.backups,
+        made.elapsed().as_secs_f64()
+    );
+    let started = Instant::now();
+    let controller = ControllerProc::start_with(
+        lab,
+        installed,
+        "",
+        "scale-a",
+        "scale-lease",
+        &["--resync", "30s", "--lease-duration", "15s"],
+    )
+    .await?;
+    let groups = sizes.groups;
+    wait_async("every group reconciled", Duration::from_secs(600), || {
+        let admin = admin.clone();
+        async move { Ok(all_current(&admin).await? == groups) }
+    })
+    .await
+    .with_context(|| controller.logs())?;
+    let first_pass = started.elapsed().as_secs_f64();
+    let pid = controller.pid();
+    // The steady state: nothing changes but time.
+    let (lists0, cpu0, at0) = (
+        backup_lists(&admin).await?,
+        cpu_seconds(pid),
+        Instant::now(),
+    );
+    tokio::time::sleep(sizes.steady).await;
+    let (lists1, cpu1) = (backup_lists(&admin).await?, cpu_seconds(pid));
+    let steady = at0.elapsed().as_secs_f64();
+    let rss_steady = proc_kib(pid, "VmRSS:");
+    let per_ns = sizes.groups.div_ceil(namespaces.len());
+    let mut samples = Vec::new();
+    for n in 0..sizes.samples {
+        let i = (n * 7) % sizes.groups;
+        samples.push(latency(&admin, &namespaces[i / per_ns], &format!("g{i}"), n).await?);
+    }
+    let peak = proc_kib(pid, "VmHWM:");
+    Ok(json!({
+        "groups": sizes.groups, "schedules": sizes.groups, "backups": sizes.backups,
+        "namespaces": sizes.namespaces,
+        "first_pass_s": first_pass,
+        "reconcile_ms": {"n": samples.len(), "p50": percentile(&samples, 50.0),
+            "p99": percentile(&samples, 99.0), "max": percentile(&samples, 100.0)},
+        "rss_steady_kib": rss_steady, "rss_peak_kib": peak,
+        "steady_s": steady,
+        "cpu_s_per_s": (cpu1 - cpu0) / steady,
+        "backup_lists_per_min": (lists1 - lists0) / steady * 60.0,
+    }))
+}
+
+fn main() -> Result<()> {
+    let sizes = Sizes {
+        groups: env("STILLPOINT_BENCH_GROUPS", 100),
+        backups: env("STILLPOINT_BENCH_BACKUPS", 2000),
+        namespaces: env("STILLPOINT_BENCH_NAMESPACES", 10).max(1),
+        samples: env("STILLPOINT_BENCH_SAMPLES", 50),
+        steady: Duration::from_secs(env("STILLPOINT_BENCH_STEADY_SECONDS", 60) as u64),
+    };
+    let lab = KubeLab::shared();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(run(lab, sizes))?;
+    let kib = |v: &serde_json::Value| format!("{:.1} MiB", v.as_f64().unwrap_or(0.0) / 1024.0);
+    let r = &result;
+    println!(
+        "GROUPS   SCHEDULES  BACKUPS  FIRST PASS  RECONCILE P50 P99          RSS         RSS PEAK    CPU/S      BACKUP LISTS/MIN"
+    );
+    println!(
+        "{:<8} {:<10} {:<8} {:<11} {:<13} {:<12} {:<11} {:<11} {:<10} {:.1}",
+        r["groups"],
+        r["schedules"],
+        r["backups"],
+        format!("{:.1} s", r["first_pass_s"].as_f64().unwrap_or(0.0)),
+        format!("{:.1} ms", r["reconcile_ms"]["p50"].as_f64().unwrap_or(0.0)),
+        format!("{:.1} ms", r["reconcile_ms"]["p99"].as_f64().unwrap_or(0.0)),
+        kib(&r["rss_steady_kib"]),
+        kib(&r["rss_peak_kib"]),
+        format!("{:.3}", r["cpu_s_per_s"].as_f64().unwrap_or(0.0)),
+        r["backup_lists_per_min"].as_f64().unwrap_or(0.0),
+    );
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("controller-scale.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
+    println!("JSON: {}", path.display());
+    Ok(())
+}
