@@ -25,7 +25,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -226,12 +226,18 @@ async fn run(lab: &'static KubeLab, sizes: Sizes) -> Result<serde_json::Value> {
     )
     .await?;
     let groups = sizes.groups;
-    wait_async("every group reconciled", Duration::from_secs(600), || {
+    if let Err(e) = wait_async("every group reconciled", Duration::from_secs(300), || {
         let admin = admin.clone();
         async move { Ok(all_current(&admin).await? == groups) }
     })
     .await
-    .with_context(|| controller.logs())?;
+    {
+        let sample = Api::<ConsistencyGroup>::all(admin.clone())
+            .list(&ListParams::default().limit(1))
+            .await?;
+        let status = serde_json::to_string(&sample.items.first().map(|g| &g.status))?;
+        return Err(e.context(format!("a group: {status}\n{}", controller.logs())));
+    }
     let first_pass = started.elapsed().as_secs_f64();
     let pid = controller.pid();
     // The steady state: nothing changes but time.

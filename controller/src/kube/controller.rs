@@ -23,8 +23,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
@@ -121,10 +121,10 @@ pub struct Context {
     recorder: Recorder,
     /// Backups and quiesces running in this process, by uid.
     pub(crate) live: Mutex<BTreeMap<String, Live>>,
-    /// Every GroupBackup watched, as the backup reconciler's watch sees
-    /// them: groups, backups and schedules read a namespace's backups
-    /// here instead of listing them on every reconcile.
-    /// Set by the one leadership term of the process.
+    /// Every GroupBackup watched, in a reflector's cache: groups, backups
+    /// and schedules read a namespace's backups here instead of listing
+    /// them on every reconcile. Set by the one leadership term of the
+    /// process.
     backups: std::sync::OnceLock<Store<GroupBackup>>,
 }
 
@@ -825,11 +825,28 @@ pub async fn run(
         .run(reconcile_group, retry, ctx.clone())
         .for_each(|_| async {});
     let backups: Api<GroupBackup> = ctx.settings.api(&ctx.client);
-    let backup_controller = Controller::new(backups, watcher::Config::default());
+    // The cache the reconcilers read GroupBackups from: a reflector of its
+    // own, driven beside the reconcilers (never held back by one of them).
+    // Its first list is one page: a paginated first list of more than one
+    // page (500 objects) was measured never to complete against the lab's
+    // API server, leaving the cache (and every group) waiting for good.
+    let (cache, writer) = reflector::store();
     ctx.backups
-        .set(backup_controller.store())
+        .set(cache)
         .map_err(|_| ControllerError::AlreadyRan)?;
-    let backup_controller = backup_controller
+    let backup_cache = watcher(
+        backups.clone(),
+        watcher::Config::default().page_size(100_000),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .take_until(stopped(stop_rx.clone()))
+    .for_each(|event| async move {
+        if let Err(e) = event {
+            tracing::warn!("watching GroupBackups: {e}");
+        }
+    });
+    let backup_controller = Controller::new(backups, watcher::Config::default())
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .run(reconcile_backup, retry, ctx.clone())
         .for_each(|_| async {});
@@ -850,6 +867,7 @@ pub async fn run(
         .for_each(|_| async {});
     let mut reconcilers = tokio::spawn(async move {
         tokio::join!(
+            backup_cache,
             group_controller,
             backup_controller,
             quiesce_controller,

@@ -257,6 +257,16 @@ impl ControllerProc {
         let kubeconfig = dir.path().join("kubeconfig");
         lab.kubeconfig_for(CONTROLLER_NS, sa, &kubeconfig).await?;
         let log = dir.path().join("controller.log");
+        // The lab's short times (its schedules fire every few seconds),
+        // unless `extra` gives its own.
+        let lab_defaults: Vec<(&str, &str)> = [
+            ("--lease-duration", "3s"),
+            ("--resync", "5s"),
+            ("--min-schedule-interval", "2s"),
+        ]
+        .into_iter()
+        .filter(|(flag, _)| !extra.contains(flag))
+        .collect();
         let out = std::fs::File::create(&log)?;
         let child = Command::new(controller_binary()?)
             .arg("controller")
@@ -264,9 +274,11 @@ impl ControllerProc {
             .args(["--tls-dir", &tls_dir.display().to_string()])
             .args(["--trust-domain", TRUST_DOMAIN])
             .args(["--lease-namespace", CONTROLLER_NS, "--lease-name", lease])
-            .args(["--lease-duration", "3s", "--resync", "5s"])
-            // The lab's schedules fire every few seconds.
-            .args(["--min-schedule-interval", "2s"])
+            .args(
+                lab_defaults
+                    .iter()
+                    .flat_map(|(flag, value)| [*flag, *value]),
+            )
             .args(["--identity", identity])
             .args(match ns.is_empty() {
                 true => vec![],
