@@ -23,8 +23,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
@@ -87,8 +87,6 @@ pub enum ControllerError {
          given up, so another replica leads; this one exits to be restarted"
     )]
     ReconcilersStopped(String),
-    #[error("this controller context already ran; a process leads once")]
-    AlreadyRan,
     #[error("{0}")]
     Kube(#[from] kube::Error),
 }
@@ -121,11 +119,6 @@ pub struct Context {
     recorder: Recorder,
     /// Backups and quiesces running in this process, by uid.
     pub(crate) live: Mutex<BTreeMap<String, Live>>,
-    /// Every GroupBackup watched, in a reflector's cache: groups, backups
-    /// and schedules read a namespace's backups here instead of listing
-    /// them on every reconcile. Set by the one leadership term of the
-    /// process.
-    backups: std::sync::OnceLock<Store<GroupBackup>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -143,7 +136,6 @@ impl Context {
             instance: Some(settings.identity.clone()),
         };
         Arc::new(Context {
-            backups: std::sync::OnceLock::new(),
             resolver: Resolver {
                 client: client.clone(),
                 tls: tls.clone(),
@@ -157,17 +149,19 @@ impl Context {
         })
     }
 
-    /// The GroupBackups of namespace `ns` from the watch cache (waits for
-    /// its first full list). The cache may lag the API by a watch event:
-    /// callers decide nothing irreversible from an object's absence.
+    /// The GroupBackups of namespace `ns`, listed from the API server.
+    ///
+    /// Not from a reflector's cache: in the lab, a watch's first list of
+    /// more GroupBackups than about 500 was measured never to complete
+    /// (paginated, or in one page of 2,000), leaving every reader waiting;
+    /// a namespace's list is what worked at 2,000 (`controller_scale`).
     pub(crate) async fn backups_in(
         &self,
         ns: &str,
     ) -> Result<Vec<Arc<GroupBackup>>, ReconcileError> {
-        let stopped = || ReconcileError("the GroupBackup watch is not running".into());
-        let store = self.backups.get().ok_or_else(stopped)?;
-        store.wait_until_ready().await.map_err(|_| stopped())?;
-        Ok(store.state_filter(|b| b.metadata.namespace.as_deref() == Some(ns)))
+        let api: Api<GroupBackup> = Api::namespaced(self.client.clone(), ns);
+        let list = api.list(&kube::api::ListParams::default()).await?;
+        Ok(list.items.into_iter().map(Arc::new).collect())
     }
 
     pub(crate) async fn event<K: Resource<DynamicType = ()>>(
@@ -766,9 +760,6 @@ pub async fn run(
     mut shutdown: watch::Receiver<Option<String>>,
     ready: watch::Sender<bool>,
 ) -> Result<(), ControllerError> {
-    if ctx.backups.get().is_some() {
-        return Err(ControllerError::AlreadyRan);
-    }
     let lease = LeaderLease::new(ctx.client.clone(), ctx.settings.clone());
     let renew = (ctx.settings.lease_duration / 3).max(Duration::from_millis(200));
     // Wait to lead.
@@ -825,27 +816,6 @@ pub async fn run(
         .run(reconcile_group, retry, ctx.clone())
         .for_each(|_| async {});
     let backups: Api<GroupBackup> = ctx.settings.api(&ctx.client);
-    // The cache the reconcilers read GroupBackups from: a reflector of its
-    // own, driven beside the reconcilers (never held back by one of them).
-    // Its first list is one page: a paginated first list of more than one
-    // page (500 objects) was measured never to complete against the lab's
-    // API server, leaving the cache (and every group) waiting for good.
-    let (cache, writer) = reflector::store();
-    ctx.backups
-        .set(cache)
-        .map_err(|_| ControllerError::AlreadyRan)?;
-    let backup_cache = watcher(
-        backups.clone(),
-        watcher::Config::default().page_size(100_000),
-    )
-    .default_backoff()
-    .reflect(writer)
-    .take_until(stopped(stop_rx.clone()))
-    .for_each(|event| async move {
-        if let Err(e) = event {
-            tracing::warn!("watching GroupBackups: {e}");
-        }
-    });
     let backup_controller = Controller::new(backups, watcher::Config::default())
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .run(reconcile_backup, retry, ctx.clone())
@@ -867,7 +837,6 @@ pub async fn run(
         .for_each(|_| async {});
     let mut reconcilers = tokio::spawn(async move {
         tokio::join!(
-            backup_cache,
             group_controller,
             backup_controller,
             quiesce_controller,
