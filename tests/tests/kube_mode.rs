@@ -87,6 +87,25 @@ impl Space {
         wait_pvc_bound(&self.admin, ns, name, BOUND).await.unwrap();
     }
 
+    /// A VolumeSnapshotClass and a VolumeGroupSnapshotClass `name` of the
+    /// lab's driver, said to be atomic, with class `parameters` (a YAML map).
+    async fn atomic_classes(&self, name: &str, parameters: &str) {
+        let driver = kube::csi::DRIVER;
+        for (api, kind) in [
+            ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"),
+            (
+                "groupsnapshot.storage.k8s.io/v1",
+                "VolumeGroupSnapshotClass",
+            ),
+        ] {
+            self.apply(&format!(
+                "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: {name}, annotations: {{stillpoint.dev/atomic: \"true\"}}}}\n\
+                 driver: {driver}\ndeletionPolicy: Delete\nparameters: {parameters}\n"
+            ))
+            .await;
+        }
+    }
+
     async fn ready(&self, pod: &str) -> Pod {
         wait_pod_ready(&self.admin, &self.ns, pod, BOUND)
             .await
@@ -2195,21 +2214,9 @@ async fn no_replica_is_restored_ahead_of_its_primary_whatever_order_the_storage_
         .and_then(|s| s.volume_name)
         .unwrap();
     let class = format!("worst-{ns}");
-    let driver = kube::csi::DRIVER;
-    for (api, kind) in [
-        ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"),
-        (
-            "groupsnapshot.storage.k8s.io/v1",
-            "VolumeGroupSnapshotClass",
-        ),
-    ] {
-        space
-            .apply(&format!(
-                "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: {class}, annotations: {{stillpoint.dev/atomic: \"true\"}}}}\ndriver: {driver}\n\
-                 deletionPolicy: Delete\nparameters: {{mode: atomic, firstVolumes: {primary_volume}, thenAfterMs: \"400\"}}"
-            ))
-            .await;
-    }
+    let parameters =
+        format!("{{mode: atomic, firstVolumes: {primary_volume}, thenAfterMs: \"400\"}}");
+    space.atomic_classes(&class, &parameters).await;
     // PostgreSQL in its default mode: writes flow through the cut.
     space
         .apply(&format!(
@@ -3525,21 +3532,9 @@ async fn a_cut_the_storage_fails_at_first_is_waited_for_not_failed() {
     space.apply(&redis.yaml(&ns)).await;
     space.ready("redis-a").await;
     let class = format!("flaky-{ns}");
-    let driver = kube::csi::DRIVER;
-    for (api, kind) in [
-        ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"),
-        (
-            "groupsnapshot.storage.k8s.io/v1",
-            "VolumeGroupSnapshotClass",
-        ),
-    ] {
-        space
-            .apply(&format!(
-                "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: {class}, annotations: {{stillpoint.dev/atomic: \"true\"}}}}\n\
-                 driver: {driver}\ndeletionPolicy: Delete\nparameters: {{mode: atomic, failFirst: \"2\"}}\n"
-            ))
-            .await;
-    }
+    space
+        .atomic_classes(&class, "{mode: atomic, failFirst: \"2\"}")
+        .await;
     let _controller = space.controller("flaky-a", &format!("lease-{ns}")).await;
     for snapshotter in ["csi", "csi-group"] {
         space

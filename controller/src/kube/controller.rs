@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -160,7 +160,7 @@ impl Context {
         ns: &str,
     ) -> Result<Vec<Arc<GroupBackup>>, ReconcileError> {
         let api: Api<GroupBackup> = Api::namespaced(self.client.clone(), ns);
-        let list = api.list(&kube::api::ListParams::default()).await?;
+        let list = api.list(&ListParams::default()).await?;
         Ok(list.items.into_iter().map(Arc::new).collect())
     }
 
