@@ -690,6 +690,10 @@ fn post(addr: &str, bundle: &std::path::Path, path: &str, body: &[u8]) -> (u16, 
     let out = std::process::Command::new("curl")
         .args(["-s", "-w", "\n%{http_code}", "--cacert"])
         .arg(bundle)
+        // Sent only once the endpoint has looked at the headers: a body
+        // refused for its declared length is then not cut off mid-upload
+        // (which would lose the answer to a reset).
+        .args(["-H", "Expect: 100-continue"])
         .args(["-H", "Content-Type: application/json", "--data-binary"])
         .arg(format!("@{}", file.path().display()))
         .arg(format!("https://{addr}{path}"))
@@ -1336,6 +1340,11 @@ async fn the_endpoint_takes_64_maximum_bodies_at_once_within_its_memory_limit_an
         large * 8 < limit,
         "the limit leaves room for pods 8 times as large"
     );
+    let small = stillpoint_controller::kube::webhook::SMALL_BODY;
+    assert!(
+        large as u64 * 2 < small,
+        "pods twice as large still take their turn apart from large bodies ({small} bytes)"
+    );
     // Over the limit: refused before it is read.
     let (code, message) = post(
         &shared.addr,
@@ -1402,7 +1411,18 @@ async fn the_endpoint_takes_64_maximum_bodies_at_once_within_its_memory_limit_an
                 &Patch::Apply(&manifest),
             )
             .await
-            .unwrap_or_else(|e| panic!("a real pod refused during the flood: {e}"));
+            .unwrap_or_else(|e| {
+                let logs = shared.controller.logs();
+                let tail: Vec<&str> = logs
+                    .lines()
+                    .filter(|l| l.contains("pod=\"during\"") || l.contains("busy"))
+                    .collect();
+                panic!(
+                    "a real pod refused during the flood: {e}\nthe endpoint's last reviews \
+                     of it and refusals as busy:\n{}",
+                    tail[tail.len().saturating_sub(40)..].join("\n")
+                )
+            });
         assert_eq!(agent_of(&dry).len(), 1, "injected during the flood");
         admitted += 1;
     }
