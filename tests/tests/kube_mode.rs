@@ -3554,3 +3554,83 @@ async fn a_cut_the_storage_fails_at_first_is_waited_for_not_failed() {
         assert!(s.members.iter().all(|m| !m.volume_snapshots.is_empty()));
     }
 }
+
+/// A controller that starts over many GroupBackups (a first list of about a
+/// second, so every reconcile waits for the cache at once) reconciles its
+/// groups, its old backups and a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_started_over_a_thousand_backups_reconciles_every_group_and_backup() {
+    use futures_util::{StreamExt, TryStreamExt, stream};
+    let space = Space::new("many").await;
+    let ns = space.ns.clone();
+    let groups = ["g0", "g1", "g2", "g3"];
+    for g in groups {
+        space
+            .apply(&format!(
+                "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: {g}, namespace: {ns}}}\n\
+                 spec: {{members: [{{name: db, selector: {{matchLabels: {{app: {g}}}}}}}], snapshot: {{driver: csi}}}}"
+            ))
+            .await;
+    }
+    let count = 1000;
+    let api = space.backups();
+    stream::iter(0..count)
+        .map(|i| {
+            let api = api.clone();
+            let g = groups[i % groups.len()];
+            async move {
+                let name = format!("{g}-b{i:04}");
+                let backup: GroupBackup = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "stillpoint.dev/v1alpha1", "kind": "GroupBackup",
+                    "metadata": {"name": name}, "spec": {"group": g},
+                }))?;
+                api.create(&Default::default(), &backup).await?;
+                let status = serde_json::json!({
+                    "apiVersion": "stillpoint.dev/v1alpha1", "kind": "GroupBackup",
+                    "status": {"phase": "Succeeded", "backupId": name,
+                        "completionTime": format!("2026-01-01T00:{:02}:{:02}.000000Z", i / 60 % 60, i % 60)},
+                });
+                api.patch_status(&name, &PatchParams::apply("tests").force(), &Patch::Apply(&status))
+                    .await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await
+        .unwrap();
+    let controller = space.controller("many-a", "many-lease").await;
+    // Each group's newest successful backup, as the cache sees them.
+    let newest = |g: &str| {
+        (0..count)
+            .filter(|i| groups[i % groups.len()] == g)
+            .max_by_key(|i| (i / 60 % 60, i % 60))
+            .map(|i| format!("{g}-b{i:04}"))
+    };
+    let groups_api = space.groups();
+    wait_async("every group reconciled", BOUND, || {
+        let groups_api = groups_api.clone();
+        async move {
+            let listed = groups_api.list(&ListParams::default()).await?;
+            Ok(listed.items.iter().all(|g| {
+                let status = g.status.as_ref();
+                status.and_then(|s| s.observed_generation) == g.metadata.generation
+                    && status.and_then(|s| s.last_successful_backup.clone())
+                        == newest(&g.name_any())
+            }))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        let logs = controller.logs();
+        let tail: Vec<&str> = logs.lines().rev().take(30).collect();
+        panic!(
+            "{e}: the controller's last lines (newest first):\n{}",
+            tail.join("\n")
+        )
+    });
+    // A new backup is taken up (the group has no pods: it fails, and says so).
+    let fresh = space.backup("fresh", "g0").await;
+    let status = fresh.status.unwrap();
+    assert_eq!(status.phase, Some(BackupPhase::Failed), "{status:?}");
+}

@@ -20,11 +20,11 @@ use futures_util::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::watch;
@@ -87,6 +87,8 @@ pub enum ControllerError {
          given up, so another replica leads; this one exits to be restarted"
     )]
     ReconcilersStopped(String),
+    #[error("this controller context already ran; a process leads once")]
+    AlreadyRan,
     #[error("{0}")]
     Kube(#[from] kube::Error),
 }
@@ -119,6 +121,59 @@ pub struct Context {
     recorder: Recorder,
     /// Backups and quiesces running in this process, by uid.
     pub(crate) live: Mutex<BTreeMap<String, Live>>,
+    /// Every GroupBackup, as the backup reconciler's watch sees them:
+    /// groups, backups and schedules read a namespace's backups here
+    /// instead of listing them on every reconcile. Set by the one
+    /// leadership term of the process.
+    backups: std::sync::OnceLock<BackupCache>,
+}
+
+/// A reflector's store of GroupBackups whose readiness any number of
+/// readers may await.
+///
+/// A reflector of its own, ready when its stream says `InitDone`, not the
+/// backup Controller's store and not `Store::wait_until_ready`:
+/// kube-runtime's `DelayedInit` polls one `futures` oneshot receiver,
+/// which keeps only the waker of its latest poll, so of several waiting at
+/// once only the last is woken. The Controller's own runner waits on its
+/// store that way, so any reader waiting beside it could leave the
+/// Controller held for good; and reconciles waiting on a store of their
+/// own lost their wakeups likewise. Both were seen: a controller started
+/// over 1,000 GroupBackups (a first list of about a second) reconciled
+/// nothing. A `tokio::sync::watch` wakes every reader.
+#[derive(Debug, Clone)]
+pub(crate) struct BackupCache {
+    store: Store<GroupBackup>,
+    ready: watch::Receiver<bool>,
+}
+
+impl BackupCache {
+    /// The cache, and the future that fills it from `events` (a watcher's
+    /// stream), to be driven beside the reconcilers.
+    pub(crate) fn reflect(
+        events: impl futures_util::Stream<Item = watcher::Result<watcher::Event<GroupBackup>>>
+        + Send
+        + 'static,
+    ) -> (BackupCache, impl Future<Output = ()> + Send + 'static) {
+        let (store, writer) = reflector::store();
+        let (tx, ready) = watch::channel(false);
+        let driver = reflector::reflector(writer, events).for_each(move |event| {
+            match event {
+                Ok(watcher::Event::InitDone) => {
+                    let _ = tx.send(true);
+                }
+                Err(e) => tracing::warn!("watching GroupBackups: {e}"),
+                Ok(_) => {}
+            }
+            std::future::ready(())
+        });
+        (BackupCache { store, ready }, driver)
+    }
+
+    /// Waits for the first full list; fails if the watch ended before it.
+    pub(crate) async fn ready(&self) -> Result<(), watch::error::RecvError> {
+        self.ready.clone().wait_for(|r| *r).await.map(|_| ())
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -136,6 +191,7 @@ impl Context {
             instance: Some(settings.identity.clone()),
         };
         Arc::new(Context {
+            backups: std::sync::OnceLock::new(),
             resolver: Resolver {
                 client: client.clone(),
                 tls: tls.clone(),
@@ -149,19 +205,19 @@ impl Context {
         })
     }
 
-    /// The GroupBackups of namespace `ns`, listed from the API server.
-    ///
-    /// Not from a reflector's cache: in the lab, a watch's first list of
-    /// more GroupBackups than about 500 was measured never to complete
-    /// (paginated, or in one page of 2,000), leaving every reader waiting;
-    /// a namespace's list is what worked at 2,000 (`controller_scale`).
+    /// The GroupBackups of namespace `ns` from the watch cache (waits for
+    /// its first full list). The cache may lag the API by a watch event:
+    /// callers decide nothing irreversible from an object's absence.
     pub(crate) async fn backups_in(
         &self,
         ns: &str,
     ) -> Result<Vec<Arc<GroupBackup>>, ReconcileError> {
-        let api: Api<GroupBackup> = Api::namespaced(self.client.clone(), ns);
-        let list = api.list(&ListParams::default()).await?;
-        Ok(list.items.into_iter().map(Arc::new).collect())
+        let stopped = || ReconcileError("the GroupBackup watch is not running".into());
+        let cache = self.backups.get().ok_or_else(stopped)?;
+        cache.ready().await.map_err(|_| stopped())?;
+        Ok(cache
+            .store
+            .state_filter(|b| b.metadata.namespace.as_deref() == Some(ns)))
     }
 
     pub(crate) async fn event<K: Resource<DynamicType = ()>>(
@@ -760,6 +816,9 @@ pub async fn run(
     mut shutdown: watch::Receiver<Option<String>>,
     ready: watch::Sender<bool>,
 ) -> Result<(), ControllerError> {
+    if ctx.backups.get().is_some() {
+        return Err(ControllerError::AlreadyRan);
+    }
     let lease = LeaderLease::new(ctx.client.clone(), ctx.settings.clone());
     let renew = (ctx.settings.lease_duration / 3).max(Duration::from_millis(200));
     // Wait to lead.
@@ -816,6 +875,14 @@ pub async fn run(
         .run(reconcile_group, retry, ctx.clone())
         .for_each(|_| async {});
     let backups: Api<GroupBackup> = ctx.settings.api(&ctx.client);
+    let (cache, backup_cache) = BackupCache::reflect(
+        watcher(backups.clone(), watcher::Config::default())
+            .default_backoff()
+            .take_until(stopped(stop_rx.clone())),
+    );
+    ctx.backups
+        .set(cache)
+        .map_err(|_| ControllerError::AlreadyRan)?;
     let backup_controller = Controller::new(backups, watcher::Config::default())
         .graceful_shutdown_on(stopped(stop_rx.clone()))
         .run(reconcile_backup, retry, ctx.clone())
@@ -837,6 +904,7 @@ pub async fn run(
         .for_each(|_| async {});
     let mut reconcilers = tokio::spawn(async move {
         tokio::join!(
+            backup_cache,
             group_controller,
             backup_controller,
             quiesce_controller,
@@ -905,6 +973,52 @@ pub fn stopped_because(ended: Result<(), tokio::task::JoinError>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// How many of `readers` waiting at once are woken by a first list.
+    async fn woken_of<F: Future<Output = ()> + Send + 'static>(
+        readers: usize,
+        wait: impl Fn(Store<GroupBackup>, BackupCache) -> F,
+    ) -> usize {
+        // kube's own store, filled by hand.
+        let (store, mut writer) = reflector::store::<GroupBackup>();
+        // The cache, filled from a stream fed here.
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let events = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|event| (event, rx))
+        });
+        let (cache, driver) = BackupCache::reflect(events);
+        tokio::spawn(driver);
+        let waiting: Vec<_> = (0..readers)
+            .map(|_| tokio::spawn(wait(store.clone(), cache.clone())))
+            .collect();
+        // Every reader has polled (and parked) before the list comes in.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for event in [watcher::Event::Init, watcher::Event::InitDone] {
+            writer.apply_watcher_event(&event);
+            tx.send(Ok(event)).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        waiting.iter().filter(|w| w.is_finished()).count()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kube_store_wakes_only_the_last_of_readers_waiting_at_once() {
+        // Why `BackupCache` exists: if this ever wakes them all, it may go.
+        let woken = woken_of(20, |store, _| async move {
+            let _ = store.wait_until_ready().await;
+        })
+        .await;
+        assert!(woken < 20, "kube's store woke all of 20 waiting readers");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_reader_waiting_for_the_backup_cache_is_woken() {
+        let woken = woken_of(20, |_, cache| async move {
+            cache.ready().await.unwrap();
+        })
+        .await;
+        assert_eq!(woken, 20, "readers woken when the first list came in");
+    }
 
     #[tokio::test]
     async fn a_panic_in_one_reconciler_ends_them_all_and_says_why() {
