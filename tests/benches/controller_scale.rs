@@ -286,13 +286,22 @@ fn main() -> Result<()> {
     let kib = |v: &serde_json::Value| format!("{:.1} MiB", v.as_f64().unwrap_or(0.0) / 1024.0);
     let r = &result;
     println!(
-        "GROUPS   SCHEDULES  BACKUPS  FIRST PASS  RECONCILE P50 P99          RSS         RSS PEAK    CPU/S      BACKUP LISTS/MIN"
+        "{:<8} {:<10} {:<8} {:<11} {:<13} {:<12} {:<11} {:<11} {:<10} BACKUP LISTS/MIN",
+        "GROUPS",
+        "SCHEDULES",
+        "BACKUPS",
+        "FIRST PASS",
+        "RECONCILE P50",
+        "P99",
+        "RSS",
+        "RSS PEAK",
+        "CPU S/S"
     );
     println!(
         "{:<8} {:<10} {:<8} {:<11} {:<13} {:<12} {:<11} {:<11} {:<10} {:.1}",
-        r["groups"],
-        r["schedules"],
-        r["backups"],
+        r["groups"].to_string(),
+        r["schedules"].to_string(),
+        r["backups"].to_string(),
         format!("{:.1} s", r["first_pass_s"].as_f64().unwrap_or(0.0)),
         format!("{:.1} ms", r["reconcile_ms"]["p50"].as_f64().unwrap_or(0.0)),
         format!("{:.1} ms", r["reconcile_ms"]["p99"].as_f64().unwrap_or(0.0)),
