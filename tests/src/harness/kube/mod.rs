@@ -536,6 +536,12 @@ impl KubeLab {
                 "--leader-election=false".into(),
                 "--immediate-topology=false".into(),
                 "--extra-create-metadata".into(),
+                // As for the snapshotter: client-go's 5 requests/s and
+                // retries backing off to 5 minutes left a PVC unbound for
+                // over 2 minutes while four tests made PVCs at once.
+                "--kube-api-qps=200".into(),
+                "--kube-api-burst=400".into(),
+                "--retry-interval-max=2s".into(),
             ],
         )?;
         Ok(())
