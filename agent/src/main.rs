@@ -1,5 +1,5 @@
 //! stillpoint-agent: wiring only. Configuration comes from `STILLPOINT_*`
-//! environment variables (see `config.rs` and the README); a bad
+//! environment variables (see `config.rs` and `docs/src/agent.md`); a bad
 //! configuration exits 64 after listing every problem.
 
 use std::process::ExitCode;
@@ -116,7 +116,7 @@ fn print_help() {
     println!(
         "stillpoint-agent {}\n\n\
          Holds one database member's freeze under a lease and serves the agent API over mTLS.\n\
-         Configured only by environment variables (see the README for each key's meaning):\n",
+         Configured only by environment variables (see docs/src/agent.md for each key's meaning):\n",
         env!("CARGO_PKG_VERSION")
     );
     for key in config::ALL_KEYS {

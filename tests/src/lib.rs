@@ -6,4 +6,5 @@
 //! the clusters shared by a test binary are torn down when it exits.
 #![deny(unsafe_code)]
 
+pub mod docs;
 pub mod harness;

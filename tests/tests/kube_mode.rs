@@ -3634,3 +3634,31 @@ async fn a_controller_started_over_a_thousand_backups_reconciles_every_group_and
     let status = fresh.status.unwrap();
     assert_eq!(status.phase, Some(BackupPhase::Failed), "{status:?}");
 }
+
+/// Every YAML example of the book and of `deploy/examples/` is accepted by
+/// the API server with the CRDs installed (a server-side dry run with
+/// strict field validation, in this test's namespace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_yaml_example_in_the_docs_and_deploy_is_accepted_by_the_api_server() {
+    let space = Space::new("docs").await;
+    let mut examples = stillpoint_tests::docs::yaml_examples();
+    let dir = stillpoint_tests::docs::book().join("../deploy/examples");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+            if !value.is_null() {
+                examples.push((path.display().to_string(), value));
+            }
+        }
+    }
+    assert!(examples.len() >= 10, "{} examples", examples.len());
+    for (at, mut value) in examples {
+        value["metadata"]["namespace"] = serde_json::json!(space.ns);
+        let yaml = serde_yaml::to_string(&value).unwrap();
+        if let Err(e) = space.lab.validate_yaml(&space.admin, &yaml).await {
+            panic!("{at}: the API server refuses {}: {e:#}", value["kind"]);
+        }
+    }
+}

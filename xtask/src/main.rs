@@ -1,4 +1,5 @@
-//! `cargo xtask demo` and `cargo xtask test`: the README's two commands.
+//! `cargo xtask demo` and `cargo xtask test`: the README's two commands;
+//! `cargo xtask docs`: the book in `docs/`, built into `target/book`.
 //!
 //! Both first make sure this machine has what they need: the Debian
 //! packages of the real servers and tools (installed with `apt-get` when
@@ -37,13 +38,15 @@ const PYTHON_MODULES: &[(&str, &str)] = &[("mockupdb", "mockupdb"), ("pymongo", 
 const USAGE: &str =
     "usage: cargo xtask demo [--backups N]   install what is missing, build, run the demo
        cargo xtask test [ARGS...]      install what is missing, run the whole test suite
-                                       (ARGS go to `cargo test --workspace`)";
+                                       (ARGS go to `cargo test --workspace`)
+       cargo xtask docs                build the book in docs/ into target/book";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let result = match args.next().as_deref() {
         Some("demo") => demo(args.collect()),
         Some("test") => test(args.collect()),
+        Some("docs") => docs(),
         Some("-h" | "--help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
@@ -208,4 +211,17 @@ fn test(args: Vec<String>) -> Result<(), String> {
     python_modules()?;
     kubernetes_lab()?;
     run(cargo().args(["test", "--workspace"]).args(args))
+}
+
+/// Builds the book (`docs/book.toml` puts it in `target/book`).
+fn docs() -> Result<(), String> {
+    let book = mdbook::MDBook::load(workspace().join("docs"))
+        .map_err(|e| format!("loading the book in docs/: {e:#}"))?;
+    book.build()
+        .map_err(|e| format!("building the book: {e:#}"))?;
+    eprintln!(
+        "xtask: the book is in {}",
+        workspace().join("target/book/index.html").display()
+    );
+    Ok(())
 }

@@ -665,18 +665,17 @@ metadata:
     /// run: the API server validates it (schema, admission) and keeps
     /// nothing.
     pub async fn dry_run_yaml(&self, client: &kube::Client, yaml: &str) -> Result<DynamicObject> {
-        let (api, object) = dynamic(client, yaml).await?;
-        let name = object
-            .metadata
-            .name
-            .clone()
-            .context("the document has no name")?;
+        let params = kube::api::PatchParams::apply("stillpoint-tests").force();
+        dry_apply(client, yaml, params).await
+    }
+
+    /// The same with strict field validation: a field the kind does not
+    /// have is refused, not dropped.
+    pub async fn validate_yaml(&self, client: &kube::Client, yaml: &str) -> Result<DynamicObject> {
         let params = kube::api::PatchParams::apply("stillpoint-tests")
             .force()
-            .dry_run();
-        Ok(api
-            .patch(&name, &params, &kube::api::Patch::Apply(&object))
-            .await?)
+            .validation_strict();
+        dry_apply(client, yaml, params).await
     }
 
     async fn wait_default_service_account(&self) -> Result<()> {
@@ -848,6 +847,23 @@ impl Drop for KubeLab {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// A server-side apply of `yaml`'s object with `params`, as a dry run.
+async fn dry_apply(
+    client: &kube::Client,
+    yaml: &str,
+    params: kube::api::PatchParams,
+) -> Result<DynamicObject> {
+    let (api, object) = dynamic(client, yaml).await?;
+    let name = object
+        .metadata
+        .name
+        .clone()
+        .context("the document has no name")?;
+    Ok(api
+        .patch(&name, &params.dry_run(), &kube::api::Patch::Apply(&object))
+        .await?)
 }
 
 /// Polls an async `check` until it returns true, at most `bound`.
