@@ -23,6 +23,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
@@ -100,6 +101,12 @@ pub struct ReconcileError(String);
 
 impl From<kube::Error> for ReconcileError {
     fn from(e: kube::Error) -> Self {
+        ReconcileError(e.to_string())
+    }
+}
+
+impl From<kube::runtime::finalizer::Error<ReconcileError>> for ReconcileError {
+    fn from(e: kube::runtime::finalizer::Error<ReconcileError>) -> Self {
         ReconcileError(e.to_string())
     }
 }
@@ -342,27 +349,6 @@ async fn reconcile_group(
     Ok(Action::requeue(ctx.settings.resync))
 }
 
-/// Adds or removes the finalizer (a merge of the whole list).
-async fn set_finalizer(
-    api: &Api<GroupBackup>,
-    backup: &GroupBackup,
-    present: bool,
-) -> Result<(), kube::Error> {
-    let mut finalizers: Vec<String> = backup.finalizers().to_vec();
-    finalizers.retain(|f| f != FINALIZER);
-    if present {
-        finalizers.push(FINALIZER.into());
-    }
-    let patch = json!({ "metadata": { "finalizers": finalizers, "resourceVersion": backup.resource_version() } });
-    api.patch(
-        &backup.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
-    Ok(())
-}
-
 /// The snapshotter of a group.
 async fn snapshotter(
     ctx: &Context,
@@ -438,79 +424,90 @@ async fn fail(
     Ok(Action::await_change())
 }
 
+/// A GroupBackup's reconcile, on kube-rs's finalizer (added before
+/// anything is made; removed once what the backup made is gone).
 async fn reconcile_backup(
     backup: Arc<GroupBackup>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
-    let ns = backup.namespace().unwrap_or_default();
-    let name = backup.name_any();
-    let uid = backup.uid().unwrap_or_default();
-    let api: Api<GroupBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<GroupBackup> =
+        Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
+    finalizer(&api, FINALIZER, backup, |event| async {
+        match event {
+            FinalizerEvent::Apply(backup) => backup_step(backup, &ctx).await,
+            FinalizerEvent::Cleanup(backup) => cleanup_backup(&backup, &ctx).await,
+        }
+    })
+    .await
+    .map_err(ReconcileError::from)
+}
+
+/// The backup's state machine: an ended backup rests; one running here is
+/// left to its task; one that was running elsewhere is failed (its
+/// controller is gone); a pending one is taken.
+async fn backup_step(
+    backup: Arc<GroupBackup>,
+    ctx: &Arc<Context>,
+) -> Result<Action, ReconcileError> {
     let phase = backup
         .status
         .as_ref()
         .and_then(|s| s.phase)
         .unwrap_or_default();
-
-    if backup.metadata.deletion_timestamp.is_some() {
-        if !backup.finalizers().iter().any(|f| f == FINALIZER) {
-            return Ok(Action::await_change());
-        }
-        let live = ctx.live.lock().unwrap().get(&uid).map(|l| {
-            let _ = l
-                .cancel
-                .send(Some(format!("GroupBackup {name} was deleted")));
-            l.done.clone()
-        });
-        if let Some(mut done) = live {
-            let _ = done.wait_for(|d| *d).await;
-        }
-        if backup.spec.deletion_policy == DeletionPolicy::Delete {
-            delete_snapshots(&ctx, &backup)
-                .await
-                .map_err(ReconcileError)?;
-        }
-        set_finalizer(&api, &backup, false).await?;
-        return Ok(Action::await_change());
-    }
-    if phase.is_final() {
-        return Ok(Action::await_change());
-    }
-    if ctx.live.lock().unwrap().contains_key(&uid) {
+    let uid = backup.uid().unwrap_or_default();
+    if phase.is_final() || ctx.live.lock().unwrap().contains_key(&uid) {
         return Ok(Action::await_change());
     }
     if matches!(phase, BackupPhase::Running | BackupPhase::Finalizing) {
-        // Running, but not here: the controller that ran it is gone.
-        let by = backup
-            .status
-            .as_ref()
-            .and_then(|s| s.run_by.clone())
-            .unwrap_or_default();
-        let message = format!(
-            "the controller running this backup ({by}) stopped before it ended; its members thawed \
-             when their lease ran out, and its partial snapshots were deleted"
-        );
-        if let Err(e) = delete_snapshots(&ctx, &backup).await {
-            return Err(ReconcileError(format!(
-                "deleting the partial snapshots of {name}: {e}"
-            )));
-        }
-        return fail(&ctx, &backup, "ControllerRestarted", message).await;
+        return orphaned(&backup, ctx).await;
     }
-    // Pending: take it.
-    if !backup.finalizers().iter().any(|f| f == FINALIZER) {
-        set_finalizer(&api, &backup, true).await?;
-        return Ok(Action::await_change());
+    take(backup, ctx).await
+}
+
+/// Deleted: stops a run of it here, then deletes its snapshots (policy
+/// `Delete`).
+async fn cleanup_backup(backup: &GroupBackup, ctx: &Context) -> Result<Action, ReconcileError> {
+    let uid = backup.uid().unwrap_or_default();
+    let live = ctx.live.lock().unwrap().get(&uid).map(|l| {
+        let why = format!("GroupBackup {} was deleted", backup.name_any());
+        let _ = l.cancel.send(Some(why));
+        l.done.clone()
+    });
+    if let Some(mut done) = live {
+        let _ = done.wait_for(|d| *d).await;
     }
-    let groups: Api<ConsistencyGroup> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(group) = groups.get_opt(&backup.spec.group).await? else {
-        let message = format!(
-            "ConsistencyGroup {} does not exist in namespace {ns}",
-            backup.spec.group
-        );
-        return fail(&ctx, &backup, "GroupNotFound", message).await;
-    };
-    // One backup of a group at a time.
+    if backup.spec.deletion_policy == DeletionPolicy::Delete {
+        delete_snapshots(ctx, backup)
+            .await
+            .map_err(ReconcileError)?;
+    }
+    Ok(Action::await_change())
+}
+
+/// Running, but not here: the controller that ran it is gone.
+async fn orphaned(backup: &GroupBackup, ctx: &Context) -> Result<Action, ReconcileError> {
+    let by = backup
+        .status
+        .as_ref()
+        .and_then(|s| s.run_by.clone())
+        .unwrap_or_default();
+    let message = format!(
+        "the controller running this backup ({by}) stopped before it ended; its members thawed \
+         when their lease ran out, and its partial snapshots were deleted"
+    );
+    if let Err(e) = delete_snapshots(ctx, backup).await {
+        return Err(ReconcileError(format!(
+            "deleting the partial snapshots of {}: {e}",
+            backup.name_any()
+        )));
+    }
+    fail(ctx, backup, "ControllerRestarted", message).await
+}
+
+/// Whether another backup of the same group is running (here, or by its
+/// status).
+async fn group_busy(backup: &GroupBackup, ctx: &Context) -> Result<bool, ReconcileError> {
+    let ns = backup.namespace().unwrap_or_default();
     let key = (ns.clone(), backup.spec.group.clone());
     let others = ctx.backups_in(&ns).await?;
     let running_elsewhere = others.iter().any(|b| {
@@ -522,122 +519,209 @@ async fn reconcile_backup(
                 Some(BackupPhase::Running | BackupPhase::Finalizing)
             )
     });
-    let busy = running_elsewhere || ctx.live.lock().unwrap().values().any(|l| l.group == key);
-    let writer = StatusWriter::new(ctx.client.clone(), &backup);
-    let generation = backup.metadata.generation;
-    if busy {
+    Ok(running_elsewhere || ctx.live.lock().unwrap().values().any(|l| l.group == key))
+}
+
+/// Says once that the backup waits for another of its group.
+async fn wait_for_group(backup: &GroupBackup, ctx: &Context) -> Result<Action, ReconcileError> {
+    let message = format!(
+        "another backup of group {} is running; this one starts when it ends",
+        backup.spec.group
+    );
+    let waiting = backup
+        .status
+        .as_ref()
+        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Waiting"));
+    if !waiting {
+        let generation = backup.metadata.generation;
+        StatusWriter::new(ctx.client.clone(), backup)
+            .update(|s| {
+                s.phase = Some(BackupPhase::Pending);
+                set_condition(
+                    &mut s.conditions,
+                    "Waiting",
+                    true,
+                    "GroupBusy",
+                    &message,
+                    generation,
+                );
+            })
+            .await?;
+        ctx.event(backup, false, "Waiting", message).await;
+    }
+    Ok(Action::requeue(Duration::from_secs(1)))
+}
+
+/// A pending backup: checks its group, waits its turn, makes its
+/// artefacts' Secret, resolves the group, then starts it.
+async fn take(backup: Arc<GroupBackup>, ctx: &Arc<Context>) -> Result<Action, ReconcileError> {
+    let ns = backup.namespace().unwrap_or_default();
+    let groups: Api<ConsistencyGroup> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(group) = groups.get_opt(&backup.spec.group).await? else {
         let message = format!(
-            "another backup of group {} is running; this one starts when it ends",
-            key.1
+            "ConsistencyGroup {} does not exist in namespace {ns}",
+            backup.spec.group
         );
-        let waiting = backup
-            .status
-            .as_ref()
-            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Waiting"));
-        if !waiting {
-            writer
-                .update(|s| {
-                    s.phase = Some(BackupPhase::Pending);
-                    set_condition(
-                        &mut s.conditions,
-                        "Waiting",
-                        true,
-                        "GroupBusy",
-                        &message,
-                        generation,
-                    );
-                })
-                .await?;
-            ctx.event(&*backup, false, "Waiting", message).await;
-        }
-        return Ok(Action::requeue(Duration::from_secs(1)));
+        return fail(ctx, &backup, "GroupNotFound", message).await;
+    };
+    if group_busy(&backup, ctx).await? {
+        return wait_for_group(&backup, ctx).await;
     }
     // Before anything freezes: the artefacts' Secret is this backup's to
     // create, never a stranger's to adopt.
+    let writer = StatusWriter::new(ctx.client.clone(), &backup);
     if let Err(why) = writer.create_artefacts_secret().await? {
-        return fail(&ctx, &backup, "ArtefactsSecretExists", why).await;
+        return fail(ctx, &backup, "ArtefactsSecretExists", why).await;
     }
     let resolution = ctx.resolver.resolve(&group).await;
     let Some(spec) = resolution.spec.clone() else {
         let p = &resolution.protectable;
-        let message = format!("group {} cannot be protected: {}", key.1, p.message);
-        return fail(&ctx, &backup, &p.reason, message).await;
+        let message = format!(
+            "group {} cannot be protected: {}",
+            group.name_any(),
+            p.message
+        );
+        return fail(ctx, &backup, &p.reason, message).await;
     };
     let owner = Owner {
-        namespace: ns.clone(),
-        backup: name.clone(),
-        group: key.1.clone(),
-        uid: uid.clone(),
+        namespace: ns,
+        backup: backup.name_any(),
+        group: backup.spec.group.clone(),
+        uid: backup.uid().unwrap_or_default(),
     };
-    let snapshotter = match snapshotter(&ctx, &group, owner, resolution.atomic).await {
+    let snapshotter = match snapshotter(ctx, &group, owner, resolution.atomic).await {
         Ok(s) => s,
-        Err(e) => return fail(&ctx, &backup, "NoSnapshotClass", e).await,
+        Err(e) => return fail(ctx, &backup, "NoSnapshotClass", e).await,
     };
-    let (cancel, mut cancelled) = watch::channel(None::<String>);
-    let (finished, done) = watch::channel(false);
+    let run = Run::new(&backup, spec, snapshotter, writer);
+    start(backup, ctx, resolution, run).await
+}
+
+/// Registers the run here, records `Running` with its members, and runs
+/// the protocol in a task of its own.
+async fn start(
+    backup: Arc<GroupBackup>,
+    ctx: &Arc<Context>,
+    resolution: Resolution,
+    run: Run,
+) -> Result<Action, ReconcileError> {
+    let key = (
+        backup.namespace().unwrap_or_default(),
+        backup.spec.group.clone(),
+    );
+    let uid = backup.uid().unwrap_or_default();
     {
         let mut live = ctx.live.lock().unwrap();
         if live.values().any(|l| l.group == key) {
             return Ok(Action::requeue(Duration::from_secs(1)));
         }
+        let group = key.clone();
+        let (cancel, done) = (run.cancel.clone(), run.done.clone());
         live.insert(
-            uid.clone(),
+            uid,
             Live {
-                group: key.clone(),
+                group,
                 cancel,
                 done,
             },
         );
     }
-    let members: Vec<(String, String)> = resolution
-        .members
-        .iter()
-        .map(|m| (m.pod.clone(), m.name.clone()))
-        .collect();
-    writer.set_members(
-        resolution
-            .members
-            .iter()
-            .map(|m| (m.pod.clone(), (m.name.clone(), m.workload.clone())))
-            .collect(),
-    );
-    writer
-        .update(|s| {
-            s.phase = Some(BackupPhase::Running);
-            s.backup_id = Some(name.clone());
-            s.run_by = Some(ctx.settings.identity.clone());
-            s.start_time = Some(now());
-            s.snapshotter = Some(snapshotter.name().to_string());
-            if snapshotter.name() == "csi-group" {
-                s.volume_group_snapshot = Some(name.clone());
-            }
-            s.conditions.retain(|c| c.type_ != "Waiting");
-            s.members = members
+    run.record_running(ctx, &resolution).await?;
+    let count = resolution.members.len();
+    let message = format!("backing up {count} members of group {}", key.1);
+    ctx.event(&*backup, false, "Running", message).await;
+    tokio::spawn(run.go(ctx.clone()));
+    Ok(Action::await_change())
+}
+
+/// A backup's protocol run, in its own task.
+struct Run {
+    backup: GroupBackup,
+    spec: crate::core::model::GroupSpec,
+    snapshotter: Box<dyn Snapshotter>,
+    writer: StatusWriter,
+    /// Cancels the run (deletion, shutdown) with why.
+    cancel: watch::Sender<Option<String>>,
+    cancelled: watch::Receiver<Option<String>>,
+    finished: watch::Sender<bool>,
+    done: watch::Receiver<bool>,
+}
+
+impl Run {
+    fn new(
+        backup: &GroupBackup,
+        spec: crate::core::model::GroupSpec,
+        snapshotter: Box<dyn Snapshotter>,
+        writer: StatusWriter,
+    ) -> Run {
+        let (cancel, cancelled) = watch::channel(None::<String>);
+        let (finished, done) = watch::channel(false);
+        let backup = backup.clone();
+        Run {
+            backup,
+            spec,
+            snapshotter,
+            writer,
+            cancel,
+            cancelled,
+            finished,
+            done,
+        }
+    }
+
+    /// Records `Running`: who runs it, its snapshotter and its members.
+    async fn record_running(
+        &self,
+        ctx: &Context,
+        resolution: &Resolution,
+    ) -> Result<(), ReconcileError> {
+        let (name, snapshotter) = (self.backup.name_any(), &self.snapshotter);
+        self.writer.set_members(
+            resolution
+                .members
                 .iter()
-                .map(|(pod, member)| crate::kube::crd::BackupMember {
-                    pod: pod.clone(),
-                    member: Some(member.clone()),
-                    workload: resolution
-                        .members
-                        .iter()
-                        .find(|m| &m.pod == pod)
-                        .and_then(|m| m.workload.clone()),
-                    ..Default::default()
-                })
-                .collect();
-        })
-        .await?;
-    ctx.event(
-        &*backup,
-        false,
-        "Running",
-        format!("backing up {} members of group {}", members.len(), key.1),
-    )
-    .await;
-    let task_ctx = ctx.clone();
-    let backup_obj = (*backup).clone();
-    tokio::spawn(async move {
-        let ctx = task_ctx;
+                .map(|m| (m.pod.clone(), (m.name.clone(), m.workload.clone())))
+                .collect(),
+        );
+        self.writer
+            .update(|s| {
+                s.phase = Some(BackupPhase::Running);
+                s.backup_id = Some(name.clone());
+                s.run_by = Some(ctx.settings.identity.clone());
+                s.start_time = Some(now());
+                s.snapshotter = Some(snapshotter.name().to_string());
+                if snapshotter.name() == "csi-group" {
+                    s.volume_group_snapshot = Some(name.clone());
+                }
+                s.conditions.retain(|c| c.type_ != "Waiting");
+                s.members = resolution
+                    .members
+                    .iter()
+                    .map(|m| crate::kube::crd::BackupMember {
+                        pod: m.pod.clone(),
+                        member: Some(m.name.clone()),
+                        workload: m.workload.clone(),
+                        ..Default::default()
+                    })
+                    .collect();
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Runs the protocol, records the outcome and its Event, and leaves.
+    async fn go(self, ctx: Arc<Context>) {
+        let Run {
+            backup,
+            spec,
+            snapshotter,
+            writer,
+            mut cancelled,
+            finished,
+            ..
+        } = self;
+        let (ns, name) = (backup.namespace().unwrap_or_default(), backup.name_any());
+        let uid = backup.uid().unwrap_or_default();
         let cancel = async move {
             let _ = cancelled.wait_for(|c| c.is_some()).await;
             cancelled.borrow().clone().unwrap_or_default()
@@ -651,36 +735,17 @@ async fn reconcile_backup(
             store: Arc::new(writer.clone()),
         };
         let result = ctx.protocol.run(job, cancel).await;
-        let generation = backup_obj.metadata.generation;
-        let (phase, reason, message) = match &result {
-            Ok(m) => (
-                BackupPhase::Succeeded,
-                "Succeeded".to_string(),
-                format!(
-                    "{} members cut at one consistent point; freeze window {}",
-                    m.members.len(),
-                    m.freeze_window_us
-                        .map(crate::kube::store::format_us)
-                        .unwrap_or_default()
-                ),
-            ),
-            Err(e) => (
-                match e.manifest.outcome {
-                    crate::core::record::Outcome::Aborted => BackupPhase::Aborted,
-                    _ => BackupPhase::Failed,
-                },
-                e.kind().reason().to_string(),
-                e.cause.clone(),
-            ),
-        };
+        let (phase, reason, message) = outcome(&result);
+        let generation = backup.metadata.generation;
         let applied = writer
             .update(|s| {
                 s.phase = Some(phase);
                 s.completion_time = Some(now());
+                let ok = phase == BackupPhase::Succeeded;
                 set_condition(
                     &mut s.conditions,
                     "Completed",
-                    phase == BackupPhase::Succeeded,
+                    ok,
                     &reason,
                     &message,
                     generation,
@@ -690,17 +755,38 @@ async fn reconcile_backup(
         if let Err(e) = applied {
             tracing::error!(backup = %name, "recording the outcome: {e}");
         }
-        ctx.event(
-            &backup_obj,
-            phase != BackupPhase::Succeeded,
-            phase.as_str(),
-            message,
-        )
-        .await;
+        let failed = phase != BackupPhase::Succeeded;
+        ctx.event(&backup, failed, phase.as_str(), message).await;
         ctx.live.lock().unwrap().remove(&uid);
         let _ = finished.send(true);
-    });
-    Ok(Action::await_change())
+    }
+}
+
+/// A run's phase, reason and message.
+fn outcome(
+    result: &Result<crate::core::record::Manifest, crate::core::protocol::BackupError>,
+) -> (BackupPhase, String, String) {
+    match result {
+        Ok(m) => (
+            BackupPhase::Succeeded,
+            "Succeeded".to_string(),
+            format!(
+                "{} members cut at one consistent point; freeze window {}",
+                m.members.len(),
+                m.freeze_window_us
+                    .map(crate::kube::store::format_us)
+                    .unwrap_or_default()
+            ),
+        ),
+        Err(e) => (
+            match e.manifest.outcome {
+                crate::core::record::Outcome::Aborted => BackupPhase::Aborted,
+                _ => BackupPhase::Failed,
+            },
+            e.kind().reason().to_string(),
+            e.cause.clone(),
+        ),
+    }
 }
 
 fn retry<K>(_: Arc<K>, error: &ReconcileError, _: Arc<Context>) -> Action {
