@@ -227,6 +227,18 @@ impl Context {
             .state_filter(|b| b.metadata.namespace.as_deref() == Some(ns)))
     }
 
+    /// Cancels what this process runs for `uid` (a backup, a quiesce)
+    /// with `why`, and waits until it has ended.
+    pub(crate) async fn stop_live(&self, uid: &str, why: String) {
+        let live = self.live.lock().unwrap().get(uid).map(|l| {
+            let _ = l.cancel.send(Some(why));
+            l.done.clone()
+        });
+        if let Some(mut done) = live {
+            let _ = done.wait_for(|d| *d).await;
+        }
+    }
+
     pub(crate) async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -467,15 +479,8 @@ async fn backup_step(
 /// Deleted: stops a run of it here, then deletes its snapshots (policy
 /// `Delete`).
 async fn cleanup_backup(backup: &GroupBackup, ctx: &Context) -> Result<Action, ReconcileError> {
-    let uid = backup.uid().unwrap_or_default();
-    let live = ctx.live.lock().unwrap().get(&uid).map(|l| {
-        let why = format!("GroupBackup {} was deleted", backup.name_any());
-        let _ = l.cancel.send(Some(why));
-        l.done.clone()
-    });
-    if let Some(mut done) = live {
-        let _ = done.wait_for(|d| *d).await;
-    }
+    let why = format!("GroupBackup {} was deleted", backup.name_any());
+    ctx.stop_live(&backup.uid().unwrap_or_default(), why).await;
     if backup.spec.deletion_policy == DeletionPolicy::Delete {
         delete_snapshots(ctx, backup)
             .await

@@ -11,19 +11,20 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
-use serde_json::json;
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use stillpoint_proto::PositionExt;
 use tokio::sync::watch;
 
-use crate::core::holder::{freeze_all, hold_id};
+use crate::core::holder::{Holder, freeze_all, hold_id};
 use crate::core::model::AgentEndpoint;
 use crate::kube::controller::{Context, Live, ReconcileError, now};
 use crate::kube::crd::{
     ConsistencyGroup, GroupQuiesce, GroupQuiesceStatus, QUIESCE_FINALIZER, QuiescePhase,
-    QuiescedMember,
+    QuiescedMember, ResolvedMember,
 };
+use crate::kube::resolve::Resolution;
 use crate::kube::store::set_condition;
 
 /// The longest hold a GroupQuiesce may ask for.
@@ -37,27 +38,6 @@ async fn apply_status(
     status: &GroupQuiesceStatus,
 ) -> Result<(), kube::Error> {
     crate::kube::store::apply_status(api, name, "GroupQuiesce", status).await
-}
-
-async fn set_finalizer(
-    api: &Api<GroupQuiesce>,
-    q: &GroupQuiesce,
-    present: bool,
-) -> Result<(), kube::Error> {
-    let mut finalizers: Vec<String> = q.finalizers().to_vec();
-    finalizers.retain(|f| f != QUIESCE_FINALIZER);
-    if present {
-        finalizers.push(QUIESCE_FINALIZER.into());
-    }
-    let patch =
-        json!({"metadata": {"finalizers": finalizers, "resourceVersion": q.resource_version()}});
-    api.patch(
-        &q.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
-    Ok(())
 }
 
 /// Ends a quiesce that never held anything, or whose holder is gone.
@@ -100,29 +80,27 @@ fn parse(text: &str, what: &str) -> Result<Duration, String> {
         })
 }
 
+/// A GroupQuiesce's reconcile, on kube-rs's finalizer (added before
+/// anything freezes; removed once the hold has thawed).
 pub async fn reconcile(q: Arc<GroupQuiesce>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
-    let ns = q.namespace().unwrap_or_default();
-    let name = q.name_any();
-    let uid = q.uid().unwrap_or_default();
-    let api: Api<GroupQuiesce> = Api::namespaced(ctx.client.clone(), &ns);
-    let phase = q.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
+    let api: Api<GroupQuiesce> =
+        Api::namespaced(ctx.client.clone(), &q.namespace().unwrap_or_default());
+    finalizer(&api, QUIESCE_FINALIZER, q, |event| async {
+        match event {
+            FinalizerEvent::Apply(q) => step(q, &ctx).await,
+            FinalizerEvent::Cleanup(q) => cleanup(&q, &ctx).await,
+        }
+    })
+    .await
+    .map_err(ReconcileError::from)
+}
 
-    if q.metadata.deletion_timestamp.is_some() {
-        if !q.finalizers().iter().any(|f| f == QUIESCE_FINALIZER) {
-            return Ok(Action::await_change());
-        }
-        let live = ctx.live.lock().unwrap().get(&uid).map(|l| {
-            let _ = l
-                .cancel
-                .send(Some(format!("GroupQuiesce {name} was deleted")));
-            l.done.clone()
-        });
-        if let Some(mut done) = live {
-            let _ = done.wait_for(|d| *d).await;
-        }
-        set_finalizer(&api, &q, false).await?;
-        return Ok(Action::await_change());
-    }
+/// The quiesce's state machine: an ended one rests; one held here is left
+/// to its task; one held elsewhere failed with its controller; a pending
+/// one is taken.
+async fn step(q: Arc<GroupQuiesce>, ctx: &Arc<Context>) -> Result<Action, ReconcileError> {
+    let phase = q.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
+    let uid = q.uid().unwrap_or_default();
     if phase.is_final() || ctx.live.lock().unwrap().contains_key(&uid) {
         return Ok(Action::await_change());
     }
@@ -132,45 +110,76 @@ pub async fn reconcile(q: Arc<GroupQuiesce>, ctx: Arc<Context>) -> Result<Action
             .as_ref()
             .and_then(|s| s.run_by.clone())
             .unwrap_or_default();
-        return end(
-            &ctx,
-            &q,
-            QuiescePhase::Failed,
-            "ControllerRestarted",
-            format!(
-                "the controller holding this quiesce ({by}) stopped; its members thawed when their lease ran out"
-            ),
-        )
-        .await;
+        let m = format!(
+            "the controller holding this quiesce ({by}) stopped; its members thawed when their \
+             lease ran out"
+        );
+        return end(ctx, &q, QuiescePhase::Failed, "ControllerRestarted", m).await;
     }
-    if !q.finalizers().iter().any(|f| f == QUIESCE_FINALIZER) {
-        set_finalizer(&api, &q, true).await?;
-        return Ok(Action::await_change());
-    }
+    take(q, ctx).await
+}
+
+/// Deleted: thaws a hold of it here and waits until it has.
+async fn cleanup(q: &GroupQuiesce, ctx: &Context) -> Result<Action, ReconcileError> {
+    let why = format!("GroupQuiesce {} was deleted", q.name_any());
+    ctx.stop_live(&q.uid().unwrap_or_default(), why).await;
+    Ok(Action::await_change())
+}
+
+/// What a quiesce asks for, read and checked: its duration, its group and
+/// the lease.
+struct Asked {
+    duration: Duration,
+    group: ConsistencyGroup,
+    ttl: Duration,
+}
+
+/// Reads the spec and the group; `Err` is the reason and message the
+/// quiesce fails with.
+async fn asked(
+    q: &GroupQuiesce,
+    ctx: &Context,
+) -> Result<Result<Asked, (&'static str, String)>, ReconcileError> {
+    let invalid = |m: String| Ok(Err(("InvalidSpec", m)));
     let duration = match parse(&q.spec.duration, "duration") {
         Ok(d) if d <= MAX_DURATION => d,
         Ok(_) => {
-            let m = format!("spec.duration {:?} is longer than 24h", q.spec.duration);
-            return end(&ctx, &q, QuiescePhase::Failed, "InvalidSpec", m).await;
+            return invalid(format!(
+                "spec.duration {:?} is longer than 24h",
+                q.spec.duration
+            ));
         }
-        Err(m) => return end(&ctx, &q, QuiescePhase::Failed, "InvalidSpec", m).await,
+        Err(m) => return invalid(m),
     };
+    let ns = q.namespace().unwrap_or_default();
     let groups: Api<ConsistencyGroup> = Api::namespaced(ctx.client.clone(), &ns);
     let Some(group) = groups.get_opt(&q.spec.group).await? else {
         let m = format!(
             "ConsistencyGroup {} does not exist in namespace {ns}",
             q.spec.group
         );
-        return end(&ctx, &q, QuiescePhase::Failed, "GroupNotFound", m).await;
+        return Ok(Err(("GroupNotFound", m)));
     };
     let ttl = match q.spec.ttl.as_deref().or(group.spec.lease_ttl.as_deref()) {
         Some(t) => match parse(t, "ttl") {
             Ok(d) => d,
-            Err(m) => return end(&ctx, &q, QuiescePhase::Failed, "InvalidSpec", m).await,
+            Err(m) => return invalid(m),
         },
         None => DEFAULT_TTL,
     };
-    let resolution = ctx.resolver.resolve(&group).await;
+    Ok(Ok(Asked {
+        duration,
+        group,
+        ttl,
+    }))
+}
+
+/// The resolved members the quiesce targets, each with a reachable agent;
+/// `Err` is the reason and message the quiesce fails with.
+fn targets(
+    q: &GroupQuiesce,
+    resolution: &Resolution,
+) -> Result<Vec<ResolvedMember>, (&'static str, String)> {
     let targets: Vec<_> = resolution
         .members
         .iter()
@@ -190,7 +199,7 @@ pub async fn reconcile(q: Arc<GroupQuiesce>, ctx: Arc<Context>) -> Result<Action
                 q.spec.group, resolution.resolved.message
             ),
         };
-        return end(&ctx, &q, QuiescePhase::Failed, "MemberNotFound", m).await;
+        return Err(("MemberNotFound", m));
     }
     if let Some(m) = targets
         .iter()
@@ -200,16 +209,46 @@ pub async fn reconcile(q: Arc<GroupQuiesce>, ctx: Arc<Context>) -> Result<Action
             "pod {} has no reachable agent: {}",
             m.pod, resolution.resolved.message
         );
-        return end(&ctx, &q, QuiescePhase::Failed, "NoAgent", message).await;
+        return Err(("NoAgent", message));
     }
+    Ok(targets)
+}
 
-    // Freeze every target in parallel; any refusal thaws the others.
-    let (cancel, mut cancelled) = watch::channel(None::<String>);
+/// A pending quiesce: reads what it asks, resolves its targets, freezes
+/// them and holds.
+async fn take(q: Arc<GroupQuiesce>, ctx: &Arc<Context>) -> Result<Action, ReconcileError> {
+    let asked = match asked(&q, ctx).await? {
+        Ok(asked) => asked,
+        Err((reason, m)) => return end(ctx, &q, QuiescePhase::Failed, reason, m).await,
+    };
+    let resolution = ctx.resolver.resolve(&asked.group).await;
+    let targets = match targets(&q, &resolution) {
+        Ok(targets) => targets,
+        Err((reason, m)) => return end(ctx, &q, QuiescePhase::Failed, reason, m).await,
+    };
+    hold(q, ctx, asked, targets).await
+}
+
+/// Freezes every target in parallel (any refusal thaws the others),
+/// records `Frozen`, and holds in a task of its own.
+async fn hold(
+    q: Arc<GroupQuiesce>,
+    ctx: &Arc<Context>,
+    asked: Asked,
+    targets: Vec<ResolvedMember>,
+) -> Result<Action, ReconcileError> {
+    let (ns, name, uid) = (
+        q.namespace().unwrap_or_default(),
+        q.name_any(),
+        q.uid().unwrap_or_default(),
+    );
+    let (cancel, cancelled) = watch::channel(None::<String>);
     let (finished, done) = watch::channel(false);
+    let group = (ns.clone(), format!("quiesce:{}", q.spec.group));
     ctx.live.lock().unwrap().insert(
         uid.clone(),
         Live {
-            group: (ns.clone(), format!("quiesce:{}", q.spec.group)),
+            group,
             cancel,
             done,
         },
@@ -226,6 +265,7 @@ pub async fn reconcile(q: Arc<GroupQuiesce>, ctx: Arc<Context>) -> Result<Action
         })
         .collect();
     let tls = &ctx.resolver.tls;
+    let (duration, ttl) = (asked.duration, asked.ttl);
     let holders = match freeze_all(tls, &agents, |m| format!("pod {}", m.pod), &id, ttl).await {
         Ok(holders) => holders,
         Err(errors) => {
@@ -235,55 +275,102 @@ pub async fn reconcile(q: Arc<GroupQuiesce>, ctx: Arc<Context>) -> Result<Action
                 "the freeze was refused; nothing is left frozen: {}",
                 errors.join("; ")
             );
-            return end(&ctx, &q, QuiescePhase::Failed, "FreezeFailed", m).await;
+            return end(ctx, &q, QuiescePhase::Failed, "FreezeFailed", m).await;
         }
     };
-    let until = k8s_openapi::jiff::Timestamp::now()
-        .checked_add(k8s_openapi::jiff::SignedDuration::try_from(duration).unwrap_or_default())
-        .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now());
-    let mut status = GroupQuiesceStatus {
-        observed_generation: q.metadata.generation,
-        phase: Some(QuiescePhase::Frozen),
-        run_by: Some(ctx.settings.identity.clone()),
-        frozen_at: Some(now()),
-        until: Some(MicroTime(until)),
-        members: holders
-            .iter()
-            .map(|(m, h)| QuiescedMember {
-                pod: m.pod.clone(),
-                member: Some(m.name.clone()),
-                position: h.frozen.position.as_ref().map(PositionExt::display),
-            })
-            .collect(),
-        ..q.status.clone().unwrap_or_default()
+    let held = Held {
+        q: (*q).clone(),
+        holders,
+        duration,
+        cancelled,
+        finished,
     };
-    let message = format!(
-        "{} member(s) of group {} frozen for {duration:?} (lease {ttl:?})",
-        holders.len(),
-        q.spec.group
-    );
-    set_condition(
-        &mut status.conditions,
-        "Frozen",
-        true,
-        "Held",
-        &message,
-        q.metadata.generation,
-    );
-    if let Err(e) = apply_status(&api, &name, &status).await {
-        for (_, h) in holders {
-            let _ = h.thaw(false).await;
+    match held.record_frozen(ctx, ttl).await {
+        Ok(held) => {
+            tokio::spawn(held.go(ctx.clone()));
+            Ok(Action::await_change())
         }
-        ctx.live.lock().unwrap().remove(&uid);
-        let _ = finished.send(true);
-        return Err(e.into());
+        Err(e) => Err(e),
     }
-    ctx.event(&*q, false, "Frozen", message).await;
+}
 
-    // Hold until the end, a cancel (deletion, shutdown) or a lost hold.
-    let mut q_obj = (*q).clone();
-    q_obj.status = Some(status);
-    tokio::spawn(async move {
+/// A quiesce holding its members, in its own task.
+struct Held {
+    q: GroupQuiesce,
+    holders: Vec<(ResolvedMember, Holder)>,
+    duration: Duration,
+    cancelled: watch::Receiver<Option<String>>,
+    finished: watch::Sender<bool>,
+}
+
+impl Held {
+    /// Records `Frozen` with each member's position, and its Event; if the
+    /// status cannot be written, thaws everything and gives up.
+    async fn record_frozen(mut self, ctx: &Context, ttl: Duration) -> Result<Held, ReconcileError> {
+        let duration = self.duration;
+        let until = k8s_openapi::jiff::Timestamp::now()
+            .checked_add(k8s_openapi::jiff::SignedDuration::try_from(duration).unwrap_or_default())
+            .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now());
+        let q = &self.q;
+        let mut status = GroupQuiesceStatus {
+            observed_generation: q.metadata.generation,
+            phase: Some(QuiescePhase::Frozen),
+            run_by: Some(ctx.settings.identity.clone()),
+            frozen_at: Some(now()),
+            until: Some(MicroTime(until)),
+            members: self
+                .holders
+                .iter()
+                .map(|(m, h)| QuiescedMember {
+                    pod: m.pod.clone(),
+                    member: Some(m.name.clone()),
+                    position: h.frozen.position.as_ref().map(PositionExt::display),
+                })
+                .collect(),
+            ..q.status.clone().unwrap_or_default()
+        };
+        let message = format!(
+            "{} member(s) of group {} frozen for {duration:?} (lease {ttl:?})",
+            self.holders.len(),
+            q.spec.group
+        );
+        let generation = q.metadata.generation;
+        set_condition(
+            &mut status.conditions,
+            "Frozen",
+            true,
+            "Held",
+            &message,
+            generation,
+        );
+        let api: Api<GroupQuiesce> =
+            Api::namespaced(ctx.client.clone(), &q.namespace().unwrap_or_default());
+        if let Err(e) = apply_status(&api, &q.name_any(), &status).await {
+            for (_, h) in self.holders {
+                let _ = h.thaw(false).await;
+            }
+            ctx.live
+                .lock()
+                .unwrap()
+                .remove(&q.uid().unwrap_or_default());
+            let _ = self.finished.send(true);
+            return Err(e.into());
+        }
+        ctx.event(q, false, "Frozen", message).await;
+        self.q.status = Some(status);
+        Ok(self)
+    }
+
+    /// Holds until the end, a cancel (deletion, shutdown) or a lost hold;
+    /// then thaws and records how it ended.
+    async fn go(self, ctx: Arc<Context>) {
+        let Held {
+            q,
+            holders,
+            duration,
+            mut cancelled,
+            finished,
+        } = self;
         let lost = async {
             loop {
                 if let Some((m, why)) = holders
@@ -319,14 +406,13 @@ pub async fn reconcile(q: Arc<GroupQuiesce>, ctx: Arc<Context>) -> Result<Action
                     .to_string(),
             ),
         };
-        if let Err(e) = end(&ctx, &q_obj, phase, reason, message).await {
-            tracing::warn!("writing the end of GroupQuiesce {}: {e}", q_obj.name_any());
+        if let Err(e) = end(&ctx, &q, phase, reason, message).await {
+            tracing::warn!("writing the end of GroupQuiesce {}: {e}", q.name_any());
         }
         ctx.live
             .lock()
             .unwrap()
-            .remove(&q_obj.uid().unwrap_or_default());
+            .remove(&q.uid().unwrap_or_default());
         let _ = finished.send(true);
-    });
-    Ok(Action::await_change())
+    }
 }
