@@ -148,53 +148,97 @@ pub async fn reconcile(
     bs: Arc<BackupSchedule>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
-    let ns = bs.namespace().unwrap_or_default();
-    let name = bs.name_any();
-    let api: Api<BackupSchedule> = Api::namespaced(ctx.client.clone(), &ns);
+    let api: Api<BackupSchedule> =
+        Api::namespaced(ctx.client.clone(), &bs.namespace().unwrap_or_default());
     let mut status = bs.status.clone().unwrap_or_default();
     status.observed_generation = bs.metadata.generation;
-    let generation = bs.metadata.generation;
     let schedule = match schedule_of(&bs, ctx.settings.min_schedule_interval) {
         Ok(s) => s,
-        Err(message) => {
-            let already = status
-                .conditions
-                .iter()
-                .any(|c| c.type_ == "Valid" && c.status == "False" && c.message == message);
-            set_condition(
-                &mut status.conditions,
-                "Valid",
-                false,
-                "InvalidSpec",
-                &message,
-                generation,
-            );
-            status.next_schedule_time = None;
-            apply_status(&api, &name, &status).await?;
-            if !already {
-                ctx.event(&*bs, true, "InvalidSpec", message).await;
-            }
-            return Ok(Action::await_change());
-        }
+        Err(message) => return invalid(&bs, &ctx, status, message).await,
     };
+    let generation = bs.metadata.generation;
+    let valid = "the schedule is valid";
     set_condition(
         &mut status.conditions,
         "Valid",
         true,
         "Valid",
-        "the schedule is valid",
+        valid,
         generation,
     );
+    let all = ctx.backups_in(&bs.namespace().unwrap_or_default()).await?;
+    let own = own_backups(&bs, &all, &schedule);
+    summarize(&mut status, &own);
+    prune(&bs, &ctx, &own, &schedule).await?;
+    let now = Utc::now();
+    if schedule.suspend {
+        status.next_schedule_time = None;
+        apply_status(&api, &bs.name_any(), &status).await?;
+        return Ok(Action::requeue(RESYNC));
+    }
+    let firing = firing_of(&bs, &status, &schedule, now);
+    report_missed(&bs, &ctx, &firing).await;
+    if firing.fire {
+        fire(&bs, &ctx, &all, &schedule, now, &mut status).await?;
+    }
+    if let Some(at) = firing.record {
+        status.last_schedule_time = Some(micro(at));
+    }
+    let next = schedule.next_after(now);
+    status.next_schedule_time = next.map(micro);
+    apply_status(&api, &bs.name_any(), &status).await?;
+    let wait = next
+        .and_then(|n| (n - Utc::now()).to_std().ok())
+        .unwrap_or(RESYNC)
+        .clamp(Duration::from_millis(100), RESYNC);
+    Ok(Action::requeue(wait))
+}
 
-    // The schedule's own backups, and every backup of the group.
-    let backups: Api<GroupBackup> = Api::namespaced(ctx.client.clone(), &ns);
-    let all = ctx.backups_in(&ns).await?;
-    let uid = bs.uid().unwrap_or_default();
-    let own: Vec<&GroupBackup> = all
+/// A spec that cannot be read: `Valid=False` with why (an Event once).
+async fn invalid(
+    bs: &BackupSchedule,
+    ctx: &Context,
+    mut status: BackupScheduleStatus,
+    message: String,
+) -> Result<Action, ReconcileError> {
+    let already = status
+        .conditions
         .iter()
+        .any(|c| c.type_ == "Valid" && c.status == "False" && c.message == message);
+    let generation = bs.metadata.generation;
+    set_condition(
+        &mut status.conditions,
+        "Valid",
+        false,
+        "InvalidSpec",
+        &message,
+        generation,
+    );
+    status.next_schedule_time = None;
+    let api: Api<BackupSchedule> =
+        Api::namespaced(ctx.client.clone(), &bs.namespace().unwrap_or_default());
+    apply_status(&api, &bs.name_any(), &status).await?;
+    if !already {
+        ctx.event(bs, true, "InvalidSpec", message).await;
+    }
+    Ok(Action::await_change())
+}
+
+/// The schedule's own backups among a namespace's.
+fn own_backups<'a>(
+    bs: &BackupSchedule,
+    all: &'a [Arc<GroupBackup>],
+    schedule: &Schedule,
+) -> Vec<&'a GroupBackup> {
+    let uid = bs.uid().unwrap_or_default();
+    all.iter()
         .map(|b| &**b)
         .filter(|b| made_by(b, &uid, &schedule.group))
-        .collect();
+        .collect()
+}
+
+/// Its backups that have not ended, and its newest successful one.
+fn summarize(status: &mut BackupScheduleStatus, own: &[&GroupBackup]) {
     status.active = own
         .iter()
         .filter(|b| !ended(b) && b.metadata.deletion_timestamp.is_none())
@@ -208,8 +252,16 @@ pub async fn reconcile(
         })
         .max_by_key(|b| (created(b), b.name_any()))
         .map(|b| b.name_any());
+}
 
-    // Retention, among the backups that have ended.
+/// Retention, among its backups that have ended.
+async fn prune(
+    bs: &BackupSchedule,
+    ctx: &Context,
+    own: &[&GroupBackup],
+    schedule: &Schedule,
+) -> Result<(), ReconcileError> {
+    let name = bs.name_any();
     let manifests: Vec<_> = own
         .iter()
         .filter(|b| ended(b) && b.metadata.deletion_timestamp.is_none())
@@ -219,29 +271,29 @@ pub async fn reconcile(
             m
         })
         .collect();
+    let backups: Api<GroupBackup> =
+        Api::namespaced(ctx.client.clone(), &bs.namespace().unwrap_or_default());
     let now_time = time::OffsetDateTime::now_utc();
     for doomed in select(&manifests, &name, schedule.retention, now_time) {
         match backups.delete(&doomed, &DeleteParams::default()).await {
             Ok(_) => {
-                ctx.event(
-                    &*bs,
-                    false,
-                    "Pruned",
-                    format!("deleted GroupBackup {doomed} (retention)"),
-                )
-                .await
+                let message = format!("deleted GroupBackup {doomed} (retention)");
+                ctx.event(bs, false, "Pruned", message).await
             }
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e.into()),
         }
     }
+    Ok(())
+}
 
-    let now = Utc::now();
-    if schedule.suspend {
-        status.next_schedule_time = None;
-        apply_status(&api, &name, &status).await?;
-        return Ok(Action::requeue(RESYNC));
-    }
+/// Whether a run is due now, and how many were missed.
+fn firing_of(
+    bs: &BackupSchedule,
+    status: &BackupScheduleStatus,
+    schedule: &Schedule,
+    now: DateTime<Utc>,
+) -> crate::core::schedule::Firing {
     let last = status.last_schedule_time.as_ref().map(from_micro);
     let firing = match last {
         None if bs.spec.immediate => crate::core::schedule::Firing {
@@ -258,117 +310,101 @@ pub async fn reconcile(
                     .unwrap_or(now)
             });
             let due = schedule.runs_between(since, now, 10_000);
-            decide(
-                &due,
-                now,
-                chrono::Duration::from_std(ON_TIME).unwrap_or_default(),
-                schedule.missed,
-            )
+            let on_time = chrono::Duration::from_std(ON_TIME).unwrap_or_default();
+            decide(&due, now, on_time, schedule.missed)
         }
     };
     tracing::debug!(
-        schedule = %format!("{ns}/{name}"),
+        schedule = %format!("{}/{}", bs.namespace().unwrap_or_default(), bs.name_any()),
         fire = firing.fire,
         missed = firing.missed,
         "schedule reconciled"
     );
-    let m: &Metrics = metrics();
-    if firing.missed > 0 {
-        m.schedule_missed
-            .get_or_create(&Metrics::schedule(Some(&ns), &name))
-            .inc_by(firing.missed);
-        let what = match firing.fire {
-            true => "one backup is taken now (missed: run-once)",
-            false => "none is taken for them (missed: skip)",
-        };
-        ctx.event(
-            &*bs,
-            true,
-            "Missed",
-            format!(
-                "{} run(s) fell while no controller led; {what}",
-                firing.missed
-            ),
-        )
-        .await;
+    firing
+}
+
+/// Counts and says the runs that fell while no controller led.
+async fn report_missed(bs: &BackupSchedule, ctx: &Context, firing: &crate::core::schedule::Firing) {
+    if firing.missed == 0 {
+        return;
     }
-    if firing.fire {
-        let running = all.iter().find(|b| {
-            b.spec.group == schedule.group && !ended(b) && b.metadata.deletion_timestamp.is_none()
-        });
-        match running {
-            Some(b) => {
-                m.schedule_skips
-                    .get_or_create(&SkipLabels {
-                        namespace: crate::metrics::Namespace::of(Some(&ns)),
-                        schedule: name.clone(),
-                        reason: "overlap".into(),
-                    })
-                    .inc();
-                ctx.event(
-                    &*bs,
-                    true,
-                    "Skipped",
-                    format!(
-                        "a run was skipped: GroupBackup {} of group {} has not ended",
-                        b.name_any(),
-                        schedule.group
-                    ),
-                )
-                .await;
-            }
-            None => {
-                let backup_name = format!("{name}-{}", now.format("%Y%m%d-%H%M%S"));
-                let mut backup = GroupBackup::new(
-                    &backup_name,
-                    GroupBackupSpec {
-                        group: schedule.group.clone(),
-                        deletion_policy: bs.spec.deletion_policy,
-                    },
-                );
-                backup.metadata.labels = Some(
-                    [
-                        (SCHEDULE_LABEL.to_string(), name.clone()),
-                        (SCHEDULE_UID_LABEL.to_string(), uid.clone()),
-                        (GROUP_LABEL.to_string(), schedule.group.clone()),
-                    ]
-                    .into(),
-                );
-                let made = match backups.create(&PostParams::default(), &backup).await {
-                    Ok(_) => Ok(()),
-                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-                    Err(e) => Err(e),
-                };
-                match made {
-                    Ok(()) => {
-                        m.schedule_runs
-                            .get_or_create(&Metrics::schedule(Some(&ns), &name))
-                            .inc();
-                        status.active.push(backup_name.clone());
-                        ctx.event(
-                            &*bs,
-                            false,
-                            "Scheduled",
-                            format!("created GroupBackup {backup_name}"),
-                        )
-                        .await;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
+    let ns = bs.namespace().unwrap_or_default();
+    metrics()
+        .schedule_missed
+        .get_or_create(&Metrics::schedule(Some(&ns), &bs.name_any()))
+        .inc_by(firing.missed);
+    let what = match firing.fire {
+        true => "one backup is taken now (missed: run-once)",
+        false => "none is taken for them (missed: skip)",
+    };
+    let message = format!(
+        "{} run(s) fell while no controller led; {what}",
+        firing.missed
+    );
+    ctx.event(bs, true, "Missed", message).await;
+}
+
+/// A run: skipped while a backup of the group has not ended, else a new
+/// GroupBackup.
+async fn fire(
+    bs: &BackupSchedule,
+    ctx: &Context,
+    all: &[Arc<GroupBackup>],
+    schedule: &Schedule,
+    now: DateTime<Utc>,
+    status: &mut BackupScheduleStatus,
+) -> Result<(), ReconcileError> {
+    let (ns, name) = (bs.namespace().unwrap_or_default(), bs.name_any());
+    let running = all.iter().find(|b| {
+        b.spec.group == schedule.group && !ended(b) && b.metadata.deletion_timestamp.is_none()
+    });
+    if let Some(b) = running {
+        metrics()
+            .schedule_skips
+            .get_or_create(&SkipLabels {
+                namespace: crate::metrics::Namespace::of(Some(&ns)),
+                schedule: name.clone(),
+                reason: "overlap".into(),
+            })
+            .inc();
+        let message = format!(
+            "a run was skipped: GroupBackup {} of group {} has not ended",
+            b.name_any(),
+            schedule.group
+        );
+        ctx.event(bs, true, "Skipped", message).await;
+        return Ok(());
     }
-    if let Some(at) = firing.record {
-        status.last_schedule_time = Some(micro(at));
+    let backup_name = format!("{name}-{}", now.format("%Y%m%d-%H%M%S"));
+    let mut backup = GroupBackup::new(
+        &backup_name,
+        GroupBackupSpec {
+            group: schedule.group.clone(),
+            deletion_policy: bs.spec.deletion_policy,
+        },
+    );
+    backup.metadata.labels = Some(
+        [
+            (SCHEDULE_LABEL.to_string(), name.clone()),
+            (SCHEDULE_UID_LABEL.to_string(), bs.uid().unwrap_or_default()),
+            (GROUP_LABEL.to_string(), schedule.group.clone()),
+        ]
+        .into(),
+    );
+    let backups: Api<GroupBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    match backups.create(&PostParams::default(), &backup).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e.into()),
     }
-    let next = schedule.next_after(now);
-    status.next_schedule_time = next.map(micro);
-    apply_status(&api, &name, &status).await?;
-    let wait = next
-        .and_then(|n| (n - Utc::now()).to_std().ok())
-        .unwrap_or(RESYNC)
-        .clamp(Duration::from_millis(100), RESYNC);
-    Ok(Action::requeue(wait))
+    metrics()
+        .schedule_runs
+        .get_or_create(&Metrics::schedule(Some(&ns), &name))
+        .inc();
+    status.active.push(backup_name.clone());
+    let message = format!("created GroupBackup {backup_name}");
+    ctx.event(bs, false, "Scheduled", message).await;
+    Ok(())
 }
 
 #[cfg(test)]
