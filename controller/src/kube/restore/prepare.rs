@@ -1,0 +1,227 @@
+//! Step 4, prepare: WAL and `backup_label` into a PostgreSQL member's restored
+//! volumes, by the agent in restore mode run as a pod.
+
+use k8s_openapi::api::core::v1::{Pod, PodSecurityContext, SecurityContext};
+use kube::api::DeleteParams;
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+use super::plan::Planned;
+use super::run::Run;
+use super::workloads::not_ready_because;
+use super::{PREPARE_ARTEFACTS, PREPARE_CPU_REQUEST, PREPARE_MEMORY, PREPARE_WAL, Stop, stop};
+use crate::kube::crd::RESTORE_UID_LABEL;
+
+/// The preparation pod's security contexts: who the database runs as (so
+/// the restored files are its), and what Pod Security `restricted` asks:
+/// not root, no privilege escalation, no capability, the runtime's seccomp
+/// profile, a read-only root filesystem.
+pub(super) fn restricted(
+    pod: Option<PodSecurityContext>,
+    container: Option<SecurityContext>,
+) -> (Value, Value) {
+    let object = |v: Result<Value, serde_json::Error>| {
+        v.ok().filter(Value::is_object).unwrap_or_else(|| json!({}))
+    };
+    let mut pod = object(serde_json::to_value(pod));
+    pod["runAsNonRoot"] = json!(true);
+    pod["seccompProfile"] = json!({"type": "RuntimeDefault"});
+    let mut container = object(serde_json::to_value(container));
+    container["runAsNonRoot"] = json!(true);
+    container["allowPrivilegeEscalation"] = json!(false);
+    container["readOnlyRootFilesystem"] = json!(true);
+    container["capabilities"] = json!({"drop": ["ALL"]});
+    (pod, container)
+}
+
+impl Run {
+    /// 4. WAL and `backup_label` in before PostgreSQL starts.
+    pub(super) async fn prepare(
+        &mut self,
+        planned: &[Planned],
+        bound: Duration,
+    ) -> Result<(), Stop> {
+        for p in planned.iter().filter(|p| p.needs_label()) {
+            // Prepared by an earlier run of this restore: never twice.
+            let phase = self.member(&p.rec.pod).phase.as_str();
+            if matches!(phase, "Prepared" | "Starting" | "Ready") {
+                continue;
+            }
+            let pod = self.prepare_pod(p).await?;
+            let name = pod.name_any();
+            let pods = self.w.pods.clone();
+            match pods.get_opt(&name).await? {
+                // An earlier restore's pod of that name is not this one's:
+                // wait for it to go (it goes with its restore).
+                Some(old) if old.labels().get(RESTORE_UID_LABEL) != Some(&self.uid()) => {
+                    return Err(stop(
+                        "PodExists",
+                        format!(
+                            "pod {name} exists and was not made by this restore (an earlier one of the same \
+                             name?); it goes with its own restore: delete it, or retry in a moment"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    pods.create(&Default::default(), &pod).await?;
+                }
+            }
+            let outcome = self
+                .wait(bound, || {
+                    let (pods, name) = (pods.clone(), name.clone());
+                    async move {
+                        let pod = pods.get(&name).await?;
+                        let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+                        match phase.as_str() {
+                            "Succeeded" => Ok(None),
+                            "Failed" => Err(stop(
+                                "PrepareFailed",
+                                format!(
+                                    "preparing a restored data directory: the agent in restore mode failed \
+                                     ({}); see `kubectl logs {name}`",
+                                    not_ready_because(&pod)
+                                ),
+                            )),
+                            _ => Ok(Some(not_ready_because(&pod))),
+                        }
+                    }
+                })
+                .await?;
+            if let Some(why) = outcome {
+                return Err(stop(
+                    "PrepareTimedOut",
+                    format!("pod {name} did not finish preparing within {bound:?}: {why}"),
+                ));
+            }
+            let _ = pods.delete(&name, &DeleteParams::default()).await;
+            let _ = self
+                .pvcs
+                .delete(&self.wal_claim(p), &DeleteParams::default())
+                .await;
+            let m = self.member(&p.rec.pod);
+            m.phase = "Prepared".into();
+            m.message = Some("WAL and backup_label written by the agent in restore mode".into());
+            self.save().await?;
+            let note = format!(
+                "pod {}: restored data directory prepared to start from its backup_label",
+                p.rec.pod
+            );
+            self.ctx.event(&self.restore, false, "Prepared", note).await;
+        }
+        Ok(())
+    }
+
+    /// The pod that runs the agent in restore mode on `p`'s volumes.
+    pub(super) async fn prepare_pod(&self, p: &Planned) -> Result<Pod, Stop> {
+        let data_dir = p.rec.data_directory.clone().unwrap_or_default();
+        // The volume holding the data directory, and the directory in it.
+        let (holder, relative) = p
+            .volumes
+            .iter()
+            .filter_map(|(v, claim)| {
+                let mount = v.mount_path.clone()?;
+                let rel = std::path::Path::new(&data_dir).strip_prefix(&mount).ok()?;
+                Some(((v.clone(), claim.clone()), rel.display().to_string()))
+            })
+            .max_by_key(|((v, _), _)| v.mount_path.clone().unwrap_or_default().len())
+            .ok_or_else(|| {
+                stop(
+                    "NotRestorable",
+                    format!(
+                        "pod {}: no restored volume holds its data directory {data_dir}",
+                        p.rec.pod
+                    ),
+                )
+            })?;
+        // Who the database runs as (the restored files must be its).
+        let template = match &p.target {
+            Some(t) => self.w.get(t).await?.and_then(|i| i.template),
+            None => None,
+        };
+        let pod_security: Option<PodSecurityContext> = template
+            .as_ref()
+            .and_then(|t| t.spec.as_ref())
+            .and_then(|s| s.security_context.clone());
+        let container_security: Option<SecurityContext> = template
+            .as_ref()
+            .and_then(|t| t.spec.as_ref())
+            .and_then(|s| {
+                s.containers
+                    .iter()
+                    .find(|c| {
+                        c.volume_mounts
+                            .iter()
+                            .flatten()
+                            .any(|m| Some(&m.mount_path) == holder.0.mount_path.as_ref())
+                    })
+                    .and_then(|c| c.security_context.clone())
+            })
+            .map(|c| SecurityContext {
+                run_as_user: c.run_as_user,
+                run_as_group: c.run_as_group,
+                run_as_non_root: c.run_as_non_root,
+                ..Default::default()
+            });
+        let wal_from = p
+            .wal_part
+            .as_ref()
+            .map(|_| format!("{PREPARE_WAL}/{}/pg_wal", relative).replace("//", "/"));
+        let secret = format!("{}-artefacts", self.restore.spec.backup);
+        let mut env = vec![
+            json!({"name": "STILLPOINT_RESTORE_DATA_DIR", "value": data_dir}),
+            json!({"name": "STILLPOINT_RESTORE_FROM", "value": PREPARE_ARTEFACTS}),
+            json!({"name": "STILLPOINT_RESTORE_MEMBER", "value": p.rec.pod}),
+        ];
+        if let Some(w) = &wal_from {
+            env.push(json!({"name": "STILLPOINT_RESTORE_WAL_FROM", "value": w}));
+        }
+        let mut mounts = Vec::new();
+        let mut volumes = Vec::new();
+        for (i, (v, claim)) in p.volumes.iter().enumerate() {
+            let Some(mount) = &v.mount_path else { continue };
+            mounts.push(json!({"name": format!("data-{i}"), "mountPath": mount}));
+            volumes.push(
+                json!({"name": format!("data-{i}"), "persistentVolumeClaim": {"claimName": claim}}),
+            );
+        }
+        if p.wal_part.is_some() {
+            mounts.push(json!({"name": "wal", "mountPath": PREPARE_WAL, "readOnly": true}));
+            volumes.push(json!({"name": "wal", "persistentVolumeClaim": {"claimName": self.wal_claim(p), "readOnly": true}}));
+        }
+        mounts.push(json!({"name": "artefacts", "mountPath": PREPARE_ARTEFACTS, "readOnly": true}));
+        volumes.push(
+            json!({"name": "artefacts", "secret": {"secretName": secret, "defaultMode": 0o444}}),
+        );
+        let (pod_security, container_security) = restricted(pod_security, container_security);
+        let pod = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": format!("{}-prepare-{}", self.name, p.rec.pod),
+                "labels": self.labels(),
+                "ownerReferences": self.restore.controller_owner_ref(&()).into_iter().collect::<Vec<_>>(),
+            },
+            "spec": {
+                "restartPolicy": "Never",
+                "automountServiceAccountToken": false,
+                "securityContext": pod_security,
+                "containers": [{
+                    "name": "restore",
+                    "image": self.ctx.settings.agent_image,
+                    "args": ["restore"],
+                    "env": env,
+                    "securityContext": container_security,
+                    "resources": {
+                        "requests": {"cpu": PREPARE_CPU_REQUEST, "memory": PREPARE_MEMORY},
+                        "limits": {"memory": PREPARE_MEMORY},
+                    },
+                    "volumeMounts": mounts,
+                }],
+                "volumes": volumes,
+            },
+        });
+        serde_json::from_value(pod).map_err(|e| stop("InvalidSpec", e.to_string()))
+    }
+}
