@@ -145,42 +145,50 @@ async fn finish(run: &mut Run, outcome: Result<usize, Stop>) -> Result<(), kube:
 }
 
 pub async fn reconcile(r: Arc<GroupRestore>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
-    let ns = r.namespace().unwrap_or_default();
-    let name = r.name_any();
     let uid = r.uid().unwrap_or_default();
     let phase = r.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
     if r.metadata.deletion_timestamp.is_some() {
         if let Some(l) = ctx.live.lock().unwrap().get(&uid) {
-            let _ = l
-                .cancel
-                .send(Some(format!("GroupRestore {name} was deleted")));
+            let why = format!("GroupRestore {} was deleted", r.name_any());
+            let _ = l.cancel.send(Some(why));
         }
         return Ok(Action::await_change());
     }
     if phase.is_final() || ctx.live.lock().unwrap().contains_key(&uid) {
         return Ok(Action::await_change());
     }
-    let api: Api<GroupRestore> = Api::namespaced(ctx.client.clone(), &ns);
+    let (run, cancelled, finished) = begin(&r, &ctx).await?;
+    tokio::spawn(go(run, cancelled, finished));
+    Ok(Action::await_change())
+}
+
+/// The restore recorded as `Restoring` and as a run of this process; the
+/// run, its cancel receiver and the sender that says it is over.
+async fn begin(
+    r: &Arc<GroupRestore>,
+    ctx: &Arc<Context>,
+) -> Result<(Run, watch::Receiver<Option<String>>, watch::Sender<bool>), ReconcileError> {
+    let ns = r.namespace().unwrap_or_default();
+    let name = r.name_any();
+    let uid = r.uid().unwrap_or_default();
     let mut status = r.status.clone().unwrap_or_default();
-    let resumed = phase == RestorePhase::Restoring;
+    let resumed = status.phase == Some(RestorePhase::Restoring);
     status.phase = Some(RestorePhase::Restoring);
     if status.start_time.is_none() {
         status.start_time = Some(now());
     }
-    let (cancel, mut cancelled) = watch::channel(None::<String>);
+    let (cancel, cancelled) = watch::channel(None::<String>);
     let (finished, done) = watch::channel(false);
-    ctx.live.lock().unwrap().insert(
-        uid.clone(),
-        Live {
-            group: (ns.clone(), format!("restore:{name}")),
-            cancel,
-            done,
-        },
-    );
+    let live = Live {
+        group: (ns.clone(), format!("restore:{name}")),
+        cancel,
+        done,
+    };
+    ctx.live.lock().unwrap().insert(uid.clone(), live);
     let mut run = Run {
         ctx: ctx.clone(),
-        restore: (*r).clone(),
-        api,
+        restore: (**r).clone(),
+        api: Api::namespaced(ctx.client.clone(), &ns),
         status,
         w: Workloads {
             sts: Api::namespaced(ctx.client.clone(), &ns),
@@ -189,7 +197,7 @@ pub async fn reconcile(r: Arc<GroupRestore>, ctx: Arc<Context>) -> Result<Action
         },
         pvcs: Api::namespaced(ctx.client.clone(), &ns),
         ns,
-        name: name.clone(),
+        name,
     };
     if let Err(e) = run.save().await {
         ctx.live.lock().unwrap().remove(&uid);
@@ -203,45 +211,53 @@ pub async fn reconcile(r: Arc<GroupRestore>, ctx: Arc<Context>) -> Result<Action
         ),
         false => format!("restoring GroupBackup {}", r.spec.backup),
     };
-    ctx.event(&*r, false, "Restoring", note).await;
-    // A GroupRestore has no finalizer (what it made outlives it): its
-    // deletion is seen by looking, and stops the run where it is.
-    let gone = {
-        let (api, name, uid) = (run.api.clone(), run.name.clone(), uid.clone());
-        async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                match api.get_opt(&name).await {
-                    Ok(Some(r))
-                        if r.uid().as_deref() == Some(uid.as_str())
-                            && r.metadata.deletion_timestamp.is_none() => {}
-                    Ok(_) => return,
-                    Err(e) => tracing::debug!(restore = %name, "looking for the GroupRestore: {e}"),
-                }
-            }
+    ctx.event(&**r, false, "Restoring", note).await;
+    Ok((run, cancelled, finished))
+}
+
+/// The run, to its outcome or until it is stopped: cancelled (the
+/// controller is shutting down, or the restore was deleted) or found gone.
+async fn go(
+    mut run: Run,
+    mut cancelled: watch::Receiver<Option<String>>,
+    finished: watch::Sender<bool>,
+) {
+    let uid = run.uid();
+    let gone = gone(run.api.clone(), run.name.clone(), uid.clone());
+    let outcome = tokio::select! {
+        o = run.run() => Some(o),
+        _ = cancelled.wait_for(|c| c.is_some()) => None,
+        _ = gone => {
+            tracing::warn!(restore = %run.name, namespace = %run.ns, "GroupRestore deleted: stopped where it was; the PVCs it made stay");
+            None
         }
     };
-    tokio::spawn(async move {
-        let outcome = tokio::select! {
-            o = run.run() => Some(o),
-            _ = cancelled.wait_for(|c| c.is_some()) => None,
-            _ = gone => {
-                tracing::warn!(restore = %run.name, namespace = %run.ns, "GroupRestore deleted: stopped where it was; the PVCs it made stay");
-                None
-            }
-        };
-        match outcome {
-            // Stopped (deleted, or the controller is shutting down): the
-            // next leader takes it up; a deleted one is gone.
-            None => tracing::info!(restore = %run.name, "restore interrupted"),
-            Some(o) => {
-                if let Err(e) = finish(&mut run, o).await {
-                    tracing::warn!(restore = %run.name, "recording the outcome: {e}");
-                }
+    match outcome {
+        // Stopped (deleted, or the controller is shutting down): the
+        // next leader takes it up; a deleted one is gone.
+        None => tracing::info!(restore = %run.name, "restore interrupted"),
+        Some(o) => {
+            if let Err(e) = finish(&mut run, o).await {
+                tracing::warn!(restore = %run.name, "recording the outcome: {e}");
             }
         }
-        run.ctx.live.lock().unwrap().remove(&uid);
-        let _ = finished.send(true);
-    });
-    Ok(Action::await_change())
+    }
+    run.ctx.live.lock().unwrap().remove(&uid);
+    let _ = finished.send(true);
+}
+
+/// Returns once GroupRestore `name` (this object: `uid`) is deleted. A
+/// GroupRestore has no finalizer (what it made outlives it): its deletion
+/// is seen by looking, and stops the run where it is.
+async fn gone(api: Api<GroupRestore>, name: String, uid: String) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match api.get_opt(&name).await {
+            Ok(Some(r))
+                if r.uid().as_deref() == Some(uid.as_str())
+                    && r.metadata.deletion_timestamp.is_none() => {}
+            Ok(_) => return,
+            Err(e) => tracing::debug!(restore = %name, "looking for the GroupRestore: {e}"),
+        }
+    }
 }

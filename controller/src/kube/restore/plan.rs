@@ -67,69 +67,79 @@ pub fn restored_pvc(
 pub(super) fn plan(backup: &GroupBackup, spec: &GroupRestoreSpec) -> Result<Vec<Planned>, Stop> {
     let s = backup.status.clone().unwrap_or_default();
     let prefix = (!spec.in_place).then(|| spec.pvc_prefix.as_deref().unwrap_or(DEFAULT_PREFIX));
-    let mut planned = Vec::new();
-    for m in &s.members {
-        let ordinal = m
-            .workload
-            .as_ref()
-            .filter(|w| w.kind == "StatefulSet")
-            .and_then(|w| ordinal(&m.pod, &w.name));
-        let target = match (&m.workload, spec.volumes_only) {
-            (_, true) => None,
-            (None, false) => {
-                return Err(stop(
-                    "NoWorkload",
-                    format!(
-                        "pod {} was not run by a StatefulSet or Deployment, so there is nothing to scale up; \
-                         restore with volumesOnly: true and start it on its PVCs yourself",
-                        m.pod
-                    ),
-                ));
-            }
-            (Some(w), false) => Some(WorkloadRef {
-                kind: w.kind.clone(),
-                name: format!("{}{}", prefix.unwrap_or(""), w.name),
-            }),
-        };
-        let restored_pod = match (&target, ordinal) {
-            (Some(t), Some(n)) if t.kind == "StatefulSet" => Some(format!("{}-{n}", t.name)),
-            _ => None,
-        };
-        if m.volume_snapshots.iter().all(|v| v.part.is_some()) {
-            return Err(stop(
-                "NotRestorable",
-                format!("pod {} has no VolumeSnapshot in the backup", m.pod),
-            ));
-        }
-        let volumes = m
-            .volume_snapshots
-            .iter()
-            .filter(|v| v.part.is_none())
-            .map(|v| {
-                let name = restored_pvc(&v.pvc, m.workload.as_ref(), ordinal, prefix);
-                (v.clone(), name)
-            })
-            .collect();
-        let wal_part = m
-            .volume_snapshots
-            .iter()
-            .find(|v| v.part.is_some())
-            .cloned();
-        planned.push(Planned {
-            rec: m.clone(),
-            target,
-            ordinal,
-            restored_pod,
-            volumes,
-            wal_part,
-        });
-    }
+    let mut planned = s
+        .members
+        .iter()
+        .map(|m| plan_member(m, spec, prefix))
+        .collect::<Result<Vec<_>, _>>()?;
     planned.sort_by(|a, b| {
         a.step()
             .cmp(&b.step())
             .then_with(|| a.rec.pod.cmp(&b.rec.pod))
     });
     Ok(planned)
+}
+
+/// Member `m` of the backup as the restore treats it.
+fn plan_member(
+    m: &BackupMember,
+    spec: &GroupRestoreSpec,
+    prefix: Option<&str>,
+) -> Result<Planned, Stop> {
+    let ordinal = m
+        .workload
+        .as_ref()
+        .filter(|w| w.kind == "StatefulSet")
+        .and_then(|w| ordinal(&m.pod, &w.name));
+    let target = match (&m.workload, spec.volumes_only) {
+        (_, true) => None,
+        (None, false) => {
+            return Err(stop(
+                "NoWorkload",
+                format!(
+                    "pod {} was not run by a StatefulSet or Deployment, so there is nothing to scale up; \
+                     restore with volumesOnly: true and start it on its PVCs yourself",
+                    m.pod
+                ),
+            ));
+        }
+        (Some(w), false) => Some(WorkloadRef {
+            kind: w.kind.clone(),
+            name: format!("{}{}", prefix.unwrap_or(""), w.name),
+        }),
+    };
+    let restored_pod = match (&target, ordinal) {
+        (Some(t), Some(n)) if t.kind == "StatefulSet" => Some(format!("{}-{n}", t.name)),
+        _ => None,
+    };
+    if m.volume_snapshots.iter().all(|v| v.part.is_some()) {
+        return Err(stop(
+            "NotRestorable",
+            format!("pod {} has no VolumeSnapshot in the backup", m.pod),
+        ));
+    }
+    let volumes = m
+        .volume_snapshots
+        .iter()
+        .filter(|v| v.part.is_none())
+        .map(|v| {
+            let name = restored_pvc(&v.pvc, m.workload.as_ref(), ordinal, prefix);
+            (v.clone(), name)
+        })
+        .collect();
+    let wal_part = m
+        .volume_snapshots
+        .iter()
+        .find(|v| v.part.is_some())
+        .cloned();
+    Ok(Planned {
+        rec: m.clone(),
+        target,
+        ordinal,
+        restored_pod,
+        volumes,
+        wal_part,
+    })
 }
 
 /// How many pods `workload` runs once every step up to `step` started.

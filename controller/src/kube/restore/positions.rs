@@ -77,98 +77,126 @@ impl Run {
         members: &[&Planned],
     ) -> Result<(), Stop> {
         for p in members {
-            let engine = p.rec.engine.clone().unwrap_or_default();
-            if !matches!(engine.as_str(), "postgres" | "mariadb" | "mysql") {
-                self.member(&p.rec.pod).check = Some(format!(
-                    "not checked: {engine} positions do not survive a restart"
-                ));
-                continue;
-            }
-            let Some(pod) = p.restored_pod.clone() else {
-                self.member(&p.rec.pod).check =
-                    Some("not checked: a Deployment's pods have no fixed names".into());
-                continue;
-            };
-            let (must, what) = match (p.is_replica(), exact(&engine)) {
-                (true, false) => (
-                    p.rec.aligned_to.clone().or(p.rec.position.clone()),
-                    "the position it was aligned to",
-                ),
-                _ => (p.rec.position.clone(), "the position it was frozen at"),
-            };
-            let Some(must) = must else {
-                self.member(&p.rec.pod).check =
-                    Some("not checked: the backup recorded no position".into());
-                continue;
-            };
-            // Replay may still be going on once Ready: wait for it, bounded.
-            let deadline = tokio::time::Instant::now() + POSITION_BOUND;
-            let position = loop {
-                match self.position_of(&pod).await {
-                    Err(e) => {
-                        return Err(stop(
-                            "PositionCheckFailed",
-                            format!("asking pod {pod}'s agent its position: {e}"),
-                        ));
-                    }
-                    Ok(None) => break None,
-                    Ok(Some(at)) => {
-                        if reached(&engine, &at, &must) != Some(false)
-                            || tokio::time::Instant::now() >= deadline
-                        {
-                            break Some(at);
-                        }
-                    }
-                }
-                tokio::time::sleep(POLL).await;
-            };
-            let Some(at) = position else {
-                self.member(&p.rec.pod).check =
-                    Some("not checked: the restored pod has no agent".into());
-                continue;
-            };
-            self.member(&p.rec.pod).position = Some(at.clone());
-            if reached(&engine, &at, &must) == Some(false) {
-                return Err(stop(
-                    "PositionCheckFailed",
-                    format!(
-                        "restored pod {pod} is at {at}, short of {what} ({must}) within {POSITION_BOUND:?}: the restored data lacks what the backup promised"
-                    ),
-                ));
-            }
-            if exact(&engine) && compare(&engine, &at, &must) != Some(std::cmp::Ordering::Equal) {
-                return Err(stop(
-                    "PositionCheckFailed",
-                    format!(
-                        "restored pod {pod} is at {at}, past {what} ({must}): it holds transactions \
-                         the backup did not record, so its data is not this backup's"
-                    ),
-                ));
-            }
-            let mut check = match exact(&engine) {
-                true => format!("ok: {at} is exactly {what}"),
-                false => format!("ok: {at} holds {what} ({must})"),
-            };
-            if p.is_replica()
-                && let Some(primary) = planned
-                    .iter()
-                    .find(|q| Some(&q.rec.pod) == p.rec.primary.as_ref())
-                && let Some(primary_pod) = &primary.restored_pod
-                && let Ok(Some(theirs)) = self.position_of(primary_pod).await
-            {
-                if reached(&engine, &theirs, &at) == Some(false) {
-                    return Err(stop(
-                        "PositionCheckFailed",
-                        format!(
-                            "restored replica {pod} is at {at}, ahead of its restored primary {primary_pod} at {theirs}"
-                        ),
-                    ));
-                }
-                check.push_str(&format!(", not ahead of {primary_pod} ({theirs})"));
-            }
+            let check = self.check_position(planned, p).await?;
             self.member(&p.rec.pod).check = Some(check);
         }
         self.save().await?;
         Ok(())
     }
+
+    /// What checking member `p` found (why not, where it cannot be).
+    async fn check_position(&mut self, planned: &[Planned], p: &Planned) -> Result<String, Stop> {
+        let engine = p.rec.engine.clone().unwrap_or_default();
+        if !matches!(engine.as_str(), "postgres" | "mariadb" | "mysql") {
+            return Ok(format!(
+                "not checked: {engine} positions do not survive a restart"
+            ));
+        }
+        let Some(pod) = p.restored_pod.clone() else {
+            return Ok("not checked: a Deployment's pods have no fixed names".into());
+        };
+        let (must, what) = match (p.is_replica(), exact(&engine)) {
+            (true, false) => (
+                p.rec.aligned_to.clone().or(p.rec.position.clone()),
+                "the position it was aligned to",
+            ),
+            _ => (p.rec.position.clone(), "the position it was frozen at"),
+        };
+        let Some(must) = must else {
+            return Ok("not checked: the backup recorded no position".into());
+        };
+        let Some(at) = self.replayed(&pod, &engine, &must).await? else {
+            return Ok("not checked: the restored pod has no agent".into());
+        };
+        self.member(&p.rec.pod).position = Some(at.clone());
+        holds(&pod, &engine, &at, &must, what)?;
+        let mut check = match exact(&engine) {
+            true => format!("ok: {at} is exactly {what}"),
+            false => format!("ok: {at} holds {what} ({must})"),
+        };
+        if p.is_replica() {
+            check.push_str(&self.not_ahead(planned, p, &pod, &engine, &at).await?);
+        }
+        Ok(check)
+    }
+
+    /// The position of restored `pod` once it reached `must`, or when
+    /// `POSITION_BOUND` is over (replay may still be going on once Ready);
+    /// none if it has no agent.
+    async fn replayed(&self, pod: &str, engine: &str, must: &str) -> Result<Option<String>, Stop> {
+        let deadline = tokio::time::Instant::now() + POSITION_BOUND;
+        loop {
+            match self.position_of(pod).await {
+                Err(e) => {
+                    return Err(stop(
+                        "PositionCheckFailed",
+                        format!("asking pod {pod}'s agent its position: {e}"),
+                    ));
+                }
+                Ok(None) => return Ok(None),
+                Ok(Some(at)) => {
+                    if reached(engine, &at, must) != Some(false)
+                        || tokio::time::Instant::now() >= deadline
+                    {
+                        return Ok(Some(at));
+                    }
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// A restored replica is not ahead of its restored primary: the note
+    /// that says so, empty when the primary cannot be asked.
+    async fn not_ahead(
+        &self,
+        planned: &[Planned],
+        p: &Planned,
+        pod: &str,
+        engine: &str,
+        at: &str,
+    ) -> Result<String, Stop> {
+        let Some(primary_pod) = planned
+            .iter()
+            .find(|q| Some(&q.rec.pod) == p.rec.primary.as_ref())
+            .and_then(|q| q.restored_pod.clone())
+        else {
+            return Ok(String::new());
+        };
+        let Ok(Some(theirs)) = self.position_of(&primary_pod).await else {
+            return Ok(String::new());
+        };
+        if reached(engine, &theirs, at) == Some(false) {
+            return Err(stop(
+                "PositionCheckFailed",
+                format!(
+                    "restored replica {pod} is at {at}, ahead of its restored primary {primary_pod} at {theirs}"
+                ),
+            ));
+        }
+        Ok(format!(", not ahead of {primary_pod} ({theirs})"))
+    }
+}
+
+/// Restored `pod` at `at` holds `what` (`must`): not short of it, and not
+/// past it where the engine is exact.
+fn holds(pod: &str, engine: &str, at: &str, must: &str, what: &str) -> Result<(), Stop> {
+    if reached(engine, at, must) == Some(false) {
+        return Err(stop(
+            "PositionCheckFailed",
+            format!(
+                "restored pod {pod} is at {at}, short of {what} ({must}) within {POSITION_BOUND:?}: the restored data lacks what the backup promised"
+            ),
+        ));
+    }
+    if exact(engine) && compare(engine, at, must) != Some(std::cmp::Ordering::Equal) {
+        return Err(stop(
+            "PositionCheckFailed",
+            format!(
+                "restored pod {pod} is at {at}, past {what} ({must}): it holds transactions \
+                 the backup did not record, so its data is not this backup's"
+            ),
+        ));
+    }
+    Ok(())
 }

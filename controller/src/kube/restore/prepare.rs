@@ -11,7 +11,7 @@ use super::plan::Planned;
 use super::run::Run;
 use super::workloads::not_ready_because;
 use super::{PREPARE_ARTEFACTS, PREPARE_CPU_REQUEST, PREPARE_MEMORY, PREPARE_WAL, Stop, stop};
-use crate::kube::crd::RESTORE_UID_LABEL;
+use crate::kube::crd::{RESTORE_UID_LABEL, VolumeSnapshotRef};
 
 /// The preparation pod's security contexts: who the database runs as (so
 /// the restored files are its), and what Pod Security `restricted` asks:
@@ -50,52 +50,9 @@ impl Run {
             }
             let pod = self.prepare_pod(p).await?;
             let name = pod.name_any();
-            let pods = self.w.pods.clone();
-            match pods.get_opt(&name).await? {
-                // An earlier restore's pod of that name is not this one's:
-                // wait for it to go (it goes with its restore).
-                Some(old) if old.labels().get(RESTORE_UID_LABEL) != Some(&self.uid()) => {
-                    return Err(stop(
-                        "PodExists",
-                        format!(
-                            "pod {name} exists and was not made by this restore (an earlier one of the same \
-                             name?); it goes with its own restore: delete it, or retry in a moment"
-                        ),
-                    ));
-                }
-                Some(_) => {}
-                None => {
-                    pods.create(&Default::default(), &pod).await?;
-                }
-            }
-            let outcome = self
-                .wait(bound, || {
-                    let (pods, name) = (pods.clone(), name.clone());
-                    async move {
-                        let pod = pods.get(&name).await?;
-                        let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
-                        match phase.as_str() {
-                            "Succeeded" => Ok(None),
-                            "Failed" => Err(stop(
-                                "PrepareFailed",
-                                format!(
-                                    "preparing a restored data directory: the agent in restore mode failed \
-                                     ({}); see `kubectl logs {name}`",
-                                    not_ready_because(&pod)
-                                ),
-                            )),
-                            _ => Ok(Some(not_ready_because(&pod))),
-                        }
-                    }
-                })
-                .await?;
-            if let Some(why) = outcome {
-                return Err(stop(
-                    "PrepareTimedOut",
-                    format!("pod {name} did not finish preparing within {bound:?}: {why}"),
-                ));
-            }
-            let _ = pods.delete(&name, &DeleteParams::default()).await;
+            self.start_preparing(&pod).await?;
+            self.wait_prepared(&name, bound).await?;
+            let _ = self.w.pods.delete(&name, &DeleteParams::default()).await;
             let _ = self
                 .pvcs
                 .delete(&self.wal_claim(p), &DeleteParams::default())
@@ -113,62 +70,70 @@ impl Run {
         Ok(())
     }
 
+    /// The preparation pod created, unless this restore made it already.
+    async fn start_preparing(&self, pod: &Pod) -> Result<(), Stop> {
+        let name = pod.name_any();
+        match self.w.pods.get_opt(&name).await? {
+            // An earlier restore's pod of that name is not this one's:
+            // wait for it to go (it goes with its restore).
+            Some(old) if old.labels().get(RESTORE_UID_LABEL) != Some(&self.uid()) => Err(stop(
+                "PodExists",
+                format!(
+                    "pod {name} exists and was not made by this restore (an earlier one of the same \
+                     name?); it goes with its own restore: delete it, or retry in a moment"
+                ),
+            )),
+            Some(_) => Ok(()),
+            None => {
+                self.w.pods.create(&Default::default(), pod).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The preparation pod `name` succeeded within `bound`.
+    async fn wait_prepared(&self, name: &str, bound: Duration) -> Result<(), Stop> {
+        let pods = self.w.pods.clone();
+        let outcome = self
+            .wait(bound, || {
+                let (pods, name) = (pods.clone(), name.to_string());
+                async move {
+                    let pod = pods.get(&name).await?;
+                    let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+                    match phase.as_str() {
+                        "Succeeded" => Ok(None),
+                        "Failed" => Err(stop(
+                            "PrepareFailed",
+                            format!(
+                                "preparing a restored data directory: the agent in restore mode failed \
+                                 ({}); see `kubectl logs {name}`",
+                                not_ready_because(&pod)
+                            ),
+                        )),
+                        _ => Ok(Some(not_ready_because(&pod))),
+                    }
+                }
+            })
+            .await?;
+        match outcome {
+            None => Ok(()),
+            Some(why) => Err(stop(
+                "PrepareTimedOut",
+                format!("pod {name} did not finish preparing within {bound:?}: {why}"),
+            )),
+        }
+    }
+
     /// The pod that runs the agent in restore mode on `p`'s volumes.
     pub(super) async fn prepare_pod(&self, p: &Planned) -> Result<Pod, Stop> {
         let data_dir = p.rec.data_directory.clone().unwrap_or_default();
-        // The volume holding the data directory, and the directory in it.
-        let (holder, relative) = p
-            .volumes
-            .iter()
-            .filter_map(|(v, claim)| {
-                let mount = v.mount_path.clone()?;
-                let rel = std::path::Path::new(&data_dir).strip_prefix(&mount).ok()?;
-                Some(((v.clone(), claim.clone()), rel.display().to_string()))
-            })
-            .max_by_key(|((v, _), _)| v.mount_path.clone().unwrap_or_default().len())
-            .ok_or_else(|| {
-                stop(
-                    "NotRestorable",
-                    format!(
-                        "pod {}: no restored volume holds its data directory {data_dir}",
-                        p.rec.pod
-                    ),
-                )
-            })?;
-        // Who the database runs as (the restored files must be its).
-        let template = match &p.target {
-            Some(t) => self.w.get(t).await?.and_then(|i| i.template),
-            None => None,
-        };
-        let pod_security: Option<PodSecurityContext> = template
-            .as_ref()
-            .and_then(|t| t.spec.as_ref())
-            .and_then(|s| s.security_context.clone());
-        let container_security: Option<SecurityContext> = template
-            .as_ref()
-            .and_then(|t| t.spec.as_ref())
-            .and_then(|s| {
-                s.containers
-                    .iter()
-                    .find(|c| {
-                        c.volume_mounts
-                            .iter()
-                            .flatten()
-                            .any(|m| Some(&m.mount_path) == holder.0.mount_path.as_ref())
-                    })
-                    .and_then(|c| c.security_context.clone())
-            })
-            .map(|c| SecurityContext {
-                run_as_user: c.run_as_user,
-                run_as_group: c.run_as_group,
-                run_as_non_root: c.run_as_non_root,
-                ..Default::default()
-            });
+        let (holder, relative) = data_holder(p, &data_dir)?;
+        let (pod_security, container_security) =
+            self.database_user(p, holder.mount_path.as_deref()).await?;
         let wal_from = p
             .wal_part
             .as_ref()
             .map(|_| format!("{PREPARE_WAL}/{}/pg_wal", relative).replace("//", "/"));
-        let secret = format!("{}-artefacts", self.restore.spec.backup);
         let mut env = vec![
             json!({"name": "STILLPOINT_RESTORE_DATA_DIR", "value": data_dir}),
             json!({"name": "STILLPOINT_RESTORE_FROM", "value": PREPARE_ARTEFACTS}),
@@ -177,23 +142,7 @@ impl Run {
         if let Some(w) = &wal_from {
             env.push(json!({"name": "STILLPOINT_RESTORE_WAL_FROM", "value": w}));
         }
-        let mut mounts = Vec::new();
-        let mut volumes = Vec::new();
-        for (i, (v, claim)) in p.volumes.iter().enumerate() {
-            let Some(mount) = &v.mount_path else { continue };
-            mounts.push(json!({"name": format!("data-{i}"), "mountPath": mount}));
-            volumes.push(
-                json!({"name": format!("data-{i}"), "persistentVolumeClaim": {"claimName": claim}}),
-            );
-        }
-        if p.wal_part.is_some() {
-            mounts.push(json!({"name": "wal", "mountPath": PREPARE_WAL, "readOnly": true}));
-            volumes.push(json!({"name": "wal", "persistentVolumeClaim": {"claimName": self.wal_claim(p), "readOnly": true}}));
-        }
-        mounts.push(json!({"name": "artefacts", "mountPath": PREPARE_ARTEFACTS, "readOnly": true}));
-        volumes.push(
-            json!({"name": "artefacts", "secret": {"secretName": secret, "defaultMode": 0o444}}),
-        );
+        let (mounts, volumes) = self.prepare_volumes(p);
         let (pod_security, container_security) = restricted(pod_security, container_security);
         let pod = json!({
             "apiVersion": "v1",
@@ -224,4 +173,86 @@ impl Run {
         });
         serde_json::from_value(pod).map_err(|e| stop("InvalidSpec", e.to_string()))
     }
+
+    /// Who the database runs as (the restored files must be its): the pod
+    /// security context of its workload, and the user and group of the
+    /// container that mounts `data` (the volume holding the data directory).
+    async fn database_user(
+        &self,
+        p: &Planned,
+        data: Option<&str>,
+    ) -> Result<(Option<PodSecurityContext>, Option<SecurityContext>), Stop> {
+        let template = match &p.target {
+            Some(t) => self.w.get(t).await?.and_then(|i| i.template),
+            None => None,
+        };
+        let spec = template.and_then(|t| t.spec);
+        let pod = spec.as_ref().and_then(|s| s.security_context.clone());
+        let container = spec
+            .as_ref()
+            .and_then(|s| {
+                s.containers
+                    .iter()
+                    .find(|c| {
+                        c.volume_mounts
+                            .iter()
+                            .flatten()
+                            .any(|m| Some(m.mount_path.as_str()) == data)
+                    })
+                    .and_then(|c| c.security_context.clone())
+            })
+            .map(|c| SecurityContext {
+                run_as_user: c.run_as_user,
+                run_as_group: c.run_as_group,
+                run_as_non_root: c.run_as_non_root,
+                ..Default::default()
+            });
+        Ok((pod, container))
+    }
+
+    /// The preparation pod's mounts and volumes: the restored volumes where
+    /// the server mounts them, the WAL part's, and the artefacts Secret.
+    fn prepare_volumes(&self, p: &Planned) -> (Vec<Value>, Vec<Value>) {
+        let mut mounts = Vec::new();
+        let mut volumes = Vec::new();
+        for (i, (v, claim)) in p.volumes.iter().enumerate() {
+            let Some(mount) = &v.mount_path else { continue };
+            mounts.push(json!({"name": format!("data-{i}"), "mountPath": mount}));
+            volumes.push(
+                json!({"name": format!("data-{i}"), "persistentVolumeClaim": {"claimName": claim}}),
+            );
+        }
+        if p.wal_part.is_some() {
+            mounts.push(json!({"name": "wal", "mountPath": PREPARE_WAL, "readOnly": true}));
+            volumes.push(json!({"name": "wal", "persistentVolumeClaim": {"claimName": self.wal_claim(p), "readOnly": true}}));
+        }
+        let secret = format!("{}-artefacts", self.restore.spec.backup);
+        mounts.push(json!({"name": "artefacts", "mountPath": PREPARE_ARTEFACTS, "readOnly": true}));
+        volumes.push(
+            json!({"name": "artefacts", "secret": {"secretName": secret, "defaultMode": 0o444}}),
+        );
+        (mounts, volumes)
+    }
+}
+
+/// The restored volume holding `data_dir` (the deepest mount that does),
+/// and the data directory's path in it.
+fn data_holder(p: &Planned, data_dir: &str) -> Result<(VolumeSnapshotRef, String), Stop> {
+    p.volumes
+        .iter()
+        .filter_map(|(v, _)| {
+            let mount = v.mount_path.clone()?;
+            let rel = std::path::Path::new(data_dir).strip_prefix(&mount).ok()?;
+            Some((v.clone(), rel.display().to_string()))
+        })
+        .max_by_key(|(v, _)| v.mount_path.clone().unwrap_or_default().len())
+        .ok_or_else(|| {
+            stop(
+                "NotRestorable",
+                format!(
+                    "pod {}: no restored volume holds its data directory {data_dir}",
+                    p.rec.pod
+                ),
+            )
+        })
 }

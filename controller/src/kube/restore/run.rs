@@ -152,70 +152,15 @@ impl Run {
         }
     }
 
+    /// The restore, step by step; returns how many members it restored.
     pub(super) async fn run(&mut self) -> Result<usize, Stop> {
         let spec = self.restore.spec.clone();
         let bound = validate(&spec)?;
-        let backups: Api<GroupBackup> = Api::namespaced(self.ctx.client.clone(), &self.ns);
-        let Some(backup) = backups.get_opt(&spec.backup).await? else {
-            return Err(stop(
-                "BackupNotFound",
-                format!(
-                    "GroupBackup {} does not exist in namespace {}",
-                    spec.backup, self.ns
-                ),
-            ));
-        };
-        let phase = backup
-            .status
-            .as_ref()
-            .and_then(|s| s.phase)
-            .unwrap_or_default();
-        if phase != BackupPhase::Succeeded {
-            return Err(stop(
-                "BackupNotRestorable",
-                format!(
-                    "GroupBackup {} is {}; only a backup that succeeded can be restored",
-                    spec.backup,
-                    phase.as_str()
-                ),
-            ));
-        }
+        let backup = self.restorable_backup().await?;
         let planned = plan(&backup, &spec)?;
-        if !self.status.members.is_empty() {
-            self.same_backup(&backup, &planned)?;
-        } else {
-            self.status.backup_uid = backup.uid();
-            self.status.members = planned
-                .iter()
-                .map(|p| RestoredMember {
-                    pod: p.rec.pod.clone(),
-                    restored_pod: p.restored_pod.clone(),
-                    workload: p.target.clone(),
-                    stage: p.rec.restore_stage,
-                    engine: p.rec.engine.clone(),
-                    role: p.rec.role.clone(),
-                    phase: "Pending".into(),
-                    ..Default::default()
-                })
-                .collect();
-            let mut stages: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-            for p in &planned {
-                stages
-                    .entry(p.rec.restore_stage)
-                    .or_default()
-                    .push(p.rec.pod.clone());
-            }
-            self.status.stages = stages
-                .into_iter()
-                .map(|(stage, members)| RestoreStage {
-                    stage,
-                    class: stage_class(stage).into(),
-                    phase: "Waiting".into(),
-                    members,
-                    ..Default::default()
-                })
-                .collect();
-            self.save().await?;
+        match self.status.members.is_empty() {
+            true => self.record_plan(&backup, &planned).await?,
+            false => self.same_backup(&backup, &planned)?,
         }
         self.check(&planned).await?;
         if !spec.volumes_only {
@@ -227,5 +172,70 @@ impl Run {
             self.stages(&planned, bound).await?;
         }
         Ok(planned.len())
+    }
+
+    /// The backup to restore: it exists and succeeded.
+    async fn restorable_backup(&self) -> Result<GroupBackup, Stop> {
+        let name = &self.restore.spec.backup;
+        let backups: Api<GroupBackup> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        let Some(backup) = backups.get_opt(name).await? else {
+            return Err(stop(
+                "BackupNotFound",
+                format!("GroupBackup {name} does not exist in namespace {}", self.ns),
+            ));
+        };
+        let phase = backup
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .unwrap_or_default();
+        if phase != BackupPhase::Succeeded {
+            return Err(stop(
+                "BackupNotRestorable",
+                format!(
+                    "GroupBackup {name} is {}; only a backup that succeeded can be restored",
+                    phase.as_str()
+                ),
+            ));
+        }
+        Ok(backup)
+    }
+
+    /// A new restore's plan in its status: the backup's uid, every member
+    /// `Pending` and every stage `Waiting`.
+    async fn record_plan(&mut self, backup: &GroupBackup, planned: &[Planned]) -> Result<(), Stop> {
+        self.status.backup_uid = backup.uid();
+        self.status.members = planned
+            .iter()
+            .map(|p| RestoredMember {
+                pod: p.rec.pod.clone(),
+                restored_pod: p.restored_pod.clone(),
+                workload: p.target.clone(),
+                stage: p.rec.restore_stage,
+                engine: p.rec.engine.clone(),
+                role: p.rec.role.clone(),
+                phase: "Pending".into(),
+                ..Default::default()
+            })
+            .collect();
+        let mut stages: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for p in planned {
+            stages
+                .entry(p.rec.restore_stage)
+                .or_default()
+                .push(p.rec.pod.clone());
+        }
+        self.status.stages = stages
+            .into_iter()
+            .map(|(stage, members)| RestoreStage {
+                stage,
+                class: stage_class(stage).into(),
+                phase: "Waiting".into(),
+                members,
+                ..Default::default()
+            })
+            .collect();
+        self.save().await?;
+        Ok(())
     }
 }

@@ -52,44 +52,8 @@ impl Run {
         planned: &[Planned],
         bound: Duration,
     ) -> Result<(), Stop> {
-        let in_place = self.restore.spec.in_place;
-        if in_place {
-            let mut deleting = Vec::new();
-            for p in planned {
-                for (_, claim) in &p.volumes {
-                    if let Some(pvc) = self.pvcs.get_opt(claim).await?
-                        && !self.ours(&pvc)
-                    {
-                        if pvc.metadata.deletion_timestamp.is_none() {
-                            self.pvcs.delete(claim, &DeleteParams::default()).await?;
-                        }
-                        deleting.push(claim.clone());
-                    }
-                }
-            }
-            let pvcs = self.pvcs.clone();
-            let left = self
-                .wait(bound, || {
-                    let (pvcs, deleting) = (pvcs.clone(), deleting.clone());
-                    async move {
-                        let mut left = Vec::new();
-                        for c in &deleting {
-                            if pvcs.get_opt(c).await?.is_some() {
-                                left.push(c.clone());
-                            }
-                        }
-                        Ok((!left.is_empty()).then(|| left.join(", ")))
-                    }
-                })
-                .await?;
-            if let Some(left) = left {
-                return Err(stop(
-                    "PVCNotDeleted",
-                    format!(
-                        "the original PVCs {left} are still there after {bound:?} (a pod still uses them?)"
-                    ),
-                ));
-            }
+        if self.restore.spec.in_place {
+            self.delete_originals(planned, bound).await?;
         }
         for p in planned {
             let mut made = Vec::new();
@@ -115,6 +79,47 @@ impl Run {
             }
         }
         self.save().await?;
+        Ok(())
+    }
+
+    /// In place, the original PVCs deleted, and gone within `bound`.
+    async fn delete_originals(&self, planned: &[Planned], bound: Duration) -> Result<(), Stop> {
+        let mut deleting = Vec::new();
+        for p in planned {
+            for (_, claim) in &p.volumes {
+                if let Some(pvc) = self.pvcs.get_opt(claim).await?
+                    && !self.ours(&pvc)
+                {
+                    if pvc.metadata.deletion_timestamp.is_none() {
+                        self.pvcs.delete(claim, &DeleteParams::default()).await?;
+                    }
+                    deleting.push(claim.clone());
+                }
+            }
+        }
+        let pvcs = self.pvcs.clone();
+        let left = self
+            .wait(bound, || {
+                let (pvcs, deleting) = (pvcs.clone(), deleting.clone());
+                async move {
+                    let mut left = Vec::new();
+                    for c in &deleting {
+                        if pvcs.get_opt(c).await?.is_some() {
+                            left.push(c.clone());
+                        }
+                    }
+                    Ok((!left.is_empty()).then(|| left.join(", ")))
+                }
+            })
+            .await?;
+        if let Some(left) = left {
+            return Err(stop(
+                "PVCNotDeleted",
+                format!(
+                    "the original PVCs {left} are still there after {bound:?} (a pod still uses them?)"
+                ),
+            ));
+        }
         Ok(())
     }
 
