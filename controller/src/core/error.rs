@@ -68,6 +68,28 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind.
+    pub const ALL: &[ErrorKind] = &[
+        ErrorKind::AgentUnreachable,
+        ErrorKind::WrongIdentity,
+        ErrorKind::ServerUnavailable,
+        ErrorKind::RoleMismatch,
+        ErrorKind::ReplicaWithoutPrimary,
+        ErrorKind::NotCovered,
+        ErrorKind::CopyRefused,
+        ErrorKind::PrepareFailed,
+        ErrorKind::FreezeFailed,
+        ErrorKind::AlignmentTimeout,
+        ErrorKind::BudgetExceeded,
+        ErrorKind::HoldLost,
+        ErrorKind::FlushFailed,
+        ErrorKind::CutFailed,
+        ErrorKind::ThawFailed,
+        ErrorKind::NotReady,
+        ErrorKind::StoreFailed,
+        ErrorKind::Aborted,
+    ];
+
     /// CamelCase, for Condition reasons; also the metric label.
     pub fn reason(self) -> &'static str {
         match self {

@@ -31,14 +31,17 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::core::agents::ControllerTls;
+use crate::core::error::ErrorKind;
 use crate::core::holder::hold_id;
 use crate::core::protocol::{BackupJob, Protocol};
+use crate::core::snapshot::SnapshotError;
 use crate::core::snapshot::Snapshotter;
 use crate::kube::crd::{
     BackupPhase, BackupSchedule, ConsistencyGroup, ConsistencyGroupStatus, DeletionPolicy,
     FINALIZER, GroupBackup, GroupQuiesce, GroupRestore, SnapshotDriver,
 };
 use crate::kube::csi::{Csi, CsiGroup, Owner};
+use crate::kube::reason::Reason;
 use crate::kube::resolve::{Resolution, Resolver};
 use crate::kube::store::{FIELD_MANAGER, StatusWriter, set_condition};
 
@@ -94,20 +97,32 @@ pub enum ControllerError {
     Kube(#[from] kube::Error),
 }
 
-/// The error a reconcile returns (retried with a backoff).
+/// The error a reconcile returns (retried). What ends a backup, quiesce
+/// or restore is not one: it is written in the object's status with its
+/// [`Reason`].
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ReconcileError(String);
-
-impl From<kube::Error> for ReconcileError {
-    fn from(e: kube::Error) -> Self {
-        ReconcileError(e.to_string())
-    }
+pub enum ReconcileError {
+    /// A request to the API server failed.
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+    /// Adding or removing the finalizer failed, or the step it wraps did.
+    #[error(transparent)]
+    Finalizer(Box<kube::runtime::finalizer::Error<ReconcileError>>),
+    /// The GroupBackup watch that readers wait on is not running.
+    #[error("the GroupBackup watch is not running")]
+    WatchStopped,
+    /// A backup's snapshots could not be deleted.
+    #[error("deleting the snapshots of {backup}: {source}")]
+    Snapshots {
+        backup: String,
+        #[source]
+        source: SnapshotError,
+    },
 }
 
 impl From<kube::runtime::finalizer::Error<ReconcileError>> for ReconcileError {
     fn from(e: kube::runtime::finalizer::Error<ReconcileError>) -> Self {
-        ReconcileError(e.to_string())
+        ReconcileError::Finalizer(Box::new(e))
     }
 }
 
@@ -219,9 +234,11 @@ impl Context {
         &self,
         ns: &str,
     ) -> Result<Vec<Arc<GroupBackup>>, ReconcileError> {
-        let stopped = || ReconcileError("the GroupBackup watch is not running".into());
-        let cache = self.backups.get().ok_or_else(stopped)?;
-        cache.ready().await.map_err(|_| stopped())?;
+        let cache = self.backups.get().ok_or(ReconcileError::WatchStopped)?;
+        cache
+            .ready()
+            .await
+            .map_err(|_| ReconcileError::WatchStopped)?;
         Ok(cache
             .store
             .state_filter(|b| b.metadata.namespace.as_deref() == Some(ns)))
@@ -243,7 +260,7 @@ impl Context {
         &self,
         obj: &K,
         warning: bool,
-        reason: &str,
+        reason: Reason,
         note: String,
     ) {
         let event = Event {
@@ -252,9 +269,9 @@ impl Context {
             } else {
                 EventType::Normal
             },
-            reason: reason.into(),
+            reason: reason.as_str().into(),
             note: Some(note.chars().take(1000).collect()),
-            action: reason.into(),
+            action: reason.as_str().into(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
@@ -314,7 +331,7 @@ async fn reconcile_group(
         &mut conditions,
         "Resolved",
         r.ok,
-        &r.reason,
+        r.reason,
         &r.message,
         generation,
     );
@@ -323,7 +340,7 @@ async fn reconcile_group(
         &mut conditions,
         "Protectable",
         p.ok,
-        &p.reason,
+        p.reason,
         &p.message,
         generation,
     );
@@ -342,7 +359,7 @@ async fn reconcile_group(
         .map(|c| (c.status.clone(), c.reason.clone()));
     let is = Some((
         if p.ok { "True" } else { "False" }.to_string(),
-        p.reason.clone(),
+        p.reason.as_str().to_string(),
     ));
     if status != old {
         let api: Api<ConsistencyGroup> = Api::namespaced(ctx.client.clone(), &ns);
@@ -355,8 +372,7 @@ async fn reconcile_group(
         .await?;
     }
     if was != is {
-        ctx.event(&*group, !p.ok, &p.reason, p.message.clone())
-            .await;
+        ctx.event(&*group, !p.ok, p.reason, p.message.clone()).await;
     }
     Ok(Action::requeue(ctx.settings.resync))
 }
@@ -389,7 +405,11 @@ async fn snapshotter(
 }
 
 /// Deletes whatever snapshots a backup made (by their label).
-async fn delete_snapshots(ctx: &Context, backup: &GroupBackup) -> Result<(), String> {
+async fn delete_snapshots(ctx: &Context, backup: &GroupBackup) -> Result<(), ReconcileError> {
+    let failed = |source| ReconcileError::Snapshots {
+        backup: backup.name_any(),
+        source,
+    };
     let owner = Owner {
         namespace: backup.namespace().unwrap_or_default(),
         backup: backup.name_any(),
@@ -400,9 +420,9 @@ async fn delete_snapshots(ctx: &Context, backup: &GroupBackup) -> Result<(), Str
     Csi::new(ctx.client.clone(), owner.clone(), None, true)
         .delete_backup(&id)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(failed)?;
     if let Ok(group) = CsiGroup::new(ctx.client.clone(), owner, None, true).await {
-        group.delete_backup(&id).await.map_err(|e| e.to_string())?;
+        group.delete_backup(&id).await.map_err(failed)?;
     }
     Ok(())
 }
@@ -411,7 +431,7 @@ async fn delete_snapshots(ctx: &Context, backup: &GroupBackup) -> Result<(), Str
 async fn fail(
     ctx: &Context,
     backup: &GroupBackup,
-    reason: &str,
+    reason: Reason,
     message: String,
 ) -> Result<Action, ReconcileError> {
     let writer = StatusWriter::new(ctx.client.clone(), backup);
@@ -482,9 +502,7 @@ async fn cleanup_backup(backup: &GroupBackup, ctx: &Context) -> Result<Action, R
     let why = format!("GroupBackup {} was deleted", backup.name_any());
     ctx.stop_live(&backup.uid().unwrap_or_default(), why).await;
     if backup.spec.deletion_policy == DeletionPolicy::Delete {
-        delete_snapshots(ctx, backup)
-            .await
-            .map_err(ReconcileError)?;
+        delete_snapshots(ctx, backup).await?;
     }
     Ok(Action::await_change())
 }
@@ -500,13 +518,8 @@ async fn orphaned(backup: &GroupBackup, ctx: &Context) -> Result<Action, Reconci
         "the controller running this backup ({by}) stopped before it ended; its members thawed \
          when their lease ran out, and its partial snapshots were deleted"
     );
-    if let Err(e) = delete_snapshots(ctx, backup).await {
-        return Err(ReconcileError(format!(
-            "deleting the partial snapshots of {}: {e}",
-            backup.name_any()
-        )));
-    }
-    fail(ctx, backup, "ControllerRestarted", message).await
+    delete_snapshots(ctx, backup).await?;
+    fail(ctx, backup, Reason::ControllerRestarted, message).await
 }
 
 /// Whether another backup of the same group is running (here, or by its
@@ -546,13 +559,13 @@ async fn wait_for_group(backup: &GroupBackup, ctx: &Context) -> Result<Action, R
                     &mut s.conditions,
                     "Waiting",
                     true,
-                    "GroupBusy",
+                    Reason::GroupBusy,
                     &message,
                     generation,
                 );
             })
             .await?;
-        ctx.event(backup, false, "Waiting", message).await;
+        ctx.event(backup, false, Reason::Waiting, message).await;
     }
     Ok(Action::requeue(Duration::from_secs(1)))
 }
@@ -567,7 +580,7 @@ async fn take(backup: Arc<GroupBackup>, ctx: &Arc<Context>) -> Result<Action, Re
             "ConsistencyGroup {} does not exist in namespace {ns}",
             backup.spec.group
         );
-        return fail(ctx, &backup, "GroupNotFound", message).await;
+        return fail(ctx, &backup, Reason::GroupNotFound, message).await;
     };
     if group_busy(&backup, ctx).await? {
         return wait_for_group(&backup, ctx).await;
@@ -576,7 +589,7 @@ async fn take(backup: Arc<GroupBackup>, ctx: &Arc<Context>) -> Result<Action, Re
     // create, never a stranger's to adopt.
     let writer = StatusWriter::new(ctx.client.clone(), &backup);
     if let Err(why) = writer.create_artefacts_secret().await? {
-        return fail(ctx, &backup, "ArtefactsSecretExists", why).await;
+        return fail(ctx, &backup, Reason::ArtefactsSecretExists, why).await;
     }
     let resolution = ctx.resolver.resolve(&group).await;
     let Some(spec) = resolution.spec.clone() else {
@@ -586,7 +599,7 @@ async fn take(backup: Arc<GroupBackup>, ctx: &Arc<Context>) -> Result<Action, Re
             group.name_any(),
             p.message
         );
-        return fail(ctx, &backup, &p.reason, message).await;
+        return fail(ctx, &backup, p.reason, message).await;
     };
     let owner = Owner {
         namespace: ns,
@@ -596,7 +609,7 @@ async fn take(backup: Arc<GroupBackup>, ctx: &Arc<Context>) -> Result<Action, Re
     };
     let snapshotter = match snapshotter(ctx, &group, owner, resolution.atomic).await {
         Ok(s) => s,
-        Err(e) => return fail(ctx, &backup, "NoSnapshotClass", e).await,
+        Err(e) => return fail(ctx, &backup, Reason::NoSnapshotClass, e).await,
     };
     let run = Run::new(&backup, spec, snapshotter, writer);
     start(backup, ctx, resolution, run).await
@@ -634,7 +647,7 @@ async fn start(
     run.record_running(ctx, &resolution).await?;
     let count = resolution.members.len();
     let message = format!("backing up {count} members of group {}", key.1);
-    ctx.event(&*backup, false, "Running", message).await;
+    ctx.event(&*backup, false, Reason::Running, message).await;
     tokio::spawn(run.go(ctx.clone()));
     Ok(Action::await_change())
 }
@@ -751,7 +764,7 @@ impl Run {
                     &mut s.conditions,
                     "Completed",
                     ok,
-                    &reason,
+                    reason,
                     &message,
                     generation,
                 );
@@ -761,7 +774,12 @@ impl Run {
             tracing::error!(backup = %name, "recording the outcome: {e}");
         }
         let failed = phase != BackupPhase::Succeeded;
-        ctx.event(&backup, failed, phase.as_str(), message).await;
+        let reason = match phase {
+            BackupPhase::Succeeded => Reason::Succeeded,
+            BackupPhase::Aborted => Reason::Run(ErrorKind::Aborted),
+            _ => Reason::Failed,
+        };
+        ctx.event(&backup, failed, reason, message).await;
         ctx.live.lock().unwrap().remove(&uid);
         let _ = finished.send(true);
     }
@@ -770,11 +788,11 @@ impl Run {
 /// A run's phase, reason and message.
 fn outcome(
     result: &Result<crate::core::record::Manifest, crate::core::protocol::BackupError>,
-) -> (BackupPhase, String, String) {
+) -> (BackupPhase, Reason, String) {
     match result {
         Ok(m) => (
             BackupPhase::Succeeded,
-            "Succeeded".to_string(),
+            Reason::Succeeded,
             format!(
                 "{} members cut at one consistent point; freeze window {}",
                 m.members.len(),
@@ -788,7 +806,7 @@ fn outcome(
                 crate::core::record::Outcome::Aborted => BackupPhase::Aborted,
                 _ => BackupPhase::Failed,
             },
-            e.kind().reason().to_string(),
+            Reason::Run(e.kind()),
             e.cause.clone(),
         ),
     }

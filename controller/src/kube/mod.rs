@@ -9,6 +9,7 @@
 //!   (`stillpoint controller`).
 //! - [`schedule`]: BackupSchedule, backups at cron times with retention.
 //! - [`quiesce`]: GroupQuiesce, a manual freeze held by the controller.
+//! - [`reason`]: every Condition and Event reason, as one type.
 //! - [`restore`]: GroupRestore, a backup restored stage by stage.
 //! - [`inject`]: what the sidecar-injecting webhook does to a pod.
 //! - [`pki`]: the in-cluster CA (a Secret) and the trust bundle's upkeep.
@@ -21,6 +22,7 @@ pub mod csi;
 pub mod inject;
 pub mod pki;
 pub mod quiesce;
+pub mod reason;
 pub mod resolve;
 pub mod restore;
 pub mod schedule;

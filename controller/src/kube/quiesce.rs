@@ -17,6 +17,7 @@ use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use stillpoint_proto::PositionExt;
 use tokio::sync::watch;
 
+use crate::core::error::ErrorKind;
 use crate::core::holder::{Holder, freeze_all, hold_id};
 use crate::core::model::AgentEndpoint;
 use crate::kube::controller::{Context, Live, ReconcileError, now};
@@ -24,6 +25,7 @@ use crate::kube::crd::{
     ConsistencyGroup, GroupQuiesce, GroupQuiesceStatus, QUIESCE_FINALIZER, QuiescePhase,
     QuiescedMember, ResolvedMember,
 };
+use crate::kube::reason::Reason;
 use crate::kube::resolve::Resolution;
 use crate::kube::store::set_condition;
 
@@ -45,7 +47,7 @@ async fn end(
     ctx: &Context,
     q: &GroupQuiesce,
     phase: QuiescePhase,
-    reason: &str,
+    reason: Reason,
     message: String,
 ) -> Result<Action, ReconcileError> {
     let api: Api<GroupQuiesce> =
@@ -114,7 +116,14 @@ async fn step(q: Arc<GroupQuiesce>, ctx: &Arc<Context>) -> Result<Action, Reconc
             "the controller holding this quiesce ({by}) stopped; its members thawed when their \
              lease ran out"
         );
-        return end(ctx, &q, QuiescePhase::Failed, "ControllerRestarted", m).await;
+        return end(
+            ctx,
+            &q,
+            QuiescePhase::Failed,
+            Reason::ControllerRestarted,
+            m,
+        )
+        .await;
     }
     take(q, ctx).await
 }
@@ -134,13 +143,26 @@ struct Asked {
     ttl: Duration,
 }
 
-/// Reads the spec and the group; `Err` is the reason and message the
-/// quiesce fails with.
-async fn asked(
-    q: &GroupQuiesce,
-    ctx: &Context,
-) -> Result<Result<Asked, (&'static str, String)>, ReconcileError> {
-    let invalid = |m: String| Ok(Err(("InvalidSpec", m)));
+/// Why a pending quiesce is not held.
+#[derive(Debug, thiserror::Error)]
+enum NotHeld {
+    /// It cannot be: the reason and message it fails with.
+    #[error("{1}")]
+    Refused(Reason, String),
+    /// Not now: the reconcile is retried.
+    #[error(transparent)]
+    Retry(#[from] ReconcileError),
+}
+
+impl From<kube::Error> for NotHeld {
+    fn from(e: kube::Error) -> Self {
+        NotHeld::Retry(e.into())
+    }
+}
+
+/// Reads the spec and the group.
+async fn asked(q: &GroupQuiesce, ctx: &Context) -> Result<Asked, NotHeld> {
+    let invalid = |m: String| Err(NotHeld::Refused(Reason::InvalidSpec, m));
     let duration = match parse(&q.spec.duration, "duration") {
         Ok(d) if d <= MAX_DURATION => d,
         Ok(_) => {
@@ -158,7 +180,7 @@ async fn asked(
             "ConsistencyGroup {} does not exist in namespace {ns}",
             q.spec.group
         );
-        return Ok(Err(("GroupNotFound", m)));
+        return Err(NotHeld::Refused(Reason::GroupNotFound, m));
     };
     let ttl = match q.spec.ttl.as_deref().or(group.spec.lease_ttl.as_deref()) {
         Some(t) => match parse(t, "ttl") {
@@ -167,19 +189,15 @@ async fn asked(
         },
         None => DEFAULT_TTL,
     };
-    Ok(Ok(Asked {
+    Ok(Asked {
         duration,
         group,
         ttl,
-    }))
+    })
 }
 
-/// The resolved members the quiesce targets, each with a reachable agent;
-/// `Err` is the reason and message the quiesce fails with.
-fn targets(
-    q: &GroupQuiesce,
-    resolution: &Resolution,
-) -> Result<Vec<ResolvedMember>, (&'static str, String)> {
+/// The resolved members the quiesce targets, each with a reachable agent.
+fn targets(q: &GroupQuiesce, resolution: &Resolution) -> Result<Vec<ResolvedMember>, NotHeld> {
     let targets: Vec<_> = resolution
         .members
         .iter()
@@ -199,7 +217,7 @@ fn targets(
                 q.spec.group, resolution.resolved.message
             ),
         };
-        return Err(("MemberNotFound", m));
+        return Err(NotHeld::Refused(Reason::MemberNotFound, m));
     }
     if let Some(m) = targets
         .iter()
@@ -209,7 +227,7 @@ fn targets(
             "pod {} has no reachable agent: {}",
             m.pod, resolution.resolved.message
         );
-        return Err(("NoAgent", message));
+        return Err(NotHeld::Refused(Reason::NoAgent, message));
     }
     Ok(targets)
 }
@@ -217,16 +235,19 @@ fn targets(
 /// A pending quiesce: reads what it asks, resolves its targets, freezes
 /// them and holds.
 async fn take(q: Arc<GroupQuiesce>, ctx: &Arc<Context>) -> Result<Action, ReconcileError> {
-    let asked = match asked(&q, ctx).await? {
-        Ok(asked) => asked,
-        Err((reason, m)) => return end(ctx, &q, QuiescePhase::Failed, reason, m).await,
-    };
+    match held_as(&q, ctx).await {
+        Ok((asked, targets)) => hold(q, ctx, asked, targets).await,
+        Err(NotHeld::Refused(reason, m)) => end(ctx, &q, QuiescePhase::Failed, reason, m).await,
+        Err(NotHeld::Retry(e)) => Err(e),
+    }
+}
+
+/// What the quiesce asks and the members it holds.
+async fn held_as(q: &GroupQuiesce, ctx: &Context) -> Result<(Asked, Vec<ResolvedMember>), NotHeld> {
+    let asked = asked(q, ctx).await?;
     let resolution = ctx.resolver.resolve(&asked.group).await;
-    let targets = match targets(&q, &resolution) {
-        Ok(targets) => targets,
-        Err((reason, m)) => return end(ctx, &q, QuiescePhase::Failed, reason, m).await,
-    };
-    hold(q, ctx, asked, targets).await
+    let targets = targets(q, &resolution)?;
+    Ok((asked, targets))
 }
 
 /// Freezes every target in parallel (any refusal thaws the others),
@@ -275,7 +296,14 @@ async fn hold(
                 "the freeze was refused; nothing is left frozen: {}",
                 errors.join("; ")
             );
-            return end(ctx, &q, QuiescePhase::Failed, "FreezeFailed", m).await;
+            return end(
+                ctx,
+                &q,
+                QuiescePhase::Failed,
+                Reason::Run(ErrorKind::FreezeFailed),
+                m,
+            )
+            .await;
         }
     };
     let held = Held {
@@ -339,7 +367,7 @@ impl Held {
             &mut status.conditions,
             "Frozen",
             true,
-            "Held",
+            Reason::Held,
             &message,
             generation,
         );
@@ -356,7 +384,7 @@ impl Held {
             let _ = self.finished.send(true);
             return Err(e.into());
         }
-        ctx.event(q, false, "Frozen", message).await;
+        ctx.event(q, false, Reason::Frozen, message).await;
         self.q.status = Some(status);
         Ok(self)
     }
@@ -383,12 +411,12 @@ impl Held {
             }
         };
         let (reason, message, failed) = tokio::select! {
-            _ = tokio::time::sleep(duration) => ("Expired", format!("held for {duration:?}; thawed"), false),
+            _ = tokio::time::sleep(duration) => (Reason::Expired, format!("held for {duration:?}; thawed"), false),
             why = cancelled.wait_for(|c| c.is_some()) => {
                 let why = why.map(|w| w.clone().unwrap_or_default()).unwrap_or_default();
-                ("Thawed", format!("{why}; thawed"), false)
+                (Reason::Thawed, format!("{why}; thawed"), false)
             }
-            why = lost => ("HoldLost", why, true),
+            why = lost => (Reason::Run(ErrorKind::HoldLost), why, true),
         };
         let mut problems = Vec::new();
         for (m, h) in holders {
@@ -400,7 +428,11 @@ impl Held {
             (false, true) => (QuiescePhase::Thawed, reason, message),
             _ => (
                 QuiescePhase::Failed,
-                if failed { reason } else { "ThawFailed" },
+                if failed {
+                    reason
+                } else {
+                    Reason::Run(ErrorKind::ThawFailed)
+                },
                 format!("{message} {}", problems.join("; "))
                     .trim()
                     .to_string(),

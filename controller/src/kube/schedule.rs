@@ -30,6 +30,7 @@ use crate::kube::crd::{
     BackupSchedule, BackupScheduleStatus, GROUP_LABEL, GroupBackup, GroupBackupSpec,
     SCHEDULE_LABEL, SCHEDULE_UID_LABEL,
 };
+use crate::kube::reason::Reason;
 use crate::kube::store::{manifest_of, set_condition};
 use crate::metrics::{Metrics, SkipLabels, metrics};
 
@@ -162,7 +163,7 @@ pub async fn reconcile(
         &mut status.conditions,
         "Valid",
         true,
-        "Valid",
+        Reason::Valid,
         valid,
         generation,
     );
@@ -210,7 +211,7 @@ async fn invalid(
         &mut status.conditions,
         "Valid",
         false,
-        "InvalidSpec",
+        Reason::InvalidSpec,
         &message,
         generation,
     );
@@ -219,7 +220,7 @@ async fn invalid(
         Api::namespaced(ctx.client.clone(), &bs.namespace().unwrap_or_default());
     apply_status(&api, &bs.name_any(), &status).await?;
     if !already {
-        ctx.event(bs, true, "InvalidSpec", message).await;
+        ctx.event(bs, true, Reason::InvalidSpec, message).await;
     }
     Ok(Action::await_change())
 }
@@ -278,7 +279,7 @@ async fn prune(
         match backups.delete(&doomed, &DeleteParams::default()).await {
             Ok(_) => {
                 let message = format!("deleted GroupBackup {doomed} (retention)");
-                ctx.event(bs, false, "Pruned", message).await
+                ctx.event(bs, false, Reason::Pruned, message).await
             }
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e.into()),
@@ -341,7 +342,7 @@ async fn report_missed(bs: &BackupSchedule, ctx: &Context, firing: &crate::core:
         "{} run(s) fell while no controller led; {what}",
         firing.missed
     );
-    ctx.event(bs, true, "Missed", message).await;
+    ctx.event(bs, true, Reason::Missed, message).await;
 }
 
 /// A run: skipped while a backup of the group has not ended, else a new
@@ -372,7 +373,7 @@ async fn fire(
             b.name_any(),
             schedule.group
         );
-        ctx.event(bs, true, "Skipped", message).await;
+        ctx.event(bs, true, Reason::Skipped, message).await;
         return Ok(());
     }
     let backup_name = format!("{name}-{}", now.format("%Y%m%d-%H%M%S"));
@@ -403,7 +404,7 @@ async fn fire(
         .inc();
     status.active.push(backup_name.clone());
     let message = format!("created GroupBackup {backup_name}");
-    ctx.event(bs, false, "Scheduled", message).await;
+    ctx.event(bs, false, Reason::Scheduled, message).await;
     Ok(())
 }
 

@@ -24,6 +24,7 @@ use crate::kube::crd::{
     BACKUP_LABEL, BackupMember, BackupPhase, GROUP_LABEL, GroupBackup, GroupBackupStatus,
     VolumeSnapshotRef, WorkloadRef,
 };
+use crate::kube::reason::Reason;
 
 /// What agents call the server's data directory among the paths they report.
 const DATA_DIRECTORY: &str = "data_directory";
@@ -46,7 +47,7 @@ pub fn set_condition(
     conditions: &mut Vec<Condition>,
     type_: &str,
     ok: bool,
-    reason: &str,
+    reason: Reason,
     message: &str,
     generation: Option<i64>,
 ) {
@@ -60,7 +61,7 @@ pub fn set_condition(
     let condition = Condition {
         type_: type_.into(),
         status: status.into(),
-        reason: reason.into(),
+        reason: reason.as_str().into(),
         message: message.chars().take(32_000).collect(),
         observed_generation: generation,
         last_transition_time: transition,
@@ -481,7 +482,7 @@ pub fn fit<S: Bounded>(status: &mut S, generation: Option<i64>) {
         conditions,
         "Truncated",
         true,
-        "StatusTooLarge",
+        Reason::StatusTooLarge,
         &message,
         generation,
     );
@@ -542,15 +543,22 @@ mod tests {
     #[test]
     fn a_condition_keeps_its_transition_time_while_its_status_holds() {
         let mut c = Vec::new();
-        set_condition(&mut c, "Protectable", false, "NoAgent", "a", Some(1));
+        set_condition(&mut c, "Protectable", false, Reason::NoAgent, "a", Some(1));
         let first = c[0].last_transition_time.clone();
         std::thread::sleep(std::time::Duration::from_millis(5));
-        set_condition(&mut c, "Protectable", false, "PVCUnbound", "b", Some(2));
+        set_condition(
+            &mut c,
+            "Protectable",
+            false,
+            Reason::PVCUnbound,
+            "b",
+            Some(2),
+        );
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].last_transition_time, first);
         assert_eq!(c[0].reason, "PVCUnbound");
         assert_eq!(c[0].observed_generation, Some(2));
-        set_condition(&mut c, "Protectable", true, "Ready", "c", Some(2));
+        set_condition(&mut c, "Protectable", true, Reason::Ready, "c", Some(2));
         assert_ne!(c[0].last_transition_time, first);
     }
 

@@ -11,9 +11,11 @@ use stillpoint_proto::pb;
 use super::spec::Budgets;
 use super::{Resolver, Verdict};
 use crate::core::agents::answer;
+use crate::core::error::ErrorKind;
 use crate::core::model::{Engine, Role};
 use crate::core::record::ServerPath;
 use crate::kube::crd::ResolvedMember;
+use crate::kube::reason::Reason;
 
 /// What an agent said.
 pub(crate) struct Described {
@@ -51,18 +53,18 @@ impl Resolver {
         let mut client = tls.connect(addr, identity).await.map_err(|e| {
             let text = e.to_string();
             match text.contains(" presented ") {
-                true => Verdict::no("WrongIdentity", text),
-                false => Verdict::no("AgentUnreachable", text),
+                true => Verdict::no(Reason::Run(ErrorKind::WrongIdentity), text),
+                false => Verdict::no(Reason::Run(ErrorKind::AgentUnreachable), text),
             }
         })?;
         let describe = client.describe(pb::DescribeRequest::default());
         let d = answer(rpc, "describe", describe).await.map_err(|e| {
             let reason = match e.code() {
-                tonic::Code::DeadlineExceeded => "AgentUnreachable",
-                _ => "ServerUnavailable",
+                tonic::Code::DeadlineExceeded => ErrorKind::AgentUnreachable,
+                _ => ErrorKind::ServerUnavailable,
             };
             Verdict::no(
-                reason,
+                Reason::Run(reason),
                 format!("agent {addr}: {} (rpcTimeout)", e.message()),
             )
         })?;
@@ -123,7 +125,7 @@ impl Resolver {
                 }
                 Err(v) => {
                     refused.get_or_insert(Verdict::no(
-                        &v.reason,
+                        v.reason,
                         format!("member {} (pod {}): {}", m.name, m.pod, v.message),
                     ));
                 }

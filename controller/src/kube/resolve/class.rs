@@ -9,6 +9,7 @@ use kube::core::GroupVersionKind;
 
 use super::{Resolver, Verdict};
 use crate::kube::crd::{ATOMIC_ANNOTATION, ConsistencyGroup, SnapshotDriver, SnapshotSettings};
+use crate::kube::reason::Reason;
 
 impl Resolver {
     /// The group's snapshot class exists and serves every driver of its
@@ -25,7 +26,7 @@ impl Resolver {
         let classes = api
             .list(&ListParams::default())
             .await
-            .map_err(|e| Verdict::no("APIError", format!("listing {what}es: {e}")))?
+            .map_err(|e| Verdict::no(Reason::APIError, format!("listing {what}es: {e}")))?
             .items;
         let used = match &kind.named {
             Some(name) => vec![named(&classes, name, what, drivers)?],
@@ -49,7 +50,7 @@ impl Resolver {
             SnapshotDriver::CsiGroup => {
                 let served = crate::kube::csi::volume_group_snapshot_resource(&self.client)
                     .await
-                    .map_err(|e| Verdict::no("NoSnapshotClass", e))?;
+                    .map_err(|e| Verdict::no(Reason::NoSnapshotClass, e))?;
                 let gvk = GroupVersionKind::gvk(
                     "groupsnapshot.storage.k8s.io",
                     &served.version,
@@ -91,14 +92,14 @@ fn named<'c>(
         .find(|c| c.metadata.name.as_deref() == Some(name))
     else {
         return Err(Verdict::no(
-            "NoSnapshotClass",
+            Reason::NoSnapshotClass,
             format!("{what} {name} does not exist"),
         ));
     };
     let driver = driver_of(class);
     if let Some(other) = drivers.iter().find(|d| **d != driver) {
         return Err(Verdict::no(
-            "ClassDriverMismatch",
+            Reason::ClassDriverMismatch,
             format!(
                 "{what} {name} is for driver {driver}, but the group has PVCs of driver {other}"
             ),
@@ -127,7 +128,7 @@ fn defaults<'c>(
         });
         let Some(default) = default else {
             return Err(Verdict::no(
-                "NoSnapshotClass",
+                Reason::NoSnapshotClass,
                 format!(
                     "no {what} is named in the group's snapshot settings and none is the default for driver {d} \
                      (annotation {annotation}: \"true\")"
@@ -168,7 +169,7 @@ fn atomicity(spec: Option<bool>, classes: &[&DynamicObject], what: &str) -> Resu
         _ => {
             let names: Vec<&str> = said.iter().map(|(n, _)| n.as_str()).collect();
             Err(Verdict::no(
-                "AtomicityUnknown",
+                Reason::AtomicityUnknown,
                 format!(
                     "whether the snapshots of {what} {} are point-in-time is not known, and a backup's \
                      consistency depends on it: set spec.snapshot.atomic in the group (true for block \

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use super::pods::{agent_port, describe_selector, pod_identity, pod_volumes, pods_of, workload_of};
 use super::{AGENT_PORT_NAME, MAX_GROUP_PODS, MAX_GROUP_PVCS, Verdict};
 use crate::kube::crd::{ConsistencyGroupSpec, MemberTemplate, ResolvedMember};
+use crate::kube::reason::Reason;
 
 /// A member instance: the spec's member and one of its pods.
 pub(super) type Instance<'a> = (&'a MemberTemplate, &'a Pod);
@@ -41,7 +42,7 @@ pub(super) fn instances<'a>(
         let found = pods_of(t, pods);
         if found.is_empty() {
             return Err(Verdict::no(
-                "MemberNotFound",
+                Reason::MemberNotFound,
                 format!(
                     "member {}: no pod in namespace {ns} matches {}",
                     t.name,
@@ -53,7 +54,7 @@ pub(super) fn instances<'a>(
     }
     if instances.len() > MAX_GROUP_PODS {
         return Err(Verdict::no(
-            "TooManyPods",
+            Reason::TooManyPods,
             format!(
                 "the members' selectors match {} pods; a group resolves to at most \
                  {MAX_GROUP_PODS}: narrow the selectors or split the group",
@@ -66,7 +67,7 @@ pub(super) fn instances<'a>(
         let pod = p.metadata.name.clone().unwrap_or_default();
         if !seen.insert(pod.clone()) {
             return Err(Verdict::no(
-                "InvalidSpec",
+                Reason::InvalidSpec,
                 format!(
                     "pod {pod} is selected by more than one member (the second: {})",
                     t.name
@@ -122,7 +123,7 @@ fn member(
     };
     let Some(port) = agent_port(p) else {
         let v = Verdict::no(
-            "NoAgent",
+            Reason::NoAgent,
             format!(
                 "pod {pod} (member {}) has no Stillpoint agent: no container port named `{AGENT_PORT_NAME}`. \
                  Add the agent sidecar (or label the pod stillpoint.dev/inject=true for injection)",
@@ -137,7 +138,7 @@ fn member(
             None
         }
         _ => Some(Verdict::no(
-            "PodNotRunning",
+            Reason::PodNotRunning,
             format!(
                 "pod {pod} (member {}) is not running or has no IP yet",
                 t.name
@@ -159,7 +160,7 @@ pub(super) fn volume_limit(members: &[ResolvedMember]) -> Result<(), Verdict> {
     let claims: usize = members.iter().map(|m| m.pvcs.len()).sum();
     if claims > MAX_GROUP_PVCS {
         return Err(Verdict::no(
-            "TooManyVolumes",
+            Reason::TooManyVolumes,
             format!(
                 "the group's pods snapshot {claims} PVCs; a group takes at most \
                  {MAX_GROUP_PVCS}: narrow members' `volumes` or split the group"

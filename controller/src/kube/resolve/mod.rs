@@ -22,6 +22,7 @@ use kube::api::{Api, ListParams};
 use crate::core::agents::ControllerTls;
 use crate::core::model::GroupSpec;
 use crate::kube::crd::{ConsistencyGroup, ResolvedMember, SnapshotDriver};
+use crate::kube::reason::Reason;
 
 mod agents;
 mod class;
@@ -53,23 +54,23 @@ pub const MAX_GROUP_PVCS: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     pub ok: bool,
-    pub reason: String,
+    pub reason: Reason,
     pub message: String,
 }
 
 impl Verdict {
-    fn yes(reason: &str, message: impl Into<String>) -> Self {
+    fn yes(reason: Reason, message: impl Into<String>) -> Self {
         Verdict {
             ok: true,
-            reason: reason.into(),
+            reason,
             message: message.into(),
         }
     }
 
-    fn no(reason: &str, message: impl Into<String>) -> Self {
+    fn no(reason: Reason, message: impl Into<String>) -> Self {
         Verdict {
             ok: false,
-            reason: reason.into(),
+            reason,
             message: message.into(),
         }
     }
@@ -111,8 +112,13 @@ impl std::fmt::Debug for Resolver {
 enum Short {
     /// Not every member was found (with those that were, if any).
     Unresolved(Verdict, Vec<ResolvedMember>),
-    /// Found, but no backup can run now.
-    Unprotectable(Verdict, Vec<ResolvedMember>, bool),
+    /// Found (`resolved`), but no backup can run now (`why`).
+    Unprotectable {
+        resolved: Verdict,
+        why: Verdict,
+        members: Vec<ResolvedMember>,
+        atomic: bool,
+    },
 }
 
 impl Short {
@@ -121,13 +127,18 @@ impl Short {
     }
 }
 
-impl Resolution {
-    fn short(resolved: Verdict, short: Short) -> Self {
+impl From<Short> for Resolution {
+    fn from(short: Short) -> Self {
         let (resolved, protectable, members, atomic) = match short {
             Short::Unresolved(v, members) => {
-                (v.clone(), Verdict::no(&v.reason, v.message), members, false)
+                (v.clone(), Verdict::no(v.reason, v.message), members, false)
             }
-            Short::Unprotectable(v, members, atomic) => (resolved, v, members, atomic),
+            Short::Unprotectable {
+                resolved,
+                why,
+                members,
+                atomic,
+            } => (resolved, why, members, atomic),
         };
         Resolution {
             resolved,
@@ -142,44 +153,28 @@ impl Resolution {
 impl Resolver {
     /// Resolves `group` now.
     pub async fn resolve(&self, group: &ConsistencyGroup) -> Resolution {
-        let (resolved, outcome) = self.steps(group).await;
-        outcome.unwrap_or_else(|short| Resolution::short(resolved, short))
+        self.steps(group).await.unwrap_or_else(Resolution::from)
     }
 
-    /// The steps, in order: the members found decide `Resolved` (its
-    /// verdict returned first), the rest `Protectable`.
-    async fn steps(&self, group: &ConsistencyGroup) -> (Verdict, Result<Resolution, Short>) {
+    /// The steps, in order: the members found decide `Resolved`, the rest
+    /// `Protectable`.
+    async fn steps(&self, group: &ConsistencyGroup) -> Result<Resolution, Short> {
         let ns = group.metadata.namespace.clone().unwrap_or_default();
         let spec = &group.spec;
-        let pending = Verdict::no("", "");
-        let budgets = match spec::check(spec) {
-            Ok(b) => b,
-            Err(v) => return (pending, Err(Short::bare(v))),
-        };
-        let pods = match self.pods(&ns).await {
-            Ok(p) => p,
-            Err(v) => return (pending, Err(Short::bare(v))),
-        };
-        let instances = match members::instances(spec, &pods, &ns) {
-            Ok(i) => i,
-            Err(v) => return (pending, Err(Short::bare(v))),
-        };
-        let mut found = match self.find(&ns, &instances).await {
-            Ok(f) => f,
-            Err(short) => return (pending, Err(short)),
-        };
+        let budgets = spec::check(spec).map_err(Short::bare)?;
+        let pods = self.pods(&ns).await.map_err(Short::bare)?;
+        let instances = members::instances(spec, &pods, &ns).map_err(Short::bare)?;
+        let mut found = self.find(&ns, &instances).await?;
         let resolved = Verdict::yes(
-            "AllMembersFound",
+            Reason::AllMembersFound,
             format!(
                 "{} member instances in {} members",
                 found.members.len(),
                 spec.members.len()
             ),
         );
-        let outcome = self
-            .protect(group, &instances, &mut found, budgets, &resolved)
-            .await;
-        (resolved, outcome)
+        self.protect(group, &instances, &mut found, budgets, resolved)
+            .await
     }
 
     /// The namespace's pods.
@@ -187,7 +182,7 @@ impl Resolver {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
         match pods.list(&ListParams::default()).await {
             Ok(l) => Ok(l.items),
-            Err(e) => Err(Verdict::no("APIError", format!("listing pods: {e}"))),
+            Err(e) => Err(Verdict::no(Reason::APIError, format!("listing pods: {e}"))),
         }
     }
 
@@ -220,25 +215,31 @@ impl Resolver {
         instances: &[members::Instance<'_>],
         found: &mut members::Found,
         budgets: spec::Budgets,
-        resolved: &Verdict,
+        resolved: Verdict,
     ) -> Result<Resolution, Short> {
-        let members = |found: &mut members::Found| std::mem::take(&mut found.members);
+        let short = |why: Verdict, found: &mut members::Found, atomic: bool| Short::Unprotectable {
+            resolved: resolved.clone(),
+            why,
+            members: std::mem::take(&mut found.members),
+            atomic,
+        };
         let atomic = match self.check_class(group, &found.drivers).await {
             Ok(a) => a,
-            Err(v) => return Err(Short::Unprotectable(v, members(found), false)),
+            Err(v) => return Err(short(v, found, false)),
         };
         let infos = match self.describe_all(&mut found.members, &budgets).await {
             Ok(i) => i,
-            Err(v) => return Err(Short::Unprotectable(v, members(found), atomic)),
+            Err(v) => return Err(short(v, found, atomic)),
         };
         let specs = match roles::member_specs(instances, &infos, found, atomic) {
             Ok(s) => s,
-            Err(v) => return Err(Short::Unprotectable(v, members(found), atomic)),
+            Err(v) => return Err(short(v, found, atomic)),
         };
+        let members = std::mem::take(&mut found.members);
         Ok(ready(
             group,
             resolved.clone(),
-            members(found),
+            members,
             specs,
             atomic,
             budgets,
@@ -270,7 +271,7 @@ fn ready(
     );
     Resolution {
         resolved,
-        protectable: Verdict::yes("Ready", message),
+        protectable: Verdict::yes(Reason::Ready, message),
         atomic,
         members,
         spec: Some(GroupSpec {

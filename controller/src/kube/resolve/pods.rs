@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Pod;
 use super::members::Mounts;
 use super::{AGENT_PORT_NAME, Verdict};
 use crate::kube::crd::{MemberTemplate, WorkloadRef};
+use crate::kube::reason::Reason;
 
 /// The identity the agent of a pod must present.
 pub fn pod_identity(trust_domain: &str, pod: &Pod) -> String {
@@ -114,13 +115,13 @@ pub(super) fn pod_volumes(pod: &Pod, wanted: Option<&[String]>) -> Result<Mounts
     for name in names {
         let Some(v) = volumes.iter().find(|v| v.name == name) else {
             return Err(Verdict::no(
-                "VolumeNotFound",
+                Reason::VolumeNotFound,
                 format!("pod {pod_name} has no volume {name}"),
             ));
         };
         let Some(pvc) = &v.persistent_volume_claim else {
             return Err(Verdict::no(
-                "VolumeNotPVC",
+                Reason::VolumeNotPVC,
                 format!(
                     "volume {name} of pod {pod_name} is not a PersistentVolumeClaim, so no CSI snapshot can be taken of it"
                 ),

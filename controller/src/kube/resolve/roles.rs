@@ -7,9 +7,11 @@ use std::path::PathBuf;
 use super::Verdict;
 use super::agents::{Described, host_of};
 use super::members::{Found, Instance};
+use crate::core::error::ErrorKind;
 use crate::core::model::{AgentEndpoint, MemberSpec, Role, VolumeId};
 use crate::core::protocol::{copy_refusal, coverage};
 use crate::kube::crd::{MemberRole, ResolvedMember};
+use crate::kube::reason::Reason;
 
 /// The members as the protocol runs them, each instance's primary recorded
 /// in `found`; the first problem if any member cannot be backed up.
@@ -31,7 +33,7 @@ pub(super) fn member_specs(
         let pod = found.members[i].pod.clone();
         if !d.role.meets(expected) {
             problems.push(Verdict::no(
-                "RoleMismatch",
+                Reason::Run(ErrorKind::RoleMismatch),
                 format!(
                     "pod {pod} (member {}) is expected to be {expected} but its agent reports {}",
                     t.name, d.role
@@ -105,7 +107,7 @@ fn primary_of(
     match candidates.as_slice() {
         [j] => Ok(members[*j].pod.clone()),
         [] => Err(Verdict::no(
-            "ReplicaWithoutPrimary",
+            Reason::Run(ErrorKind::ReplicaWithoutPrimary),
             format!(
                 "pod {pod} (member {}) replicates from {}, which is no pod of this group",
                 t.name,
@@ -117,7 +119,7 @@ fn primary_of(
             ),
         )),
         many => Err(Verdict::no(
-            "ReplicaWithoutPrimary",
+            Reason::Run(ErrorKind::ReplicaWithoutPrimary),
             format!(
                 "pod {pod} (member {}): its primary member {} has {} pods; name one with `statefulSet`",
                 t.name,
@@ -140,10 +142,10 @@ fn covered(member: &MemberSpec, d: &Described, atomic: bool) -> Vec<Verdict> {
         &[],
         crate::kube::csi::ACCEPT_GAP,
     ) {
-        problems.push(Verdict::no("NotCovered", why));
+        problems.push(Verdict::no(Reason::Run(ErrorKind::NotCovered), why));
     }
     if !atomic && let Some(why) = copy_refusal(member, d.engine, crate::kube::csi::COPY_FIX) {
-        problems.push(Verdict::no("CopyRefused", why));
+        problems.push(Verdict::no(Reason::Run(ErrorKind::CopyRefused), why));
     }
     problems
 }

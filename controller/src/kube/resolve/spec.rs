@@ -9,7 +9,9 @@ use super::{
     Verdict,
 };
 use crate::core::agents::{DEFAULT_RPC_TIMEOUT, MAX_CONNECT_TIMEOUT, MAX_RPC_TIMEOUT, within};
+use crate::core::error::ErrorKind;
 use crate::kube::crd::ConsistencyGroupSpec;
+use crate::kube::reason::Reason;
 
 /// A group's budgets and timeouts, its spec's or the defaults.
 #[derive(Debug, Clone, Copy)]
@@ -31,12 +33,11 @@ pub(super) fn check(spec: &ConsistencyGroupSpec) -> Result<Budgets, Verdict> {
 fn budgets(spec: &ConsistencyGroupSpec) -> Result<Budgets, Verdict> {
     let budget = |text: &Option<String>, default: Duration| match text {
         None => Ok(default),
-        Some(t) => {
-            stillpoint_proto::duration::parse_duration(t).map_err(|e| Verdict::no("InvalidSpec", e))
-        }
+        Some(t) => stillpoint_proto::duration::parse_duration(t)
+            .map_err(|e| Verdict::no(Reason::InvalidSpec, e)),
     };
     let bounded = |name: &str, value: Duration, max: Duration| {
-        within(name, value, max).map_err(|e| Verdict::no("InvalidSpec", e))
+        within(name, value, max).map_err(|e| Verdict::no(Reason::InvalidSpec, e))
     };
     Ok(Budgets {
         freeze_budget: budget(&spec.freeze_budget, DEFAULT_FREEZE_BUDGET)?,
@@ -59,19 +60,19 @@ fn budgets(spec: &ConsistencyGroupSpec) -> Result<Budgets, Verdict> {
 /// pod (one of them), their primaries members too.
 fn members(spec: &ConsistencyGroupSpec) -> Result<(), Verdict> {
     if spec.members.is_empty() {
-        return Err(Verdict::no("InvalidSpec", "the group has no members"));
+        return Err(Verdict::no(Reason::InvalidSpec, "the group has no members"));
     }
     let mut names = BTreeSet::new();
     for t in &spec.members {
         if !names.insert(t.name.as_str()) {
             return Err(Verdict::no(
-                "InvalidSpec",
+                Reason::InvalidSpec,
                 format!("two members are named {}", t.name),
             ));
         }
         if t.selector.is_none() == t.stateful_set.is_none() {
             return Err(Verdict::no(
-                "InvalidSpec",
+                Reason::InvalidSpec,
                 format!("member {}: give either `selector` or `statefulSet`", t.name),
             ));
         }
@@ -79,7 +80,7 @@ fn members(spec: &ConsistencyGroupSpec) -> Result<(), Verdict> {
             && !spec.members.iter().any(|m| &m.name == p)
         {
             return Err(Verdict::no(
-                "ReplicaWithoutPrimary",
+                Reason::Run(ErrorKind::ReplicaWithoutPrimary),
                 format!(
                     "member {}: its primary {p} is not a member of the group",
                     t.name

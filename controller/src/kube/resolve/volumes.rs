@@ -7,6 +7,7 @@ use kube::api::Api;
 
 use super::{Resolver, Verdict};
 use crate::kube::crd::ResolvedMember;
+use crate::kube::reason::Reason;
 
 impl Resolver {
     /// Every PVC of `members` is Bound to a CSI volume: each member's
@@ -26,7 +27,7 @@ impl Resolver {
                     .await?
                     .ok_or_else(|| {
                         Verdict::no(
-                            "NotCSI",
+                            Reason::NotCSI,
                             format!(
                                 "pod {}: PVC {claim} is not provisioned by a CSI driver, so it cannot be snapshotted",
                                 m.pod
@@ -51,12 +52,15 @@ async fn bound(
         Ok(Some(c)) => c,
         Ok(None) => {
             return Err(Verdict::no(
-                "PVCNotFound",
+                Reason::PVCNotFound,
                 format!("pod {pod}: PVC {claim} does not exist"),
             ));
         }
         Err(e) => {
-            return Err(Verdict::no("APIError", format!("reading PVC {claim}: {e}")));
+            return Err(Verdict::no(
+                Reason::APIError,
+                format!("reading PVC {claim}: {e}"),
+            ));
         }
     };
     let phase = pvc
@@ -68,7 +72,7 @@ async fn bound(
     match (volume, phase.as_str()) {
         (Some(volume), "Bound") => Ok(volume),
         _ => Err(Verdict::no(
-            "PVCUnbound",
+            Reason::PVCUnbound,
             format!(
                 "pod {pod}: PVC {claim} is {} (not Bound)",
                 if phase.is_empty() { "Pending" } else { &phase }
@@ -82,7 +86,7 @@ async fn driver(pvs: &Api<PersistentVolume>, volume: &str) -> Result<Option<Stri
     match pvs.get_opt(volume).await {
         Ok(pv) => Ok(pv.and_then(|pv| pv.spec?.csi.map(|c| c.driver))),
         Err(e) => Err(Verdict::no(
-            "APIError",
+            Reason::APIError,
             format!("reading PersistentVolume {volume}: {e}"),
         )),
     }

@@ -7,6 +7,7 @@ use super::run::Run;
 use super::workloads::WorkloadInfo;
 use super::{Stop, stop};
 use crate::kube::crd::WorkloadRef;
+use crate::kube::reason::Reason;
 
 impl Run {
     /// 1. Everything is checked before anything changes.
@@ -15,7 +16,7 @@ impl Run {
             self.snapshots_ready(p).await?;
             if p.needs_label() && p.rec.data_directory.is_none() {
                 return Err(stop(
-                    "NotRestorable",
+                    Reason::NotRestorable,
                     format!(
                         "pod {} was cut with a backup_label, but the backup does not record its data directory",
                         p.rec.pod
@@ -38,7 +39,7 @@ impl Run {
         for v in p.rec.volume_snapshots.iter() {
             let Some(s) = snapshots.get_opt(&v.name).await? else {
                 return Err(stop(
-                    "SnapshotNotFound",
+                    Reason::SnapshotNotFound,
                     format!(
                         "VolumeSnapshot {} (PVC {} of pod {}) does not exist",
                         v.name, v.pvc, p.rec.pod
@@ -47,7 +48,7 @@ impl Run {
             };
             if s.data["status"]["readyToUse"] != json!(true) {
                 return Err(stop(
-                    "SnapshotNotReady",
+                    Reason::SnapshotNotReady,
                     format!("VolumeSnapshot {} is not ready to use", v.name),
                 ));
             }
@@ -74,12 +75,12 @@ impl Run {
                     p.rec.pod
                 ),
             };
-            return Err(stop("WorkloadNotFound", message));
+            return Err(stop(Reason::WorkloadNotFound, message));
         };
         for (v, claim) in &p.volumes {
             if !claims(&info, t, p, claim) {
                 return Err(stop(
-                    "WorkloadMismatch",
+                    Reason::WorkloadMismatch,
                     format!(
                         "{t} would not mount PVC {claim} (restored from {} of pod {}): give it the volume \
                          claim template (or claimName) the original has for it",
@@ -98,7 +99,7 @@ impl Run {
                 && !self.ours(&pvc)
             {
                 return Err(stop(
-                    "PVCExists",
+                    Reason::PVCExists,
                     format!(
                         "PVC {claim} exists and was not made by this restore; delete it or choose another pvcPrefix"
                     ),

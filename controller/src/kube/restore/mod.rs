@@ -40,6 +40,7 @@ use tokio::sync::watch;
 
 use crate::kube::controller::{Context, Live, ReconcileError, now};
 use crate::kube::crd::{GroupRestore, RestorePhase};
+use crate::kube::reason::Reason;
 use crate::kube::store::set_condition;
 use run::Run;
 use workloads::Workloads;
@@ -78,11 +79,11 @@ const PREPARE_ARTEFACTS: &str = "/stillpoint/artefacts";
 /// Why a restore stopped: its `Completed` reason and message.
 #[derive(Debug)]
 struct Stop {
-    reason: &'static str,
+    reason: Reason,
     message: String,
 }
 
-fn stop(reason: &'static str, message: impl Into<String>) -> Stop {
+fn stop(reason: Reason, message: impl Into<String>) -> Stop {
     Stop {
         reason,
         message: message.into(),
@@ -91,7 +92,7 @@ fn stop(reason: &'static str, message: impl Into<String>) -> Stop {
 
 impl From<kube::Error> for Stop {
     fn from(e: kube::Error) -> Self {
-        stop("APIError", e.to_string())
+        stop(Reason::APIError, e.to_string())
     }
 }
 
@@ -106,7 +107,7 @@ async fn finish(run: &mut Run, outcome: Result<usize, Stop>) -> Result<(), kube:
             };
             (
                 RestorePhase::Succeeded,
-                "Succeeded",
+                Reason::Succeeded,
                 format!(
                     "{n} members of GroupBackup {} {mode}",
                     run.restore.spec.backup
@@ -211,7 +212,7 @@ async fn begin(
         ),
         false => format!("restoring GroupBackup {}", r.spec.backup),
     };
-    ctx.event(&**r, false, "Restoring", note).await;
+    ctx.event(&**r, false, Reason::Restoring, note).await;
     Ok((run, cancelled, finished))
 }
 

@@ -6,6 +6,7 @@ use super::{DEFAULT_PREFIX, DEFAULT_STAGE_TIMEOUT, Stop, stop};
 use crate::kube::crd::{
     BackupMember, GroupBackup, GroupRestoreSpec, VolumeSnapshotRef, WorkloadRef,
 };
+use crate::kube::reason::Reason;
 
 /// One member of the backup, as the restore treats it.
 #[derive(Debug, Clone)]
@@ -95,7 +96,7 @@ fn plan_member(
         (_, true) => None,
         (None, false) => {
             return Err(stop(
-                "NoWorkload",
+                Reason::NoWorkload,
                 format!(
                     "pod {} was not run by a StatefulSet or Deployment, so there is nothing to scale up; \
                      restore with volumesOnly: true and start it on its PVCs yourself",
@@ -114,7 +115,7 @@ fn plan_member(
     };
     if m.volume_snapshots.iter().all(|v| v.part.is_some()) {
         return Err(stop(
-            "NotRestorable",
+            Reason::NotRestorable,
             format!("pod {} has no VolumeSnapshot in the backup", m.pod),
         ));
     }
@@ -168,14 +169,14 @@ pub(super) fn replicas_up_to(
 pub(super) fn validate(spec: &GroupRestoreSpec) -> Result<Duration, Stop> {
     if spec.in_place && spec.volumes_only {
         return Err(stop(
-            "InvalidSpec",
+            Reason::InvalidSpec,
             "inPlace with volumesOnly would delete PVCs that running pods still use; scale the workloads \
              to zero yourself and restore inPlace without volumesOnly, or restore under new names",
         ));
     }
     if !spec.in_place && spec.pvc_prefix.as_deref() == Some("") {
         return Err(stop(
-            "InvalidSpec",
+            Reason::InvalidSpec,
             "spec.pvcPrefix is empty: that would be the originals' names; use inPlace: true to replace them",
         ));
     }
@@ -186,7 +187,7 @@ pub(super) fn validate(spec: &GroupRestoreSpec) -> Result<Duration, Stop> {
             .filter(|d| !d.is_zero())
             .ok_or_else(|| {
                 stop(
-                    "InvalidSpec",
+                    Reason::InvalidSpec,
                     format!("spec.stageTimeout {t:?} is not a duration longer than zero"),
                 )
             }),

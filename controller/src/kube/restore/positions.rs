@@ -5,6 +5,7 @@ use std::time::Duration;
 use super::plan::Planned;
 use super::run::Run;
 use super::{POLL, POSITION_BOUND, Stop, stop};
+use crate::kube::reason::Reason;
 use crate::kube::resolve::{agent_port, pod_identity};
 
 /// How restored position `a` stands to recorded position `b`, by engine
@@ -129,7 +130,7 @@ impl Run {
             match self.position_of(pod).await {
                 Err(e) => {
                     return Err(stop(
-                        "PositionCheckFailed",
+                        Reason::PositionCheckFailed,
                         format!("asking pod {pod}'s agent its position: {e}"),
                     ));
                 }
@@ -168,7 +169,7 @@ impl Run {
         };
         if reached(engine, &theirs, at) == Some(false) {
             return Err(stop(
-                "PositionCheckFailed",
+                Reason::PositionCheckFailed,
                 format!(
                     "restored replica {pod} is at {at}, ahead of its restored primary {primary_pod} at {theirs}"
                 ),
@@ -183,7 +184,7 @@ impl Run {
 fn holds(pod: &str, engine: &str, at: &str, must: &str, what: &str) -> Result<(), Stop> {
     if reached(engine, at, must) == Some(false) {
         return Err(stop(
-            "PositionCheckFailed",
+            Reason::PositionCheckFailed,
             format!(
                 "restored pod {pod} is at {at}, short of {what} ({must}) within {POSITION_BOUND:?}: the restored data lacks what the backup promised"
             ),
@@ -191,7 +192,7 @@ fn holds(pod: &str, engine: &str, at: &str, must: &str, what: &str) -> Result<()
     }
     if exact(engine) && compare(engine, at, must) != Some(std::cmp::Ordering::Equal) {
         return Err(stop(
-            "PositionCheckFailed",
+            Reason::PositionCheckFailed,
             format!(
                 "restored pod {pod} is at {at}, past {what} ({must}): it holds transactions \
                  the backup did not record, so its data is not this backup's"

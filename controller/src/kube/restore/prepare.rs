@@ -11,7 +11,9 @@ use super::plan::Planned;
 use super::run::Run;
 use super::workloads::not_ready_because;
 use super::{PREPARE_ARTEFACTS, PREPARE_CPU_REQUEST, PREPARE_MEMORY, PREPARE_WAL, Stop, stop};
+use crate::core::error::ErrorKind;
 use crate::kube::crd::{RESTORE_UID_LABEL, VolumeSnapshotRef};
+use crate::kube::reason::Reason;
 
 /// The preparation pod's security contexts: who the database runs as (so
 /// the restored files are its), and what Pod Security `restricted` asks:
@@ -65,7 +67,9 @@ impl Run {
                 "pod {}: restored data directory prepared to start from its backup_label",
                 p.rec.pod
             );
-            self.ctx.event(&self.restore, false, "Prepared", note).await;
+            self.ctx
+                .event(&self.restore, false, Reason::Prepared, note)
+                .await;
         }
         Ok(())
     }
@@ -77,7 +81,7 @@ impl Run {
             // An earlier restore's pod of that name is not this one's:
             // wait for it to go (it goes with its restore).
             Some(old) if old.labels().get(RESTORE_UID_LABEL) != Some(&self.uid()) => Err(stop(
-                "PodExists",
+                Reason::PodExists,
                 format!(
                     "pod {name} exists and was not made by this restore (an earlier one of the same \
                      name?); it goes with its own restore: delete it, or retry in a moment"
@@ -103,7 +107,7 @@ impl Run {
                     match phase.as_str() {
                         "Succeeded" => Ok(None),
                         "Failed" => Err(stop(
-                            "PrepareFailed",
+                            Reason::Run(ErrorKind::PrepareFailed),
                             format!(
                                 "preparing a restored data directory: the agent in restore mode failed \
                                  ({}); see `kubectl logs {name}`",
@@ -118,7 +122,7 @@ impl Run {
         match outcome {
             None => Ok(()),
             Some(why) => Err(stop(
-                "PrepareTimedOut",
+                Reason::PrepareTimedOut,
                 format!("pod {name} did not finish preparing within {bound:?}: {why}"),
             )),
         }
@@ -171,7 +175,7 @@ impl Run {
                 "volumes": volumes,
             },
         });
-        serde_json::from_value(pod).map_err(|e| stop("InvalidSpec", e.to_string()))
+        serde_json::from_value(pod).map_err(|e| stop(Reason::InvalidSpec, e.to_string()))
     }
 
     /// Who the database runs as (the restored files must be its): the pod
@@ -248,7 +252,7 @@ fn data_holder(p: &Planned, data_dir: &str) -> Result<(VolumeSnapshotRef, String
         .max_by_key(|(v, _)| v.mount_path.clone().unwrap_or_default().len())
         .ok_or_else(|| {
             stop(
-                "NotRestorable",
+                Reason::NotRestorable,
                 format!(
                     "pod {}: no restored volume holds its data directory {data_dir}",
                     p.rec.pod

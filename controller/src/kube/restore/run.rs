@@ -18,6 +18,7 @@ use crate::kube::crd::{
     BackupPhase, GroupBackup, GroupRestore, GroupRestoreStatus, RESTORE_LABEL, RESTORE_UID_LABEL,
     RestoreStage, RestoredMember,
 };
+use crate::kube::reason::Reason;
 use crate::kube::store::apply_status;
 
 /// The running restore: its resource, status and what it works with.
@@ -86,7 +87,7 @@ impl Run {
         let recorded: BTreeSet<&str> = self.status.members.iter().map(|m| m.pod.as_str()).collect();
         if recorded_uid.is_some_and(|r| Some(r) != uid.as_ref()) || pods != recorded {
             return Err(stop(
-                "BackupReplaced",
+                Reason::BackupReplaced,
                 format!(
                     "GroupBackup {} is not the backup this restore began with (it was deleted \
                      and made again under its name: uid {} then {}; members {} then {}): \
@@ -180,7 +181,7 @@ impl Run {
         let backups: Api<GroupBackup> = Api::namespaced(self.ctx.client.clone(), &self.ns);
         let Some(backup) = backups.get_opt(name).await? else {
             return Err(stop(
-                "BackupNotFound",
+                Reason::BackupNotFound,
                 format!("GroupBackup {name} does not exist in namespace {}", self.ns),
             ));
         };
@@ -191,7 +192,7 @@ impl Run {
             .unwrap_or_default();
         if phase != BackupPhase::Succeeded {
             return Err(stop(
-                "BackupNotRestorable",
+                Reason::BackupNotRestorable,
                 format!(
                     "GroupBackup {name} is {}; only a backup that succeeded can be restored",
                     phase.as_str()

@@ -19,6 +19,7 @@ use super::{Stop, stop};
 use crate::core::plan::stage_class;
 use crate::kube::controller::now;
 use crate::kube::crd::WorkloadRef;
+use crate::kube::reason::Reason;
 
 /// A step of the plan: its stage, and whether it is the stage's replicas.
 type Step = (u32, bool);
@@ -73,7 +74,7 @@ impl Run {
             {
                 crate::metrics::metrics().restore_order_violations.inc();
                 return Err(stop(
-                    "OrderViolation",
+                    Reason::OrderViolation,
                     format!(
                         "{t} runs {} pods before its stage: at most {allowed} may run before stage {stage} starts \
                          (was it scaled by hand?)",
@@ -121,7 +122,7 @@ impl Run {
                 .join(", ")
         );
         self.ctx
-            .event(&self.restore, false, "StageStarting", note)
+            .event(&self.restore, false, Reason::StageStarting, note)
             .await;
         Ok(())
     }
@@ -186,7 +187,7 @@ impl Run {
             false => format!("; later stages {} were not started", later.join(", ")),
         };
         stop(
-            "StageNotReady",
+            Reason::StageNotReady,
             format!(
                 "stage {stage} ({}) is not Ready after {bound:?}: {why}{held}",
                 stage_class(stage)
@@ -218,7 +219,7 @@ impl Run {
             self.save().await?;
             let note = format!("stage {stage} ({}) is Ready", stage_class(stage));
             self.ctx
-                .event(&self.restore, false, "StageReady", note)
+                .event(&self.restore, false, Reason::StageReady, note)
                 .await;
         }
         Ok(())

@@ -9,6 +9,7 @@ use super::positions::{compare, exact, reached};
 use super::prepare::restricted;
 use super::{DEFAULT_PREFIX, DEFAULT_STAGE_TIMEOUT};
 use crate::kube::crd::{BackupMember, GroupRestore, GroupRestoreSpec, WorkloadRef};
+use crate::kube::reason::Reason;
 
 fn sts(name: &str) -> WorkloadRef {
     WorkloadRef {
@@ -123,7 +124,7 @@ fn a_spec_that_cannot_be_meant_is_refused_with_why() {
         ("{backup: b, stageTimeout: soon}", "stageTimeout \"soon\""),
     ] {
         let e = validate(&spec(yaml)).unwrap_err();
-        assert_eq!(e.reason, "InvalidSpec");
+        assert_eq!(e.reason, Reason::InvalidSpec);
         assert!(e.message.contains(says), "{yaml}: {}", e.message);
     }
     // In place, an empty prefix is beside the point.

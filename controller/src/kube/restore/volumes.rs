@@ -13,6 +13,7 @@ use super::plan::Planned;
 use super::run::Run;
 use super::{Stop, stop};
 use crate::kube::crd::{VolumeSnapshotRef, WorkloadRef};
+use crate::kube::reason::Reason;
 
 impl Run {
     /// 2. Every workload down, and its pods gone.
@@ -39,7 +40,7 @@ impl Run {
             .await?;
         if let Some(left) = left {
             return Err(stop(
-                "ScaleDownTimedOut",
+                Reason::ScaleDownTimedOut,
                 format!("scaled to zero, but pods {left} are still there after {bound:?}"),
             ));
         }
@@ -114,7 +115,7 @@ impl Run {
             .await?;
         if let Some(left) = left {
             return Err(stop(
-                "PVCNotDeleted",
+                Reason::PVCNotDeleted,
                 format!(
                     "the original PVCs {left} are still there after {bound:?} (a pod still uses them?)"
                 ),
@@ -140,7 +141,7 @@ impl Run {
                 return Ok(pvc.uid().unwrap_or_default());
             }
             return Err(stop(
-                "PVCExists",
+                Reason::PVCExists,
                 format!("PVC {claim} exists and was not made by this restore"),
             ));
         }
@@ -182,7 +183,7 @@ impl Run {
             "spec": spec,
         });
         let pvc: PersistentVolumeClaim =
-            serde_json::from_value(pvc).map_err(|e| stop("InvalidSpec", e.to_string()))?;
+            serde_json::from_value(pvc).map_err(|e| stop(Reason::InvalidSpec, e.to_string()))?;
         let made = self.pvcs.create(&Default::default(), &pvc).await?;
         Ok(made.uid().unwrap_or_default())
     }
