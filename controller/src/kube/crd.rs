@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime};
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -249,7 +249,7 @@ impl std::fmt::Display for WorkloadRef {
 }
 
 /// One backup of a ConsistencyGroup.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "stillpoint.dev",
     version = "v1alpha1",
@@ -265,10 +265,7 @@ impl std::fmt::Display for WorkloadRef {
     printcolumn = r#"{"name":"Error","type":"string","jsonPath":".status.error"}"#
 )]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "self == oldSelf",
-    "message": "a GroupBackup's spec cannot be changed; create another GroupBackup"
-}]))]
+#[x_kube(validation = Rule::new("self == oldSelf").message("a GroupBackup's spec cannot be changed; create another GroupBackup"))]
 pub struct GroupBackupSpec {
     /// The ConsistencyGroup (same namespace).
     pub group: String,
@@ -520,7 +517,7 @@ pub const QUIESCE_FINALIZER: &str = "stillpoint.dev/thaw";
 /// the duration ends or the resource is deleted; if the controller dies,
 /// the agents thaw by themselves when the lease runs out. Who may quiesce
 /// is decided by RBAC on this resource.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "stillpoint.dev",
     version = "v1alpha1",
@@ -537,10 +534,7 @@ pub const QUIESCE_FINALIZER: &str = "stillpoint.dev/thaw";
     printcolumn = r#"{"name":"Error","type":"string","jsonPath":".status.error"}"#
 )]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "self == oldSelf",
-    "message": "a GroupQuiesce's spec cannot be changed; delete it (which thaws) and create another"
-}]))]
+#[x_kube(validation = Rule::new("self == oldSelf").message("a GroupQuiesce's spec cannot be changed; delete it (which thaws) and create another"))]
 pub struct GroupQuiesceSpec {
     /// The ConsistencyGroup (same namespace).
     pub group: String,
@@ -628,7 +622,7 @@ pub const RESTORE_UID_LABEL: &str = "stillpoint.dev/restore-uid";
 /// class that copies prepared (WAL and `backup_label`) before PostgreSQL
 /// starts, and the workloads scaled up one stage after another, each only
 /// when every member of the previous one is Ready.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "stillpoint.dev",
     version = "v1alpha1",
@@ -644,10 +638,7 @@ pub const RESTORE_UID_LABEL: &str = "stillpoint.dev/restore-uid";
     printcolumn = r#"{"name":"Error","type":"string","jsonPath":".status.error"}"#
 )]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "self == oldSelf",
-    "message": "a GroupRestore's spec cannot be changed; create another GroupRestore"
-}]))]
+#[x_kube(validation = Rule::new("self == oldSelf").message("a GroupRestore's spec cannot be changed; create another GroupRestore"))]
 pub struct GroupRestoreSpec {
     /// The GroupBackup to restore (same namespace; it must have succeeded).
     pub backup: String,
