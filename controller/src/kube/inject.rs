@@ -15,6 +15,10 @@
 
 use std::collections::BTreeMap;
 
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
+use kube::core::Status;
+use kube::core::admission::AdmissionResponse;
 use serde_json::{Value, json};
 
 /// The label that opts a pod in (the webhook's `objectSelector`).
@@ -627,12 +631,16 @@ fn agent_volumes(s: &PodSettings) -> Vec<Value> {
 }
 
 /// Escapes a JSON Pointer token (RFC 6901).
-fn pointer_token(s: &str) -> String {
-    s.replace('~', "~0").replace('/', "~1")
+/// An `add` operation at `path` (its tokens, escaped by `jsonptr`).
+fn add<'t>(path: impl IntoIterator<Item = &'t str>, value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation {
+        path: PointerBuf::from_tokens(path),
+        value,
+    })
 }
 
 /// The JSON Patch that injects the agent into `pod`.
-pub fn patch(pod: &PodView, s: &PodSettings, cfg: &InjectConfig) -> Result<Vec<Value>, Denied> {
+pub fn patch(pod: &PodView, s: &PodSettings, cfg: &InjectConfig) -> Result<Patch, Denied> {
     for volume in agent_volumes(s) {
         let name = get_str(&volume, &["name"]).unwrap_or_default().to_string();
         if pod.volumes().iter().any(|v| v.name == name) {
@@ -648,39 +656,31 @@ pub fn patch(pod: &PodView, s: &PodSettings, cfg: &InjectConfig) -> Result<Vec<V
     } else {
         ("containers", pod.spec.containers.is_some(), false)
     };
-    match present.then_some(()) {
-        Some(_) if index_first => {
-            ops.push(json!({"op": "add", "path": format!("/spec/{list}/0"), "value": container}))
-        }
-        Some(_) => {
-            ops.push(json!({"op": "add", "path": format!("/spec/{list}/-"), "value": container}))
-        }
-        None => {
-            ops.push(json!({"op": "add", "path": format!("/spec/{list}"), "value": [container]}))
-        }
-    }
+    ops.push(match (present, index_first) {
+        (true, true) => add(["spec", list, "0"], container),
+        (true, false) => add(["spec", list, "-"], container),
+        (false, _) => add(["spec", list], json!([container])),
+    });
     let volumes = agent_volumes(s);
     match pod.spec.volumes.as_ref() {
         Some(_) => ops.extend(
             volumes
                 .into_iter()
-                .map(|v| json!({"op": "add", "path": "/spec/volumes/-", "value": v})),
+                .map(|v| add(["spec", "volumes", "-"], v)),
         ),
-        None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes})),
+        None => ops.push(add(["spec", "volumes"], json!(volumes))),
     }
-    match pod.metadata.annotations.as_ref() {
-        Some(_) => ops.push(json!({
-            "op": "add",
-            "path": format!("/metadata/annotations/{}", pointer_token(INJECTED_ANNOTATION)),
-            "value": cfg.version,
-        })),
-        None => ops.push(json!({
-            "op": "add",
-            "path": "/metadata/annotations",
-            "value": {INJECTED_ANNOTATION: cfg.version},
-        })),
-    }
-    Ok(ops)
+    ops.push(match pod.metadata.annotations.as_ref() {
+        Some(_) => add(
+            ["metadata", "annotations", INJECTED_ANNOTATION],
+            json!(cfg.version),
+        ),
+        None => add(
+            ["metadata", "annotations"],
+            json!({INJECTED_ANNOTATION: cfg.version}),
+        ),
+    });
+    Ok(Patch(ops))
 }
 
 /// What the webhook answers for one request.
@@ -689,7 +689,7 @@ pub enum Answer {
     /// Allowed as it is (not opted in, or already injected).
     Unchanged,
     /// Allowed with this JSON Patch.
-    Patch(Vec<Value>),
+    Patch(Patch),
     /// Denied (HTTP 403 in the AdmissionReview status) with this message.
     Denied(String),
 }
@@ -838,31 +838,46 @@ pub fn read_review(body: &Body) -> Result<Request<'_>, BadReview> {
     })
 }
 
+/// kube's response to request `uid`, allowed. (kube makes one from its
+/// own `AdmissionRequest`, which this webhook does not parse: see
+/// [`Review`].)
+fn allowed(uid: &str) -> AdmissionResponse {
+    let mut response = AdmissionResponse::invalid("");
+    response.uid = uid.to_string();
+    response.allowed = true;
+    response.result = Status::default();
+    response
+}
+
+/// Refused with HTTP status `code` and its `reason`.
+fn refused(uid: &str, code: u16, reason: &str, message: String) -> AdmissionResponse {
+    let mut response = allowed(uid).deny(&message);
+    response.result = Status::failure(&message, reason).with_code(code);
+    response.result.status = None;
+    response
+}
+
 /// The AdmissionReview response for request `uid`.
 pub fn response(uid: &str, answer: &Answer) -> Value {
-    use base64::Engine as _;
-    let mut response = json!({"uid": uid, "allowed": true});
-    match answer {
-        Answer::Unchanged => {}
-        Answer::Patch(ops) => {
-            let patch = serde_json::to_vec(ops).unwrap_or_default();
-            response["patchType"] = json!("JSONPatch");
-            response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
-        }
-        Answer::Denied(message) => {
-            response["allowed"] = json!(false);
-            response["status"] = json!({
-                "code": 403,
-                "reason": "Forbidden",
-                "message": format!("stillpoint injector: {message}"),
-            });
-        }
-    }
-    json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "response": response,
-    })
+    let response = match answer {
+        Answer::Unchanged => allowed(uid),
+        Answer::Patch(ops) => match allowed(uid).with_patch(ops.clone()) {
+            Ok(r) => r,
+            Err(e) => refused(
+                uid,
+                500,
+                "InternalError",
+                format!("stillpoint injector: {e}"),
+            ),
+        },
+        Answer::Denied(message) => refused(
+            uid,
+            403,
+            "Forbidden",
+            format!("stillpoint injector: {message}"),
+        ),
+    };
+    serde_json::to_value(response.into_review()).unwrap_or_default()
 }
 
 /// The answer to an unreadable review: a response with the uid when one
@@ -870,15 +885,13 @@ pub fn response(uid: &str, answer: &Answer) -> Value {
 /// none (the server answers HTTP 400).
 pub fn bad_review_response(body: &Body, err: &BadReview) -> Option<Value> {
     let uid = body.uid.clone().filter(|u| !u.is_empty())?;
-    Some(json!({
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "response": {
-            "uid": uid,
-            "allowed": false,
-            "status": {"code": 400, "reason": "BadRequest", "message": format!("stillpoint injector: {err}")},
-        },
-    }))
+    let response = refused(
+        &uid,
+        400,
+        "BadRequest",
+        format!("stillpoint injector: {err}"),
+    );
+    serde_json::to_value(response.into_review()).ok()
 }
 
 /// The whole webhook, given the namespace's labels: the body in, the
@@ -956,22 +969,8 @@ mod tests {
     }
 
     /// Applies the JSON Patch ops this module emits (add only).
-    fn apply(mut doc: Value, ops: &[Value]) -> Value {
-        for op in ops {
-            assert_eq!(op["op"], "add");
-            let path = op["path"].as_str().unwrap();
-            let (parent, last) = path.rsplit_once('/').unwrap();
-            let last = last.replace("~1", "/").replace("~0", "~");
-            let target = doc.pointer_mut(parent).unwrap();
-            match target {
-                Value::Array(a) if last == "-" => a.push(op["value"].clone()),
-                Value::Array(a) => a.insert(last.parse().unwrap(), op["value"].clone()),
-                Value::Object(m) => {
-                    m.insert(last, op["value"].clone());
-                }
-                _ => panic!("cannot add at {path}"),
-            }
-        }
+    fn apply(mut doc: Value, ops: &Patch) -> Value {
+        json_patch::patch(&mut doc, ops).unwrap();
         doc
     }
 
@@ -1095,7 +1094,7 @@ mod tests {
         assert!(env(agent, "STILLPOINT_PG_FENCE_SCHEMAS").is_none());
     }
 
-    fn ops_of(p: &Value) -> Vec<Value> {
+    fn ops_of(p: &Value) -> Patch {
         match decide(p, &BTreeMap::new(), &cfg(true)) {
             Answer::Patch(ops) => ops,
             other => panic!("{other:?}"),
