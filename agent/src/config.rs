@@ -428,19 +428,7 @@ impl Config {
             .raw(ENV_MEMBER)
             .or_else(|| source.get("HOSTNAME"))
             .unwrap_or_else(|| "stillpoint-agent".to_string());
-        let engine = match r.raw(ENV_ENGINE) {
-            None => {
-                r.errors.push(format!(
-                    "{ENV_ENGINE} is required (one of: {})",
-                    EngineKind::supported_names()
-                ));
-                EngineKind::Noop
-            }
-            Some(name) => name.parse().unwrap_or_else(|why: String| {
-                r.errors.push(format!("{ENV_ENGINE}={name:?}: {why}"));
-                EngineKind::Noop
-            }),
-        };
+        let engine = r.engine();
         let listen_addr = r.addr(ENV_LISTEN_ADDR, DEFAULT_LISTEN_ADDR);
         let admin_addr = r.addr(ENV_ADMIN_ADDR, DEFAULT_ADMIN_ADDR);
         let certificates = r.raw(ENV_CERT_URL).map(|url| CertSource {
@@ -448,53 +436,8 @@ impl Config {
             token_file: PathBuf::from(r.string(ENV_TOKEN_FILE, DEFAULT_TOKEN_FILE)),
             ca_file: PathBuf::from(r.string(ENV_CERT_CA, DEFAULT_CERT_CA)),
         });
-        let tls = match &certificates {
-            // Written by the agent itself from the controller's answer.
-            Some(source) => {
-                if !source.url.starts_with("https://") {
-                    r.errors.push(format!(
-                        "{ENV_CERT_URL}={:?}: must be an https:// URL",
-                        source.url
-                    ));
-                }
-                for (key, file) in [
-                    (ENV_TOKEN_FILE, &source.token_file),
-                    (ENV_CERT_CA, &source.ca_file),
-                ] {
-                    if !file.is_file() {
-                        r.errors.push(format!(
-                            "{key}: file {} does not exist (with {ENV_CERT_URL} set)",
-                            file.display()
-                        ));
-                    }
-                }
-                TlsFiles {
-                    cert: PathBuf::from(r.string(ENV_TLS_CERT, DEFAULT_TLS_CERT)),
-                    key: PathBuf::from(r.string(ENV_TLS_KEY, DEFAULT_TLS_KEY)),
-                    ca: PathBuf::from(r.string(ENV_TLS_CA, DEFAULT_TLS_CA)),
-                }
-            }
-            None => TlsFiles {
-                cert: r.file(ENV_TLS_CERT, DEFAULT_TLS_CERT),
-                key: r.file(ENV_TLS_KEY, DEFAULT_TLS_KEY),
-                ca: r.file(ENV_TLS_CA, DEFAULT_TLS_CA),
-            },
-        };
-        let controller_identity = match r.raw(ENV_CONTROLLER_IDENTITY) {
-            None => {
-                r.errors.push(format!(
-                    "{ENV_CONTROLLER_IDENTITY} is required: the URI SAN of the controller's \
-                     certificate, e.g. spiffe://cluster.local/ns/stillpoint/sa/stillpoint-controller"
-                ));
-                String::new()
-            }
-            Some(id) => {
-                if let Err(why) = validate_identity(&id) {
-                    r.errors.push(format!("{ENV_CONTROLLER_IDENTITY}: {why}"));
-                }
-                id
-            }
-        };
+        let tls = r.tls(certificates.as_ref());
+        let controller_identity = r.controller_identity();
         let tls_reload_interval =
             r.positive_duration(ENV_TLS_RELOAD_INTERVAL, DEFAULT_TLS_RELOAD_INTERVAL);
         let handshake_timeout =
@@ -504,117 +447,31 @@ impl Config {
         let thaw_timeout = r.positive_duration(ENV_THAW_TIMEOUT, DEFAULT_THAW_TIMEOUT);
         let prepare_timeout = r.positive_duration(ENV_PREPARE_TIMEOUT, DEFAULT_PREPARE_TIMEOUT);
         let flush_timeout = r.positive_duration(ENV_FLUSH_TIMEOUT, DEFAULT_FLUSH_TIMEOUT);
-        let volumes: Vec<PathBuf> = r
-            .list(ENV_VOLUMES, "")
-            .into_iter()
-            .map(PathBuf::from)
-            .collect();
-        for volume in &volumes {
-            if !volume.is_absolute() || !volume.is_dir() {
-                r.errors.push(format!(
-                    "{ENV_VOLUMES}: {} is not an existing absolute directory",
-                    volume.display()
-                ));
-            }
-        }
+        let volumes = r.directories(ENV_VOLUMES);
         let max_wait = r.positive_duration(ENV_MAX_WAIT, DEFAULT_MAX_WAIT);
         let shutdown_grace = r.duration(ENV_SHUTDOWN_GRACE, DEFAULT_SHUTDOWN_GRACE);
-        let dsn = match (r.raw(ENV_DSN), r.raw(ENV_DSN_FILE)) {
-            (Some(_), Some(_)) => {
-                r.errors
-                    .push(format!("set only one of {ENV_DSN} and {ENV_DSN_FILE}"));
-                None
-            }
-            (Some(dsn), None) => Some(Secret::new(dsn)),
-            (None, Some(path)) => match std::fs::read_to_string(&path) {
-                Ok(text) if !text.trim().is_empty() => Some(Secret::new(text.trim().to_string())),
-                Ok(_) => {
-                    r.errors.push(format!("{ENV_DSN_FILE}: {path} is empty"));
-                    None
-                }
-                Err(e) => {
-                    r.errors
-                        .push(format!("{ENV_DSN_FILE}: cannot read {path}: {e}"));
-                    None
-                }
-            },
-            (None, None) => None,
-        };
-        if engine.needs_dsn() && dsn.is_none() {
-            r.errors.push(format!(
-                "engine {engine} needs a connection string: set {ENV_DSN_FILE} (or {ENV_DSN})"
-            ));
-        }
-        if let Some(dsn) = &dsn
-            && let Err(why) = engine.check_dsn(dsn.expose())
-        {
-            // The reason never repeats the DSN itself: it may hold a password.
-            r.errors.push(format!(
-                "{ENV_DSN}/{ENV_DSN_FILE}: not a usable {engine} connection string: {why}"
-            ));
-        }
+        let dsn = r.dsn(engine);
         let state_dir = PathBuf::from(r.string(ENV_STATE_DIR, DEFAULT_STATE_DIR));
         let connect_timeout = r.positive_duration(ENV_CONNECT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT);
         let lock_timeout = r.positive_duration(ENV_LOCK_TIMEOUT, DEFAULT_LOCK_TIMEOUT);
         let poll_interval = r.positive_duration(ENV_POLL_INTERVAL, DEFAULT_POLL_INTERVAL);
         let hold_check_interval =
             r.positive_duration(ENV_HOLD_CHECK_INTERVAL, DEFAULT_HOLD_CHECK_INTERVAL);
-        let pg = PgConfig {
-            mode: r.parse(ENV_PG_MODE, PgMode::Backup, |text| match text {
-                "backup" => Ok(PgMode::Backup),
-                "fence" => Ok(PgMode::Fence),
-                _ => Err("must be 'backup' or 'fence'".into()),
-            }),
-            fence_databases: r.list(ENV_PG_FENCE_DATABASES, ""),
-            fence_schemas: r.list(ENV_PG_FENCE_SCHEMAS, DEFAULT_PG_FENCE_SCHEMAS),
-            wal_retain: r.duration(ENV_PG_WAL_RETAIN, DEFAULT_PG_WAL_RETAIN),
-        };
-        let fsfreeze_mounts: Vec<PathBuf> = r
-            .list(ENV_FSFREEZE_MOUNTS, "")
-            .into_iter()
-            .map(PathBuf::from)
-            .collect();
-        for mount in &fsfreeze_mounts {
-            if !mount.is_absolute() || !mount.is_dir() {
-                r.errors.push(format!(
-                    "{ENV_FSFREEZE_MOUNTS}: {} is not an existing absolute directory",
-                    mount.display()
-                ));
-            }
-        }
+        let pg = r.pg();
+        let fsfreeze_mounts = r.directories(ENV_FSFREEZE_MOUNTS);
         if engine == EngineKind::Fsfreeze && fsfreeze_mounts.is_empty() {
             r.errors.push(format!(
                 "engine fsfreeze needs {ENV_FSFREEZE_MOUNTS} (comma-separated mount points)"
             ));
         }
-        let exec = ExecConfig {
-            command: r.string(ENV_EXEC_COMMAND, ""),
-            ready_command: r.raw(ENV_EXEC_READY_COMMAND),
-            ready_line: r.raw(ENV_EXEC_READY_LINE),
-            grace: r.duration(ENV_EXEC_GRACE, DEFAULT_EXEC_GRACE),
-        };
-        if engine == EngineKind::Exec && exec.command.is_empty() {
-            r.errors.push(format!(
-                "engine exec needs {ENV_EXEC_COMMAND} (the command that holds)"
-            ));
-        }
+        let exec = r.exec(engine);
         let log = r.string(ENV_LOG, DEFAULT_LOG);
         let log_format = r.parse(ENV_LOG_FORMAT, LogFormat::Text, |text| match text {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
             _ => Err("must be 'text' or 'json'".into()),
         });
-        let noop = NoopConfig {
-            freeze_latency: r.duration(ENV_NOOP_FREEZE_LATENCY, Duration::ZERO),
-            thaw_latency: r.duration(ENV_NOOP_THAW_LATENCY, Duration::ZERO),
-            describe_latency: r.duration(ENV_NOOP_DESCRIBE_LATENCY, Duration::ZERO),
-            replica: r.parse(ENV_NOOP_ROLE, false, |text| match text {
-                "primary" => Ok(false),
-                "replica" => Ok(true),
-                _ => Err("must be 'primary' or 'replica'".into()),
-            }),
-            upstream: r.string(ENV_NOOP_UPSTREAM, ""),
-        };
+        let noop = r.noop();
         if !r.errors.is_empty() {
             return Err(ConfigErrors(r.errors));
         }
@@ -652,6 +509,178 @@ impl Config {
                 noop,
             },
         })
+    }
+}
+
+/// The parts of the configuration that are more than one key read alone.
+impl<S: Source> Reader<'_, S> {
+    fn engine(&mut self) -> EngineKind {
+        match self.raw(ENV_ENGINE) {
+            None => {
+                self.errors.push(format!(
+                    "{ENV_ENGINE} is required (one of: {})",
+                    EngineKind::supported_names()
+                ));
+                EngineKind::Noop
+            }
+            Some(name) => name.parse().unwrap_or_else(|why: String| {
+                self.errors.push(format!("{ENV_ENGINE}={name:?}: {why}"));
+                EngineKind::Noop
+            }),
+        }
+    }
+
+    /// The TLS files: written by the agent itself from the controller's
+    /// answer when it obtains its certificate, else existing files.
+    fn tls(&mut self, certificates: Option<&CertSource>) -> TlsFiles {
+        let Some(source) = certificates else {
+            return TlsFiles {
+                cert: self.file(ENV_TLS_CERT, DEFAULT_TLS_CERT),
+                key: self.file(ENV_TLS_KEY, DEFAULT_TLS_KEY),
+                ca: self.file(ENV_TLS_CA, DEFAULT_TLS_CA),
+            };
+        };
+        if !source.url.starts_with("https://") {
+            self.errors.push(format!(
+                "{ENV_CERT_URL}={:?}: must be an https:// URL",
+                source.url
+            ));
+        }
+        for (key, file) in [
+            (ENV_TOKEN_FILE, &source.token_file),
+            (ENV_CERT_CA, &source.ca_file),
+        ] {
+            if !file.is_file() {
+                self.errors.push(format!(
+                    "{key}: file {} does not exist (with {ENV_CERT_URL} set)",
+                    file.display()
+                ));
+            }
+        }
+        TlsFiles {
+            cert: PathBuf::from(self.string(ENV_TLS_CERT, DEFAULT_TLS_CERT)),
+            key: PathBuf::from(self.string(ENV_TLS_KEY, DEFAULT_TLS_KEY)),
+            ca: PathBuf::from(self.string(ENV_TLS_CA, DEFAULT_TLS_CA)),
+        }
+    }
+
+    fn controller_identity(&mut self) -> String {
+        match self.raw(ENV_CONTROLLER_IDENTITY) {
+            None => {
+                self.errors.push(format!(
+                    "{ENV_CONTROLLER_IDENTITY} is required: the URI SAN of the controller's \
+                     certificate, e.g. spiffe://cluster.local/ns/stillpoint/sa/stillpoint-controller"
+                ));
+                String::new()
+            }
+            Some(id) => {
+                if let Err(why) = validate_identity(&id) {
+                    self.errors
+                        .push(format!("{ENV_CONTROLLER_IDENTITY}: {why}"));
+                }
+                id
+            }
+        }
+    }
+
+    /// A comma-separated list of existing absolute directories.
+    fn directories(&mut self, key: &str) -> Vec<PathBuf> {
+        let dirs: Vec<PathBuf> = self.list(key, "").into_iter().map(PathBuf::from).collect();
+        for dir in &dirs {
+            if !dir.is_absolute() || !dir.is_dir() {
+                self.errors.push(format!(
+                    "{key}: {} is not an existing absolute directory",
+                    dir.display()
+                ));
+            }
+        }
+        dirs
+    }
+
+    /// The connection string, from the variable or the file (one of them),
+    /// where the engine needs one and can use it.
+    fn dsn(&mut self, engine: EngineKind) -> Option<Secret> {
+        let dsn = match (self.raw(ENV_DSN), self.raw(ENV_DSN_FILE)) {
+            (Some(_), Some(_)) => {
+                self.errors
+                    .push(format!("set only one of {ENV_DSN} and {ENV_DSN_FILE}"));
+                None
+            }
+            (Some(dsn), None) => Some(Secret::new(dsn)),
+            (None, Some(path)) => self.dsn_file(&path),
+            (None, None) => None,
+        };
+        if engine.needs_dsn() && dsn.is_none() {
+            self.errors.push(format!(
+                "engine {engine} needs a connection string: set {ENV_DSN_FILE} (or {ENV_DSN})"
+            ));
+        }
+        if let Some(dsn) = &dsn
+            && let Err(why) = engine.check_dsn(dsn.expose())
+        {
+            // The reason never repeats the DSN itself: it may hold a password.
+            self.errors.push(format!(
+                "{ENV_DSN}/{ENV_DSN_FILE}: not a usable {engine} connection string: {why}"
+            ));
+        }
+        dsn
+    }
+
+    fn dsn_file(&mut self, path: &str) -> Option<Secret> {
+        match std::fs::read_to_string(path) {
+            Ok(text) if !text.trim().is_empty() => Some(Secret::new(text.trim().to_string())),
+            Ok(_) => {
+                self.errors.push(format!("{ENV_DSN_FILE}: {path} is empty"));
+                None
+            }
+            Err(e) => {
+                self.errors
+                    .push(format!("{ENV_DSN_FILE}: cannot read {path}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn pg(&mut self) -> PgConfig {
+        PgConfig {
+            mode: self.parse(ENV_PG_MODE, PgMode::Backup, |text| match text {
+                "backup" => Ok(PgMode::Backup),
+                "fence" => Ok(PgMode::Fence),
+                _ => Err("must be 'backup' or 'fence'".into()),
+            }),
+            fence_databases: self.list(ENV_PG_FENCE_DATABASES, ""),
+            fence_schemas: self.list(ENV_PG_FENCE_SCHEMAS, DEFAULT_PG_FENCE_SCHEMAS),
+            wal_retain: self.duration(ENV_PG_WAL_RETAIN, DEFAULT_PG_WAL_RETAIN),
+        }
+    }
+
+    fn exec(&mut self, engine: EngineKind) -> ExecConfig {
+        let exec = ExecConfig {
+            command: self.string(ENV_EXEC_COMMAND, ""),
+            ready_command: self.raw(ENV_EXEC_READY_COMMAND),
+            ready_line: self.raw(ENV_EXEC_READY_LINE),
+            grace: self.duration(ENV_EXEC_GRACE, DEFAULT_EXEC_GRACE),
+        };
+        if engine == EngineKind::Exec && exec.command.is_empty() {
+            self.errors.push(format!(
+                "engine exec needs {ENV_EXEC_COMMAND} (the command that holds)"
+            ));
+        }
+        exec
+    }
+
+    fn noop(&mut self) -> NoopConfig {
+        NoopConfig {
+            freeze_latency: self.duration(ENV_NOOP_FREEZE_LATENCY, Duration::ZERO),
+            thaw_latency: self.duration(ENV_NOOP_THAW_LATENCY, Duration::ZERO),
+            describe_latency: self.duration(ENV_NOOP_DESCRIBE_LATENCY, Duration::ZERO),
+            replica: self.parse(ENV_NOOP_ROLE, false, |text| match text {
+                "primary" => Ok(false),
+                "replica" => Ok(true),
+                _ => Err("must be 'primary' or 'replica'".into()),
+            }),
+            upstream: self.string(ENV_NOOP_UPSTREAM, ""),
+        }
     }
 }
 
