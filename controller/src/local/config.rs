@@ -230,216 +230,27 @@ impl Config {
         };
         let file: File =
             toml::from_str(text).map_err(|e| fail(vec![e.to_string().trim().to_string()]))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let mut problems = Vec::new();
-        let resolve = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
+        let mut c = Checker {
+            base: path.parent().unwrap_or(Path::new(".")),
+            problems: Vec::new(),
         };
-        let tls = match (&file.tls.dir, &file.tls.cert, &file.tls.key, &file.tls.ca) {
-            (Some(dir), None, None, None) => TlsFiles::in_dir(&resolve(dir)),
-            (None, Some(cert), Some(key), Some(ca)) => TlsFiles {
-                cert: resolve(cert),
-                key: resolve(key),
-                ca: resolve(ca),
-            },
-            _ => {
-                problems.push("tls: set either `dir` or all of `cert`, `key` and `ca`".into());
-                TlsFiles::in_dir(base)
-            }
-        };
-        let mut groups = BTreeMap::new();
-        for (name, g) in &file.groups {
-            let at = format!("groups.{name}");
-            let mut duration = |field: &str, value: &Option<String>, default: &str| {
-                parse_duration(value.as_deref().unwrap_or(default)).unwrap_or_else(|e| {
-                    problems.push(format!("{at}.{field}: {e}"));
-                    Duration::from_secs(1)
-                })
-            };
-            let freeze_budget = duration("freeze_budget", &g.freeze_budget, DEFAULT_FREEZE_BUDGET);
-            let lease_ttl = duration("lease_ttl", &g.lease_ttl, DEFAULT_LEASE_TTL);
-            let align_timeout = duration("align_timeout", &g.align_timeout, DEFAULT_ALIGN_TIMEOUT);
-            let connect_timeout = duration(
-                "connect_timeout",
-                &g.connect_timeout,
-                DEFAULT_CONNECT_TIMEOUT,
-            );
-            let rpc_timeout = duration("rpc_timeout", &g.rpc_timeout, DEFAULT_RPC_TIMEOUT);
-            use crate::core::agents::{MAX_CONNECT_TIMEOUT, MAX_RPC_TIMEOUT, within};
-            for (field, value, max) in [
-                ("connect_timeout", connect_timeout, MAX_CONNECT_TIMEOUT),
-                ("rpc_timeout", rpc_timeout, MAX_RPC_TIMEOUT),
-            ] {
-                if let Err(e) = within(field, value, max) {
-                    problems.push(format!("{at}.{e}"));
-                }
-            }
-            let snapshot_dir = match (&g.snapshot_dir, g.driver_needs_dir()) {
-                (Some(dir), _) => resolve(dir),
-                (None, true) => {
-                    problems.push(
-                        format!(
-                            "{at}.snapshot_dir: required by the {:?} snapshotter",
-                            g.snapshotter
-                        )
-                        .to_lowercase(),
-                    );
-                    PathBuf::new()
-                }
-                (None, false) => PathBuf::new(),
-            };
-            if g.snapshotter == Driver::Exec && g.exec.is_none() {
-                problems.push(format!(
-                    "{at}.exec: required by the exec snapshotter (snapshot and delete templates)"
-                ));
-            }
-            if let Some(Err(e)) = g
-                .exec
-                .as_ref()
-                .and_then(|t| t.timeout.as_deref())
-                .map(parse_duration)
-            {
-                problems.push(format!("{at}.exec.timeout: {e}"));
-            }
-            if g.members.is_empty() {
-                problems.push(format!("{at}.members: a group needs at least one member"));
-            }
-            let names: Vec<&str> = g.members.iter().map(|m| m.name.as_str()).collect();
-            for (i, m) in g.members.iter().enumerate() {
-                let at = format!("{at}.members[{i}]");
-                if m.name.is_empty() {
-                    problems.push(format!("{at}.name: must not be empty"));
-                }
-                if names.iter().filter(|n| **n == m.name).count() > 1 {
-                    problems.push(format!(
-                        "{at}.name: '{}' is used by more than one member",
-                        m.name
-                    ));
-                }
-                if let Err(e) = validate_identity(&m.identity) {
-                    problems.push(format!("{at}.identity: {e}"));
-                }
-                if m.agent
-                    .rsplit_once(':')
-                    .and_then(|(_, p)| p.parse::<u16>().ok())
-                    .is_none()
-                {
-                    problems.push(format!("{at}.agent: '{}' is not host:port", m.agent));
-                }
-                match (m.role, &m.primary) {
-                    (RoleHint::Replica, None) => {
-                        problems.push(format!("{at}.primary: a replica must name its primary"))
-                    }
-                    (RoleHint::Replica, Some(p)) => {
-                        let primary = g.members.iter().find(|o| &o.name == p);
-                        match primary {
-                            None => problems.push(format!(
-                                "{at}.primary: '{p}' is not a member of group {name}; a replica can only be \
-                                 backed up with its primary in the same group"
-                            )),
-                            Some(o) if o.role != RoleHint::Primary => problems.push(format!(
-                                "{at}.primary: '{p}' is not a primary"
-                            )),
-                            Some(_) => {}
-                        }
-                    }
-                    (_, Some(_)) => {
-                        problems.push(format!("{at}.primary: only a replica has a primary"))
-                    }
-                    _ => {}
-                }
-                for (v, volume) in m.volumes.iter().enumerate() {
-                    if !volume.is_absolute() {
-                        problems.push(format!(
-                            "{at}.volumes[{v}]: '{}' must be an absolute path",
-                            volume.display()
-                        ));
-                    }
-                }
-                for (a, path) in m.accept_uncovered.iter().enumerate() {
-                    if !path.is_absolute() {
-                        problems.push(format!(
-                            "{at}.accept_uncovered[{a}]: '{}' must be an absolute path",
-                            path.display()
-                        ));
-                    }
-                }
-                if m.volumes.is_empty() && g.snapshotter != Driver::Exec {
-                    problems.push(format!(
-                        "{at}.volumes: a member needs at least one volume to snapshot"
-                    ));
-                }
-            }
-            groups.insert(
-                name.clone(),
-                Group {
-                    name: name.clone(),
-                    driver: g.snapshotter,
-                    snapshot_dir,
-                    exec: g.exec.clone(),
-                    freeze_budget,
-                    lease_ttl,
-                    align_timeout,
-                    connect_timeout,
-                    rpc_timeout,
-                    members: g.members.clone(),
-                },
-            );
-        }
-        let mut schedules = BTreeMap::new();
-        for (name, s) in &file.schedules {
-            let at = format!("schedules.{name}");
-            if !groups.contains_key(&s.group) {
-                problems.push(format!(
-                    "{at}.group: no group '{}' (groups: {})",
-                    s.group,
-                    groups.keys().cloned().collect::<Vec<_>>().join(", ")
-                ));
-            }
-            let cron = crate::core::schedule::parse_cron(&s.cron)
-                .map_err(|e| problems.push(format!("{at}.cron: {e}")))
-                .ok();
-            let timezone = crate::core::schedule::parse_timezone(s.timezone.as_deref())
-                .map_err(|e| problems.push(format!("{at}.timezone: {e}")))
-                .ok();
-            if s.keep_last == Some(0) {
-                problems.push(format!(
-                    "{at}.keep_last: must be at least 1 (leave it out to keep any number)"
-                ));
-            }
-            let max_age = s.max_age.as_deref().and_then(|text| {
-                parse_duration(text)
-                    .map_err(|e| problems.push(format!("{at}.max_age: {e}")))
-                    .ok()
-            });
-            if let (Some(cron), Some(timezone)) = (cron, timezone) {
-                schedules.insert(
-                    name.clone(),
-                    Schedule {
-                        name: name.clone(),
-                        group: s.group.clone(),
-                        cron,
-                        timezone,
-                        retention: crate::local::retention::Retention {
-                            keep_last: s.keep_last,
-                            max_age,
-                        },
-                        missed: s.missed,
-                        suspend: s.suspend,
-                    },
-                );
-            }
-        }
-        if !problems.is_empty() {
-            return Err(fail(problems));
+        let tls = c.tls(&file.tls);
+        let groups: BTreeMap<String, Group> = file
+            .groups
+            .iter()
+            .map(|(name, g)| (name.clone(), c.group(name, g)))
+            .collect();
+        let schedules: BTreeMap<String, Schedule> = file
+            .schedules
+            .iter()
+            .filter_map(|(name, s)| Some((name.clone(), c.schedule(name, s, &groups)?)))
+            .collect();
+        if !c.problems.is_empty() {
+            return Err(fail(c.problems));
         }
         Ok(Config {
             path: path.to_path_buf(),
-            catalog: resolve(&file.catalog),
+            catalog: c.resolve(&file.catalog),
             tls,
             groups,
             schedules,
@@ -454,6 +265,251 @@ impl Config {
                 self.groups.keys().cloned().collect::<Vec<_>>().join(", ")
             )
         })
+    }
+}
+
+/// Reads a parsed file into a configuration, collecting every problem
+/// (each named by where it is in the file) rather than stopping at the
+/// first.
+struct Checker<'a> {
+    /// Relative paths are relative to the file's directory.
+    base: &'a Path,
+    problems: Vec<String>,
+}
+
+impl Checker<'_> {
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn tls(&mut self, tls: &TlsSection) -> TlsFiles {
+        match (&tls.dir, &tls.cert, &tls.key, &tls.ca) {
+            (Some(dir), None, None, None) => TlsFiles::in_dir(&self.resolve(dir)),
+            (None, Some(cert), Some(key), Some(ca)) => TlsFiles {
+                cert: self.resolve(cert),
+                key: self.resolve(key),
+                ca: self.resolve(ca),
+            },
+            _ => {
+                self.problems
+                    .push("tls: set either `dir` or all of `cert`, `key` and `ca`".into());
+                TlsFiles::in_dir(self.base)
+            }
+        }
+    }
+
+    /// A duration at `at.field`, its default when absent.
+    fn duration(
+        &mut self,
+        at: &str,
+        field: &str,
+        value: &Option<String>,
+        default: &str,
+    ) -> Duration {
+        parse_duration(value.as_deref().unwrap_or(default)).unwrap_or_else(|e| {
+            self.problems.push(format!("{at}.{field}: {e}"));
+            Duration::from_secs(1)
+        })
+    }
+
+    fn group(&mut self, name: &str, g: &GroupFile) -> Group {
+        use crate::core::agents::{MAX_CONNECT_TIMEOUT, MAX_RPC_TIMEOUT, within};
+        let at = format!("groups.{name}");
+        let freeze_budget = self.duration(
+            &at,
+            "freeze_budget",
+            &g.freeze_budget,
+            DEFAULT_FREEZE_BUDGET,
+        );
+        let lease_ttl = self.duration(&at, "lease_ttl", &g.lease_ttl, DEFAULT_LEASE_TTL);
+        let align_timeout = self.duration(
+            &at,
+            "align_timeout",
+            &g.align_timeout,
+            DEFAULT_ALIGN_TIMEOUT,
+        );
+        let connect_timeout = self.duration(
+            &at,
+            "connect_timeout",
+            &g.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        );
+        let rpc_timeout = self.duration(&at, "rpc_timeout", &g.rpc_timeout, DEFAULT_RPC_TIMEOUT);
+        for (field, value, max) in [
+            ("connect_timeout", connect_timeout, MAX_CONNECT_TIMEOUT),
+            ("rpc_timeout", rpc_timeout, MAX_RPC_TIMEOUT),
+        ] {
+            if let Err(e) = within(field, value, max) {
+                self.problems.push(format!("{at}.{e}"));
+            }
+        }
+        let snapshot_dir = self.snapshotter(&at, g);
+        if g.members.is_empty() {
+            self.problems
+                .push(format!("{at}.members: a group needs at least one member"));
+        }
+        for (i, m) in g.members.iter().enumerate() {
+            self.member(&format!("{at}.members[{i}]"), name, g, m);
+        }
+        Group {
+            name: name.to_string(),
+            driver: g.snapshotter,
+            snapshot_dir,
+            exec: g.exec.clone(),
+            freeze_budget,
+            lease_ttl,
+            align_timeout,
+            connect_timeout,
+            rpc_timeout,
+            members: g.members.clone(),
+        }
+    }
+
+    /// The snapshotter's settings; returns its directory.
+    fn snapshotter(&mut self, at: &str, g: &GroupFile) -> PathBuf {
+        let snapshot_dir = match (&g.snapshot_dir, g.driver_needs_dir()) {
+            (Some(dir), _) => self.resolve(dir),
+            (None, true) => {
+                self.problems.push(
+                    format!(
+                        "{at}.snapshot_dir: required by the {:?} snapshotter",
+                        g.snapshotter
+                    )
+                    .to_lowercase(),
+                );
+                PathBuf::new()
+            }
+            (None, false) => PathBuf::new(),
+        };
+        if g.snapshotter == Driver::Exec && g.exec.is_none() {
+            self.problems.push(format!(
+                "{at}.exec: required by the exec snapshotter (snapshot and delete templates)"
+            ));
+        }
+        if let Some(Err(e)) = g
+            .exec
+            .as_ref()
+            .and_then(|t| t.timeout.as_deref())
+            .map(parse_duration)
+        {
+            self.problems.push(format!("{at}.exec.timeout: {e}"));
+        }
+        snapshot_dir
+    }
+
+    /// Member `m` (at `at`) of group `group`.
+    fn member(&mut self, at: &str, group: &str, g: &GroupFile, m: &MemberFile) {
+        let problems = &mut self.problems;
+        if m.name.is_empty() {
+            problems.push(format!("{at}.name: must not be empty"));
+        }
+        if g.members.iter().filter(|o| o.name == m.name).count() > 1 {
+            problems.push(format!(
+                "{at}.name: '{}' is used by more than one member",
+                m.name
+            ));
+        }
+        if let Err(e) = validate_identity(&m.identity) {
+            problems.push(format!("{at}.identity: {e}"));
+        }
+        if m.agent
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
+            problems.push(format!("{at}.agent: '{}' is not host:port", m.agent));
+        }
+        if let Some(problem) = primary_problem(at, group, g, m) {
+            problems.push(problem);
+        }
+        for (what, paths) in [
+            ("volumes", &m.volumes),
+            ("accept_uncovered", &m.accept_uncovered),
+        ] {
+            for (i, path) in paths.iter().enumerate() {
+                if !path.is_absolute() {
+                    problems.push(format!(
+                        "{at}.{what}[{i}]: '{}' must be an absolute path",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        if m.volumes.is_empty() && g.snapshotter != Driver::Exec {
+            problems.push(format!(
+                "{at}.volumes: a member needs at least one volume to snapshot"
+            ));
+        }
+    }
+
+    /// Schedule `name`, if its cron and time zone can be read.
+    fn schedule(
+        &mut self,
+        name: &str,
+        s: &ScheduleFile,
+        groups: &BTreeMap<String, Group>,
+    ) -> Option<Schedule> {
+        let at = format!("schedules.{name}");
+        let problems = &mut self.problems;
+        if !groups.contains_key(&s.group) {
+            problems.push(format!(
+                "{at}.group: no group '{}' (groups: {})",
+                s.group,
+                groups.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let cron = crate::core::schedule::parse_cron(&s.cron)
+            .map_err(|e| problems.push(format!("{at}.cron: {e}")))
+            .ok();
+        let timezone = crate::core::schedule::parse_timezone(s.timezone.as_deref())
+            .map_err(|e| problems.push(format!("{at}.timezone: {e}")))
+            .ok();
+        if s.keep_last == Some(0) {
+            problems.push(format!(
+                "{at}.keep_last: must be at least 1 (leave it out to keep any number)"
+            ));
+        }
+        let max_age = s.max_age.as_deref().and_then(|text| {
+            parse_duration(text)
+                .map_err(|e| problems.push(format!("{at}.max_age: {e}")))
+                .ok()
+        });
+        Some(Schedule {
+            name: name.to_string(),
+            group: s.group.clone(),
+            cron: cron?,
+            timezone: timezone?,
+            retention: crate::local::retention::Retention {
+                keep_last: s.keep_last,
+                max_age,
+            },
+            missed: s.missed,
+            suspend: s.suspend,
+        })
+    }
+}
+
+/// What is wrong with member `m`'s role and primary, if anything: only a
+/// replica names a primary, a primary of its own group.
+fn primary_problem(at: &str, group: &str, g: &GroupFile, m: &MemberFile) -> Option<String> {
+    match (m.role, &m.primary) {
+        (RoleHint::Replica, None) => Some(format!("{at}.primary: a replica must name its primary")),
+        (RoleHint::Replica, Some(p)) => match g.members.iter().find(|o| &o.name == p) {
+            None => Some(format!(
+                "{at}.primary: '{p}' is not a member of group {group}; a replica can only be \
+                 backed up with its primary in the same group"
+            )),
+            Some(o) if o.role != RoleHint::Primary => {
+                Some(format!("{at}.primary: '{p}' is not a primary"))
+            }
+            Some(_) => None,
+        },
+        (_, Some(_)) => Some(format!("{at}.primary: only a replica has a primary")),
+        _ => None,
     }
 }
 
