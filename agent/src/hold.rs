@@ -208,6 +208,18 @@ impl Holds {
         block_writes: bool,
         events: Events,
     ) -> Result<Attached, HoldError> {
+        self.check_request(backup_id, ttl)?;
+        if let Some(commands) = self.claim(backup_id, ttl)? {
+            return self.attach(commands, backup_id, events).await;
+        }
+        // The slot says Freezing: whatever happens below must leave it.
+        let started = Instant::now();
+        let frozen = self.freeze_engine(backup_id, ttl, block_writes).await?;
+        let took = started.elapsed();
+        Ok(self.hold(backup_id, ttl, frozen, took, aligned_us, events))
+    }
+
+    fn check_request(&self, backup_id: &str, ttl: Duration) -> Result<(), HoldError> {
         if backup_id.trim().is_empty() {
             return Err(self.invalid("a freeze needs a backup id".into()));
         }
@@ -218,56 +230,78 @@ impl Holds {
                 self.limits.max_ttl.as_millis()
             )));
         }
-        let takeover = {
-            let mut slot = self.slot.lock().unwrap();
-            match &*slot {
-                Slot::Held(h) if h.backup_id == backup_id => Some(h.commands.clone()),
-                Slot::Held(h) => {
-                    let left = h
-                        .deadline
-                        .lock()
-                        .unwrap()
-                        .saturating_duration_since(Instant::now());
-                    return Err(HoldError::Busy {
-                        member: self.member.clone(),
-                        holder: h.backup_id.clone(),
-                        expires_in_ms: left.as_millis() as u64,
-                    });
-                }
-                Slot::Freezing { backup_id: other } if other == backup_id => {
-                    return Err(HoldError::InProgress {
-                        member: self.member.clone(),
-                        backup_id: other.clone(),
-                    });
-                }
-                Slot::Freezing { backup_id: other } => {
-                    return Err(HoldError::Busy {
-                        member: self.member.clone(),
-                        holder: other.clone(),
-                        expires_in_ms: ttl.as_millis() as u64,
-                    });
-                }
-                Slot::Idle => {
-                    *slot = Slot::Freezing {
-                        backup_id: backup_id.to_string(),
-                    };
-                    None
-                }
+        Ok(())
+    }
+
+    /// The slot for `backup_id`: marked Freezing when idle (`None`), the
+    /// hold's commands when `backup_id` already holds it (a takeover), or
+    /// why another freeze has it.
+    fn claim(
+        &self,
+        backup_id: &str,
+        ttl: Duration,
+    ) -> Result<Option<mpsc::UnboundedSender<Command>>, HoldError> {
+        let mut slot = self.slot.lock().unwrap();
+        match &*slot {
+            Slot::Held(h) if h.backup_id == backup_id => Ok(Some(h.commands.clone())),
+            Slot::Held(h) => {
+                let left = h
+                    .deadline
+                    .lock()
+                    .unwrap()
+                    .saturating_duration_since(Instant::now());
+                Err(HoldError::Busy {
+                    member: self.member.clone(),
+                    holder: h.backup_id.clone(),
+                    expires_in_ms: left.as_millis() as u64,
+                })
             }
-        };
-        if let Some(commands) = takeover {
-            let (reply, answer) = oneshot::channel();
-            let ended = || HoldError::NotHolder {
+            Slot::Freezing { backup_id: other } if other == backup_id => {
+                Err(HoldError::InProgress {
+                    member: self.member.clone(),
+                    backup_id: other.clone(),
+                })
+            }
+            Slot::Freezing { backup_id: other } => Err(HoldError::Busy {
                 member: self.member.clone(),
-                backup_id: backup_id.to_string(),
-            };
-            commands
-                .send(Command::Attach { events, reply })
-                .map_err(|_| ended())?;
-            return answer.await.map_err(|_| ended());
+                holder: other.clone(),
+                expires_in_ms: ttl.as_millis() as u64,
+            }),
+            Slot::Idle => {
+                *slot = Slot::Freezing {
+                    backup_id: backup_id.to_string(),
+                };
+                Ok(None)
+            }
         }
-        // The slot says Freezing: whatever happens below must leave it.
-        let started = Instant::now();
+    }
+
+    /// Takes over the hold `backup_id` owns: its events go to `events`.
+    async fn attach(
+        &self,
+        commands: mpsc::UnboundedSender<Command>,
+        backup_id: &str,
+        events: Events,
+    ) -> Result<Attached, HoldError> {
+        let (reply, answer) = oneshot::channel();
+        let ended = || HoldError::NotHolder {
+            member: self.member.clone(),
+            backup_id: backup_id.to_string(),
+        };
+        commands
+            .send(Command::Attach { events, reply })
+            .map_err(|_| ended())?;
+        answer.await.map_err(|_| ended())
+    }
+
+    /// The engine's freeze within its timeout; on failure the slot is idle
+    /// again.
+    async fn freeze_engine(
+        &self,
+        backup_id: &str,
+        ttl: Duration,
+        block_writes: bool,
+    ) -> Result<Box<dyn Frozen>, HoldError> {
         let freezing = match block_writes {
             true => self.engine.freeze_writes(backup_id, ttl),
             false => self.engine.freeze(backup_id, ttl),
@@ -285,15 +319,24 @@ impl Holds {
                 ),
             }),
         };
-        let frozen = match outcome {
-            Ok(frozen) => frozen,
-            Err(err) => {
-                *self.slot.lock().unwrap() = Slot::Idle;
-                self.metrics.failure(&err);
-                return Err(err.into());
-            }
-        };
-        let took = started.elapsed();
+        outcome.map_err(|err| {
+            *self.slot.lock().unwrap() = Slot::Idle;
+            self.metrics.failure(&err);
+            err.into()
+        })
+    }
+
+    /// Frozen in `took`: the metrics, the `Frozen` event, the slot held,
+    /// and the hold's supervisor running.
+    fn hold(
+        self: &Arc<Self>,
+        backup_id: &str,
+        ttl: Duration,
+        frozen: Box<dyn Frozen>,
+        took: Duration,
+        aligned_us: u64,
+        events: Events,
+    ) -> Attached {
         let engine = Metrics::engine(self.engine.kind().name());
         self.metrics
             .freeze_seconds
@@ -335,11 +378,11 @@ impl Holds {
             end_signal,
         };
         tokio::spawn(supervisor.run(frozen, inbox, events));
-        Ok(Attached {
+        Attached {
             frozen: event,
             generation: 1,
             ended,
-        })
+        }
     }
 
     fn commands_for(&self, backup_id: &str) -> Option<mpsc::UnboundedSender<Command>> {
