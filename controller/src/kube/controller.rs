@@ -930,30 +930,147 @@ pub async fn run(
     }
     let lease = LeaderLease::new(ctx.client.clone(), ctx.settings.clone());
     let renew = (ctx.settings.lease_duration / 3).max(Duration::from_millis(200));
-    // Wait to lead.
+    if !wait_to_lead(&lease, renew, &mut shutdown).await {
+        return Ok(());
+    }
+    tracing::info!(identity = %ctx.settings.identity, "leading");
+    let _ = ready.send(true);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut reconcilers = start_reconcilers(&ctx, stop_rx)?;
+    let outcome = keep_leading(&ctx, &lease, renew, &mut shutdown, &mut reconcilers).await;
+    let _ = ready.send(false);
+    let reason = match &outcome {
+        Ok(()) => shutdown
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| "shutdown".into()),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!("{reason}: aborting every backup in flight");
+    ctx.abort_all(&reason).await;
+    let _ = stop_tx.send(true);
+    if !reconcilers.is_finished() {
+        let _ = tokio::time::timeout(Duration::from_secs(10), reconcilers).await;
+    }
+    if !matches!(outcome, Err(ControllerError::LostLease(_))) {
+        lease.release().await;
+    }
+    outcome
+}
+
+/// Tries for the Lease every `renew` until this replica leads (`true`) or
+/// is told to shut down (`false`).
+async fn wait_to_lead(
+    lease: &LeaderLease,
+    renew: Duration,
+    shutdown: &mut watch::Receiver<Option<String>>,
+) -> bool {
     loop {
         match lease.try_acquire().await {
-            Ok(true) => break,
+            Ok(true) => return true,
             Ok(false) => {}
             Err(e) => tracing::warn!("acquiring the leader Lease: {e}"),
         }
         tokio::select! {
             _ = tokio::time::sleep(renew) => {}
-            _ = shutdown.wait_for(|s| s.is_some()) => return Ok(()),
+            _ = shutdown.wait_for(|s| s.is_some()) => return false,
         }
     }
-    tracing::info!(identity = %ctx.settings.identity, "leading");
-    let _ = ready.send(true);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+}
+
+/// Renews the Lease every `renew` while the reconcilers run; returns why
+/// this replica stops leading (`Ok`: it was told to shut down).
+async fn keep_leading(
+    ctx: &Context,
+    lease: &LeaderLease,
+    renew: Duration,
+    shutdown: &mut watch::Receiver<Option<String>>,
+    reconcilers: &mut tokio::task::JoinHandle<()>,
+) -> Result<(), ControllerError> {
+    let lost = || ControllerError::LostLease(ctx.settings.lease_name.clone());
+    let mut last_renewal = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(renew) => {}
+            _ = shutdown.wait_for(|s| s.is_some()) => return Ok(()),
+            ended = &mut *reconcilers => return Err(ControllerError::ReconcilersStopped(stopped_because(ended))),
+        }
+        match lease.try_acquire().await {
+            Ok(true) => last_renewal = tokio::time::Instant::now(),
+            Ok(false) => return Err(lost()),
+            Err(e) => {
+                tracing::warn!("renewing the leader Lease: {e}");
+                if last_renewal.elapsed() > ctx.settings.lease_duration {
+                    return Err(lost());
+                }
+            }
+        }
+    }
+}
+
+/// A future that ends once `stop` says so.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Every reconciler and the GroupBackup cache, in one task, until `stop`.
+fn start_reconcilers(
+    ctx: &Arc<Context>,
+    stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, ControllerError> {
+    let group_controller = group_controller(ctx, stop.clone());
+    let backups: Api<GroupBackup> = ctx.settings.api(&ctx.client);
+    let (cache, backup_cache) = BackupCache::reflect(
+        watcher(backups.clone(), watcher::Config::default())
+            .default_backoff()
+            .take_until(stopped(stop.clone())),
+    );
+    ctx.backups
+        .set(cache)
+        .map_err(|_| ControllerError::AlreadyRan)?;
+    let backup_controller = Controller::new(backups, watcher::Config::default())
+        .graceful_shutdown_on(stopped(stop.clone()))
+        .run(reconcile_backup, retry, ctx.clone())
+        .for_each(|_| async {});
+    let quiesces: Api<GroupQuiesce> = ctx.settings.api(&ctx.client);
+    let quiesce_controller = Controller::new(quiesces, watcher::Config::default())
+        .graceful_shutdown_on(stopped(stop.clone()))
+        .run(crate::kube::quiesce::reconcile, retry, ctx.clone())
+        .for_each(|_| async {});
+    let schedules: Api<BackupSchedule> = ctx.settings.api(&ctx.client);
+    let schedule_controller = Controller::new(schedules, watcher::Config::default())
+        .graceful_shutdown_on(stopped(stop.clone()))
+        .run(crate::kube::schedule::reconcile, retry, ctx.clone())
+        .for_each(|_| async {});
+    let restores: Api<GroupRestore> = ctx.settings.api(&ctx.client);
+    let restore_controller = Controller::new(restores, watcher::Config::default())
+        .graceful_shutdown_on(stopped(stop))
+        .run(crate::kube::restore::reconcile, retry, ctx.clone())
+        .for_each(|_| async {});
+    Ok(tokio::spawn(async move {
+        tokio::join!(
+            backup_cache,
+            group_controller,
+            backup_controller,
+            quiesce_controller,
+            schedule_controller,
+            restore_controller
+        );
+    }))
+}
+
+/// The ConsistencyGroup reconciler: a group is reconciled again when a pod
+/// of its namespace or one of its GroupBackups changes.
+fn group_controller(
+    ctx: &Arc<Context>,
+    stop: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + use<> {
     let groups: Api<ConsistencyGroup> = ctx.settings.api(&ctx.client);
     let group_controller = Controller::new(groups, watcher::Config::default());
     let store = group_controller.store();
     let pod_store = store.clone();
-    let backup_store = store.clone();
-    let group_controller = group_controller
+    let backup_store = store;
+    group_controller
         .watches(
             ctx.settings.api::<Pod>(&ctx.client),
             watcher::Config::default(),
@@ -980,84 +1097,9 @@ pub async fn run(
                     .collect::<Vec<_>>()
             },
         )
-        .graceful_shutdown_on(stopped(stop_rx.clone()))
+        .graceful_shutdown_on(stopped(stop))
         .run(reconcile_group, retry, ctx.clone())
-        .for_each(|_| async {});
-    let backups: Api<GroupBackup> = ctx.settings.api(&ctx.client);
-    let (cache, backup_cache) = BackupCache::reflect(
-        watcher(backups.clone(), watcher::Config::default())
-            .default_backoff()
-            .take_until(stopped(stop_rx.clone())),
-    );
-    ctx.backups
-        .set(cache)
-        .map_err(|_| ControllerError::AlreadyRan)?;
-    let backup_controller = Controller::new(backups, watcher::Config::default())
-        .graceful_shutdown_on(stopped(stop_rx.clone()))
-        .run(reconcile_backup, retry, ctx.clone())
-        .for_each(|_| async {});
-    let quiesces: Api<GroupQuiesce> = ctx.settings.api(&ctx.client);
-    let quiesce_controller = Controller::new(quiesces, watcher::Config::default())
-        .graceful_shutdown_on(stopped(stop_rx.clone()))
-        .run(crate::kube::quiesce::reconcile, retry, ctx.clone())
-        .for_each(|_| async {});
-    let schedules: Api<BackupSchedule> = ctx.settings.api(&ctx.client);
-    let schedule_controller = Controller::new(schedules, watcher::Config::default())
-        .graceful_shutdown_on(stopped(stop_rx.clone()))
-        .run(crate::kube::schedule::reconcile, retry, ctx.clone())
-        .for_each(|_| async {});
-    let restores: Api<GroupRestore> = ctx.settings.api(&ctx.client);
-    let restore_controller = Controller::new(restores, watcher::Config::default())
-        .graceful_shutdown_on(stopped(stop_rx.clone()))
-        .run(crate::kube::restore::reconcile, retry, ctx.clone())
-        .for_each(|_| async {});
-    let mut reconcilers = tokio::spawn(async move {
-        tokio::join!(
-            backup_cache,
-            group_controller,
-            backup_controller,
-            quiesce_controller,
-            schedule_controller,
-            restore_controller
-        );
-    });
-    // Keep the Lease while running.
-    let mut last_renewal = tokio::time::Instant::now();
-    let outcome = loop {
-        tokio::select! {
-            _ = tokio::time::sleep(renew) => {}
-            _ = shutdown.wait_for(|s| s.is_some()) => break Ok(()),
-            ended = &mut reconcilers => break Err(ControllerError::ReconcilersStopped(stopped_because(ended))),
-        }
-        match lease.try_acquire().await {
-            Ok(true) => last_renewal = tokio::time::Instant::now(),
-            Ok(false) => break Err(ControllerError::LostLease(ctx.settings.lease_name.clone())),
-            Err(e) => {
-                tracing::warn!("renewing the leader Lease: {e}");
-                if last_renewal.elapsed() > ctx.settings.lease_duration {
-                    break Err(ControllerError::LostLease(ctx.settings.lease_name.clone()));
-                }
-            }
-        }
-    };
-    let _ = ready.send(false);
-    let reason = match &outcome {
-        Ok(()) => shutdown
-            .borrow()
-            .clone()
-            .unwrap_or_else(|| "shutdown".into()),
-        Err(e) => e.to_string(),
-    };
-    tracing::warn!("{reason}: aborting every backup in flight");
-    ctx.abort_all(&reason).await;
-    let _ = stop_tx.send(true);
-    if !reconcilers.is_finished() {
-        let _ = tokio::time::timeout(Duration::from_secs(10), reconcilers).await;
-    }
-    if !matches!(outcome, Err(ControllerError::LostLease(_))) {
-        lease.release().await;
-    }
-    outcome
+        .for_each(|_| async {})
 }
 
 /// Why the reconcilers' task ended while this replica led: they run until
