@@ -41,7 +41,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, PostParams};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -387,9 +387,34 @@ impl Webhook {
         &self,
         token: Option<&str>,
         body: &[u8],
-    ) -> Result<serde_json::Value, (StatusCode, String)> {
-        let unauthorized = |m: String| (StatusCode::UNAUTHORIZED, m);
-        let forbidden = |m: String| (StatusCode::FORBIDDEN, m);
+    ) -> Result<serde_json::Value, Refused> {
+        let user = self.review(token).await?;
+        let (ns, sa, uri) = self.identity_of(&user).await?;
+        let pod_name = self.token_pod(&user, &ns, &sa).await?;
+        let csr = std::str::from_utf8(body).map_err(|_| {
+            (
+                StatusCode::BAD_REQUEST,
+                "the body is not a PEM certificate request".to_string(),
+            )
+        })?;
+        let ttl = self.settings.agent_cert_ttl;
+        let cert = self
+            .pki
+            .sign_request(csr, &uri, ttl)
+            .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+        let not_after = crate::kube::pki::validity_of(&cert)
+            .map(|(_, after)| after)
+            .unwrap_or_else(|_| OffsetDateTime::now_utc() + ttl);
+        tracing::info!(pod = %format!("{ns}/{pod_name}"), identity = %uri, "issued an agent certificate");
+        Ok(json!({
+            "certificate": cert,
+            "caBundle": self.pki.bundle(),
+            "notAfter": not_after.unix_timestamp(),
+        }))
+    }
+
+    /// Who the bearer token is: a TokenReview for audience `stillpoint`.
+    async fn review(&self, token: Option<&str>) -> Result<UserInfo, Refused> {
         let token = token.filter(|t| !t.is_empty()).ok_or_else(|| {
             unauthorized(
                 "no bearer token: send the projected ServiceAccount token (audience stillpoint)"
@@ -430,8 +455,13 @@ impl Webhook {
                 "the token is not for audience {TOKEN_AUDIENCE}"
             )));
         }
-        let user = status.user.unwrap_or_default();
-        let username = user.username.unwrap_or_default();
+        Ok(status.user.unwrap_or_default())
+    }
+
+    /// The ServiceAccount `user` is, and the identity an agent running as
+    /// it gets: never the controller's own, never in an excluded namespace.
+    async fn identity_of(&self, user: &UserInfo) -> Result<(String, String, String), Refused> {
+        let username = user.username.clone().unwrap_or_default();
         let Some((ns, sa)) = username
             .strip_prefix("system:serviceaccount:")
             .and_then(|rest| rest.split_once(':'))
@@ -455,7 +485,13 @@ impl Webhook {
                 "namespace {ns} is excluded from injection ({why}): no agent runs there"
             )));
         }
-        let extra = user.extra.unwrap_or_default();
+        Ok((ns.to_string(), sa.to_string(), uri))
+    }
+
+    /// The pod the token is bound to: it exists (the same pod, not another
+    /// of its name), opted in, and runs as ServiceAccount `sa`.
+    async fn token_pod(&self, user: &UserInfo, ns: &str, sa: &str) -> Result<String, Refused> {
+        let extra = user.extra.clone().unwrap_or_default();
         let first = |key: &str| extra.get(key).and_then(|v| v.first()).cloned();
         let Some(pod_name) = first("authentication.kubernetes.io/pod-name") else {
             return Err(forbidden(
@@ -501,27 +537,19 @@ impl Webhook {
                 "pod {ns}/{pod_name} runs as ServiceAccount {pod_sa}, not {sa}"
             )));
         }
-        let csr = std::str::from_utf8(body).map_err(|_| {
-            (
-                StatusCode::BAD_REQUEST,
-                "the body is not a PEM certificate request".to_string(),
-            )
-        })?;
-        let ttl = self.settings.agent_cert_ttl;
-        let cert = self
-            .pki
-            .sign_request(csr, &uri, ttl)
-            .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
-        let not_after = crate::kube::pki::validity_of(&cert)
-            .map(|(_, after)| after)
-            .unwrap_or_else(|_| OffsetDateTime::now_utc() + ttl);
-        tracing::info!(pod = %format!("{ns}/{pod_name}"), identity = %uri, "issued an agent certificate");
-        Ok(json!({
-            "certificate": cert,
-            "caBundle": self.pki.bundle(),
-            "notAfter": not_after.unix_timestamp(),
-        }))
+        Ok(pod_name)
     }
+}
+
+/// A refused certificate request: its HTTP status and why.
+type Refused = (StatusCode, String);
+
+fn unauthorized(m: String) -> Refused {
+    (StatusCode::UNAUTHORIZED, m)
+}
+
+fn forbidden(m: String) -> Refused {
+    (StatusCode::FORBIDDEN, m)
 }
 
 fn text(code: StatusCode, body: &str) -> Response<Full<Bytes>> {
