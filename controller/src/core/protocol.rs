@@ -324,6 +324,50 @@ fn rfc3339_now() -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
+/// Dials member `m`'s agent with the controller's identity and asks it
+/// to describe its server (and which of its volumes hold what).
+async fn dial<'g>(
+    tls: &ControllerTls,
+    group: &GroupSpec,
+    m: &'g MemberSpec,
+) -> Result<(&'g MemberSpec, AgentClient<Channel>, pb::DescribeResponse), Problem> {
+    let mut client = tls
+        .connect(&m.agent.addr, &m.agent.identity)
+        .await
+        .map_err(|e| {
+            let text = e.to_string();
+            let kind = match text.contains(" presented ") {
+                true => ErrorKind::WrongIdentity,
+                false => ErrorKind::AgentUnreachable,
+            };
+            Problem::new(
+                Phase::Resolve,
+                kind,
+                Some(&m.name),
+                format!("member {} is not reachable: {text}", m.name),
+            )
+        })?;
+    let request = pb::DescribeRequest {
+        volumes: m
+            .volumes
+            .iter()
+            .filter_map(|v| v.root())
+            .map(|p| p.display().to_string())
+            .collect(),
+    };
+    let describe =
+        crate::core::agents::answer(group.rpc_timeout, "describe", client.describe(request))
+            .await
+            .map_err(|e| {
+                Problem::new(
+                    Phase::Resolve,
+                    ErrorKind::ServerUnavailable,
+                    Some(&m.name),
+                    format!("member {}: describe failed: {}", m.name, e.message()),
+                )
+            })?;
+    Ok((m, client, describe))
+}
 
 struct Run<'a, 'g> {
     group: &'g GroupSpec,
@@ -656,119 +700,13 @@ impl<'g> Run<'_, 'g> {
         let mut tls = tls.clone();
         tls.connect_timeout = group.connect_timeout;
         let tls = &tls;
-        let resolved = join_all(group.members.iter().map(|m| async move {
-            let mut client = tls
-                .connect(&m.agent.addr, &m.agent.identity)
-                .await
-                .map_err(|e| {
-                    let text = e.to_string();
-                    let kind = match text.contains(" presented ") {
-                        true => ErrorKind::WrongIdentity,
-                        false => ErrorKind::AgentUnreachable,
-                    };
-                    Problem::new(
-                        Phase::Resolve,
-                        kind,
-                        Some(&m.name),
-                        format!("member {} is not reachable: {text}", m.name),
-                    )
-                })?;
-            let request = pb::DescribeRequest {
-                volumes: m
-                    .volumes
-                    .iter()
-                    .filter_map(|v| v.root())
-                    .map(|p| p.display().to_string())
-                    .collect(),
-            };
-            let describe = crate::core::agents::answer(
-                group.rpc_timeout,
-                "describe",
-                client.describe(request),
-            )
-            .await
-            .map_err(|e| {
-                Problem::new(
-                    Phase::Resolve,
-                    ErrorKind::ServerUnavailable,
-                    Some(&m.name),
-                    format!("member {}: describe failed: {}", m.name, e.message()),
-                )
-            })?;
-            Ok::<_, Problem>((m, client, describe))
-        }))
-        .await;
+        let resolved = join_all(group.members.iter().map(|m| dial(tls, group, m))).await;
         let mut problems = Vec::new();
         for result in resolved {
             match result {
                 Ok((config, client, describe)) => {
-                    let engine = Engine::from_pb(describe.engine);
-                    let role = Role::from_pb(describe.role);
-                    let expected = config.role;
-                    let at =
-                        |kind, text| Problem::new(Phase::Resolve, kind, Some(&config.name), text);
-                    if !role.meets(expected) {
-                        problems.push(at(
-                            ErrorKind::RoleMismatch,
-                            format!(
-                                "member {} is configured as {expected} but its agent reports {role}",
-                                config.name
-                            ),
-                        ));
-                    }
-                    if !self.snapshotter.atomic()
-                        && let Some(why) = copy_refusal(config, engine, self.snapshotter.copy_fix())
-                    {
-                        problems.push(at(ErrorKind::CopyRefused, why));
-                    }
-                    let paths: Vec<ServerPath> = describe
-                        .paths
-                        .iter()
-                        .map(|p| ServerPath {
-                            what: p.what.clone(),
-                            path: p.path.clone().into(),
-                        })
-                        .collect();
-                    let accept = self.snapshotter.accept_gap();
-                    match coverage(config, engine, &paths, &describe.volume_roots, accept) {
-                        Ok(warnings) => self.warnings.extend(warnings),
-                        Err(why) => problems.push(at(ErrorKind::NotCovered, why)),
-                    }
-                    self.warnings.extend(
-                        describe
-                            .warnings
-                            .iter()
-                            .map(|w| format!("member {}: {w}", config.name)),
-                    );
-                    let record = MemberRecord {
-                        name: config.name.clone(),
-                        engine,
-                        server_version: describe.server_version.clone(),
-                        role,
-                        primary: config.primary.clone(),
-                        position: None,
-                        aligned_to: None,
-                        consistency: None,
-                        restore_stage: config
-                            .restore_stage
-                            .unwrap_or_else(|| engine.default_stage()),
-                        restore_stage_explicit: config.restore_stage.is_some(),
-                        snapshots: Vec::new(),
-                        artefacts: BTreeMap::new(),
-                        freeze_us: None,
-                        thaw_us: None,
-                        flush: None,
-                        flush_us: None,
-                        paths,
-                    };
-                    self.members.push(Member {
-                        config,
-                        client,
-                        describe,
-                        open: None,
-                        holder: None,
-                        record,
-                    });
+                    let member = self.admit(config, client, describe, &mut problems);
+                    self.members.push(member);
                 }
                 Err(e) => problems.push(e),
             }
@@ -780,6 +718,84 @@ impl<'g> Run<'_, 'g> {
             Ok(())
         } else {
             Err(Problems(problems))
+        }
+    }
+
+    /// Member `config` as its agent described it: what keeps it from being
+    /// backed up goes to `problems` (its role, a copying snapshotter, its
+    /// volumes' coverage), its warnings to the run's.
+    fn admit(
+        &mut self,
+        config: &'g MemberSpec,
+        client: AgentClient<Channel>,
+        describe: pb::DescribeResponse,
+        problems: &mut Vec<Problem>,
+    ) -> Member<'g> {
+        let engine = Engine::from_pb(describe.engine);
+        let role = Role::from_pb(describe.role);
+        let expected = config.role;
+        let at = |kind, text| Problem::new(Phase::Resolve, kind, Some(&config.name), text);
+        if !role.meets(expected) {
+            problems.push(at(
+                ErrorKind::RoleMismatch,
+                format!(
+                    "member {} is configured as {expected} but its agent reports {role}",
+                    config.name
+                ),
+            ));
+        }
+        if !self.snapshotter.atomic()
+            && let Some(why) = copy_refusal(config, engine, self.snapshotter.copy_fix())
+        {
+            problems.push(at(ErrorKind::CopyRefused, why));
+        }
+        let paths: Vec<ServerPath> = describe
+            .paths
+            .iter()
+            .map(|p| ServerPath {
+                what: p.what.clone(),
+                path: p.path.clone().into(),
+            })
+            .collect();
+        let accept = self.snapshotter.accept_gap();
+        match coverage(config, engine, &paths, &describe.volume_roots, accept) {
+            Ok(warnings) => self.warnings.extend(warnings),
+            Err(why) => problems.push(at(ErrorKind::NotCovered, why)),
+        }
+        self.warnings.extend(
+            describe
+                .warnings
+                .iter()
+                .map(|w| format!("member {}: {w}", config.name)),
+        );
+        let record = MemberRecord {
+            name: config.name.clone(),
+            engine,
+            server_version: describe.server_version.clone(),
+            role,
+            primary: config.primary.clone(),
+            position: None,
+            aligned_to: None,
+            consistency: None,
+            restore_stage: config
+                .restore_stage
+                .unwrap_or_else(|| engine.default_stage()),
+            restore_stage_explicit: config.restore_stage.is_some(),
+            snapshots: Vec::new(),
+            artefacts: BTreeMap::new(),
+            freeze_us: None,
+            thaw_us: None,
+            flush: None,
+            flush_us: None,
+            paths,
+        };
+        Member {
+            config,
+            client,
+            describe,
+            open: None,
+            holder: None,
+            record,
         }
     }
 
