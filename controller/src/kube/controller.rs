@@ -11,6 +11,10 @@
 //! - Leader election by a `coordination.k8s.io` Lease; on SIGTERM (or a
 //!   lost Lease) every backup in flight is aborted (its members thawed,
 //!   its snapshots deleted), the Lease is released, and the process exits.
+//!   The Lease is kept by this module's own `LeaderLease`: kube-runtime has
+//!   no leader election, and what leading means here (every run aborted
+//!   and its members thawed the moment the Lease is lost) is the part no
+//!   general crate does for us.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -43,7 +47,7 @@ use crate::kube::crd::{
 use crate::kube::csi::{Csi, CsiGroup, Owner};
 use crate::kube::reason::Reason;
 use crate::kube::resolve::{Resolution, Resolver};
-use crate::kube::store::{FIELD_MANAGER, StatusWriter, set_condition};
+use crate::kube::store::{ArtefactsSecretError, FIELD_MANAGER, StatusWriter, set_condition};
 
 /// How the controller runs.
 #[derive(Debug, Clone)]
@@ -588,8 +592,12 @@ async fn take(backup: Arc<GroupBackup>, ctx: &Arc<Context>) -> Result<Action, Re
     // Before anything freezes: the artefacts' Secret is this backup's to
     // create, never a stranger's to adopt.
     let writer = StatusWriter::new(ctx.client.clone(), &backup);
-    if let Err(why) = writer.create_artefacts_secret().await? {
-        return fail(ctx, &backup, Reason::ArtefactsSecretExists, why).await;
+    match writer.create_artefacts_secret().await {
+        Ok(()) => {}
+        Err(e @ ArtefactsSecretError::Exists(_)) => {
+            return fail(ctx, &backup, Reason::ArtefactsSecretExists, e.to_string()).await;
+        }
+        Err(ArtefactsSecretError::Api(e)) => return Err(e.into()),
     }
     let resolution = ctx.resolver.resolve(&group).await;
     let Some(spec) = resolution.spec.clone() else {

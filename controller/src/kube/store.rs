@@ -72,6 +72,19 @@ pub fn set_condition(
     }
 }
 
+/// Why a backup's artefacts Secret was not created.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtefactsSecretError {
+    /// A Secret of its name exists and is not this backup's.
+    #[error(
+        "Secret {0} exists and was not made by this backup, which keeps its artefacts \
+         under that name; delete or rename that Secret, or give the backup another name"
+    )]
+    Exists(String),
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+}
+
 /// Each pod's member (of the group's spec) and the workload that runs it.
 pub type MemberOf = BTreeMap<String, (String, Option<WorkloadRef>)>;
 
@@ -151,11 +164,11 @@ impl StatusWriter {
     /// Creates the (empty) Secret that will keep the backup's artefacts,
     /// before anything freezes, and names it in the status first. A Secret
     /// of that name that exists already is never adopted (it would be
-    /// garbage-collected with the backup): `Ok(Err(why))` — unless the
+    /// garbage-collected with the backup): `Exists` — unless the
     /// status already named it before this attempt, which means an earlier
     /// reconcile of this backup (a requeue, another leader) created it.
     /// (The controller may create and patch Secrets, not read them.)
-    pub async fn create_artefacts_secret(&self) -> Result<Result<(), String>, kube::Error> {
+    pub async fn create_artefacts_secret(&self) -> Result<(), ArtefactsSecretError> {
         let name = self.artefacts_secret();
         let claimed = self.current().await.artefacts_secret.as_deref() == Some(name.as_str());
         if !claimed {
@@ -177,16 +190,13 @@ impl StatusWriter {
             ..Default::default()
         };
         match self.secrets.create(&params, &secret).await {
-            Ok(_) => Ok(Ok(())),
-            Err(kube::Error::Api(e)) if e.code == 409 && claimed => Ok(Ok(())),
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 && claimed => Ok(()),
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 self.update(|s| s.artefacts_secret = None).await?;
-                Ok(Err(format!(
-                    "Secret {name} exists and was not made by this backup, which keeps its artefacts \
-                 under that name; delete or rename that Secret, or give the backup another name"
-                )))
+                Err(ArtefactsSecretError::Exists(name))
             }
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     }
 
