@@ -118,6 +118,36 @@ enum Command {
     },
 }
 
+/// A hold as its supervisor keeps it: the engine's hold, the stream its
+/// events go to (and that stream's generation), the lease's deadline, and
+/// the error that lost it, if one did.
+struct Held {
+    frozen: Box<dyn Frozen>,
+    events: Events,
+    generation: u64,
+    deadline: Instant,
+    lost: Option<EngineError>,
+}
+
+/// How a hold ends: why, how its engine ends it, and who asked (a thaw
+/// request waits for the result).
+struct End {
+    cause: pb::ThawCause,
+    ending: Ending,
+    reply: Option<oneshot::Sender<pb::ThawResult>>,
+}
+
+impl End {
+    /// Ended without a thaw request: the hold is abandoned.
+    fn abandoned(cause: pb::ThawCause) -> Self {
+        End {
+            cause,
+            ending: Ending::Abandoned,
+            reply: None,
+        }
+    }
+}
+
 /// Bounds applied to every hold.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -569,84 +599,165 @@ impl Supervisor {
         let _ = events.try_send(pb::FreezeEvent { event: Some(event) });
     }
 
+    /// Holds until the lease runs out, the hold is lost, or a command ends
+    /// it; then thaws and records the result.
     async fn run(
         self,
-        mut frozen: Box<dyn Frozen>,
+        frozen: Box<dyn Frozen>,
         mut inbox: mpsc::UnboundedReceiver<Command>,
-        mut events: Events,
+        events: Events,
     ) {
-        let mut generation = 1;
-        let mut deadline = *self.deadline.lock().unwrap();
-        let mut lost: Option<EngineError> = None;
-        let (cause, ending, reply) = loop {
+        let mut held = Held {
+            frozen,
+            events,
+            generation: 1,
+            deadline: *self.deadline.lock().unwrap(),
+            lost: None,
+        };
+        let end = loop {
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => break (pb::ThawCause::LeaseExpired, Ending::Abandoned, None),
-                err = frozen.lost() => {
-                    lost = Some(err);
-                    break (pb::ThawCause::HoldLost, Ending::Abandoned, None);
+                _ = tokio::time::sleep_until(held.deadline) => break End::abandoned(pb::ThawCause::LeaseExpired),
+                err = held.frozen.lost() => {
+                    held.lost = Some(err);
+                    break End::abandoned(pb::ThawCause::HoldLost);
                 }
-                command = inbox.recv() => match command {
-                    None => break (pb::ThawCause::Shutdown, Ending::Abandoned, None),
-                    Some(Command::Attach { events: new, reply }) => {
-                        generation += 1;
-                        Self::send(&events, Event::Failed(pb::HoldFailed {
-                            backup_id: self.backup_id.clone(),
-                            reason: "another stream for the same backup took the hold over".into(),
-                        }));
-                        events = new;
-                        deadline = self.extend();
-                        let frozen = pb::Frozen { resumed: true, ..self.frozen_event.clone() };
-                        Self::send(&events, Event::Frozen(frozen.clone()));
-                        let _ = reply.send(Attached {
-                            frozen,
-                            generation,
-                            ended: self.end_signal.subscribe(),
-                        });
+                command = inbox.recv() => {
+                    if let Some(end) = self.command(&mut held, command).await {
+                        break end;
                     }
-                    Some(Command::Renew { generation: g, reply }) => {
-                        if g == generation {
-                            if let Err(err) = frozen.renewed(self.ttl).await {
-                                let _ = reply.send(Err(()));
-                                lost = Some(err);
-                                break (pb::ThawCause::HoldLost, Ending::Abandoned, None);
-                            }
-                            deadline = self.extend();
-                            Self::send(&events, Event::Renewed(pb::Renewed {
-                                expires_in_ms: self.ttl.as_millis() as u64,
-                            }));
-                            let _ = reply.send(Ok(self.ttl));
-                        } else {
-                            let _ = reply.send(Err(()));
-                        }
-                    }
-                    Some(Command::Detach { generation: g }) if g == generation => {
-                        break (pb::ThawCause::StreamClosed, Ending::Abandoned, None);
-                    }
-                    Some(Command::Detach { .. }) => {}
-                    Some(Command::Flush { generation: g, sync_volumes }) if g == generation => {
-                        match self.flush(frozen.as_mut(), deadline, sync_volumes).await {
-                            Ok(flushed) => Self::send(&events, Event::Flushed(flushed)),
-                            Err(err) => {
-                                Self::send(&events, Event::Flushed(pb::Flushed {
-                                    error: err.to_string(),
-                                    ..Default::default()
-                                }));
-                                if err.cause == Cause::Lost {
-                                    lost = Some(err);
-                                    break (pb::ThawCause::HoldLost, Ending::Abandoned, None);
-                                }
-                            }
-                        }
-                    }
-                    // A stream that was taken over flushes and thaws nothing
-                    // (dropping the reply tells its caller so).
-                    Some(Command::Flush { .. }) => {}
-                    Some(Command::Thaw { generation: Some(g), .. }) if g != generation => {}
-                    Some(Command::Thaw { cause, ending, reply, .. }) => break (cause, ending, Some(reply)),
-                },
+                }
             }
         };
-        let result = self.thaw(frozen, cause, ending, lost.as_ref()).await;
+        self.finish(held, end, inbox).await;
+    }
+
+    /// What command `command` (none: every sender is gone) does to the
+    /// hold; `Some` when it ends it.
+    async fn command(&self, held: &mut Held, command: Option<Command>) -> Option<End> {
+        let generation = held.generation;
+        match command {
+            None => Some(End::abandoned(pb::ThawCause::Shutdown)),
+            Some(Command::Attach { events, reply }) => {
+                self.attach(held, events, reply);
+                None
+            }
+            Some(Command::Renew {
+                generation: g,
+                reply,
+            }) if g == generation => self.renew(held, reply).await,
+            Some(Command::Renew { reply, .. }) => {
+                let _ = reply.send(Err(()));
+                None
+            }
+            Some(Command::Detach { generation: g }) if g == generation => {
+                Some(End::abandoned(pb::ThawCause::StreamClosed))
+            }
+            Some(Command::Detach { .. }) => None,
+            Some(Command::Flush {
+                generation: g,
+                sync_volumes,
+            }) if g == generation => self.flush_held(held, sync_volumes).await,
+            // A stream that was taken over flushes and thaws nothing
+            // (dropping the reply tells its caller so).
+            Some(Command::Flush { .. }) => None,
+            Some(Command::Thaw {
+                generation: Some(g),
+                ..
+            }) if g != generation => None,
+            Some(Command::Thaw {
+                cause,
+                ending,
+                reply,
+                ..
+            }) => Some(End {
+                cause,
+                ending,
+                reply: Some(reply),
+            }),
+        }
+    }
+
+    /// Another stream for the same backup takes the hold over.
+    fn attach(&self, held: &mut Held, events: Events, reply: oneshot::Sender<Attached>) {
+        held.generation += 1;
+        Self::send(
+            &held.events,
+            Event::Failed(pb::HoldFailed {
+                backup_id: self.backup_id.clone(),
+                reason: "another stream for the same backup took the hold over".into(),
+            }),
+        );
+        held.events = events;
+        held.deadline = self.extend();
+        let frozen = pb::Frozen {
+            resumed: true,
+            ..self.frozen_event.clone()
+        };
+        Self::send(&held.events, Event::Frozen(frozen.clone()));
+        let _ = reply.send(Attached {
+            frozen,
+            generation: held.generation,
+            ended: self.end_signal.subscribe(),
+        });
+    }
+
+    /// The lease renewed (and the engine's hold with it), or the hold lost.
+    async fn renew(
+        &self,
+        held: &mut Held,
+        reply: oneshot::Sender<Result<Duration, ()>>,
+    ) -> Option<End> {
+        if let Err(err) = held.frozen.renewed(self.ttl).await {
+            let _ = reply.send(Err(()));
+            held.lost = Some(err);
+            return Some(End::abandoned(pb::ThawCause::HoldLost));
+        }
+        held.deadline = self.extend();
+        Self::send(
+            &held.events,
+            Event::Renewed(pb::Renewed {
+                expires_in_ms: self.ttl.as_millis() as u64,
+            }),
+        );
+        let _ = reply.send(Ok(self.ttl));
+        None
+    }
+
+    /// The flush, reported as an event; a hold lost while flushing ends.
+    async fn flush_held(&self, held: &mut Held, sync_volumes: bool) -> Option<End> {
+        match self
+            .flush(held.frozen.as_mut(), held.deadline, sync_volumes)
+            .await
+        {
+            Ok(flushed) => Self::send(&held.events, Event::Flushed(flushed)),
+            Err(err) => {
+                Self::send(
+                    &held.events,
+                    Event::Flushed(pb::Flushed {
+                        error: err.to_string(),
+                        ..Default::default()
+                    }),
+                );
+                if err.cause == Cause::Lost {
+                    held.lost = Some(err);
+                    return Some(End::abandoned(pb::ThawCause::HoldLost));
+                }
+            }
+        }
+        None
+    }
+
+    /// Thaws, tells the stream why and how, frees the slot and records the
+    /// result.
+    async fn finish(self, held: Held, end: End, inbox: mpsc::UnboundedReceiver<Command>) {
+        let Held {
+            frozen,
+            events,
+            lost,
+            ..
+        } = held;
+        let cause = end.cause;
+        let result = self.thaw(frozen, cause, end.ending, lost.as_ref()).await;
         if let Some(err) = &lost {
             Self::send(
                 &events,
@@ -683,7 +794,7 @@ impl Supervisor {
             }
             history.push_back(result.clone());
         }
-        if let Some(reply) = reply {
+        if let Some(reply) = end.reply {
             let _ = reply.send(result);
         }
         // `inbox` drops here, after the history is written: a thaw request
