@@ -460,41 +460,13 @@ impl Protocol {
             snapshotter,
             store,
         } = job;
-        let mut manifest = Manifest {
-            id: id.to_string(),
-            group: group.name.clone(),
-            schedule: schedule.map(str::to_string),
-            created_at: rfc3339_now(),
-            outcome: Outcome::Running,
-            error: None,
-            snapshotter: snapshotter.name().to_string(),
-            freeze_window_us: None,
-            cut_us: None,
-            members: Vec::new(),
-            timeline: Timeline::default(),
-            warnings: Vec::new(),
-        };
+        let ns = group.namespace.as_deref();
+        let mut manifest = Manifest::running(id, &group.name, schedule, snapshotter.name());
         if let Err(e) = store.save(&manifest).await {
             let problems = Problems::one(Phase::Record, ErrorKind::StoreFailed, None, e.0);
-            return Err(self
-                .failed(&*store, group.namespace.as_deref(), manifest, problems)
-                .await);
+            return Err(self.failed(&*store, ns, manifest, problems).await);
         }
-        let mut run = Run {
-            group,
-            metrics: self.metrics,
-            id,
-            hold,
-            clock: Clock::default(),
-            timeline: Timeline::default(),
-            snapshotter,
-            members: Vec::new(),
-            made: Made::default(),
-            window_deadline: None,
-            cut_us: None,
-            warnings: Vec::new(),
-            recorder: None,
-        };
+        let mut run = Run::new(group, self.metrics, id, hold, snapshotter);
         let result = tokio::select! {
             result = run.execute(&self.tls, &store, &manifest) => result,
             reason = cancel => {
@@ -505,60 +477,51 @@ impl Protocol {
         if result.is_err() {
             run.abort().await;
         }
-        if let Some(recorder) = run.recorder.take() {
-            recorder.stop().await;
-        }
-        manifest.freeze_window_us = run.timeline.compute_window();
-        if let Some(us) = manifest.freeze_window_us {
-            self.metrics
-                .freeze_window
-                .get_or_create(&Metrics::group(group.namespace.as_deref(), &group.name))
-                .observe(us as f64 / 1e6);
-        }
-        manifest.members = run.members.iter().map(|m| m.record.clone()).collect();
-        with_snapshots(&mut manifest, &run.made);
-        manifest.cut_us = run.cut_us;
-        manifest.timeline = run.timeline.clone();
-        manifest.warnings = std::mem::take(&mut run.warnings);
+        run.settle(&mut manifest).await;
         let problems = match result {
-            Ok(()) => {
-                manifest.outcome = Outcome::Succeeded;
-                match store.save(&manifest).await {
-                    Ok(()) => {
-                        self.count(group.namespace.as_deref(), &manifest);
-                        tracing::info!(
-                            backup_id = id,
-                            window_us = manifest.freeze_window_us.unwrap_or(0),
-                            "backup succeeded"
-                        );
-                        return Ok(manifest);
-                    }
-                    // Snapshots no record holds would be orphans.
-                    Err(e) => {
-                        manifest.outcome = Outcome::Failed;
-                        run.abort().await;
-                        with_snapshots(&mut manifest, &run.made);
-                        Problems::one(
-                            Phase::Record,
-                            ErrorKind::StoreFailed,
-                            None,
-                            format!(
-                                "the manifest could not be written ({}); the backup's snapshots \
-                                 were deleted",
-                                e.0
-                            ),
-                        )
-                    }
-                }
-            }
+            Ok(()) => match self.succeed(&*store, &mut run, &mut manifest).await {
+                Ok(()) => return Ok(manifest),
+                Err(problems) => problems,
+            },
             Err(problems) => {
                 tracing::warn!(backup_id = id, cause = %problems, "backup aborted; every member thawed");
                 problems
             }
         };
-        Err(self
-            .failed(&*store, group.namespace.as_deref(), manifest, problems)
-            .await)
+        Err(self.failed(&*store, ns, manifest, problems).await)
+    }
+
+    /// Records a backup that succeeded, and counts it. A record that cannot
+    /// be written fails the backup and deletes its snapshots (no record
+    /// would hold them).
+    async fn succeed(
+        &self,
+        store: &dyn BackupStore,
+        run: &mut Run<'_, '_>,
+        manifest: &mut Manifest,
+    ) -> Result<(), Problems> {
+        manifest.outcome = Outcome::Succeeded;
+        let Err(e) = store.save(manifest).await else {
+            self.count(run.group.namespace.as_deref(), manifest);
+            tracing::info!(
+                backup_id = run.id,
+                window_us = manifest.freeze_window_us.unwrap_or(0),
+                "backup succeeded"
+            );
+            return Ok(());
+        };
+        manifest.outcome = Outcome::Failed;
+        run.abort().await;
+        with_snapshots(manifest, &run.made);
+        Err(Problems::one(
+            Phase::Record,
+            ErrorKind::StoreFailed,
+            None,
+            format!(
+                "the manifest could not be written ({}); the backup's snapshots were deleted",
+                e.0
+            ),
+        ))
     }
 
     /// Records a backup that did not succeed (outcome `failed` unless it
@@ -625,7 +588,73 @@ impl Frozen {
     }
 }
 
-impl<'g> Run<'_, 'g> {
+impl Manifest {
+    /// The record of backup `id` of group `group` as it starts.
+    fn running(id: &str, group: &str, schedule: Option<&str>, snapshotter: &str) -> Self {
+        Manifest {
+            id: id.to_string(),
+            group: group.to_string(),
+            schedule: schedule.map(str::to_string),
+            created_at: rfc3339_now(),
+            outcome: Outcome::Running,
+            error: None,
+            snapshotter: snapshotter.to_string(),
+            freeze_window_us: None,
+            cut_us: None,
+            members: Vec::new(),
+            timeline: Timeline::default(),
+            warnings: Vec::new(),
+        }
+    }
+}
+
+impl<'a, 'g> Run<'a, 'g> {
+    fn new(
+        group: &'g GroupSpec,
+        metrics: &'static Metrics,
+        id: &'a str,
+        hold: String,
+        snapshotter: Box<dyn Snapshotter>,
+    ) -> Self {
+        Run {
+            group,
+            metrics,
+            id,
+            hold,
+            clock: Clock::default(),
+            timeline: Timeline::default(),
+            snapshotter,
+            members: Vec::new(),
+            made: Made::default(),
+            window_deadline: None,
+            cut_us: None,
+            warnings: Vec::new(),
+            recorder: None,
+        }
+    }
+
+    /// The run over (succeeded or not): what it did goes into `manifest`
+    /// (the freeze window, counted, the members, the snapshots, the cut,
+    /// the timeline, the warnings).
+    async fn settle(&mut self, manifest: &mut Manifest) {
+        if let Some(recorder) = self.recorder.take() {
+            recorder.stop().await;
+        }
+        manifest.freeze_window_us = self.timeline.compute_window();
+        if let Some(us) = manifest.freeze_window_us {
+            let group = Metrics::group(self.group.namespace.as_deref(), &self.group.name);
+            self.metrics
+                .freeze_window
+                .get_or_create(&group)
+                .observe(us as f64 / 1e6);
+        }
+        manifest.members = self.members.iter().map(|m| m.record.clone()).collect();
+        with_snapshots(manifest, &self.made);
+        manifest.cut_us = self.cut_us;
+        manifest.timeline = self.timeline.clone();
+        manifest.warnings = std::mem::take(&mut self.warnings);
+    }
+
     fn mark(&mut self, member: &str, phase: &str) {
         let at = self.clock.now_us();
         self.timeline.mark(member, phase, at);
