@@ -1,6 +1,6 @@
 //! `stillpoint status` and `stillpoint thaw`.
 
-use crate::core::agents::{DEFAULT_RPC_TIMEOUT, answer};
+use crate::core::agents::{ControllerTls, DEFAULT_RPC_TIMEOUT, answer};
 use anyhow::bail;
 use clap::Args;
 use futures_util::future::join_all;
@@ -92,7 +92,26 @@ fn lag(replica: &pb::Position, primary: &pb::Position) -> String {
 
 pub fn run(args: StatusArgs, global: &Global) -> anyhow::Result<()> {
     let local = Local::load(global)?;
-    let members: Vec<(String, &MemberFile)> = match &args.group {
+    let members = members_of(&local, args.group.as_deref())?;
+    let runtime = super::runtime()?;
+    let statuses = runtime.block_on(async {
+        let tls = local.tls()?;
+        let probed = join_all(members.iter().map(|(group, m)| probe(&tls, group, m))).await;
+        Ok::<_, anyhow::Error>(with_lags(probed))
+    })?;
+    global.output.print(&statuses, || status_table(&statuses));
+    if statuses.iter().any(|s| !s.reachable) {
+        bail!("some agents are not reachable");
+    }
+    Ok(())
+}
+
+/// The members of `group` (every group's when none), each with its group.
+fn members_of<'l>(
+    local: &'l Local,
+    group: Option<&str>,
+) -> anyhow::Result<Vec<(String, &'l MemberFile)>> {
+    Ok(match group {
         Some(g) => {
             let group = local.config.group(g).map_err(anyhow::Error::msg)?;
             group
@@ -107,119 +126,116 @@ pub fn run(args: StatusArgs, global: &Global) -> anyhow::Result<()> {
             .values()
             .flat_map(|g| g.members.iter().map(move |m| (g.name.clone(), m)))
             .collect(),
+    })
+}
+
+/// What member `m`'s agent says: reachable, its engine, who holds it, its
+/// role and position (and the position itself, for the lag).
+async fn probe(
+    tls: &ControllerTls,
+    group: &str,
+    m: &MemberFile,
+) -> (MemberStatus, MemberFile, Option<pb::Position>) {
+    let mut s = MemberStatus {
+        group: group.to_string(),
+        member: m.name.clone(),
+        reachable: false,
+        engine: "-".into(),
+        role: "-".into(),
+        position: "-".into(),
+        lag: "-".into(),
+        held_by: String::new(),
+        error: String::new(),
     };
-    let runtime = super::runtime()?;
-    let statuses = runtime.block_on(async {
-        let tls = local.tls()?;
-        let probed = join_all(members.iter().map(|(group, m)| {
-            let tls = tls.clone();
-            async move {
-                let mut s = MemberStatus {
-                    group: group.clone(),
-                    member: m.name.clone(),
-                    reachable: false,
-                    engine: "-".into(),
-                    role: "-".into(),
-                    position: "-".into(),
-                    lag: "-".into(),
-                    held_by: String::new(),
-                    error: String::new(),
-                };
-                let mut position = None;
-                match tls.connect(&m.agent, &m.identity).await {
-                    Err(e) => s.error = e.to_string(),
-                    Ok(mut client) => {
-                        s.reachable = true;
-                        let describe = client.describe(pb::DescribeRequest::default());
-                        match answer(DEFAULT_RPC_TIMEOUT, "describe", describe).await {
-                            Ok(d) => {
-                                s.engine = engine_name(d.engine).into();
-                                s.held_by = d.holder;
-                            }
-                            Err(e) => s.error = e.message().to_string(),
-                        }
-                        let position_of = client.position(pb::PositionRequest {});
-                        match answer(DEFAULT_RPC_TIMEOUT, "position", position_of).await {
-                            Ok(p) => {
-                                s.role = match pb::Role::try_from(p.role).unwrap_or_default() {
-                                    pb::Role::Replica => "replica".into(),
-                                    pb::Role::Primary => "primary".into(),
-                                    _ => "standalone".into(),
-                                };
-                                s.position = p
-                                    .position
-                                    .as_ref()
-                                    .map(PositionExt::display)
-                                    .unwrap_or_default();
-                                position = p.position;
-                            }
-                            Err(e) if s.error.is_empty() => s.error = e.message().to_string(),
-                            Err(_) => {}
-                        }
-                    }
+    let mut position = None;
+    match tls.connect(&m.agent, &m.identity).await {
+        Err(e) => s.error = e.to_string(),
+        Ok(mut client) => {
+            s.reachable = true;
+            let describe = client.describe(pb::DescribeRequest::default());
+            match answer(DEFAULT_RPC_TIMEOUT, "describe", describe).await {
+                Ok(d) => {
+                    s.engine = engine_name(d.engine).into();
+                    s.held_by = d.holder;
                 }
-                (s, (*m).clone(), position)
+                Err(e) => s.error = e.message().to_string(),
             }
-        }))
-        .await;
-        let positions: std::collections::BTreeMap<String, pb::Position> = probed
-            .iter()
-            .filter_map(|(s, _, p)| Some((s.member.clone(), p.clone()?)))
-            .collect();
-        Ok::<_, anyhow::Error>(
-            probed
-                .into_iter()
-                .map(|(mut s, m, p)| {
-                    if let (Some(primary), Some(p)) =
-                        (m.primary.as_ref().and_then(|n| positions.get(n)), p)
-                    {
-                        s.lag = lag(&p, primary);
-                    }
-                    s
-                })
-                .collect::<Vec<_>>(),
-        )
-    })?;
-    global.output.print(&statuses, || {
-        let rows: Vec<Vec<String>> = statuses
-            .iter()
-            .map(|s| {
-                vec![
-                    s.group.clone(),
-                    s.member.clone(),
-                    if s.reachable {
-                        "yes".into()
-                    } else {
-                        "NO".into()
-                    },
-                    s.engine.clone(),
-                    s.role.clone(),
-                    s.position.clone(),
-                    s.lag.clone(),
-                    s.held_by.clone(),
-                    s.error.clone(),
-                ]
-            })
-            .collect();
-        table(
-            &[
-                "GROUP",
-                "MEMBER",
-                "REACHABLE",
-                "ENGINE",
-                "ROLE",
-                "POSITION",
-                "LAG",
-                "HELD BY",
-                "ERROR",
-            ],
-            &rows,
-        )
-    });
-    if statuses.iter().any(|s| !s.reachable) {
-        bail!("some agents are not reachable");
+            let position_of = client.position(pb::PositionRequest {});
+            match answer(DEFAULT_RPC_TIMEOUT, "position", position_of).await {
+                Ok(p) => {
+                    s.role = match pb::Role::try_from(p.role).unwrap_or_default() {
+                        pb::Role::Replica => "replica".into(),
+                        pb::Role::Primary => "primary".into(),
+                        _ => "standalone".into(),
+                    };
+                    s.position = p
+                        .position
+                        .as_ref()
+                        .map(PositionExt::display)
+                        .unwrap_or_default();
+                    position = p.position;
+                }
+                Err(e) if s.error.is_empty() => s.error = e.message().to_string(),
+                Err(_) => {}
+            }
+        }
     }
-    Ok(())
+    (s, m.clone(), position)
+}
+
+/// The statuses, each replica's with its lag behind its primary.
+fn with_lags(probed: Vec<(MemberStatus, MemberFile, Option<pb::Position>)>) -> Vec<MemberStatus> {
+    let positions: std::collections::BTreeMap<String, pb::Position> = probed
+        .iter()
+        .filter_map(|(s, _, p)| Some((s.member.clone(), p.clone()?)))
+        .collect();
+    probed
+        .into_iter()
+        .map(|(mut s, m, p)| {
+            if let (Some(primary), Some(p)) = (m.primary.as_ref().and_then(|n| positions.get(n)), p)
+            {
+                s.lag = lag(&p, primary);
+            }
+            s
+        })
+        .collect()
+}
+
+fn status_table(statuses: &[MemberStatus]) -> String {
+    let rows: Vec<Vec<String>> = statuses
+        .iter()
+        .map(|s| {
+            vec![
+                s.group.clone(),
+                s.member.clone(),
+                if s.reachable {
+                    "yes".into()
+                } else {
+                    "NO".into()
+                },
+                s.engine.clone(),
+                s.role.clone(),
+                s.position.clone(),
+                s.lag.clone(),
+                s.held_by.clone(),
+                s.error.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "GROUP",
+            "MEMBER",
+            "REACHABLE",
+            "ENGINE",
+            "ROLE",
+            "POSITION",
+            "LAG",
+            "HELD BY",
+            "ERROR",
+        ],
+        &rows,
+    )
 }
 
 pub fn thaw(args: TargetArgs, global: &Global) -> anyhow::Result<()> {
