@@ -12,11 +12,12 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde::Serialize;
 
-use super::backup::{BackupCommand, members_table};
+use super::backup::{BackupCommand, DescribeArgs, IdArgs, members_table};
 use super::output::table;
 use super::{Command, Global};
 use crate::core::protocol::new_backup_id;
 use crate::kube::crd::{BackupPhase, ConsistencyGroup, GroupBackup, GroupBackupSpec, GroupQuiesce};
+use crate::kube::crd::{GroupRestore, GroupRestoreSpec, RestorePhase};
 
 /// Whether this invocation is in Kubernetes mode.
 pub fn wanted(global: &Global) -> bool {
@@ -219,7 +220,6 @@ impl Kube {
         args: super::restore::RestoreArgs,
         global: &Global,
     ) -> anyhow::Result<()> {
-        use crate::kube::crd::{GroupRestore, GroupRestoreSpec, RestorePhase};
         if args.to.is_some() || args.start {
             bail!(
                 "--to and --start are local mode's; in Kubernetes mode the restore makes PVCs and scales workloads"
@@ -247,86 +247,90 @@ impl Kube {
             .await
             .with_context(|| format!("creating GroupRestore {name}"))?;
         eprintln!("GroupRestore {name} of GroupBackup {} created", args.id);
-        let follow = async {
-            let mut shown: Vec<String> = Vec::new();
-            loop {
-                let r = api.get(&name).await?;
-                let s = r.status.clone().unwrap_or_default();
-                let lines: Vec<String> = s
-                    .stages
-                    .iter()
-                    .map(|st| {
-                        format!(
-                            "stage {} ({}): {} [{}]",
-                            st.stage,
-                            st.class,
-                            st.phase,
-                            st.members.join(", ")
-                        )
-                    })
-                    .collect();
-                for line in &lines {
-                    if !shown.contains(line) {
-                        eprintln!("{line}");
-                    }
-                }
-                shown = lines;
-                let phase = s.phase.unwrap_or_default();
-                if phase.is_final() {
-                    return Ok::<_, anyhow::Error>(r);
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        };
         let r = tokio::select! {
-            r = follow => r?,
+            r = follow_restore(&api, &name) => r?,
             _ = tokio::signal::ctrl_c() => {
                 println!("stopped following; GroupRestore {name} goes on (kubectl get grouprestore {name} -n {})", self.ns);
                 return Ok(());
             }
         };
+        restore_outcome(&r, global)
+    }
+}
+
+/// Follows GroupRestore `name` until it ends, printing each stage's
+/// progress once.
+async fn follow_restore(api: &Api<GroupRestore>, name: &str) -> anyhow::Result<GroupRestore> {
+    let mut shown: Vec<String> = Vec::new();
+    loop {
+        let r = api.get(name).await?;
         let s = r.status.clone().unwrap_or_default();
-        let rows: Vec<Vec<String>> = s
-            .members
+        let lines: Vec<String> = s
+            .stages
             .iter()
-            .map(|m| {
-                vec![
-                    m.stage.to_string(),
-                    m.pod.clone(),
-                    m.restored_pod.clone().unwrap_or_else(|| "-".into()),
-                    m.phase.clone(),
-                    m.pvcs.join(","),
-                    m.check.clone().unwrap_or_else(|| "-".into()),
-                ]
+            .map(|st| {
+                format!(
+                    "stage {} ({}): {} [{}]",
+                    st.stage,
+                    st.class,
+                    st.phase,
+                    st.members.join(", ")
+                )
             })
             .collect();
-        let members = table(
-            &["STAGE", "POD", "RESTORED AS", "PHASE", "PVCS", "CHECK"],
-            &rows,
-        );
-        match s.phase.unwrap_or_default() {
-            RestorePhase::Succeeded => {
-                global
-                    .output
-                    .print(&r, || format!("GroupRestore {name} succeeded\n\n{members}"));
-                Ok(())
-            }
-            _ => {
-                if global.output != super::output::Output::Table {
-                    global.output.print(&r, String::new);
-                } else {
-                    eprintln!("{members}");
-                }
-                let reason = condition(&s.conditions, "Completed")
-                    .map(|c| c.1)
-                    .unwrap_or_default();
-                bail!(
-                    "GroupRestore {name} failed ({reason}): {}",
-                    s.error.unwrap_or_default()
-                )
+        for line in &lines {
+            if !shown.contains(line) {
+                eprintln!("{line}");
             }
         }
+        shown = lines;
+        if s.phase.unwrap_or_default().is_final() {
+            return Ok(r);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// An ended restore, printed with its members; an error if it failed.
+fn restore_outcome(r: &GroupRestore, global: &Global) -> anyhow::Result<()> {
+    let name = r.name_any();
+    let s = r.status.clone().unwrap_or_default();
+    let rows: Vec<Vec<String>> = s
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.stage.to_string(),
+                m.pod.clone(),
+                m.restored_pod.clone().unwrap_or_else(|| "-".into()),
+                m.phase.clone(),
+                m.pvcs.join(","),
+                m.check.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let members = table(
+        &["STAGE", "POD", "RESTORED AS", "PHASE", "PVCS", "CHECK"],
+        &rows,
+    );
+    if s.phase.unwrap_or_default() == RestorePhase::Succeeded {
+        global
+            .output
+            .print(r, || format!("GroupRestore {name} succeeded\n\n{members}"));
+        return Ok(());
+    }
+    if global.output != super::output::Output::Table {
+        global.output.print(r, String::new);
+    } else {
+        eprintln!("{members}");
+    }
+    let reason = condition(&s.conditions, "Completed")
+        .map(|c| c.1)
+        .unwrap_or_default();
+    bail!(
+        "GroupRestore {name} failed ({reason}): {}",
+        s.error.unwrap_or_default()
+    )
 }
 
 fn condition_message(s: &crate::kube::crd::GroupQuiesceStatus) -> String {
@@ -390,111 +394,122 @@ impl Kube {
     async fn backup(&self, command: BackupCommand, global: &Global) -> anyhow::Result<()> {
         match command {
             BackupCommand::Create(args) => self.create(&args.group, args.id, global).await,
-            BackupCommand::List => {
-                let mut list = self.backups().list(&Default::default()).await?.items;
-                list.sort_by_key(|b| b.metadata.creation_timestamp.clone().map(|t| t.0));
-                global.output.print(&list, || {
-                    let rows: Vec<Vec<String>> = list
-                        .iter()
-                        .map(|b| {
-                            vec![
-                                b.name_any(),
-                                b.spec.group.clone(),
-                                phase(b).as_str().into(),
-                                window(b),
-                                b.metadata
-                                    .creation_timestamp
-                                    .as_ref()
-                                    .map(|t| t.0.to_string())
-                                    .unwrap_or_default(),
-                                b.status
-                                    .as_ref()
-                                    .and_then(|s| s.error.clone())
-                                    .unwrap_or_default()
-                                    .chars()
-                                    .take(80)
-                                    .collect(),
-                            ]
-                        })
-                        .collect();
-                    table(
-                        &["NAME", "GROUP", "PHASE", "WINDOW", "CREATED", "ERROR"],
-                        &rows,
-                    )
-                });
-                Ok(())
-            }
-            BackupCommand::Describe(args) => {
-                let b = self.get_backup(&args.id).await?;
-                let m = manifest_of(&b);
-                global.output.print(&b, || {
-                    let s = b.status.clone().unwrap_or_default();
-                    let mut out = format!(
-                        "GroupBackup {}/{}\n  group:         {}\n  phase:         {}\n  snapshotter:   {}\n  freeze window: {}\n  run by:        {}\n",
-                        self.ns,
-                        b.name_any(),
-                        b.spec.group,
-                        phase(&b).as_str(),
-                        s.snapshotter.clone().unwrap_or_else(|| "-".into()),
-                        window(&b),
-                        s.run_by.clone().unwrap_or_else(|| "-".into()),
-                    );
-                    if let Some(v) = &s.volume_group_snapshot {
-                        out.push_str(&format!("  group snapshot: {v}\n"));
-                    }
-                    if let Some(e) = &s.error {
-                        out.push_str(&format!("  error:         {e}\n"));
-                    }
-                    for c in &s.conditions {
-                        out.push_str(&format!("  condition:     {}={} {}: {}\n", c.type_, c.status, c.reason, c.message));
-                    }
-                    out.push('\n');
-                    out.push_str(&members_table(&m));
-                    let rows: Vec<Vec<String>> = s
-                        .members
-                        .iter()
-                        .flat_map(|m| m.volume_snapshots.iter().map(move |v| vec![m.pod.clone(), v.pvc.clone(), v.name.clone()]))
-                        .collect();
-                    if !rows.is_empty() {
-                        out.push('\n');
-                        out.push_str(&table(&["POD", "PVC", "VOLUMESNAPSHOT"], &rows));
-                    }
-                    if args.timeline {
-                        out.push('\n');
-                        out.push_str(&m.timeline.gantt(60));
-                    }
-                    out
-                });
-                Ok(())
-            }
-            BackupCommand::Delete(args) => {
-                let b = self.get_backup(&args.id).await?;
-                self.backups()
-                    .delete(&args.id, &DeleteParams::default())
-                    .await?;
-                // The finalizer deletes its snapshots first (per deletionPolicy).
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-                while self.backups().get_opt(&args.id).await?.is_some() {
-                    if tokio::time::Instant::now() > deadline {
-                        bail!(
-                            "GroupBackup {} is still being deleted after 120 s: is the controller running? \
-                             (its finalizer deletes the snapshots)",
-                            args.id
-                        );
-                    }
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                if b.spec.deletion_policy == crate::kube::crd::DeletionPolicy::Retain {
-                    println!("deleted GroupBackup {} (keeping its snapshots)", args.id);
-                    return Ok(());
-                }
-                // The finalizer asked for the snapshots' deletion; the
-                // snapshot controller carries it out: wait for that too.
-                self.snapshots_gone(&b, deadline).await?;
-                println!("deleted GroupBackup {} and its snapshots", args.id);
-                Ok(())
-            }
+            BackupCommand::List => self.list_backups(global).await,
+            BackupCommand::Describe(args) => self.describe_backup(args, global).await,
+            BackupCommand::Delete(args) => self.delete_backup(args).await,
         }
+    }
+
+    /// `backup list`: the namespace's GroupBackups, oldest first.
+    async fn list_backups(&self, global: &Global) -> anyhow::Result<()> {
+        let mut list = self.backups().list(&Default::default()).await?.items;
+        list.sort_by_key(|b| b.metadata.creation_timestamp.clone().map(|t| t.0));
+        global.output.print(&list, || {
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|b| {
+                    vec![
+                        b.name_any(),
+                        b.spec.group.clone(),
+                        phase(b).as_str().into(),
+                        window(b),
+                        b.metadata
+                            .creation_timestamp
+                            .as_ref()
+                            .map(|t| t.0.to_string())
+                            .unwrap_or_default(),
+                        b.status
+                            .as_ref()
+                            .and_then(|s| s.error.clone())
+                            .unwrap_or_default()
+                            .chars()
+                            .take(80)
+                            .collect(),
+                    ]
+                })
+                .collect();
+            table(
+                &["NAME", "GROUP", "PHASE", "WINDOW", "CREATED", "ERROR"],
+                &rows,
+            )
+        });
+        Ok(())
+    }
+
+    /// `backup describe`: a GroupBackup, its members and snapshots (and its
+    /// timeline).
+    async fn describe_backup(&self, args: DescribeArgs, global: &Global) -> anyhow::Result<()> {
+        let b = self.get_backup(&args.id).await?;
+        let m = manifest_of(&b);
+        global.output.print(&b, || {
+            let s = b.status.clone().unwrap_or_default();
+            let mut out = format!(
+                "GroupBackup {}/{}\n  group:         {}\n  phase:         {}\n  snapshotter:   {}\n  freeze window: {}\n  run by:        {}\n",
+                self.ns,
+                b.name_any(),
+                b.spec.group,
+                phase(&b).as_str(),
+                s.snapshotter.clone().unwrap_or_else(|| "-".into()),
+                window(&b),
+                s.run_by.clone().unwrap_or_else(|| "-".into()),
+            );
+            if let Some(v) = &s.volume_group_snapshot {
+                out.push_str(&format!("  group snapshot: {v}\n"));
+            }
+            if let Some(e) = &s.error {
+                out.push_str(&format!("  error:         {e}\n"));
+            }
+            for c in &s.conditions {
+                out.push_str(&format!("  condition:     {}={} {}: {}\n", c.type_, c.status, c.reason, c.message));
+            }
+            out.push('\n');
+            out.push_str(&members_table(&m));
+            let rows: Vec<Vec<String>> = s
+                .members
+                .iter()
+                .flat_map(|m| m.volume_snapshots.iter().map(move |v| vec![m.pod.clone(), v.pvc.clone(), v.name.clone()]))
+                .collect();
+            if !rows.is_empty() {
+                out.push('\n');
+                out.push_str(&table(&["POD", "PVC", "VOLUMESNAPSHOT"], &rows));
+            }
+            if args.timeline {
+                out.push('\n');
+                out.push_str(&m.timeline.gantt(60));
+            }
+            out
+        });
+        Ok(())
+    }
+
+    /// `backup delete`: deleted, and waited for until its finalizer (and,
+    /// with `deletionPolicy: Delete`, the snapshot controller) is done.
+    async fn delete_backup(&self, args: IdArgs) -> anyhow::Result<()> {
+        let b = self.get_backup(&args.id).await?;
+        self.backups()
+            .delete(&args.id, &DeleteParams::default())
+            .await?;
+        // The finalizer deletes its snapshots first (per deletionPolicy).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while self.backups().get_opt(&args.id).await?.is_some() {
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "GroupBackup {} is still being deleted after 120 s: is the controller running? \
+                     (its finalizer deletes the snapshots)",
+                    args.id
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        if b.spec.deletion_policy == crate::kube::crd::DeletionPolicy::Retain {
+            println!("deleted GroupBackup {} (keeping its snapshots)", args.id);
+            return Ok(());
+        }
+        // The finalizer asked for the snapshots' deletion; the
+        // snapshot controller carries it out: wait for that too.
+        self.snapshots_gone(&b, deadline).await?;
+        println!("deleted GroupBackup {} and its snapshots", args.id);
+        Ok(())
     }
 
     /// The VolumeSnapshots and VolumeGroupSnapshots a backup left in the
