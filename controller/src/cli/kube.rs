@@ -333,6 +333,77 @@ fn restore_outcome(r: &GroupRestore, global: &Global) -> anyhow::Result<()> {
     )
 }
 
+/// One group's status: its conditions, last backup and members.
+fn group_status(ns: &str, g: &ConsistencyGroup) -> String {
+    let s = g.status.clone().unwrap_or_default();
+    let mut out = format!("ConsistencyGroup {ns}/{}\n", g.name_any());
+    for c in &s.conditions {
+        out.push_str(&format!(
+            "  {}={} {}: {}\n",
+            c.type_, c.status, c.reason, c.message
+        ));
+    }
+    if let Some(b) = &s.last_successful_backup {
+        out.push_str(&format!("  last successful backup: {b}\n"));
+    }
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let rows: Vec<Vec<String>> = s
+        .members
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone(),
+                m.pod.clone(),
+                dash(&m.ip),
+                dash(&m.engine),
+                dash(&m.role),
+                dash(&m.primary),
+                dash(&m.position),
+                m.pvcs.join(","),
+                dash(&m.driver),
+            ]
+        })
+        .collect();
+    out.push('\n');
+    out.push_str(&table(
+        &[
+            "MEMBER", "POD", "IP", "ENGINE", "ROLE", "PRIMARY", "POSITION", "PVCS", "DRIVER",
+        ],
+        &rows,
+    ));
+    out
+}
+
+/// The namespace's groups, one line each.
+fn groups_table(rows: &[GroupRow]) -> String {
+    let lines: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                r.protectable.clone(),
+                r.reason.clone(),
+                r.members.to_string(),
+                r.last_successful_backup
+                    .clone()
+                    .unwrap_or_else(|| "-".into()),
+                r.message.chars().take(100).collect(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "GROUP",
+            "PROTECTABLE",
+            "REASON",
+            "MEMBERS",
+            "LAST BACKUP",
+            "MESSAGE",
+        ],
+        &lines,
+    )
+}
+
 fn condition_message(s: &crate::kube::crd::GroupQuiesceStatus) -> String {
     s.conditions
         .iter()
@@ -655,59 +726,16 @@ impl Kube {
     }
 
     async fn status(&self, group: Option<&str>, global: &Global) -> anyhow::Result<()> {
-        let groups =
-            match group {
-                Some(g) => vec![self.groups().get_opt(g).await?.with_context(|| {
-                    format!("no ConsistencyGroup {g} in namespace {}", self.ns)
-                })?],
-                None => self.groups().list(&Default::default()).await?.items,
-            };
-        if group.is_some() {
-            let g = &groups[0];
-            return {
-                global.output.print(g, || {
-                    let s = g.status.clone().unwrap_or_default();
-                    let mut out = format!("ConsistencyGroup {}/{}\n", self.ns, g.name_any());
-                    for c in &s.conditions {
-                        out.push_str(&format!(
-                            "  {}={} {}: {}\n",
-                            c.type_, c.status, c.reason, c.message
-                        ));
-                    }
-                    if let Some(b) = &s.last_successful_backup {
-                        out.push_str(&format!("  last successful backup: {b}\n"));
-                    }
-                    let rows: Vec<Vec<String>> = s
-                        .members
-                        .iter()
-                        .map(|m| {
-                            let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-                            vec![
-                                m.name.clone(),
-                                m.pod.clone(),
-                                dash(&m.ip),
-                                dash(&m.engine),
-                                dash(&m.role),
-                                dash(&m.primary),
-                                dash(&m.position),
-                                m.pvcs.join(","),
-                                dash(&m.driver),
-                            ]
-                        })
-                        .collect();
-                    out.push('\n');
-                    out.push_str(&table(
-                        &[
-                            "MEMBER", "POD", "IP", "ENGINE", "ROLE", "PRIMARY", "POSITION", "PVCS",
-                            "DRIVER",
-                        ],
-                        &rows,
-                    ));
-                    out
-                });
-                Ok(())
-            };
+        if let Some(g) = group {
+            let g = self
+                .groups()
+                .get_opt(g)
+                .await?
+                .with_context(|| format!("no ConsistencyGroup {g} in namespace {}", self.ns))?;
+            global.output.print(&g, || group_status(&self.ns, &g));
+            return Ok(());
         }
+        let groups = self.groups().list(&Default::default()).await?.items;
         let rows: Vec<GroupRow> = groups
             .iter()
             .map(|g| {
@@ -724,34 +752,7 @@ impl Kube {
                 }
             })
             .collect();
-        global.output.print(&rows, || {
-            let lines: Vec<Vec<String>> = rows
-                .iter()
-                .map(|r| {
-                    vec![
-                        r.name.clone(),
-                        r.protectable.clone(),
-                        r.reason.clone(),
-                        r.members.to_string(),
-                        r.last_successful_backup
-                            .clone()
-                            .unwrap_or_else(|| "-".into()),
-                        r.message.chars().take(100).collect(),
-                    ]
-                })
-                .collect();
-            table(
-                &[
-                    "GROUP",
-                    "PROTECTABLE",
-                    "REASON",
-                    "MEMBERS",
-                    "LAST BACKUP",
-                    "MESSAGE",
-                ],
-                &lines,
-            )
-        });
+        global.output.print(&rows, || groups_table(&rows));
         Ok(())
     }
 
