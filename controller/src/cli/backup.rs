@@ -92,109 +92,121 @@ pub fn members_table(m: &Manifest) -> String {
 pub fn run(command: BackupCommand, global: &Global) -> anyhow::Result<()> {
     let local = Local::load(global)?;
     match command {
-        BackupCommand::Create(args) => {
-            let group = local
-                .config
-                .group(&args.group)
-                .map_err(anyhow::Error::msg)?
-                .clone();
-            let id = args.id.unwrap_or_else(|| new_backup_id(&group.name));
-            let runtime = super::runtime()?;
-            let spinner = global.output.interactive().then(|| {
-                let s = indicatif::ProgressBar::new_spinner();
-                s.set_message(format!("backing up group {} ({id})", group.name));
-                s.enable_steady_tick(std::time::Duration::from_millis(100));
-                s
-            });
-            let result = runtime.block_on(async {
-                let orchestrator = local.orchestrator()?;
-                Ok::<_, anyhow::Error>(orchestrator.backup(&group, &id).await)
-            })?;
-            if let Some(s) = spinner {
-                s.finish_and_clear();
-            }
-            match result {
-                Ok(manifest) => {
-                    global.output.print(&manifest, || {
-                        format!(
-                            "backup {} of group {} succeeded; freeze window {}\n\n{}",
-                            manifest.id,
-                            manifest.group,
-                            ms(manifest.freeze_window_us),
-                            members_table(&manifest)
-                        )
-                    });
-                    Ok(())
-                }
-                Err(e) => {
-                    if global.output != Output::Table {
-                        global.output.print(&e.manifest, String::new);
-                    }
-                    bail!("{e}; every member was thawed and partial snapshots were deleted")
-                }
-            }
-        }
-        BackupCommand::List => {
-            let manifests = local.catalog()?.list()?;
-            global.output.print(&manifests, || {
-                let rows: Vec<Vec<String>> = manifests
-                    .iter()
-                    .map(|m| {
-                        vec![
-                            m.id.clone(),
-                            m.group.clone(),
-                            outcome(m).into(),
-                            ms(m.freeze_window_us),
-                            m.created_at.clone(),
-                            m.error
-                                .clone()
-                                .unwrap_or_default()
-                                .chars()
-                                .take(80)
-                                .collect(),
-                        ]
-                    })
-                    .collect();
-                table(
-                    &["ID", "GROUP", "OUTCOME", "WINDOW", "CREATED", "ERROR"],
-                    &rows,
+        BackupCommand::Create(args) => create(&local, args, global),
+        BackupCommand::List => list(&local, global),
+        BackupCommand::Describe(args) => describe(&local, args, global),
+        BackupCommand::Delete(args) => delete(&local, args),
+    }
+}
+
+/// `backup create`: one backup of a group, now.
+fn create(local: &Local, args: CreateArgs, global: &Global) -> anyhow::Result<()> {
+    let group = local
+        .config
+        .group(&args.group)
+        .map_err(anyhow::Error::msg)?
+        .clone();
+    let id = args.id.unwrap_or_else(|| new_backup_id(&group.name));
+    let runtime = super::runtime()?;
+    let spinner = global.output.interactive().then(|| {
+        let s = indicatif::ProgressBar::new_spinner();
+        s.set_message(format!("backing up group {} ({id})", group.name));
+        s.enable_steady_tick(std::time::Duration::from_millis(100));
+        s
+    });
+    let result = runtime.block_on(async {
+        let orchestrator = local.orchestrator()?;
+        Ok::<_, anyhow::Error>(orchestrator.backup(&group, &id).await)
+    })?;
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    match result {
+        Ok(manifest) => {
+            global.output.print(&manifest, || {
+                format!(
+                    "backup {} of group {} succeeded; freeze window {}\n\n{}",
+                    manifest.id,
+                    manifest.group,
+                    ms(manifest.freeze_window_us),
+                    members_table(&manifest)
                 )
             });
             Ok(())
         }
-        BackupCommand::Describe(args) => {
-            let m = local.catalog()?.get(&args.id)?;
-            global.output.print(&m, || {
-                let mut out = format!(
-                    "backup {}\n  group:         {}\n  created:       {}\n  outcome:       {}\n  snapshotter:   {}\n  freeze window: {}\n",
-                    m.id,
-                    m.group,
-                    m.created_at,
-                    outcome(&m),
-                    m.snapshotter,
-                    ms(m.freeze_window_us)
-                );
-                if let Some(e) = &m.error {
-                    out.push_str(&format!("  error:         {e}\n"));
-                }
-                out.push('\n');
-                out.push_str(&members_table(&m));
-                if args.timeline {
-                    out.push('\n');
-                    out.push_str(&m.timeline.gantt(60));
-                }
-                out
-            });
-            Ok(())
-        }
-        BackupCommand::Delete(args) => {
-            let catalog = local.catalog()?;
-            let m = catalog.get(&args.id)?;
-            let group = local.config.groups.get(&m.group);
-            let runtime = super::runtime()?;
-            let deleted = runtime.block_on(delete_backup(&catalog, &m, group))?;
-            println!("deleted backup {} and its {deleted} snapshot(s)", m.id);
-            Ok(())
+        Err(e) => {
+            if global.output != Output::Table {
+                global.output.print(&e.manifest, String::new);
+            }
+            bail!("{e}; every member was thawed and partial snapshots were deleted")
         }
     }
+}
+
+/// `backup list`: the catalog's backups.
+fn list(local: &Local, global: &Global) -> anyhow::Result<()> {
+    let manifests = local.catalog()?.list()?;
+    global.output.print(&manifests, || {
+        let rows: Vec<Vec<String>> = manifests
+            .iter()
+            .map(|m| {
+                vec![
+                    m.id.clone(),
+                    m.group.clone(),
+                    outcome(m).into(),
+                    ms(m.freeze_window_us),
+                    m.created_at.clone(),
+                    m.error
+                        .clone()
+                        .unwrap_or_default()
+                        .chars()
+                        .take(80)
+                        .collect(),
+                ]
+            })
+            .collect();
+        table(
+            &["ID", "GROUP", "OUTCOME", "WINDOW", "CREATED", "ERROR"],
+            &rows,
+        )
+    });
+    Ok(())
+}
+
+/// `backup describe`: a backup, its members (and its timeline).
+fn describe(local: &Local, args: DescribeArgs, global: &Global) -> anyhow::Result<()> {
+    let m = local.catalog()?.get(&args.id)?;
+    global.output.print(&m, || {
+        let mut out = format!(
+            "backup {}\n  group:         {}\n  created:       {}\n  outcome:       {}\n  snapshotter:   {}\n  freeze window: {}\n",
+            m.id,
+            m.group,
+            m.created_at,
+            outcome(&m),
+            m.snapshotter,
+            ms(m.freeze_window_us)
+        );
+        if let Some(e) = &m.error {
+            out.push_str(&format!("  error:         {e}\n"));
+        }
+        out.push('\n');
+        out.push_str(&members_table(&m));
+        if args.timeline {
+            out.push('\n');
+            out.push_str(&m.timeline.gantt(60));
+        }
+        out
+    });
+    Ok(())
+}
+
+/// `backup delete`: a backup's snapshots, then its record.
+fn delete(local: &Local, args: IdArgs) -> anyhow::Result<()> {
+    let catalog = local.catalog()?;
+    let m = catalog.get(&args.id)?;
+    let group = local.config.groups.get(&m.group);
+    let runtime = super::runtime()?;
+    let deleted = runtime.block_on(delete_backup(&catalog, &m, group))?;
+    println!("deleted backup {} and its {deleted} snapshot(s)", m.id);
+    Ok(())
 }
