@@ -286,101 +286,19 @@ pub fn settings(
     namespace_labels: &BTreeMap<String, String>,
 ) -> Result<PodSettings, Denied> {
     let annotations = pod.annotations();
-    for key in annotations.keys() {
-        if key.starts_with("stillpoint.dev/") && !ANNOTATIONS.iter().any(|(k, _)| k == key) {
-            let known: Vec<&str> = ANNOTATIONS
-                .iter()
-                .map(|(k, _)| *k)
-                .filter(|k| *k != INJECTED_ANNOTATION)
-                .collect();
-            return Err(Denied(format!(
-                "annotation {key} is not one the injector reads; allowed: {}",
-                known.join(", ")
-            )));
-        }
-    }
+    known_only(annotations)?;
     let get = |key: &str| annotations.get(key).map(|v| v.trim().to_string());
-    let engine = match get("stillpoint.dev/engine") {
-        None => {
-            return Err(Denied(
-                "annotation stillpoint.dev/engine is missing; allowed: postgres, mysql, mariadb, redis, mongodb, exec, fsfreeze".into(),
-            ));
-        }
-        Some(e) if ENGINES.contains(&e.as_str()) => e,
-        Some(e) => {
-            return Err(Denied(format!(
-                "annotation stillpoint.dev/engine: {e:?} is not an engine; allowed: postgres, mysql, mariadb, redis, mongodb, exec, fsfreeze"
-            )));
-        }
-    };
-    let database = !matches!(engine.as_str(), "exec" | "fsfreeze");
-    let dsn_secret = get("stillpoint.dev/dsn-secret");
-    match (&dsn_secret, database) {
-        (None, true) => {
-            return Err(Denied(format!(
-                "annotation stillpoint.dev/dsn-secret is missing; engine {engine} needs the name of a Secret in this namespace whose key `dsn` is the connection string"
-            )));
-        }
-        (Some(s), _) if !is_dns_subdomain(s) => {
-            return Err(Denied(format!(
-                "annotation stillpoint.dev/dsn-secret: {s:?} is not a Secret name; allowed: a DNS subdomain (lower-case letters, digits, '-' and '.')"
-            )));
-        }
-        _ => {}
-    }
-    let pg_mode = get("stillpoint.dev/pg-mode");
-    if let Some(mode) = &pg_mode {
-        if !matches!(engine.as_str(), "postgres" | "postgresql") {
-            return Err(Denied(format!(
-                "annotation stillpoint.dev/pg-mode applies to engine postgres only, not {engine}"
-            )));
-        }
-        if !matches!(mode.as_str(), "backup" | "fence") {
-            return Err(Denied(format!(
-                "annotation stillpoint.dev/pg-mode: {mode:?} is not a mode; allowed: backup, fence"
-            )));
-        }
-    }
+    let engine = engine(get("stillpoint.dev/engine"))?;
+    let dsn_secret = dsn_secret(get("stillpoint.dev/dsn-secret"), &engine)?;
+    let pg_mode = pg_mode(get("stillpoint.dev/pg-mode"), &engine)?;
     let pg_fence_schemas = pg_names(&engine, "stillpoint.dev/pg-fence-schemas", get)?;
     let pg_fence_databases = pg_names(&engine, "stillpoint.dev/pg-fence-databases", get)?;
     let lock_timeout = get("stillpoint.dev/lock-timeout");
     if let Some(t) = &lock_timeout {
         check_duration("stillpoint.dev/lock-timeout", t)?;
     }
-    let fsfreeze = match get("stillpoint.dev/fsfreeze").as_deref() {
-        None | Some("false") => engine == "fsfreeze",
-        Some("true") => true,
-        Some(other) => {
-            return Err(Denied(format!(
-                "annotation stillpoint.dev/fsfreeze: {other:?} is not a boolean; allowed: true, false"
-            )));
-        }
-    };
-    if fsfreeze {
-        let level = namespace_labels
-            .get("pod-security.kubernetes.io/enforce")
-            .map(String::as_str)
-            .unwrap_or("privileged");
-        if level != "privileged" {
-            return Err(Denied(format!(
-                "annotation stillpoint.dev/fsfreeze (or engine fsfreeze) needs the SYS_ADMIN capability, which this namespace's Pod Security level {level:?} forbids; run the database in a namespace labelled pod-security.kubernetes.io/enforce=privileged, or leave fsfreeze off"
-            )));
-        }
-    }
-    let exec_command = get("stillpoint.dev/exec-command");
-    match (&exec_command, engine.as_str()) {
-        (None, "exec") => {
-            return Err(Denied(
-                "annotation stillpoint.dev/exec-command is missing; engine exec needs the hold command".into(),
-            ));
-        }
-        (Some(_), e) if e != "exec" => {
-            return Err(Denied(format!(
-                "annotation stillpoint.dev/exec-command applies to engine exec only, not {e}"
-            )));
-        }
-        _ => {}
-    }
+    let fsfreeze = fsfreeze(get("stillpoint.dev/fsfreeze"), &engine, namespace_labels)?;
+    let exec_command = exec_command(get("stillpoint.dev/exec-command"), &engine)?;
     let data_volumes = data_volumes(pod, get("stillpoint.dev/data-volumes"))?;
     if fsfreeze && data_volumes.is_empty() {
         return Err(Denied(
@@ -398,6 +316,110 @@ pub fn settings(
         fsfreeze,
         exec_command,
     })
+}
+
+/// Every `stillpoint.dev/` annotation is one the injector reads.
+fn known_only(annotations: &BTreeMap<String, String>) -> Result<(), Denied> {
+    for key in annotations.keys() {
+        if key.starts_with("stillpoint.dev/") && !ANNOTATIONS.iter().any(|(k, _)| k == key) {
+            let known: Vec<&str> = ANNOTATIONS
+                .iter()
+                .map(|(k, _)| *k)
+                .filter(|k| *k != INJECTED_ANNOTATION)
+                .collect();
+            return Err(Denied(format!(
+                "annotation {key} is not one the injector reads; allowed: {}",
+                known.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `stillpoint.dev/engine`: required, one of the engines.
+fn engine(value: Option<String>) -> Result<String, Denied> {
+    match value {
+        None => Err(Denied(
+            "annotation stillpoint.dev/engine is missing; allowed: postgres, mysql, mariadb, redis, mongodb, exec, fsfreeze".into(),
+        )),
+        Some(e) if ENGINES.contains(&e.as_str()) => Ok(e),
+        Some(e) => Err(Denied(format!(
+            "annotation stillpoint.dev/engine: {e:?} is not an engine; allowed: postgres, mysql, mariadb, redis, mongodb, exec, fsfreeze"
+        ))),
+    }
+}
+
+/// `stillpoint.dev/dsn-secret`: a Secret's name, required by a database.
+fn dsn_secret(value: Option<String>, engine: &str) -> Result<Option<String>, Denied> {
+    let database = !matches!(engine, "exec" | "fsfreeze");
+    match (&value, database) {
+        (None, true) => Err(Denied(format!(
+            "annotation stillpoint.dev/dsn-secret is missing; engine {engine} needs the name of a Secret in this namespace whose key `dsn` is the connection string"
+        ))),
+        (Some(s), _) if !is_dns_subdomain(s) => Err(Denied(format!(
+            "annotation stillpoint.dev/dsn-secret: {s:?} is not a Secret name; allowed: a DNS subdomain (lower-case letters, digits, '-' and '.')"
+        ))),
+        _ => Ok(value),
+    }
+}
+
+/// `stillpoint.dev/pg-mode`: PostgreSQL's, `backup` or `fence`.
+fn pg_mode(value: Option<String>, engine: &str) -> Result<Option<String>, Denied> {
+    if let Some(mode) = &value {
+        if !matches!(engine, "postgres" | "postgresql") {
+            return Err(Denied(format!(
+                "annotation stillpoint.dev/pg-mode applies to engine postgres only, not {engine}"
+            )));
+        }
+        if !matches!(mode.as_str(), "backup" | "fence") {
+            return Err(Denied(format!(
+                "annotation stillpoint.dev/pg-mode: {mode:?} is not a mode; allowed: backup, fence"
+            )));
+        }
+    }
+    Ok(value)
+}
+
+/// `stillpoint.dev/fsfreeze` (or engine fsfreeze): a boolean, only where the
+/// namespace's Pod Security level allows SYS_ADMIN.
+fn fsfreeze(
+    value: Option<String>,
+    engine: &str,
+    namespace_labels: &BTreeMap<String, String>,
+) -> Result<bool, Denied> {
+    let fsfreeze = match value.as_deref() {
+        None | Some("false") => engine == "fsfreeze",
+        Some("true") => true,
+        Some(other) => {
+            return Err(Denied(format!(
+                "annotation stillpoint.dev/fsfreeze: {other:?} is not a boolean; allowed: true, false"
+            )));
+        }
+    };
+    let level = namespace_labels
+        .get("pod-security.kubernetes.io/enforce")
+        .map(String::as_str)
+        .unwrap_or("privileged");
+    if fsfreeze && level != "privileged" {
+        return Err(Denied(format!(
+            "annotation stillpoint.dev/fsfreeze (or engine fsfreeze) needs the SYS_ADMIN capability, which this namespace's Pod Security level {level:?} forbids; run the database in a namespace labelled pod-security.kubernetes.io/enforce=privileged, or leave fsfreeze off"
+        )));
+    }
+    Ok(fsfreeze)
+}
+
+/// `stillpoint.dev/exec-command`: engine exec's, and required by it.
+fn exec_command(value: Option<String>, engine: &str) -> Result<Option<String>, Denied> {
+    match (&value, engine) {
+        (None, "exec") => Err(Denied(
+            "annotation stillpoint.dev/exec-command is missing; engine exec needs the hold command"
+                .into(),
+        )),
+        (Some(_), e) if e != "exec" => Err(Denied(format!(
+            "annotation stillpoint.dev/exec-command applies to engine exec only, not {e}"
+        ))),
+        _ => Ok(value),
+    }
 }
 
 /// A PostgreSQL-only annotation that lists names (schemas, databases).
