@@ -7,13 +7,14 @@
 
 use clap::CommandFactory;
 use stillpoint_controller::kube::crd::{
-    BackupSchedule, ConsistencyGroup, GroupBackup, GroupQuiesce, GroupRestore,
+    BackupSchedule, ConsistencyGroup, GroupBackup, GroupBackupContent, GroupQuiesce, GroupRestore,
 };
 use stillpoint_tests::docs;
 
-const KINDS: [&str; 5] = [
+const KINDS: [&str; 6] = [
     "ConsistencyGroup",
     "GroupBackup",
+    "GroupBackupContent",
     "BackupSchedule",
     "GroupQuiesce",
     "GroupRestore",
@@ -69,6 +70,7 @@ fn every_yaml_example_parses_as_its_kind() {
             "BackupSchedule" => typed::<BackupSchedule>(at, value),
             "GroupQuiesce" => typed::<GroupQuiesce>(at, value),
             "GroupRestore" => typed::<GroupRestore>(at, value),
+            "GroupBackupContent" => typed::<GroupBackupContent>(at, value),
             _ => typed::<kube::api::DynamicObject>(at, value),
         }
     }

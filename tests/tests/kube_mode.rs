@@ -13,7 +13,7 @@ use ::kube::ResourceExt;
 use ::kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use k8s_openapi::api::core::v1::Pod;
 use stillpoint_controller::kube::crd::{
-    BackupPhase, ConsistencyGroup, GroupBackup, GroupBackupStatus,
+    BackupPhase, ConsistencyGroup, GroupBackup, GroupBackupContent, GroupBackupStatus,
 };
 use stillpoint_tests::harness::kube::stillpoint::{self, ControllerProc, Installed};
 use stillpoint_tests::harness::kube::{
@@ -516,6 +516,61 @@ async fn streaming(pg1: &Pod, redis1: &Pod) {
     .unwrap();
 }
 
+/// The GroupBackupContent of succeeded backup `b`: bound to it both ways,
+/// every member and snapshot recorded down to the handle its
+/// VolumeSnapshotContent holds.
+async fn check_content(space: &Space, b: &GroupBackup) {
+    let s = status(b);
+    let name = s
+        .content
+        .clone()
+        .expect("a succeeded backup names its content");
+    let contents: Api<GroupBackupContent> = Api::all(space.admin.clone());
+    let c = contents.get(&name).await.unwrap();
+    assert_eq!(c.spec.source.namespace, space.ns);
+    assert_eq!(c.spec.source.name, b.name_any());
+    assert_eq!(Some(c.spec.source.uid.clone()), b.uid());
+    assert_eq!(c.spec.group, b.spec.group);
+    assert_eq!(
+        c.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Ready")
+    );
+    assert!(c.spec.size.is_some(), "{:?}", c.spec);
+    assert_eq!(c.spec.members.len(), s.members.len());
+    let gvk = ::kube::api::GroupVersionKind::gvk(
+        "snapshot.storage.k8s.io",
+        "v1",
+        "VolumeSnapshotContent",
+    );
+    let (resource, _) = ::kube::discovery::pinned_kind(&space.admin, &gvk)
+        .await
+        .unwrap();
+    let vscs: Api<::kube::api::DynamicObject> = Api::all_with(space.admin.clone(), &resource);
+    for (m, recorded) in c.spec.members.iter().zip(&s.members) {
+        assert_eq!(m.pod, recorded.pod);
+        assert_eq!(m.position, recorded.position);
+        assert_eq!(m.volumes.len(), recorded.volume_snapshots.len());
+        for v in &m.volumes {
+            let vsc = vscs
+                .get(v.volume_snapshot_content.as_deref().unwrap())
+                .await
+                .unwrap();
+            assert_eq!(
+                v.snapshot_handle.as_deref(),
+                vsc.data["status"]["snapshotHandle"].as_str(),
+                "{v:?}"
+            );
+            assert_eq!(v.driver.as_deref(), Some(kube::csi::DRIVER));
+            assert!(
+                v.storage_class_name.is_some()
+                    && !v.access_modes.is_empty()
+                    && v.restore_size.is_some(),
+                "{v:?}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn group_backups_with_csi_and_csi_group_restore_to_a_consistent_cut() {
     let space = Space::new("shop").await;
@@ -577,6 +632,7 @@ async fn group_backups_with_csi_and_csi_group_restore_to_a_consistent_cut() {
             if driver == "csi-group" {
                 assert_eq!(s.volume_group_snapshot.as_deref(), Some(name.as_str()));
             }
+            check_content(&space, &b).await;
             eprintln!(
                 "{name}: {:?} window {} members {}",
                 s.phase,
@@ -689,6 +745,12 @@ async fn group_backups_with_csi_and_csi_group_restore_to_a_consistent_cut() {
     .await
     .unwrap();
     assert!(space.backups().get_opt("csi-0").await.unwrap().is_none());
+    let contents: Api<GroupBackupContent> = Api::all(space.admin.clone());
+    let content = status(first).content.unwrap();
+    assert!(
+        contents.get_opt(&content).await.unwrap().is_none(),
+        "the content of a backup deleted with deletionPolicy Delete goes with it"
+    );
     // `backup delete` returns once the snapshots are gone too, the group
     // snapshot's own included.
     let group_backup = &taken[5].0;
@@ -1476,6 +1538,142 @@ async fn a_controller_killed_mid_freeze_is_replaced_and_its_backup_failed_and_cl
         panic!("{e}\n{}\n{}", dump_snapshots(&space, &uid).await, b.logs());
     }
     eprintln!("SIGTERM to exit: {:?}", started.elapsed());
+}
+
+/// The snapshot contents named by content `c`, as the API has them now.
+async fn snapshot_contents_of(
+    space: &Space,
+    c: &GroupBackupContent,
+) -> Vec<::kube::api::DynamicObject> {
+    let gvk = ::kube::api::GroupVersionKind::gvk(
+        "snapshot.storage.k8s.io",
+        "v1",
+        "VolumeSnapshotContent",
+    );
+    let (resource, _) = ::kube::discovery::pinned_kind(&space.admin, &gvk)
+        .await
+        .unwrap();
+    let vscs: Api<::kube::api::DynamicObject> = Api::all_with(space.admin.clone(), &resource);
+    let mut out = Vec::new();
+    for name in c
+        .spec
+        .members
+        .iter()
+        .flat_map(|m| m.volumes.iter())
+        .filter_map(|v| v.volume_snapshot_content.clone())
+    {
+        if let Some(vsc) = vscs.get_opt(&name).await.unwrap() {
+            out.push(vsc);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backups_outlive_their_namespace_and_a_backup_deleted_on_purpose_leaves_nothing() {
+    let space = Space::new("outlive").await;
+    let ns = space.ns.clone();
+    space.identity("redis").await;
+    space.pvc("data-redis-o", None).await;
+    let pod = RedisPod::with_agent("redis-o", "ro");
+    space.apply(&pod.yaml(&ns)).await;
+    space.ready("redis-o").await;
+    space
+        .apply(&group_yaml(
+            &ns,
+            "shop",
+            "csi",
+            "  - {name: cache, selector: {matchLabels: {app: ro}}}\n",
+        ))
+        .await;
+    let _controller = space.controller("outlive", &format!("lease-{ns}")).await;
+    space.protectable("shop", "True").await;
+    let contents: Api<GroupBackupContent> = Api::all(space.admin.clone());
+    let mut taken = Vec::new();
+    for name in ["kept", "dropped"] {
+        let b = space.backup(name, "shop").await;
+        assert_eq!(status(&b).phase, Some(BackupPhase::Succeeded), "{name}");
+        check_content(&space, &b).await;
+        let c = contents.get(&status(&b).content.unwrap()).await.unwrap();
+        let vscs = snapshot_contents_of(&space, &c).await;
+        assert!(!vscs.is_empty());
+        for vsc in &vscs {
+            assert_eq!(
+                vsc.data["spec"]["deletionPolicy"], "Retain",
+                "{name}: a backup's snapshot contents are retained while its content exists"
+            );
+        }
+        taken.push(c);
+    }
+    let (kept, dropped) = (taken[0].clone(), taken[1].clone());
+    // Deleted on purpose: its snapshots, snapshot contents and content go.
+    space
+        .backups()
+        .delete("dropped", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_async(
+        "the dropped backup's content and snapshot contents gone",
+        BOUND,
+        || {
+            let (space, contents, dropped) = (&space, contents.clone(), dropped.clone());
+            async move {
+                Ok(contents.get_opt(&dropped.name_any()).await?.is_none()
+                    && snapshot_contents_of(space, &dropped).await.is_empty())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    // The namespace deleted: everything in it goes, the backups' data stays.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(space.admin.clone());
+    namespaces
+        .delete(&ns, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_async("the namespace gone", BOUND * 2, || {
+        let namespaces = namespaces.clone();
+        let ns = ns.clone();
+        async move { Ok(namespaces.get_opt(&ns).await?.is_none()) }
+    })
+    .await
+    .unwrap();
+    let left = contents.get(&kept.name_any()).await.unwrap();
+    assert_eq!(
+        left.spec, kept.spec,
+        "the content outlives its namespace unchanged"
+    );
+    let vscs = snapshot_contents_of(&space, &kept).await;
+    assert_eq!(
+        vscs.len(),
+        kept.spec
+            .members
+            .iter()
+            .map(|m| m.volumes.len())
+            .sum::<usize>(),
+        "every snapshot content outlives the namespace"
+    );
+    for vsc in &vscs {
+        assert!(vsc.data["status"]["snapshotHandle"].is_string(), "{vsc:?}");
+    }
+    // The content deleted on purpose: its snapshot contents go with it.
+    contents
+        .delete(&kept.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_async(
+        "the kept content and its snapshot contents gone",
+        BOUND,
+        || {
+            let (space, contents, kept) = (&space, contents.clone(), kept.clone());
+            async move {
+                Ok(contents.get_opt(&kept.name_any()).await?.is_none()
+                    && snapshot_contents_of(space, &kept).await.is_empty())
+            }
+        },
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

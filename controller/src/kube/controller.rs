@@ -42,7 +42,7 @@ use crate::core::snapshot::SnapshotError;
 use crate::core::snapshot::Snapshotter;
 use crate::kube::crd::{
     BackupPhase, BackupSchedule, ConsistencyGroup, ConsistencyGroupStatus, DeletionPolicy,
-    FINALIZER, GroupBackup, GroupQuiesce, GroupRestore, SnapshotDriver,
+    FINALIZER, GroupBackup, GroupBackupContent, GroupQuiesce, GroupRestore, SnapshotDriver,
 };
 use crate::kube::csi::{Csi, CsiGroup, Owner};
 use crate::kube::reason::Reason;
@@ -115,6 +115,11 @@ pub enum ReconcileError {
     /// The GroupBackup watch that readers wait on is not running.
     #[error("the GroupBackup watch is not running")]
     WatchStopped,
+    /// A GroupBackupContent deleted while its GroupBackup still exists.
+    #[error(
+        "GroupBackupContent {content} is still the record of GroupBackup {backup}: delete that instead"
+    )]
+    ContentInUse { content: String, backup: String },
     /// A backup's snapshots could not be deleted.
     #[error("deleting the snapshots of {backup}: {source}")]
     Snapshots {
@@ -505,8 +510,15 @@ async fn backup_step(
 async fn cleanup_backup(backup: &GroupBackup, ctx: &Context) -> Result<Action, ReconcileError> {
     let why = format!("GroupBackup {} was deleted", backup.name_any());
     ctx.stop_live(&backup.uid().unwrap_or_default(), why).await;
-    if backup.spec.deletion_policy == DeletionPolicy::Delete {
+    let ns = backup.namespace().unwrap_or_default();
+    // A namespace's deletion is not a deletion of its backups: their
+    // contents (and retained snapshot contents) stay.
+    if backup.spec.deletion_policy == DeletionPolicy::Delete
+        && !crate::kube::content::namespace_terminating(&ctx.client, &ns).await?
+    {
+        crate::kube::content::release(&ctx.client, backup).await?;
         delete_snapshots(ctx, backup).await?;
+        crate::kube::content::delete(&ctx.client, backup).await?;
     }
     Ok(Action::await_change())
 }
@@ -1050,6 +1062,18 @@ fn start_reconcilers(
         .graceful_shutdown_on(stopped(stop.clone()))
         .run(crate::kube::schedule::reconcile, retry, ctx.clone())
         .for_each(|_| async {});
+    let contents: Api<GroupBackupContent> = Api::all(ctx.client.clone());
+    let own = match &ctx.settings.namespace {
+        Some(ns) => watcher::Config::default().labels(&format!(
+            "{}={ns}",
+            crate::kube::content::SOURCE_NAMESPACE_LABEL
+        )),
+        None => watcher::Config::default(),
+    };
+    let content_controller = Controller::new(contents, own)
+        .graceful_shutdown_on(stopped(stop.clone()))
+        .run(crate::kube::content::reconcile, retry, ctx.clone())
+        .for_each(|_| async {});
     let restores: Api<GroupRestore> = ctx.settings.api(&ctx.client);
     let restore_controller = Controller::new(restores, watcher::Config::default())
         .graceful_shutdown_on(stopped(stop))
@@ -1062,7 +1086,8 @@ fn start_reconcilers(
             backup_controller,
             quiesce_controller,
             schedule_controller,
-            restore_controller
+            restore_controller,
+            content_controller
         );
     }))
 }

@@ -357,6 +357,9 @@ pub struct GroupBackupStatus {
     /// The Secret (owned by this backup) with the members' artefacts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artefacts_secret: Option<String>,
+    /// Its GroupBackupContent (cluster-scoped), once it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
     /// Each member's phases, µs from the backup's start.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub timeline: BTreeMap<String, BTreeMap<String, u64>>,
@@ -425,6 +428,10 @@ pub struct VolumeSnapshotRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub part: Option<String>,
 }
+
+/// On a GroupBackupContent: its snapshot contents are released (deleted,
+/// with `deletionPolicy: Delete`) before it goes.
+pub const CONTENT_FINALIZER: &str = "stillpoint.dev/snapshot-contents";
 
 /// The label on the GroupBackups a BackupSchedule made (its name).
 pub const SCHEDULE_LABEL: &str = "stillpoint.dev/schedule";
@@ -777,6 +784,159 @@ pub struct RestoredMember {
     pub message: Option<String>,
 }
 
+/// A GroupBackup's record kept outside its namespace: everything a
+/// restore needs to bring the backup back, bound to its GroupBackup both
+/// ways (`spec.source` here, `status.content` there), as a
+/// VolumeSnapshotContent is to its VolumeSnapshot. Cluster-scoped, named
+/// `gbc-<GroupBackup uid>`; written when the backup succeeds (the backup
+/// fails if it cannot be).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "stillpoint.dev",
+    version = "v1alpha1",
+    kind = "GroupBackupContent",
+    status = "GroupBackupContentStatus",
+    shortname = "gbcontent",
+    category = "stillpoint",
+    printcolumn = r#"{"name":"Source Namespace","type":"string","jsonPath":".spec.source.namespace"}"#,
+    printcolumn = r#"{"name":"Group","type":"string","jsonPath":".spec.group"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Size","type":"string","jsonPath":".spec.size"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupBackupContentSpec {
+    /// The GroupBackup it records.
+    pub source: BackupSource,
+    /// The ConsistencyGroup that was backed up.
+    pub group: String,
+    /// The GroupBackup's deletion policy when the content was written.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+    /// `csi` or `csi-group`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshotter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<MicroTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<MicroTime>,
+    /// First freeze request to last thaw acknowledgement, in microseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_window_microseconds: Option<u64>,
+    /// The volumes' restore sizes together, e.g. `3Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+    /// The Secret with the members' artefacts (namespace and name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artefacts_secret: Option<ObjectRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub members: Vec<ContentMember>,
+    /// `csi-group`: the VolumeGroupSnapshotContent of each cut.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub volume_group_snapshot_contents: Vec<String>,
+}
+
+/// The GroupBackup a content records.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSource {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// A namespaced object's namespace and name.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// One member as its content records it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContentMember {
+    pub pod: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// Its position when frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<String>,
+    /// A replica's: the primary's position it was aligned to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aligned_to: Option<String>,
+    /// `frozen`, `crash-consistent`, `backup-label` or `frozen-copy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<String>,
+    #[serde(default)]
+    pub restore_stage: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_directory: Option<String>,
+    /// The names of its artefacts in the artefacts Secret (`<pod>.<name>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub artefacts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub volumes: Vec<ContentVolume>,
+}
+
+/// One snapshot of a member's volume, down to the storage's own handle.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContentVolume {
+    /// The PVC it is a snapshot of.
+    pub pvc: String,
+    pub volume_snapshot: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot_content: Option<String>,
+    /// The CSI driver's handle of the snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_handle: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_size: Option<String>,
+    /// The PVC's storage class, access modes and volume mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub access_modes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_mode: Option<String>,
+    /// Where the member's server had it mounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_path: Option<String>,
+    /// Set on a snapshot that holds only this path up to date (PostgreSQL's
+    /// `pg_wal` on a class that copies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<String>,
+}
+
+/// A content's state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupBackupContentStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`: every snapshot it names was recorded ready to use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
 /// Every CRD, as one multi-document YAML (what `deploy/crds/` holds).
 pub fn crds_yaml() -> String {
     use kube::CustomResourceExt;
@@ -786,6 +946,7 @@ pub fn crds_yaml() -> String {
         GroupQuiesce::crd(),
         BackupSchedule::crd(),
         GroupRestore::crd(),
+        GroupBackupContent::crd(),
     ]
     .iter()
     .map(|crd| serde_yaml::to_string(crd).expect("CRDs serialize"))

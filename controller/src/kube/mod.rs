@@ -3,6 +3,7 @@
 //! - [`crd`]: ConsistencyGroup and GroupBackup (`stillpoint.dev/v1alpha1`).
 //! - [`resolve`]: a group's pods, agents, identities, PVCs and snapshot
 //!   class, or why it cannot be protected.
+//! - [`content`]: GroupBackupContent, a backup's record outside its namespace.
 //! - [`csi`]: the `csi` and `csi-group` snapshotters.
 //! - [`store`]: the GroupBackup status as the backup's store.
 //! - [`controller`]: the reconcilers and leader election
@@ -16,6 +17,7 @@
 //! - [`webhook`]: the HTTPS endpoint serving the webhook and the agents'
 //!   certificate requests (TokenReview-authenticated).
 
+pub mod content;
 pub mod controller;
 pub mod crd;
 pub mod csi;

@@ -200,6 +200,25 @@ impl StatusWriter {
         }
     }
 
+    /// The backup's GroupBackupContent, written from its status and named
+    /// in it: a succeeded backup without its record outside the namespace
+    /// is not recorded.
+    async fn record_content(&self) -> Result<(), StoreError> {
+        let client = self.api.clone().into_client();
+        let status = self.current().await;
+        let name = match crate::kube::content::record(&client, &self.backup, &status).await {
+            Ok(name) => name,
+            Err(e) => {
+                // Half written, it would record snapshots about to go.
+                let _ = crate::kube::content::discard(&client, &self.backup).await;
+                return Err(StoreError(format!("writing the GroupBackupContent: {e}")));
+            }
+        };
+        self.update(|s| s.content = Some(name.clone()))
+            .await
+            .map_err(|e| StoreError(format!("writing GroupBackup {} status: {e}", self.name())))
+    }
+
     fn artefact_labels(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
             (GROUP_LABEL.to_string(), self.backup.spec.group.clone()),
@@ -336,7 +355,11 @@ impl BackupStore for StatusWriter {
             }
         })
         .await
-        .map_err(|e| StoreError(format!("writing GroupBackup {} status: {e}", self.name())))
+        .map_err(|e| StoreError(format!("writing GroupBackup {} status: {e}", self.name())))?;
+        if manifest.outcome == Outcome::Succeeded {
+            self.record_content().await?;
+        }
+        Ok(())
     }
 }
 

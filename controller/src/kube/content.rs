@@ -1,0 +1,467 @@
+//! GroupBackupContent: a GroupBackup's record outside its namespace.
+//!
+//! When a backup succeeds, the controller writes its content (cluster-
+//! scoped, `gbc-<GroupBackup uid>`) from the GroupBackup's status and what
+//! the storage says of each snapshot: its VolumeSnapshotContent, the CSI
+//! driver's snapshot handle, the restore size, and the source PVC's class,
+//! access modes and volume mode. The content and the GroupBackup name each
+//! other (`spec.source` with the backup's uid; `status.content`). A backup
+//! whose content cannot be written fails, and its snapshots are deleted.
+//!
+//! Every VolumeSnapshotContent (and `csi-group`'s VolumeGroupSnapshotContent)
+//! the backup made is patched to `deletionPolicy: Retain` as the content is
+//! written, so the data outlives the VolumeSnapshots, the GroupBackup and
+//! the namespace. What deletes it is a deletion on purpose:
+//!
+//! - the GroupBackup deleted with `deletionPolicy: Delete` (not as part of
+//!   its namespace's deletion): its snapshot contents are set back to
+//!   `Delete`, its VolumeSnapshots deleted, then its content;
+//! - the content deleted: its finalizer deletes its snapshot contents when
+//!   its `deletionPolicy` is `Delete` (and waits while its GroupBackup
+//!   still exists: delete that instead).
+//!
+//! A namespace's deletion deletes neither: its backups' contents stay, and
+//! with them their snapshots.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use serde_json::json;
+
+use crate::kube::controller::{Context, ReconcileError};
+use crate::kube::crd::{
+    BACKUP_LABEL, BackupMember, BackupSource, CONTENT_FINALIZER, ContentMember, ContentVolume,
+    DeletionPolicy, GroupBackup, GroupBackupContent, GroupBackupContentSpec,
+    GroupBackupContentStatus, GroupBackupStatus, ObjectRef, VolumeSnapshotRef,
+};
+use crate::kube::store::{FIELD_MANAGER, apply_status};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+
+/// On a content: the namespace of its GroupBackup (a controller confined
+/// to one namespace watches only its own contents).
+pub const SOURCE_NAMESPACE_LABEL: &str = "stillpoint.dev/source-namespace";
+
+/// The name of the content of the GroupBackup with `uid`.
+pub fn content_name(uid: &str) -> String {
+    format!("gbc-{uid}")
+}
+
+fn volume_snapshot_contents() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent"),
+        "volumesnapshotcontents",
+    )
+}
+
+/// Writes the content of `backup`, which succeeded with `status`; returns
+/// its name.
+pub async fn record(
+    client: &kube::Client,
+    backup: &GroupBackup,
+    status: &GroupBackupStatus,
+) -> Result<String, kube::Error> {
+    let ns = backup.metadata.namespace.clone().unwrap_or_default();
+    let uid = uid_of(backup);
+    let name = content_name(&uid);
+    let snapshots = Snapshots::new(client, &ns);
+    let mut members = Vec::new();
+    let mut bytes = 0u64;
+    for m in &status.members {
+        let mut volumes = Vec::new();
+        for v in &m.volume_snapshots {
+            let (volume, size) = snapshots.volume(v).await?;
+            bytes += size;
+            volumes.push(volume);
+        }
+        members.push(member(m, volumes));
+    }
+    let spec = GroupBackupContentSpec {
+        source: BackupSource {
+            namespace: ns.clone(),
+            name: backup.metadata.name.clone().unwrap_or_default(),
+            uid,
+        },
+        group: backup.spec.group.clone(),
+        deletion_policy: backup.spec.deletion_policy,
+        snapshotter: status.snapshotter.clone(),
+        start_time: status.start_time.clone(),
+        completion_time: status
+            .completion_time
+            .clone()
+            .or_else(|| Some(crate::kube::controller::now())),
+        freeze_window_microseconds: status.freeze_window_microseconds,
+        size: (bytes > 0).then(|| human_bytes(bytes)),
+        artefacts_secret: status.artefacts_secret.clone().map(|name| ObjectRef {
+            namespace: ns.clone(),
+            name,
+        }),
+        members,
+        volume_group_snapshot_contents: group_contents(client, &ns, &uid_of(backup)).await?,
+    };
+    let api: Api<GroupBackupContent> = Api::all(client.clone());
+    let content = json!({
+        "apiVersion": "stillpoint.dev/v1alpha1",
+        "kind": "GroupBackupContent",
+        "metadata": {
+            "name": name,
+            "finalizers": [CONTENT_FINALIZER],
+            "labels": {SOURCE_NAMESPACE_LABEL: ns},
+        },
+        "spec": spec,
+    });
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let made = api.patch(&name, &params, &Patch::Apply(&content)).await?;
+    set_policy(client, &made.spec, DeletionPolicy::Retain).await?;
+    let status = GroupBackupContentStatus {
+        observed_generation: made.metadata.generation,
+        phase: Some("Ready".into()),
+        conditions: Vec::new(),
+    };
+    apply_status(&api, &name, "GroupBackupContent", &status).await?;
+    Ok(name)
+}
+
+fn uid_of(backup: &GroupBackup) -> String {
+    backup.metadata.uid.clone().unwrap_or_default()
+}
+
+fn volume_group_snapshot_contents(version: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(
+            "groupsnapshot.storage.k8s.io",
+            version,
+            "VolumeGroupSnapshotContent",
+        ),
+        "volumegroupsnapshotcontents",
+    )
+}
+
+/// The VolumeGroupSnapshotContents of the backup with `uid` (`csi-group`;
+/// none where group snapshots are not served).
+async fn group_contents(
+    client: &kube::Client,
+    ns: &str,
+    uid: &str,
+) -> Result<Vec<String>, kube::Error> {
+    let Ok(resource) = crate::kube::csi::volume_group_snapshot_resource(client).await else {
+        return Ok(Vec::new());
+    };
+    let groups: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
+    let labelled = ListParams::default().labels(&format!("{BACKUP_LABEL}={uid}"));
+    Ok(groups
+        .list(&labelled)
+        .await?
+        .items
+        .iter()
+        .filter_map(|g| {
+            g.data["status"]["boundVolumeGroupSnapshotContentName"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect())
+}
+
+/// Every snapshot content a content names: (resource, name).
+async fn snapshot_contents(
+    client: &kube::Client,
+    spec: &GroupBackupContentSpec,
+) -> Vec<(ApiResource, String)> {
+    let mut out: Vec<(ApiResource, String)> = spec
+        .members
+        .iter()
+        .flat_map(|m| m.volumes.iter())
+        .filter_map(|v| v.volume_snapshot_content.clone())
+        .map(|name| (volume_snapshot_contents(), name))
+        .collect();
+    if !spec.volume_group_snapshot_contents.is_empty()
+        && let Ok(groups) = crate::kube::csi::volume_group_snapshot_resource(client).await
+    {
+        let resource = volume_group_snapshot_contents(&groups.version);
+        out.extend(
+            spec.volume_group_snapshot_contents
+                .iter()
+                .map(|name| (resource.clone(), name.clone())),
+        );
+    }
+    out
+}
+
+/// Sets the `deletionPolicy` of every snapshot content `spec` names (those
+/// gone are fine).
+async fn set_policy(
+    client: &kube::Client,
+    spec: &GroupBackupContentSpec,
+    policy: DeletionPolicy,
+) -> Result<(), kube::Error> {
+    let patch = json!({"spec": {"deletionPolicy": policy}});
+    for (resource, name) in snapshot_contents(client, spec).await {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The content of `backup`, if it has one.
+pub async fn of(
+    client: &kube::Client,
+    backup: &GroupBackup,
+) -> Result<Option<GroupBackupContent>, kube::Error> {
+    let api: Api<GroupBackupContent> = Api::all(client.clone());
+    api.get_opt(&content_name(&uid_of(backup))).await
+}
+
+/// A backup deleted on purpose: its snapshot contents go with its
+/// VolumeSnapshots from now on (set back to `Delete`).
+pub async fn release(client: &kube::Client, backup: &GroupBackup) -> Result<(), kube::Error> {
+    match of(client, backup).await? {
+        Some(content) => set_policy(client, &content.spec, DeletionPolicy::Delete).await,
+        None => Ok(()),
+    }
+}
+
+/// Deletes the content of `backup` (none is fine); its finalizer deletes
+/// what is left of its snapshot contents.
+pub async fn delete(client: &kube::Client, backup: &GroupBackup) -> Result<(), kube::Error> {
+    let api: Api<GroupBackupContent> = Api::all(client.clone());
+    match api
+        .delete(&content_name(&uid_of(backup)), &DeleteParams::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Undoes a content whose writing failed (its backup fails, and its
+/// snapshots are deleted): its snapshot contents back to `Delete`, and the
+/// content gone without waiting for its finalizer.
+pub async fn discard(client: &kube::Client, backup: &GroupBackup) -> Result<(), kube::Error> {
+    let Some(content) = of(client, backup).await? else {
+        return Ok(());
+    };
+    set_policy(client, &content.spec, DeletionPolicy::Delete).await?;
+    let api: Api<GroupBackupContent> = Api::all(client.clone());
+    let name = content_name(&uid_of(backup));
+    let unfinalized = json!({"metadata": {"finalizers": null}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&unfinalized))
+        .await?;
+    delete(client, backup).await
+}
+
+/// Whether namespace `ns` is being deleted (or gone).
+pub async fn namespace_terminating(client: &kube::Client, ns: &str) -> Result<bool, kube::Error> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    Ok(api
+        .get_opt(ns)
+        .await?
+        .is_none_or(|n| n.metadata.deletion_timestamp.is_some()))
+}
+
+/// A GroupBackupContent's reconcile, on kube-rs's finalizer: nothing to do
+/// while it exists; deleted, it releases its snapshot contents.
+pub async fn reconcile(
+    content: Arc<GroupBackupContent>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let api: Api<GroupBackupContent> = Api::all(ctx.client.clone());
+    finalizer(&api, CONTENT_FINALIZER, content, |event| async {
+        match event {
+            Finalizer::Apply(_) => Ok(Action::await_change()),
+            Finalizer::Cleanup(c) => cleanup(&c, &ctx).await,
+        }
+    })
+    .await
+    .map_err(ReconcileError::from)
+}
+
+/// Deleted: waits while its GroupBackup exists; then, with
+/// `deletionPolicy: Delete`, deletes its snapshot contents (the storage's
+/// snapshots with them).
+async fn cleanup(content: &GroupBackupContent, ctx: &Context) -> Result<Action, ReconcileError> {
+    let source = &content.spec.source;
+    let backups: Api<GroupBackup> = Api::namespaced(ctx.client.clone(), &source.namespace);
+    if let Some(b) = backups.get_opt(&source.name).await?
+        && b.metadata.uid.as_deref() == Some(source.uid.as_str())
+        && b.metadata.deletion_timestamp.is_none()
+    {
+        return Err(ReconcileError::ContentInUse {
+            content: content.metadata.name.clone().unwrap_or_default(),
+            backup: format!("{}/{}", source.namespace, source.name),
+        });
+    }
+    if content.spec.deletion_policy == DeletionPolicy::Delete {
+        set_policy(&ctx.client, &content.spec, DeletionPolicy::Delete).await?;
+        for (resource, name) in snapshot_contents(&ctx.client, &content.spec).await {
+            let api: Api<DynamicObject> = Api::all_with(ctx.client.clone(), &resource);
+            match api.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(Action::await_change())
+}
+
+/// A member of the backup's status as its content records it.
+fn member(m: &BackupMember, volumes: Vec<ContentVolume>) -> ContentMember {
+    ContentMember {
+        pod: m.pod.clone(),
+        member: m.member.clone(),
+        engine: m.engine.clone(),
+        role: m.role.clone(),
+        primary: m.primary.clone(),
+        position: m.position.clone(),
+        aligned_to: m.aligned_to.clone(),
+        consistency: m.consistency.clone(),
+        restore_stage: m.restore_stage,
+        workload: m.workload.clone(),
+        data_directory: m.data_directory.clone(),
+        artefacts: m.artefacts.clone(),
+        volumes,
+    }
+}
+
+/// What the storage says of a backup's snapshots.
+struct Snapshots {
+    snapshots: Api<DynamicObject>,
+    contents: Api<DynamicObject>,
+    pvcs: Api<PersistentVolumeClaim>,
+}
+
+impl Snapshots {
+    fn new(client: &kube::Client, ns: &str) -> Self {
+        Snapshots {
+            snapshots: Api::namespaced_with(
+                client.clone(),
+                ns,
+                &crate::kube::csi::volume_snapshot_resource(),
+            ),
+            contents: Api::all_with(client.clone(), &volume_snapshot_contents()),
+            pvcs: Api::namespaced(client.clone(), ns),
+        }
+    }
+
+    /// Snapshot `v` down to its handle, and its size in bytes.
+    async fn volume(&self, v: &VolumeSnapshotRef) -> Result<(ContentVolume, u64), kube::Error> {
+        let snapshot = self.snapshots.get(&v.name).await?;
+        let bound = snapshot.data["status"]["boundVolumeSnapshotContentName"]
+            .as_str()
+            .map(String::from);
+        let content = match &bound {
+            Some(c) => Some(self.contents.get(c).await?),
+            None => None,
+        };
+        let field = |path: &[&str]| {
+            let mut at = &content.as_ref()?.data;
+            for p in path {
+                at = &at[*p];
+            }
+            Some(at.clone())
+        };
+        let pvc = self.pvcs.get_opt(&v.pvc).await?.and_then(|p| p.spec);
+        // The driver's restore size, else what the PVC asked for (what a
+        // restore asks for again).
+        let requested = pvc
+            .as_ref()
+            .and_then(|s| s.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("storage"))
+            .map(|q| q.0.clone());
+        let restore_size = snapshot.data["status"]["restoreSize"]
+            .as_str()
+            .map(String::from)
+            .or(requested);
+        let bytes = field(&["status", "restoreSize"])
+            .and_then(|s| s.as_u64())
+            .or_else(|| restore_size.as_deref().and_then(quantity_bytes))
+            .unwrap_or(0);
+        let volume = ContentVolume {
+            pvc: v.pvc.clone(),
+            volume_snapshot: v.name.clone(),
+            volume_snapshot_content: bound,
+            snapshot_handle: field(&["status", "snapshotHandle"])
+                .and_then(|s| s.as_str().map(String::from)),
+            driver: field(&["spec", "driver"]).and_then(|s| s.as_str().map(String::from)),
+            restore_size,
+            storage_class_name: pvc.as_ref().and_then(|s| s.storage_class_name.clone()),
+            access_modes: pvc
+                .as_ref()
+                .and_then(|s| s.access_modes.clone())
+                .unwrap_or_default(),
+            volume_mode: pvc.as_ref().and_then(|s| s.volume_mode.clone()),
+            mount_path: v.mount_path.clone(),
+            part: v.part.clone(),
+        };
+        Ok((volume, bytes))
+    }
+}
+
+/// The bytes of a Kubernetes quantity such as `1Gi`, `500M` or `1073741824`
+/// (none for what it cannot read, such as a fraction of a byte).
+fn quantity_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(q.len());
+    let (number, suffix) = q.split_at(split);
+    let unit: u64 = match suffix {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => return None,
+    };
+    number.parse::<u64>().ok()?.checked_mul(unit)
+}
+
+/// Bytes in binary units, e.g. `1.5Gi`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["", "Ki", "Mi", "Gi", "Ti"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    match value.fract() == 0.0 {
+        true => format!("{value:.0}{}", UNITS[unit]),
+        false => format!("{value:.1}{}", UNITS[unit]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_in_binary_units() {
+        assert_eq!(human_bytes(512), "512");
+        assert_eq!(human_bytes(1024 * 1024), "1Mi");
+        assert_eq!(human_bytes(3 * 1024 * 1024 * 1024 / 2), "1.5Gi");
+    }
+
+    #[test]
+    fn quantities_read_as_bytes() {
+        assert_eq!(quantity_bytes("1Gi"), Some(1 << 30));
+        assert_eq!(quantity_bytes("500M"), Some(500_000_000));
+        assert_eq!(quantity_bytes("1073741824"), Some(1 << 30));
+        assert_eq!(quantity_bytes("1.5Gi"), None);
+        assert_eq!(quantity_bytes("3Xi"), None);
+    }
+}
