@@ -535,6 +535,17 @@ async fn check_content(space: &Space, b: &GroupBackup) {
         c.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Ready")
     );
+    wait_async(&format!("content {name} Bound"), BOUND, || {
+        let (contents, name) = (contents.clone(), name.clone());
+        async move {
+            let c = contents.get(&name).await?;
+            Ok(c.status.iter().flat_map(|s| s.conditions.iter()).any(|c| {
+                c.type_ == "Bound" && c.status == "True" && c.observed_generation.is_some()
+            }))
+        }
+    })
+    .await
+    .unwrap();
     assert!(c.spec.size.is_some(), "{:?}", c.spec);
     assert_eq!(c.spec.members.len(), s.members.len());
     let gvk = ::kube::api::GroupVersionKind::gvk(
@@ -1656,6 +1667,21 @@ async fn backups_outlive_their_namespace_and_a_backup_deleted_on_purpose_leaves_
     for vsc in &vscs {
         assert!(vsc.data["status"]["snapshotHandle"].is_string(), "{vsc:?}");
     }
+    wait_async(
+        "the kept content says its GroupBackup is gone",
+        BOUND,
+        || {
+            let (contents, kept) = (contents.clone(), kept.clone());
+            async move {
+                let c = contents.get(&kept.name_any()).await?;
+                Ok(c.status.iter().flat_map(|s| s.conditions.iter()).any(|c| {
+                    c.type_ == "Bound" && c.status == "False" && c.reason == "SourceDeleted"
+                }))
+            }
+        },
+    )
+    .await
+    .unwrap();
     // The content deleted on purpose: its snapshot contents go with it.
     contents
         .delete(&kept.name_any(), &DeleteParams::default())

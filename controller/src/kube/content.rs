@@ -26,6 +26,7 @@
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Namespace;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::controller::Action;
@@ -38,7 +39,8 @@ use crate::kube::crd::{
     DeletionPolicy, GroupBackup, GroupBackupContent, GroupBackupContentSpec,
     GroupBackupContentStatus, GroupBackupStatus, ObjectRef, VolumeSnapshotRef,
 };
-use crate::kube::store::{FIELD_MANAGER, apply_status};
+use crate::kube::reason::Reason;
+use crate::kube::store::{FIELD_MANAGER, apply_status, set_condition};
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 
 /// On a content: the namespace of its GroupBackup (a controller confined
@@ -65,43 +67,8 @@ pub async fn record(
     status: &GroupBackupStatus,
 ) -> Result<String, kube::Error> {
     let ns = backup.metadata.namespace.clone().unwrap_or_default();
-    let uid = uid_of(backup);
-    let name = content_name(&uid);
-    let snapshots = Snapshots::new(client, &ns);
-    let mut members = Vec::new();
-    let mut bytes = 0u64;
-    for m in &status.members {
-        let mut volumes = Vec::new();
-        for v in &m.volume_snapshots {
-            let (volume, size) = snapshots.volume(v).await?;
-            bytes += size;
-            volumes.push(volume);
-        }
-        members.push(member(m, volumes));
-    }
-    let spec = GroupBackupContentSpec {
-        source: BackupSource {
-            namespace: ns.clone(),
-            name: backup.metadata.name.clone().unwrap_or_default(),
-            uid,
-        },
-        group: backup.spec.group.clone(),
-        deletion_policy: backup.spec.deletion_policy,
-        snapshotter: status.snapshotter.clone(),
-        start_time: status.start_time.clone(),
-        completion_time: status
-            .completion_time
-            .clone()
-            .or_else(|| Some(crate::kube::controller::now())),
-        freeze_window_microseconds: status.freeze_window_microseconds,
-        size: (bytes > 0).then(|| human_bytes(bytes)),
-        artefacts_secret: status.artefacts_secret.clone().map(|name| ObjectRef {
-            namespace: ns.clone(),
-            name,
-        }),
-        members,
-        volume_group_snapshot_contents: group_contents(client, &ns, &uid_of(backup)).await?,
-    };
+    let name = content_name(&uid_of(backup));
+    let spec = spec_of(client, backup, status).await?;
     let api: Api<GroupBackupContent> = Api::all(client.clone());
     let content = json!({
         "apiVersion": "stillpoint.dev/v1alpha1",
@@ -123,6 +90,51 @@ pub async fn record(
     };
     apply_status(&api, &name, "GroupBackupContent", &status).await?;
     Ok(name)
+}
+
+/// The content of `backup`, which succeeded with `status`.
+async fn spec_of(
+    client: &kube::Client,
+    backup: &GroupBackup,
+    status: &GroupBackupStatus,
+) -> Result<GroupBackupContentSpec, kube::Error> {
+    let ns = backup.metadata.namespace.clone().unwrap_or_default();
+    let uid = uid_of(backup);
+    let snapshots = Snapshots::new(client, &ns);
+    let mut members = Vec::new();
+    let mut bytes = 0u64;
+    for m in &status.members {
+        let mut volumes = Vec::new();
+        for v in &m.volume_snapshots {
+            let (volume, size) = snapshots.volume(v).await?;
+            bytes += size;
+            volumes.push(volume);
+        }
+        members.push(member(m, volumes));
+    }
+    Ok(GroupBackupContentSpec {
+        source: BackupSource {
+            namespace: ns.clone(),
+            name: backup.metadata.name.clone().unwrap_or_default(),
+            uid: uid.clone(),
+        },
+        group: backup.spec.group.clone(),
+        deletion_policy: backup.spec.deletion_policy,
+        snapshotter: status.snapshotter.clone(),
+        start_time: status.start_time.clone(),
+        completion_time: status
+            .completion_time
+            .clone()
+            .or_else(|| Some(crate::kube::controller::now())),
+        freeze_window_microseconds: status.freeze_window_microseconds,
+        size: (bytes > 0).then(|| human_bytes(bytes)),
+        artefacts_secret: status.artefacts_secret.clone().map(|name| ObjectRef {
+            namespace: ns.clone(),
+            name,
+        }),
+        members,
+        volume_group_snapshot_contents: group_contents(client, &ns, &uid).await?,
+    })
 }
 
 fn uid_of(backup: &GroupBackup) -> String {
@@ -269,8 +281,9 @@ pub async fn namespace_terminating(client: &kube::Client, ns: &str) -> Result<bo
         .is_none_or(|n| n.metadata.deletion_timestamp.is_some()))
 }
 
-/// A GroupBackupContent's reconcile, on kube-rs's finalizer: nothing to do
-/// while it exists; deleted, it releases its snapshot contents.
+/// A GroupBackupContent's reconcile, on kube-rs's finalizer: while it
+/// exists, its `Bound` condition says whether its GroupBackup does;
+/// deleted, it releases its snapshot contents.
 pub async fn reconcile(
     content: Arc<GroupBackupContent>,
     ctx: Arc<Context>,
@@ -278,12 +291,55 @@ pub async fn reconcile(
     let api: Api<GroupBackupContent> = Api::all(ctx.client.clone());
     finalizer(&api, CONTENT_FINALIZER, content, |event| async {
         match event {
-            Finalizer::Apply(_) => Ok(Action::await_change()),
+            Finalizer::Apply(c) => bind(&c, &ctx).await,
             Finalizer::Cleanup(c) => cleanup(&c, &ctx).await,
         }
     })
     .await
     .map_err(ReconcileError::from)
+}
+
+/// The `Bound` condition: whether the GroupBackup it records (that object:
+/// its uid) still exists. An Event when that changes.
+async fn bind(content: &GroupBackupContent, ctx: &Context) -> Result<Action, ReconcileError> {
+    let source = &content.spec.source;
+    let backups: Api<GroupBackup> = Api::namespaced(ctx.client.clone(), &source.namespace);
+    let bound = backups
+        .get_opt(&source.name)
+        .await?
+        .is_some_and(|b| b.metadata.uid.as_deref() == Some(source.uid.as_str()));
+    let at = format!("{}/{}", source.namespace, source.name);
+    let (reason, message) = match bound {
+        true => (Reason::Bound, format!("the record of GroupBackup {at}")),
+        false => (
+            Reason::SourceDeleted,
+            format!(
+                "GroupBackup {at} is gone; this content keeps its data (deleting the content \
+                 deletes the data when its deletionPolicy is Delete)"
+            ),
+        ),
+    };
+    let mut status = content.status.clone().unwrap_or_default();
+    let before = status.clone();
+    let generation = content.metadata.generation;
+    set_condition(
+        &mut status.conditions,
+        "Bound",
+        bound,
+        reason,
+        &message,
+        generation,
+    );
+    status.observed_generation = generation;
+    // Written whole by one field manager: what this write leaves out, it
+    // removes. A content exists only once written in full.
+    status.phase = Some("Ready".into());
+    if status != before {
+        let api: Api<GroupBackupContent> = Api::all(ctx.client.clone());
+        apply_status(&api, &content.name_any(), "GroupBackupContent", &status).await?;
+        ctx.event(content, !bound, reason, message).await;
+    }
+    Ok(Action::await_change())
 }
 
 /// Deleted: waits while its GroupBackup exists; then, with

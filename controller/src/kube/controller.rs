@@ -1071,6 +1071,14 @@ fn start_reconcilers(
         None => watcher::Config::default(),
     };
     let content_controller = Controller::new(contents, own)
+        .watches(
+            ctx.settings.api::<GroupBackup>(&ctx.client),
+            watcher::Config::default(),
+            |b| {
+                b.uid()
+                    .map(|uid| ObjectRef::new(&crate::kube::content::content_name(&uid)))
+            },
+        )
         .graceful_shutdown_on(stopped(stop.clone()))
         .run(crate::kube::content::reconcile, retry, ctx.clone())
         .for_each(|_| async {});

@@ -81,6 +81,11 @@ reasons! {
     Skipped,
     Missed,
     Pruned,
+    // Contents.
+    /// A content's GroupBackup exists.
+    Bound,
+    /// A content's GroupBackup is gone; the content keeps its data.
+    SourceDeleted,
     // Restores.
     Restoring,
     BackupNotFound,
