@@ -6,12 +6,12 @@
 //! PVCs and pods, failures that leave nothing frozen, and a controller
 //! killed mid-freeze.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use ::kube::ResourceExt;
 use ::kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use stillpoint_controller::kube::crd::{
     BackupPhase, ConsistencyGroup, GroupBackup, GroupBackupContent, GroupBackupStatus,
 };
@@ -1597,6 +1597,18 @@ async fn backups_outlive_their_namespace_and_a_backup_deleted_on_purpose_leaves_
             "  - {name: cache, selector: {matchLabels: {app: ro}}}\n",
         ))
         .await;
+    // What the backup keeps of the application: the pod's ServiceAccount
+    // and Secret, the Service that selects it; not what nothing names.
+    space
+        .apply(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: ro, namespace: {ns}}}\n\
+             spec: {{selector: {{app: ro}}, ports: [{{port: 6379}}]}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: other, namespace: {ns}}}\n\
+             spec: {{selector: {{app: other}}, ports: [{{port: 80}}]}}\n---\n\
+             apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: unrelated, namespace: {ns}}}\n\
+             data: {{a: b}}\n"
+        ))
+        .await;
     let _controller = space.controller("outlive", &format!("lease-{ns}")).await;
     space.protectable("shop", "True").await;
     let contents: Api<GroupBackupContent> = Api::all(space.admin.clone());
@@ -1617,6 +1629,7 @@ async fn backups_outlive_their_namespace_and_a_backup_deleted_on_purpose_leaves_
         taken.push(c);
     }
     let (kept, dropped) = (taken[0].clone(), taken[1].clone());
+    let agent_secret = check_captured(&space, &kept).await;
     // Deleted on purpose: its snapshots, snapshot contents and content go.
     space
         .backups()
@@ -1667,6 +1680,13 @@ async fn backups_outlive_their_namespace_and_a_backup_deleted_on_purpose_leaves_
     for vsc in &vscs {
         assert!(vsc.data["status"]["snapshotHandle"].is_string(), "{vsc:?}");
     }
+    let at = kept.spec.kept_secret.clone().unwrap();
+    let kept_secrets: Api<Secret> = Api::namespaced(space.admin.clone(), &at.namespace);
+    assert_eq!(
+        kept_secrets.get(&at.name).await.unwrap().data,
+        agent_secret,
+        "the captured Secrets' data outlives the namespace"
+    );
     wait_async(
         "the kept content says its GroupBackup is gone",
         BOUND,
@@ -1692,14 +1712,79 @@ async fn backups_outlive_their_namespace_and_a_backup_deleted_on_purpose_leaves_
         BOUND,
         || {
             let (space, contents, kept) = (&space, contents.clone(), kept.clone());
+            let (kept_secrets, at) = (kept_secrets.clone(), at.clone());
             async move {
                 Ok(contents.get_opt(&kept.name_any()).await?.is_none()
-                    && snapshot_contents_of(space, &kept).await.is_empty())
+                    && snapshot_contents_of(space, &kept).await.is_empty()
+                    && kept_secrets.get_opt(&at.name).await?.is_none())
             }
         },
     )
     .await
     .unwrap();
+}
+
+/// Checks what content `c` (of the `outlive` test's Redis pod) keeps of
+/// the application; returns the kept Secret's data.
+async fn check_captured(
+    space: &Space,
+    c: &GroupBackupContent,
+) -> Option<BTreeMap<String, k8s_openapi::ByteString>> {
+    let kinds: Vec<(&str, &str)> = c
+        .spec
+        .objects
+        .iter()
+        .map(|o| (o.kind.as_str(), o.name.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("ServiceAccount", "redis"),
+            ("Secret", "agent-redis"),
+            ("Service", "ro"),
+            ("PersistentVolumeClaim", "data-redis-o"),
+            ("ConsistencyGroup", "shop"),
+        ],
+        "captured in the order a restore creates them"
+    );
+    for o in &c.spec.objects {
+        let meta = &o.manifest["metadata"];
+        assert!(
+            meta.get("uid").is_none()
+                && meta.get("resourceVersion").is_none()
+                && meta.get("managedFields").is_none()
+                && meta.get("namespace").is_none()
+                && o.manifest.get("status").is_none(),
+            "{o:?}"
+        );
+    }
+    let secret = c.spec.objects.iter().find(|o| o.kind == "Secret").unwrap();
+    assert!(
+        secret.manifest.get("data").is_none(),
+        "no Secret data in a custom resource"
+    );
+    let service = c.spec.objects.iter().find(|o| o.kind == "Service").unwrap();
+    assert!(service.manifest["spec"].get("clusterIP").is_none());
+    let at = c.spec.kept_secret.clone().expect("a kept Secret");
+    assert_eq!(at.namespace, "stillpoint-system");
+    let kept: Api<Secret> = Api::namespaced(space.admin.clone(), &at.namespace);
+    let kept = kept.get(&at.name).await.unwrap();
+    let original: Api<Secret> = Api::namespaced(space.admin.clone(), &space.ns);
+    let original = original.get("agent-redis").await.unwrap();
+    let data = kept.data.clone().unwrap_or_default();
+    let captured: BTreeMap<String, k8s_openapi::ByteString> =
+        serde_json::from_slice(&data["secret.agent-redis"].0).unwrap();
+    assert_eq!(
+        Some(captured),
+        original.data,
+        "the Secret's data, kept whole"
+    );
+    assert_eq!(
+        kept.owner_references().first().map(|o| o.uid.clone()),
+        c.uid(),
+        "owned by its content"
+    );
+    kept.data
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -8,6 +8,12 @@
 //! other (`spec.source` with the backup's uid; `status.content`). A backup
 //! whose content cannot be written fails, and its snapshots are deleted.
 //!
+//! The content also keeps the application's own objects (see
+//! [`capture`]). What must not go into a custom resource — the captured
+//! Secrets' data and the members' artefacts — goes into a Secret in the
+//! controller's namespace (`spec.keptSecret`, named like the content and
+//! owned by it, so the garbage collector removes it with the content).
+//!
 //! Every VolumeSnapshotContent (and `csi-group`'s VolumeGroupSnapshotContent)
 //! the backup made is patched to `deletionPolicy: Retain` as the content is
 //! written, so the data outlives the VolumeSnapshots, the GroupBackup and
@@ -23,16 +29,21 @@
 //! A namespace's deletion deletes neither: its backups' contents stay, and
 //! with them their snapshots.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+
 use k8s_openapi::api::core::v1::Namespace;
-use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
 use serde_json::json;
 
+use crate::kube::capture;
 use crate::kube::controller::{Context, ReconcileError};
 use crate::kube::crd::{
     BACKUP_LABEL, BackupMember, BackupSource, CONTENT_FINALIZER, ContentMember, ContentVolume,
@@ -47,6 +58,11 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 /// to one namespace watches only its own contents).
 pub const SOURCE_NAMESPACE_LABEL: &str = "stillpoint.dev/source-namespace";
 
+/// In a content's kept Secret: the prefix of a captured Secret's data.
+pub const SECRET_KEY: &str = "secret.";
+/// In a content's kept Secret: the prefix of a member's artefact.
+pub const ARTEFACT_KEY: &str = "artefact.";
+
 /// The name of the content of the GroupBackup with `uid`.
 pub fn content_name(uid: &str) -> String {
     format!("gbc-{uid}")
@@ -59,16 +75,32 @@ fn volume_snapshot_contents() -> ApiResource {
     )
 }
 
-/// Writes the content of `backup`, which succeeded with `status`; returns
-/// its name.
+/// Where a content keeps what must not go into a custom resource: the
+/// controller's namespace, and the members' artefacts (`<pod>.<name>`).
+#[derive(Debug, Clone, Default)]
+pub struct Keep {
+    pub namespace: String,
+    pub artefacts: BTreeMap<String, ByteString>,
+}
+
+/// Writes the content of `backup`, which succeeded with `status`, with the
+/// application's objects; returns its name.
 pub async fn record(
     client: &kube::Client,
     backup: &GroupBackup,
     status: &GroupBackupStatus,
+    keep: Keep,
 ) -> Result<String, kube::Error> {
     let ns = backup.metadata.namespace.clone().unwrap_or_default();
     let name = content_name(&uid_of(backup));
-    let spec = spec_of(client, backup, status).await?;
+    let captured = capture::capture(client, &ns, &backup.spec.group, &status.members).await?;
+    let mut spec = spec_of(client, backup, status).await?;
+    spec.objects = captured.objects;
+    let kept = kept_data(captured.secret_data, keep.artefacts)?;
+    spec.kept_secret = (!kept.is_empty()).then(|| ObjectRef {
+        namespace: keep.namespace.clone(),
+        name: name.clone(),
+    });
     let api: Api<GroupBackupContent> = Api::all(client.clone());
     let content = json!({
         "apiVersion": "stillpoint.dev/v1alpha1",
@@ -82,6 +114,9 @@ pub async fn record(
     });
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let made = api.patch(&name, &params, &Patch::Apply(&content)).await?;
+    if let Some(at) = &made.spec.kept_secret {
+        keep_secret(client, &made, at, kept).await?;
+    }
     set_policy(client, &made.spec, DeletionPolicy::Retain).await?;
     let status = GroupBackupContentStatus {
         observed_generation: made.metadata.generation,
@@ -90,6 +125,50 @@ pub async fn record(
     };
     apply_status(&api, &name, "GroupBackupContent", &status).await?;
     Ok(name)
+}
+
+/// The kept Secret's data: each captured Secret's data as JSON under
+/// `secret.<name>`, each artefact under `artefact.<pod>.<name>`.
+fn kept_data(
+    secrets: BTreeMap<String, BTreeMap<String, ByteString>>,
+    artefacts: BTreeMap<String, ByteString>,
+) -> Result<BTreeMap<String, ByteString>, kube::Error> {
+    let mut data = BTreeMap::new();
+    for (name, d) in secrets {
+        let json = serde_json::to_vec(&d).map_err(kube::Error::SerdeError)?;
+        data.insert(format!("{SECRET_KEY}{name}"), ByteString(json));
+    }
+    for (name, v) in artefacts {
+        data.insert(format!("{ARTEFACT_KEY}{name}"), v);
+    }
+    Ok(data)
+}
+
+/// Writes the Secret `at` a content keeps, owned by the content (so it
+/// goes when the content goes, by the garbage collector).
+async fn keep_secret(
+    client: &kube::Client,
+    content: &GroupBackupContent,
+    at: &ObjectRef,
+    data: BTreeMap<String, ByteString>,
+) -> Result<(), kube::Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &at.namespace);
+    let secret = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": at.name,
+            "labels": {SOURCE_NAMESPACE_LABEL: content.spec.source.namespace},
+            "ownerReferences": [content.controller_owner_ref(&())],
+        },
+        "type": "Opaque",
+        "data": data,
+    });
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    secrets
+        .patch(&at.name, &params, &Patch::Apply(&secret))
+        .await?;
+    Ok(())
 }
 
 /// The content of `backup`, which succeeded with `status`.
@@ -134,6 +213,8 @@ async fn spec_of(
         }),
         members,
         volume_group_snapshot_contents: group_contents(client, &ns, &uid).await?,
+        objects: Vec::new(),
+        kept_secret: None,
     })
 }
 

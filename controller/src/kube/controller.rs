@@ -603,7 +603,8 @@ async fn take(backup: Arc<GroupBackup>, ctx: &Arc<Context>) -> Result<Action, Re
     }
     // Before anything freezes: the artefacts' Secret is this backup's to
     // create, never a stranger's to adopt.
-    let writer = StatusWriter::new(ctx.client.clone(), &backup);
+    let writer =
+        StatusWriter::new(ctx.client.clone(), &backup).keeping_in(&ctx.settings.lease_namespace);
     match writer.create_artefacts_secret().await {
         Ok(()) => {}
         Err(e @ ArtefactsSecretError::Exists(_)) => {

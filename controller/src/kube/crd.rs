@@ -836,6 +836,40 @@ pub struct GroupBackupContentSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub volume_group_snapshot_contents: Vec<String>,
+    /// The application's objects, read when the backup succeeded, in the
+    /// order a restore creates them: ServiceAccounts, ConfigMaps, Secrets
+    /// (without their data), Services, PVCs, the workloads, the
+    /// ConsistencyGroup.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    pub objects: Vec<CapturedObject>,
+    /// The Secret, in the controller's namespace, that keeps the captured
+    /// Secrets' data (key `secret.<name>`) and the members' artefacts (key
+    /// `artefact.<pod>.<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_secret: Option<ObjectRef>,
+}
+
+/// One of the application's objects as a backup keeps it: cleaned of what
+/// the cluster sets (uid, resourceVersion, status, managedFields, owners,
+/// a Service's cluster IPs, a PVC's volume), so that it applies cleanly.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CapturedObject {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+    /// The object as a restore applies it (a Secret's without its data).
+    #[schemars(schema_with = "preserved_object")]
+    pub manifest: serde_json::Value,
+}
+
+/// An object whose fields the API server keeps as they are.
+fn preserved_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
 }
 
 /// The GroupBackup a content records.

@@ -17,6 +17,7 @@
 //! - [`webhook`]: the HTTPS endpoint serving the webhook and the agents'
 //!   certificate requests (TokenReview-authenticated).
 
+pub mod capture;
 pub mod content;
 pub mod controller;
 pub mod crd;

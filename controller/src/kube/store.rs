@@ -20,6 +20,7 @@ use crate::core::record::{Consistency, Manifest, MemberRecord, Outcome, ServerPa
 use crate::core::snapshot::SnapshotHandle;
 use crate::core::store::{BackupStore, StoreError};
 use crate::core::timeline::Timeline;
+use crate::kube::content::{self, Keep};
 use crate::kube::crd::{
     BACKUP_LABEL, BackupMember, BackupPhase, GROUP_LABEL, GroupBackup, GroupBackupStatus,
     VolumeSnapshotRef, WorkloadRef,
@@ -97,6 +98,8 @@ pub struct StatusWriter {
     status: Arc<Mutex<GroupBackupStatus>>,
     /// Which member (of the group's spec) each pod is, and its workload.
     member_of: Arc<std::sync::Mutex<MemberOf>>,
+    /// The controller's namespace, where a content keeps its Secret.
+    keep_in: String,
 }
 
 impl StatusWriter {
@@ -108,7 +111,15 @@ impl StatusWriter {
             backup: backup.clone(),
             status: Arc::new(Mutex::new(backup.status.clone().unwrap_or_default())),
             member_of: Arc::default(),
+            keep_in: String::new(),
         }
+    }
+
+    /// A writer whose backup's content keeps its Secret in namespace `ns`
+    /// (the controller's).
+    pub fn keeping_in(mut self, ns: &str) -> Self {
+        self.keep_in = ns.to_string();
+        self
     }
 
     /// Records which member each pod is and what runs it (shown with the
@@ -203,14 +214,18 @@ impl StatusWriter {
     /// The backup's GroupBackupContent, written from its status and named
     /// in it: a succeeded backup without its record outside the namespace
     /// is not recorded.
-    async fn record_content(&self) -> Result<(), StoreError> {
+    async fn record_content(&self, manifest: &Manifest) -> Result<(), StoreError> {
         let client = self.api.clone().into_client();
         let status = self.current().await;
-        let name = match crate::kube::content::record(&client, &self.backup, &status).await {
+        let keep = Keep {
+            namespace: self.keep_in.clone(),
+            artefacts: artefacts_of(manifest),
+        };
+        let name = match content::record(&client, &self.backup, &status, keep).await {
             Ok(name) => name,
             Err(e) => {
                 // Half written, it would record snapshots about to go.
-                let _ = crate::kube::content::discard(&client, &self.backup).await;
+                let _ = content::discard(&client, &self.backup).await;
                 return Err(StoreError(format!("writing the GroupBackupContent: {e}")));
             }
         };
@@ -232,18 +247,7 @@ impl StatusWriter {
     /// Keeps the members' artefacts in the backup's Secret: created by
     /// the backup, never adopted.
     async fn save_artefacts(&self, manifest: &Manifest) -> Result<Option<String>, StoreError> {
-        let data: BTreeMap<String, ByteString> = manifest
-            .members
-            .iter()
-            .flat_map(|m| {
-                m.artefacts.iter().map(move |(k, v)| {
-                    (
-                        format!("{}.{k}", m.name),
-                        ByteString(v.clone().into_bytes()),
-                    )
-                })
-            })
-            .collect();
+        let data = artefacts_of(manifest);
         if data.is_empty() {
             return Ok(None);
         }
@@ -270,6 +274,22 @@ impl StatusWriter {
             .map_err(|e| StoreError(format!("keeping the artefacts in Secret {name}: {e}")))?;
         Ok(Some(name))
     }
+}
+
+/// The members' artefacts, by `<pod>.<name>`.
+fn artefacts_of(manifest: &Manifest) -> BTreeMap<String, ByteString> {
+    manifest
+        .members
+        .iter()
+        .flat_map(|m| {
+            m.artefacts.iter().map(move |(k, v)| {
+                (
+                    format!("{}.{k}", m.name),
+                    ByteString(v.clone().into_bytes()),
+                )
+            })
+        })
+        .collect()
 }
 
 /// The status fields a manifest fills in.
@@ -357,7 +377,7 @@ impl BackupStore for StatusWriter {
         .await
         .map_err(|e| StoreError(format!("writing GroupBackup {} status: {e}", self.name())))?;
         if manifest.outcome == Outcome::Succeeded {
-            self.record_content().await?;
+            self.record_content(manifest).await?;
         }
         Ok(())
     }
