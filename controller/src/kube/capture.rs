@@ -320,7 +320,7 @@ impl Captured {
 /// but name, labels and annotations (and of these, those the cluster or
 /// kubectl wrote); a Service's cluster IPs (but `None`, which makes it
 /// headless) and node ports; a PVC's volume and data source; a
-/// ServiceAccount's token Secrets; the injected agent in a pod template.
+/// ServiceAccount's token Secrets; an injected agent in a pod template.
 pub fn clean(mut object: Value) -> Value {
     let Some(o) = object.as_object_mut() else {
         return object;
@@ -414,6 +414,14 @@ fn clean_workload(o: &mut Map<String, Value>) {
         return;
     };
     if let Some(t) = spec.get_mut("template").and_then(Value::as_object_mut) {
+        // An agent the injector put there (a template copied from an
+        // injected pod) is injected again; one written into the template
+        // by hand is the application's own.
+        let injected = t
+            .get("metadata")
+            .and_then(|m| m.get("annotations"))
+            .and_then(|a| a.get(INJECTED_ANNOTATION))
+            .is_some();
         if let Some(meta) = t.get_mut("metadata") {
             *meta = clean_meta(meta);
         }
@@ -421,7 +429,7 @@ fn clean_workload(o: &mut Map<String, Value>) {
             .get_mut("spec")
             .and_then(|s| s.get_mut("containers"))
             .and_then(Value::as_array_mut);
-        if let Some(cs) = containers {
+        if let Some(cs) = containers.filter(|_| injected) {
             cs.retain(|c| c.get("name").and_then(Value::as_str) != Some(AGENT_CONTAINER));
         }
     }
@@ -502,6 +510,13 @@ mod tests {
                     "spec": {"containers": [{"name": "postgres"}]}},
                     "volumeClaimTemplates": [{"metadata": {"name": "data"}}]}})
         );
+    }
+
+    #[test]
+    fn an_agent_written_into_the_template_by_hand_is_kept() {
+        let sts = json!({"kind": "StatefulSet", "metadata": {"name": "db"},
+            "spec": {"template": {"spec": {"containers": [{"name": "postgres"}, {"name": AGENT_CONTAINER}]}}}});
+        assert_eq!(clean(sts.clone()), sts);
     }
 
     #[test]
