@@ -1724,6 +1724,210 @@ async fn backups_outlive_their_namespace_and_a_backup_deleted_on_purpose_leaves_
     .unwrap();
 }
 
+/// The shop of the restore tests (PostgreSQL and Redis, primary and
+/// replica each, as StatefulSets) with settings the PostgreSQL pods read
+/// (ConfigMap `shop-settings`, Secret `shop-password`) and a headless
+/// Service `pg`; its group `shop`. Returns the primaries.
+async fn shop_with_settings(space: &Space) -> (Pod, Pod) {
+    let ns = space.ns.clone();
+    for sa in ["pg", "redis"] {
+        space.identity(sa).await;
+    }
+    space
+        .apply(&format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: shop-settings, namespace: {ns}}}\n\
+             data: {{greeting: hello}}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {{name: shop-password, namespace: {ns}}}\n\
+             stringData: {{PASSWORD: s3cret}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: pg, namespace: {ns}}}\n\
+             spec: {{clusterIP: None, selector: {{app: pg}}, ports: [{{port: 5432}}]}}\n"
+        ))
+        .await;
+    let settings = |yaml: String| {
+        yaml.replace(
+            "        image: postgres:15\n",
+            "        image: postgres:15\n        envFrom: [{configMapRef: {name: shop-settings}}, {secretRef: {name: shop-password}}]\n",
+        )
+    };
+    space
+        .apply(&settings(sts_yaml(
+            &ns,
+            "pg",
+            "postgres",
+            None,
+            Run::Original,
+        )))
+        .await;
+    space
+        .apply(&sts_yaml(&ns, "redis", "redis", None, Run::Original))
+        .await;
+    let pg0 = space.ready("pg-0").await;
+    let redis0 = space.ready("redis-0").await;
+    let (pg_ip, redis_ip) = (
+        pod_ip(&pg0).unwrap().to_string(),
+        pod_ip(&redis0).unwrap().to_string(),
+    );
+    space
+        .apply(&settings(sts_yaml(
+            &ns,
+            "pg-replica",
+            "postgres",
+            Some(&pg_ip),
+            Run::Original,
+        )))
+        .await;
+    space
+        .apply(&sts_yaml(
+            &ns,
+            "redis-replica",
+            "redis",
+            Some(&redis_ip),
+            Run::Original,
+        ))
+        .await;
+    let pg1 = space.ready("pg-replica-0").await;
+    let redis1 = space.ready("redis-replica-0").await;
+    streaming(&pg1, &redis1).await;
+    let members = "  - {name: pg, selector: {matchLabels: {app: pg}}}\n  - {name: pg-replica, selector: {matchLabels: {app: pg-replica}}}\n  \
+                   - {name: cache, selector: {matchLabels: {app: redis}}}\n  - {name: cache-replica, selector: {matchLabels: {app: redis-replica}}}\n";
+    space.apply(&group_yaml(&ns, "shop", "csi", members)).await;
+    (pg0, redis0)
+}
+
+/// Deletes namespace `ns` and waits until it is gone.
+async fn delete_namespace(space: &Space, ns: &str) {
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(space.admin.clone());
+    namespaces
+        .delete(ns, &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_async("the namespace gone", BOUND * 2, || {
+        let (namespaces, ns) = (namespaces.clone(), ns.to_string());
+        async move { Ok(namespaces.get_opt(&ns).await?.is_none()) }
+    })
+    .await
+    .unwrap();
+}
+
+/// Restores content `content` into `space` (watched by a controller of
+/// its own) and checks the application came back whole: every member
+/// restored and its position checked, the cut consistent, the settings
+/// back, and nothing of the restore's snapshot bindings left.
+async fn restore_from_nothing(space: &Space, content: &str, before: usize) {
+    use stillpoint_controller::kube::crd::RestorePhase;
+    let r = restore(space, "back", &format!("{{content: {content}}}")).await;
+    let rs = r.status.clone().unwrap();
+    assert_eq!(rs.phase, Some(RestorePhase::Succeeded), "{rs:#?}");
+    for m in rs
+        .members
+        .iter()
+        .filter(|m| m.engine.as_deref() == Some("postgres"))
+    {
+        assert!(
+            m.check.as_deref().unwrap_or_default().starts_with("ok:"),
+            "{m:?}"
+        );
+    }
+    check_cut(
+        &format!("from content into {}", space.ns),
+        ["pg-0", "pg-replica-0", "redis-0", "redis-replica-0"],
+        space,
+        before,
+    )
+    .await;
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(space.admin.clone(), &space.ns);
+    let settings = maps.get("shop-settings").await.unwrap();
+    assert_eq!(settings.data.unwrap()["greeting"], "hello");
+    let secrets: Api<Secret> = Api::namespaced(space.admin.clone(), &space.ns);
+    let password = secrets.get("shop-password").await.unwrap();
+    assert_eq!(password.data.unwrap()["PASSWORD"].0, b"s3cret");
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(space.admin.clone(), &space.ns);
+    let pg = services.get("pg").await.unwrap();
+    assert_eq!(pg.spec.unwrap().cluster_ip.as_deref(), Some("None"));
+    assert!(space.groups().get_opt("shop").await.unwrap().is_some());
+    let uid = r.uid().unwrap();
+    wait_async("the restore's snapshot bindings gone", BOUND, || {
+        let (space, uid) = (space, uid.clone());
+        async move {
+            let left = all_snapshot_contents(space)
+                .await
+                .into_iter()
+                .filter(|c| c.name_any().starts_with(&uid))
+                .count();
+            Ok(left == 0)
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// Every VolumeSnapshotContent of the lab.
+async fn all_snapshot_contents(space: &Space) -> Vec<::kube::api::DynamicObject> {
+    let gvk = ::kube::api::GroupVersionKind::gvk(
+        "snapshot.storage.k8s.io",
+        "v1",
+        "VolumeSnapshotContent",
+    );
+    let (resource, _) = ::kube::discovery::pinned_kind(&space.admin, &gvk)
+        .await
+        .unwrap();
+    let api: Api<::kube::api::DynamicObject> = Api::all_with(space.admin.clone(), &resource);
+    api.list(&ListParams::default()).await.unwrap().items
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_application_comes_back_from_its_content_alone_after_its_namespace_is_deleted() {
+    let space = Space::new("nothing").await;
+    let ns = space.ns.clone();
+    let (pg0, redis0) = shop_with_settings(&space).await;
+    let controller = space.controller("nothing", &format!("lease-{ns}")).await;
+    space.protectable("shop", "True").await;
+    let workload = Workload::start(&pg0, &redis0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut taken = Vec::new();
+    for driver in ["csi", "csi-group"] {
+        space.use_driver("shop", driver).await;
+        let before = workload.acked();
+        let b = space.backup(&format!("{driver}-1"), "shop").await;
+        assert_eq!(status(&b).phase, Some(BackupPhase::Succeeded), "{driver}");
+        taken.push((status(&b).content.unwrap(), before));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    workload.stop().await;
+    // The disaster: everything of the namespace goes.
+    delete_namespace(&space, &ns).await;
+    drop(controller);
+
+    // Into a new, empty namespace, from the csi-group backup's content.
+    // With identities of the lab's own PKI, an agent's identity names its
+    // namespace: the new one gets its own, which the restore leaves as
+    // it is.
+    let elsewhere = Space::new("nothing-elsewhere").await;
+    for sa in ["pg", "redis"] {
+        elsewhere.identity(sa).await;
+    }
+    let other = elsewhere
+        .controller("nothing-elsewhere", &format!("lease-{}", elsewhere.ns))
+        .await;
+    restore_from_nothing(&elsewhere, &taken[1].0, taken[1].1).await;
+    drop(other);
+
+    // Into the original namespace made again, from the csi backup's.
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(space.admin.clone());
+    let again: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap();
+    namespaces
+        .create(&Default::default(), &again)
+        .await
+        .unwrap();
+    let _controller = space
+        .controller("nothing-again", &format!("lease-{ns}-again"))
+        .await;
+    restore_from_nothing(&space, &taken[0].0, taken[0].1).await;
+}
+
 /// Checks what content `c` (of the `outlive` test's Redis pod) keeps of
 /// the application; returns the kept Secret's data.
 async fn check_captured(

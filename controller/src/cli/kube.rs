@@ -235,7 +235,8 @@ impl Kube {
         let r = GroupRestore::new(
             &name,
             GroupRestoreSpec {
-                backup: args.id.clone(),
+                backup: Some(args.id.clone()),
+                content: None,
                 pvc_prefix: args.prefix.clone(),
                 in_place: args.in_place,
                 volumes_only: args.volumes_only,

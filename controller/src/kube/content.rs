@@ -68,7 +68,7 @@ pub fn content_name(uid: &str) -> String {
     format!("gbc-{uid}")
 }
 
-fn volume_snapshot_contents() -> ApiResource {
+pub(crate) fn volume_snapshot_contents() -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent"),
         "volumesnapshotcontents",

@@ -639,6 +639,7 @@ pub const RESTORE_UID_LABEL: &str = "stillpoint.dev/restore-uid";
     shortname = "grestore",
     category = "stillpoint",
     printcolumn = r#"{"name":"Backup","type":"string","jsonPath":".spec.backup"}"#,
+    printcolumn = r#"{"name":"Content","type":"string","jsonPath":".spec.content","priority":1}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Stage","type":"integer","jsonPath":".status.stage"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
@@ -646,9 +647,20 @@ pub const RESTORE_UID_LABEL: &str = "stillpoint.dev/restore-uid";
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self == oldSelf").message("a GroupRestore's spec cannot be changed; create another GroupRestore"))]
+#[x_kube(validation = Rule::new("has(self.backup) != has(self.content)").message("name exactly one of backup (a GroupBackup of this namespace) and content (a GroupBackupContent)"))]
+#[x_kube(validation = Rule::new("!has(self.content) || (!has(self.pvcPrefix) && !(has(self.inPlace) && self.inPlace))").message("a restore of a content makes the application under its original names, in a namespace that has none of them: pvcPrefix and inPlace are for a restore of a GroupBackup"))]
 pub struct GroupRestoreSpec {
     /// The GroupBackup to restore (same namespace; it must have succeeded).
-    pub backup: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    /// Or the GroupBackupContent to restore, from nothing: the
+    /// application's kept objects are created in this namespace (those
+    /// that exist are left as they are), its snapshots are bound here
+    /// again by their handles, and its members restored under their
+    /// original names. The namespace may be the original one (re-created)
+    /// or any other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
     /// New names (the default mode): a PVC `<name>` is restored as
     /// `<pvcPrefix><name>`, except a StatefulSet's claim `<template>-<sts>-<n>`,
     /// restored as `<template>-<pvcPrefix><sts>-<n>` so that a copy of the
@@ -671,6 +683,17 @@ pub struct GroupRestoreSpec {
     /// How long one stage may take to become Ready (default `10m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage_timeout: Option<String>,
+}
+
+impl GroupRestoreSpec {
+    /// What it restores, for messages: `GroupBackup <name>` or
+    /// `GroupBackupContent <name>`.
+    pub fn source(&self) -> String {
+        match (&self.content, &self.backup) {
+            (Some(c), _) => format!("GroupBackupContent {c}"),
+            (None, b) => format!("GroupBackup {}", b.as_deref().unwrap_or_default()),
+        }
+    }
 }
 
 /// A GroupRestore's phases.

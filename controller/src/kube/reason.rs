@@ -89,6 +89,7 @@ reasons! {
     // Restores.
     Restoring,
     BackupNotFound,
+    ContentNotFound,
     BackupNotRestorable,
     BackupReplaced,
     NoWorkload,

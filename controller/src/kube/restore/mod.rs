@@ -1,6 +1,10 @@
 //! The GroupRestore reconciler: a GroupBackup restored stage by stage, as
 //! `stillpoint plan` orders it.
 //!
+//! 0. **A content** (`spec.content`) is made again first: the
+//!    application's kept objects, its artefacts and its snapshots bound
+//!    here by their handles (see `content.rs`); it is then restored as the
+//!    backup it records, under the original names.
 //! 1. **Checks** before anything changes: the backup succeeded, every
 //!    VolumeSnapshot is there, every member has its workload (the original
 //!    in place, the copy `<pvcPrefix><name>` otherwise), a copy claims the
@@ -48,6 +52,7 @@ use workloads::Workloads;
 pub use plan::restored_pvc;
 
 mod check;
+mod content;
 mod plan;
 mod positions;
 mod prepare;
@@ -100,18 +105,17 @@ async fn finish(run: &mut Run, outcome: Result<usize, Stop>) -> Result<(), kube:
     let generation = run.restore.metadata.generation;
     let (phase, reason, message) = match outcome {
         Ok(n) => {
-            let mode = match (run.restore.spec.in_place, run.restore.spec.volumes_only) {
-                (_, true) => "their PVCs made (volumesOnly: nothing started)",
-                (true, false) => "restored in place, stage by stage",
-                (false, false) => "restored under new names, stage by stage",
+            let spec = &run.restore.spec;
+            let mode = match (spec.in_place, spec.volumes_only, spec.content.is_some()) {
+                (_, true, _) => "their PVCs made (volumesOnly: nothing started)",
+                (_, false, true) => "restored from nothing under their names, stage by stage",
+                (true, false, false) => "restored in place, stage by stage",
+                (false, false, false) => "restored under new names, stage by stage",
             };
             (
                 RestorePhase::Succeeded,
                 Reason::Succeeded,
-                format!(
-                    "{n} members of GroupBackup {} {mode}",
-                    run.restore.spec.backup
-                ),
+                format!("{n} members of {} {mode}", run.restore.spec.source()),
             )
         }
         Err(s) => (RestorePhase::Failed, s.reason, s.message),
@@ -197,6 +201,11 @@ async fn begin(
             pods: Api::namespaced(ctx.client.clone(), &ns),
         },
         pvcs: Api::namespaced(ctx.client.clone(), &ns),
+        artefacts_secret: match &r.spec.content {
+            Some(_) => format!("{name}-artefacts"),
+            None => format!("{}-artefacts", r.spec.backup.as_deref().unwrap_or_default()),
+        },
+        recorded: Default::default(),
         ns,
         name,
     };
@@ -206,11 +215,8 @@ async fn begin(
         return Err(e.into());
     }
     let note = match resumed {
-        true => format!(
-            "taking up the restore of GroupBackup {} where it was",
-            r.spec.backup
-        ),
-        false => format!("restoring GroupBackup {}", r.spec.backup),
+        true => format!("taking up the restore of {} where it was", r.spec.source()),
+        false => format!("restoring {}", r.spec.source()),
     };
     ctx.event(&**r, false, Reason::Restoring, note).await;
     Ok((run, cancelled, finished))
@@ -238,6 +244,7 @@ async fn go(
         // next leader takes it up; a deleted one is gone.
         None => tracing::info!(restore = %run.name, "restore interrupted"),
         Some(o) => {
+            run.release_snapshots().await;
             if let Err(e) = finish(&mut run, o).await {
                 tracing::warn!(restore = %run.name, "recording the outcome: {e}");
             }

@@ -67,7 +67,10 @@ pub fn restored_pvc(
 /// The members of `backup` in the order the restore starts them.
 pub(super) fn plan(backup: &GroupBackup, spec: &GroupRestoreSpec) -> Result<Vec<Planned>, Stop> {
     let s = backup.status.clone().unwrap_or_default();
-    let prefix = (!spec.in_place).then(|| spec.pvc_prefix.as_deref().unwrap_or(DEFAULT_PREFIX));
+    // A content is restored under the original names (into a namespace
+    // without them), as in place.
+    let renamed = !spec.in_place && spec.content.is_none();
+    let prefix = renamed.then(|| spec.pvc_prefix.as_deref().unwrap_or(DEFAULT_PREFIX));
     let mut planned = s
         .members
         .iter()
@@ -167,6 +170,20 @@ pub(super) fn replicas_up_to(
 
 /// What the spec asks, checked alone: the stage bound.
 pub(super) fn validate(spec: &GroupRestoreSpec) -> Result<Duration, Stop> {
+    if spec.backup.is_some() == spec.content.is_some() {
+        return Err(stop(
+            Reason::InvalidSpec,
+            "name exactly one of spec.backup (a GroupBackup of this namespace) and spec.content \
+             (a GroupBackupContent)",
+        ));
+    }
+    if spec.content.is_some() && (spec.in_place || spec.pvc_prefix.is_some()) {
+        return Err(stop(
+            Reason::InvalidSpec,
+            "a restore of a content makes the application under its original names, in a namespace \
+             that has none of them: pvcPrefix and inPlace are for a restore of a GroupBackup",
+        ));
+    }
     if spec.in_place && spec.volumes_only {
         return Err(stop(
             Reason::InvalidSpec,

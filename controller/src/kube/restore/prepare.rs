@@ -230,7 +230,7 @@ impl Run {
             mounts.push(json!({"name": "wal", "mountPath": PREPARE_WAL, "readOnly": true}));
             volumes.push(json!({"name": "wal", "persistentVolumeClaim": {"claimName": self.wal_claim(p), "readOnly": true}}));
         }
-        let secret = format!("{}-artefacts", self.restore.spec.backup);
+        let secret = &self.artefacts_secret;
         mounts.push(json!({"name": "artefacts", "mountPath": PREPARE_ARTEFACTS, "readOnly": true}));
         volumes.push(
             json!({"name": "artefacts", "secret": {"secretName": secret, "defaultMode": 0o444}}),

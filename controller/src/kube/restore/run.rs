@@ -15,8 +15,8 @@ use super::{POLL, Stop, stop};
 use crate::core::plan::stage_class;
 use crate::kube::controller::Context;
 use crate::kube::crd::{
-    BackupPhase, GroupBackup, GroupRestore, GroupRestoreStatus, RESTORE_LABEL, RESTORE_UID_LABEL,
-    RestoreStage, RestoredMember,
+    BackupPhase, ContentVolume, GroupBackup, GroupRestore, GroupRestoreStatus, RESTORE_LABEL,
+    RESTORE_UID_LABEL, RestoreStage, RestoredMember,
 };
 use crate::kube::reason::Reason;
 use crate::kube::store::apply_status;
@@ -31,6 +31,13 @@ pub(super) struct Run {
     pub(super) pvcs: Api<PersistentVolumeClaim>,
     pub(super) ns: String,
     pub(super) name: String,
+    /// The Secret its preparation pods read artefacts from: the backup's
+    /// (`<backup>-artefacts`), or for a content its own
+    /// (`<restore>-artefacts`).
+    pub(super) artefacts_secret: String,
+    /// A content's restore: each VolumeSnapshot it bound, and what the
+    /// content records of it (class, access modes, size).
+    pub(super) recorded: BTreeMap<String, ContentVolume>,
 }
 
 impl Run {
@@ -157,7 +164,10 @@ impl Run {
     pub(super) async fn run(&mut self) -> Result<usize, Stop> {
         let spec = self.restore.spec.clone();
         let bound = validate(&spec)?;
-        let backup = self.restorable_backup().await?;
+        let backup = match spec.content.as_deref() {
+            Some(content) => self.rebuild(content, bound).await?,
+            None => self.restorable_backup().await?,
+        };
         let planned = plan(&backup, &spec)?;
         match self.status.members.is_empty() {
             true => self.record_plan(&backup, &planned).await?,
@@ -177,7 +187,7 @@ impl Run {
 
     /// The backup to restore: it exists and succeeded.
     async fn restorable_backup(&self) -> Result<GroupBackup, Stop> {
-        let name = &self.restore.spec.backup;
+        let name = self.restore.spec.backup.as_deref().unwrap_or_default();
         let backups: Api<GroupBackup> = Api::namespaced(self.ctx.client.clone(), &self.ns);
         let Some(backup) = backups.get_opt(name).await? else {
             return Err(stop(

@@ -145,33 +145,7 @@ impl Run {
                 format!("PVC {claim} exists and was not made by this restore"),
             ));
         }
-        // The original's class, access modes and size; the snapshot's
-        // restore size when the original is gone.
-        let original = self.pvcs.get_opt(&v.pvc).await?.and_then(|p| p.spec);
-        let restore_size = self
-            .snapshots()
-            .get_opt(&v.name)
-            .await?
-            .and_then(|s| s.data["status"]["restoreSize"].as_str().map(String::from));
-        let size = original
-            .as_ref()
-            .and_then(|s| s.resources.as_ref())
-            .and_then(|r| r.requests.as_ref())
-            .and_then(|r| r.get("storage"))
-            .map(|q| q.0.clone())
-            .or(restore_size)
-            .unwrap_or_else(|| "1Gi".into());
-        let mut spec = json!({
-            "accessModes": original.as_ref().and_then(|s| s.access_modes.clone()).unwrap_or_else(|| vec!["ReadWriteOnce".into()]),
-            "resources": {"requests": {"storage": size}},
-            "dataSource": {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": v.name},
-        });
-        if let Some(class) = original.as_ref().and_then(|s| s.storage_class_name.clone()) {
-            spec["storageClassName"] = json!(class);
-        }
-        if let Some(mode) = original.as_ref().and_then(|s| s.volume_mode.clone()) {
-            spec["volumeMode"] = json!(mode);
-        }
+        let spec = self.claim_spec(v).await?;
         let owners: Vec<_> = match owned {
             true => self.restore.controller_owner_ref(&()).into_iter().collect(),
             false => Vec::new(),
@@ -186,5 +160,56 @@ impl Run {
             serde_json::from_value(pvc).map_err(|e| stop(Reason::InvalidSpec, e.to_string()))?;
         let made = self.pvcs.create(&Default::default(), &pvc).await?;
         Ok(made.uid().unwrap_or_default())
+    }
+
+    /// The spec of a PVC from snapshot `v`: the original's class, access
+    /// modes and size; what the content recorded when the original is
+    /// gone; the snapshot's restore size.
+    async fn claim_spec(&self, v: &VolumeSnapshotRef) -> Result<serde_json::Value, Stop> {
+        let original = self.pvcs.get_opt(&v.pvc).await?.and_then(|p| p.spec);
+        let recorded = self.recorded.get(&v.name);
+        let restore_size = self
+            .snapshots()
+            .get_opt(&v.name)
+            .await?
+            .and_then(|s| s.data["status"]["restoreSize"].as_str().map(String::from));
+        let size = original
+            .as_ref()
+            .and_then(|s| s.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("storage"))
+            .map(|q| q.0.clone())
+            .or(restore_size)
+            .or_else(|| recorded.and_then(|r| r.restore_size.clone()))
+            .unwrap_or_else(|| "1Gi".into());
+        let access_modes = original
+            .as_ref()
+            .and_then(|s| s.access_modes.clone())
+            .or_else(|| {
+                recorded
+                    .map(|r| r.access_modes.clone())
+                    .filter(|m| !m.is_empty())
+            })
+            .unwrap_or_else(|| vec!["ReadWriteOnce".into()]);
+        let mut spec = json!({
+            "accessModes": access_modes,
+            "resources": {"requests": {"storage": size}},
+            "dataSource": {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": v.name},
+        });
+        let class = original
+            .as_ref()
+            .and_then(|s| s.storage_class_name.clone())
+            .or_else(|| recorded.and_then(|r| r.storage_class_name.clone()));
+        if let Some(class) = class {
+            spec["storageClassName"] = json!(class);
+        }
+        let mode = original
+            .as_ref()
+            .and_then(|s| s.volume_mode.clone())
+            .or_else(|| recorded.and_then(|r| r.volume_mode.clone()));
+        if let Some(mode) = mode {
+            spec["volumeMode"] = json!(mode);
+        }
+        Ok(spec)
     }
 }
