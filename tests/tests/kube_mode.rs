@@ -548,15 +548,7 @@ async fn check_content(space: &Space, b: &GroupBackup) {
     .unwrap();
     assert!(c.spec.size.is_some(), "{:?}", c.spec);
     assert_eq!(c.spec.members.len(), s.members.len());
-    let gvk = ::kube::api::GroupVersionKind::gvk(
-        "snapshot.storage.k8s.io",
-        "v1",
-        "VolumeSnapshotContent",
-    );
-    let (resource, _) = ::kube::discovery::pinned_kind(&space.admin, &gvk)
-        .await
-        .unwrap();
-    let vscs: Api<::kube::api::DynamicObject> = Api::all_with(space.admin.clone(), &resource);
+    let vscs = snapshot_content_api(space).await;
     for (m, recorded) in c.spec.members.iter().zip(&s.members) {
         assert_eq!(m.pod, recorded.pod);
         assert_eq!(m.position, recorded.position);
@@ -1556,15 +1548,7 @@ async fn snapshot_contents_of(
     space: &Space,
     c: &GroupBackupContent,
 ) -> Vec<::kube::api::DynamicObject> {
-    let gvk = ::kube::api::GroupVersionKind::gvk(
-        "snapshot.storage.k8s.io",
-        "v1",
-        "VolumeSnapshotContent",
-    );
-    let (resource, _) = ::kube::discovery::pinned_kind(&space.admin, &gvk)
-        .await
-        .unwrap();
-    let vscs: Api<::kube::api::DynamicObject> = Api::all_with(space.admin.clone(), &resource);
+    let vscs = snapshot_content_api(space).await;
     let mut out = Vec::new();
     for name in c
         .spec
@@ -1724,39 +1708,17 @@ async fn backups_outlive_their_namespace_and_a_backup_deleted_on_purpose_leaves_
     .unwrap();
 }
 
-/// The shop of the restore tests (PostgreSQL and Redis, primary and
-/// replica each, as StatefulSets) with settings the PostgreSQL pods read
-/// (ConfigMap `shop-settings`, Secret `shop-password`) and a headless
-/// Service `pg`; its group `shop`. Returns the primaries.
-async fn shop_with_settings(space: &Space) -> (Pod, Pod) {
+/// The shop of the restore tests as StatefulSets: PostgreSQL and Redis,
+/// primary and replica each (replicas streaming), its group `shop`, each
+/// PostgreSQL StatefulSet's YAML passed through `pg`. Returns the
+/// primaries.
+async fn shop_statefulsets(space: &Space, pg: impl Fn(String) -> String) -> (Pod, Pod) {
     let ns = space.ns.clone();
     for sa in ["pg", "redis"] {
         space.identity(sa).await;
     }
     space
-        .apply(&format!(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: shop-settings, namespace: {ns}}}\n\
-             data: {{greeting: hello}}\n---\n\
-             apiVersion: v1\nkind: Secret\nmetadata: {{name: shop-password, namespace: {ns}}}\n\
-             stringData: {{PASSWORD: s3cret}}\n---\n\
-             apiVersion: v1\nkind: Service\nmetadata: {{name: pg, namespace: {ns}}}\n\
-             spec: {{clusterIP: None, selector: {{app: pg}}, ports: [{{port: 5432}}]}}\n"
-        ))
-        .await;
-    let settings = |yaml: String| {
-        yaml.replace(
-            "        image: postgres:15\n",
-            "        image: postgres:15\n        envFrom: [{configMapRef: {name: shop-settings}}, {secretRef: {name: shop-password}}]\n",
-        )
-    };
-    space
-        .apply(&settings(sts_yaml(
-            &ns,
-            "pg",
-            "postgres",
-            None,
-            Run::Original,
-        )))
+        .apply(&pg(sts_yaml(&ns, "pg", "postgres", None, Run::Original)))
         .await;
     space
         .apply(&sts_yaml(&ns, "redis", "redis", None, Run::Original))
@@ -1768,7 +1730,7 @@ async fn shop_with_settings(space: &Space) -> (Pod, Pod) {
         pod_ip(&redis0).unwrap().to_string(),
     );
     space
-        .apply(&settings(sts_yaml(
+        .apply(&pg(sts_yaml(
             &ns,
             "pg-replica",
             "postgres",
@@ -1792,6 +1754,29 @@ async fn shop_with_settings(space: &Space) -> (Pod, Pod) {
                    - {name: cache, selector: {matchLabels: {app: redis}}}\n  - {name: cache-replica, selector: {matchLabels: {app: redis-replica}}}\n";
     space.apply(&group_yaml(&ns, "shop", "csi", members)).await;
     (pg0, redis0)
+}
+
+/// [`shop_statefulsets`] with settings the PostgreSQL pods read (ConfigMap
+/// `shop-settings`, Secret `shop-password`) and a headless Service `pg`.
+async fn shop_with_settings(space: &Space) -> (Pod, Pod) {
+    let ns = space.ns.clone();
+    space
+        .apply(&format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: shop-settings, namespace: {ns}}}\n\
+             data: {{greeting: hello}}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {{name: shop-password, namespace: {ns}}}\n\
+             stringData: {{PASSWORD: s3cret}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {{name: pg, namespace: {ns}}}\n\
+             spec: {{clusterIP: None, selector: {{app: pg}}, ports: [{{port: 5432}}]}}\n"
+        ))
+        .await;
+    shop_statefulsets(space, |yaml: String| {
+        yaml.replace(
+            "        image: postgres:15\n",
+            "        image: postgres:15\n        envFrom: [{configMapRef: {name: shop-settings}}, {secretRef: {name: shop-password}}]\n",
+        )
+    })
+    .await
 }
 
 /// Deletes namespace `ns` and waits until it is gone.
@@ -1865,6 +1850,12 @@ async fn restore_from_nothing(space: &Space, content: &str, before: usize) {
 
 /// Every VolumeSnapshotContent of the lab.
 async fn all_snapshot_contents(space: &Space) -> Vec<::kube::api::DynamicObject> {
+    let api = snapshot_content_api(space).await;
+    api.list(&ListParams::default()).await.unwrap().items
+}
+
+/// The lab's VolumeSnapshotContents, as the admin.
+async fn snapshot_content_api(space: &Space) -> Api<::kube::api::DynamicObject> {
     let gvk = ::kube::api::GroupVersionKind::gvk(
         "snapshot.storage.k8s.io",
         "v1",
@@ -1873,8 +1864,7 @@ async fn all_snapshot_contents(space: &Space) -> Vec<::kube::api::DynamicObject>
     let (resource, _) = ::kube::discovery::pinned_kind(&space.admin, &gvk)
         .await
         .unwrap();
-    let api: Api<::kube::api::DynamicObject> = Api::all_with(space.admin.clone(), &resource);
-    api.list(&ListParams::default()).await.unwrap().items
+    Api::all_with(space.admin.clone(), &resource)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -3429,47 +3419,7 @@ async fn group_restores_bring_a_shop_back_stage_by_stage_and_a_stage_never_ready
     use stillpoint_controller::kube::crd::{RestorePhase, WorkloadRef};
     let space = Space::new("restore").await;
     let ns = space.ns.clone();
-    for sa in ["pg", "redis"] {
-        space.identity(sa).await;
-    }
-    // The shop as StatefulSets: PostgreSQL primary and replica, Redis
-    // primary and replica.
-    space
-        .apply(&sts_yaml(&ns, "pg", "postgres", None, Run::Original))
-        .await;
-    space
-        .apply(&sts_yaml(&ns, "redis", "redis", None, Run::Original))
-        .await;
-    let pg0 = space.ready("pg-0").await;
-    let redis0 = space.ready("redis-0").await;
-    let (pg_ip, redis_ip) = (
-        pod_ip(&pg0).unwrap().to_string(),
-        pod_ip(&redis0).unwrap().to_string(),
-    );
-    space
-        .apply(&sts_yaml(
-            &ns,
-            "pg-replica",
-            "postgres",
-            Some(&pg_ip),
-            Run::Original,
-        ))
-        .await;
-    space
-        .apply(&sts_yaml(
-            &ns,
-            "redis-replica",
-            "redis",
-            Some(&redis_ip),
-            Run::Original,
-        ))
-        .await;
-    let pg1 = space.ready("pg-replica-0").await;
-    let redis1 = space.ready("redis-replica-0").await;
-    streaming(&pg1, &redis1).await;
-    let members = "  - {name: pg, selector: {matchLabels: {app: pg}}}\n  - {name: pg-replica, selector: {matchLabels: {app: pg-replica}}}\n  \
-                   - {name: cache, selector: {matchLabels: {app: redis}}}\n  - {name: cache-replica, selector: {matchLabels: {app: redis-replica}}}\n";
-    space.apply(&group_yaml(&ns, "shop", "csi", members)).await;
+    let (pg0, redis0) = shop_statefulsets(&space, |yaml| yaml).await;
     let _controller = space.controller("restore-a", &format!("lease-{ns}")).await;
     space.protectable("shop", "True").await;
     let workload = Workload::start(&pg0, &redis0).await;

@@ -86,8 +86,8 @@ pub async fn capture(
             refs.add(&template);
         }
     }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     for m in members.iter().filter(|m| m.workload.is_none()) {
-        let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
         if let Some(pod) = pods.get_opt(&m.pod).await? {
             refs.add(&PodTemplateSpec {
                 metadata: Some(pod.metadata),

@@ -220,7 +220,7 @@ impl Run {
             for v in &m.volumes {
                 n += 1;
                 let vs = format!("{}-{}", self.name, v.volume_snapshot);
-                self.bind(v, &vs, &format!("{}-{n}", self.uid())).await?;
+                self.bind(v, &vs, &self.binding(n)).await?;
                 self.recorded.insert(vs.clone(), v.clone());
                 refs.push(VolumeSnapshotRef {
                     pvc: v.pvc.clone(),
@@ -340,7 +340,7 @@ impl Run {
         let contents: Api<DynamicObject> =
             Api::all_with(self.ctx.client.clone(), &volume_snapshot_contents());
         for n in 1..=self.recorded.len() {
-            let name = format!("{}-{n}", self.uid());
+            let name = self.binding(n);
             match contents.delete(&name, &DeleteParams::background()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
@@ -349,6 +349,14 @@ impl Run {
                 }
             }
         }
+    }
+}
+
+impl Run {
+    /// The name of the VolumeSnapshotContent that binds the content's
+    /// `n`th snapshot (from 1) for this restore.
+    fn binding(&self, n: usize) -> String {
+        format!("{}-{n}", self.uid())
     }
 }
 
