@@ -13,7 +13,7 @@ use ::kube::ResourceExt;
 use ::kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use stillpoint_controller::kube::crd::{
-    BackupPhase, ConsistencyGroup, GroupBackup, GroupBackupContent, GroupBackupStatus,
+    BackupPhase, ConsistencyGroup, GroupBackup, GroupBackupContent, GroupBackupStatus, GroupRestore,
 };
 use stillpoint_tests::harness::kube::stillpoint::{self, ControllerProc, Installed};
 use stillpoint_tests::harness::kube::{
@@ -2058,6 +2058,140 @@ async fn the_controller_needs_every_permission_deploy_gives_it() {
         writes(&redis, Duration::from_secs(1)).await,
         "nothing stays frozen"
     );
+}
+
+/// A ServiceAccount of `space` acting as a person: `roles` bound in each
+/// namespace named (ClusterRoles by RoleBinding), `cluster_roles` by a
+/// ClusterRoleBinding (removed by the caller).
+async fn person(
+    space: &Space,
+    name: &str,
+    roles: &[(&str, &str)],
+    cluster_roles: &[&str],
+) -> ::kube::Client {
+    let ns = &space.ns;
+    space
+        .apply(&format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {name}, namespace: {ns}}}"
+        ))
+        .await;
+    let subject = format!("subjects: [{{kind: ServiceAccount, name: {name}, namespace: {ns}}}]");
+    for (role, at) in roles {
+        space
+            .apply(&format!(
+                "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\n\
+                 metadata: {{name: {name}-{role}, namespace: {at}}}\n\
+                 roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {role}}}\n{subject}"
+            ))
+            .await;
+    }
+    for role in cluster_roles {
+        space
+            .apply(&format!(
+                "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\n\
+                 metadata: {{name: {ns}-{name}}}\n\
+                 roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {role}}}\n{subject}"
+            ))
+            .await;
+    }
+    space.lab.client_for(ns, name).await.unwrap()
+}
+
+/// Creates (dry run: the admission chain runs, nothing is stored) a
+/// GroupRestore of `content` in `ns` as `who`.
+async fn try_restore(who: &::kube::Client, ns: &str, content: &str) -> Result<(), String> {
+    let restore: GroupRestore = serde_json::from_value(serde_json::json!({
+        "apiVersion": "stillpoint.dev/v1alpha1",
+        "kind": "GroupRestore",
+        "metadata": {"name": "back", "namespace": ns},
+        "spec": {"content": content},
+    }))
+    .unwrap();
+    let params = ::kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let api: Api<GroupRestore> = Api::namespaced(who.clone(), ns);
+    api.create(&params, &restore)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_namespace_operator_restores_only_its_own_namespace_content_a_cluster_operator_any() {
+    let space = Space::new("mine").await;
+    let other = space.lab.namespace("theirs").await.unwrap();
+    let (mine, uid) = (space.ns.clone(), "0c1d2e3f-0000-4000-8000-000000000001");
+    let content = |ns: &str, name: &str| -> GroupBackupContent {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "stillpoint.dev/v1alpha1",
+            "kind": "GroupBackupContent",
+            "metadata": {"name": name},
+            "spec": {"source": {"namespace": ns, "name": "nightly", "uid": uid}, "group": "shop"},
+        }))
+        .unwrap()
+    };
+    let contents: Api<GroupBackupContent> = Api::all(space.admin.clone());
+    let name = format!("{mine}.gbc-{uid}");
+    let pp = ::kube::api::PostParams::default();
+    contents.create(&pp, &content(&mine, &name)).await.unwrap();
+    // A content cannot claim to come from another namespace than its name says.
+    let forged = contents
+        .create(&pp, &content(&mine, &format!("{other}.gbc-{uid}")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        forged.contains("begins with its source namespace"),
+        "{forged}"
+    );
+
+    // Operator of both namespaces, as deploy/rbac.yaml's ClusterRole.
+    let both = [
+        ("stillpoint-operator", mine.as_str()),
+        ("stillpoint-operator", other.as_str()),
+    ];
+    let alice = person(&space, "alice", &both, &[]).await;
+    try_restore(&alice, &mine, &name).await.unwrap();
+    let refused = try_restore(&alice, &other, &name).await.unwrap_err();
+    for needle in [
+        "Forbidden",
+        "was taken in another namespace",
+        "verb restore",
+    ] {
+        assert!(refused.contains(needle), "{needle} not in: {refused}");
+    }
+    let read = Api::<GroupBackupContent>::all(alice.clone())
+        .get(&name)
+        .await;
+    assert!(read.is_err(), "a namespace operator does not read contents");
+    // A cluster operator: the same, plus stillpoint-content-restorer.
+    let carol = person(
+        &space,
+        "carol",
+        &[("stillpoint-operator", other.as_str())],
+        &["stillpoint-content-restorer"],
+    )
+    .await;
+    try_restore(&carol, &other, &name).await.unwrap();
+    Api::<GroupBackupContent>::all(carol.clone())
+        .get(&name)
+        .await
+        .unwrap();
+    // And the admin.
+    try_restore(&space.admin, &other, &name).await.unwrap();
+
+    let bindings: Api<k8s_openapi::api::rbac::v1::ClusterRoleBinding> =
+        Api::all(space.admin.clone());
+    bindings
+        .delete(&format!("{mine}-carol"), &DeleteParams::default())
+        .await
+        .unwrap();
+    contents
+        .delete(&name, &DeleteParams::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

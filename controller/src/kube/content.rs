@@ -1,7 +1,7 @@
 //! GroupBackupContent: a GroupBackup's record outside its namespace.
 //!
 //! When a backup succeeds, the controller writes its content (cluster-
-//! scoped, `gbc-<GroupBackup uid>`) from the GroupBackup's status and what
+//! scoped, `<namespace>.gbc-<GroupBackup uid>`) from the GroupBackup's status and what
 //! the storage says of each snapshot: its VolumeSnapshotContent, the CSI
 //! driver's snapshot handle, the restore size, and the source PVC's class,
 //! access modes and volume mode. The content and the GroupBackup name each
@@ -63,9 +63,21 @@ pub const SECRET_KEY: &str = "secret.";
 /// In a content's kept Secret: the prefix of a member's artefact.
 pub const ARTEFACT_KEY: &str = "artefact.";
 
-/// The name of the content of the GroupBackup with `uid`.
-pub fn content_name(uid: &str) -> String {
-    format!("gbc-{uid}")
+/// The name of the content of the GroupBackup with `uid` in namespace
+/// `ns`: `<ns>.gbc-<uid>`. A namespace's name has no dot, so the name
+/// says which namespace a content came from, and the CRD holds every
+/// content to it; the admission policy of restores reads it
+/// (`deploy/restore-policy.yaml`).
+pub fn content_name(ns: &str, uid: &str) -> String {
+    format!("{ns}.gbc-{uid}")
+}
+
+/// The name of `backup`'s content.
+pub fn name_of(backup: &GroupBackup) -> String {
+    content_name(
+        backup.metadata.namespace.as_deref().unwrap_or_default(),
+        &uid_of(backup),
+    )
 }
 
 pub(crate) fn volume_snapshot_contents() -> ApiResource {
@@ -92,7 +104,7 @@ pub async fn record(
     keep: Keep,
 ) -> Result<String, kube::Error> {
     let ns = backup.metadata.namespace.clone().unwrap_or_default();
-    let name = content_name(&uid_of(backup));
+    let name = name_of(backup);
     let captured = capture::capture(client, &ns, &backup.spec.group, &status.members).await?;
     let mut spec = spec_of(client, backup, status).await?;
     spec.objects = captured.objects;
@@ -311,7 +323,7 @@ pub async fn of(
     backup: &GroupBackup,
 ) -> Result<Option<GroupBackupContent>, kube::Error> {
     let api: Api<GroupBackupContent> = Api::all(client.clone());
-    api.get_opt(&content_name(&uid_of(backup))).await
+    api.get_opt(&name_of(backup)).await
 }
 
 /// A backup deleted on purpose: its snapshot contents go with its
@@ -327,10 +339,7 @@ pub async fn release(client: &kube::Client, backup: &GroupBackup) -> Result<(), 
 /// what is left of its snapshot contents.
 pub async fn delete(client: &kube::Client, backup: &GroupBackup) -> Result<(), kube::Error> {
     let api: Api<GroupBackupContent> = Api::all(client.clone());
-    match api
-        .delete(&content_name(&uid_of(backup)), &DeleteParams::default())
-        .await
-    {
+    match api.delete(&name_of(backup), &DeleteParams::default()).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(e),
@@ -346,7 +355,7 @@ pub async fn discard(client: &kube::Client, backup: &GroupBackup) -> Result<(), 
     };
     set_policy(client, &content.spec, DeletionPolicy::Delete).await?;
     let api: Api<GroupBackupContent> = Api::all(client.clone());
-    let name = content_name(&uid_of(backup));
+    let name = name_of(backup);
     let unfinalized = json!({"metadata": {"finalizers": null}});
     api.patch(&name, &PatchParams::default(), &Patch::Merge(&unfinalized))
         .await?;

@@ -1077,7 +1077,7 @@ fn start_reconcilers(
             watcher::Config::default(),
             |b| {
                 b.uid()
-                    .map(|uid| ObjectRef::new(&crate::kube::content::content_name(&uid)))
+                    .map(|_| ObjectRef::new(&crate::kube::content::name_of(&b)))
             },
         )
         .graceful_shutdown_on(stopped(stop.clone()))

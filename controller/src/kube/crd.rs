@@ -811,8 +811,10 @@ pub struct RestoredMember {
 /// restore needs to bring the backup back, bound to its GroupBackup both
 /// ways (`spec.source` here, `status.content` there), as a
 /// VolumeSnapshotContent is to its VolumeSnapshot. Cluster-scoped, named
-/// `gbc-<GroupBackup uid>`; written when the backup succeeds (the backup
-/// fails if it cannot be).
+/// `<source namespace>.gbc-<GroupBackup uid>` (its name must begin with
+/// its source namespace and a dot: admission of a restore reads where a
+/// content came from in its name); written when the backup succeeds (the
+/// backup fails if it cannot be).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "stillpoint.dev",
@@ -821,6 +823,7 @@ pub struct RestoredMember {
     status = "GroupBackupContentStatus",
     shortname = "gbcontent",
     category = "stillpoint",
+    validation = Rule::new("self.metadata.name.startsWith(self.spec.source.__namespace__ + '.')").message("a GroupBackupContent's name begins with its source namespace and a dot (<namespace>.<name>)"),
     printcolumn = r#"{"name":"Source Namespace","type":"string","jsonPath":".spec.source.namespace"}"#,
     printcolumn = r#"{"name":"Group","type":"string","jsonPath":".spec.group"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,

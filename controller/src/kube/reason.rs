@@ -90,6 +90,9 @@ reasons! {
     Restoring,
     BackupNotFound,
     ContentNotFound,
+    /// A content from another namespace, and no admission policy checked
+    /// who asked for it.
+    RestorePolicyMissing,
     BackupNotRestorable,
     BackupReplaced,
     NoWorkload,

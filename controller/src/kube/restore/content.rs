@@ -17,13 +17,19 @@
 //!    deleted when the restore ends ([`Run::release_snapshots`]); the
 //!    data stays with the content's own snapshot contents.
 //!
+//! A content taken in another namespace is restored only if the admission
+//! policy that asks for the `restore` verb (deploy/restore-policy.yaml)
+//! was bound before the GroupRestore was created.
+//!
 //! The content is then restored as the backup it records.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, DynamicObject, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Resource, ResourceExt};
@@ -37,6 +43,10 @@ use crate::kube::crd::{
     RESTORE_UID_LABEL, VolumeSnapshotRef,
 };
 use crate::kube::reason::Reason;
+
+/// The admission policy binding that asks for the `restore` verb on a
+/// content from another namespace (deploy/restore-policy.yaml).
+pub const RESTORE_POLICY: &str = "stillpoint-restore-content";
 
 /// How long the restore's own VolumeSnapshots may take to go when it ends.
 const RELEASE_BOUND: Duration = Duration::from_secs(30);
@@ -81,7 +91,33 @@ impl Run {
                 format!("GroupBackupContent {name} is not Ready"),
             ));
         }
+        if content.spec.source.namespace != self.ns {
+            self.admitted_elsewhere(&content).await?;
+        }
         Ok(content)
+    }
+
+    /// A content from another namespace is restored only if the admission
+    /// policy that asks for the `restore` verb was bound before this
+    /// GroupRestore was created: otherwise nobody checked who asked.
+    async fn admitted_elsewhere(&self, content: &GroupBackupContent) -> Result<(), Stop> {
+        let api: Api<ValidatingAdmissionPolicyBinding> = Api::all(self.ctx.client.clone());
+        let bound = api.get_opt(RESTORE_POLICY).await?;
+        if policy_in_place(bound.map(|b| b.metadata).as_ref(), &self.restore.metadata) {
+            Ok(())
+        } else {
+            Err(stop(
+                Reason::RestorePolicyMissing,
+                format!(
+                    "GroupBackupContent {} was taken in namespace {}; restoring it here needs \
+                     ValidatingAdmissionPolicyBinding {RESTORE_POLICY} \
+                     (deploy/restore-policy.yaml) to have been in place when this GroupRestore \
+                     was created: install it, then create the GroupRestore again",
+                    content.name_any(),
+                    content.spec.source.namespace
+                ),
+            ))
+        }
     }
 
     /// The data of the content's kept Secret (none if it has none).
@@ -424,9 +460,43 @@ fn backup_member(m: &ContentMember, refs: Vec<VolumeSnapshotRef>) -> BackupMembe
     }
 }
 
+/// Whether the policy binding (`policy`, if it exists) was in place when
+/// `restore` was created.
+fn policy_in_place(policy: Option<&ObjectMeta>, restore: &ObjectMeta) -> bool {
+    let since = |m: &ObjectMeta| m.creation_timestamp.clone().map(|t| t.0);
+    match (policy.and_then(since), since(restore)) {
+        (Some(p), Some(r)) => p <= r,
+        _ => false,
+    }
+}
+
 fn list_or_none(items: &[String]) -> String {
     match items.is_empty() {
         true => "nothing".into(),
         false => items.join(", "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn at(seconds: i64) -> ObjectMeta {
+        ObjectMeta {
+            creation_timestamp: Some(Time(
+                k8s_openapi::jiff::Timestamp::from_second(seconds).unwrap(),
+            )),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_cross_namespace_restore_runs_only_under_a_policy_older_than_it() {
+        assert!(policy_in_place(Some(&at(10)), &at(20)));
+        assert!(policy_in_place(Some(&at(20)), &at(20)));
+        assert!(!policy_in_place(Some(&at(21)), &at(20)), "bound after");
+        assert!(!policy_in_place(None, &at(20)), "not bound");
+        assert!(!policy_in_place(Some(&ObjectMeta::default()), &at(20)));
     }
 }

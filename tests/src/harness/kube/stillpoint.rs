@@ -59,7 +59,7 @@ pub async fn apply_all(lab: &KubeLab, client: &kube::Client, yaml: &str) -> Resu
     Ok(())
 }
 
-/// Installs the CRDs, RBAC and the controller's admission policy from
+/// Installs the CRDs, RBAC and the admission policies from
 /// `deploy/` (once per lab).
 pub async fn install(lab: &'static KubeLab) -> Result<&'static Installed> {
     static INSTALLED: OnceCell<Installed> = OnceCell::const_new();
@@ -74,6 +74,9 @@ pub async fn install(lab: &'static KubeLab) -> Result<&'static Installed> {
             // creates: every lab test runs under it.
             let policy = std::fs::read_to_string(repo().join("deploy/controller-policy.yaml"))?;
             apply_all(lab, &admin, &policy).await?;
+            // Who may restore a content into another namespace.
+            let restores = std::fs::read_to_string(repo().join("deploy/restore-policy.yaml"))?;
+            apply_all(lab, &admin, &restores).await?;
             // The CRDs serve once established.
             let gvk = kube::api::GroupVersionKind::gvk("stillpoint.dev", "v1alpha1", "GroupBackup");
             wait_async(
