@@ -665,3 +665,113 @@ async fn what_the_runner_cannot_do_fails_the_pod_visibly() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_find_each_other_by_service_and_statefulset_names_through_the_labs_dns() {
+    let lab = lab();
+    let admin = lab.admin().await.unwrap();
+    let ns = lab.namespace("dns").await.unwrap();
+    // A StatefulSet `web` of one ready pod behind headless Service `web`, a
+    // Service `cache` of it, and a Service `idle` of a pod never ready.
+    let docs = [
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {ns}}}\nspec: {{clusterIP: None, selector: {{app: web}}, ports: [{{port: 6379}}]}}"
+        ),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: cache, namespace: {ns}}}\nspec: {{selector: {{app: web}}, ports: [{{port: 6379}}]}}"
+        ),
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: idle, namespace: {ns}}}\nspec: {{selector: {{app: idle}}, ports: [{{port: 1}}]}}"
+        ),
+        format!(
+            r#"apiVersion: apps/v1
+kind: StatefulSet
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  serviceName: web
+  replicas: 1
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      containers:
+      - name: redis
+        image: redis:7
+        args: ["--save", "", "--appendonly", "no", "--protected-mode", "no"]
+        readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}
+"#
+        ),
+        format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: idle, namespace: {ns}, labels: {{app: idle}}}}
+spec:
+  containers:
+  - {{name: idle, image: busybox, command: [sleep, "3600"], readinessProbe: {{exec: {{command: ["false"]}}, periodSeconds: 1}}}}
+"#
+        ),
+    ];
+    for doc in docs {
+        lab.apply_yaml(&admin, &doc).await.unwrap();
+    }
+    let web = wait_pod_ready(&admin, &ns, "web-0", BOUND).await.unwrap();
+    let web_ip = pod_ip(&web).unwrap().to_string();
+    // Each name as a pod resolves it (getent: the C library's resolver,
+    // as the databases use it), written to a file.
+    let names = [
+        "web-0.web".to_string(),
+        "cache".into(),
+        format!("cache.{ns}"),
+        format!("web-0.web.{ns}.svc.cluster.local"),
+        "web".into(),
+        "idle".into(),
+        "web-1.web".into(),
+        "nothing.example".into(),
+    ];
+    let script = names
+        .iter()
+        .map(|n| {
+            format!(
+                "echo \\\"{n} $(getent ahostsv4 {n} | head -1 | cut -d' ' -f1)\\\" >> /out/names"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    lab.apply_yaml(
+        &admin,
+        &format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: asker, namespace: {ns}}}
+spec:
+  containers:
+  - name: ask
+    image: busybox
+    command: [sh, -c, "{script}; touch /out/done; exec sleep 3600"]
+    readinessProbe: {{exec: {{command: [test, -f, /out/done]}}, periodSeconds: 1}}
+    volumeMounts: [{{name: out, mountPath: /out}}]
+  volumes: [{{name: out, emptyDir: {{}}}}]
+"#
+        ),
+    )
+    .await
+    .unwrap();
+    wait_pod_ready(&admin, &ns, "asker", BOUND).await.unwrap();
+    let out = std::fs::read_to_string(pod_volume(lab, &ns, "asker", "out").join("names")).unwrap();
+    let answers: std::collections::BTreeMap<&str, &str> = out
+        .lines()
+        .map(|l| l.split_once(' ').unwrap_or((l, "")))
+        .collect();
+    for (name, want) in [
+        ("web-0.web", web_ip.as_str()),
+        ("cache", &web_ip),
+        (&format!("cache.{ns}"), &web_ip),
+        (&format!("web-0.web.{ns}.svc.cluster.local"), &web_ip),
+        ("web", &web_ip),
+        ("idle", ""),
+        ("web-1.web", ""),
+        ("nothing.example", ""),
+    ] {
+        assert_eq!(answers.get(name).copied(), Some(want), "{name}: {out}");
+    }
+}

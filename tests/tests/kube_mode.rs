@@ -1717,6 +1717,14 @@ async fn shop_statefulsets(space: &Space, pg: impl Fn(String) -> String) -> (Pod
     for sa in ["pg", "redis"] {
         space.identity(sa).await;
     }
+    for (name, port) in [("pg", 5432), ("redis", 6379)] {
+        space
+            .apply(&format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+                 spec: {{clusterIP: None, selector: {{app: {name}}}, ports: [{{port: {port}}}]}}\n"
+            ))
+            .await;
+    }
     space
         .apply(&pg(sts_yaml(&ns, "pg", "postgres", None, Run::Original)))
         .await;
@@ -1725,16 +1733,14 @@ async fn shop_statefulsets(space: &Space, pg: impl Fn(String) -> String) -> (Pod
         .await;
     let pg0 = space.ready("pg-0").await;
     let redis0 = space.ready("redis-0").await;
-    let (pg_ip, redis_ip) = (
-        pod_ip(&pg0).unwrap().to_string(),
-        pod_ip(&redis0).unwrap().to_string(),
-    );
+    // The replicas name their primaries as users write it: the primary's
+    // pod by its StatefulSet's headless Service, relative to the namespace.
     space
         .apply(&pg(sts_yaml(
             &ns,
             "pg-replica",
             "postgres",
-            Some(&pg_ip),
+            Some("pg-0.pg"),
             Run::Original,
         )))
         .await;
@@ -1743,7 +1749,7 @@ async fn shop_statefulsets(space: &Space, pg: impl Fn(String) -> String) -> (Pod
             &ns,
             "redis-replica",
             "redis",
-            Some(&redis_ip),
+            Some("redis-0.redis"),
             Run::Original,
         ))
         .await;
@@ -1757,7 +1763,7 @@ async fn shop_statefulsets(space: &Space, pg: impl Fn(String) -> String) -> (Pod
 }
 
 /// [`shop_statefulsets`] with settings the PostgreSQL pods read (ConfigMap
-/// `shop-settings`, Secret `shop-password`) and a headless Service `pg`.
+/// `shop-settings`, Secret `shop-password`).
 async fn shop_with_settings(space: &Space) -> (Pod, Pod) {
     let ns = space.ns.clone();
     space
@@ -1765,9 +1771,7 @@ async fn shop_with_settings(space: &Space) -> (Pod, Pod) {
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: shop-settings, namespace: {ns}}}\n\
              data: {{greeting: hello}}\n---\n\
              apiVersion: v1\nkind: Secret\nmetadata: {{name: shop-password, namespace: {ns}}}\n\
-             stringData: {{PASSWORD: s3cret}}\n---\n\
-             apiVersion: v1\nkind: Service\nmetadata: {{name: pg, namespace: {ns}}}\n\
-             spec: {{clusterIP: None, selector: {{app: pg}}, ports: [{{port: 5432}}]}}\n"
+             stringData: {{PASSWORD: s3cret}}\n"
         ))
         .await;
     shop_statefulsets(space, |yaml: String| {
@@ -1832,6 +1836,7 @@ async fn restore_from_nothing(space: &Space, content: &str, before: usize) {
     let pg = services.get("pg").await.unwrap();
     assert_eq!(pg.spec.unwrap().cluster_ip.as_deref(), Some("None"));
     assert!(space.groups().get_opt("shop").await.unwrap().is_some());
+    follow_restored_primaries(space).await;
     let uid = r.uid().unwrap();
     wait_async("the restore's snapshot bindings gone", BOUND, || {
         let (space, uid) = (space, uid.clone());
@@ -1844,6 +1849,60 @@ async fn restore_from_nothing(space: &Space, content: &str, before: usize) {
             Ok(left == 0)
         }
     })
+    .await
+    .unwrap();
+}
+
+/// The restored replicas replicate from the restored primaries, which
+/// their kept configuration names by Service (`pg-0.pg`, `redis-0.redis`):
+/// a write on each primary after the restore reaches its replica.
+async fn follow_restored_primaries(space: &Space) {
+    let [pg0, pg1, redis0, redis1] = {
+        let mut pods = Vec::new();
+        for name in ["pg-0", "pg-replica-0", "redis-0", "redis-replica-0"] {
+            pods.push(space.ready(name).await);
+        }
+        <[Pod; 4]>::try_from(pods).unwrap()
+    };
+    streaming(&pg1, &redis1).await;
+    let mark = format!("after-restore-{}", space.ns);
+    pg_connect(&pg0)
+        .await
+        .execute("CREATE TABLE IF NOT EXISTS marks (m text)", &[])
+        .await
+        .unwrap();
+    pg_connect(&pg0)
+        .await
+        .execute("INSERT INTO marks VALUES ($1)", &[&mark])
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("mark")
+        .arg(&mark)
+        .query_async(&mut redis_connect(&redis0).await)
+        .await
+        .unwrap();
+    let (replica, cache) = (pg_connect(&pg1).await, redis_connect(&redis1).await);
+    wait_async(
+        "the writes on the restored primaries replicated",
+        BOUND,
+        || {
+            let (replica, mut cache, mark) = (&replica, cache.clone(), &mark);
+            async move {
+                let pg = replica
+                    .query_opt("SELECT 1 FROM marks WHERE m = $1", &[mark])
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some();
+                let kept: Option<String> = redis::cmd("GET")
+                    .arg("mark")
+                    .query_async(&mut cache)
+                    .await?;
+                Ok(pg && kept.as_deref() == Some(mark.as_str()))
+            }
+        },
+    )
     .await
     .unwrap();
 }

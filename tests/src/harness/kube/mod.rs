@@ -12,7 +12,8 @@
 //! - the snapshot CRDs, a StorageClass, VolumeSnapshotClasses and
 //!   VolumeGroupSnapshotClasses for that driver, and one Node, whose pods
 //!   the [`runner`] runs (it plays the kubelet), each in its own network
-//!   namespace on a bridge the lab creates ([`net`]).
+//!   namespace on a bridge the lab creates ([`net`]), naming each other
+//!   through the lab's cluster DNS ([`dns`]).
 //!
 //! One lab per test binary ([`KubeLab::shared`]), shared by its tests (each
 //! its own namespace); it is stopped and removed when the binary exits.
@@ -33,6 +34,7 @@ use crate::harness::free_port;
 use crate::harness::loopfs::LoopMount;
 
 pub mod csi;
+pub mod dns;
 pub mod net;
 pub mod runner;
 pub mod stillpoint;
@@ -323,6 +325,7 @@ impl KubeLab {
             lab.control_plane(&bins, &certs, port)?;
             runtime.block_on(lab.storage(&bins))?;
             runtime.block_on(lab.install(&bins))?;
+            runtime.block_on(async { dns::serve(lab.admin().await?, gateway).await })?;
             let runner = runtime.block_on(runner::PodRunner::start(&lab))?;
             *lab.runner.lock().unwrap() = Some(runner);
             runtime.block_on(lab.wait_default_service_account())

@@ -13,6 +13,8 @@
 //!   `emptyDir`, `hostPath`, Secret, ConfigMap, downward API and projected
 //!   volumes, including ServiceAccount tokens from TokenRequest (audience
 //!   and expiry as asked, bound to the pod, refreshed at 80% of their life).
+//! - Each pod's `/etc/resolv.conf` names the lab's cluster DNS ([`super::dns`])
+//!   with the namespace's search path, unless its `dnsPolicy` is `Default`.
 //! - Images are not pulled. An image's name (without registry and tag)
 //!   chooses the host program it stands for, when the container gives no
 //!   `command`: `stillpoint-agent` → the built agent; `postgres` →
@@ -713,6 +715,13 @@ impl PodTask {
             "mount -t tmpfs -o mode=755 tmpfs \"$R/run\"".into(),
             format!("hostname {}", q(&self.name)),
         ];
+        // Cluster DNS (dnsPolicy ClusterFirst, the default): the lab's
+        // resolver. The host's resolv.conf may be a link out of the root.
+        if self.spec().dns_policy.as_deref().unwrap_or("ClusterFirst") == "ClusterFirst" {
+            let conf = super::dns::resolv_conf(self.ctx.bridge.gateway(), &self.ns);
+            script.push("rm -f \"$R/etc/resolv.conf\"".into());
+            script.push(format!("printf '%s' {} > \"$R/etc/resolv.conf\"", q(&conf)));
+        }
         // A mapped program built in a temp dir (a fresh clone under /tmp)
         // would be hidden by the container's own /tmp and /run.
         if let Some(program) = argv
