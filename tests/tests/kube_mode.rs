@@ -1326,13 +1326,17 @@ async fn every_reason_a_group_cannot_be_protected_is_reported_and_nothing_freeze
 }
 
 /// VolumeSnapshots labelled with a backup's uid.
-async fn labelled_snapshots(space: &Space, uid: &str) -> Vec<String> {
+/// `space`'s VolumeSnapshots, as the admin.
+async fn snapshot_api(space: &Space) -> Api<::kube::api::DynamicObject> {
     let gvk = ::kube::api::GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot");
     let (resource, _) = ::kube::discovery::pinned_kind(&space.admin, &gvk)
         .await
         .unwrap();
-    let vs: Api<::kube::api::DynamicObject> =
-        Api::namespaced_with(space.admin.clone(), &space.ns, &resource);
+    Api::namespaced_with(space.admin.clone(), &space.ns, &resource)
+}
+
+async fn labelled_snapshots(space: &Space, uid: &str) -> Vec<String> {
+    let vs = snapshot_api(space).await;
     vs.list(&ListParams::default().labels(&format!("stillpoint.dev/backup={uid}")))
         .await
         .unwrap()
@@ -1706,6 +1710,7 @@ async fn backups_outlive_their_namespace_and_a_backup_deleted_on_purpose_leaves_
     )
     .await
     .unwrap();
+    nothing_leaked(&space).await;
 }
 
 /// The shop of the restore tests as StatefulSets: PostgreSQL and Redis,
@@ -1837,6 +1842,7 @@ async fn restore_from_nothing(space: &Space, content: &str, before: usize) {
     assert_eq!(pg.spec.unwrap().cluster_ip.as_deref(), Some("None"));
     assert!(space.groups().get_opt("shop").await.unwrap().is_some());
     follow_restored_primaries(space).await;
+    nothing_leaked(space).await;
     let uid = r.uid().unwrap();
     wait_async("the restore's snapshot bindings gone", BOUND, || {
         let (space, uid) = (space, uid.clone());
@@ -1905,6 +1911,45 @@ async fn follow_restored_primaries(space: &Space) {
     )
     .await
     .unwrap();
+}
+
+/// The VolumeSnapshotContents made for `space`'s namespace that nothing
+/// holds: their VolumeSnapshot is gone and no GroupBackupContent records
+/// them. None may ever be left.
+async fn leaked_snapshot_contents(space: &Space) -> Vec<String> {
+    let snapshots = snapshot_api(space).await;
+    let contents: Api<GroupBackupContent> = Api::all(space.admin.clone());
+    let recorded: BTreeSet<String> = contents
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .flat_map(|c| c.spec.members.iter())
+        .flat_map(|m| m.volumes.iter())
+        .filter_map(|v| v.volume_snapshot_content.clone())
+        .collect();
+    let mut left = Vec::new();
+    for c in all_snapshot_contents(space).await {
+        let to = &c.data["spec"]["volumeSnapshotRef"];
+        if to["namespace"].as_str() != Some(space.ns.as_str()) || recorded.contains(&c.name_any()) {
+            continue;
+        }
+        let name = to["name"].as_str().unwrap_or_default();
+        if snapshots.get_opt(name).await.unwrap().is_none() {
+            left.push(format!("{} (of {name})", c.name_any()));
+        }
+    }
+    left
+}
+
+/// Waits until no snapshot content of `space` has leaked.
+async fn nothing_leaked(space: &Space) {
+    wait_async("no VolumeSnapshotContent leaked", BOUND, || async move {
+        Ok(leaked_snapshot_contents(space).await.is_empty())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", e));
 }
 
 /// Every VolumeSnapshotContent of the lab.
@@ -3128,14 +3173,33 @@ async fn schedules_never_overlap_keep_the_newest_and_follow_their_missed_policy(
     let every: BTreeSet<String> = made.keys().cloned().chain(kept.iter().cloned()).collect();
     let newest: BTreeSet<String> = every.iter().rev().take(kept.len()).cloned().collect();
     assert_eq!(kept, newest, "the newest are kept");
+    let contents: Api<GroupBackupContent> = Api::all(space.admin.clone());
     for (gone, uid) in made.iter().filter(|(n, _)| !kept.contains(*n)) {
-        // Each deleted backup's snapshots went with it (its finalizer).
+        // Each deleted backup's snapshots and content went with it.
         assert!(space.backups().get_opt(gone).await.unwrap().is_none());
         assert!(
             labelled_snapshots(&space, uid).await.is_empty(),
             "{gone}'s snapshots"
         );
+        let content = format!("{ns}.gbc-{uid}");
+        wait_async("a pruned backup's content gone", BOUND, || {
+            let (contents, content) = (contents.clone(), content.clone());
+            async move { Ok(contents.get_opt(&content).await?.is_none()) }
+        })
+        .await
+        .unwrap();
     }
+    for b in kept.iter() {
+        let b = space.backups().get(b).await.unwrap();
+        let content = status(&b).content.unwrap();
+        assert!(
+            contents.get_opt(&content).await.unwrap().is_some(),
+            "{content}"
+        );
+    }
+    // No snapshot content of this namespace is left that no kept backup's
+    // VolumeSnapshot is bound to.
+    nothing_leaked(&space).await;
     let reasons = event_reasons(&space, "every2s").await;
     assert!(reasons.iter().any(|r| r == "Scheduled"), "{reasons:?}");
     assert!(
