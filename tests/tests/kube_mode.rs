@@ -2022,6 +2022,143 @@ async fn the_application_comes_back_from_its_content_alone_after_its_namespace_i
     restore_from_nothing(&space, &taken[0].0, taken[0].1).await;
 }
 
+/// Tears a second lab of a test down when the test ends, passed or not.
+struct SecondLab(&'static KubeLab);
+
+impl Drop for SecondLab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = std::process::Command::new("cp")
+                .args(["-r"])
+                .arg(&self.0.dir)
+                .arg("/tmp/runs/second-lab")
+                .status();
+        }
+        // The lab's runtime is shut down, which blocks.
+        tokio::task::block_in_place(|| self.0.teardown());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_exported_from_one_cluster_restores_in_another_on_the_same_storage() {
+    let space = Space::new("carried").await;
+    let ns = space.ns.clone();
+    let (pg0, redis0) = shop_with_settings(&space).await;
+    let controller = space.controller("carried", &format!("lease-{ns}")).await;
+    space.protectable("shop", "True").await;
+    // Per-volume snapshots: a csi-group backup's snapshots are members
+    // of a group snapshot, which the other cluster's snapshot controller
+    // looks for (binding them there through a pre-provisioned
+    // VolumeGroupSnapshot is not done yet).
+    space.use_driver("shop", "csi").await;
+    let workload = Workload::start(&pg0, &redis0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = workload.acked();
+    let b = space.backup("carried-1", "shop").await;
+    assert_eq!(status(&b).phase, Some(BackupPhase::Succeeded));
+    workload.stop().await;
+    space.use_driver("shop", "csi-group").await;
+    let grouped = space.backup("grouped-1", "shop").await;
+    assert_eq!(status(&grouped).phase, Some(BackupPhase::Succeeded));
+    drop(controller);
+    let content = status(&b).content.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (file, group_file) = (
+        dir.path().join("carried.yaml"),
+        dir.path().join("grouped.yaml"),
+    );
+    let (file, group_file) = (file.to_str().unwrap(), group_file.to_str().unwrap());
+    let (ok, _, err) = cli(&space, &["backup", "export", "grouped-1", "-f", group_file]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(
+        &space,
+        &[
+            "backup",
+            "export",
+            "carried-1",
+            "--include-secrets",
+            "-f",
+            file,
+        ],
+    );
+    assert!(ok, "{err}");
+
+    // Another cluster whose CSI driver reaches the same storage, with
+    // Stillpoint installed from deploy/ and a namespace of the same name.
+    let other = tokio::task::block_in_place(|| KubeLab::start_sharing_storage(space.lab)).unwrap();
+    let other: &'static KubeLab = Box::leak(Box::new(other));
+    let _down = SecondLab(other);
+    stillpoint::apply_deploy(other).await.unwrap();
+    let there = Space {
+        lab: other,
+        installed: space.installed,
+        admin: other.admin().await.unwrap(),
+        ns: ns.clone(),
+    };
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(there.admin.clone());
+    let made: k8s_openapi::api::core::v1::Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap();
+    namespaces.create(&Default::default(), &made).await.unwrap();
+    for sa in ["pg", "redis"] {
+        there.identity(sa).await;
+    }
+    let (ok, out, err) = cli(&there, &["backup", "import", file]);
+    assert!(ok && out.contains(&content), "{out}{err}");
+    let imported = Api::<GroupBackupContent>::all(there.admin.clone())
+        .get(&content)
+        .await
+        .unwrap();
+    assert_eq!(
+        imported.spec.deletion_policy,
+        stillpoint_controller::kube::crd::DeletionPolicy::Retain
+    );
+    // A csi-group backup's snapshots cannot be bound there yet: refused.
+    let (ok, _, err) = cli(&there, &["backup", "import", group_file]);
+    assert!(!ok && err.contains("was cut as a group snapshot"), "{err}");
+    // Imported twice: refused, saying why.
+    let (ok, _, err) = cli(&there, &["backup", "import", file]);
+    assert!(
+        !ok && err.contains("exists in this cluster already"),
+        "{err}"
+    );
+    let _controller = there
+        .controller("carried-there", &format!("lease-{ns}"))
+        .await;
+    restore_from_nothing(&there, &content, before).await;
+
+    // A Secret whose data did not come (exported without
+    // --include-secrets) and that is not there: the restore stops, saying
+    // which to create.
+    Api::<Secret>::namespaced(there.admin.clone(), &ns)
+        .delete("shop-password", &DeleteParams::default())
+        .await
+        .unwrap();
+    let kept: Api<Secret> = Api::namespaced(there.admin.clone(), "stillpoint-system");
+    let without = serde_json::json!([{"op": "remove", "path": "/data/secret.shop-password"}]);
+    kept.patch(
+        &content,
+        &PatchParams::default(),
+        &Patch::Json::<()>(serde_json::from_value(without).unwrap()),
+    )
+    .await
+    .unwrap();
+    let r = restore(&there, "again", &format!("{{content: {content}}}")).await;
+    let rs = r.status.unwrap();
+    let done = rs
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Completed")
+        .unwrap();
+    assert_eq!(done.reason, "NotRestorable", "{rs:#?}");
+    for needle in [
+        "Secret shop-password",
+        "--include-secrets",
+        "create it in namespace",
+    ] {
+        assert!(done.message.contains(needle), "{needle}: {}", done.message);
+    }
+}
+
 /// Checks what content `c` (of the `outlive` test's Redis pod) keeps of
 /// the application; returns the kept Secret's data.
 async fn check_captured(
@@ -3401,13 +3538,17 @@ fn sts_yaml(ns: &str, name: &str, engine: &str, upstream: Option<&str>, run: Run
     let replicas = if run == Run::Original { 1 } else { 0 };
     let (sa, server) = match engine {
         "postgres" => {
+            // The lab's pods share the host's PID namespace: a data
+            // directory restored while its original runs holds a
+            // postmaster.pid naming a live process (in a cluster, each
+            // container's own PID namespace makes this moot).
             let start = match (run, upstream) {
-                (Run::Original, None) => "test -f /data/pgdata/PG_VERSION || { initdb -D /data/pgdata -U postgres -A trust >/dev/null && \
+                (Run::Original, None) => "rm -f /data/pgdata/postmaster.pid; test -f /data/pgdata/PG_VERSION || { initdb -D /data/pgdata -U postgres -A trust >/dev/null && \
                      echo 'host all all 0.0.0.0/0 trust' >> /data/pgdata/pg_hba.conf && \
                      echo 'host replication all 0.0.0.0/0 trust' >> /data/pgdata/pg_hba.conf; } && "
                     .to_string(),
                 (Run::Original, Some(primary)) => format!(
-                    "test -f /data/pgdata/PG_VERSION || pg_basebackup -h {primary} -U postgres -D /data/pgdata -R -X stream -C -S {} && \
+                    "rm -f /data/pgdata/postmaster.pid; test -f /data/pgdata/PG_VERSION || pg_basebackup -h {primary} -U postgres -D /data/pgdata -R -X stream -C -S {} && \
                      chmod 700 /data/pgdata && ",
                     name.replace('-', "_")
                 ),
@@ -3563,7 +3704,7 @@ async fn restore(
     use stillpoint_controller::kube::crd::GroupRestore;
     start_restore(space, name, spec).await;
     let api: Api<GroupRestore> = Api::namespaced(space.admin.clone(), &space.ns);
-    wait_async(
+    let ended = wait_async(
         &format!("GroupRestore {name} to end"),
         Duration::from_secs(300),
         || {
@@ -3578,9 +3719,12 @@ async fn restore(
             }
         },
     )
-    .await
-    .unwrap();
-    api.get(name).await.unwrap()
+    .await;
+    let r = api.get(name).await.unwrap();
+    if let Err(e) = ended {
+        panic!("{e}: {:#?}", r.status);
+    }
+    r
 }
 
 /// When each pod of the namespace was first seen, and first seen Ready,

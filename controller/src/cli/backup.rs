@@ -20,6 +20,40 @@ pub enum BackupCommand {
     /// Delete a backup: its snapshots, then its manifest (Kubernetes mode:
     /// the GroupBackup, then waits until its snapshots are gone).
     Delete(IdArgs),
+    /// Kubernetes mode: write a backup's GroupBackupContent (and its kept
+    /// Secret) as one YAML document, to import into another cluster that
+    /// reaches the same storage.
+    Export(ExportArgs),
+    /// Kubernetes mode: create an exported GroupBackupContent in this
+    /// cluster (always deletionPolicy Retain), ready for a GroupRestore.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The GroupBackup (of the namespace) whose content to export, or with
+    /// --content the GroupBackupContent itself.
+    pub name: String,
+    /// NAME is a GroupBackupContent (e.g. after its namespace was deleted).
+    #[arg(long)]
+    pub content: bool,
+    /// Also export the data of the application's Secrets the backup kept
+    /// (without it, only the members' artefacts; the importing side then
+    /// creates those Secrets itself before it restores).
+    #[arg(long)]
+    pub include_secrets: bool,
+    /// Write to this file instead of standard output.
+    #[arg(long, short = 'f')]
+    pub file: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// A file `backup export` wrote (`-` for standard input).
+    pub file: std::path::PathBuf,
+    /// The controller's namespace, where the content's kept Secret goes.
+    #[arg(long, default_value = "stillpoint-system")]
+    pub controller_namespace: String,
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +130,10 @@ pub fn run(command: BackupCommand, global: &Global) -> anyhow::Result<()> {
         BackupCommand::List => list(&local, global),
         BackupCommand::Describe(args) => describe(&local, args, global),
         BackupCommand::Delete(args) => delete(&local, args),
+        BackupCommand::Export(_) | BackupCommand::Import(_) => anyhow::bail!(
+            "export and import carry a GroupBackupContent between clusters: Kubernetes mode \
+             (--kube); a local backup is the catalog's manifest and its snapshots"
+        ),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The CLI in Kubernetes mode (`--kube`, or when there is no local config
 //! file but a kubeconfig or an in-cluster ServiceAccount): `backup
-//! create|list|describe|delete`, `status [GROUP]` and `plan ID` on
+//! create|list|describe|delete|export|import`, `status [GROUP]` and `plan ID` on
 //! GroupBackups and ConsistencyGroups, with the output formats of local
 //! mode.
 
@@ -12,12 +12,14 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 use serde::Serialize;
 
-use super::backup::{BackupCommand, DescribeArgs, IdArgs, members_table};
+use super::backup::{BackupCommand, DescribeArgs, ExportArgs, IdArgs, ImportArgs, members_table};
 use super::output::table;
 use super::{Command, Global};
 use crate::core::protocol::new_backup_id;
 use crate::kube::crd::{BackupPhase, ConsistencyGroup, GroupBackup, GroupBackupSpec, GroupQuiesce};
-use crate::kube::crd::{GroupRestore, GroupRestoreSpec, RestorePhase};
+use crate::kube::crd::{GroupBackupContent, GroupRestore, GroupRestoreSpec, RestorePhase};
+use crate::kube::transfer;
+use k8s_openapi::api::core::v1::Secret;
 
 /// Whether this invocation is in Kubernetes mode.
 pub fn wanted(global: &Global) -> bool {
@@ -469,7 +471,70 @@ impl Kube {
             BackupCommand::List => self.list_backups(global).await,
             BackupCommand::Describe(args) => self.describe_backup(args, global).await,
             BackupCommand::Delete(args) => self.delete_backup(args).await,
+            BackupCommand::Export(args) => self.export(args).await,
+            BackupCommand::Import(args) => self.import(args).await,
         }
+    }
+
+    /// `backup export`: the content of a GroupBackup (or a content) as one
+    /// YAML document.
+    async fn export(&self, args: ExportArgs) -> anyhow::Result<()> {
+        let name = match args.content {
+            true => args.name.clone(),
+            false => {
+                let b = self.get_backup(&args.name).await?;
+                b.status.and_then(|s| s.content).with_context(|| {
+                    format!(
+                        "GroupBackup {} has no GroupBackupContent: only a backup that succeeded has one",
+                        args.name
+                    )
+                })?
+            }
+        };
+        let contents: Api<GroupBackupContent> = Api::all(self.client.clone());
+        let content = contents
+            .get_opt(&name)
+            .await?
+            .with_context(|| format!("no GroupBackupContent {name}"))?;
+        let kept = match &content.spec.kept_secret {
+            Some(at) => Api::<Secret>::namespaced(self.client.clone(), &at.namespace)
+                .get_opt(&at.name)
+                .await?
+                .with_context(|| {
+                    format!(
+                        "Secret {}/{}, the content's kept Secret, is gone",
+                        at.namespace, at.name
+                    )
+                })?
+                .data
+                .unwrap_or_default(),
+            None => Default::default(),
+        };
+        let document = transfer::export(&content, &kept, args.include_secrets);
+        let yaml = serde_yaml::to_string(&document)?;
+        match &args.file {
+            Some(path) => {
+                std::fs::write(path, yaml).with_context(|| format!("writing {}", path.display()))?
+            }
+            None => print!("{yaml}"),
+        }
+        Ok(())
+    }
+
+    /// `backup import`: an export's content created here.
+    async fn import(&self, args: ImportArgs) -> anyhow::Result<()> {
+        let text = match args.file.as_os_str() == "-" {
+            true => std::io::read_to_string(std::io::stdin())?,
+            false => std::fs::read_to_string(&args.file)
+                .with_context(|| format!("reading {}", args.file.display()))?,
+        };
+        let document: serde_json::Value = serde_yaml::from_str(&text)
+            .with_context(|| format!("{} is not YAML", args.file.display()))?;
+        let name = transfer::import(&self.client, &document, &args.controller_namespace).await?;
+        println!(
+            "GroupBackupContent {name} imported; restore it with a GroupRestore of spec.content: {name}"
+        );
+        Ok(())
     }
 
     /// `backup list`: the namespace's GroupBackups, oldest first.

@@ -30,4 +30,5 @@ pub mod resolve;
 pub mod restore;
 pub mod schedule;
 pub mod store;
+pub mod transfer;
 pub mod webhook;

@@ -152,10 +152,15 @@ impl Run {
             let Some(resource) = resource_of(o) else {
                 continue;
             };
+            let what = format!("{} {}", o.kind, o.name);
+            if o.kind == "Secret" && !kept.contains_key(&format!("{SECRET_KEY}{}", o.name)) {
+                self.secret_made_by_hand(&o.name).await?;
+                left.push(what);
+                continue;
+            }
             let object = self.manifest(o, kept)?;
             let api: Api<DynamicObject> =
                 Api::namespaced_with(self.ctx.client.clone(), &self.ns, &resource);
-            let what = format!("{} {}", o.kind, o.name);
             match api.create(&PostParams::default(), &object).await {
                 Ok(_) => made.push(what),
                 Err(kube::Error::Api(e)) if e.code == 409 => left.push(what),
@@ -173,6 +178,24 @@ impl Run {
             .event(&self.restore, false, Reason::Restoring, note)
             .await;
         Ok(())
+    }
+
+    /// A kept Secret whose data did not come with the content (an import
+    /// without `--include-secrets`) must have been made here by hand.
+    async fn secret_made_by_hand(&self, name: &str) -> Result<(), Stop> {
+        let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        match secrets.get_opt(name).await? {
+            Some(_) => Ok(()),
+            None => Err(stop(
+                Reason::NotRestorable,
+                format!(
+                    "Secret {name}, which the application uses, came without its data (exported \
+                     without --include-secrets): create it in namespace {}, then create the \
+                     GroupRestore again",
+                    self.ns
+                ),
+            )),
+        }
     }
 
     /// Kept object `o` as it is created here.

@@ -691,10 +691,16 @@ impl CsiDriver {
     /// Serves the driver on `root/csi.sock` (on the current runtime), its
     /// state under `root`.
     pub fn start(root: &Path) -> Result<CsiDriver> {
+        Self::start_at(root, &root.join("csi.sock"))
+    }
+
+    /// Serves the driver on `socket`, its state under `root`, which
+    /// another lab's driver may serve too: two clusters on one storage.
+    pub fn start_at(root: &Path, socket: &Path) -> Result<CsiDriver> {
         for dir in ["volumes", "snapshots", "groups"] {
             std::fs::create_dir_all(root.join(dir))?;
         }
-        let socket = root.join("csi.sock");
+        let socket = socket.to_path_buf();
         let _ = std::fs::remove_file(&socket);
         let listener = tokio::net::UnixListener::bind(&socket)
             .with_context(|| format!("binding {}", socket.display()))?;

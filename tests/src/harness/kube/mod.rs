@@ -279,12 +279,22 @@ impl KubeLab {
     /// Starts a private lab (blocking; call from a blocking context). Its
     /// own runtime runs the CSI driver and the pod runner.
     pub fn start() -> Result<KubeLab> {
-        std::thread::spawn(Self::start_blocking)
+        std::thread::spawn(|| Self::start_blocking(None))
             .join()
             .map_err(|_| anyhow!("starting the lab panicked"))?
     }
 
-    fn start_blocking() -> Result<KubeLab> {
+    /// Starts a private lab whose CSI driver serves `other`'s storage, as
+    /// two clusters in one cloud region reach the same storage: a
+    /// snapshot's handle cut in one is restorable in the other.
+    pub fn start_sharing_storage(other: &KubeLab) -> Result<KubeLab> {
+        let root = other.csi().root.clone();
+        std::thread::spawn(move || Self::start_blocking(Some(root)))
+            .join()
+            .map_err(|_| anyhow!("starting the lab panicked"))?
+    }
+
+    fn start_blocking(storage: Option<PathBuf>) -> Result<KubeLab> {
         if !crate::harness::is_root() {
             bail!("the Kubernetes lab needs root (network namespaces, mounts)");
         }
@@ -323,7 +333,7 @@ impl KubeLab {
         let result = (|| -> Result<()> {
             lab.write_kubeconfig(&certs)?;
             lab.control_plane(&bins, &certs, port)?;
-            runtime.block_on(lab.storage(&bins))?;
+            runtime.block_on(lab.storage(&bins, storage))?;
             runtime.block_on(lab.install(&bins))?;
             runtime.block_on(async { dns::serve(lab.admin().await?, gateway).await })?;
             let runner = runtime.block_on(runner::PodRunner::start(&lab))?;
@@ -488,11 +498,18 @@ impl KubeLab {
     }
 
     /// The lab's CSI driver (its state on a btrfs image, so atomic
-    /// snapshots are possible) and the CSI sidecars in front of it.
-    async fn storage(&self, bins: &Path) -> Result<()> {
-        let mount = tokio::task::spawn_blocking(|| LoopMount::btrfs(4096)).await??;
-        let driver = csi::CsiDriver::start(&mount.path().join("csi"))?;
-        *self.csi_mount.lock().unwrap() = Some(mount);
+    /// snapshots are possible, or `shared`: another lab's) and the CSI
+    /// sidecars in front of it.
+    async fn storage(&self, bins: &Path, shared: Option<PathBuf>) -> Result<()> {
+        let driver = match shared {
+            Some(root) => csi::CsiDriver::start_at(&root, &self.dir.join("csi.sock"))?,
+            None => {
+                let mount = tokio::task::spawn_blocking(|| LoopMount::btrfs(4096)).await??;
+                let driver = csi::CsiDriver::start(&mount.path().join("csi"))?;
+                *self.csi_mount.lock().unwrap() = Some(mount);
+                driver
+            }
+        };
         let socket = format!("unix://{}", driver.socket.display());
         *self.csi.lock().unwrap() = Some(Arc::new(driver));
         let bin = bins.join("bin");

@@ -65,30 +65,7 @@ pub async fn install(lab: &'static KubeLab) -> Result<&'static Installed> {
     static INSTALLED: OnceCell<Installed> = OnceCell::const_new();
     INSTALLED
         .get_or_try_init(|| async {
-            let admin = lab.admin().await?;
-            let crds = std::fs::read_to_string(repo().join("deploy/crds/stillpoint.dev.yaml"))?;
-            apply_all(lab, &admin, &crds).await?;
-            let rbac = std::fs::read_to_string(repo().join("deploy/rbac.yaml"))?;
-            apply_all(lab, &admin, &rbac).await?;
-            // The policy confining what the controller's ServiceAccount
-            // creates: every lab test runs under it.
-            let policy = std::fs::read_to_string(repo().join("deploy/controller-policy.yaml"))?;
-            apply_all(lab, &admin, &policy).await?;
-            // Who may restore a content into another namespace.
-            let restores = std::fs::read_to_string(repo().join("deploy/restore-policy.yaml"))?;
-            apply_all(lab, &admin, &restores).await?;
-            // The CRDs serve once established.
-            let gvk = kube::api::GroupVersionKind::gvk("stillpoint.dev", "v1alpha1", "GroupBackup");
-            wait_async(
-                "the Stillpoint CRDs served",
-                Duration::from_secs(60),
-                || {
-                    let admin = admin.clone();
-                    let gvk = gvk.clone();
-                    async move { Ok(kube::discovery::pinned_kind(&admin, &gvk).await.is_ok()) }
-                },
-            )
-            .await?;
+            apply_deploy(lab).await?;
             let pki = Pki::new()?;
             let files = pki.issue("controller", CONTROLLER_IDENTITY)?;
             let controller_tls = files.cert.parent().context("cert dir")?.to_path_buf();
@@ -98,6 +75,37 @@ pub async fn install(lab: &'static KubeLab) -> Result<&'static Installed> {
             })
         })
         .await
+}
+
+/// Installs the CRDs, RBAC and the admission policies from `deploy/`
+/// into `lab` and waits until the CRDs are served ([`install`] does it
+/// for the shared lab; a second lab of a test calls this).
+pub async fn apply_deploy(lab: &KubeLab) -> Result<()> {
+    let admin = lab.admin().await?;
+    let crds = std::fs::read_to_string(repo().join("deploy/crds/stillpoint.dev.yaml"))?;
+    apply_all(lab, &admin, &crds).await?;
+    let rbac = std::fs::read_to_string(repo().join("deploy/rbac.yaml"))?;
+    apply_all(lab, &admin, &rbac).await?;
+    // The policy confining what the controller's ServiceAccount
+    // creates: every lab test runs under it.
+    let policy = std::fs::read_to_string(repo().join("deploy/controller-policy.yaml"))?;
+    apply_all(lab, &admin, &policy).await?;
+    // Who may restore a content into another namespace.
+    let restores = std::fs::read_to_string(repo().join("deploy/restore-policy.yaml"))?;
+    apply_all(lab, &admin, &restores).await?;
+    // The CRDs serve once established.
+    let gvk = kube::api::GroupVersionKind::gvk("stillpoint.dev", "v1alpha1", "GroupBackup");
+    wait_async(
+        "the Stillpoint CRDs served",
+        Duration::from_secs(60),
+        || {
+            let admin = admin.clone();
+            let gvk = gvk.clone();
+            async move { Ok(kube::discovery::pinned_kind(&admin, &gvk).await.is_ok()) }
+        },
+    )
+    .await?;
+    Ok(())
 }
 
 impl Installed {
