@@ -1844,12 +1844,27 @@ async fn restore_from_nothing(space: &Space, content: &str, before: usize) {
     follow_restored_primaries(space).await;
     nothing_leaked(space).await;
     let uid = r.uid().unwrap();
+    let groups = stillpoint_controller::kube::csi::volume_group_snapshot_resource(&space.admin)
+        .await
+        .unwrap();
+    let group_contents: Api<::kube::api::DynamicObject> = Api::all_with(
+        space.admin.clone(),
+        &::kube::core::ApiResource::from_gvk_with_plural(
+            &::kube::api::GroupVersionKind::gvk(
+                &groups.group,
+                &groups.version,
+                "VolumeGroupSnapshotContent",
+            ),
+            "volumegroupsnapshotcontents",
+        ),
+    );
     wait_async("the restore's snapshot bindings gone", BOUND, || {
-        let (space, uid) = (space, uid.clone());
+        let (space, uid, group_contents) = (space, uid.clone(), group_contents.clone());
         async move {
             let left = all_snapshot_contents(space)
                 .await
                 .into_iter()
+                .chain(group_contents.list(&ListParams::default()).await?.items)
                 .filter(|c| c.name_any().starts_with(&uid))
                 .count();
             Ok(left == 0)
@@ -2046,42 +2061,41 @@ async fn a_backup_exported_from_one_cluster_restores_in_another_on_the_same_stor
     let (pg0, redis0) = shop_with_settings(&space).await;
     let controller = space.controller("carried", &format!("lease-{ns}")).await;
     space.protectable("shop", "True").await;
-    // Per-volume snapshots: a csi-group backup's snapshots are members
-    // of a group snapshot, which the other cluster's snapshot controller
-    // looks for (binding them there through a pre-provisioned
-    // VolumeGroupSnapshot is not done yet).
-    space.use_driver("shop", "csi").await;
     let workload = Workload::start(&pg0, &redis0).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = workload.acked();
-    let b = space.backup("carried-1", "shop").await;
-    assert_eq!(status(&b).phase, Some(BackupPhase::Succeeded));
+    let mut taken = Vec::new();
+    for (driver, name) in [("csi-group", "grouped-1"), ("csi", "carried-1")] {
+        space.use_driver("shop", driver).await;
+        let before = workload.acked();
+        let b = space.backup(name, "shop").await;
+        assert_eq!(status(&b).phase, Some(BackupPhase::Succeeded), "{name}");
+        taken.push((status(&b).content.unwrap(), before));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     workload.stop().await;
-    space.use_driver("shop", "csi-group").await;
-    let grouped = space.backup("grouped-1", "shop").await;
-    assert_eq!(status(&grouped).phase, Some(BackupPhase::Succeeded));
     drop(controller);
-    let content = status(&b).content.unwrap();
+    // The group backup with its Secrets' data, the other without.
     let dir = tempfile::tempdir().unwrap();
-    let (file, group_file) = (
-        dir.path().join("carried.yaml"),
+    let (grouped, carried) = (
         dir.path().join("grouped.yaml"),
+        dir.path().join("carried.yaml"),
     );
-    let (file, group_file) = (file.to_str().unwrap(), group_file.to_str().unwrap());
-    let (ok, _, err) = cli(&space, &["backup", "export", "grouped-1", "-f", group_file]);
-    assert!(ok, "{err}");
-    let (ok, _, err) = cli(
-        &space,
-        &[
+    let (grouped, carried) = (grouped.to_str().unwrap(), carried.to_str().unwrap());
+    for args in [
+        [
             "backup",
             "export",
-            "carried-1",
+            "grouped-1",
             "--include-secrets",
             "-f",
-            file,
-        ],
-    );
-    assert!(ok, "{err}");
+            grouped,
+        ]
+        .as_slice(),
+        ["backup", "export", "carried-1", "-f", carried].as_slice(),
+    ] {
+        let (ok, _, err) = cli(&space, args);
+        assert!(ok, "{err}");
+    }
 
     // Another cluster whose CSI driver reaches the same storage, with
     // Stillpoint installed from deploy/ and a namespace of the same name.
@@ -2102,47 +2116,47 @@ async fn a_backup_exported_from_one_cluster_restores_in_another_on_the_same_stor
     for sa in ["pg", "redis"] {
         there.identity(sa).await;
     }
-    let (ok, out, err) = cli(&there, &["backup", "import", file]);
-    assert!(ok && out.contains(&content), "{out}{err}");
-    let imported = Api::<GroupBackupContent>::all(there.admin.clone())
-        .get(&content)
-        .await
-        .unwrap();
-    assert_eq!(
-        imported.spec.deletion_policy,
-        stillpoint_controller::kube::crd::DeletionPolicy::Retain
-    );
-    // A csi-group backup's snapshots cannot be bound there yet: refused.
-    let (ok, _, err) = cli(&there, &["backup", "import", group_file]);
-    assert!(!ok && err.contains("was cut as a group snapshot"), "{err}");
+    for (file, (content, _)) in [grouped, carried].iter().zip(&taken) {
+        let (ok, out, err) = cli(&there, &["backup", "import", file]);
+        assert!(ok && out.contains(content.as_str()), "{out}{err}");
+        let imported = Api::<GroupBackupContent>::all(there.admin.clone())
+            .get(content)
+            .await
+            .unwrap();
+        assert_eq!(
+            imported.spec.deletion_policy,
+            stillpoint_controller::kube::crd::DeletionPolicy::Retain
+        );
+    }
     // Imported twice: refused, saying why.
-    let (ok, _, err) = cli(&there, &["backup", "import", file]);
+    let (ok, _, err) = cli(&there, &["backup", "import", grouped]);
     assert!(
         !ok && err.contains("exists in this cluster already"),
         "{err}"
     );
-    let _controller = there
+    let controller = there
         .controller("carried-there", &format!("lease-{ns}"))
         .await;
-    restore_from_nothing(&there, &content, before).await;
+    // The group backup, its members bound there through its group
+    // snapshot's handles.
+    let restored = tokio::time::timeout(
+        BOUND * 3,
+        restore_from_nothing(&there, &taken[0].0, taken[0].1),
+    )
+    .await;
+    assert!(
+        restored.is_ok(),
+        "the restore did not end:\n{}",
+        controller.logs()
+    );
 
-    // A Secret whose data did not come (exported without
-    // --include-secrets) and that is not there: the restore stops, saying
-    // which to create.
+    // The other came without its Secrets' data: with the Secret not there,
+    // the restore stops, saying which to create.
     Api::<Secret>::namespaced(there.admin.clone(), &ns)
         .delete("shop-password", &DeleteParams::default())
         .await
         .unwrap();
-    let kept: Api<Secret> = Api::namespaced(there.admin.clone(), "stillpoint-system");
-    let without = serde_json::json!([{"op": "remove", "path": "/data/secret.shop-password"}]);
-    kept.patch(
-        &content,
-        &PatchParams::default(),
-        &Patch::Json::<()>(serde_json::from_value(without).unwrap()),
-    )
-    .await
-    .unwrap();
-    let r = restore(&there, "again", &format!("{{content: {content}}}")).await;
+    let r = restore(&there, "again", &format!("{{content: {}}}", taken[1].0)).await;
     let rs = r.status.unwrap();
     let done = rs
         .conditions

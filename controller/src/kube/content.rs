@@ -234,7 +234,7 @@ fn uid_of(backup: &GroupBackup) -> String {
     backup.metadata.uid.clone().unwrap_or_default()
 }
 
-fn volume_group_snapshot_contents(version: &str) -> ApiResource {
+pub(crate) fn volume_group_snapshot_contents(version: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk(
             "groupsnapshot.storage.k8s.io",
@@ -539,6 +539,8 @@ impl Snapshots {
             volume_snapshot: v.name.clone(),
             volume_snapshot_content: bound,
             snapshot_handle: field(&["status", "snapshotHandle"])
+                .and_then(|s| s.as_str().map(String::from)),
+            group_snapshot_handle: field(&["status", "volumeGroupSnapshotHandle"])
                 .and_then(|s| s.as_str().map(String::from)),
             driver: field(&["spec", "driver"]).and_then(|s| s.as_str().map(String::from)),
             restore_size,

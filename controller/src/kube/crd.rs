@@ -964,6 +964,10 @@ pub struct ContentVolume {
     /// The CSI driver's handle of the snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_handle: Option<String>,
+    /// `csi-group`: the driver's handle of the group snapshot it is a
+    /// member of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_snapshot_handle: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub driver: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

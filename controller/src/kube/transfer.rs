@@ -13,9 +13,9 @@
 //!   snapshots belong to the cluster that took them, and deleting the
 //!   imported record never deletes them. Its kept Secret goes into the
 //!   importing controller's namespace, owned by the content.
-//! - A `csi-group` backup is refused: its snapshots are members of a
-//!   group snapshot, and binding them in another cluster needs a
-//!   pre-provisioned VolumeGroupSnapshot, which import does not make yet.
+//! - A `csi-group` content is carried with the handle of its group
+//!   snapshot (a restore binds the members through it, see
+//!   `restore::groups`); one that does not record it is refused.
 
 use std::collections::BTreeMap;
 
@@ -40,9 +40,9 @@ pub enum TransferError {
     )]
     Exists(String),
     #[error(
-        "GroupBackupContent {0} was cut as a group snapshot (csi-group): its snapshots are members \
-         of a VolumeGroupSnapshotContent, which another cluster's snapshot controller looks for \
-         and this import does not make; carry a backup taken with snapshot driver csi instead"
+        "GroupBackupContent {0} was cut as a group snapshot (csi-group) but does not record the \
+         group snapshot's handle, which another cluster needs to bind its members: take the \
+         backup again with this version, or with snapshot driver csi"
     )]
     GroupSnapshot(String),
     #[error("{0}")]
@@ -104,6 +104,21 @@ pub fn parse(
     Ok((content, kept))
 }
 
+/// Whether another cluster can bind `content`'s snapshots: a `csi-group`
+/// one only with its group snapshot's handle.
+pub fn carriable(content: &GroupBackupContent) -> Result<(), TransferError> {
+    let unbindable = content
+        .spec
+        .members
+        .iter()
+        .flat_map(|m| m.volumes.iter())
+        .any(|v| v.group_snapshot_handle.is_none());
+    match !content.spec.volume_group_snapshot_contents.is_empty() && unbindable {
+        true => Err(TransferError::GroupSnapshot(content.name_any())),
+        false => Ok(()),
+    }
+}
+
 /// `content` as it is created in the importing cluster: Retain, its kept
 /// Secret in `namespace` if there is kept data, nothing a cluster set.
 pub fn imported(
@@ -139,9 +154,7 @@ pub async fn import(
     namespace: &str,
 ) -> Result<String, TransferError> {
     let (content, kept) = parse(document)?;
-    if !content.spec.volume_group_snapshot_contents.is_empty() {
-        return Err(TransferError::GroupSnapshot(content.name_any()));
-    }
+    carriable(&content)?;
     let content = imported(&content, &kept, namespace);
     let name = content.name_any();
     let api: Api<GroupBackupContent> = Api::all(client.clone());
@@ -234,6 +247,24 @@ mod tests {
         assert_eq!(c.labels()[SOURCE_NAMESPACE_LABEL], "shop");
         let none = imported(&content(), &BTreeMap::new(), "backup-system");
         assert!(none.spec.kept_secret.is_none());
+    }
+
+    #[test]
+    fn a_group_snapshot_is_carried_only_with_its_handle() {
+        let mut c = content();
+        assert!(carriable(&c).is_ok());
+        c.spec.volume_group_snapshot_contents = vec!["groupcontent-1".into()];
+        c.spec.members = serde_json::from_value(json!([{"pod": "pg-0", "volumes": [
+            {"pvc": "data-pg-0", "volumeSnapshot": "s", "snapshotHandle": "h", "driver": "d"}
+        ]}]))
+        .unwrap();
+        let err = carriable(&c).unwrap_err().to_string();
+        assert!(
+            err.contains("does not record the group snapshot's handle"),
+            "{err}"
+        );
+        c.spec.members[0].volumes[0].group_snapshot_handle = Some("g".into());
+        assert!(carriable(&c).is_ok());
     }
 
     #[test]

@@ -272,6 +272,7 @@ impl Run {
         content: &GroupBackupContent,
         bound: Duration,
     ) -> Result<Vec<BackupMember>, Stop> {
+        self.anchor_groups(content, bound).await?;
         let mut members = Vec::new();
         let mut n = 0;
         for m in &content.spec.members {
@@ -394,6 +395,7 @@ impl Run {
             .await;
         if !matches!(gone, Ok(None)) {
             tracing::warn!(restore = %self.name, "its VolumeSnapshots are not gone; their contents stay");
+            self.release_anchors().await;
             return;
         }
         let contents: Api<DynamicObject> =
@@ -408,6 +410,7 @@ impl Run {
                 }
             }
         }
+        self.release_anchors().await;
     }
 }
 
@@ -420,7 +423,7 @@ impl Run {
 }
 
 /// Creates `object` with `api`; one of its name made before is kept.
-async fn create_kept(api: &Api<DynamicObject>, object: Value) -> Result<(), Stop> {
+pub(super) async fn create_kept(api: &Api<DynamicObject>, object: Value) -> Result<(), Stop> {
     let object: DynamicObject =
         serde_json::from_value(object).map_err(|e| stop(Reason::NotRestorable, e.to_string()))?;
     match api.create(&PostParams::default(), &object).await {

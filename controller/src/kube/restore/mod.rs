@@ -53,6 +53,7 @@ pub use plan::restored_pvc;
 
 mod check;
 mod content;
+mod groups;
 mod plan;
 mod positions;
 mod prepare;
