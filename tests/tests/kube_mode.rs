@@ -750,10 +750,17 @@ async fn group_backups_with_csi_and_csi_group_restore_to_a_consistent_cut() {
     assert!(space.backups().get_opt("csi-0").await.unwrap().is_none());
     let contents: Api<GroupBackupContent> = Api::all(space.admin.clone());
     let content = status(first).content.unwrap();
-    assert!(
-        contents.get_opt(&content).await.unwrap().is_none(),
-        "the content of a backup deleted with deletionPolicy Delete goes with it"
-    );
+    // Its finalizer lets it go once it sees its GroupBackup gone.
+    wait_async(
+        "the content of a backup deleted with deletionPolicy Delete gone with it",
+        BOUND,
+        || {
+            let (contents, content) = (contents.clone(), content.clone());
+            async move { Ok(contents.get_opt(&content).await?.is_none()) }
+        },
+    )
+    .await
+    .unwrap();
     // `backup delete` returns once the snapshots are gone too, the group
     // snapshot's own included.
     let group_backup = &taken[5].0;
