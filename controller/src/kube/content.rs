@@ -130,13 +130,21 @@ pub async fn record(
         keep_secret(client, &made, at, kept).await?;
     }
     set_policy(client, &made.spec, DeletionPolicy::Retain).await?;
+    mark_ready(&api, &made).await?;
+    Ok(name)
+}
+
+/// Content `made`, written in full, Ready.
+pub(crate) async fn mark_ready(
+    api: &Api<GroupBackupContent>,
+    made: &GroupBackupContent,
+) -> Result<(), kube::Error> {
     let status = GroupBackupContentStatus {
         observed_generation: made.metadata.generation,
         phase: Some("Ready".into()),
         conditions: Vec::new(),
     };
-    apply_status(&api, &name, "GroupBackupContent", &status).await?;
-    Ok(name)
+    apply_status(api, &made.name_any(), "GroupBackupContent", &status).await
 }
 
 /// The kept Secret's data: each captured Secret's data as JSON under
@@ -158,7 +166,7 @@ fn kept_data(
 
 /// Writes the Secret `at` a content keeps, owned by the content (so it
 /// goes when the content goes, by the garbage collector).
-async fn keep_secret(
+pub(crate) async fn keep_secret(
     client: &kube::Client,
     content: &GroupBackupContent,
     at: &ObjectRef,

@@ -21,13 +21,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::{Api, ObjectMeta, PostParams};
-use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::kube::content::{ARTEFACT_KEY, SECRET_KEY, SOURCE_NAMESPACE_LABEL};
-use crate::kube::crd::{DeletionPolicy, GroupBackupContent, GroupBackupContentStatus, ObjectRef};
-use crate::kube::store::apply_status;
+use crate::kube::content::{
+    ARTEFACT_KEY, SECRET_KEY, SOURCE_NAMESPACE_LABEL, keep_secret, mark_ready,
+};
+use crate::kube::crd::{DeletionPolicy, GroupBackupContent, ObjectRef};
 
 /// What goes wrong carrying a content.
 #[derive(Debug, thiserror::Error)]
@@ -164,26 +165,9 @@ pub async fn import(
         Err(e) => return Err(e.into()),
     };
     if let Some(at) = &made.spec.kept_secret {
-        let secret = Secret {
-            metadata: ObjectMeta {
-                name: Some(at.name.clone()),
-                namespace: Some(at.namespace.clone()),
-                owner_references: made.controller_owner_ref(&()).map(|o| vec![o]),
-                ..Default::default()
-            },
-            type_: Some("Opaque".into()),
-            data: Some(kept),
-            ..Default::default()
-        };
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), &at.namespace);
-        secrets.create(&PostParams::default(), &secret).await?;
+        keep_secret(client, &made, at, kept).await?;
     }
-    let status = GroupBackupContentStatus {
-        observed_generation: made.metadata.generation,
-        phase: Some("Ready".into()),
-        conditions: Vec::new(),
-    };
-    apply_status(&api, &name, "GroupBackupContent", &status).await?;
+    mark_ready(&api, &made).await?;
     Ok(name)
 }
 
