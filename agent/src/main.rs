@@ -61,8 +61,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// `stillpoint-agent restore`: prepares a restored PostgreSQL data
-/// directory, then exits (see `restore.rs`).
+/// `stillpoint-agent restore`: prepares a restored data directory, then
+/// exits (see `restore.rs`).
 fn restore() -> ExitCode {
     use stillpoint_agent::restore::{RestoreConfig, run};
     let config = match RestoreConfig::from_source(|k| std::env::var(k).ok()) {
@@ -123,12 +123,14 @@ fn print_help() {
         println!("  {key}");
     }
     println!(
-        "\n`stillpoint-agent restore` prepares a restored PostgreSQL data directory (backup-label\n\
-         method) before PostgreSQL starts, then exits: {}, {}, {}, {} (optional).",
+        "\n`stillpoint-agent restore` prepares a restored data directory before its server starts,\n\
+         then exits: {} (required); {} and {} to write a PostgreSQL backup label\n\
+         ({} optional); {} to rename the original's hosts in replication settings.",
         stillpoint_agent::restore::ENV_RESTORE_DATA_DIR,
         stillpoint_agent::restore::ENV_RESTORE_FROM,
         stillpoint_agent::restore::ENV_RESTORE_MEMBER,
-        stillpoint_agent::restore::ENV_RESTORE_WAL_FROM
+        stillpoint_agent::restore::ENV_RESTORE_WAL_FROM,
+        stillpoint_agent::restore::ENV_RESTORE_HOSTS
     );
     println!("\nExit codes: 0 stopped cleanly, 1 runtime failure, 64 bad configuration.");
 }

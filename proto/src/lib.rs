@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod duration;
+pub mod hosts;
 pub mod position;
 pub mod tls;
 
