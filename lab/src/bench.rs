@@ -121,6 +121,36 @@ pub fn flush_phase_us(m: &Manifest) -> Option<f64> {
 pub struct Report {
     pub sections: Vec<(String, String)>,
     pub json: serde_json::Map<String, Value>,
+    /// The parts that failed, and why.
+    pub failed: Vec<(Part, String)>,
+}
+
+impl Report {
+    /// Records how part `part` ended: a failure gets a section of its own
+    /// and a `failed` entry in the JSON; the other parts go on.
+    fn outcome(&mut self, part: Part, result: Result<()>) {
+        let Err(e) = result else { return };
+        let why = format!("{e:#}");
+        let name = part.name();
+        self.sections
+            .push((format!("{name}: FAILED"), format!("{why}\n")));
+        let failed = self.json.entry("failed").or_insert_with(|| json!({}));
+        failed[name] = json!(why);
+        self.failed.push((part, why));
+    }
+}
+
+impl Part {
+    /// Its name on the command line and in the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Part::Window => "window",
+            Part::Fanout => "fanout",
+            Part::Stall => "stall",
+            Part::Memory => "memory",
+            Part::Flush => "flush",
+        }
+    }
 }
 
 fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -752,11 +782,17 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Part 4: the controller's memory while it holds `n` freeze streams.
-pub async fn memory(fleet: &mut NoopFleet, n: usize, report: &mut Report) -> Result<()> {
+/// Part 4: the controller's memory while it holds `n` freeze streams:
+/// `stillpoint quiesce` (the `controller` binary) measured from outside.
+pub async fn memory(
+    fleet: &mut NoopFleet,
+    controller: &Path,
+    n: usize,
+    report: &mut Report,
+) -> Result<()> {
     fleet.grow(n).await?;
     let config = fleet.config_file(n)?;
-    let exe = std::env::current_exe()?;
+    let exe = controller;
     let out_path = fleet.dir.path().join("quiesce.out");
     let mut child = Command::new(exe)
         .arg("--config")
@@ -914,48 +950,91 @@ one Redis primary (64-byte values), freeze → flush → thaw through its agent;
 }
 
 /// Runs the selected parts; `say` reports progress.
-pub async fn run(options: &Options, agent: &Path, say: impl Fn(&str)) -> Result<Report> {
+///
+/// A part that fails is recorded as failed in the report and the others
+/// still run.
+pub async fn run(options: &Options, agent: &Path, controller: &Path, say: impl Fn(&str)) -> Report {
     let mut report = Report::default();
     report.json.insert("machine".into(), machine());
     let wants = |p: Part| options.parts.contains(&p);
     if wants(Part::Window) || wants(Part::Stall) {
         say("starting the six databases on btrfs and their agents");
-        let cluster = Cluster::start(agent, &say).await?;
-        if wants(Part::Window) {
-            say(&format!(
-                "1. freeze window: Stillpoint and exec hooks, {} runs each",
-                options.runs
-            ));
-            window(&cluster, options.runs, &mut report).await?;
+        match Cluster::start(agent, &say).await {
+            Err(e) => {
+                let why = format!("starting the six databases: {e:#}");
+                for p in [Part::Window, Part::Stall]
+                    .into_iter()
+                    .filter(|p| wants(*p))
+                {
+                    report.outcome(p, Err(anyhow::anyhow!("{why}")));
+                }
+            }
+            Ok(cluster) => {
+                if wants(Part::Window) {
+                    say(&format!(
+                        "1. freeze window: Stillpoint and exec hooks, {} runs each",
+                        options.runs
+                    ));
+                    let r = window(&cluster, options.runs, &mut report).await;
+                    report.outcome(Part::Window, r);
+                }
+                if wants(Part::Stall) {
+                    say(&format!(
+                        "3. application stall: pgbench, {} s without and {} s with backups",
+                        options.pgbench_seconds, options.pgbench_seconds
+                    ));
+                    let r = stall(&cluster, options.pgbench_seconds, &mut report).await;
+                    report.outcome(Part::Stall, r);
+                }
+                drop(cluster);
+            }
         }
-        if wants(Part::Stall) {
-            say(&format!(
-                "3. application stall: pgbench, {} s without and {} s with backups",
-                options.pgbench_seconds, options.pgbench_seconds
-            ));
-            stall(&cluster, options.pgbench_seconds, &mut report).await?;
-        }
-        drop(cluster);
     }
     if wants(Part::Fanout) || wants(Part::Memory) {
-        let mut fleet = NoopFleet::new(agent)?;
-        if wants(Part::Fanout) {
-            say(&format!("2. fan-out: {:?} noop agents", options.fanout));
-            fanout(&mut fleet, &options.fanout, options.runs, &mut report).await?;
-        }
-        if wants(Part::Memory) {
-            say(&format!(
-                "4. controller memory: {} agent channels",
-                options.channels
-            ));
-            memory(&mut fleet, options.channels, &mut report).await?;
-        }
+        fleet_parts(options, agent, controller, &say, &mut report).await;
     }
     if wants(Part::Flush) {
         say("5. flush cost: a Redis primary, RDB only and AOF, 10k and 1M keys");
-        flush(agent, options.runs, &mut report).await?;
+        let r = flush(agent, options.runs, &mut report).await;
+        report.outcome(Part::Flush, r);
     }
-    Ok(report)
+    report
+}
+
+/// Parts 2 and 4, on one fleet of noop agents.
+async fn fleet_parts(
+    options: &Options,
+    agent: &Path,
+    controller: &Path,
+    say: &impl Fn(&str),
+    report: &mut Report,
+) {
+    let wants = |p: Part| options.parts.contains(&p);
+    let mut fleet = match NoopFleet::new(agent) {
+        Ok(f) => f,
+        Err(e) => {
+            for p in [Part::Fanout, Part::Memory]
+                .into_iter()
+                .filter(|p| wants(*p))
+            {
+                report.outcome(p, Err(anyhow::anyhow!("starting noop agents: {e:#}")));
+            }
+            return;
+        }
+    };
+    if wants(Part::Fanout) {
+        say(&format!("2. fan-out: {:?} noop agents", options.fanout));
+        let r = fanout(&mut fleet, &options.fanout, options.runs, report).await;
+        report.outcome(Part::Fanout, r);
+    }
+    if wants(Part::Memory) {
+        say(&format!(
+            "4. controller memory: {} agent channels",
+            options.channels
+        ));
+        let r = memory(&mut fleet, controller, options.channels, report).await;
+        report.outcome(Part::Memory, r);
+    }
 }
 
 /// What the figures were measured on.

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::bench::{self, Options, Part};
-use crate::servers::agent::agent_binary;
+use crate::servers::agent::{agent_binary, controller_binary};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -35,9 +35,10 @@ pub struct BenchArgs {
     pub json: PathBuf,
 }
 
-/// Under `cargo run`, (re)builds the agent beside this binary first, so
-/// that one command runs the suite on a fresh clone.
-fn build_agent_under_cargo() -> anyhow::Result<()> {
+/// Under `cargo run`, (re)builds the agent and the `stillpoint` CLI (whose
+/// memory part 4 measures) beside this binary first, so that one command
+/// runs the suite on a fresh clone.
+fn build_under_cargo() -> anyhow::Result<()> {
     let Ok(cargo) = std::env::var("CARGO") else {
         return Ok(());
     };
@@ -48,13 +49,26 @@ fn build_agent_under_cargo() -> anyhow::Result<()> {
         .is_some_and(|n| n != "debug");
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "-p", "stillpoint-agent", "--manifest-path"])
-        .arg(&manifest);
+    cmd.args([
+        "build",
+        "-p",
+        "stillpoint-agent",
+        "-p",
+        "stillpoint-controller",
+        "--bins",
+        "--manifest-path",
+    ])
+    .arg(&manifest);
     if release {
         cmd.arg("--release");
     }
-    let status = cmd.status().context("building stillpoint-agent")?;
-    anyhow::ensure!(status.success(), "building stillpoint-agent failed");
+    let status = cmd
+        .status()
+        .context("building stillpoint-agent and stillpoint")?;
+    anyhow::ensure!(
+        status.success(),
+        "building stillpoint-agent and stillpoint failed"
+    );
     Ok(())
 }
 
@@ -69,8 +83,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             "note: this is a debug build; figures from `cargo run --release -p stillpoint-lab -- bench` are the ones to quote"
         );
     }
-    build_agent_under_cargo()?;
+    build_under_cargo()?;
     let agent = agent_binary()?;
+    let controller = controller_binary()?;
     let options = Options {
         runs: args.runs.max(1),
         fanout: args.fanout.clone(),
@@ -80,7 +95,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     let report = stillpoint_controller::cli::runtime()?.block_on(async {
         tokio::select! {
-            r = bench::run(&options, &agent, |m| eprintln!("==> {m}")) => r,
+            r = bench::run(&options, &agent, &controller, |m| eprintln!("==> {m}")) => Ok(r),
             _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted: everything was stopped and removed")),
         }
     })?;
@@ -105,5 +120,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("writing {}", args.json.display()))?;
     println!("JSON written to {}", args.json.display());
+    if !report.failed.is_empty() {
+        let parts: Vec<&str> = report.failed.iter().map(|(p, _)| p.name()).collect();
+        anyhow::bail!(
+            "{} part(s) failed: {} (the others' tables and JSON are above)",
+            parts.len(),
+            parts.join(", ")
+        );
+    }
     Ok(())
 }
