@@ -188,7 +188,9 @@ fn rename_hosts(data: &Path, hosts: &HostRenames) -> Result<String, RestoreError
             .split('\n')
             .map(|line| match conf {
                 true if !line.trim_start().starts_with("primary_conninfo") => line.to_string(),
-                _ => hosts.rename(line),
+                true => hosts.rename(line),
+                // A master.info line is a host, or not one at all.
+                false => hosts.rename_host(line),
             })
             .collect();
         let renamed = renamed.join("\n");

@@ -13,9 +13,14 @@
 //! - a Service qualified by the namespace: `<svc>.<namespace>[.svc[.cluster.local]]`
 //!   (anywhere);
 //! - a Service by its bare name `<svc>` only where it can be nothing but
-//!   a host: the whole text (an argument, an environment value, a line),
-//!   or right after `host=` (any case: `host=`, `PGHOST=`, `--host=`), `@`
-//!   or `//`.
+//!   a host: right after `host=` (any case: `host=`, `PGHOST=`,
+//!   `--host=`), `@` or `//`, or after the word `-h`, `--host`,
+//!   `replicaof`, `slaveof` (or `--replicaof`, `--slaveof`) and spaces;
+//!   or, by [`HostRenames::rename_host`], as the whole of a value known to
+//!   be a host (an argument after such a flag, an environment variable
+//!   whose name says `HOST`, `PRIMARY` or `MASTER`, a `master.info` host
+//!   line). Elsewhere a bare word is left: `redis` may as well be an
+//!   engine's name.
 //!
 //! Names of other namespaces, pod IPs and anything else are left as they
 //! are. This is string work of our own: no crate renames Kubernetes
@@ -59,6 +64,17 @@ impl HostRenames {
 
     /// `text` with every name of the originals renamed (see the module doc).
     pub fn rename(&self, text: &str) -> String {
+        self.rename_in(text, false)
+    }
+
+    /// `value`, which is a host as a whole, renamed if it names an
+    /// original (a bare Service name included); any other text as
+    /// [`HostRenames::rename`] renames it.
+    pub fn rename_host(&self, value: &str) -> String {
+        self.rename_in(value, true)
+    }
+
+    fn rename_in(&self, text: &str, whole_is_host: bool) -> String {
         let mut out = String::with_capacity(text.len());
         let mut rest = text;
         while let Some(start) = rest.find(is_name_char) {
@@ -66,7 +82,7 @@ impl HostRenames {
             out.push_str(before);
             let len = from.find(|c| !is_name_char(c)).unwrap_or(from.len());
             let (token, after) = from.split_at(len);
-            let whole = out.is_empty() && after.is_empty();
+            let whole = whole_is_host && out.is_empty() && after.is_empty();
             let bare_ok = whole || host_position(&out);
             out.push_str(&self.token(token, bare_ok).unwrap_or_else(|| token.into()));
             rest = after;
@@ -151,10 +167,37 @@ fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
 }
 
-/// Whether what precedes a token makes it a host: `host=`, `@`, `//`.
+/// The words after which (and spaces) a word is a host.
+const HOST_FLAGS: &[&str] = &[
+    "-h",
+    "--host",
+    "replicaof",
+    "slaveof",
+    "--replicaof",
+    "--slaveof",
+];
+
+/// Whether `arg` is a flag or directive whose next word is a host.
+pub fn is_host_flag(arg: &str) -> bool {
+    HOST_FLAGS.contains(&arg.trim().to_ascii_lowercase().as_str())
+}
+
+/// Whether what precedes a token makes it a host: `host=`, `@`, `//`, or
+/// one of [`HOST_FLAGS`] and spaces.
 fn host_position(before: &str) -> bool {
     let lower = before.to_ascii_lowercase();
-    lower.ends_with("host=") || lower.ends_with('@') || lower.ends_with("//")
+    if lower.ends_with("host=") || lower.ends_with('@') || lower.ends_with("//") {
+        return true;
+    }
+    let trimmed = lower.trim_end();
+    if trimmed.len() == lower.len() {
+        return false;
+    }
+    let word = trimmed
+        .rsplit(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+        .next()
+        .unwrap_or_default();
+    HOST_FLAGS.contains(&word)
 }
 
 #[cfg(test)]
@@ -199,7 +242,8 @@ mod tests {
     fn a_bare_service_name_is_renamed_only_where_it_is_a_host() {
         let r = shop();
         for (from, to) in [
-            ("pg", "copy-pg"),
+            ("pg", "pg"),
+            ("redis", "redis"),
             (
                 "host=pg port=5432 user=pg",
                 "host=copy-pg port=5432 user=pg",
@@ -207,12 +251,23 @@ mod tests {
             ("PGHOST=pg", "PGHOST=copy-pg"),
             ("postgres://u@pg:5432/pg", "postgres://u@copy-pg:5432/pg"),
             ("redis://redis:6379", "redis://copy-redis:6379"),
-            ("--replicaof redis 6379", "--replicaof redis 6379"),
+            ("--replicaof redis 6379", "--replicaof copy-redis 6379"),
+            ("replicaof  redis 6379", "replicaof  copy-redis 6379"),
+            (
+                "pg_basebackup -h pg -U pg",
+                "pg_basebackup -h copy-pg -U pg",
+            ),
             ("-U pg", "-U pg"),
             ("/var/lib/pg/data", "/var/lib/pg/data"),
+            ("engine: redis", "engine: redis"),
         ] {
             assert_eq!(r.rename(from), to, "{from}");
         }
+        // A value known to be a host: as a whole too.
+        assert_eq!(r.rename_host("redis"), "copy-redis");
+        assert_eq!(r.rename_host("redis-0.redis"), "copy-redis-0.copy-redis");
+        assert_eq!(r.rename_host("other"), "other");
+        assert!(is_host_flag("--replicaof") && is_host_flag("-h") && !is_host_flag("-U"));
     }
 
     #[test]

@@ -1775,8 +1775,11 @@ async fn shop_statefulsets(space: &Space, pg: impl Fn(String) -> String) -> (Pod
 }
 
 /// [`shop_statefulsets`] with settings the PostgreSQL pods read (ConfigMap
-/// `shop-settings`, Secret `shop-password`).
-async fn shop_with_settings(space: &Space) -> (Pod, Pod) {
+/// `shop-settings`, Secret `shop-password`), and a MariaDB primary and
+/// replica (`maria`, `maria-replica`, the replica naming its primary
+/// `maria-0.maria`) in the group. Returns the primaries: PostgreSQL,
+/// MariaDB, Redis.
+async fn shop_with_settings(space: &Space) -> [Pod; 3] {
     let ns = space.ns.clone();
     space
         .apply(&format!(
@@ -1786,13 +1789,259 @@ async fn shop_with_settings(space: &Space) -> (Pod, Pod) {
              stringData: {{PASSWORD: s3cret}}\n"
         ))
         .await;
-    shop_statefulsets(space, |yaml: String| {
+    let (pg0, redis0) = shop_statefulsets(space, |yaml: String| {
         yaml.replace(
             "        image: postgres:15\n",
             "        image: postgres:15\n        envFrom: [{configMapRef: {name: shop-settings}}, {secretRef: {name: shop-password}}]\n",
         )
     })
+    .await;
+    space.identity("maria").await;
+    space
+        .apply(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: maria, namespace: {ns}}}\n\
+             spec: {{clusterIP: None, selector: {{app: maria}}, ports: [{{port: 3306}}]}}\n"
+        ))
+        .await;
+    space
+        .apply(&sts_yaml(&ns, "maria", "mariadb", None, Run::Original))
+        .await;
+    let maria0 = space.ready("maria-0").await;
+    space
+        .apply(&sts_yaml(
+            &ns,
+            "maria-replica",
+            "mariadb",
+            Some("maria-0.maria"),
+            Run::Original,
+        ))
+        .await;
+    maria_follows(&space.ready("maria-replica-0").await).await;
+    // The shop's group, with MariaDB's members too.
+    let members: Vec<serde_json::Value> = [
+        ("pg", "pg"),
+        ("pg-replica", "pg-replica"),
+        ("maria", "maria"),
+        ("maria-replica", "maria-replica"),
+        ("cache", "redis"),
+        ("cache-replica", "redis-replica"),
+    ]
+    .into_iter()
+    .map(|(name, app)| serde_json::json!({"name": name, "selector": {"matchLabels": {"app": app}}}))
+    .collect();
+    space
+        .groups()
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"members": members}})),
+        )
+        .await
+        .unwrap();
+    [pg0, maria0, redis0]
+}
+
+/// Waits until MariaDB `replica` replicates (both threads running).
+async fn maria_follows(replica: &Pod) {
+    use mysql_async::prelude::Queryable;
+    let c = std::sync::Arc::new(tokio::sync::Mutex::new(maria_connect(replica).await));
+    wait_async("the MariaDB replica replicating", BOUND, || {
+        let c = c.clone();
+        async move {
+            let row: Option<mysql_async::Row> =
+                c.lock().await.query_first("SHOW SLAVE STATUS").await?;
+            Ok(row.is_some_and(|r| {
+                r.get::<String, _>("Slave_IO_Running").as_deref() == Some("Yes")
+                    && r.get::<String, _>("Slave_SQL_Running").as_deref() == Some("Yes")
+            }))
+        }
+    })
     .await
+    .unwrap();
+}
+
+/// The causal workload in both directions over the shop with MariaDB:
+/// step `n` goes PostgreSQL → Redis → MariaDB (`chain`), then MariaDB →
+/// Redis → PostgreSQL (`back`), each write after the previous one was
+/// acknowledged; `acked` counts the steps done whole.
+struct BothWays {
+    stop: tokio::sync::watch::Sender<bool>,
+    acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BothWays {
+    async fn start([pg, maria, redis]: &[Pod; 3]) -> BothWays {
+        use mysql_async::prelude::Queryable;
+        let db = pg_connect(pg).await;
+        db.batch_execute(
+            "CREATE TABLE IF NOT EXISTS chain (id int primary key); \
+             CREATE TABLE IF NOT EXISTS back (id int primary key)",
+        )
+        .await
+        .unwrap();
+        let mut my = maria_connect(maria).await;
+        my.query_drop(
+            "CREATE DATABASE IF NOT EXISTS shop; \
+             CREATE TABLE IF NOT EXISTS shop.chain (id int primary key); \
+             CREATE TABLE IF NOT EXISTS shop.back (id int primary key)",
+        )
+        .await
+        .unwrap();
+        let mut cache = redis_connect(redis).await;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let done = acked.clone();
+        let task = tokio::spawn(async move {
+            let mut n: i32 = 0;
+            while !*stopped.borrow() {
+                n += 1;
+                db.execute("INSERT INTO chain VALUES ($1)", &[&n])
+                    .await
+                    .unwrap();
+                let _: i64 = redis::cmd("RPUSH")
+                    .arg("chain")
+                    .arg(n)
+                    .query_async(&mut cache)
+                    .await
+                    .unwrap();
+                my.exec_drop("INSERT INTO shop.chain VALUES (?)", (n,))
+                    .await
+                    .unwrap();
+                my.exec_drop("INSERT INTO shop.back VALUES (?)", (n,))
+                    .await
+                    .unwrap();
+                let _: i64 = redis::cmd("RPUSH")
+                    .arg("back")
+                    .arg(n)
+                    .query_async(&mut cache)
+                    .await
+                    .unwrap();
+                db.execute("INSERT INTO back VALUES ($1)", &[&n])
+                    .await
+                    .unwrap();
+                done.store(n as usize, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        BothWays { stop, acked, task }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn stop(self) -> usize {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap();
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The ids of `table` in each engine's restored server (pods
+/// `<prefix><workload>-0`): PostgreSQL, its replica, MariaDB, its replica,
+/// Redis, its replica.
+async fn shop_ids(space: &Space, prefix: &str, table: &str) -> [BTreeSet<i32>; 6] {
+    use mysql_async::prelude::Queryable;
+    let pod = |w: &str| format!("{prefix}{w}-0");
+    let mut out: Vec<BTreeSet<i32>> = Vec::new();
+    for w in ["pg", "pg-replica"] {
+        let p = space.ready(&pod(w)).await;
+        let rows = pg_connect(&p)
+            .await
+            .query(&format!("SELECT id FROM {table}"), &[])
+            .await
+            .unwrap();
+        out.push(rows.iter().map(|r| r.get::<_, i32>(0)).collect());
+    }
+    for w in ["maria", "maria-replica"] {
+        let p = space.ready(&pod(w)).await;
+        let ids: Vec<i32> = maria_connect(&p)
+            .await
+            .query(format!("SELECT id FROM shop.{table}"))
+            .await
+            .unwrap();
+        out.push(ids.into_iter().collect());
+    }
+    for w in ["redis", "redis-replica"] {
+        let p = space.ready(&pod(w)).await;
+        let ids: Vec<i32> = redis::cmd("LRANGE")
+            .arg(table)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut redis_connect(&p).await)
+            .await
+            .unwrap();
+        out.push(ids.into_iter().collect());
+    }
+    out.try_into().unwrap()
+}
+
+/// The restored shop (`<prefix>` pods) is a consistent cut of
+/// [`BothWays`]: in each direction no later hop holds a step an earlier
+/// one lacks, no replica is ahead of its primary, and every step
+/// acknowledged before the backup (`before`) is in every primary and
+/// every aligned replica (PostgreSQL's, MariaDB's).
+async fn check_both_ways(tag: &str, space: &Space, prefix: &str, before: usize) {
+    let subset = |a: &BTreeSet<i32>, b: &BTreeSet<i32>, what: &str| {
+        let extra: Vec<&i32> = a.difference(b).take(5).collect();
+        assert!(extra.is_empty(), "{tag}: {what}: {extra:?}");
+    };
+    let expected: BTreeSet<i32> = (1..=before as i32).collect();
+    let chain = shop_ids(space, prefix, "chain").await;
+    subset(
+        &chain[4],
+        &chain[0],
+        "chain: Redis holds steps PostgreSQL does not",
+    );
+    subset(
+        &chain[2],
+        &chain[4],
+        "chain: MariaDB holds steps Redis does not",
+    );
+    let back = shop_ids(space, prefix, "back").await;
+    subset(
+        &back[4],
+        &back[2],
+        "back: Redis holds steps MariaDB does not",
+    );
+    subset(
+        &back[0],
+        &back[4],
+        "back: PostgreSQL holds steps Redis does not",
+    );
+    for (table, ids) in [("chain", chain), ("back", back)] {
+        let [pg, pg_r, my, my_r, redis, redis_r] = ids;
+        subset(
+            &pg_r,
+            &pg,
+            &format!("{table}: the PostgreSQL replica is ahead"),
+        );
+        subset(
+            &my_r,
+            &my,
+            &format!("{table}: the MariaDB replica is ahead"),
+        );
+        subset(
+            &redis_r,
+            &redis,
+            &format!("{table}: the Redis replica is ahead"),
+        );
+        let held = [
+            (&pg, "PostgreSQL"),
+            (&pg_r, "the PostgreSQL replica"),
+            (&my, "MariaDB"),
+            (&my_r, "the MariaDB replica"),
+            (&redis, "Redis"),
+        ];
+        for (ids, who) in held {
+            subset(
+                &expected,
+                ids,
+                &format!("{table}: {who} lacks steps acknowledged before the backup"),
+            );
+        }
+    }
 }
 
 /// Deletes namespace `ns` and waits until it is gone.
@@ -1819,6 +2068,7 @@ async fn restore_from_nothing(space: &Space, content: &str, before: usize) {
     let r = restore(space, "back", &format!("{{content: {content}}}")).await;
     let rs = r.status.clone().unwrap();
     assert_eq!(rs.phase, Some(RestorePhase::Succeeded), "{rs:#?}");
+    eprintln!("restored from nothing into {}: {:#?}", space.ns, rs.members);
     for m in rs
         .members
         .iter()
@@ -1829,10 +2079,10 @@ async fn restore_from_nothing(space: &Space, content: &str, before: usize) {
             "{m:?}"
         );
     }
-    check_cut(
+    check_both_ways(
         &format!("from content into {}", space.ns),
-        ["pg-0", "pg-replica-0", "redis-0", "redis-replica-0"],
         space,
+        "",
         before,
     )
     .await;
@@ -1848,7 +2098,7 @@ async fn restore_from_nothing(space: &Space, content: &str, before: usize) {
     let pg = services.get("pg").await.unwrap();
     assert_eq!(pg.spec.unwrap().cluster_ip.as_deref(), Some("None"));
     assert!(space.groups().get_opt("shop").await.unwrap().is_some());
-    follow_restored_primaries(space).await;
+    follow_restored_primaries(space, "").await;
     nothing_leaked(space).await;
     let uid = r.uid().unwrap();
     let groups = stillpoint_controller::kube::csi::volume_group_snapshot_resource(&space.admin)
@@ -1881,19 +2131,21 @@ async fn restore_from_nothing(space: &Space, content: &str, before: usize) {
     .unwrap();
 }
 
-/// The restored replicas replicate from the restored primaries, which
-/// their kept configuration names by Service (`pg-0.pg`, `redis-0.redis`):
-/// a write on each primary after the restore reaches its replica.
-async fn follow_restored_primaries(space: &Space) {
+/// The restored replicas (pods `<prefix>pg-replica-0`,
+/// `<prefix>redis-replica-0`) replicate from the restored primaries, which
+/// their kept configuration names by Service (`pg-0.pg`, `redis-0.redis`,
+/// renamed for copies): a write on each primary after the restore reaches
+/// its replica.
+async fn follow_restored_primaries(space: &Space, prefix: &str) {
     let [pg0, pg1, redis0, redis1] = {
         let mut pods = Vec::new();
         for name in ["pg-0", "pg-replica-0", "redis-0", "redis-replica-0"] {
-            pods.push(space.ready(name).await);
+            pods.push(space.ready(&format!("{prefix}{name}")).await);
         }
         <[Pod; 4]>::try_from(pods).unwrap()
     };
     streaming(&pg1, &redis1).await;
-    let mark = format!("after-restore-{}", space.ns);
+    let mark = format!("after-restore-{}{prefix}", space.ns);
     pg_connect(&pg0)
         .await
         .execute("CREATE TABLE IF NOT EXISTS marks (m text)", &[])
@@ -1931,6 +2183,44 @@ async fn follow_restored_primaries(space: &Space) {
             }
         },
     )
+    .await
+    .unwrap();
+    maria_mark_reaches(
+        space,
+        &format!("{prefix}maria-0"),
+        &format!("{prefix}maria-replica-0"),
+        &mark,
+    )
+    .await;
+}
+
+/// Writes `mark` on MariaDB pod `primary` and waits until its replica
+/// `replica` has it.
+async fn maria_mark_reaches(space: &Space, primary: &str, replica: &str, mark: &str) {
+    use mysql_async::prelude::Queryable;
+    let mut my = maria_connect(&space.ready(primary).await).await;
+    my.query_drop("CREATE TABLE IF NOT EXISTS shop.marks (m varchar(200))")
+        .await
+        .unwrap();
+    my.exec_drop("INSERT INTO shop.marks VALUES (?)", (mark,))
+        .await
+        .unwrap();
+    let replica = std::sync::Arc::new(tokio::sync::Mutex::new(
+        maria_connect(&space.ready(replica).await).await,
+    ));
+    wait_async("the write on the MariaDB primary replicated", BOUND, || {
+        let replica = replica.clone();
+        async move {
+            let seen: Option<String> = replica
+                .lock()
+                .await
+                .exec_first("SELECT m FROM shop.marks WHERE m = ?", (mark,))
+                .await
+                .ok()
+                .flatten();
+            Ok(seen.is_some())
+        }
+    })
     .await
     .unwrap();
 }
@@ -1997,10 +2287,10 @@ async fn snapshot_content_api(space: &Space) -> Api<::kube::api::DynamicObject> 
 async fn the_application_comes_back_from_its_content_alone_after_its_namespace_is_deleted() {
     let space = Space::new("nothing").await;
     let ns = space.ns.clone();
-    let (pg0, redis0) = shop_with_settings(&space).await;
+    let shop = shop_with_settings(&space).await;
     let controller = space.controller("nothing", &format!("lease-{ns}")).await;
     space.protectable("shop", "True").await;
-    let workload = Workload::start(&pg0, &redis0).await;
+    let workload = BothWays::start(&shop).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut taken = Vec::new();
     for driver in ["csi", "csi-group"] {
@@ -2008,6 +2298,11 @@ async fn the_application_comes_back_from_its_content_alone_after_its_namespace_i
         let before = workload.acked();
         let b = space.backup(&format!("{driver}-1"), "shop").await;
         assert_eq!(status(&b).phase, Some(BackupPhase::Succeeded), "{driver}");
+        assert_eq!(
+            status(&b).members.len(),
+            6,
+            "every member of the shop, MariaDB too"
+        );
         taken.push((status(&b).content.unwrap(), before));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -2021,7 +2316,7 @@ async fn the_application_comes_back_from_its_content_alone_after_its_namespace_i
     // namespace: the new one gets its own, which the restore leaves as
     // it is.
     let elsewhere = Space::new("nothing-elsewhere").await;
-    for sa in ["pg", "redis"] {
+    for sa in ["pg", "maria", "redis"] {
         elsewhere.identity(sa).await;
     }
     let other = elsewhere
@@ -2042,6 +2337,120 @@ async fn the_application_comes_back_from_its_content_alone_after_its_namespace_i
         .controller("nothing-again", &format!("lease-{ns}-again"))
         .await;
     restore_from_nothing(&space, &taken[0].0, taken[0].1).await;
+
+    // Under new names next to the running original, with no copy written
+    // by hand: the restore makes them, and the copies follow each other.
+    restore_beside_the_original(&space, &taken[1].0, taken[1].1).await;
+}
+
+/// Restores content `content` under new names (`copy-`) next to the
+/// application running in `space`, and checks the copies: consistent,
+/// each replica following its copied primary and not the original, and
+/// none of them taken into the original's group.
+async fn restore_beside_the_original(space: &Space, content: &str, before: usize) {
+    use stillpoint_controller::kube::crd::RestorePhase;
+    let r = restore(
+        space,
+        "copy",
+        &format!("{{content: {content}, pvcPrefix: copy-}}"),
+    )
+    .await;
+    let rs = r.status.clone().unwrap();
+    assert_eq!(rs.phase, Some(RestorePhase::Succeeded), "{rs:#?}");
+    for m in &rs.members {
+        assert!(
+            m.restored_pod
+                .as_deref()
+                .is_some_and(|p| p.starts_with("copy-")),
+            "{m:?}"
+        );
+        if m.engine.as_deref() == Some("postgres") {
+            assert!(
+                m.check.as_deref().unwrap_or_default().starts_with("ok:"),
+                "{m:?}"
+            );
+        }
+    }
+    check_both_ways(
+        "under new names next to the original",
+        space,
+        "copy-",
+        before,
+    )
+    .await;
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(space.admin.clone(), &space.ns);
+    let copied = services.get("copy-pg").await.unwrap();
+    assert_eq!(
+        copied.spec.unwrap().selector.unwrap()["app"],
+        "copy-pg",
+        "the copied Service selects the copies"
+    );
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(space.admin.clone(), &space.ns);
+    assert!(maps.get_opt("copy-shop-settings").await.unwrap().is_some());
+    follow_restored_primaries(space, "copy-").await;
+    // A write on the original primary never reaches the copied replica.
+    let original = space.ready("pg-0").await;
+    let mark = format!("original-only-{}", space.ns);
+    pg_connect(&original)
+        .await
+        .execute("INSERT INTO marks VALUES ($1)", &[&mark])
+        .await
+        .unwrap();
+    let replica = pg_connect(&space.ready("pg-replica-0").await).await;
+    wait_async(
+        "the original replica has the original's write",
+        BOUND,
+        || {
+            let (replica, mark) = (&replica, &mark);
+            async move {
+                Ok(replica
+                    .query_opt("SELECT 1 FROM marks WHERE m = $1", &[mark])
+                    .await?
+                    .is_some())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let copy = pg_connect(&space.ready("copy-pg-replica-0").await).await;
+    let leaked = copy
+        .query_opt("SELECT 1 FROM marks WHERE m = $1", &[&mark])
+        .await
+        .unwrap();
+    assert!(leaked.is_none(), "the copied replica follows the original");
+    {
+        use mysql_async::prelude::Queryable;
+        maria_mark_reaches(space, "maria-0", "maria-replica-0", &mark).await;
+        let seen: Option<String> = maria_connect(&space.ready("copy-maria-replica-0").await)
+            .await
+            .exec_first("SELECT m FROM shop.marks WHERE m = ?", (&mark,))
+            .await
+            .unwrap();
+        assert!(
+            seen.is_none(),
+            "the copied MariaDB replica follows the original"
+        );
+    }
+    // The original's group does not take the copies.
+    let b = space.backup("after-copy", "shop").await;
+    let pods: BTreeSet<String> = status(&b).members.iter().map(|m| m.pod.clone()).collect();
+    assert_eq!(
+        pods,
+        BTreeSet::from(
+            [
+                "pg-0",
+                "pg-replica-0",
+                "maria-0",
+                "maria-replica-0",
+                "redis-0",
+                "redis-replica-0"
+            ]
+            .map(String::from)
+        ),
+    );
+    nothing_leaked(space).await;
 }
 
 /// Tears a second lab of a test down when the test ends, passed or not.
@@ -2065,10 +2474,10 @@ impl Drop for SecondLab {
 async fn a_backup_exported_from_one_cluster_restores_in_another_on_the_same_storage() {
     let space = Space::new("carried").await;
     let ns = space.ns.clone();
-    let (pg0, redis0) = shop_with_settings(&space).await;
+    let shop = shop_with_settings(&space).await;
     let controller = space.controller("carried", &format!("lease-{ns}")).await;
     space.protectable("shop", "True").await;
-    let workload = Workload::start(&pg0, &redis0).await;
+    let workload = BothWays::start(&shop).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut taken = Vec::new();
     for (driver, name) in [("csi-group", "grouped-1"), ("csi", "carried-1")] {
@@ -2120,7 +2529,7 @@ async fn a_backup_exported_from_one_cluster_restores_in_another_on_the_same_stor
     let made: k8s_openapi::api::core::v1::Namespace =
         serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap();
     namespaces.create(&Default::default(), &made).await.unwrap();
-    for sa in ["pg", "redis"] {
+    for sa in ["pg", "maria", "redis"] {
         there.identity(sa).await;
     }
     for (file, (content, _)) in [grouped, carried].iter().zip(&taken) {
@@ -3600,6 +4009,7 @@ fn sts_yaml(ns: &str, name: &str, engine: &str, upstream: Option<&str>, run: Run
                 ),
             )
         }
+        "mariadb" => ("maria", maria_server(upstream)),
         _ => {
             let replica = match (run, upstream) {
                 (Run::Original, Some(p)) => format!(", --replicaof, {p}, \"6379\""),
@@ -3620,6 +4030,7 @@ fn sts_yaml(ns: &str, name: &str, engine: &str, upstream: Option<&str>, run: Run
     };
     let dsn = match engine {
         "postgres" => "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
+        "mariadb" => "mysql://root@127.0.0.1:3306/",
         _ => "redis://127.0.0.1:6379",
     };
     let agent = template_agent(engine, dsn);
@@ -3642,6 +4053,45 @@ spec:
   volumeClaimTemplates:
   - metadata: {{name: data}}
     spec: {{accessModes: [ReadWriteOnce], resources: {{requests: {{storage: 1Gi}}}}}}
+"#
+    )
+}
+
+/// The MariaDB container of a StatefulSet: a primary, or a replica of
+/// `upstream` (set up once, on its first start: afterwards it follows
+/// whom its `master.info` names). Nothing its init file does is
+/// binlogged: a restored server's GTID set is what it was frozen at.
+fn maria_server(upstream: Option<&str>) -> String {
+    let (uid, gid) = user("mysql");
+    let (id, follow) = match upstream {
+        None => (1, String::new()),
+        Some(p) => (
+            2,
+            format!(
+                " && echo \\\"CHANGE MASTER TO MASTER_HOST='{p}', MASTER_USER='root', MASTER_USE_GTID=slave_pos;\\\" >> /tmp/first.sql \
+                 && echo \\\"START SLAVE;\\\" >> /tmp/first.sql"
+            ),
+        ),
+    };
+    let start = format!(
+        "echo \\\"SET sql_log_bin=0;\\\" > /tmp/init.sql && \
+         echo \\\"CREATE USER IF NOT EXISTS root@'%';\\\" >> /tmp/init.sql && \
+         echo \\\"GRANT ALL ON *.* TO root@'%' WITH GRANT OPTION;\\\" >> /tmp/init.sql && \
+         {{ test -d /data/db/mysql || {{ mariadb-install-db --no-defaults --datadir=/data/db \
+            --auth-root-authentication-method=normal --skip-test-db >/dev/null 2>&1{follow}; }}; }} && \
+         {{ test ! -f /tmp/first.sql || cat /tmp/first.sql >> /tmp/init.sql; }} && \
+         exec mariadbd --no-defaults --datadir=/data/db --port=3306 --bind-address=0.0.0.0 \
+            --socket=/tmp/mysqld.sock --pid-file=/tmp/mysqld.pid --skip-name-resolve \
+            --innodb-buffer-pool-size=64M --server-id={id} --log-bin=/data/db/binlog \
+            --binlog-format=ROW --init-file=/tmp/init.sql"
+    );
+    format!(
+        r#"      - name: mariadb
+        image: mariadb:10.11
+        command: [sh, -c, "{start}"]
+        securityContext: {{runAsUser: {uid}, runAsGroup: {gid}}}
+        readinessProbe: {{tcpSocket: {{port: 3306}}, periodSeconds: 1}}
+        volumeMounts: [{{name: data, mountPath: /data}}]
 "#
     )
 }
@@ -3743,9 +4193,43 @@ async fn restore(
     .await;
     let r = api.get(name).await.unwrap();
     if let Err(e) = ended {
-        panic!("{e}: {:#?}", r.status);
+        panic!("{e}: {:#?}\n{}", r.status, pods_not_ready(space).await);
     }
     r
+}
+
+/// Each pod of `space` that is not Ready: its status and its containers'
+/// last lines, for failure messages.
+async fn pods_not_ready(space: &Space) -> String {
+    let pods: Api<Pod> = Api::namespaced(space.admin.clone(), &space.ns);
+    let mut out = String::new();
+    for p in pods.list(&ListParams::default()).await.unwrap().items {
+        let ready = p
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        if ready {
+            continue;
+        }
+        let name = p.name_any();
+        out.push_str(&format!("--- pod {name} not Ready: {:?}\n", p.status));
+        let containers = p.spec.iter().flat_map(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+                .map(|c| c.name.clone())
+        });
+        for c in containers {
+            let log = space.lab.container_log(&space.ns, &name, &c);
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            out.push_str(&format!("  [{c}]\n"));
+            for l in tail.into_iter().rev() {
+                out.push_str(&format!("    {l}\n"));
+            }
+        }
+    }
+    out
 }
 
 /// When each pod of the namespace was first seen, and first seen Ready,

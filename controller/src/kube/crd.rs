@@ -648,7 +648,7 @@ pub const RESTORE_UID_LABEL: &str = "stillpoint.dev/restore-uid";
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self == oldSelf").message("a GroupRestore's spec cannot be changed; create another GroupRestore"))]
 #[x_kube(validation = Rule::new("has(self.backup) != has(self.content)").message("name exactly one of backup (a GroupBackup of this namespace) and content (a GroupBackupContent)"))]
-#[x_kube(validation = Rule::new("!has(self.content) || (!has(self.pvcPrefix) && !(has(self.inPlace) && self.inPlace))").message("a restore of a content makes the application under its original names, in a namespace that has none of them: pvcPrefix and inPlace are for a restore of a GroupBackup"))]
+#[x_kube(validation = Rule::new("!has(self.content) || !(has(self.inPlace) && self.inPlace)").message("a restore of a content makes the application under its original names, in a namespace that has none of them, or with pvcPrefix under new names: inPlace is for a restore of a GroupBackup"))]
 pub struct GroupRestoreSpec {
     /// The GroupBackup to restore (same namespace; it must have succeeded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -657,16 +657,19 @@ pub struct GroupRestoreSpec {
     /// application's kept objects are created in this namespace (those
     /// that exist are left as they are), its snapshots are bound here
     /// again by their handles, and its members restored under their
-    /// original names. The namespace may be the original one (re-created)
-    /// or any other.
+    /// original names, or with `pvcPrefix` under new ones. The namespace
+    /// may be the original one (re-created) or any other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
     /// New names (the default mode): a PVC `<name>` is restored as
     /// `<pvcPrefix><name>`, except a StatefulSet's claim `<template>-<sts>-<n>`,
     /// restored as `<template>-<pvcPrefix><sts>-<n>` so that a copy of the
     /// StatefulSet named `<pvcPrefix><sts>` claims it. The workloads scaled
-    /// up are those copies (`<pvcPrefix><workload>`, which must exist).
-    /// Default `restored-`.
+    /// up are those copies (`<pvcPrefix><workload>`): one that does not
+    /// exist is made from the workload the backup kept, with its Services
+    /// and ConfigMaps, the labels of its pods prefixed and the originals'
+    /// host names renamed. Default `restored-` for a backup; a content is
+    /// restored under new names only with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pvc_prefix: Option<String>,
     /// Replace the originals instead: each member's workload is scaled to

@@ -318,7 +318,7 @@ pub fn apply_manifest(status: &mut GroupBackupStatus, manifest: &Manifest) {
             data_directory: m
                 .paths
                 .iter()
-                .find(|p| p.what == DATA_DIRECTORY)
+                .find(|p| p.what == DATA_DIRECTORY || p.what == "datadir")
                 .map(|p| p.path.display().to_string()),
             volume_snapshots: m
                 .snapshots

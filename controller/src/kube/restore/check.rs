@@ -65,8 +65,10 @@ impl Run {
                     p.rec.pod
                 ),
                 false => format!(
-                    "{t} does not exist: create it as a copy of {} (replicas: 0, labels its group does not \
-                     select) to have pod {} restored into it, or restore with volumesOnly: true",
+                    "{t} does not exist and the backup keeps no workload to copy it from (it was taken \
+                     before backups kept their application): create it as a copy of {} (replicas: 0, \
+                     labels its group does not select) to have pod {} restored into it, or restore with \
+                     volumesOnly: true",
                     p.rec
                         .workload
                         .as_ref()

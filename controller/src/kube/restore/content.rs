@@ -6,7 +6,9 @@
 //!    the snapshots) is created in the restore's namespace, labelled with
 //!    the restore; the workloads with `replicas: 0` (the stages scale them
 //!    up), a Secret with its data from the content's kept Secret. One that
-//!    exists already is left as it is (a restore never overwrites).
+//!    exists already is left as it is (a restore never overwrites). Under
+//!    new names (`pvcPrefix`), only the ServiceAccounts and Secrets: the
+//!    rest is copied under the new names (`copies.rs`).
 //! 2. **Artefacts**: the members' artefacts go into `<restore>-artefacts`,
 //!    owned by the GroupRestore, for the preparation pods.
 //! 3. **Snapshots**: each retained snapshot is bound here again, as
@@ -21,7 +23,8 @@
 //! policy that asks for the `restore` verb (deploy/restore-policy.yaml)
 //! was bound before the GroupRestore was created.
 //!
-//! The content is then restored as the backup it records.
+//! The content is then restored as the backup it records, under its
+//! original names or, with `pvcPrefix`, under new ones.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -61,6 +64,7 @@ impl Run {
     ) -> Result<GroupBackup, Stop> {
         let content = self.content(name).await?;
         let kept = self.kept(&content).await?;
+        self.captured = content.spec.objects.clone();
         self.objects(&content.spec.objects, &kept).await?;
         self.artefacts(&kept).await?;
         let members = self.bind_snapshots(&content, bound).await?;
@@ -148,7 +152,13 @@ impl Run {
         kept: &BTreeMap<String, ByteString>,
     ) -> Result<(), Stop> {
         let (mut made, mut left) = (Vec::new(), Vec::new());
-        for o in objects.iter().filter(|o| o.kind != "PersistentVolumeClaim") {
+        // Under new names, the rest are copied (see `copies.rs`).
+        let shared = self.new_names().is_some();
+        let made_here = |o: &&CapturedObject| match shared {
+            true => matches!(o.kind.as_str(), "ServiceAccount" | "Secret"),
+            false => o.kind != "PersistentVolumeClaim",
+        };
+        for o in objects.iter().filter(made_here) {
             let Some(resource) = resource_of(o) else {
                 continue;
             };
@@ -448,7 +458,7 @@ fn secret_data(kept: &BTreeMap<String, ByteString>, name: &str) -> Result<Value,
 }
 
 /// The API resource of a kept object's kind.
-fn resource_of(o: &CapturedObject) -> Option<ApiResource> {
+pub(super) fn resource_of(o: &CapturedObject) -> Option<ApiResource> {
     let plural = match o.kind.as_str() {
         "ServiceAccount" => "serviceaccounts",
         "ConfigMap" => "configmaps",

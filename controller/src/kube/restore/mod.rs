@@ -5,10 +5,13 @@
 //!    application's kept objects, its artefacts and its snapshots bound
 //!    here by their handles (see `content.rs`); it is then restored as the
 //!    backup it records, under the original names.
-//! 1. **Checks** before anything changes: the backup succeeded, every
+//! 1. **Copies** under new names: where a member's copy
+//!    `<pvcPrefix><workload>` does not exist, it is made from the objects
+//!    the backup kept, with its Services and ConfigMaps (see `copies.rs`).
+//!    **Checks** before anything else changes: the backup succeeded, every
 //!    VolumeSnapshot is there, every member has its workload (the original
-//!    in place, the copy `<pvcPrefix><name>` otherwise), a copy claims the
-//!    restored PVCs, and no PVC of the restore's names exists already.
+//!    in place, the copy otherwise), a copy claims the restored PVCs, and
+//!    no PVC of the restore's names exists already.
 //! 2. **Down**: the workloads are scaled to zero and their pods waited out
 //!    (in place, the originals; otherwise the copies, which must not start
 //!    on empty volumes of their own).
@@ -17,8 +20,10 @@
 //!    nobody: restored data outlives its GroupRestore).
 //! 4. **Prepare**: a PostgreSQL member whose consistency method is
 //!    `backup-label` gets its WAL and `backup_label` (and
-//!    `tablespace_map`) by the agent in restore mode, run as a pod on its
-//!    restored volumes (and the WAL part's) before its workload starts.
+//!    `tablespace_map`), and a replica in a copy the restore made gets the
+//!    originals' hosts renamed in its replication settings, by the agent
+//!    in restore mode, run as a pod on its restored volumes (and the WAL
+//!    part's) before its workload starts.
 //! 5. **Stages**: in order, primaries before their replicas within a
 //!    stage; each workload is scaled to the pods the backup holds of it up
 //!    to that point, and the next step starts only when every member pod
@@ -53,6 +58,7 @@ pub use plan::restored_pvc;
 
 mod check;
 mod content;
+mod copies;
 mod groups;
 mod plan;
 mod positions;
@@ -107,11 +113,13 @@ async fn finish(run: &mut Run, outcome: Result<usize, Stop>) -> Result<(), kube:
     let (phase, reason, message) = match outcome {
         Ok(n) => {
             let spec = &run.restore.spec;
-            let mode = match (spec.in_place, spec.volumes_only, spec.content.is_some()) {
-                (_, true, _) => "their PVCs made (volumesOnly: nothing started)",
-                (_, false, true) => "restored from nothing under their names, stage by stage",
-                (true, false, false) => "restored in place, stage by stage",
-                (false, false, false) => "restored under new names, stage by stage",
+            let renamed = run.new_names().is_some();
+            let mode = match (spec.volumes_only, spec.content.is_some(), renamed) {
+                (true, _, _) => "their PVCs made (volumesOnly: nothing started)",
+                (false, true, false) => "restored from nothing under their names, stage by stage",
+                (false, true, true) => "restored from nothing under new names, stage by stage",
+                (false, false, false) => "restored in place, stage by stage",
+                (false, false, true) => "restored under new names, stage by stage",
             };
             (
                 RestorePhase::Succeeded,
@@ -207,6 +215,8 @@ async fn begin(
             None => format!("{}-artefacts", r.spec.backup.as_deref().unwrap_or_default()),
         },
         recorded: Default::default(),
+        captured: Vec::new(),
+        renames: None,
         ns,
         name,
     };

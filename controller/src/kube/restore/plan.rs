@@ -68,8 +68,8 @@ pub fn restored_pvc(
 pub(super) fn plan(backup: &GroupBackup, spec: &GroupRestoreSpec) -> Result<Vec<Planned>, Stop> {
     let s = backup.status.clone().unwrap_or_default();
     // A content is restored under the original names (into a namespace
-    // without them), as in place.
-    let renamed = !spec.in_place && spec.content.is_none();
+    // without them), as in place, unless it is given a prefix.
+    let renamed = !spec.in_place && (spec.content.is_none() || spec.pvc_prefix.is_some());
     let prefix = renamed.then(|| spec.pvc_prefix.as_deref().unwrap_or(DEFAULT_PREFIX));
     let mut planned = s
         .members
@@ -177,11 +177,12 @@ pub(super) fn validate(spec: &GroupRestoreSpec) -> Result<Duration, Stop> {
              (a GroupBackupContent)",
         ));
     }
-    if spec.content.is_some() && (spec.in_place || spec.pvc_prefix.is_some()) {
+    if spec.content.is_some() && spec.in_place {
         return Err(stop(
             Reason::InvalidSpec,
             "a restore of a content makes the application under its original names, in a namespace \
-             that has none of them: pvcPrefix and inPlace are for a restore of a GroupBackup",
+             that has none of them, or with pvcPrefix under new names: inPlace is for a restore of a \
+             GroupBackup",
         ));
     }
     if spec.in_place && spec.volumes_only {

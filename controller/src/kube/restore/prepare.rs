@@ -1,5 +1,8 @@
-//! Step 4, prepare: WAL and `backup_label` into a PostgreSQL member's restored
-//! volumes, by the agent in restore mode run as a pod.
+//! Step 4, prepare: by the agent in restore mode, run as a pod on a
+//! member's restored volumes before its server starts: WAL and
+//! `backup_label` into a PostgreSQL member cut with a backup label, and,
+//! under new names, the originals' hosts renamed in a replica's
+//! replication settings (see `copies.rs`).
 
 use k8s_openapi::api::core::v1::{Pod, PodSecurityContext, SecurityContext};
 use kube::api::DeleteParams;
@@ -38,13 +41,29 @@ pub(super) fn restricted(
 }
 
 impl Run {
-    /// 4. WAL and `backup_label` in before PostgreSQL starts.
+    /// Whether `p` is a replica in a copy this restore made whose data
+    /// directory may name the original's hosts.
+    fn renames_hosts(&self, p: &Planned) -> bool {
+        let engine = p.rec.engine.as_deref().unwrap_or_default();
+        p.is_replica()
+            && matches!(engine, "postgres" | "mysql" | "mariadb")
+            && self
+                .renames
+                .as_ref()
+                .is_some_and(|r| p.target.as_ref().is_some_and(|t| r.copies.contains(t)))
+    }
+
+    /// 4. WAL and `backup_label` in, hosts renamed, before the server starts.
     pub(super) async fn prepare(
         &mut self,
         planned: &[Planned],
         bound: Duration,
     ) -> Result<(), Stop> {
-        for p in planned.iter().filter(|p| p.needs_label()) {
+        let to_prepare: Vec<&Planned> = planned
+            .iter()
+            .filter(|p| p.needs_label() || self.renames_hosts(p))
+            .collect();
+        for p in to_prepare {
             // Prepared by an earlier run of this restore: never twice.
             let phase = self.member(&p.rec.pod).phase.as_str();
             if matches!(phase, "Prepared" | "Starting" | "Ready") {
@@ -59,12 +78,17 @@ impl Run {
                 .pvcs
                 .delete(&self.wal_claim(p), &DeleteParams::default())
                 .await;
+            let what = match (p.needs_label(), self.renames_hosts(p)) {
+                (true, true) => "WAL and backup_label written, hosts renamed",
+                (true, false) => "WAL and backup_label written",
+                _ => "the originals' hosts renamed in its replication settings",
+            };
             let m = self.member(&p.rec.pod);
             m.phase = "Prepared".into();
-            m.message = Some("WAL and backup_label written by the agent in restore mode".into());
+            m.message = Some(format!("{what} by the agent in restore mode"));
             self.save().await?;
             let note = format!(
-                "pod {}: restored data directory prepared to start from its backup_label",
+                "pod {}: restored data directory prepared: {what}",
                 p.rec.pod
             );
             self.ctx
@@ -130,7 +154,15 @@ impl Run {
 
     /// The pod that runs the agent in restore mode on `p`'s volumes.
     pub(super) async fn prepare_pod(&self, p: &Planned) -> Result<Pod, Stop> {
-        let data_dir = p.rec.data_directory.clone().unwrap_or_default();
+        let Some(data_dir) = p.rec.data_directory.clone() else {
+            return Err(stop(
+                Reason::NotRestorable,
+                format!(
+                    "the backup does not record the data directory of pod {}",
+                    p.rec.pod
+                ),
+            ));
+        };
         let (holder, relative) = data_holder(p, &data_dir)?;
         let (pod_security, container_security) =
             self.database_user(p, holder.mount_path.as_deref()).await?;
@@ -138,13 +170,16 @@ impl Run {
             .wal_part
             .as_ref()
             .map(|_| format!("{PREPARE_WAL}/{}/pg_wal", relative).replace("//", "/"));
-        let mut env = vec![
-            json!({"name": "STILLPOINT_RESTORE_DATA_DIR", "value": data_dir}),
-            json!({"name": "STILLPOINT_RESTORE_FROM", "value": PREPARE_ARTEFACTS}),
-            json!({"name": "STILLPOINT_RESTORE_MEMBER", "value": p.rec.pod}),
-        ];
+        let mut env = vec![json!({"name": "STILLPOINT_RESTORE_DATA_DIR", "value": data_dir})];
+        if p.needs_label() {
+            env.push(json!({"name": "STILLPOINT_RESTORE_FROM", "value": PREPARE_ARTEFACTS}));
+            env.push(json!({"name": "STILLPOINT_RESTORE_MEMBER", "value": p.rec.pod}));
+        }
         if let Some(w) = &wal_from {
             env.push(json!({"name": "STILLPOINT_RESTORE_WAL_FROM", "value": w}));
+        }
+        if let Some(r) = self.renames.as_ref().filter(|_| self.renames_hosts(p)) {
+            env.push(json!({"name": "STILLPOINT_RESTORE_HOSTS", "value": r.hosts.encode()}));
         }
         let (mounts, volumes) = self.prepare_volumes(p);
         let (pod_security, container_security) = restricted(pod_security, container_security);
@@ -229,6 +264,9 @@ impl Run {
         if p.wal_part.is_some() {
             mounts.push(json!({"name": "wal", "mountPath": PREPARE_WAL, "readOnly": true}));
             volumes.push(json!({"name": "wal", "persistentVolumeClaim": {"claimName": self.wal_claim(p), "readOnly": true}}));
+        }
+        if !p.needs_label() {
+            return (mounts, volumes);
         }
         let secret = &self.artefacts_secret;
         mounts.push(json!({"name": "artefacts", "mountPath": PREPARE_ARTEFACTS, "readOnly": true}));

@@ -15,11 +15,13 @@ use super::{POLL, Stop, stop};
 use crate::core::plan::stage_class;
 use crate::kube::controller::Context;
 use crate::kube::crd::{
-    BackupPhase, ContentVolume, GroupBackup, GroupRestore, GroupRestoreStatus, RESTORE_LABEL,
-    RESTORE_UID_LABEL, RestoreStage, RestoredMember,
+    BackupPhase, CapturedObject, ContentVolume, GroupBackup, GroupBackupContent, GroupRestore,
+    GroupRestoreStatus, RESTORE_LABEL, RESTORE_UID_LABEL, RestoreStage, RestoredMember,
+    WorkloadRef,
 };
 use crate::kube::reason::Reason;
 use crate::kube::store::apply_status;
+use stillpoint_proto::hosts::HostRenames;
 
 /// The running restore: its resource, status and what it works with.
 pub(super) struct Run {
@@ -38,6 +40,18 @@ pub(super) struct Run {
     /// A content's restore: each VolumeSnapshot it bound, and what the
     /// content records of it (class, access modes, size).
     pub(super) recorded: BTreeMap<String, ContentVolume>,
+    /// The application's objects the backup kept (none if it kept none).
+    pub(super) captured: Vec<CapturedObject>,
+    /// Under new names: the copies this restore made and their hosts.
+    pub(super) renames: Option<Renamed>,
+}
+
+/// The copies a restore under new names made, and the renames of their
+/// hosts.
+#[derive(Debug, Clone)]
+pub(super) struct Renamed {
+    pub(super) hosts: HostRenames,
+    pub(super) copies: Vec<WorkloadRef>,
 }
 
 impl Run {
@@ -168,10 +182,14 @@ impl Run {
             Some(content) => self.rebuild(content, bound).await?,
             None => self.restorable_backup().await?,
         };
+        let group = backup.spec.group.clone();
         let planned = plan(&backup, &spec)?;
         match self.status.members.is_empty() {
             true => self.record_plan(&backup, &planned).await?,
             false => self.same_backup(&backup, &planned)?,
+        }
+        if !spec.volumes_only {
+            self.copies(&planned, &group).await?;
         }
         self.check(&planned).await?;
         if !spec.volumes_only {
@@ -186,7 +204,7 @@ impl Run {
     }
 
     /// The backup to restore: it exists and succeeded.
-    async fn restorable_backup(&self) -> Result<GroupBackup, Stop> {
+    async fn restorable_backup(&mut self) -> Result<GroupBackup, Stop> {
         let name = self.restore.spec.backup.as_deref().unwrap_or_default();
         let backups: Api<GroupBackup> = Api::namespaced(self.ctx.client.clone(), &self.ns);
         let Some(backup) = backups.get_opt(name).await? else {
@@ -209,7 +227,21 @@ impl Run {
                 ),
             ));
         }
+        self.captured = self.kept_objects(&backup).await?;
         Ok(backup)
+    }
+
+    /// The objects kept by `backup`'s content, if it has one.
+    async fn kept_objects(&self, backup: &GroupBackup) -> Result<Vec<CapturedObject>, Stop> {
+        let Some(name) = backup.status.as_ref().and_then(|s| s.content.clone()) else {
+            return Ok(Vec::new());
+        };
+        let api: Api<GroupBackupContent> = Api::all(self.ctx.client.clone());
+        Ok(api
+            .get_opt(&name)
+            .await?
+            .map(|c| c.spec.objects)
+            .unwrap_or_default())
     }
 
     /// A new restore's plan in its status: the backup's uid, every member

@@ -124,14 +124,15 @@ fn a_spec_that_cannot_be_meant_is_refused_with_why() {
         ("{backup: b, stageTimeout: soon}", "stageTimeout \"soon\""),
         ("{}", "exactly one of"),
         ("{backup: b, content: c}", "exactly one of"),
-        ("{content: c, pvcPrefix: x-}", "original names"),
         ("{content: c, inPlace: true}", "original names"),
+        ("{content: c, pvcPrefix: ''}", "pvcPrefix is empty"),
     ] {
         let e = validate(&spec(yaml)).unwrap_err();
         assert_eq!(e.reason, Reason::InvalidSpec);
         assert!(e.message.contains(says), "{yaml}: {}", e.message);
     }
     assert!(validate(&spec("{content: c}")).is_ok());
+    assert!(validate(&spec("{content: c, pvcPrefix: copy-}")).is_ok());
     // In place, an empty prefix is beside the point.
     assert!(validate(&spec("{backup: b, inPlace: true, pvcPrefix: ''}")).is_ok());
 }

@@ -438,7 +438,14 @@ impl PodTask {
             if *self.stopped.borrow() {
                 return Ok(());
             }
-            match self.prepare_volumes().await {
+            // Each attempt bounded: an API request that hangs is retried,
+            // with why in the pod's conditions.
+            let attempt = tokio::time::timeout(Duration::from_secs(20), self.prepare_volumes());
+            let outcome = match attempt.await {
+                Ok(r) => r,
+                Err(_) => Err(anyhow::anyhow!("preparing the volumes took over 20 s")),
+            };
+            match outcome {
                 Ok(()) => break,
                 Err(e) if Instant::now() < deadline => {
                     self.failure = Some(("VolumesNotReady".into(), format!("{e:#}")));
@@ -455,7 +462,16 @@ impl PodTask {
         self.failure = None;
         let netns = netns_name(&self.uid);
         let bridge = self.ctx.bridge.clone();
-        let net = tokio::task::spawn_blocking(move || bridge.attach(&netns)).await??;
+        let attach = tokio::task::spawn_blocking(move || bridge.attach(&netns));
+        let net = match tokio::time::timeout(Duration::from_secs(60), attach).await {
+            Ok(net) => net??,
+            Err(_) => {
+                let why = "attaching the pod to the lab's network took over 60 s";
+                self.failure = Some(("NetworkNotReady".into(), why.into()));
+                self.patch_status().await;
+                bail!("{why}");
+            }
+        };
         self.net = Some(net);
         loop {
             if *self.stopped.borrow() {
