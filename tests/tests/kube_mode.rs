@@ -5031,3 +5031,185 @@ async fn every_yaml_example_in_the_docs_and_deploy_is_accepted_by_the_api_server
         }
     }
 }
+
+/// The lab's leader election (harness `stillpoint.rs`): the leader stops
+/// acting when it could not renew for `RENEW_DEADLINE`; a standby takes a
+/// Lease it saw unchanged for `LEASE_DURATION`.
+const RENEW_DEADLINE: Duration = Duration::from_secs(2);
+const LEASE_DURATION: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_cut_off_from_the_api_server_thaws_within_its_renew_deadline_before_another_leads()
+{
+    use stillpoint_controller::kube::crd::QuiescePhase;
+    use stillpoint_tests::harness::kube::gate::Gate;
+    let space = Space::new("partition").await;
+    let ns = space.ns.clone();
+    space.identity("redis").await;
+    space.pvc("data-redis-p", None).await;
+    space
+        .apply(&RedisPod::with_agent("redis-p", "rp").yaml(&ns))
+        .await;
+    let redis = space.ready("redis-p").await;
+    let member = "  - {name: cache, selector: {matchLabels: {app: rp}}}\n";
+    space.apply(&group_yaml(&ns, "held", "csi", member)).await;
+    let upstream: std::net::SocketAddr = space
+        .lab
+        .server
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap();
+    let gate = Gate::start(upstream).await.unwrap();
+    let lease = format!("lease-{ns}");
+    let mut a =
+        ControllerProc::start_through(space.lab, space.installed, &ns, "cut-a", &lease, &gate)
+            .await
+            .unwrap();
+    wait_async("cut-a leads", BOUND, || {
+        let (space, lease) = (&space, &lease);
+        async move { Ok(lease_holder(space, lease).await.as_deref() == Some("cut-a")) }
+    })
+    .await
+    .unwrap();
+    let b = space.controller("cut-b", &lease).await;
+    space.protectable("held", "True").await;
+    // The leader holds the group frozen: a write waits.
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupQuiesce\nmetadata: {{name: q, namespace: {ns}}}\n\
+             spec: {{group: held, duration: 10m}}"
+        ))
+        .await;
+    quiesce_phase(&space, "q", QuiescePhase::Frozen).await;
+    let mut cache = redis_connect(&redis).await;
+    let write = tokio::spawn(async move {
+        let _: () = redis::cmd("SET")
+            .arg("after")
+            .arg("cut")
+            .query_async(&mut cache)
+            .await
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!write.is_finished(), "the write went through the freeze");
+
+    // Partitioned from the API server: its requests hang.
+    let cut = std::time::Instant::now();
+    gate.cut();
+    let (mut thawed, mut b_leads) = (None, None);
+    while b_leads.is_none() && cut.elapsed() < BOUND {
+        if thawed.is_none() && write.is_finished() {
+            thawed = Some(cut.elapsed());
+        }
+        let ready = tokio::task::block_in_place(|| b.get("/readyz"));
+        if ready.is_ok_and(|(code, _)| code == 200) {
+            b_leads = Some(cut.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = a.logs();
+    let thawed = thawed.unwrap_or_else(|| panic!("never thawed:\n{logs}"));
+    let b_leads = b_leads.unwrap_or_else(|| panic!("the standby never led:\n{}", b.logs()));
+    assert!(
+        logs.contains("no renewal within the renew deadline"),
+        "{logs}"
+    );
+    // Its last renewal was at most the cut: it stopped acting and thawed
+    // by its renew deadline after that, within the Lease's remainder.
+    assert!(
+        thawed <= LEASE_DURATION,
+        "thawed {thawed:?} after the cut, past the Lease ({LEASE_DURATION:?}; renew deadline \
+         {RENEW_DEADLINE:?}):\n{logs}"
+    );
+    assert!(
+        thawed < b_leads,
+        "the standby led at {b_leads:?}, before the cut-off leader thawed at {thawed:?}"
+    );
+    assert!(
+        b_leads >= RENEW_DEADLINE,
+        "the standby led {b_leads:?} after the cut: the Lease was still being renewed"
+    );
+    gate.heal();
+    let ends = std::time::Instant::now();
+    while a.running() {
+        assert!(
+            ends.elapsed() < BOUND,
+            "the cut-off leader's process never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lease_holder(&space, &lease).await.as_deref(), Some("cut-b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_renewed_by_a_clock_hours_behind_is_never_taken_while_it_changes() {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use stillpoint_controller::kube::leader::{LeaderLease, Timing};
+    let space = Space::new("skew").await;
+    let leases: Api<Lease> = Api::namespaced(space.admin.clone(), stillpoint::CONTROLLER_NS);
+    let name = format!("lease-{}", space.ns);
+    let timing = Timing {
+        lease_duration: LEASE_DURATION,
+        renew_deadline: RENEW_DEADLINE,
+        retry_period: Duration::from_millis(500),
+    };
+    // The holder's clock is two hours behind: every renewTime it writes
+    // is long past by ours, yet it renews every 500 ms.
+    let behind = |n: i32| {
+        let at =
+            k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_hours(2);
+        serde_json::from_value::<Lease>(serde_json::json!({"metadata": {"name": name}})).map(
+            |mut l| {
+                l.spec = Some(LeaseSpec {
+                    holder_identity: Some("behind".into()),
+                    lease_duration_seconds: Some(3),
+                    renew_time: Some(MicroTime(at)),
+                    lease_transitions: Some(n),
+                    ..Default::default()
+                });
+                l
+            },
+        )
+    };
+    leases
+        .create(&Default::default(), &behind(0).unwrap())
+        .await
+        .unwrap();
+    let standby = LeaderLease::new(leases.clone(), &name, "standby", timing);
+    let started = std::time::Instant::now();
+    let mut renewals = 0;
+    while started.elapsed() < LEASE_DURATION * 3 {
+        let mut l = leases.get(&name).await.unwrap();
+        l.spec = behind(renewals).unwrap().spec;
+        leases
+            .replace(&name, &Default::default(), &l)
+            .await
+            .unwrap();
+        renewals += 1;
+        assert!(
+            !standby.try_acquire().await.unwrap(),
+            "taken {:?} into a live holder's renewals",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The holder stops renewing: taken once it stood still for the
+    // Lease's duration as the standby saw it.
+    let stood = std::time::Instant::now();
+    wait_async("the standby takes the Lease", BOUND, || {
+        let standby = &standby;
+        async move { Ok(standby.try_acquire().await?) }
+    })
+    .await
+    .unwrap();
+    assert!(
+        stood.elapsed() >= LEASE_DURATION - Duration::from_millis(600),
+        "taken {:?} after the last renewal",
+        stood.elapsed()
+    );
+    assert_eq!(
+        lease_holder(&space, &name).await.as_deref(),
+        Some("standby")
+    );
+}

@@ -18,6 +18,7 @@ use super::Global;
 use crate::core::agents::ControllerTls;
 use crate::kube::controller::{self, Context, Settings};
 use crate::kube::inject::InjectConfig;
+use crate::kube::leader::Timing;
 use crate::kube::pki::Pki;
 use crate::kube::webhook::{self, OwnIdentity, Webhook, WebhookSettings};
 
@@ -48,10 +49,19 @@ pub struct ControllerArgs {
         default_value = "stillpoint-controller"
     )]
     pub lease_name: String,
-    /// How long the leader Lease lasts without renewal (a standby takes
-    /// over this long after the leader died); renewed every third of it.
+    /// How long the leader Lease lasts without a change a standby observes
+    /// (a standby takes over this long after it last saw the leader renew,
+    /// judged by its own clock). Longer than --renew-deadline.
     #[arg(long, env = "STILLPOINT_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
+    /// How long the leader goes on acting without a successful renewal:
+    /// past it, it aborts and thaws what it runs and stops leading. Every
+    /// Lease request is bounded by it. Longer than 1.2 × --retry-period.
+    #[arg(long, env = "STILLPOINT_RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    pub renew_deadline: Duration,
+    /// How often the leader renews the Lease and a standby tries for it.
+    #[arg(long, env = "STILLPOINT_RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    pub retry_period: Duration,
     /// This replica's name: the Lease holder, `status.runBy` of its backups
     /// (default: the pod name, else the host name and process id).
     #[arg(long, env = "POD_NAME")]
@@ -313,6 +323,12 @@ async fn start_pki(
 }
 
 pub fn run(args: ControllerArgs, _global: &Global) -> anyhow::Result<()> {
+    let timing = Timing {
+        lease_duration: args.lease_duration,
+        renew_deadline: args.renew_deadline,
+        retry_period: args.retry_period,
+    };
+    timing.validate().map_err(anyhow::Error::msg)?;
     let runtime = super::runtime()?;
     runtime.block_on(async {
         let pki = match args.pki.pki {
@@ -338,7 +354,7 @@ pub fn run(args: ControllerArgs, _global: &Global) -> anyhow::Result<()> {
             identity: identity.clone(),
             lease_namespace: args.lease_namespace.clone(),
             lease_name: args.lease_name.clone(),
-            lease_duration: args.lease_duration,
+            timing,
             trust_domain: args.trust_domain.clone(),
             resync: args.resync,
             namespace: args.watch_namespace.clone(),

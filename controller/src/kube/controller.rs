@@ -8,23 +8,22 @@
 //!   partial snapshots are deleted; its agents thawed by their lease.
 //!   Backups of one group run one at a time: a second waits (`Pending`,
 //!   condition `Waiting`) until the first ends.
-//! - Leader election by a `coordination.k8s.io` Lease; on SIGTERM (or a
-//!   lost Lease) every backup in flight is aborted (its members thawed,
-//!   its snapshots deleted), the Lease is released, and the process exits.
-//!   The Lease is kept by this module's own `LeaderLease`: kube-runtime has
-//!   no leader election, and what leading means here (every run aborted
-//!   and its members thawed the moment the Lease is lost) is the part no
-//!   general crate does for us.
+//! - Leader election by a `coordination.k8s.io` Lease (`leader.rs`); on
+//!   SIGTERM, or when no renewal succeeded within the renew deadline,
+//!   every backup in flight is aborted (its members thawed, its snapshots
+//!   deleted), the reconcilers stop, the Lease is released (if it is still
+//!   ours), and the process exits.
+//! - Reconcile errors are retried with per-object exponential backoff
+//!   (1 s doubling, at most 2 min).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
@@ -45,6 +44,7 @@ use crate::kube::crd::{
     FINALIZER, GroupBackup, GroupBackupContent, GroupQuiesce, GroupRestore, SnapshotDriver,
 };
 use crate::kube::csi::{Csi, CsiGroup, Owner};
+use crate::kube::leader::{Backoff, LeaderLease, Timing};
 use crate::kube::reason::Reason;
 use crate::kube::resolve::{Resolution, Resolver};
 use crate::kube::store::{ArtefactsSecretError, FIELD_MANAGER, StatusWriter, set_condition};
@@ -57,8 +57,8 @@ pub struct Settings {
     /// Where the leader Lease is.
     pub lease_namespace: String,
     pub lease_name: String,
-    /// How long a Lease lasts without renewal.
-    pub lease_duration: Duration,
+    /// How long leadership lasts and is renewed.
+    pub timing: Timing,
     /// The trust domain of the agents' SPIFFE IDs.
     pub trust_domain: String,
     /// How often a group is resolved again without any change.
@@ -157,6 +157,8 @@ pub struct Context {
     /// instead of listing them on every reconcile. Set by the one
     /// leadership term of the process.
     backups: std::sync::OnceLock<BackupCache>,
+    /// Reconcile errors in a row, per object.
+    backoff: Backoff,
 }
 
 /// A reflector's store of GroupBackups whose readiness any number of
@@ -233,6 +235,7 @@ impl Context {
             client,
             settings,
             live: Mutex::new(BTreeMap::new()),
+            backoff: Backoff::default(),
         })
     }
 
@@ -833,108 +836,45 @@ fn outcome(
     }
 }
 
-fn retry<K>(_: Arc<K>, error: &ReconcileError, _: Arc<Context>) -> Action {
-    tracing::warn!("reconcile failed: {error}");
-    Action::requeue(Duration::from_secs(2))
+/// A reconcile error: `object` is retried after its backoff.
+fn retry<K: Resource<DynamicType = ()>>(
+    object: Arc<K>,
+    error: &ReconcileError,
+    ctx: Arc<Context>,
+) -> Action {
+    let key = object_key(&*object);
+    let wait = ctx.backoff.failed(&key);
+    tracing::warn!("reconcile of {key} failed (retried in {wait:?}): {error}");
+    Action::requeue(wait)
 }
 
-/// The leader Lease: acquired, renewed, released.
-#[derive(Debug, Clone)]
-pub struct LeaderLease {
-    api: Api<Lease>,
-    settings: Settings,
+/// `kind/namespace/name` of `object`.
+fn object_key<K: Resource<DynamicType = ()>>(object: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        object.meta().namespace.as_deref().unwrap_or_default(),
+        object.meta().name.as_deref().unwrap_or_default()
+    )
 }
 
-impl LeaderLease {
-    pub fn new(client: kube::Client, settings: Settings) -> Self {
-        LeaderLease {
-            api: Api::namespaced(client, &settings.lease_namespace),
-            settings,
-        }
+/// `reconcile` of `object`, its backoff forgotten when it succeeds.
+async fn backed_off<K, F, Fut>(
+    reconcile: F,
+    object: Arc<K>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError>
+where
+    K: Resource<DynamicType = ()>,
+    F: FnOnce(Arc<K>, Arc<Context>) -> Fut,
+    Fut: std::future::Future<Output = Result<Action, ReconcileError>>,
+{
+    let key = object_key(&*object);
+    let outcome = reconcile(object, ctx.clone()).await;
+    if outcome.is_ok() {
+        ctx.backoff.succeeded(&key);
     }
-
-    /// Takes (or renews) the Lease if it is free, expired or ours.
-    pub async fn try_acquire(&self) -> Result<bool, kube::Error> {
-        let me = &self.settings.identity;
-        let now = k8s_openapi::jiff::Timestamp::now();
-        let seconds = self.settings.lease_duration.as_secs().max(1) as i32;
-        let Some(lease) = self.api.get_opt(&self.settings.lease_name).await? else {
-            let lease = Lease {
-                metadata: kube::api::ObjectMeta {
-                    name: Some(self.settings.lease_name.clone()),
-                    ..Default::default()
-                },
-                spec: Some(LeaseSpec {
-                    holder_identity: Some(me.clone()),
-                    lease_duration_seconds: Some(seconds),
-                    acquire_time: Some(MicroTime(now)),
-                    renew_time: Some(MicroTime(now)),
-                    lease_transitions: Some(0),
-                    ..Default::default()
-                }),
-            };
-            return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-                Err(e) => Err(e),
-            };
-        };
-        let spec = lease.spec.clone().unwrap_or_default();
-        let holder = spec.holder_identity.clone().unwrap_or_default();
-        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
-            (Some(r), Some(d)) => r.0 + std::time::Duration::from_secs(d.max(0) as u64) < now,
-            _ => true,
-        };
-        if holder != *me && !holder.is_empty() && !expired {
-            return Ok(false);
-        }
-        let mut next = lease.clone();
-        let ours = holder == *me;
-        next.spec = Some(LeaseSpec {
-            holder_identity: Some(me.clone()),
-            lease_duration_seconds: Some(seconds),
-            acquire_time: if ours {
-                spec.acquire_time.clone()
-            } else {
-                Some(MicroTime(now))
-            },
-            renew_time: Some(MicroTime(now)),
-            lease_transitions: Some(spec.lease_transitions.unwrap_or(0) + i32::from(!ours)),
-            ..Default::default()
-        });
-        match self
-            .api
-            .replace(&self.settings.lease_name, &PostParams::default(), &next)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Gives the Lease up, so another replica takes it at once.
-    pub async fn release(&self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.settings.lease_name).await else {
-            return;
-        };
-        let Some(spec) = lease.spec.as_mut() else {
-            return;
-        };
-        if spec.holder_identity.as_deref() != Some(&self.settings.identity) {
-            return;
-        }
-        spec.holder_identity = None;
-        spec.renew_time = None;
-        spec.lease_duration_seconds = Some(1);
-        if let Err(e) = self
-            .api
-            .replace(&self.settings.lease_name, &PostParams::default(), &lease)
-            .await
-        {
-            tracing::warn!("releasing the leader Lease: {e}");
-        }
-    }
+    outcome
 }
 
 /// Runs the controller until `shutdown` says why to stop: waits for the
@@ -949,16 +889,21 @@ pub async fn run(
     if ctx.backups.get().is_some() {
         return Err(ControllerError::AlreadyRan);
     }
-    let lease = LeaderLease::new(ctx.client.clone(), ctx.settings.clone());
-    let renew = (ctx.settings.lease_duration / 3).max(Duration::from_millis(200));
-    if !wait_to_lead(&lease, renew, &mut shutdown).await {
+    let settings = &ctx.settings;
+    let lease = LeaderLease::new(
+        Api::namespaced(ctx.client.clone(), &settings.lease_namespace),
+        &settings.lease_name,
+        &settings.identity,
+        settings.timing,
+    );
+    let Some(renewed) = wait_to_lead(&lease, &mut shutdown).await else {
         return Ok(());
-    }
+    };
     tracing::info!(identity = %ctx.settings.identity, "leading");
     let _ = ready.send(true);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut reconcilers = start_reconcilers(&ctx, stop_rx)?;
-    let outcome = keep_leading(&ctx, &lease, renew, &mut shutdown, &mut reconcilers).await;
+    let outcome = keep_leading(&ctx, &lease, renewed, &mut shutdown, &mut reconcilers).await;
     let _ = ready.send(false);
     let reason = match &outcome {
         Ok(()) => shutdown
@@ -968,8 +913,8 @@ pub async fn run(
         Err(e) => e.to_string(),
     };
     tracing::warn!("{reason}: aborting every backup in flight");
-    ctx.abort_all(&reason).await;
     let _ = stop_tx.send(true);
+    ctx.abort_all(&reason).await;
     if !reconcilers.is_finished() {
         let _ = tokio::time::timeout(Duration::from_secs(10), reconcilers).await;
     }
@@ -979,52 +924,55 @@ pub async fn run(
     outcome
 }
 
-/// Tries for the Lease every `renew` until this replica leads (`true`) or
-/// is told to shut down (`false`).
+/// Tries for the Lease every retry period until this replica leads
+/// (`Some(when its winning request was sent)`) or is told to shut down.
 async fn wait_to_lead(
     lease: &LeaderLease,
-    renew: Duration,
     shutdown: &mut watch::Receiver<Option<String>>,
-) -> bool {
+) -> Option<tokio::time::Instant> {
+    let timing = lease.timing();
     loop {
-        match lease.try_acquire().await {
-            Ok(true) => return true,
-            Ok(false) => {}
-            Err(e) => tracing::warn!("acquiring the leader Lease: {e}"),
+        let sent = tokio::time::Instant::now();
+        match tokio::time::timeout(timing.renew_deadline, lease.try_acquire()).await {
+            Ok(Ok(true)) => return Some(sent),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!("acquiring the leader Lease: {e}"),
+            Err(_) => {
+                tracing::warn!("acquiring the leader Lease: no answer within the renew deadline")
+            }
         }
         tokio::select! {
-            _ = tokio::time::sleep(renew) => {}
-            _ = shutdown.wait_for(|s| s.is_some()) => return false,
+            _ = tokio::time::sleep(timing.retry_period) => {}
+            _ = shutdown.wait_for(|s| s.is_some()) => return None,
         }
     }
 }
 
-/// Renews the Lease every `renew` while the reconcilers run; returns why
-/// this replica stops leading (`Ok`: it was told to shut down).
+/// Renews the Lease every retry period while the reconcilers run; returns
+/// why this replica stops leading (`Ok`: it was told to shut down): no
+/// renewal within the renew deadline of the last one (`renewed`: when it
+/// was sent), or another replica holds the Lease.
 async fn keep_leading(
     ctx: &Context,
     lease: &LeaderLease,
-    renew: Duration,
+    mut renewed: tokio::time::Instant,
     shutdown: &mut watch::Receiver<Option<String>>,
     reconcilers: &mut tokio::task::JoinHandle<()>,
 ) -> Result<(), ControllerError> {
-    let lost = || ControllerError::LostLease(ctx.settings.lease_name.clone());
-    let mut last_renewal = tokio::time::Instant::now();
+    let timing = lease.timing();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(renew) => {}
+            _ = tokio::time::sleep(timing.retry_period) => {}
             _ = shutdown.wait_for(|s| s.is_some()) => return Ok(()),
             ended = &mut *reconcilers => return Err(ControllerError::ReconcilersStopped(stopped_because(ended))),
         }
-        match lease.try_acquire().await {
-            Ok(true) => last_renewal = tokio::time::Instant::now(),
-            Ok(false) => return Err(lost()),
-            Err(e) => {
-                tracing::warn!("renewing the leader Lease: {e}");
-                if last_renewal.elapsed() > ctx.settings.lease_duration {
-                    return Err(lost());
-                }
-            }
+        let renewal = tokio::select! {
+            r = lease.renew_by_deadline(renewed) => r,
+            _ = shutdown.wait_for(|s| s.is_some()) => return Ok(()),
+        };
+        match renewal {
+            Some(sent) => renewed = sent,
+            None => return Err(ControllerError::LostLease(ctx.settings.lease_name.clone())),
         }
     }
 }
@@ -1056,12 +1004,20 @@ fn start_reconcilers(
     let quiesces: Api<GroupQuiesce> = ctx.settings.api(&ctx.client);
     let quiesce_controller = Controller::new(quiesces, watcher::Config::default())
         .graceful_shutdown_on(stopped(stop.clone()))
-        .run(crate::kube::quiesce::reconcile, retry, ctx.clone())
+        .run(
+            |o, c| backed_off(crate::kube::quiesce::reconcile, o, c),
+            retry,
+            ctx.clone(),
+        )
         .for_each(|_| async {});
     let schedules: Api<BackupSchedule> = ctx.settings.api(&ctx.client);
     let schedule_controller = Controller::new(schedules, watcher::Config::default())
         .graceful_shutdown_on(stopped(stop.clone()))
-        .run(crate::kube::schedule::reconcile, retry, ctx.clone())
+        .run(
+            |o, c| backed_off(crate::kube::schedule::reconcile, o, c),
+            retry,
+            ctx.clone(),
+        )
         .for_each(|_| async {});
     let contents: Api<GroupBackupContent> = Api::all(ctx.client.clone());
     let own = match &ctx.settings.namespace {
@@ -1081,12 +1037,20 @@ fn start_reconcilers(
             },
         )
         .graceful_shutdown_on(stopped(stop.clone()))
-        .run(crate::kube::content::reconcile, retry, ctx.clone())
+        .run(
+            |o, c| backed_off(crate::kube::content::reconcile, o, c),
+            retry,
+            ctx.clone(),
+        )
         .for_each(|_| async {});
     let restores: Api<GroupRestore> = ctx.settings.api(&ctx.client);
     let restore_controller = Controller::new(restores, watcher::Config::default())
         .graceful_shutdown_on(stopped(stop))
-        .run(crate::kube::restore::reconcile, retry, ctx.clone())
+        .run(
+            |o, c| backed_off(crate::kube::restore::reconcile, o, c),
+            retry,
+            ctx.clone(),
+        )
         .for_each(|_| async {});
     Ok(tokio::spawn(async move {
         tokio::join!(

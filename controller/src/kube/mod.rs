@@ -23,6 +23,7 @@ pub mod controller;
 pub mod crd;
 pub mod csi;
 pub mod inject;
+pub mod leader;
 pub mod pki;
 pub mod quiesce;
 pub mod reason;

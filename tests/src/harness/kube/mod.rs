@@ -35,6 +35,7 @@ use crate::harness::loopfs::LoopMount;
 
 pub mod csi;
 pub mod dns;
+pub mod gate;
 pub mod net;
 pub mod runner;
 pub mod stillpoint;

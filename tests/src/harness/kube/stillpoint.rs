@@ -253,6 +253,21 @@ impl ControllerProc {
         Ok(proc)
     }
 
+    /// A replica that reaches the API server only through `gate` (which
+    /// a test cuts to partition it off); it reaches agents directly.
+    pub async fn start_through(
+        lab: &KubeLab,
+        installed: &Installed,
+        ns: &str,
+        identity: &str,
+        lease: &str,
+        gate: &super::gate::Gate,
+    ) -> Result<Self> {
+        let tls = &installed.controller_tls;
+        let through = Some(gate.addr());
+        Self::spawn_via(lab, ns, identity, lease, CONTROLLER_SA, tls, &[], through).await
+    }
+
     async fn spawn(
         lab: &KubeLab,
         ns: &str,
@@ -262,16 +277,47 @@ impl ControllerProc {
         tls_dir: &Path,
         extra: &[&str],
     ) -> Result<Self> {
+        Self::spawn_via(lab, ns, identity, lease, sa, tls_dir, extra, None).await
+    }
+
+    /// [`Self::spawn`], reaching the API server at `through` if given (its
+    /// certificate still checked for the lab's own address).
+    #[allow(clippy::too_many_arguments)]
+    async fn spawn_via(
+        lab: &KubeLab,
+        ns: &str,
+        identity: &str,
+        lease: &str,
+        sa: &str,
+        tls_dir: &Path,
+        extra: &[&str],
+        through: Option<std::net::SocketAddr>,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("stillpoint-controller-")
             .tempdir()?;
         let kubeconfig = dir.path().join("kubeconfig");
         lab.kubeconfig_for(CONTROLLER_NS, sa, &kubeconfig).await?;
+        if let Some(addr) = through {
+            let host = lab
+                .server
+                .trim_start_matches("https://")
+                .rsplit_once(':')
+                .map(|(h, _)| h.to_string())
+                .context("the lab's server address")?;
+            let config = std::fs::read_to_string(&kubeconfig)?.replace(
+                &format!("server: {}\n", lab.server),
+                &format!("server: https://{addr}\n    tls-server-name: {host}\n"),
+            );
+            std::fs::write(&kubeconfig, config)?;
+        }
         let log = dir.path().join("controller.log");
         // The lab's short times (its schedules fire every few seconds),
         // unless `extra` gives its own.
         let lab_defaults: Vec<(&str, &str)> = [
             ("--lease-duration", "3s"),
+            ("--renew-deadline", "2s"),
+            ("--retry-period", "500ms"),
             ("--resync", "5s"),
             ("--min-schedule-interval", "2s"),
         ]
