@@ -5213,3 +5213,129 @@ async fn a_lease_renewed_by_a_clock_hours_behind_is_never_taken_while_it_changes
         Some("standby")
     );
 }
+
+/// The controller pods of a lab running `deploy/controller.yaml`, by name:
+/// whether each is Ready.
+async fn controller_pods(admin: &::kube::Client) -> BTreeMap<String, bool> {
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), stillpoint::CONTROLLER_NS);
+    let listed = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=stillpoint-controller"))
+        .await
+        .unwrap();
+    listed
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| {
+            let ready = p
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            (p.name_any(), ready)
+        })
+        .collect()
+}
+
+/// The holder of the deployed controller's Lease.
+async fn deployed_leader(admin: &::kube::Client) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(admin.clone(), stillpoint::CONTROLLER_NS);
+    leases
+        .get_opt("stillpoint-controller")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec?.holder_identity)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_controller_as_deployed_leads_from_one_replica_and_a_partitioned_leader_hands_over() {
+    // A lab of its own: the deployed controller watches every namespace.
+    let other: &'static KubeLab = Box::leak(Box::new(
+        tokio::task::block_in_place(KubeLab::start).unwrap(),
+    ));
+    let _down = SecondLab(other);
+    stillpoint::apply_deploy(other).await.unwrap();
+    let admin = other.admin().await.unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in ["deploy/webhook.yaml", "deploy/controller.yaml"] {
+        let yaml = std::fs::read_to_string(repo.join(file)).unwrap();
+        stillpoint::apply_all(other, &admin, &yaml).await.unwrap();
+    }
+    // Two replicas from the manifest: one leads and is Ready, the other
+    // waits, alive but not Ready.
+    let leader = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    wait_async("one deployed replica leads, the other waits", BOUND, || {
+        let (admin, leader) = (&admin, leader.clone());
+        async move {
+            let pods = controller_pods(admin).await;
+            let holder = deployed_leader(admin).await.unwrap_or_default();
+            let ready: Vec<&String> = pods.iter().filter(|(_, r)| **r).map(|(n, _)| n).collect();
+            *leader.lock().unwrap() = holder.clone();
+            Ok(pods.len() == 2 && ready == [&holder])
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}",
+            other.container_log(stillpoint::CONTROLLER_NS, "", "controller")
+        )
+    });
+    let first = leader.lock().unwrap().clone();
+    let log = |pod: &str| other.container_log(stillpoint::CONTROLLER_NS, pod, "controller");
+
+    // The leader cut off from the API server: it stops within its renew
+    // deadline (10 s as deployed), and the other replica takes the Lease
+    // only once it saw it unchanged for the Lease's duration (15 s).
+    let cut = std::time::Instant::now();
+    other
+        .cut_from_api(stillpoint::CONTROLLER_NS, &first)
+        .await
+        .unwrap();
+    let second = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    wait_async("the other replica leads", BOUND, || {
+        let (admin, second, first) = (&admin, second.clone(), first.clone());
+        async move {
+            let holder = deployed_leader(admin).await.unwrap_or_default();
+            *second.lock().unwrap() = holder.clone();
+            Ok(!holder.is_empty() && holder != first)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}:\n{}", log(&first)));
+    let took = cut.elapsed();
+    let second = second.lock().unwrap().clone();
+    assert!(
+        log(&first).contains("no renewal within the renew deadline"),
+        "the cut-off leader never stopped:\n{}",
+        log(&first)
+    );
+    assert!(
+        took >= Duration::from_secs(15),
+        "the Lease changed hands {took:?} after the cut, before its duration"
+    );
+    wait_async("only the new leader Ready", BOUND, || {
+        let (admin, second) = (&admin, second.clone());
+        async move {
+            let pods = controller_pods(admin).await;
+            let ready: Vec<&String> = pods.iter().filter(|(_, r)| **r).map(|(n, _)| n).collect();
+            Ok(ready == [&second])
+        }
+    })
+    .await
+    .unwrap();
+
+    // Healed, the old leader waits as the standby.
+    other
+        .heal_to_api(stillpoint::CONTROLLER_NS, &first)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        deployed_leader(&admin).await.as_deref(),
+        Some(second.as_str())
+    );
+    assert_eq!(controller_pods(&admin).await.get(&first), Some(&false));
+}

@@ -772,6 +772,104 @@ metadata:
         )
     }
 
+    /// Cuts pod `ns/pod` off from the API server, as a network partition
+    /// between a node and the control plane does: every packet it sends
+    /// to the API server's port is routed into a link whose far end is
+    /// down and silently lost (its requests hang; nothing answers with
+    /// an error), while the pod still reaches and is reached by
+    /// everything else (other pods, probes, DNS). Policy routing, which
+    /// the lab's kernel has without modules.
+    pub async fn cut_from_api(&self, ns: &str, pod: &str) -> Result<()> {
+        let (netns, host, port) = self.api_path(ns, pod).await?;
+        let n = netns.as_str();
+        ip_in(
+            n,
+            &[
+                "link", "add", "spcut0", "type", "veth", "peer", "name", "spcut1",
+            ],
+        )?;
+        ip_in(n, &["link", "set", "spcut0", "up"])?;
+        ip_in(n, &["addr", "add", "169.254.77.1/30", "dev", "spcut0"])?;
+        ip_in(
+            n,
+            &[
+                "neigh",
+                "add",
+                "169.254.77.2",
+                "lladdr",
+                "02:00:00:00:00:01",
+                "dev",
+                "spcut0",
+                "nud",
+                "permanent",
+            ],
+        )?;
+        ip_in(
+            n,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.77.2",
+                "dev",
+                "spcut0",
+                "table",
+                "100",
+            ],
+        )?;
+        ip_in(
+            n,
+            &[
+                "rule",
+                "add",
+                "ipproto",
+                "tcp",
+                "dport",
+                &port,
+                "to",
+                &format!("{host}/32"),
+                "table",
+                "100",
+            ],
+        )
+    }
+
+    /// Undoes [`KubeLab::cut_from_api`].
+    pub async fn heal_to_api(&self, ns: &str, pod: &str) -> Result<()> {
+        let (netns, host, port) = self.api_path(ns, pod).await?;
+        let n = netns.as_str();
+        ip_in(
+            n,
+            &[
+                "rule",
+                "del",
+                "ipproto",
+                "tcp",
+                "dport",
+                &port,
+                "to",
+                &format!("{host}/32"),
+                "table",
+                "100",
+            ],
+        )?;
+        ip_in(n, &["link", "del", "spcut0"])
+    }
+
+    /// The network namespace of pod `ns/pod`, and the API server's host
+    /// and port.
+    async fn api_path(&self, ns: &str, pod: &str) -> Result<(String, String, String)> {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.admin().await?, ns);
+        let uid = pods.get(pod).await?.metadata.uid.unwrap_or_default();
+        let (host, port) = self
+            .server
+            .trim_start_matches("https://")
+            .rsplit_once(':')
+            .context("the API server's address")?;
+        Ok((runner::netns_name(&uid), host.into(), port.into()))
+    }
+
     /// What container `container` of pod `ns/pod` wrote (every run of the
     /// pod of that name, oldest first), for failure messages.
     pub fn container_log(&self, ns: &str, pod: &str, container: &str) -> String {
@@ -1042,4 +1140,21 @@ async fn dynamic(client: &kube::Client, yaml: &str) -> Result<(Api<DynamicObject
         (kube::discovery::Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
     };
     Ok((api, object))
+}
+
+/// Runs `ip -n <netns> <args>` (iproute2).
+fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", netns])
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip -n {netns} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }

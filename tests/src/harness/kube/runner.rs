@@ -76,6 +76,10 @@ pub fn entrypoint(image: &str) -> Option<Vec<String>> {
             .ok()?
             .display()
             .to_string(),
+        n if n.contains("stillpoint-controller") => crate::harness::agent::controller_binary()
+            .ok()?
+            .display()
+            .to_string(),
         "postgres" | "postgresql" => stillpoint_lab::servers::postgres::bindir()
             .ok()?
             .join("postgres")
@@ -90,7 +94,7 @@ pub fn entrypoint(image: &str) -> Option<Vec<String>> {
 }
 
 /// The network namespace of the pod with `uid`.
-fn netns_name(uid: &str) -> String {
+pub(crate) fn netns_name(uid: &str) -> String {
     format!("spl-{}", &uid[..uid.len().min(12)])
 }
 
@@ -114,6 +118,8 @@ struct Handle {
 /// Everything a pod task needs.
 struct Ctx {
     client: kube::Client,
+    /// The API server's address (`https://<host>:<port>`), which pods reach.
+    server: String,
     dir: PathBuf,
     bridge: Arc<net::Bridge>,
     csi: Arc<csi::CsiDriver>,
@@ -140,6 +146,7 @@ impl PodRunner {
     pub async fn start(lab: &KubeLab) -> Result<PodRunner> {
         let ctx = Arc::new(Ctx {
             client: lab.admin().await?,
+            server: lab.server.clone(),
             dir: lab.dir.join("pods"),
             bridge: lab.bridge.clone(),
             csi: lab.csi(),
@@ -604,6 +611,13 @@ impl PodTask {
             ("HOSTNAME".into(), self.name.clone()),
             ("HOME".into(), "/root".into()),
         ];
+        // As the kubelet gives them, for in-cluster clients: the API
+        // server itself (the lab has no service proxy).
+        let server = self.ctx.server.trim_start_matches("https://");
+        if let Some((host, port)) = server.rsplit_once(':') {
+            env.push(("KUBERNETES_SERVICE_HOST".into(), host.into()));
+            env.push(("KUBERNETES_SERVICE_PORT".into(), port.into()));
+        }
         let set = |env: &mut Vec<(String, String)>, k: String, v: String| {
             env.retain(|(n, _)| *n != k);
             env.push((k, v));
