@@ -13,8 +13,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use stillpoint_proto::tls::validate_identity;
 use time::{Duration, OffsetDateTime};
@@ -130,6 +130,22 @@ pub fn new_ca(name: &str, validity: Validity) -> Result<(String, KeyPair), CertE
     let key_pair = KeyPair::generate()?;
     let ca = params.self_signed(&key_pair)?;
     Ok((ca.pem(), key_pair))
+}
+
+/// Signs certificate request `csr_pem` (PEM) for `spec` with `issuer`:
+/// only the request's public key is used; names, usages and validity are
+/// `spec`'s. The certificate as PEM.
+pub fn sign_csr(
+    csr_pem: &str,
+    spec: &LeafSpec,
+    issuer: &Issuer<'_, KeyPair>,
+) -> Result<String, CertError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+    let signed = CertificateSigningRequestParams {
+        params: leaf_params(spec)?,
+        public_key: csr.public_key,
+    };
+    Ok(signed.signed_by(issuer)?.pem())
 }
 
 /// Creates a CA in `out` (`ca.crt`, `ca.key`).

@@ -397,20 +397,15 @@ impl Pki {
         uri: &str,
         ttl: Duration,
     ) -> Result<String, PkiError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::BadRequest(e.to_string()))?;
         let spec = LeafSpec {
             uri: uri.to_string(),
             dns: vec![],
             validity: self.capped(Validity::lasting(ttl)),
         };
-        let signed = CertificateSigningRequestParams {
-            params: certs::leaf_params(&spec)?,
-            public_key: csr.public_key,
-        };
         let issuer = self.state.read().unwrap().current.issuer()?;
-        let cert = signed.signed_by(&issuer).map_err(CertError::from)?;
-        Ok(cert.pem())
+        Ok(certs::sign_csr(csr_pem, &spec, &issuer)?)
     }
 
     /// Writes the bundle into the webhook configuration `name` (every
