@@ -5035,8 +5035,8 @@ async fn every_yaml_example_in_the_docs_and_deploy_is_accepted_by_the_api_server
 /// The lab's leader election (harness `stillpoint.rs`): the leader stops
 /// acting when it could not renew for `RENEW_DEADLINE`; a standby takes a
 /// Lease it saw unchanged for `LEASE_DURATION`.
-const RENEW_DEADLINE: Duration = Duration::from_secs(2);
-const LEASE_DURATION: Duration = Duration::from_secs(3);
+const RENEW_DEADLINE: Duration = Duration::from_secs(4);
+const LEASE_DURATION: Duration = Duration::from_secs(6);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_cut_off_from_the_api_server_thaws_within_its_renew_deadline_before_another_leads()
@@ -5152,7 +5152,7 @@ async fn a_lease_renewed_by_a_clock_hours_behind_is_never_taken_while_it_changes
     let timing = Timing {
         lease_duration: LEASE_DURATION,
         renew_deadline: RENEW_DEADLINE,
-        retry_period: Duration::from_millis(500),
+        retry_period: Duration::from_secs(1),
     };
     // The holder's clock is two hours behind: every renewTime it writes
     // is long past by ours, yet it renews every 500 ms.
@@ -5163,7 +5163,7 @@ async fn a_lease_renewed_by_a_clock_hours_behind_is_never_taken_while_it_changes
             |mut l| {
                 l.spec = Some(LeaseSpec {
                     holder_identity: Some("behind".into()),
-                    lease_duration_seconds: Some(3),
+                    lease_duration_seconds: Some(LEASE_DURATION.as_secs() as i32),
                     renew_time: Some(MicroTime(at)),
                     lease_transitions: Some(n),
                     ..Default::default()
@@ -5305,16 +5305,30 @@ async fn the_controller_as_deployed_leads_from_one_replica_and_a_partitioned_lea
     })
     .await
     .unwrap_or_else(|e| panic!("{e}:\n{}", log(&first)));
-    let took = cut.elapsed();
     let second = second.lock().unwrap().clone();
+    // The cut-off leader stopped (its log, this machine's clock) before
+    // the other took the Lease (its acquireTime, the same clock).
+    let stopped = stopped_leading_at(&log(&first))
+        .unwrap_or_else(|| panic!("the cut-off leader never stopped:\n{}", log(&first)));
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(admin.clone(), stillpoint::CONTROLLER_NS);
+    let acquired = leases
+        .get("stillpoint-controller")
+        .await
+        .unwrap()
+        .spec
+        .and_then(|s| s.acquire_time)
+        .unwrap()
+        .0;
     assert!(
-        log(&first).contains("no renewal within the renew deadline"),
-        "the cut-off leader never stopped:\n{}",
-        log(&first)
+        stopped < acquired,
+        "{second} took the Lease at {acquired} before the cut-off leader stopped at {stopped}"
     );
     assert!(
-        took >= Duration::from_secs(15),
-        "the Lease changed hands {took:?} after the cut, before its duration"
+        cut.elapsed() >= Duration::from_secs(15 - 2),
+        "the Lease changed hands {:?} after the cut, within its duration (15 s) of the last \
+         renewal (at most a retry period, 2 s, before the cut)",
+        cut.elapsed()
     );
     wait_async("only the new leader Ready", BOUND, || {
         let (admin, second) = (&admin, second.clone());
@@ -5338,4 +5352,94 @@ async fn the_controller_as_deployed_leads_from_one_replica_and_a_partitioned_lea
         Some(second.as_str())
     );
     assert_eq!(controller_pods(&admin).await.get(&first), Some(&false));
+}
+
+/// The lab's group lease TTL of the partition tests (`leaseTTL: 3s`).
+const MEMBER_TTL: Duration = Duration::from_secs(3);
+
+/// A SET on `redis` that waits out any freeze; returns when it went through.
+fn write_when_thawed(redis: &Pod) -> tokio::task::JoinHandle<std::time::Instant> {
+    let redis = redis.clone();
+    tokio::spawn(async move {
+        let mut c = redis_connect(&redis).await;
+        let _: () = redis::cmd("SET")
+            .arg("after")
+            .arg(1)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        std::time::Instant::now()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_cut_off_from_one_agent_mid_freeze_fails_naming_it_and_nothing_stays_frozen() {
+    let space = Space::new("agentcut").await;
+    let ns = space.ns.clone();
+    space.identity("redis").await;
+    for (pod, app) in [("redis-ca", "ca"), ("redis-cb", "cb")] {
+        space.pvc(&format!("data-{pod}"), None).await;
+        space.apply(&RedisPod::with_agent(pod, app).yaml(&ns)).await;
+    }
+    let (a, b) = (space.ready("redis-ca").await, space.ready("redis-cb").await);
+    // Storage that takes 3 s to cut: the group stays frozen that long.
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: pair, namespace: {ns}}}\n\
+             spec:\n  members:\n  - {{name: a, selector: {{matchLabels: {{app: ca}}}}}}\n  \
+             - {{name: b, selector: {{matchLabels: {{app: cb}}}}}}\n\
+             \x20 snapshot: {{driver: csi, volumeSnapshotClassName: {}}}\n  leaseTTL: 3s\n  freezeBudget: 30s\n",
+            kube::SLOW_SNAPSHOT_CLASS
+        ))
+        .await;
+    let _controller = space.controller("agentcut", &format!("lease-{ns}")).await;
+    space.protectable("pair", "True").await;
+    until_cutting(&space, "cut", "pair").await;
+    let (to_a, to_b) = (write_when_thawed(&a), write_when_thawed(&b));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!to_a.is_finished() && !to_b.is_finished(), "not frozen");
+
+    // The controller and b's agent cut apart, both ways, mid-freeze.
+    let cut_at = std::time::Instant::now();
+    let cut = space
+        .lab
+        .cut_host_from(&ns, "redis-cb", 9443)
+        .await
+        .unwrap();
+    let thawed_b = to_b.await.unwrap();
+    // b thaws by its own lease: nobody renews it.
+    assert!(
+        thawed_b.duration_since(cut_at) <= MEMBER_TTL + Duration::from_secs(1),
+        "b thawed {:?} after the cut, past its lease ({MEMBER_TTL:?})",
+        thawed_b.duration_since(cut_at)
+    );
+    let thawed_a = to_a.await.unwrap();
+    let backup = space.finished("cut").await;
+    let s = status(&backup);
+    let ended = std::time::Instant::now();
+    assert_eq!(s.phase, Some(BackupPhase::Failed), "{s:#?}");
+    let error = s.error.clone().unwrap_or_default();
+    assert!(error.contains("redis-cb"), "the member is named: {error}");
+    // a is thawed as soon as the backup gave up, not left to its lease.
+    assert!(
+        thawed_a <= ended,
+        "a thawed only {:?} after the backup ended",
+        thawed_a.duration_since(ended)
+    );
+    drop(cut);
+    // Nothing of the failed backup is left, and both take writes.
+    for pod in [&a, &b] {
+        assert!(writes(pod, Duration::from_secs(2)).await);
+    }
+    nothing_leaked(&space).await;
+}
+
+/// When a controller's log says it stopped leading for want of a renewal.
+fn stopped_leading_at(log: &str) -> Option<k8s_openapi::jiff::Timestamp> {
+    log.lines()
+        .find(|l| l.contains("no renewal within the renew deadline"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }

@@ -857,6 +857,32 @@ metadata:
         ip_in(n, &["link", "del", "spcut0"])
     }
 
+    /// Cuts this machine (where the lab's controller processes run) and
+    /// pod `ns/pod` apart on TCP port `port` of the pod, both ways: what
+    /// either sends on that connection is routed into a dead link and
+    /// lost. Healed when the returned guard is dropped.
+    pub async fn cut_host_from(&self, ns: &str, pod: &str, port: u16) -> Result<HostCut> {
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.admin().await?, ns);
+        let p = pods.get(pod).await?;
+        let uid = p.metadata.uid.clone().unwrap_or_default();
+        let ip: std::net::Ipv4Addr = p
+            .status
+            .and_then(|s| s.pod_ip)
+            .context("the pod has no IP yet")?
+            .parse()?;
+        let [_, _, c, d] = ip.octets();
+        let cut = HostCut {
+            netns: runner::netns_name(&uid),
+            link: format!("spc{c}x{d}"),
+            table: (1000 + u32::from(c) * 256 + u32::from(d)).to_string(),
+            pod_ip: ip.to_string(),
+            gateway: self.bridge.gateway().to_string(),
+            port: port.to_string(),
+        };
+        cut.apply()?;
+        Ok(cut)
+    }
+
     /// The network namespace of pod `ns/pod`, and the API server's host
     /// and port.
     async fn api_path(&self, ns: &str, pod: &str) -> Result<(String, String, String)> {
@@ -1157,4 +1183,142 @@ fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A dead link in network namespace `netns` (`None`: this machine's):
+/// packets routed into it are lost without an answer.
+fn dead_link(netns: Option<&str>, link: &str, table: &str) -> Result<()> {
+    let ip = |args: &[&str]| match netns {
+        Some(n) => ip_in(n, args),
+        None => ip_host(args),
+    };
+    let peer = format!("{link}p");
+    ip(&["link", "add", link, "type", "veth", "peer", "name", &peer])?;
+    ip(&["link", "set", link, "up"])?;
+    ip(&["addr", "add", "169.254.78.1/30", "dev", link])?;
+    ip(&[
+        "neigh",
+        "add",
+        "169.254.78.2",
+        "lladdr",
+        "02:00:00:00:00:02",
+        "dev",
+        link,
+        "nud",
+        "permanent",
+    ])?;
+    ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.78.2",
+        "dev",
+        link,
+        "table",
+        table,
+    ])
+}
+
+/// Runs `ip <args>` in this machine's network namespace.
+fn ip_host(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A cut between this machine and one pod's port (see
+/// [`KubeLab::cut_host_from`]); healed on drop.
+#[derive(Debug)]
+pub struct HostCut {
+    netns: String,
+    link: String,
+    table: String,
+    pod_ip: String,
+    gateway: String,
+    port: String,
+}
+
+impl HostCut {
+    fn apply(&self) -> Result<()> {
+        // This machine to the pod's port.
+        dead_link(None, &self.link, &self.table)?;
+        ip_host(&[
+            "rule",
+            "add",
+            "ipproto",
+            "tcp",
+            "dport",
+            &self.port,
+            "to",
+            &format!("{}/32", self.pod_ip),
+            "table",
+            &self.table,
+        ])?;
+        // The pod's port back to this machine.
+        dead_link(Some(&self.netns), &self.link, &self.table)?;
+        ip_in(
+            &self.netns,
+            &[
+                "rule",
+                "add",
+                "ipproto",
+                "tcp",
+                "sport",
+                &self.port,
+                "to",
+                &format!("{}/32", self.gateway),
+                "table",
+                &self.table,
+            ],
+        )
+    }
+
+    /// Heals the cut now.
+    pub fn heal(&self) {
+        let _ = ip_host(&[
+            "rule",
+            "del",
+            "ipproto",
+            "tcp",
+            "dport",
+            &self.port,
+            "to",
+            &format!("{}/32", self.pod_ip),
+            "table",
+            &self.table,
+        ]);
+        let _ = ip_host(&["link", "del", &self.link]);
+        let _ = ip_in(
+            &self.netns,
+            &[
+                "rule",
+                "del",
+                "ipproto",
+                "tcp",
+                "sport",
+                &self.port,
+                "to",
+                &format!("{}/32", self.gateway),
+                "table",
+                &self.table,
+            ],
+        );
+        let _ = ip_in(&self.netns, &["link", "del", &self.link]);
+    }
+}
+
+impl Drop for HostCut {
+    fn drop(&mut self) {
+        self.heal();
+    }
 }

@@ -315,9 +315,11 @@ impl ControllerProc {
         // The lab's short times (its schedules fire every few seconds),
         // unless `extra` gives its own.
         let lab_defaults: Vec<(&str, &str)> = [
-            ("--lease-duration", "3s"),
-            ("--renew-deadline", "2s"),
-            ("--retry-period", "500ms"),
+            // Short, but with room for a loaded machine (the scale test
+            // lists 1,000 backups while renewing).
+            ("--lease-duration", "6s"),
+            ("--renew-deadline", "4s"),
+            ("--retry-period", "1s"),
             ("--resync", "5s"),
             ("--min-schedule-interval", "2s"),
         ]
