@@ -73,7 +73,9 @@ async fn end(
     Ok(Action::await_change())
 }
 
-fn parse(text: &str, what: &str) -> Result<Duration, String> {
+/// Parses a GroupQuiesce's duration field `what` (`duration`, `ttl`):
+/// longer than zero.
+pub fn parse(text: &str, what: &str) -> Result<Duration, String> {
     stillpoint_proto::duration::parse_duration(text)
         .map_err(|e| format!("spec.{what} {text:?}: {e}"))
         .and_then(|d| match d.is_zero() {

@@ -69,6 +69,13 @@ fn shortest_gap(cron: &croner::Cron, tz: chrono_tz::Tz) -> Option<chrono::Durati
     times.windows(2).map(|w| w[1] - w[0]).min()
 }
 
+/// Checks a BackupSchedule's spec as its reconciler reads it (cron
+/// expression, time zone, interval against `min_interval`, retention):
+/// why it is refused, if it is.
+pub fn check_spec(bs: &BackupSchedule, min_interval: Duration) -> Result<(), String> {
+    schedule_of(bs, min_interval).map(|_| ())
+}
+
 fn schedule_of(bs: &BackupSchedule, min_interval: Duration) -> Result<Schedule, String> {
     let s = &bs.spec;
     let cron = parse_cron(&s.schedule).map_err(|e| format!("spec.schedule {e}"))?;

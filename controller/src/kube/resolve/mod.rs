@@ -36,6 +36,12 @@ mod volumes;
 
 pub use pods::{agent_port, pod_identity, workload_of};
 
+/// Checks a ConsistencyGroup's spec alone (its durations and members) as
+/// resolving it does first: why it is refused, if it is.
+pub fn check_spec(spec: &crate::kube::crd::ConsistencyGroupSpec) -> Result<(), String> {
+    spec::check(spec).map(|_| ()).map_err(|v| v.message)
+}
+
 /// The name of the agent's container port.
 pub const AGENT_PORT_NAME: &str = "stillpoint";
 /// Defaults of a group's budgets.

@@ -56,6 +56,12 @@ use workloads::Workloads;
 
 pub use plan::restored_pvc;
 
+/// Checks a GroupRestore's spec alone: its stage timeout, or why it is
+/// refused.
+pub fn check_spec(spec: &crate::kube::crd::GroupRestoreSpec) -> Result<Duration, String> {
+    plan::validate(spec).map_err(|s| s.message)
+}
+
 mod check;
 mod content;
 mod copies;
