@@ -680,6 +680,7 @@ impl Supervisor {
     /// Another stream for the same backup takes the hold over.
     fn attach(&self, held: &mut Held, events: Events, reply: oneshot::Sender<Attached>) {
         held.generation += 1;
+        self.holds.metrics.takeovers.inc();
         Self::send(
             &held.events,
             Event::Failed(pb::HoldFailed {

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub freeze_seconds: Histograms,
     pub thaw_seconds: Histograms,
     pub lease_expiries: Counter,
+    pub takeovers: Counter,
     pub thaws: Family<CauseLabel, Counter>,
     pub failures: Family<FailureLabels, Counter>,
     pub tls_refusals: Family<CauseLabel, Counter>,
@@ -73,6 +74,12 @@ impl Default for Metrics {
             "Holds thawed because no renewal arrived within the TTL",
             lease_expiries.clone(),
         );
+        let takeovers = Counter::default();
+        registry.register(
+            "hold_takeovers",
+            "Holds taken over by another Freeze stream of the same backup (the earlier stream then renews, flushes and thaws nothing)",
+            takeovers.clone(),
+        );
         let thaws = Family::default();
         registry.register("thaws", "Holds ended, by cause", thaws.clone());
         let failures = Family::default();
@@ -99,6 +106,7 @@ impl Default for Metrics {
             freeze_seconds,
             thaw_seconds,
             lease_expiries,
+            takeovers,
             thaws,
             failures,
             tls_refusals,

@@ -5443,3 +5443,85 @@ fn stopped_leading_at(log: &str) -> Option<k8s_openapi::jiff::Timestamp> {
         .parse()
         .ok()
 }
+
+/// The value of metric `name` on `pod`'s agent (its admin port).
+fn agent_metric(pod: &Pod, name: &str) -> f64 {
+    let addr: std::net::SocketAddr = format!("{}:9090", pod_ip(pod).unwrap()).parse().unwrap();
+    let (_, body) = stillpoint_tests::harness::http_get(addr, "/metrics").unwrap();
+    stillpoint_tests::harness::metric_sum(&body, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_cut_off_from_the_api_server_mid_backup_fails_it_and_no_member_is_held_twice() {
+    use stillpoint_tests::harness::kube::gate::Gate;
+    let space = Space::new("cutbackup").await;
+    let ns = space.ns.clone();
+    space.identity("redis").await;
+    for (pod, app) in [("redis-ma", "ma"), ("redis-mb", "mb")] {
+        space.pvc(&format!("data-{pod}"), None).await;
+        space.apply(&RedisPod::with_agent(pod, app).yaml(&ns)).await;
+    }
+    let pods = [space.ready("redis-ma").await, space.ready("redis-mb").await];
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: pair, namespace: {ns}}}\n\
+             spec:\n  members:\n  - {{name: a, selector: {{matchLabels: {{app: ma}}}}}}\n  \
+             - {{name: b, selector: {{matchLabels: {{app: mb}}}}}}\n\
+             \x20 snapshot: {{driver: csi, volumeSnapshotClassName: {}}}\n  leaseTTL: 3s\n  freezeBudget: 30s\n",
+            kube::SLOW_SNAPSHOT_CLASS
+        ))
+        .await;
+    let upstream: std::net::SocketAddr = space
+        .lab
+        .server
+        .trim_start_matches("https://")
+        .parse()
+        .unwrap();
+    let gate = Gate::start(upstream).await.unwrap();
+    let lease = format!("lease-{ns}");
+    let _a = ControllerProc::start_through(space.lab, space.installed, &ns, "mid-a", &lease, &gate)
+        .await
+        .unwrap();
+    wait_async("mid-a leads", BOUND, || {
+        let (space, lease) = (&space, &lease);
+        async move { Ok(lease_holder(space, lease).await.as_deref() == Some("mid-a")) }
+    })
+    .await
+    .unwrap();
+    let _b = space.controller("mid-b", &lease).await;
+    space.protectable("pair", "True").await;
+    until_cutting(&space, "mid", "pair").await;
+    let writes: Vec<_> = pods.iter().map(write_when_thawed).collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(writes.iter().all(|w| !w.is_finished()), "not frozen");
+
+    // The leader partitioned from the API server mid-cut.
+    let cut = std::time::Instant::now();
+    gate.cut();
+    for w in writes {
+        let thawed = w.await.unwrap().duration_since(cut);
+        assert!(
+            thawed <= LEASE_DURATION,
+            "a member thawed {thawed:?} after the cut, past the Lease ({LEASE_DURATION:?})"
+        );
+    }
+    // The standby finds the backup without a live run: Failed, never half.
+    let b = space.finished("mid").await;
+    assert_eq!(
+        status(&b).phase,
+        Some(BackupPhase::Failed),
+        "{:#?}",
+        b.status
+    );
+    // No member was ever held for two streams: nobody took a hold over.
+    for pod in &pods {
+        let takeovers = tokio::task::block_in_place(|| {
+            agent_metric(pod, "stillpoint_agent_hold_takeovers_total")
+        });
+        assert_eq!(takeovers, 0.0, "{}", pod.name_any());
+        let frozen = tokio::task::block_in_place(|| agent_metric(pod, "stillpoint_agent_frozen "));
+        assert_eq!(frozen, 0.0, "{}", pod.name_any());
+    }
+    gate.heal();
+    nothing_leaked(&space).await;
+}

@@ -175,11 +175,24 @@ async fn the_same_backup_id_is_idempotent() {
         .await
         .unwrap();
     assert!(!first.frozen.resumed);
+    assert_eq!(
+        s.agent
+            .metric("stillpoint_agent_hold_takeovers_total")
+            .unwrap(),
+        0.0
+    );
     let mut other = s.other_client().await;
     let second = HeldFreeze::start(&mut other, "b-same", ttl).await.unwrap();
     assert!(
         second.frozen.resumed,
         "the second stream takes the hold over"
+    );
+    assert_eq!(
+        s.agent
+            .metric("stillpoint_agent_hold_takeovers_total")
+            .unwrap(),
+        1.0,
+        "counted"
     );
     assert_eq!(first.frozen.position, second.frozen.position);
     // The first stream is told, and its end no longer thaws.

@@ -146,7 +146,7 @@ pub fn agent_container(engine: &str, dsn: &str, secret_volume: &str, volume: &st
     - {{name: STILLPOINT_ENGINE, value: {engine}}}
     - {{name: STILLPOINT_DSN, value: "{dsn}"}}
     - {{name: STILLPOINT_LISTEN_ADDR, value: "0.0.0.0:9443"}}
-    - {{name: STILLPOINT_ADMIN_ADDR, value: "127.0.0.1:9090"}}
+    - {{name: STILLPOINT_ADMIN_ADDR, value: "0.0.0.0:9090"}}
     - {{name: STILLPOINT_TLS_CERT, value: /etc/stillpoint/tls/tls.crt}}
     - {{name: STILLPOINT_TLS_KEY, value: /etc/stillpoint/tls/tls.key}}
     - {{name: STILLPOINT_TLS_CA, value: /etc/stillpoint/tls/ca.crt}}
