@@ -308,38 +308,63 @@ async fn redis_connect(pod: &Pod) -> redis::aio::MultiplexedConnection {
     c
 }
 
-/// The causal workload: step n is committed in PostgreSQL, then pushed to
-/// Redis; a restored Redis holding step n means PostgreSQL holds it too.
+/// One step of a causal workload: its writes in order, each after the
+/// previous one was acknowledged.
+trait Step: Send + 'static {
+    fn step(&mut self, n: i32) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// A causal workload running: step 1, 2, … until stopped; `acked` counts
+/// the steps done whole.
 struct Workload {
     stop: tokio::sync::watch::Sender<bool>,
-    acked: std::sync::Arc<std::sync::Mutex<Vec<i32>>>,
+    acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Step n is committed in PostgreSQL, then pushed to Redis; a restored
+/// Redis holding step n means PostgreSQL holds it too.
+struct OneWay {
+    db: tokio_postgres::Client,
+    cache: redis::aio::MultiplexedConnection,
+}
+
+impl Step for OneWay {
+    async fn step(&mut self, n: i32) {
+        self.db
+            .execute("INSERT INTO chain VALUES ($1)", &[&n])
+            .await
+            .unwrap();
+        let _: i64 = redis::cmd("RPUSH")
+            .arg("chain")
+            .arg(n)
+            .query_async(&mut self.cache)
+            .await
+            .unwrap();
+    }
+}
+
 impl Workload {
+    /// The one-way workload ([`OneWay`]) over `pg` and `redis`.
     async fn start(pg: &Pod, redis: &Pod) -> Workload {
         let db = pg_connect(pg).await;
         db.batch_execute("CREATE TABLE IF NOT EXISTS chain (id int primary key)")
             .await
             .unwrap();
-        let mut cache = redis_connect(redis).await;
+        let cache = redis_connect(redis).await;
+        Workload::run(OneWay { db, cache })
+    }
+
+    fn run(mut steps: impl Step) -> Workload {
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let seen = acked.clone();
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let done = acked.clone();
         let task = tokio::spawn(async move {
-            let mut n = 0;
+            let mut n: i32 = 0;
             while !*stopped.borrow() {
                 n += 1;
-                db.execute("INSERT INTO chain VALUES ($1)", &[&n])
-                    .await
-                    .unwrap();
-                let _: i64 = redis::cmd("RPUSH")
-                    .arg("chain")
-                    .arg(n)
-                    .query_async(&mut cache)
-                    .await
-                    .unwrap();
-                seen.lock().unwrap().push(n);
+                steps.step(n).await;
+                done.store(n as usize, std::sync::atomic::Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         });
@@ -347,13 +372,13 @@ impl Workload {
     }
 
     fn acked(&self) -> usize {
-        self.acked.lock().unwrap().len()
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     async fn stop(self) -> usize {
         let _ = self.stop.send(true);
         self.task.await.unwrap();
-        self.acked.lock().unwrap().len()
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -1862,16 +1887,46 @@ async fn maria_follows(replica: &Pod) {
 
 /// The causal workload in both directions over the shop with MariaDB:
 /// step `n` goes PostgreSQL → Redis → MariaDB (`chain`), then MariaDB →
-/// Redis → PostgreSQL (`back`), each write after the previous one was
-/// acknowledged; `acked` counts the steps done whole.
+/// Redis → PostgreSQL (`back`).
 struct BothWays {
-    stop: tokio::sync::watch::Sender<bool>,
-    acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
+    db: tokio_postgres::Client,
+    my: mysql_async::Conn,
+    cache: redis::aio::MultiplexedConnection,
+}
+
+impl Step for BothWays {
+    async fn step(&mut self, n: i32) {
+        use mysql_async::prelude::Queryable;
+        let push = |list: &'static str| {
+            let mut cache = self.cache.clone();
+            async move {
+                let _: i64 = redis::cmd("RPUSH")
+                    .arg(list)
+                    .arg(n)
+                    .query_async(&mut cache)
+                    .await
+                    .unwrap();
+            }
+        };
+        let insert = "INSERT INTO chain VALUES ($1)";
+        self.db.execute(insert, &[&n]).await.unwrap();
+        push("chain").await;
+        let my = &mut self.my;
+        my.exec_drop("INSERT INTO shop.chain VALUES (?)", (n,))
+            .await
+            .unwrap();
+        my.exec_drop("INSERT INTO shop.back VALUES (?)", (n,))
+            .await
+            .unwrap();
+        push("back").await;
+        let insert = "INSERT INTO back VALUES ($1)";
+        self.db.execute(insert, &[&n]).await.unwrap();
+    }
 }
 
 impl BothWays {
-    async fn start([pg, maria, redis]: &[Pod; 3]) -> BothWays {
+    /// The workload over the shop's primaries: PostgreSQL, MariaDB, Redis.
+    async fn start([pg, maria, redis]: &[Pod; 3]) -> Workload {
         use mysql_async::prelude::Queryable;
         let db = pg_connect(pg).await;
         db.batch_execute(
@@ -1888,53 +1943,8 @@ impl BothWays {
         )
         .await
         .unwrap();
-        let mut cache = redis_connect(redis).await;
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let done = acked.clone();
-        let task = tokio::spawn(async move {
-            let mut n: i32 = 0;
-            while !*stopped.borrow() {
-                n += 1;
-                db.execute("INSERT INTO chain VALUES ($1)", &[&n])
-                    .await
-                    .unwrap();
-                let _: i64 = redis::cmd("RPUSH")
-                    .arg("chain")
-                    .arg(n)
-                    .query_async(&mut cache)
-                    .await
-                    .unwrap();
-                my.exec_drop("INSERT INTO shop.chain VALUES (?)", (n,))
-                    .await
-                    .unwrap();
-                my.exec_drop("INSERT INTO shop.back VALUES (?)", (n,))
-                    .await
-                    .unwrap();
-                let _: i64 = redis::cmd("RPUSH")
-                    .arg("back")
-                    .arg(n)
-                    .query_async(&mut cache)
-                    .await
-                    .unwrap();
-                db.execute("INSERT INTO back VALUES ($1)", &[&n])
-                    .await
-                    .unwrap();
-                done.store(n as usize, std::sync::atomic::Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        });
-        BothWays { stop, acked, task }
-    }
-
-    fn acked(&self) -> usize {
-        self.acked.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    async fn stop(self) -> usize {
-        let _ = self.stop.send(true);
-        self.task.await.unwrap();
-        self.acked.load(std::sync::atomic::Ordering::SeqCst)
+        let cache = redis_connect(redis).await;
+        Workload::run(BothWays { db, my, cache })
     }
 }
 
@@ -5053,25 +5063,9 @@ async fn a_leader_cut_off_from_the_api_server_thaws_within_its_renew_deadline_be
     let redis = space.ready("redis-p").await;
     let member = "  - {name: cache, selector: {matchLabels: {app: rp}}}\n";
     space.apply(&group_yaml(&ns, "held", "csi", member)).await;
-    let upstream: std::net::SocketAddr = space
-        .lab
-        .server
-        .trim_start_matches("https://")
-        .parse()
-        .unwrap();
-    let gate = Gate::start(upstream).await.unwrap();
+    let gate = Gate::start(space.lab.api_address()).await.unwrap();
+    let (mut a, b) = leader_behind(&space, &gate, "cut").await;
     let lease = format!("lease-{ns}");
-    let mut a =
-        ControllerProc::start_through(space.lab, space.installed, &ns, "cut-a", &lease, &gate)
-            .await
-            .unwrap();
-    wait_async("cut-a leads", BOUND, || {
-        let (space, lease) = (&space, &lease);
-        async move { Ok(lease_holder(space, lease).await.as_deref() == Some("cut-a")) }
-    })
-    .await
-    .unwrap();
-    let b = space.controller("cut-b", &lease).await;
     space.protectable("held", "True").await;
     // The leader holds the group frozen: a write waits.
     space
@@ -5290,7 +5284,7 @@ async fn the_controller_as_deployed_leads_from_one_replica_and_a_partitioned_lea
     // deadline (10 s as deployed), and the other replica takes the Lease
     // only once it saw it unchanged for the Lease's duration (15 s).
     let cut = std::time::Instant::now();
-    other
+    let partition = other
         .cut_from_api(stillpoint::CONTROLLER_NS, &first)
         .await
         .unwrap();
@@ -5342,10 +5336,7 @@ async fn the_controller_as_deployed_leads_from_one_replica_and_a_partitioned_lea
     .unwrap();
 
     // Healed, the old leader waits as the standby.
-    other
-        .heal_to_api(stillpoint::CONTROLLER_NS, &first)
-        .await
-        .unwrap();
+    partition.heal();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
         deployed_leader(&admin).await.as_deref(),
@@ -5372,26 +5363,60 @@ fn write_when_thawed(redis: &Pod) -> tokio::task::JoinHandle<std::time::Instant>
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_leader_cut_off_from_one_agent_mid_freeze_fails_naming_it_and_nothing_stays_frozen() {
-    let space = Space::new("agentcut").await;
-    let ns = space.ns.clone();
+/// Two Redis pods with agents, `redis-<x>` and `redis-<y>` (labelled
+/// `app: <x>`, `app: <y>`), in ConsistencyGroup `pair` on storage that
+/// takes 3 s to cut (the group stays frozen that long), lease TTL 3 s.
+async fn slow_pair(space: &Space, [x, y]: [&str; 2]) -> [Pod; 2] {
+    let ns = &space.ns;
     space.identity("redis").await;
-    for (pod, app) in [("redis-ca", "ca"), ("redis-cb", "cb")] {
+    for app in [x, y] {
+        let pod = format!("redis-{app}");
         space.pvc(&format!("data-{pod}"), None).await;
-        space.apply(&RedisPod::with_agent(pod, app).yaml(&ns)).await;
+        space.apply(&RedisPod::with_agent(&pod, app).yaml(ns)).await;
     }
-    let (a, b) = (space.ready("redis-ca").await, space.ready("redis-cb").await);
-    // Storage that takes 3 s to cut: the group stays frozen that long.
     space
         .apply(&format!(
             "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: pair, namespace: {ns}}}\n\
-             spec:\n  members:\n  - {{name: a, selector: {{matchLabels: {{app: ca}}}}}}\n  \
-             - {{name: b, selector: {{matchLabels: {{app: cb}}}}}}\n\
+             spec:\n  members:\n  - {{name: a, selector: {{matchLabels: {{app: {x}}}}}}}\n  \
+             - {{name: b, selector: {{matchLabels: {{app: {y}}}}}}}\n\
              \x20 snapshot: {{driver: csi, volumeSnapshotClassName: {}}}\n  leaseTTL: 3s\n  freezeBudget: 30s\n",
             kube::SLOW_SNAPSHOT_CLASS
         ))
         .await;
+    [
+        space.ready(&format!("redis-{x}")).await,
+        space.ready(&format!("redis-{y}")).await,
+    ]
+}
+
+/// A leader `<name>-a` reaching the API server only through `gate`, once
+/// it leads Lease `lease-<ns>`, and a standby `<name>-b` reaching it
+/// directly.
+async fn leader_behind(
+    space: &Space,
+    gate: &stillpoint_tests::harness::kube::gate::Gate,
+    name: &str,
+) -> (ControllerProc, ControllerProc) {
+    let (ns, lease) = (&space.ns, format!("lease-{}", space.ns));
+    let leader = format!("{name}-a");
+    let a = ControllerProc::start_through(space.lab, space.installed, ns, &leader, &lease, gate)
+        .await
+        .unwrap();
+    wait_async(&format!("{leader} leads"), BOUND, || {
+        let (lease, leader) = (&lease, &leader);
+        async move { Ok(lease_holder(space, lease).await.as_ref() == Some(leader)) }
+    })
+    .await
+    .unwrap();
+    let b = space.controller(&format!("{name}-b"), &lease).await;
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_cut_off_from_one_agent_mid_freeze_fails_naming_it_and_nothing_stays_frozen() {
+    let space = Space::new("agentcut").await;
+    let ns = space.ns.clone();
+    let [a, b] = slow_pair(&space, ["ca", "cb"]).await;
     let _controller = space.controller("agentcut", &format!("lease-{ns}")).await;
     space.protectable("pair", "True").await;
     until_cutting(&space, "cut", "pair").await;
@@ -5455,40 +5480,9 @@ fn agent_metric(pod: &Pod, name: &str) -> f64 {
 async fn a_leader_cut_off_from_the_api_server_mid_backup_fails_it_and_no_member_is_held_twice() {
     use stillpoint_tests::harness::kube::gate::Gate;
     let space = Space::new("cutbackup").await;
-    let ns = space.ns.clone();
-    space.identity("redis").await;
-    for (pod, app) in [("redis-ma", "ma"), ("redis-mb", "mb")] {
-        space.pvc(&format!("data-{pod}"), None).await;
-        space.apply(&RedisPod::with_agent(pod, app).yaml(&ns)).await;
-    }
-    let pods = [space.ready("redis-ma").await, space.ready("redis-mb").await];
-    space
-        .apply(&format!(
-            "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: pair, namespace: {ns}}}\n\
-             spec:\n  members:\n  - {{name: a, selector: {{matchLabels: {{app: ma}}}}}}\n  \
-             - {{name: b, selector: {{matchLabels: {{app: mb}}}}}}\n\
-             \x20 snapshot: {{driver: csi, volumeSnapshotClassName: {}}}\n  leaseTTL: 3s\n  freezeBudget: 30s\n",
-            kube::SLOW_SNAPSHOT_CLASS
-        ))
-        .await;
-    let upstream: std::net::SocketAddr = space
-        .lab
-        .server
-        .trim_start_matches("https://")
-        .parse()
-        .unwrap();
-    let gate = Gate::start(upstream).await.unwrap();
-    let lease = format!("lease-{ns}");
-    let _a = ControllerProc::start_through(space.lab, space.installed, &ns, "mid-a", &lease, &gate)
-        .await
-        .unwrap();
-    wait_async("mid-a leads", BOUND, || {
-        let (space, lease) = (&space, &lease);
-        async move { Ok(lease_holder(space, lease).await.as_deref() == Some("mid-a")) }
-    })
-    .await
-    .unwrap();
-    let _b = space.controller("mid-b", &lease).await;
+    let pods = slow_pair(&space, ["ma", "mb"]).await;
+    let gate = Gate::start(space.lab.api_address()).await.unwrap();
+    let (_a, _b) = leader_behind(&space, &gate, "mid").await;
     space.protectable("pair", "True").await;
     until_cutting(&space, "mid", "pair").await;
     let writes: Vec<_> = pods.iter().map(write_when_thawed).collect();

@@ -159,7 +159,7 @@ impl Run {
             false => o.kind != "PersistentVolumeClaim",
         };
         for o in objects.iter().filter(made_here) {
-            let Some(resource) = resource_of(o) else {
+            let Some(resource) = resource_of(&o.api_version, &o.kind) else {
                 continue;
             };
             let what = format!("{} {}", o.kind, o.name);
@@ -458,8 +458,8 @@ fn secret_data(kept: &BTreeMap<String, ByteString>, name: &str) -> Result<Value,
 }
 
 /// The API resource of a kept object's kind.
-pub(super) fn resource_of(o: &CapturedObject) -> Option<ApiResource> {
-    let plural = match o.kind.as_str() {
+pub(super) fn resource_of(api_version: &str, kind: &str) -> Option<ApiResource> {
+    let plural = match kind {
         "ServiceAccount" => "serviceaccounts",
         "ConfigMap" => "configmaps",
         "Secret" => "secrets",
@@ -469,11 +469,8 @@ pub(super) fn resource_of(o: &CapturedObject) -> Option<ApiResource> {
         "ConsistencyGroup" => "consistencygroups",
         _ => return None,
     };
-    let (group, version) = match o.api_version.split_once('/') {
-        Some((g, v)) => (g, v),
-        None => ("", o.api_version.as_str()),
-    };
-    let gvk = GroupVersionKind::gvk(group, version, &o.kind);
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let gvk = GroupVersionKind::gvk(group, version, kind);
     Some(ApiResource::from_gvk_with_plural(&gvk, plural))
 }
 

@@ -263,13 +263,7 @@ impl Run {
     /// The namespaced API of `object`'s kind.
     fn dynamic(&self, object: &DynamicObject) -> Result<Api<DynamicObject>, Stop> {
         let t = object.types.clone().unwrap_or_default();
-        let o = CapturedObject {
-            api_version: t.api_version,
-            kind: t.kind.clone(),
-            name: object.name_any(),
-            manifest: Value::Null,
-        };
-        let resource = super::content::resource_of(&o)
+        let resource = super::content::resource_of(&t.api_version, &t.kind)
             .ok_or_else(|| stop(Reason::NotRestorable, format!("cannot copy a {}", t.kind)))?;
         Ok(Api::namespaced_with(
             self.ctx.client.clone(),

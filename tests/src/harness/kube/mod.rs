@@ -34,6 +34,7 @@ use crate::harness::free_port;
 use crate::harness::loopfs::LoopMount;
 
 pub mod csi;
+pub mod cut;
 pub mod dns;
 pub mod gate;
 pub mod net;
@@ -772,128 +773,46 @@ metadata:
         )
     }
 
-    /// Cuts pod `ns/pod` off from the API server, as a network partition
-    /// between a node and the control plane does: every packet it sends
-    /// to the API server's port is routed into a link whose far end is
-    /// down and silently lost (its requests hang; nothing answers with
-    /// an error), while the pod still reaches and is reached by
-    /// everything else (other pods, probes, DNS). Policy routing, which
-    /// the lab's kernel has without modules.
-    pub async fn cut_from_api(&self, ns: &str, pod: &str) -> Result<()> {
-        let (netns, host, port) = self.api_path(ns, pod).await?;
-        let n = netns.as_str();
-        ip_in(
-            n,
-            &[
-                "link", "add", "spcut0", "type", "veth", "peer", "name", "spcut1",
-            ],
-        )?;
-        ip_in(n, &["link", "set", "spcut0", "up"])?;
-        ip_in(n, &["addr", "add", "169.254.77.1/30", "dev", "spcut0"])?;
-        ip_in(
-            n,
-            &[
-                "neigh",
-                "add",
-                "169.254.77.2",
-                "lladdr",
-                "02:00:00:00:00:01",
-                "dev",
-                "spcut0",
-                "nud",
-                "permanent",
-            ],
-        )?;
-        ip_in(
-            n,
-            &[
-                "route",
-                "add",
-                "default",
-                "via",
-                "169.254.77.2",
-                "dev",
-                "spcut0",
-                "table",
-                "100",
-            ],
-        )?;
-        ip_in(
-            n,
-            &[
-                "rule",
-                "add",
-                "ipproto",
-                "tcp",
-                "dport",
-                &port,
-                "to",
-                &format!("{host}/32"),
-                "table",
-                "100",
-            ],
-        )
+    /// The API server's address (an IP and port: the bridge's gateway).
+    pub fn api_address(&self) -> std::net::SocketAddr {
+        self.server
+            .trim_start_matches("https://")
+            .parse()
+            .expect("the lab's API server listens on an IP address")
     }
 
-    /// Undoes [`KubeLab::cut_from_api`].
-    pub async fn heal_to_api(&self, ns: &str, pod: &str) -> Result<()> {
-        let (netns, host, port) = self.api_path(ns, pod).await?;
-        let n = netns.as_str();
-        ip_in(
-            n,
-            &[
-                "rule",
-                "del",
-                "ipproto",
-                "tcp",
-                "dport",
-                &port,
-                "to",
-                &format!("{host}/32"),
-                "table",
-                "100",
-            ],
-        )?;
-        ip_in(n, &["link", "del", "spcut0"])
+    /// Cuts pod `ns/pod` off from the API server, as a network partition
+    /// between a node and the control plane does: every packet it sends
+    /// to the API server's port is lost (its requests hang; nothing
+    /// answers with an error), while the pod still reaches and is reached
+    /// by everything else (other pods, probes, DNS). See `cut.rs`.
+    pub async fn cut_from_api(&self, ns: &str, pod: &str) -> Result<cut::Cut> {
+        let (uid, _) = self.pod_net(ns, pod).await?;
+        let api = self.api_address();
+        let netns = runner::netns_name(&uid);
+        cut::Cut::outbound(&netns, &api.ip().to_string(), &api.port().to_string())
     }
 
     /// Cuts this machine (where the lab's controller processes run) and
-    /// pod `ns/pod` apart on TCP port `port` of the pod, both ways: what
-    /// either sends on that connection is routed into a dead link and
-    /// lost. Healed when the returned guard is dropped.
-    pub async fn cut_host_from(&self, ns: &str, pod: &str, port: u16) -> Result<HostCut> {
+    /// pod `ns/pod` apart on TCP port `port` of the pod, both ways.
+    pub async fn cut_host_from(&self, ns: &str, pod: &str, port: u16) -> Result<cut::Cut> {
+        let (uid, ip) = self.pod_net(ns, pod).await?;
+        let netns = runner::netns_name(&uid);
+        let gateway = self.bridge.gateway().to_string();
+        cut::Cut::between_host_and(&netns, ip, &gateway, &port.to_string())
+    }
+
+    /// Pod `ns/pod`'s uid and address.
+    async fn pod_net(&self, ns: &str, pod: &str) -> Result<(String, std::net::Ipv4Addr)> {
         let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.admin().await?, ns);
         let p = pods.get(pod).await?;
         let uid = p.metadata.uid.clone().unwrap_or_default();
-        let ip: std::net::Ipv4Addr = p
+        let ip = p
             .status
             .and_then(|s| s.pod_ip)
             .context("the pod has no IP yet")?
             .parse()?;
-        let [_, _, c, d] = ip.octets();
-        let cut = HostCut {
-            netns: runner::netns_name(&uid),
-            link: format!("spc{c}x{d}"),
-            table: (1000 + u32::from(c) * 256 + u32::from(d)).to_string(),
-            pod_ip: ip.to_string(),
-            gateway: self.bridge.gateway().to_string(),
-            port: port.to_string(),
-        };
-        cut.apply()?;
-        Ok(cut)
-    }
-
-    /// The network namespace of pod `ns/pod`, and the API server's host
-    /// and port.
-    async fn api_path(&self, ns: &str, pod: &str) -> Result<(String, String, String)> {
-        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.admin().await?, ns);
-        let uid = pods.get(pod).await?.metadata.uid.unwrap_or_default();
-        let (host, port) = self
-            .server
-            .trim_start_matches("https://")
-            .rsplit_once(':')
-            .context("the API server's address")?;
-        Ok((runner::netns_name(&uid), host.into(), port.into()))
+        Ok((uid, ip))
     }
 
     /// What container `container` of pod `ns/pod` wrote (every run of the
@@ -1166,159 +1085,4 @@ async fn dynamic(client: &kube::Client, yaml: &str) -> Result<(Api<DynamicObject
         (kube::discovery::Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
     };
     Ok((api, object))
-}
-
-/// Runs `ip -n <netns> <args>` (iproute2).
-fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new("ip")
-        .args(["-n", netns])
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip -n {netns} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// A dead link in network namespace `netns` (`None`: this machine's):
-/// packets routed into it are lost without an answer.
-fn dead_link(netns: Option<&str>, link: &str, table: &str) -> Result<()> {
-    let ip = |args: &[&str]| match netns {
-        Some(n) => ip_in(n, args),
-        None => ip_host(args),
-    };
-    let peer = format!("{link}p");
-    ip(&["link", "add", link, "type", "veth", "peer", "name", &peer])?;
-    ip(&["link", "set", link, "up"])?;
-    ip(&["addr", "add", "169.254.78.1/30", "dev", link])?;
-    ip(&[
-        "neigh",
-        "add",
-        "169.254.78.2",
-        "lladdr",
-        "02:00:00:00:00:02",
-        "dev",
-        link,
-        "nud",
-        "permanent",
-    ])?;
-    ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        "169.254.78.2",
-        "dev",
-        link,
-        "table",
-        table,
-    ])
-}
-
-/// Runs `ip <args>` in this machine's network namespace.
-fn ip_host(args: &[&str]) -> Result<()> {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// A cut between this machine and one pod's port (see
-/// [`KubeLab::cut_host_from`]); healed on drop.
-#[derive(Debug)]
-pub struct HostCut {
-    netns: String,
-    link: String,
-    table: String,
-    pod_ip: String,
-    gateway: String,
-    port: String,
-}
-
-impl HostCut {
-    fn apply(&self) -> Result<()> {
-        // This machine to the pod's port.
-        dead_link(None, &self.link, &self.table)?;
-        ip_host(&[
-            "rule",
-            "add",
-            "ipproto",
-            "tcp",
-            "dport",
-            &self.port,
-            "to",
-            &format!("{}/32", self.pod_ip),
-            "table",
-            &self.table,
-        ])?;
-        // The pod's port back to this machine.
-        dead_link(Some(&self.netns), &self.link, &self.table)?;
-        ip_in(
-            &self.netns,
-            &[
-                "rule",
-                "add",
-                "ipproto",
-                "tcp",
-                "sport",
-                &self.port,
-                "to",
-                &format!("{}/32", self.gateway),
-                "table",
-                &self.table,
-            ],
-        )
-    }
-
-    /// Heals the cut now.
-    pub fn heal(&self) {
-        let _ = ip_host(&[
-            "rule",
-            "del",
-            "ipproto",
-            "tcp",
-            "dport",
-            &self.port,
-            "to",
-            &format!("{}/32", self.pod_ip),
-            "table",
-            &self.table,
-        ]);
-        let _ = ip_host(&["link", "del", &self.link]);
-        let _ = ip_in(
-            &self.netns,
-            &[
-                "rule",
-                "del",
-                "ipproto",
-                "tcp",
-                "sport",
-                &self.port,
-                "to",
-                &format!("{}/32", self.gateway),
-                "table",
-                &self.table,
-            ],
-        );
-        let _ = ip_in(&self.netns, &["link", "del", &self.link]);
-    }
-}
-
-impl Drop for HostCut {
-    fn drop(&mut self) {
-        self.heal();
-    }
 }

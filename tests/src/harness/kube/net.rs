@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 
-fn ip(args: &[&str]) -> Result<()> {
+pub(super) fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
         .output()

@@ -198,7 +198,7 @@ impl ControllerProc {
         extra: &[&str],
     ) -> Result<Self> {
         let tls = &installed.controller_tls;
-        Self::spawn(lab, ns, identity, lease, CONTROLLER_SA, tls, extra).await
+        Self::spawn(lab, ns, identity, lease, CONTROLLER_SA, tls, extra, None).await
     }
 
     /// The same, as ServiceAccount `sa` of stillpoint-system.
@@ -210,7 +210,17 @@ impl ControllerProc {
         lease: &str,
         sa: &str,
     ) -> Result<Self> {
-        Self::spawn(lab, ns, identity, lease, sa, &installed.controller_tls, &[]).await
+        Self::spawn(
+            lab,
+            ns,
+            identity,
+            lease,
+            sa,
+            &installed.controller_tls,
+            &[],
+            None,
+        )
+        .await
     }
 
     /// A replica running the in-cluster PKI (`--pki`, CA Secret `secret`),
@@ -248,7 +258,8 @@ impl ControllerProc {
         args.push(format!("{gateway}:0"));
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut proc = Self::spawn(lab, ns, identity, lease, CONTROLLER_SA, &tls, &args).await?;
+        let mut proc =
+            Self::spawn(lab, ns, identity, lease, CONTROLLER_SA, &tls, &args, None).await?;
         proc.tls_dir = Some(tls);
         Ok(proc)
     }
@@ -265,25 +276,13 @@ impl ControllerProc {
     ) -> Result<Self> {
         let tls = &installed.controller_tls;
         let through = Some(gate.addr());
-        Self::spawn_via(lab, ns, identity, lease, CONTROLLER_SA, tls, &[], through).await
+        Self::spawn(lab, ns, identity, lease, CONTROLLER_SA, tls, &[], through).await
     }
 
-    async fn spawn(
-        lab: &KubeLab,
-        ns: &str,
-        identity: &str,
-        lease: &str,
-        sa: &str,
-        tls_dir: &Path,
-        extra: &[&str],
-    ) -> Result<Self> {
-        Self::spawn_via(lab, ns, identity, lease, sa, tls_dir, extra, None).await
-    }
-
-    /// [`Self::spawn`], reaching the API server at `through` if given (its
-    /// certificate still checked for the lab's own address).
+    /// A controller process, reaching the API server at `through` if given
+    /// (its certificate still checked for the lab's own address).
     #[allow(clippy::too_many_arguments)]
-    async fn spawn_via(
+    async fn spawn(
         lab: &KubeLab,
         ns: &str,
         identity: &str,
@@ -299,12 +298,7 @@ impl ControllerProc {
         let kubeconfig = dir.path().join("kubeconfig");
         lab.kubeconfig_for(CONTROLLER_NS, sa, &kubeconfig).await?;
         if let Some(addr) = through {
-            let host = lab
-                .server
-                .trim_start_matches("https://")
-                .rsplit_once(':')
-                .map(|(h, _)| h.to_string())
-                .context("the lab's server address")?;
+            let host = lab.api_address().ip();
             let config = std::fs::read_to_string(&kubeconfig)?.replace(
                 &format!("server: {}\n", lab.server),
                 &format!("server: https://{addr}\n    tls-server-name: {host}\n"),
