@@ -708,7 +708,12 @@ impl Supervisor {
         held: &mut Held,
         reply: oneshot::Sender<Result<Duration, ()>>,
     ) -> Option<End> {
-        if let Err(err) = held.frozen.renewed(self.ttl).await {
+        // Bounded by the lease: a server that stopped answering (a network
+        // partition inside the pod) must not keep the hold past it.
+        let renewed = tokio::time::timeout_at(held.deadline, held.frozen.renewed(self.ttl))
+            .await
+            .unwrap_or_else(|_| Err(self.unanswered_renewal()));
+        if let Err(err) = renewed {
             let _ = reply.send(Err(()));
             held.lost = Some(err);
             return Some(End::abandoned(pb::ThawCause::HoldLost));
@@ -722,6 +727,21 @@ impl Supervisor {
         );
         let _ = reply.send(Ok(self.ttl));
         None
+    }
+
+    /// The engine did not confirm its hold before the lease ran out: the
+    /// hold is as good as lost (the server ends it by its own timeout).
+    fn unanswered_renewal(&self) -> EngineError {
+        EngineError {
+            member: self.holds.member.clone(),
+            engine: self.holds.engine.kind(),
+            step: Step::Hold,
+            cause: Cause::Lost,
+            message: format!(
+                "the server did not confirm the hold within the {} ms lease",
+                self.ttl.as_millis()
+            ),
+        }
     }
 
     /// The flush, reported as an event; a hold lost while flushing ends.
@@ -758,7 +778,9 @@ impl Supervisor {
             ..
         } = held;
         let cause = end.cause;
-        let result = self.thaw(frozen, cause, end.ending, lost.as_ref()).await;
+        // Why the hold ended goes out before the thaw, which may take up
+        // to the thaw timeout when the server stopped answering: the
+        // holder can give up (and thaw the other members) at once.
         if let Some(err) = &lost {
             Self::send(
                 &events,
@@ -773,13 +795,14 @@ impl Supervisor {
                 Event::Failed(pb::HoldFailed {
                     backup_id: self.backup_id.clone(),
                     reason: format!(
-                        "lease expired: no renewal within {} ms; member {} thawed",
+                        "lease expired: no renewal within {} ms; member {} thaws",
                         self.ttl.as_millis(),
                         self.holds.member
                     ),
                 }),
             );
         }
+        let result = self.thaw(frozen, cause, end.ending, lost.as_ref()).await;
         Self::send(
             &events,
             Event::Thawed(pb::Thawed {

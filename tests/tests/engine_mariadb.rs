@@ -174,6 +174,53 @@ async fn a_sigkilled_agent_leaves_nothing_locked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_agent_cannot_keep_the_lock_past_its_lease_and_renewals_keep_it() {
+    let _serial = shared::server_wide_freeze().await;
+    let fleet = Fleet::new().unwrap();
+    let maria = shared::mariadb();
+    let _c = database("m_stop").await;
+    let mut a = agent(&fleet, "maria-stop", &maria.primary).await;
+    let ttl = Duration::from_secs(1);
+    let hold = a.freeze("b-stop", ttl).await.unwrap();
+    // Renewed past the server's own bound (the lease + 1 s, whole seconds).
+    let mut blocked = insert(&maria.primary, "m_stop", 1);
+    for _ in 0..10 {
+        tokio::time::sleep(ttl / 3).await;
+        hold.renew().await.unwrap();
+    }
+    assert!(
+        finishes_within(Duration::from_millis(10), &mut blocked)
+            .await
+            .is_none(),
+        "a renewed freeze let a write through"
+    );
+    hold.request_thaw(false).await.unwrap();
+    finishes_within(Duration::from_secs(3), blocked)
+        .await
+        .expect("the write goes through after the thaw")
+        .unwrap()
+        .unwrap();
+    drop(hold);
+    // The agent stopped mid-hold, before any renewal: the server ends the
+    // held session itself.
+    let _hold = a.freeze("b-stopped", ttl).await.unwrap();
+    let stopped = Instant::now();
+    stillpoint_tests::harness::signal(a.proc.pid(), "STOP");
+    let blocked = insert(&maria.primary, "m_stop", 2);
+    let resumed = finishes_within(Duration::from_secs(10), blocked).await;
+    let after = stopped.elapsed();
+    stillpoint_tests::harness::signal(a.proc.pid(), "CONT");
+    resumed
+        .expect("the server released the stopped agent's lock")
+        .unwrap()
+        .unwrap();
+    assert!(
+        after <= ttl + Duration::from_secs(3),
+        "released {after:?} after the stop; the bound is the lease ({ttl:?}) + 1 s, in whole seconds"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_held_session_fails_the_hold_promptly() {
     let _serial = shared::server_wide_freeze().await;
     let fleet = Fleet::new().unwrap();

@@ -344,6 +344,60 @@ async fn an_unrenewed_lease_releases_the_fence_within_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_agent_cannot_keep_the_fence_past_its_lease_and_renewals_keep_it() {
+    let fleet = Fleet::new().unwrap();
+    let pg = shared::postgres();
+    let _db = database("fence_stopped").await;
+    let mut a = agent(&fleet, "pg-stop", &pg.primary, "fence_stopped", "fence").await;
+    let ttl = Duration::from_secs(1);
+    let hold = a.freeze("b-renewed", ttl).await.unwrap();
+    // Renewed, the fence holds well past the server's own bound (the lease
+    // plus one second): each renewal restarts it.
+    let mut blocked = insert(&pg.primary, "fence_stopped", 1);
+    for _ in 0..8 {
+        tokio::time::sleep(ttl / 3).await;
+        hold.renew().await.unwrap();
+    }
+    assert!(
+        finishes_within(Duration::from_millis(10), &mut blocked)
+            .await
+            .is_none(),
+        "a renewed fence let a write through"
+    );
+    hold.request_thaw(false).await.unwrap();
+    finishes_within(Duration::from_secs(3), blocked)
+        .await
+        .expect("the write goes through after the thaw")
+        .unwrap()
+        .unwrap();
+    drop(hold);
+
+    // The agent stopped mid-hold (as a frozen process or a partition
+    // inside the pod leaves it): the server ends the fence by itself.
+    let _hold = a.freeze("b-stopped", ttl).await.unwrap();
+    let stopped = Instant::now();
+    stillpoint_tests::harness::signal(a.proc.pid(), "STOP");
+    let blocked = insert(&pg.primary, "fence_stopped", 2);
+    let resumed = finishes_within(Duration::from_secs(10), blocked).await;
+    let after = stopped.elapsed();
+    stillpoint_tests::harness::signal(a.proc.pid(), "CONT");
+    resumed
+        .expect("the server released the stopped agent's fence")
+        .unwrap()
+        .unwrap();
+    assert!(after >= ttl, "released before the lease: {after:?}");
+    assert!(
+        after <= ttl + Duration::from_secs(2),
+        "released {after:?} after the stop; the bound is the lease ({ttl:?}) + 1 s"
+    );
+    // Woken, the agent finds its hold gone and takes the next one.
+    let mut next = a.freeze("b-after", ttl).await.unwrap();
+    next.request_thaw(false).await.unwrap();
+    let result = next.thawed().await.unwrap().unwrap();
+    assert!(result.error.is_empty(), "{}", result.error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sigkilled_agent_leaves_nothing_locked() {
     let fleet = Fleet::new().unwrap();
     let pg = shared::postgres();

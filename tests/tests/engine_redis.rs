@@ -327,3 +327,40 @@ async fn an_unreachable_server_is_a_clear_error() {
     );
     assert!(a.proc.admin_get("/healthz").unwrap().0.contains("200"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_mid_hold_fails_it_within_the_lease() {
+    use stillpoint_lab::servers::Pair;
+    let fleet = Fleet::new().unwrap();
+    // A pair of its own: its primary is stopped.
+    let pair = tokio::task::block_in_place(Pair::<RedisServer>::start).unwrap();
+    let mut a = agent(&fleet, "redis-stop", &pair.primary).await;
+    let ttl = Duration::from_secs(1);
+    let mut hold = a.freeze("b-stop", ttl).await.unwrap();
+    let pid = pair.primary.pid().unwrap();
+    let stopped = Instant::now();
+    stillpoint_tests::harness::signal(pid, "STOP");
+    // The renewal cannot be confirmed: the hold fails by the lease's end,
+    // not whenever the server answers again.
+    hold.renew().await.unwrap();
+    let failed = Agent::failure(&mut hold, Duration::from_secs(5)).await;
+    let after = stopped.elapsed();
+    stillpoint_tests::harness::signal(pid, "CONT");
+    let failed = failed.expect("the hold failed");
+    assert!(
+        after <= ttl + Duration::from_millis(500),
+        "failed {after:?} after the server stopped; the lease is {ttl:?}"
+    );
+    assert!(
+        failed.reason.contains("did not confirm") || failed.reason.contains("did not answer"),
+        "{}",
+        failed.reason
+    );
+    // Answering again, the server is thawed and takes writes.
+    let mut blocked = set(&pair.primary, "stop:after");
+    finishes_within(Duration::from_secs(3), &mut blocked)
+        .await
+        .expect("writes go through once the server answers")
+        .unwrap()
+        .unwrap();
+}

@@ -316,6 +316,12 @@ where
     }
 }
 
+/// How much longer than the lease a server's own timeout keeps a held
+/// session whose agent stopped renewing it (PostgreSQL's fence, MySQL's
+/// freeze session): the agent's lease ends the hold first, and the server
+/// ends it by itself when the agent cannot (cut off from it, stopped).
+pub const SERVER_GRACE: Duration = Duration::from_secs(1);
+
 /// A background check that a hold is still in force (a MySQL held
 /// session, a Redis server); reports the first loss. The check stops when
 /// this drops.

@@ -25,8 +25,8 @@ use tokio::sync::{Mutex, oneshot};
 use tokio::time::Instant;
 
 use super::{
-    Cause, Ctx, Description, Ending, Engine, EngineError, EngineKind, Frozen, HoldMonitor, Step,
-    Thawed,
+    Cause, Ctx, Description, Ending, Engine, EngineError, EngineKind, Frozen, HoldMonitor,
+    SERVER_GRACE, Step, Thawed,
 };
 use crate::config::{ENV_LOCK_TIMEOUT, EngineConfig, Secret};
 
@@ -76,6 +76,13 @@ impl Flavor {
             Flavor::Mysql { .. } => pb::GtidFlavor::Mysql,
         }
     }
+}
+
+/// The `wait_timeout` of a held session for a lease of `ttl`: the server
+/// ends it (and its lock) that long after the agent last spoke.
+fn wait_timeout(ttl: Duration) -> String {
+    let seconds = (ttl + SERVER_GRACE).as_secs_f64().ceil() as u64;
+    format!("SET SESSION wait_timeout = {seconds}")
 }
 
 /// The statements used for one flavour and version.
@@ -258,6 +265,9 @@ pub struct Mysql {
     lock_timeout: Duration,
     poll_interval: Duration,
     hold_check_interval: Duration,
+    /// The longest lease: the freeze session's server-side bound until
+    /// the freeze sets the lease's own.
+    prepared_expiry: Duration,
     control: Mutex<Option<Conn>>,
     /// A session opened ahead of the freeze (by prepare), so the freeze
     /// does not pay for connecting.
@@ -276,6 +286,7 @@ impl Mysql {
             lock_timeout: config.lock_timeout,
             poll_interval: config.poll_interval,
             hold_check_interval: config.hold_check_interval,
+            prepared_expiry: config.prepared_expiry,
             control: Mutex::new(None),
             spare: Mutex::new(None),
             wait: Mutex::new(None),
@@ -316,10 +327,19 @@ impl Mysql {
         err
     }
 
+    /// The freeze session's settings: the lock wait bounds, and a
+    /// `wait_timeout` of the longest lease, so that the server ends the
+    /// session (and any lock it holds) if this agent goes silent.
+    fn session_settings(&self, statements: &Statements) -> Vec<String> {
+        let mut settings = statements.session.clone();
+        settings.push(wait_timeout(self.prepared_expiry));
+        settings
+    }
+
     /// A new freeze session: bounded lock waits, flavour and role known.
     async fn freeze_session(&self, step: Step) -> Result<Prepared, EngineError> {
         let mut p = self.session(step).await?;
-        for setting in &p.statements.session {
+        for setting in self.session_settings(&p.statements) {
             p.conn
                 .query_drop(setting)
                 .await
@@ -570,7 +590,7 @@ impl Engine for Mysql {
             .map_err(|e| self.err(Step::Prepare, &e))?;
         let (flavor, statements) = self.statements_for(&mut conn, Step::Prepare).await?;
         let (role, _) = self.role(&mut conn, &statements, Step::Prepare).await?;
-        for setting in &statements.session {
+        for setting in self.session_settings(&statements) {
             conn.query_drop(setting)
                 .await
                 .map_err(|e| self.err(Step::Prepare, &e))?;
@@ -591,20 +611,18 @@ impl Engine for Mysql {
     async fn freeze(
         &self,
         _backup_id: &str,
-        _ttl: Duration,
+        ttl: Duration,
     ) -> Result<Box<dyn Frozen>, EngineError> {
         let spare = self.spare.lock().await.take();
         let mut prepared = match spare {
             Some(p) => p,
             None => self.freeze_session(Step::Freeze).await?,
         };
-        // A prepared session the server closed meanwhile fails its first
-        // statement without locking anything: then once more, anew.
-        if let Err(e) = prepared
-            .conn
-            .query_drop(&prepared.statements.freeze[0])
-            .await
-        {
+        // The lease's bound on the session goes with the first stage, in
+        // the same round trip. A prepared session the server closed
+        // meanwhile fails it without locking anything: then once more, anew.
+        let first = format!("{}; {}", wait_timeout(ttl), prepared.statements.freeze[0]);
+        if let Err(e) = prepared.conn.query_drop(&first).await {
             if matches!(e, mysql_async::Error::Server(_)) {
                 let _ = prepared.conn.query_drop(prepared.statements.thaw).await;
                 return Err(self.lock_error(&e));
@@ -612,7 +630,7 @@ impl Engine for Mysql {
             prepared = self.freeze_session(Step::Freeze).await?;
             prepared
                 .conn
-                .query_drop(&prepared.statements.freeze[0])
+                .query_drop(&first)
                 .await
                 .map_err(|e| self.lock_error(&e))?;
         }
@@ -749,12 +767,21 @@ async fn monitor(
     };
     loop {
         tokio::time::sleep(interval).await;
-        let present: Result<Option<u64>, _> = conn
-            .exec_first(
+        let present = tokio::time::timeout(
+            bound,
+            conn.exec_first::<u64, _, _>(
                 "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID = ?",
                 (conn_id,),
-            )
-            .await;
+            ),
+        )
+        .await;
+        let Ok(present) = present else {
+            let _ = lost.send(format!(
+                "the server did not answer within {} ms",
+                bound.as_millis()
+            ));
+            return;
+        };
         match present {
             Ok(Some(n)) if n > 0 => {}
             Ok(_) => {
@@ -788,6 +815,22 @@ impl Frozen for MyHold {
 
     async fn lost(&mut self) -> EngineError {
         self.monitor.lost(&self.ctx).await
+    }
+
+    /// Restarts the held session's server-side bound for the new lease
+    /// (set first with the freeze): the server closes a session idle for
+    /// `wait_timeout` seconds, which releases its lock even if this agent
+    /// can no longer reach it.
+    async fn renewed(&mut self, ttl: Duration) -> Result<(), EngineError> {
+        self.conn.query_drop(wait_timeout(ttl)).await.map_err(|e| {
+            let (cause, message) = my_error(&e);
+            let cause = match cause {
+                Cause::Unavailable => Cause::Lost,
+                other => other,
+            };
+            self.ctx
+                .err(Step::Hold, cause, format!("renewing the hold: {message}"))
+        })
     }
 
     async fn flush(&mut self) -> Result<String, EngineError> {

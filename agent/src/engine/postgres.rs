@@ -27,6 +27,13 @@
 //! standby replays only flushed WAL. A primary's position is its insert
 //! LSN, so a replica aligned to it holds every acknowledged commit.
 //!
+//! A fence also bounds itself on the server: its transaction sets
+//! `idle_in_transaction_session_timeout` to the lease plus
+//! [`SERVER_GRACE`], and every renewal of the lease runs a statement in it
+//! (which restarts that timer and proves the session answers). An agent
+//! cut off from its server, or stopped, cannot keep the tables locked: the
+//! server ends the fence's session by itself soon after the lease.
+//!
 //! When the controller's cut is atomic (`PrepareRequest.atomic_cut`: btrfs,
 //! LVM/ZFS, CSI snapshots) the image is crash-consistent and restores by
 //! crash recovery without a `backup_label`, so no backup session or slot is
@@ -43,11 +50,22 @@ use tokio::sync::{Mutex, oneshot};
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 
-use super::{Cause, Ctx, Description, Ending, Engine, EngineError, Frozen, Step, Thawed};
+use super::{
+    Cause, Ctx, Description, Ending, Engine, EngineError, Frozen, SERVER_GRACE, Step, Thawed,
+};
 use crate::config::{
     ENV_LOCK_TIMEOUT, ENV_PG_FENCE_DATABASES, ENV_PG_FENCE_SCHEMAS, EngineConfig, PgConfig, PgMode,
     Secret,
 };
+
+/// The fence transaction's `idle_in_transaction_session_timeout` for a
+/// lease of `ttl`, as a `SET LOCAL` statement.
+fn fence_guard(ttl: Duration) -> String {
+    format!(
+        "SET LOCAL idle_in_transaction_session_timeout = '{}ms';",
+        (ttl + SERVER_GRACE).as_millis()
+    )
+}
 
 /// Parses a libpq-style DSN (`host=… user=…` or `postgresql://…`).
 pub fn parse_dsn(dsn: &str) -> Result<tokio_postgres::Config, String> {
@@ -479,10 +497,12 @@ impl Postgres {
         &self,
         session: &Session,
         with_position: bool,
+        ttl: Duration,
     ) -> Result<Option<pb::Position>, EngineError> {
         let begin = format!(
-            "BEGIN; SET LOCAL lock_timeout = '{}ms';",
-            self.lock_timeout.as_millis()
+            "BEGIN; SET LOCAL lock_timeout = '{}ms'; {}",
+            self.lock_timeout.as_millis(),
+            fence_guard(ttl)
         );
         let current = self.fence_tables_sql();
         let locks = match &session.tables {
@@ -534,13 +554,18 @@ impl Postgres {
     }
 
     /// Locks the fences (if any), reads the position and holds `backup`.
-    async fn hold(&self, mut backup: Backup) -> Result<Box<dyn Frozen>, EngineError> {
+    async fn hold(
+        &self,
+        mut backup: Backup,
+        ttl: Duration,
+    ) -> Result<Box<dyn Frozen>, EngineError> {
         let fences = std::mem::take(&mut backup.fences);
         // With one fence, its round trip also reads the position (after the
         // locks); with several, the position is read once all are locked.
         let single = fences.len() == 1;
         let locked =
-            futures_util::future::join_all(fences.iter().map(|f| self.lock_fence(f, single))).await;
+            futures_util::future::join_all(fences.iter().map(|f| self.lock_fence(f, single, ttl)))
+                .await;
         // On an error the fences drop here, which ends their transactions:
         // nothing stays locked.
         let read = locked.into_iter().collect::<Result<Vec<_>, _>>()?;
@@ -805,11 +830,7 @@ impl Engine for Postgres {
         Ok(detail)
     }
 
-    async fn freeze(
-        &self,
-        backup_id: &str,
-        _ttl: Duration,
-    ) -> Result<Box<dyn Frozen>, EngineError> {
+    async fn freeze(&self, backup_id: &str, ttl: Duration) -> Result<Box<dyn Frozen>, EngineError> {
         let prepared = {
             let mut slot = self.prepared.lock().await;
             match slot.take() {
@@ -822,7 +843,7 @@ impl Engine for Postgres {
             // Unprepared: the safe default is a backup session.
             None => self.start_backup(backup_id, Step::Freeze, false).await?,
         };
-        self.hold(backup).await
+        self.hold(backup, ttl).await
     }
 
     /// A quiesce: no backup session (nothing is cut), and the fences taken
@@ -832,7 +853,7 @@ impl Engine for Postgres {
     async fn freeze_writes(
         &self,
         backup_id: &str,
-        _ttl: Duration,
+        ttl: Duration,
     ) -> Result<Box<dyn Frozen>, EngineError> {
         let session = self.connect(None, Step::Freeze, "hold session").await?;
         let standby: bool = session
@@ -854,7 +875,7 @@ impl Engine for Postgres {
             stop: None,
             fences,
         };
-        self.hold(backup).await
+        self.hold(backup, ttl).await
     }
 
     async fn wait_for_position(
@@ -923,6 +944,34 @@ impl Frozen for PgHold {
             Cause::Lost,
             format!("the held {} ended: {reason}", names[index]),
         )
+    }
+
+    /// Restarts each fence's server-side timer for the new lease; a fence
+    /// that does not answer loses the hold (the supervisor bounds the wait
+    /// by the lease).
+    async fn renewed(&mut self, ttl: Duration) -> Result<(), EngineError> {
+        let guard = fence_guard(ttl);
+        let renewed = futures_util::future::join_all(
+            self.fences
+                .iter()
+                .map(async |f| (f, f.client.batch_execute(&guard).await)),
+        )
+        .await;
+        for (fence, result) in renewed {
+            if let Err(e) = result {
+                let (cause, message) = db_error(&e);
+                let cause = match cause {
+                    Cause::Unavailable => Cause::Lost,
+                    other => other,
+                };
+                return Err(self.ctx.err(
+                    Step::Hold,
+                    cause,
+                    format!("renewing the {}: {message}", fence.what),
+                ));
+            }
+        }
+        Ok(())
     }
 
     async fn flush(&mut self) -> Result<String, EngineError> {

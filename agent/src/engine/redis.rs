@@ -280,8 +280,10 @@ impl Engine for Redis {
             .get("run_id")
             .cloned()
             .unwrap_or_default();
-        let (watched, interval) = (conn.clone(), self.hold_check_interval);
-        let monitor = HoldMonitor::spawn(move |lost| monitor(watched, run_id, interval, lost));
+        let (watched, interval, answer) =
+            (conn.clone(), self.hold_check_interval, self.connect_timeout);
+        let monitor =
+            HoldMonitor::spawn(move |lost| monitor(watched, run_id, interval, answer, lost));
         Ok(Box::new(RedisHold {
             ctx: self.ctx.clone(),
             conn,
@@ -316,19 +318,34 @@ impl Engine for Redis {
 }
 
 /// Reports through `lost` when the server restarted (its pause with it) or
-/// stopped answering.
+/// stopped answering (within `answer`: the connection has no response
+/// timeout of its own).
 async fn monitor(
     mut conn: MultiplexedConnection,
     run_id: String,
     interval: Duration,
+    answer: Duration,
     lost: oneshot::Sender<String>,
 ) {
     loop {
         tokio::time::sleep(interval).await;
-        let info: Result<String, _> = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await;
+        let info = tokio::time::timeout(
+            answer,
+            redis::cmd("INFO")
+                .arg("server")
+                .query_async::<String>(&mut conn),
+        )
+        .await;
+        let info = match info {
+            Ok(info) => info,
+            Err(_) => {
+                let _ = lost.send(format!(
+                    "the server did not answer within {} ms",
+                    answer.as_millis()
+                ));
+                return;
+            }
+        };
         match info {
             Ok(text) => {
                 let now = parse_info(&text).get("run_id").cloned().unwrap_or_default();
