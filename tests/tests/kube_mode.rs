@@ -5345,6 +5345,131 @@ async fn the_controller_as_deployed_leads_from_one_replica_and_a_partitioned_lea
     assert_eq!(controller_pods(&admin).await.get(&first), Some(&false));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_cut_off_while_it_records_a_quiesce_thaws_it_before_another_leads() {
+    use stillpoint_controller::kube::crd::QuiescePhase;
+    use stillpoint_tests::harness::kube::gate::Gate;
+    let space = Space::new("recording").await;
+    let ns = space.ns.clone();
+    space.identity("redis").await;
+    space.pvc("data-redis-w", None).await;
+    space
+        .apply(&RedisPod::with_agent("redis-w", "rw").yaml(&ns))
+        .await;
+    let redis = space.ready("redis-w").await;
+    let member = "  - {name: cache, selector: {matchLabels: {app: rw}}}\n";
+    space.apply(&group_yaml(&ns, "held", "csi", member)).await;
+    let gate = Gate::start(space.lab.api_address()).await.unwrap();
+    let (_a, b) = leader_behind(&space, &gate, "rec").await;
+    space.protectable("held", "True").await;
+
+    // The server stopped: the leader's freeze waits on it.
+    space
+        .lab
+        .signal_container(&ns, "redis-w", "redis", "STOP")
+        .await
+        .unwrap();
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupQuiesce\nmetadata: {{name: q, namespace: {ns}}}\n\
+             spec: {{group: held, duration: 10m}}"
+        ))
+        .await;
+    wait_async("the freeze requested", BOUND, || {
+        let (lab, ns) = (space.lab, &ns);
+        async move {
+            let log = lab.container_log(ns, "redis-w", "stillpoint-agent");
+            Ok(log.contains("freeze requested backup_id=GroupQuiesce:"))
+        }
+    })
+    .await
+    .unwrap();
+    // Cut off from the API server mid-freeze; the freeze then completes,
+    // and the leader cannot record it.
+    let cut = std::time::Instant::now();
+    gate.cut();
+    space
+        .lab
+        .signal_container(&ns, "redis-w", "redis", "CONT")
+        .await
+        .unwrap();
+    let write = write_when_thawed(&redis);
+    let mut b_leads = None;
+    while b_leads.is_none() && cut.elapsed() < BOUND {
+        let ready = tokio::task::block_in_place(|| b.get("/readyz"));
+        if ready.is_ok_and(|(code, _)| code == 200) {
+            b_leads = Some(cut.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b_leads = b_leads.expect("the standby leads");
+    assert!(
+        write.is_finished(),
+        "still frozen when the standby led ({b_leads:?} after the cut)"
+    );
+    let thawed = write.await.unwrap().duration_since(cut);
+    assert!(
+        thawed <= LEASE_DURATION,
+        "thawed {thawed:?} after the cut, past the Lease ({LEASE_DURATION:?})"
+    );
+    let takeovers = tokio::task::block_in_place(|| {
+        agent_metric(&redis, "stillpoint_agent_hold_takeovers_total")
+    });
+    assert_eq!(takeovers, 0.0, "a hold was taken over");
+    // Never recorded as held, the quiesce is still asked for: the new
+    // leader holds it.
+    let run_by =
+        |q: stillpoint_controller::kube::crd::GroupQuiesce| q.status.and_then(|s| s.run_by);
+    let q = quiesce_phase(&space, "q", QuiescePhase::Frozen).await;
+    assert_eq!(run_by(q).as_deref(), Some("rec-b"));
+    // Healed, the old leader's status write, held by the partition until
+    // now, arrives late: it is refused, not applied over the new leader's.
+    gate.heal();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let q = quiesce_phase(&space, "q", QuiescePhase::Frozen).await;
+    assert_eq!(run_by(q).as_deref(), Some("rec-b"), "a late write won");
+    let quiesces: Api<stillpoint_controller::kube::crd::GroupQuiesce> =
+        Api::namespaced(space.admin.clone(), &ns);
+    quiesces
+        .delete("q", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(writes(&redis, Duration::from_secs(10)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_status_write_delivered_after_another_write_is_refused() {
+    use stillpoint_controller::kube::crd::{GroupQuiesce, GroupQuiesceStatus, QuiescePhase};
+    use stillpoint_controller::kube::store::apply_status_at;
+    let space = Space::new("stale").await;
+    let ns = space.ns.clone();
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupQuiesce\nmetadata: {{name: q, namespace: {ns}}}\n\
+             spec: {{group: none, duration: 1m}}"
+        ))
+        .await;
+    let api: Api<GroupQuiesce> = Api::namespaced(space.admin.clone(), &ns);
+    let seen = api.get("q").await.unwrap().resource_version().unwrap();
+    let status = |by: &str| GroupQuiesceStatus {
+        phase: Some(QuiescePhase::Frozen),
+        run_by: Some(by.into()),
+        ..Default::default()
+    };
+    // One replica writes at the version it saw; another's write at that
+    // same version, delivered later, is refused.
+    apply_status_at(&api, "q", "GroupQuiesce", &seen, &status("new"))
+        .await
+        .unwrap();
+    let late = apply_status_at(&api, "q", "GroupQuiesce", &seen, &status("old")).await;
+    assert!(
+        matches!(&late, Err(::kube::Error::Api(e)) if e.code == 409),
+        "{late:?}"
+    );
+    let q = api.get("q").await.unwrap();
+    assert_eq!(q.status.and_then(|s| s.run_by).as_deref(), Some("new"));
+}
+
 /// The lab's group lease TTL of the partition tests (`leaseTTL: 3s`).
 const MEMBER_TTL: Duration = Duration::from_secs(3);
 

@@ -95,6 +95,12 @@ pub enum ControllerError {
          given up, so another replica leads; this one exits to be restarted"
     )]
     ReconcilersStopped(String),
+    #[error(
+        "lost the leader Lease {0}, and not every run stopped within {1:?} (the Lease's duration \
+         less its renew deadline): this replica exits, which ends every agent stream it holds and \
+         so thaws each hold, before another replica can lead"
+    )]
+    RunsOutlivedLease(String, Duration),
     #[error("this controller context already ran; a process leads once")]
     AlreadyRan,
     #[error("{0}")]
@@ -120,6 +126,10 @@ pub enum ReconcileError {
         "GroupBackupContent {content} is still the record of GroupBackup {backup}: delete that instead"
     )]
     ContentInUse { content: String, backup: String },
+    /// Stopped (deleted, shutdown, the Lease lost) while recording what it
+    /// froze; everything it froze was thawed.
+    #[error("stopped before its status was written ({0}); everything it froze was thawed")]
+    Cancelled(String),
     /// A backup's snapshots could not be deleted.
     #[error("deleting the snapshots of {backup}: {source}")]
     Snapshots {
@@ -914,6 +924,21 @@ pub async fn run(
     };
     tracing::warn!("{reason}: aborting every backup in flight");
     let _ = stop_tx.send(true);
+    if let Err(ControllerError::LostLease(lost)) = &outcome {
+        // Another replica may lead once the Lease has gone unrenewed for
+        // its duration: nothing of this one may still hold by then.
+        let timing = lease.timing();
+        let grace = timing.lease_duration.saturating_sub(timing.renew_deadline);
+        let stopped = tokio::time::timeout(grace, async {
+            ctx.abort_all(&reason).await;
+            let _ = (&mut reconcilers).await;
+        });
+        if stopped.await.is_err() {
+            reconcilers.abort();
+            return Err(ControllerError::RunsOutlivedLease(lost.clone(), grace));
+        }
+        return outcome;
+    }
     ctx.abort_all(&reason).await;
     if !reconcilers.is_finished() {
         let _ = tokio::time::timeout(Duration::from_secs(10), reconcilers).await;

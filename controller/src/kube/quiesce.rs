@@ -375,7 +375,20 @@ impl Held {
         );
         let api: Api<GroupQuiesce> =
             Api::namespaced(ctx.client.clone(), &q.namespace().unwrap_or_default());
-        if let Err(e) = apply_status(&api, &q.name_any(), &status).await {
+        // A write that hangs (the API server unreachable) must not hold the
+        // group past a cancel: the Lease lost, a shutdown. Delivered late,
+        // after another replica took the quiesce, it is refused.
+        let (mut cancelled, name) = (self.cancelled.clone(), q.name_any());
+        let version = q.resource_version().unwrap_or_default();
+        let written = tokio::select! {
+            written = crate::kube::store::apply_status_at(&api, &name, "GroupQuiesce", &version, &status) =>
+                written.map_err(ReconcileError::from),
+            why = cancelled.wait_for(|c| c.is_some()) => {
+                let why = why.map(|w| w.clone().unwrap_or_default()).unwrap_or_default();
+                Err(ReconcileError::Cancelled(why))
+            }
+        };
+        if let Err(e) = written {
             for (_, h) in self.holders {
                 let _ = h.thaw(false).await;
             }
@@ -384,7 +397,7 @@ impl Held {
                 .unwrap()
                 .remove(&q.uid().unwrap_or_default());
             let _ = self.finished.send(true);
-            return Err(e.into());
+            return Err(e);
         }
         ctx.event(q, false, Reason::Frozen, message).await;
         self.q.status = Some(status);

@@ -408,6 +408,35 @@ where
     Ok(())
 }
 
+/// [`apply_status`] only if the object is still at `resource_version`
+/// (the apply's precondition; a 409 Conflict otherwise): a write that a
+/// partition delayed past another replica's writes is refused, not applied
+/// over them.
+pub async fn apply_status_at<K>(
+    api: &Api<K>,
+    name: &str,
+    kind: &str,
+    resource_version: &str,
+    status: &impl serde::Serialize,
+) -> Result<(), kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = json!({
+        "apiVersion": "stillpoint.dev/v1alpha1",
+        "kind": kind,
+        "metadata": { "resourceVersion": resource_version },
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
 /// A name as the enum it names (`postgres`, `replica`, `backup-label`).
 fn parse<T: serde::de::DeserializeOwned>(text: &Option<String>) -> Option<T> {
     text.as_ref()

@@ -3,7 +3,10 @@
 //! end is down, reached through a permanent neighbour entry) and lost
 //! without an answer, so connections hang as they do when packets are
 //! dropped. Policy routing, which the lab's kernel has without netfilter
-//! or tc actions. A [`Cut`] heals when dropped.
+//! or tc actions. Inside a pod (its containers talk over loopback, where
+//! policy rules do not apply) the loopback device gets a `blackhole` root
+//! queue instead, which drops every packet it is given. A [`Cut`] heals
+//! when dropped.
 
 use anyhow::Result;
 
@@ -85,6 +88,8 @@ impl Route {
 #[derive(Debug)]
 pub struct Cut {
     routes: Vec<Route>,
+    /// Network namespaces whose loopback is cut.
+    loopbacks: Vec<String>,
 }
 
 impl Cut {
@@ -130,7 +135,10 @@ impl Cut {
     }
 
     fn apply(routes: Vec<Route>) -> Result<Cut> {
-        let mut cut = Cut { routes: Vec::new() };
+        let mut cut = Cut {
+            routes: Vec::new(),
+            loopbacks: Vec::new(),
+        };
         for r in routes {
             // What was applied is healed on drop, even if the rest fails.
             let applied = r.apply();
@@ -140,10 +148,39 @@ impl Cut {
         Ok(cut)
     }
 
+    /// The containers of the pod in network namespace `netns` can no
+    /// longer reach each other over loopback (an agent cut off from the
+    /// database beside it); the pod's own address still works.
+    pub(super) fn loopback(netns: &str) -> Result<Cut> {
+        let cut = Cut {
+            routes: Vec::new(),
+            loopbacks: vec![netns.to_string()],
+        };
+        ip(&["-n", netns, "link", "show", "lo"])?;
+        let added = std::process::Command::new("ip")
+            .args(["netns", "exec", netns, "tc", "qdisc", "add", "dev", "lo"])
+            .args(["root", "blackhole"])
+            .output()?;
+        anyhow::ensure!(
+            added.status.success(),
+            "tc qdisc add blackhole in {netns}: {}",
+            String::from_utf8_lossy(&added.stderr)
+        );
+        Ok(cut)
+    }
+
     /// Heals the cut now.
     pub fn heal(&self) {
         for r in &self.routes {
             r.heal();
+        }
+        for netns in &self.loopbacks {
+            let _ = std::process::Command::new("ip")
+                .args([
+                    "netns", "exec", netns, "tc", "qdisc", "del", "dev", "lo", "root",
+                ])
+                .stderr(std::process::Stdio::null())
+                .status();
         }
     }
 }

@@ -57,6 +57,8 @@ pub const SLOW_SNAPSHOT_CLASS: &str = "lab-slow";
 #[derive(Debug)]
 struct LabProc {
     name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
     child: Child,
     log: PathBuf,
 }
@@ -65,7 +67,10 @@ impl LabProc {
     fn spawn(name: &'static str, program: &Path, args: &[String], logs: &Path) -> Result<LabProc> {
         use std::os::unix::process::CommandExt;
         let log = logs.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log)?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let child = Command::new(program)
             .args(args)
             .stdin(Stdio::null())
@@ -74,7 +79,26 @@ impl LabProc {
             .process_group(0)
             .spawn()
             .with_context(|| format!("starting {}", program.display()))?;
-        Ok(LabProc { name, child, log })
+        Ok(LabProc {
+            name,
+            program: program.to_path_buf(),
+            args: args.to_vec(),
+            child,
+            log,
+        })
+    }
+
+    /// SIGKILL to its process group, as a crash; then the same command
+    /// again (as a static pod's kubelet restarts it).
+    fn crash_and_restart(&mut self) -> Result<()> {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.wait();
+        let logs = self.log.parent().context("log directory")?.to_path_buf();
+        *self = LabProc::spawn(self.name, &self.program.clone(), &self.args.clone(), &logs)?;
+        Ok(())
     }
 
     fn tail(&self) -> String {
@@ -800,6 +824,75 @@ metadata:
         let netns = runner::netns_name(&uid);
         let gateway = self.bridge.gateway().to_string();
         cut::Cut::between_host_and(&netns, ip, &gateway, &port.to_string())
+    }
+
+    /// Cuts the containers of pod `ns/pod` off from each other on
+    /// loopback (its agent from its database), as a partition inside the
+    /// pod would: packets are dropped, nothing answers. See `cut.rs`.
+    pub async fn cut_inside(&self, ns: &str, pod: &str) -> Result<cut::Cut> {
+        let (uid, _) = self.pod_net(ns, pod).await?;
+        cut::Cut::loopback(&runner::netns_name(&uid))
+    }
+
+    /// Crashes control-plane component `name` (`etcd`, `kube-apiserver`,
+    /// …: SIGKILL) and starts it again at once with the same flags and
+    /// state; returns when the API server answers again.
+    pub async fn crash_and_restart(&self, name: &str) -> Result<()> {
+        {
+            let mut procs = self.procs.lock().unwrap();
+            let p = procs
+                .iter_mut()
+                .find(|p| p.name == name)
+                .with_context(|| format!("no lab component {name}"))?;
+            p.crash_and_restart()?;
+        }
+        let admin = self.admin().await?;
+        wait_async(
+            &format!("the API server answering after {name} restarted"),
+            Duration::from_secs(120),
+            || {
+                let admin = admin.clone();
+                async move {
+                    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin);
+                    Ok(nodes.get_opt(NODE).await.is_ok_and(|n| n.is_some()))
+                }
+            },
+        )
+        .await
+    }
+
+    /// SIGKILL to the main process of container `container` of pod
+    /// `ns/pod` (a crash; the pod runner restarts it per its policy).
+    pub async fn kill_container(&self, ns: &str, pod: &str, container: &str) -> Result<()> {
+        self.signal_container(ns, pod, container, "KILL").await
+    }
+
+    /// `signal` (`STOP`, `CONT`, …) to the main process of container
+    /// `container` of pod `ns/pod`.
+    pub async fn signal_container(
+        &self,
+        ns: &str,
+        pod: &str,
+        container: &str,
+        signal: &str,
+    ) -> Result<()> {
+        let (uid, _) = self.pod_net(ns, pod).await?;
+        let runner = self.runner.lock().unwrap();
+        runner
+            .as_ref()
+            .context("the pod runner is not running")?
+            .signal_container(&uid, container, signal)
+    }
+
+    /// The node crashes: SIGKILL to every process of every pod; the pod
+    /// runner then restarts their containers per their policies (their
+    /// network and volumes stay, as a rebooted kubelet's pods' do).
+    pub fn kill_node(&self) -> Result<usize> {
+        let runner = self.runner.lock().unwrap();
+        Ok(runner
+            .as_ref()
+            .context("the pod runner is not running")?
+            .kill_all())
     }
 
     /// Pod `ns/pod`'s uid and address.

@@ -52,7 +52,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -103,10 +103,11 @@ fn q(word: &str) -> String {
     format!("'{}'", word.replace('\'', "'\\''"))
 }
 
-/// What the runner keeps of each pod it runs, for teardown.
+/// What the runner keeps of each pod it runs, for teardown and faults:
+/// each running container's name and process group.
 #[derive(Debug, Default)]
 struct Shared {
-    groups: Mutex<Vec<u32>>,
+    groups: Mutex<Vec<(String, u32)>>,
 }
 
 #[derive(Debug)]
@@ -165,12 +166,12 @@ impl PodRunner {
             self.ctx.pods.lock().unwrap().drain().unzip();
         for h in &handles {
             let _ = h.stop.send(true);
-            for group in h.shared.groups.lock().unwrap().iter() {
+            for (_, group) in h.shared.groups.lock().unwrap().iter() {
                 kill_group(*group, "KILL");
             }
         }
         for h in &handles {
-            for group in h.shared.groups.lock().unwrap().iter() {
+            for (_, group) in h.shared.groups.lock().unwrap().iter() {
                 let deadline = std::time::Instant::now() + Duration::from_secs(5);
                 while crate::harness::pid_alive(*group) && std::time::Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(10));
@@ -190,6 +191,36 @@ impl PodRunner {
     }
 }
 
+impl PodRunner {
+    /// `signal` to the main process of container `container` of the pod
+    /// with `uid` (KILL: the pod's task sees it exit and restarts it).
+    pub fn signal_container(&self, uid: &str, container: &str, signal: &str) -> Result<()> {
+        let pods = self.ctx.pods.lock().unwrap();
+        let handle = pods.get(uid).context("the runner does not run this pod")?;
+        let groups = handle.shared.groups.lock().unwrap();
+        let (_, pid) = groups
+            .iter()
+            .find(|(name, _)| name == container)
+            .with_context(|| format!("container {container} is not running"))?;
+        crate::harness::signal(*pid, signal);
+        Ok(())
+    }
+
+    /// SIGKILL to every process of every pod (a node crash); the pods'
+    /// tasks restart their containers. Returns how many were killed.
+    pub fn kill_all(&self) -> usize {
+        let pods = self.ctx.pods.lock().unwrap();
+        let mut killed = 0;
+        for handle in pods.values() {
+            for (_, group) in handle.shared.groups.lock().unwrap().iter() {
+                kill_group(*group, "KILL");
+                killed += 1;
+            }
+        }
+        killed
+    }
+}
+
 fn kill_group(group: u32, signal: &str) {
     let _ = std::process::Command::new("kill")
         .args([&format!("-{signal}"), "--", &format!("-{group}")])
@@ -199,7 +230,11 @@ fn kill_group(group: u32, signal: &str) {
 
 async fn watch_pods(ctx: Arc<Ctx>) {
     let pods: Api<Pod> = Api::all(ctx.client.clone());
-    let mut events = watcher(pods.clone(), watcher::Config::default()).boxed();
+    // Backing off: while the API server is down, a watch that retries at
+    // once would spin.
+    let mut events = watcher(pods.clone(), watcher::Config::default())
+        .default_backoff()
+        .boxed();
     while let Some(event) = events.next().await {
         let pod = match event {
             Ok(watcher::Event::Apply(pod)) | Ok(watcher::Event::InitApply(pod)) => pod,
@@ -551,7 +586,7 @@ impl PodTask {
                 .groups
                 .lock()
                 .unwrap()
-                .retain(|g| *g != running.pid);
+                .retain(|(_, g)| *g != running.pid);
             let code = status.code().unwrap_or(137);
             c.last = Some(Exit {
                 code,
@@ -587,7 +622,8 @@ impl PodTask {
     fn start(&mut self, i: usize) {
         match self.spawn(i) {
             Ok(running) => {
-                self.shared.groups.lock().unwrap().push(running.pid);
+                let name = self.ctrs[i].spec.name.clone();
+                self.shared.groups.lock().unwrap().push((name, running.pid));
                 let c = &mut self.ctrs[i];
                 c.waiting = None;
                 c.running = Some(running);
@@ -1282,7 +1318,7 @@ impl PodTask {
                 .groups
                 .lock()
                 .unwrap()
-                .retain(|g| *g != running.pid);
+                .retain(|(_, g)| *g != running.pid);
         }
         if let Some(net) = self.net.take() {
             self.ctx.bridge.release(net);
