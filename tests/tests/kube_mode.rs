@@ -5644,3 +5644,942 @@ async fn a_leader_cut_off_from_the_api_server_mid_backup_fails_it_and_no_member_
     gate.heal();
     nothing_leaked(&space).await;
 }
+
+/// Waits (bounded, all at once) for each write; returns how long after
+/// `since` each of `engines` completed.
+async fn completed(
+    writes: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+    since: std::time::Instant,
+    engines: &[&str],
+) -> Result<BTreeMap<&'static str, Duration>, String> {
+    let waited = futures_util::future::join_all(writes.into_iter().map(|(engine, w)| async move {
+        let done = tokio::time::timeout(Duration::from_secs(30), w).await;
+        (engine, done.map(|joined| (joined, since.elapsed())))
+    }))
+    .await;
+    let mut done = BTreeMap::new();
+    for (engine, result) in waited {
+        let (joined, took) =
+            result.map_err(|_| format!("the {engine} write did not complete within 30 s"))?;
+        joined.unwrap();
+        if engines.contains(&engine) {
+            done.insert(engine, took);
+        }
+    }
+    Ok(done)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_cut_off_from_its_database_mid_hold_leaves_nothing_frozen_past_its_lease() {
+    use stillpoint_controller::kube::crd::{GroupQuiesce, QuiescePhase};
+    let space = Space::new("dbcut").await;
+    let ns = space.ns.clone();
+    for sa in ["redis", "pg", "maria"] {
+        space.identity(sa).await;
+    }
+    for pvc in ["data-redis-dc", "data-pg-dc", "data-maria-dc"] {
+        space.pvc(pvc, None).await;
+    }
+    space
+        .apply(&RedisPod::with_agent("redis-dc", "rdc").yaml(&ns))
+        .await;
+    space.apply(&postgres_pod(&ns, "pg-dc", None, false)).await;
+    space.apply(&mariadb_pod(&ns, "maria-dc")).await;
+    let (redis, pg, maria) = (
+        space.ready("redis-dc").await,
+        space.ready("pg-dc").await,
+        space.ready("maria-dc").await,
+    );
+    pg_connect(&pg)
+        .await
+        .batch_execute("CREATE TABLE t (id int)")
+        .await
+        .unwrap();
+    {
+        use mysql_async::prelude::Queryable;
+        let mut c = maria_connect(&maria).await;
+        c.query_drop("CREATE DATABASE app; CREATE TABLE app.t (id int) ENGINE=InnoDB")
+            .await
+            .unwrap();
+    }
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: hold, namespace: {ns}}}\n\
+             spec:\n  members:\n  - {{name: cache, selector: {{matchLabels: {{app: rdc}}}}}}\n  \
+             - {{name: pg, selector: {{matchLabels: {{app: pg}}}}}}\n  - {{name: maria, selector: {{matchLabels: {{app: maria}}}}}}\n\
+             \x20 snapshot: {{driver: csi, volumeSnapshotClassName: {}}}\n  leaseTTL: 3s\n",
+            kube::ATOMIC_SNAPSHOT_CLASS
+        ))
+        .await;
+    let _controller = space.controller("dbcut", &format!("lease-{ns}")).await;
+    let quiesces: Api<GroupQuiesce> = Api::namespaced(space.admin.clone(), &ns);
+    let ttl = Duration::from_secs(3);
+    // Each engine's agent in turn, cut off from its server mid-hold.
+    for (i, (pod, engine)) in [
+        ("maria-dc", "mariadb"),
+        ("pg-dc", "postgres"),
+        ("redis-dc", "redis"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        space.protectable("hold", "True").await;
+        let name = format!("q-{engine}");
+        space
+            .apply(&format!(
+                "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupQuiesce\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+                 spec: {{group: hold, duration: 10m}}"
+            ))
+            .await;
+        quiesce_phase(&space, &name, QuiescePhase::Frozen).await;
+        let waiting = writes_to_each(&pg, &maria, &redis, i as i32);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(waiting.iter().all(|(_, w)| !w.is_finished()), "not held");
+
+        let cut_at = std::time::Instant::now();
+        let cut = space.lab.cut_inside(&ns, pod).await.unwrap();
+        // The cut-off member's server ends the hold by itself, within the
+        // lease and the server's grace of the last renewal; the others
+        // are thawed when the quiesce fails.
+        let all = ["postgres", "mariadb", "redis"];
+        let took = completed(waiting, cut_at, &all).await;
+        let took = match took {
+            Ok(took) => took,
+            Err(e) => panic!(
+                "{e}\n{:?}\n{}\n{}",
+                quiesces.get(&name).await.unwrap().status,
+                space.lab.container_log(&ns, pod, "stillpoint-agent"),
+                space.lab.container_log(&ns, pod, engine)
+            ),
+        };
+        let bound = ttl + Duration::from_secs(2);
+        assert!(
+            took[engine] <= bound,
+            "{engine} was held {:?} after its agent was cut off (bound {bound:?}): {took:?}",
+            took[engine]
+        );
+        for other in all {
+            assert!(took[other] <= ttl * 2, "{other}: {took:?}");
+        }
+        let q = quiesce_phase(&space, &name, QuiescePhase::Failed).await;
+        let error = q.status.unwrap().error.unwrap_or_default();
+        assert!(error.contains(pod), "the member is named: {error}");
+        eprintln!("{engine} cut off: writes resumed after {took:?}; {error}");
+
+        // Healed: nothing the cut left in flight freezes anything later
+        // (a renewal delivered late is undone by the thaw behind it).
+        drop(cut);
+        space.ready(pod).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let late = writes_to_each(&pg, &maria, &redis, 100 + i as i32);
+        let took = completed(late, std::time::Instant::now(), &all)
+            .await
+            .unwrap();
+        assert!(
+            took.values().all(|t| *t < Duration::from_secs(2)),
+            "a write waited after the heal: {took:?}"
+        );
+        quiesces
+            .delete(&name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    // The agents hold again after their cuts.
+    space.protectable("hold", "True").await;
+    let b = space.backup("after-cuts", "hold").await;
+    assert_eq!(status_of_phase(&b), Some(BackupPhase::Succeeded), "{b:?}");
+}
+
+// The chaos run: faults of every kind, seeded, while schedules back up,
+// a quiesce holds and a restore runs under a causal workload.
+
+type Stamp = k8s_openapi::jiff::Timestamp;
+
+/// The causal workload of the chaos run: step n is committed in
+/// PostgreSQL, then pushed to Redis; a step that fails (a server killed,
+/// a connection cut) is retried on new connections until both
+/// acknowledged it (the insert is idempotent; a push repeated is harmless
+/// to the set checks). Records when each step was acknowledged.
+struct Survivor {
+    stop: tokio::sync::watch::Sender<bool>,
+    acks: std::sync::Arc<std::sync::Mutex<Vec<(Stamp, usize)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+type Conns = (tokio_postgres::Client, redis::aio::MultiplexedConnection);
+
+impl Survivor {
+    async fn start(pg: &Pod, redis: &Pod) -> Survivor {
+        pg_connect(pg)
+            .await
+            .batch_execute("CREATE TABLE IF NOT EXISTS chain (id int primary key)")
+            .await
+            .unwrap();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let acks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (log, pg, redis) = (acks.clone(), pg.clone(), redis.clone());
+        let task = tokio::spawn(async move {
+            let mut conns: Option<Conns> = None;
+            let mut n: i32 = 1;
+            while !*stopped.borrow() {
+                match Self::attempt(&pg, &redis, &mut conns, n).await {
+                    Ok(()) => {
+                        log.lock().unwrap().push((Stamp::now(), n as usize));
+                        n += 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(_) => {
+                        conns = None;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+        Survivor { stop, acks, task }
+    }
+
+    async fn attempt(
+        pg: &Pod,
+        redis: &Pod,
+        conns: &mut Option<Conns>,
+        n: i32,
+    ) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let bound = Duration::from_secs(60);
+        if conns.is_none() {
+            let connect = Duration::from_secs(5);
+            let db = tokio::time::timeout(connect, kube::postgres_of(pg)).await??;
+            let ip = pod_ip(redis)?;
+            let client = redis::Client::open(format!("redis://{ip}:6379"))?;
+            let mut cache =
+                tokio::time::timeout(connect, client.get_multiplexed_async_connection()).await??;
+            cache.set_response_timeout(bound);
+            *conns = Some((db, cache));
+        }
+        let (db, cache) = conns.as_mut().context("connected")?;
+        let insert = "INSERT INTO chain VALUES ($1) ON CONFLICT DO NOTHING";
+        tokio::time::timeout(bound, db.execute(insert, &[&n])).await??;
+        let mut push = redis::cmd("RPUSH");
+        push.arg("chain").arg(n);
+        tokio::time::timeout(bound, push.query_async::<i64>(cache)).await??;
+        Ok(())
+    }
+
+    fn acked(&self) -> usize {
+        self.acks.lock().unwrap().last().map_or(0, |(_, n)| *n)
+    }
+
+    /// The last step acknowledged before `at`.
+    fn acked_before(&self, at: Stamp) -> usize {
+        let acks = self.acks.lock().unwrap();
+        acks.iter()
+            .take_while(|(t, _)| *t < at)
+            .last()
+            .map_or(0, |(_, n)| *n)
+    }
+
+    async fn stop(self) -> usize {
+        let _ = self.stop.send(true);
+        let acked = self.acked();
+        self.task.await.unwrap();
+        acked.max(self.acks.lock().unwrap().last().map_or(0, |(_, n)| *n))
+    }
+}
+
+/// The shop's pods, which the faults aim at.
+const SHOP_PODS: [&str; 4] = ["pg-0", "pg-replica-0", "redis-0", "redis-replica-0"];
+
+/// One fault the chaos run injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    KillLeader,
+    KillStandby,
+    KillAgent(&'static str),
+    KillDatabase(&'static str),
+    CrashApiServer,
+    CrashEtcd,
+    KillNode,
+    /// The leading replica cut off from the API server.
+    CutLeaderFromApi,
+    /// The controllers cut off from one agent.
+    CutFromAgent(&'static str),
+    /// An agent cut off from the database beside it.
+    CutAgentFromDatabase(&'static str),
+}
+
+impl Fault {
+    const KINDS: usize = 10;
+
+    /// Fault kind `kind` (0..KINDS) at a seeded pod.
+    fn of(kind: usize, rng: &mut fastrand::Rng) -> Fault {
+        let pod = SHOP_PODS[rng.usize(..SHOP_PODS.len())];
+        match kind {
+            0 => Fault::KillLeader,
+            1 => Fault::KillStandby,
+            2 => Fault::KillAgent(pod),
+            3 => Fault::KillDatabase(pod),
+            4 => Fault::CrashApiServer,
+            5 => Fault::CrashEtcd,
+            6 => Fault::KillNode,
+            7 => Fault::CutLeaderFromApi,
+            8 => Fault::CutFromAgent(pod),
+            _ => Fault::CutAgentFromDatabase(pod),
+        }
+    }
+
+    /// `count` faults: every kind once (in a seeded order), then seeded.
+    fn plan(count: usize, rng: &mut fastrand::Rng) -> Vec<Fault> {
+        let mut kinds: Vec<usize> = (0..Self::KINDS).collect();
+        rng.shuffle(&mut kinds);
+        (0..count)
+            .map(|i| match kinds.get(i) {
+                Some(kind) => Fault::of(*kind, rng),
+                None => Fault::of(rng.usize(..Self::KINDS), rng),
+            })
+            .collect()
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Fault::KillLeader => "SIGKILL the leading controller".into(),
+            Fault::KillStandby => "SIGKILL the standby controller".into(),
+            Fault::KillAgent(p) => format!("SIGKILL the agent of {p}"),
+            Fault::KillDatabase(p) => format!("SIGKILL the database of {p}"),
+            Fault::CrashApiServer => "SIGKILL the API server (restarted)".into(),
+            Fault::CrashEtcd => "SIGKILL etcd (restarted)".into(),
+            Fault::KillNode => "SIGKILL every pod process (node crash)".into(),
+            Fault::CutLeaderFromApi => "leader cut off from the API server".into(),
+            Fault::CutFromAgent(p) => format!("controllers cut off from the agent of {p}"),
+            Fault::CutAgentFromDatabase(p) => format!("agent of {p} cut off from its database"),
+        }
+    }
+}
+
+/// The two controller replicas of the chaos run, each reaching the API
+/// server through its own gate; a replica that exits is started again,
+/// as its Deployment would.
+struct Replicas {
+    lab: &'static KubeLab,
+    installed: &'static Installed,
+    ns: String,
+    lease: String,
+    gates: Vec<stillpoint_tests::harness::kube::gate::Gate>,
+    procs: Vec<Option<ControllerProc>>,
+}
+
+impl Replicas {
+    const NAMES: [&str; 2] = ["chaos-a", "chaos-b"];
+
+    async fn start(space: &Space) -> Replicas {
+        use stillpoint_tests::harness::kube::gate::Gate;
+        let mut r = Replicas {
+            lab: space.lab,
+            installed: space.installed,
+            ns: space.ns.clone(),
+            lease: format!("lease-{}", space.ns),
+            gates: Vec::new(),
+            procs: Vec::new(),
+        };
+        for _ in Self::NAMES {
+            r.gates
+                .push(Gate::start(space.lab.api_address()).await.unwrap());
+            r.procs.push(None);
+        }
+        for i in 0..Self::NAMES.len() {
+            r.restart(i).await;
+        }
+        r
+    }
+
+    async fn restart(&mut self, i: usize) {
+        let started = ControllerProc::start_through(
+            self.lab,
+            self.installed,
+            &self.ns,
+            Self::NAMES[i],
+            &self.lease,
+            &self.gates[i],
+        )
+        .await;
+        self.procs[i] = Some(started.unwrap());
+    }
+
+    /// Starts every replica that is not running; returns how many.
+    async fn revive(&mut self) -> usize {
+        let mut revived = 0;
+        for i in 0..self.procs.len() {
+            if !self.procs[i].as_mut().is_some_and(ControllerProc::running) {
+                self.restart(i).await;
+                revived += 1;
+            }
+        }
+        revived
+    }
+
+    /// The replica holding the Lease, if it is running.
+    async fn leader(&mut self, admin: &::kube::Client) -> Option<usize> {
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(admin.clone(), stillpoint::CONTROLLER_NS);
+        let holder = leases
+            .get_opt(&self.lease)
+            .await
+            .ok()??
+            .spec?
+            .holder_identity?;
+        let i = Self::NAMES.iter().position(|n| *n == holder)?;
+        let p = self.procs[i].as_mut()?;
+        let ready = p.running()
+            && tokio::task::block_in_place(|| p.get("/readyz")).is_ok_and(|(code, _)| code == 200);
+        ready.then_some(i)
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(p) = self.procs[i].as_mut() {
+            p.kill();
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.procs
+            .iter()
+            .flatten()
+            .map(|p| format!("--- {}\n{}", p.identity, p.logs()))
+            .collect()
+    }
+}
+
+/// What the cluster got back after a fault, and when.
+struct Recovery {
+    writes: Option<Duration>,
+    pods: Option<Duration>,
+    leader: Option<(usize, Duration)>,
+}
+
+impl Recovery {
+    fn done(&self) -> bool {
+        self.writes.is_some() && self.pods.is_some() && self.leader.is_some()
+    }
+
+    fn describe(&self) -> String {
+        let s =
+            |d: Option<Duration>| d.map_or("never".into(), |d| format!("{:.1} s", d.as_secs_f64()));
+        let leader = self.leader.map_or("no leader".into(), |(i, d)| {
+            format!("{} leads {:.1} s", Replicas::NAMES[i], d.as_secs_f64())
+        });
+        format!(
+            "writes {} · pods ready {} · {leader}",
+            s(self.writes),
+            s(self.pods)
+        )
+    }
+}
+
+/// The shop's pods' container restarts so far, and whether every one is
+/// Ready (`None` while the API server does not answer).
+async fn shop_pods(pods: &Api<Pod>) -> Option<(i32, bool)> {
+    let (mut restarts, mut ready) = (0, true);
+    for name in SHOP_PODS {
+        let status = pods.get(name).await.ok()?.status.unwrap_or_default();
+        restarts += status
+            .container_statuses
+            .iter()
+            .flatten()
+            .map(|c| c.restart_count)
+            .sum::<i32>();
+        ready &= status
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+    }
+    Some((restarts, ready))
+}
+
+/// Waits (bounded) until a step begun after the fault ended is
+/// acknowledged, every shop pod is Ready after `restarts` container
+/// restarts in all, and a running replica leads and is ready; each
+/// measured from `since`, when the fault began.
+async fn recover(
+    space: &Space,
+    replicas: &mut Replicas,
+    workload: &Survivor,
+    restarts: i32,
+    since: tokio::time::Instant,
+) -> Recovery {
+    let pods: Api<Pod> = Api::namespaced(space.admin.clone(), &space.ns);
+    // The step in flight when the fault ended may complete; the next one
+    // began after it.
+    let acked = workload.acked() + 1;
+    let started = since;
+    let mut r = Recovery {
+        writes: None,
+        pods: None,
+        leader: None,
+    };
+    while !r.done() && started.elapsed() < Duration::from_secs(240) {
+        replicas.revive().await;
+        if r.writes.is_none() && workload.acked() > acked {
+            r.writes = Some(started.elapsed());
+        }
+        if r.pods.is_none()
+            && shop_pods(&pods)
+                .await
+                .is_some_and(|(n, ready)| n >= restarts && ready)
+        {
+            r.pods = Some(started.elapsed());
+        }
+        if r.leader.is_none()
+            && let Some(i) = replicas.leader(&space.admin).await
+        {
+            r.leader = Some((i, started.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    r
+}
+
+/// One row of the chaos table.
+struct Row {
+    fault: Fault,
+    at: Duration,
+    held: Duration,
+    window: (Stamp, Stamp),
+    recovery: String,
+}
+
+/// Injects `fault`; a cut is held for `hold`, a killed controller stays
+/// down for `hold`. Returns when the fault is over (healed, restarted),
+/// with how many of the shop's containers it killed.
+async fn inject(space: &Space, replicas: &mut Replicas, fault: Fault, hold: Duration) -> i32 {
+    let (lab, ns) = (space.lab, space.ns.as_str());
+    match fault {
+        Fault::KillLeader | Fault::KillStandby => {
+            let leader = replicas.leader(&space.admin).await.unwrap_or(0);
+            let i = if fault == Fault::KillLeader {
+                leader
+            } else {
+                1 - leader
+            };
+            replicas.kill(i);
+            tokio::time::sleep(hold).await;
+            replicas.revive().await;
+            0
+        }
+        Fault::KillAgent(pod) => {
+            lab.kill_container(ns, pod, "stillpoint-agent")
+                .await
+                .unwrap();
+            1
+        }
+        Fault::KillDatabase(pod) => {
+            let container = if pod.starts_with("pg") {
+                "postgres"
+            } else {
+                "redis"
+            };
+            lab.kill_container(ns, pod, container).await.unwrap();
+            1
+        }
+        Fault::CrashApiServer | Fault::CrashEtcd => {
+            let name = if fault == Fault::CrashEtcd {
+                "etcd"
+            } else {
+                "kube-apiserver"
+            };
+            lab.crash_and_restart(name).await.unwrap();
+            0
+        }
+        Fault::KillNode => {
+            let killed = lab.kill_node().unwrap();
+            assert!(killed > 0, "the node ran no process");
+            // Each shop pod's two containers.
+            2 * SHOP_PODS.len() as i32
+        }
+        Fault::CutLeaderFromApi => {
+            let i = replicas.leader(&space.admin).await.unwrap_or(0);
+            replicas.gates[i].cut();
+            tokio::time::sleep(hold).await;
+            replicas.gates[i].heal();
+            0
+        }
+        Fault::CutFromAgent(pod) => {
+            let cut = lab.cut_host_from(ns, pod, 9443).await.unwrap();
+            tokio::time::sleep(hold).await;
+            drop(cut);
+            0
+        }
+        Fault::CutAgentFromDatabase(pod) => {
+            let cut = lab.cut_inside(ns, pod).await.unwrap();
+            tokio::time::sleep(hold).await;
+            drop(cut);
+            0
+        }
+    }
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| # | fault | at | lasted | back after (from the fault's start) |\n|---|---|---|---|---|\n",
+    );
+    for (i, r) in rows.iter().enumerate() {
+        out += &format!(
+            "| {} | {} | {:.1} s | {:.1} s | {} |\n",
+            i + 1,
+            r.fault.describe(),
+            r.at.as_secs_f64(),
+            r.held.as_secs_f64(),
+            r.recovery
+        );
+    }
+    out
+}
+
+/// The faults whose window (with `slack`) overlaps `[from, to]`.
+fn faults_during(rows: &[Row], from: Stamp, to: Stamp) -> Vec<usize> {
+    let slack = k8s_openapi::jiff::SignedDuration::from_secs(3);
+    rows.iter()
+        .enumerate()
+        .filter(|(_, r)| r.window.0 - slack <= to && from <= r.window.1 + slack)
+        .map(|(i, _)| i + 1)
+        .collect()
+}
+
+/// The newest Succeeded GroupBackup of `space`.
+async fn newest_succeeded(space: &Space) -> Option<GroupBackup> {
+    let all = space.backups().list(&ListParams::default()).await.ok()?;
+    all.items
+        .into_iter()
+        .filter(|b| status_of_phase(b) == Some(BackupPhase::Succeeded))
+        .max_by_key(|b| b.metadata.creation_timestamp.clone().map(|t| t.0))
+}
+
+/// When `b` was created.
+fn created(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Stamp {
+    meta.creation_timestamp.clone().map(|t| t.0).unwrap()
+}
+
+/// Waits until every GroupBackup, GroupQuiesce and GroupRestore of
+/// `space` is in a final phase.
+async fn all_final(space: &Space) {
+    use stillpoint_controller::kube::crd::{GroupQuiesce, GroupRestore};
+    let (ns, admin) = (&space.ns, &space.admin);
+    let ended = wait_async(
+        "every object in a final phase",
+        Duration::from_secs(300),
+        || async move {
+            let backups: Api<GroupBackup> = Api::namespaced(admin.clone(), ns);
+            let quiesces: Api<GroupQuiesce> = Api::namespaced(admin.clone(), ns);
+            let restores: Api<GroupRestore> = Api::namespaced(admin.clone(), ns);
+            let lp = ListParams::default();
+            let b = backups.list(&lp).await?.items.iter().all(|b| {
+                b.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(BackupPhase::is_final)
+            });
+            let q = quiesces.list(&lp).await?.items.iter().all(|q| {
+                q.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| p.is_final())
+            });
+            let r = restores.list(&lp).await?.items.iter().all(|r| {
+                r.status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| p.is_final())
+            });
+            Ok(b && q && r)
+        },
+    )
+    .await;
+    if let Err(e) = ended {
+        panic!("{e}\n{}", pods_not_ready(space).await);
+    }
+}
+
+/// VolumeSnapshots of `space` that no existing GroupBackup records.
+async fn unrecorded_snapshots(space: &Space) -> Vec<String> {
+    let recorded: BTreeSet<String> = space
+        .backups()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .flat_map(|b| status(b).members)
+        .flat_map(|m| m.volume_snapshots)
+        .map(|v| v.name)
+        .collect();
+    let snapshots = snapshot_api(space).await;
+    snapshots
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|s| s.name_any())
+        .filter(|n| !recorded.contains(n))
+        .collect()
+}
+
+/// Restores backup `backup` under names prefixed `prefix` and checks the
+/// cut of the copies.
+async fn restore_checked(space: &Space, name: &str, backup: &GroupBackup, before: usize) {
+    use stillpoint_controller::kube::crd::RestorePhase;
+    let spec = format!("{{backup: {}, pvcPrefix: {name}-}}", backup.name_any());
+    let r = restore(space, name, &spec).await;
+    let s = r.status.unwrap_or_default();
+    assert_eq!(s.phase, Some(RestorePhase::Succeeded), "{s:#?}");
+    let pods = SHOP_PODS.map(|p| format!("{name}-{p}"));
+    check_cut(name, pods.each_ref().map(String::as_str), space, before).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_leaves_nothing_frozen_lost_or_leaked_and_what_succeeded_restores_consistent() {
+    use stillpoint_controller::kube::crd::{
+        GroupQuiesce, GroupRestore, QuiescePhase, RestorePhase,
+    };
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let faults = env("STILLPOINT_CHAOS_FAULTS").unwrap_or(12) as usize;
+    let seed = env("STILLPOINT_CHAOS_SEED").unwrap_or_else(|| Stamp::now().as_second() as u64);
+    eprintln!("chaos: {faults} faults, STILLPOINT_CHAOS_SEED={seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    // A lab of its own: its API server, etcd and node are crashed.
+    let lab = tokio::task::block_in_place(KubeLab::start).unwrap();
+    let lab: &'static KubeLab = Box::leak(Box::new(lab));
+    let _down = SecondLab(lab);
+    stillpoint::apply_deploy(lab).await.unwrap();
+    let space = Space {
+        lab,
+        installed: Box::leak(Box::new(Installed::new().unwrap())),
+        admin: lab.admin().await.unwrap(),
+        ns: lab.namespace("chaos").await.unwrap(),
+    };
+    let ns = space.ns.clone();
+    let (pg0, redis0) = shop_statefulsets(&space, |yaml| yaml).await;
+    let mut replicas = Replicas::start(&space).await;
+    space.protectable("shop", "True").await;
+    let workload = Survivor::start(&pg0, &redis0).await;
+    // A backup of its own (no schedule's retention deletes it) to restore
+    // while the faults go on.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before_base = workload.acked();
+    let base = space.backup("base", "shop").await;
+    assert_eq!(
+        status_of_phase(&base),
+        Some(BackupPhase::Succeeded),
+        "{base:?}"
+    );
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: BackupSchedule\nmetadata: {{name: every, namespace: {ns}}}\n\
+             spec: {{group: shop, schedule: \"*/10 * * * * *\", immediate: true, keepLast: 4}}"
+        ))
+        .await;
+
+    let began = std::time::Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    let mut restoring = false;
+    for (i, &fault) in Fault::plan(faults, &mut rng).iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(rng.u64(1000..5000))).await;
+        if i % 4 == 2 {
+            space
+                .apply(&format!(
+                    "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupQuiesce\nmetadata: {{name: q-{i}, namespace: {ns}}}\n\
+                     spec: {{group: shop, duration: 4s}}"
+                ))
+                .await;
+        }
+        if !restoring && i >= faults / 2 {
+            start_restore(&space, "r", "{backup: base, pvcPrefix: r-}").await;
+            restoring = true;
+        }
+        let hold = Duration::from_millis(rng.u64(2000..8000));
+        let pods: Api<Pod> = Api::namespaced(space.admin.clone(), &ns);
+        let restarts = shop_pods(&pods).await.map_or(0, |(n, _)| n);
+        let (at, from, since) = (began.elapsed(), Stamp::now(), tokio::time::Instant::now());
+        let killed = inject(&space, &mut replicas, fault, hold).await;
+        let held = began.elapsed() - at;
+        let r = recover(&space, &mut replicas, &workload, restarts + killed, since).await;
+        rows.push(Row {
+            fault,
+            at,
+            held,
+            window: (from, Stamp::now()),
+            recovery: r.describe(),
+        });
+        eprintln!("chaos {}: {} → {}", i + 1, fault.describe(), r.describe());
+        if !r.done() {
+            panic!(
+                "no recovery:\n{}\n{}\n{}",
+                table(&rows),
+                pods_not_ready(&space).await,
+                replicas.logs()
+            );
+        }
+    }
+    eprintln!("chaos table (seed {seed}):\n{}", table(&rows));
+
+    // Quiet: no more backups; every object ends.
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: BackupSchedule\nmetadata: {{name: every, namespace: {ns}}}\n\
+             spec: {{group: shop, schedule: \"*/10 * * * * *\", keepLast: 4}}"
+        ))
+        .await;
+    Api::<stillpoint_controller::kube::crd::BackupSchedule>::namespaced(space.admin.clone(), &ns)
+        .patch(
+            "every",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"suspend": true}})),
+        )
+        .await
+        .unwrap();
+    all_final(&space).await;
+
+    // Every failure has a reason, and a fault was under way when it ran.
+    let mut outcomes = String::new();
+    for b in space
+        .backups()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+    {
+        let s = status(&b);
+        if s.phase == Some(BackupPhase::Succeeded) {
+            continue;
+        }
+        let end = s.completion_time.clone().map_or_else(Stamp::now, |t| t.0);
+        let during = faults_during(&rows, created(&b.metadata), end);
+        let error = s.error.clone().unwrap_or_default();
+        outcomes += &format!(
+            "GroupBackup {}: {:?}, faults {during:?}: {error}\n",
+            b.name_any(),
+            s.phase
+        );
+        // A backup refused because the run's own quiesce held the group
+        // needs no fault; any other failure does.
+        let quiesced = error.contains("already frozen by backup 'GroupQuiesce:");
+        assert!(
+            !error.is_empty() && (quiesced || !during.is_empty()),
+            "a failure with no reason or no fault under way:\n{outcomes}\n{}",
+            table(&rows)
+        );
+    }
+    let quiesces: Api<GroupQuiesce> = Api::namespaced(space.admin.clone(), &ns);
+    for q in quiesces.list(&ListParams::default()).await.unwrap().items {
+        let s = q.status.clone().unwrap_or_default();
+        if s.phase == Some(QuiescePhase::Failed) {
+            let error = s.error.clone().unwrap_or_default();
+            outcomes += &format!("GroupQuiesce {}: Failed: {error}\n", q.name_any());
+            assert!(!error.is_empty(), "{outcomes}");
+        }
+    }
+    let restores: Api<GroupRestore> = Api::namespaced(space.admin.clone(), &ns);
+    for r in restores.list(&ListParams::default()).await.unwrap().items {
+        let s = r.status.clone().unwrap_or_default();
+        outcomes += &format!(
+            "GroupRestore {}: {:?} {}\n",
+            r.name_any(),
+            s.phase,
+            s.error.clone().unwrap_or_default()
+        );
+        if s.phase == Some(RestorePhase::Failed) {
+            assert!(s.error.is_some_and(|e| !e.is_empty()), "{outcomes}");
+        }
+    }
+    let backups = space
+        .backups()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    let succeeded = backups
+        .iter()
+        .filter(|b| status_of_phase(b) == Some(BackupPhase::Succeeded))
+        .count();
+    eprintln!(
+        "outcomes ({succeeded} of {} GroupBackups left by retention succeeded):\n{outcomes}",
+        backups.len()
+    );
+
+    // What succeeded restores consistent: the restore run during the
+    // faults (if it succeeded) and the newest backup now. Each holds every
+    // step acknowledged before its backup was created.
+    let newest = newest_succeeded(&space).await.expect("a backup succeeded");
+    let before_newest = workload.acked_before(created(&newest.metadata));
+    let acked = workload.stop().await;
+    let r = restores.get("r").await.unwrap();
+    if r.status.and_then(|s| s.phase) == Some(RestorePhase::Succeeded) {
+        let pods = SHOP_PODS.map(|p| format!("r-{p}"));
+        check_cut(
+            "r",
+            pods.each_ref().map(String::as_str),
+            &space,
+            before_base,
+        )
+        .await;
+    }
+    restore_checked(&space, "after", &newest, before_newest).await;
+
+    // Nothing acknowledged is lost on the live servers.
+    let expected: BTreeSet<i32> = (1..=acked as i32).collect();
+    assert!(
+        expected.is_subset(&chain_rows(&space, "pg-0").await),
+        "PostgreSQL lost acknowledged steps"
+    );
+    for pod in ["pg-replica-0", "redis-0", "redis-replica-0"] {
+        wait_async(
+            &format!("{pod} holds every acknowledged step"),
+            BOUND,
+            || {
+                let (space, expected) = (&space, &expected);
+                async move {
+                    let held: BTreeSet<i32> = if pod.starts_with("pg") {
+                        chain_rows(space, pod).await
+                    } else {
+                        let p = space.ready(pod).await;
+                        let ids: Vec<i32> = redis::cmd("LRANGE")
+                            .arg("chain")
+                            .arg(0)
+                            .arg(-1)
+                            .query_async(&mut redis_connect(&p).await)
+                            .await?;
+                        ids.into_iter().collect()
+                    };
+                    Ok(expected.is_subset(&held))
+                }
+            },
+        )
+        .await
+        .unwrap();
+    }
+    // Nothing frozen, no PostgreSQL slot or fence left, nothing leaked.
+    for pod in SHOP_PODS {
+        let p = space.ready(pod).await;
+        let frozen = tokio::task::block_in_place(|| agent_metric(&p, "stillpoint_agent_frozen "));
+        assert_eq!(frozen, 0.0, "{pod} is frozen");
+    }
+    let pg = pg_connect(&space.ready("pg-0").await).await;
+    let left: i64 = pg
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'stillpoint%') + \
+                    (SELECT count(*) FROM pg_stat_activity WHERE application_name = 'stillpoint-agent' \
+                       AND state LIKE 'idle in transaction%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "a backup slot or fence session was left on pg-0");
+    nothing_leaked(&space).await;
+    wait_async(
+        "every VolumeSnapshot recorded by a backup",
+        BOUND,
+        || async { Ok(unrecorded_snapshots(&space).await.is_empty()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", replicas.logs()));
+}

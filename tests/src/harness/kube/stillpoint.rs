@@ -66,15 +66,23 @@ pub async fn install(lab: &'static KubeLab) -> Result<&'static Installed> {
     INSTALLED
         .get_or_try_init(|| async {
             apply_deploy(lab).await?;
-            let pki = Pki::new()?;
-            let files = pki.issue("controller", CONTROLLER_IDENTITY)?;
-            let controller_tls = files.cert.parent().context("cert dir")?.to_path_buf();
-            Ok::<_, anyhow::Error>(Installed {
-                pki,
-                controller_tls,
-            })
+            Installed::new()
         })
         .await
+}
+
+impl Installed {
+    /// A new PKI and the controller's identity from it (for a lab of a
+    /// test's own, after [`apply_deploy`]).
+    pub fn new() -> Result<Installed> {
+        let pki = Pki::new()?;
+        let files = pki.issue("controller", CONTROLLER_IDENTITY)?;
+        let controller_tls = files.cert.parent().context("cert dir")?.to_path_buf();
+        Ok(Installed {
+            pki,
+            controller_tls,
+        })
+    }
 }
 
 /// Installs the CRDs, RBAC and the admission policies from `deploy/`
