@@ -5243,13 +5243,15 @@ async fn deployed_leader(admin: &::kube::Client) -> Option<String> {
         .and_then(|l| l.spec?.holder_identity)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_controller_as_deployed_leads_from_one_replica_and_a_partitioned_leader_hands_over() {
-    // A lab of its own: the deployed controller watches every namespace.
+/// A lab of its own (the deployed controller watches every namespace)
+/// with `deploy/` applied, webhook and controller included; returns once
+/// one replica leads and is Ready and the other waits, alive but not
+/// Ready, with the leader's pod name.
+async fn deployed() -> (&'static KubeLab, SecondLab, ::kube::Client, String) {
     let other: &'static KubeLab = Box::leak(Box::new(
         tokio::task::block_in_place(KubeLab::start).unwrap(),
     ));
-    let _down = SecondLab(other);
+    let down = SecondLab(other);
     stillpoint::apply_deploy(other).await.unwrap();
     let admin = other.admin().await.unwrap();
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -5257,8 +5259,6 @@ async fn the_controller_as_deployed_leads_from_one_replica_and_a_partitioned_lea
         let yaml = std::fs::read_to_string(repo.join(file)).unwrap();
         stillpoint::apply_all(other, &admin, &yaml).await.unwrap();
     }
-    // Two replicas from the manifest: one leads and is Ready, the other
-    // waits, alive but not Ready.
     let leader = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     wait_async("one deployed replica leads, the other waits", BOUND, || {
         let (admin, leader) = (&admin, leader.clone());
@@ -5277,7 +5277,15 @@ async fn the_controller_as_deployed_leads_from_one_replica_and_a_partitioned_lea
             other.container_log(stillpoint::CONTROLLER_NS, "", "controller")
         )
     });
-    let first = leader.lock().unwrap().clone();
+    let leader = leader.lock().unwrap().clone();
+    (other, down, admin, leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_controller_as_deployed_leads_from_one_replica_and_a_partitioned_leader_hands_over() {
+    // Two replicas from the manifest: one leads and is Ready, the other
+    // waits, alive but not Ready.
+    let (other, _down, admin, first) = deployed().await;
     let log = |pod: &str| other.container_log(stillpoint::CONTROLLER_NS, pod, "controller");
 
     // The leader cut off from the API server: it stops within its renew
@@ -5468,6 +5476,111 @@ async fn a_status_write_delivered_after_another_write_is_refused() {
     );
     let q = api.get("q").await.unwrap();
     assert_eq!(q.status.and_then(|s| s.run_by).as_deref(), Some("new"));
+}
+
+/// A Redis pod `name` (label `app: <app>`) that opted in to injection,
+/// on PVC `data-<name>`.
+fn opted_in_redis(ns: &str, name: &str, app: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {ns}
+  labels: {{app: {app}, stillpoint.dev/inject: "true"}}
+  annotations: {{stillpoint.dev/engine: redis, stillpoint.dev/dsn-secret: redis-dsn, stillpoint.dev/data-volumes: data}}
+spec:
+  serviceAccountName: redis
+  containers:
+  - name: redis
+    image: redis:7
+    args: [--port, "6379", --dir, /data, --appendonly, "yes", --save, "", --protected-mode, "no"]
+    readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  volumes:
+  - {{name: data, persistentVolumeClaim: {{claimName: data-{name}}}}}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_controller_as_deployed_backs_up_injected_pods_and_a_leader_cut_off_from_one_agent_fails_naming_it()
+ {
+    let (other, _down, admin, leader) = deployed().await;
+    let space = Space {
+        lab: other,
+        installed: Box::leak(Box::new(Installed::new().unwrap())),
+        admin: admin.clone(),
+        ns: other.namespace("deployed").await.unwrap(),
+    };
+    let ns = space.ns.clone();
+    space
+        .apply(&format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: redis, namespace: {ns}}}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {{name: redis-dsn, namespace: {ns}}}\n\
+             stringData: {{dsn: \"redis://127.0.0.1:6379\"}}"
+        ))
+        .await;
+    for (pod, app) in [("redis-da", "da"), ("redis-db", "db")] {
+        space.pvc(&format!("data-{pod}"), None).await;
+        space.apply(&opted_in_redis(&ns, pod, app)).await;
+    }
+    let (a, b) = (space.ready("redis-da").await, space.ready("redis-db").await);
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: pair, namespace: {ns}}}\n\
+             spec:\n  members:\n  - {{name: a, selector: {{matchLabels: {{app: da}}}}}}\n  \
+             - {{name: b, selector: {{matchLabels: {{app: db}}}}}}\n\
+             \x20 snapshot: {{driver: csi, volumeSnapshotClassName: {}}}\n  leaseTTL: 3s\n  freezeBudget: 30s\n",
+            kube::SLOW_SNAPSHOT_CLASS
+        ))
+        .await;
+    space.protectable("pair", "True").await;
+    // Injected agents with certificates from the deployed PKI serve the
+    // deployed leader: a backup succeeds.
+    let done = space.backup("whole", "pair").await;
+    assert_eq!(
+        status_of_phase(&done),
+        Some(BackupPhase::Succeeded),
+        "{:#?}",
+        done.status
+    );
+    assert_eq!(status(&done).run_by.as_deref(), Some(leader.as_str()));
+
+    // Mid-freeze, the leader's pod cut off from b's agent (its packets to
+    // the agent's port dropped in its network namespace).
+    until_cutting(&space, "cut", "pair").await;
+    let (to_a, to_b) = (write_when_thawed(&a), write_when_thawed(&b));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!to_a.is_finished() && !to_b.is_finished(), "not frozen");
+    let cut_at = std::time::Instant::now();
+    let cut = other
+        .cut_pod_from(
+            stillpoint::CONTROLLER_NS,
+            &leader,
+            pod_ip(&b).unwrap(),
+            9443,
+        )
+        .await
+        .unwrap();
+    let thawed_b = to_b.await.unwrap().duration_since(cut_at);
+    assert!(
+        thawed_b <= MEMBER_TTL + Duration::from_secs(1),
+        "b thawed {thawed_b:?} after the cut, past its lease ({MEMBER_TTL:?})"
+    );
+    let thawed_a = to_a.await.unwrap();
+    let backup = space.finished("cut").await;
+    let ended = std::time::Instant::now();
+    let s = status(&backup);
+    assert_eq!(s.phase, Some(BackupPhase::Failed), "{s:#?}");
+    let error = s.error.clone().unwrap_or_default();
+    assert!(error.contains("redis-db"), "the member is named: {error}");
+    assert!(thawed_a <= ended, "a thawed only after the backup ended");
+    drop(cut);
+    for pod in [&a, &b] {
+        assert!(writes(pod, Duration::from_secs(2)).await);
+    }
+    nothing_leaked(&space).await;
 }
 
 /// The lab's group lease TTL of the partition tests (`leaseTTL: 3s`).
@@ -6417,6 +6530,15 @@ async fn chaos_leaves_nothing_frozen_lost_or_leaked_and_what_succeeded_restores_
                 pods_not_ready(&space).await,
                 replicas.logs()
             );
+        }
+        // No member was ever held for two streams (two replicas at once):
+        // no agent took a hold over (a restarted agent counts from 0).
+        for pod in SHOP_PODS {
+            let p = space.ready(pod).await;
+            let taken = tokio::task::block_in_place(|| {
+                agent_metric(&p, "stillpoint_agent_hold_takeovers_total")
+            });
+            assert_eq!(taken, 0.0, "{pod}: a hold was taken over\n{}", table(&rows));
         }
     }
     eprintln!("chaos table (seed {seed}):\n{}", table(&rows));

@@ -466,6 +466,10 @@ impl KubeLab {
                     p(&certs.service_accounts)
                 ),
                 s("--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook"),
+                // Webhooks named by Service are called at its endpoints'
+                // addresses: the lab has no Service network to route a
+                // cluster IP.
+                s("--enable-aggregator-routing=true"),
                 s("--profiling=false"),
                 s("--v=1"),
             ],
@@ -815,6 +819,23 @@ metadata:
         let api = self.api_address();
         let netns = runner::netns_name(&uid);
         cut::Cut::outbound(&netns, &api.ip().to_string(), &api.port().to_string())
+    }
+
+    /// Cuts pod `ns/pod` off from port `port` of address `to` (another
+    /// pod): every packet it sends there is lost.
+    pub async fn cut_pod_from(
+        &self,
+        ns: &str,
+        pod: &str,
+        to: std::net::Ipv4Addr,
+        port: u16,
+    ) -> Result<cut::Cut> {
+        let (uid, _) = self.pod_net(ns, pod).await?;
+        cut::Cut::outbound(
+            &runner::netns_name(&uid),
+            &to.to_string(),
+            &port.to_string(),
+        )
     }
 
     /// Cuts this machine (where the lab's controller processes run) and
