@@ -5871,8 +5871,14 @@ async fn an_agent_cut_off_from_its_database_mid_hold_leaves_nothing_frozen_past_
             "{engine} was held {:?} after its agent was cut off (bound {bound:?}): {took:?}",
             took[engine]
         );
+        // The others thaw as soon as the quiesce learns of the loss (by
+        // the lease's end), not after the cut-off member's thaw.
         for other in all {
-            assert!(took[other] <= ttl * 2, "{other}: {took:?}");
+            assert!(
+                took[other] <= ttl + Duration::from_secs(1),
+                "{other} thawed {:?} after the cut: {took:?}",
+                took[other]
+            );
         }
         let q = quiesce_phase(&space, &name, QuiescePhase::Failed).await;
         let error = q.status.unwrap().error.unwrap_or_default();

@@ -433,12 +433,18 @@ impl Held {
             }
             why = lost => (Reason::Run(ErrorKind::HoldLost), why, true),
         };
-        let mut problems = Vec::new();
-        for (m, h) in holders {
-            if let Err(e) = h.thaw(false).await {
-                problems.push(format!("pod {}: {e}", m.pod));
-            }
-        }
+        // All at once: a member whose agent does not answer is waited for
+        // up to the lease, and must not hold the others' thaw back.
+        let thawed = futures_util::future::join_all(
+            holders
+                .into_iter()
+                .map(|(m, h)| async move { (m, h.thaw(false).await) }),
+        )
+        .await;
+        let problems: Vec<String> = thawed
+            .into_iter()
+            .filter_map(|(m, r)| r.err().map(|e| format!("pod {}: {e}", m.pod)))
+            .collect();
         let (phase, reason, message) = match (failed, problems.is_empty()) {
             (false, true) => (QuiescePhase::Thawed, reason, message),
             _ => (
