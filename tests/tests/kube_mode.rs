@@ -5048,25 +5048,41 @@ async fn every_yaml_example_in_the_docs_and_deploy_is_accepted_by_the_api_server
 const RENEW_DEADLINE: Duration = Duration::from_secs(4);
 const LEASE_DURATION: Duration = Duration::from_secs(6);
 
+/// Redis pod `pod` (label `app: <app>`) with its agent in group `held`, and
+/// controllers `<name>-a`, leading through a gate, and `<name>-b`, once
+/// the group is Protectable.
+async fn held_behind_gate(
+    space: &Space,
+    [pod, app]: [&str; 2],
+    name: &str,
+) -> (
+    Pod,
+    stillpoint_tests::harness::kube::gate::Gate,
+    (ControllerProc, ControllerProc),
+) {
+    let ns = &space.ns;
+    space.identity("redis").await;
+    space.pvc(&format!("data-{pod}"), None).await;
+    space.apply(&RedisPod::with_agent(pod, app).yaml(ns)).await;
+    let redis = space.ready(pod).await;
+    let member = format!("  - {{name: cache, selector: {{matchLabels: {{app: {app}}}}}}}\n");
+    space.apply(&group_yaml(ns, "held", "csi", &member)).await;
+    let gate = stillpoint_tests::harness::kube::gate::Gate::start(space.lab.api_address())
+        .await
+        .unwrap();
+    let controllers = leader_behind(space, &gate, name).await;
+    space.protectable("held", "True").await;
+    (redis, gate, controllers)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_cut_off_from_the_api_server_thaws_within_its_renew_deadline_before_another_leads()
 {
     use stillpoint_controller::kube::crd::QuiescePhase;
-    use stillpoint_tests::harness::kube::gate::Gate;
     let space = Space::new("partition").await;
     let ns = space.ns.clone();
-    space.identity("redis").await;
-    space.pvc("data-redis-p", None).await;
-    space
-        .apply(&RedisPod::with_agent("redis-p", "rp").yaml(&ns))
-        .await;
-    let redis = space.ready("redis-p").await;
-    let member = "  - {name: cache, selector: {matchLabels: {app: rp}}}\n";
-    space.apply(&group_yaml(&ns, "held", "csi", member)).await;
-    let gate = Gate::start(space.lab.api_address()).await.unwrap();
-    let (mut a, b) = leader_behind(&space, &gate, "cut").await;
+    let (redis, gate, (mut a, b)) = held_behind_gate(&space, ["redis-p", "rp"], "cut").await;
     let lease = format!("lease-{ns}");
-    space.protectable("held", "True").await;
     // The leader holds the group frozen: a write waits.
     space
         .apply(&format!(
@@ -5356,20 +5372,9 @@ async fn the_controller_as_deployed_leads_from_one_replica_and_a_partitioned_lea
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_cut_off_while_it_records_a_quiesce_thaws_it_before_another_leads() {
     use stillpoint_controller::kube::crd::QuiescePhase;
-    use stillpoint_tests::harness::kube::gate::Gate;
     let space = Space::new("recording").await;
     let ns = space.ns.clone();
-    space.identity("redis").await;
-    space.pvc("data-redis-w", None).await;
-    space
-        .apply(&RedisPod::with_agent("redis-w", "rw").yaml(&ns))
-        .await;
-    let redis = space.ready("redis-w").await;
-    let member = "  - {name: cache, selector: {matchLabels: {app: rw}}}\n";
-    space.apply(&group_yaml(&ns, "held", "csi", member)).await;
-    let gate = Gate::start(space.lab.api_address()).await.unwrap();
-    let (_a, b) = leader_behind(&space, &gate, "rec").await;
-    space.protectable("held", "True").await;
+    let (redis, gate, (_a, b)) = held_behind_gate(&space, ["redis-w", "rw"], "rec").await;
 
     // The server stopped: the leader's freeze waits on it.
     space

@@ -394,18 +394,7 @@ pub async fn apply_status<K>(
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let patch = json!({
-        "apiVersion": "stillpoint.dev/v1alpha1",
-        "kind": kind,
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    apply_status_if(api, name, kind, None, status).await
 }
 
 /// [`apply_status`] only if the object is still at `resource_version`
@@ -422,12 +411,27 @@ pub async fn apply_status_at<K>(
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let patch = json!({
+    apply_status_if(api, name, kind, Some(resource_version), status).await
+}
+
+async fn apply_status_if<K>(
+    api: &Api<K>,
+    name: &str,
+    kind: &str,
+    resource_version: Option<&str>,
+    status: &impl serde::Serialize,
+) -> Result<(), kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut patch = json!({
         "apiVersion": "stillpoint.dev/v1alpha1",
         "kind": kind,
-        "metadata": { "resourceVersion": resource_version },
         "status": status,
     });
+    if let Some(version) = resource_version {
+        patch["metadata"] = json!({ "resourceVersion": version });
+    }
     api.patch_status(
         name,
         &PatchParams::apply(FIELD_MANAGER).force(),
