@@ -20,7 +20,10 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, holds: Arc<Hold
             };
             (StatusCode::OK, TEXT, body)
         }
-        (&Method::GET, "/metrics") => (StatusCode::OK, OPENMETRICS, metrics.encode()),
+        (&Method::GET, "/metrics") => {
+            metrics.observe_hold(holds.times());
+            (StatusCode::OK, OPENMETRICS, metrics.encode())
+        }
         _ => admin::not_found(),
     })
     .await

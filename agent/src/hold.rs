@@ -90,6 +90,16 @@ struct Handle {
     backup_id: String,
     commands: mpsc::UnboundedSender<Command>,
     deadline: Arc<Mutex<Instant>>,
+    frozen_at: Instant,
+}
+
+/// How long the hold in force has lasted, and how far past its lease's
+/// deadline it is (zero while renewals keep it within its lease; more
+/// while a thaw its lease called for has not completed).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HoldTimes {
+    pub held: Duration,
+    pub overdue: Duration,
 }
 
 enum Command {
@@ -205,6 +215,22 @@ impl Holds {
             Slot::Idle => None,
             Slot::Freezing { backup_id } => Some((backup_id.clone(), false)),
             Slot::Held(h) => Some((h.backup_id.clone(), true)),
+        }
+    }
+
+    /// The hold in force, if one is: how long it has lasted and how far
+    /// past its deadline it is.
+    pub fn times(&self) -> Option<HoldTimes> {
+        match &*self.slot.lock().unwrap() {
+            Slot::Held(h) => {
+                let now = Instant::now();
+                let deadline = *h.deadline.lock().unwrap();
+                Some(HoldTimes {
+                    held: now.saturating_duration_since(h.frozen_at),
+                    overdue: now.saturating_duration_since(deadline),
+                })
+            }
+            _ => None,
         }
     }
 
@@ -391,6 +417,7 @@ impl Holds {
             backup_id: backup_id.to_string(),
             commands,
             deadline: deadline.clone(),
+            frozen_at: Instant::now(),
         });
         tracing::info!(
             backup_id,

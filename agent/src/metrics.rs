@@ -6,6 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EngineLabel {
@@ -37,6 +38,12 @@ pub struct Metrics {
     pub registry: Registry,
     /// 1 while a hold is in force.
     pub frozen: Gauge,
+    /// How long the hold in force has lasted (set at each scrape).
+    pub frozen_seconds: Gauge<f64, AtomicU64>,
+    /// How far past its lease's deadline the hold in force is (set at each
+    /// scrape): above zero only while a thaw the lease called for has not
+    /// completed.
+    pub overdue_seconds: Gauge<f64, AtomicU64>,
     pub freeze_seconds: Histograms,
     pub thaw_seconds: Histograms,
     pub lease_expiries: Counter,
@@ -55,6 +62,19 @@ impl Default for Metrics {
             "frozen",
             "1 while this agent holds a freeze",
             frozen.clone(),
+        );
+        let frozen_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "frozen_seconds",
+            "How long the hold in force has lasted (0 when none is)",
+            frozen_seconds.clone(),
+        );
+        let overdue_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "hold_overdue_seconds",
+            "How far past its lease's deadline the hold in force is: above 0 only while a thaw \
+             the lease called for has not completed",
+            overdue_seconds.clone(),
         );
         let freeze_seconds = Histograms::new_with_constructor(latency_histogram);
         registry.register(
@@ -103,6 +123,8 @@ impl Default for Metrics {
         Metrics {
             registry,
             frozen,
+            frozen_seconds,
+            overdue_seconds,
             freeze_seconds,
             thaw_seconds,
             lease_expiries,
@@ -130,6 +152,15 @@ impl Metrics {
                 cause: err.cause.label().to_string(),
             })
             .inc();
+    }
+
+    /// Sets the gauges read off the hold in force (`None`: no hold).
+    pub fn observe_hold(&self, times: Option<crate::hold::HoldTimes>) {
+        let (held, overdue) = times.map_or((0.0, 0.0), |t| {
+            (t.held.as_secs_f64(), t.overdue.as_secs_f64())
+        });
+        self.frozen_seconds.set(held);
+        self.overdue_seconds.set(overdue);
     }
 
     /// The exposition text.

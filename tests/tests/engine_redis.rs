@@ -345,8 +345,20 @@ async fn a_server_that_stops_answering_mid_hold_fails_it_within_the_lease() {
     hold.renew().await.unwrap();
     let failed = Agent::failure(&mut hold, Duration::from_secs(5)).await;
     let after = stopped.elapsed();
+    // Its thaw waits on the stopped server: the hold is past its lease,
+    // and the agent says so (what StillpointMemberFrozenPastLease reads).
+    let overdue = a
+        .proc
+        .metric("stillpoint_agent_hold_overdue_seconds")
+        .unwrap();
+    let held = a.proc.metric("stillpoint_agent_frozen_seconds ").unwrap();
     stillpoint_tests::harness::signal(pid, "CONT");
     let failed = failed.expect("the hold failed");
+    assert!(overdue > 0.0, "overdue {overdue} s while the thaw waits");
+    assert!(
+        held >= ttl.as_secs_f64(),
+        "held {held} s, past a {ttl:?} lease"
+    );
     assert!(
         after <= ttl + Duration::from_millis(500),
         "failed {after:?} after the server stopped; the lease is {ttl:?}"
@@ -363,4 +375,24 @@ async fn a_server_that_stops_answering_mid_hold_fails_it_within_the_lease() {
         .expect("writes go through once the server answers")
         .unwrap()
         .unwrap();
+    // Thawed, nothing is held or overdue.
+    wait_until(Duration::from_secs(5), || {
+        a.proc.metric("stillpoint_agent_frozen ").unwrap() == 0.0
+    })
+    .await;
+    for gauge in [
+        "stillpoint_agent_hold_overdue_seconds",
+        "stillpoint_agent_frozen_seconds ",
+    ] {
+        assert_eq!(a.proc.metric(gauge).unwrap(), 0.0, "{gauge}");
+    }
+}
+
+/// Waits up to `bound` for `check`.
+async fn wait_until(bound: Duration, check: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < bound, "not within {bound:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

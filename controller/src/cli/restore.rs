@@ -148,7 +148,7 @@ pub fn run(args: RestoreArgs, global: &Global) -> anyhow::Result<()> {
         }
         if !unhealthy.is_empty() {
             for later in &stages[i + 1..] {
-                metrics().restore_order_violations.inc();
+                metrics().order_violation(None, &args.id);
                 println!(
                     "stage {later} ({}): not started, because stage {stage} is not healthy ({})",
                     stage_class(*later),

@@ -541,6 +541,17 @@ impl Protocol {
             _ => problems.to_string(),
         };
         manifest.error = Some(cause.clone());
+        if let Some(first) = problems.0.first() {
+            self.metrics
+                .backup_failures
+                .get_or_create(&crate::metrics::FailureLabels {
+                    namespace: crate::metrics::Namespace::of(ns),
+                    group: manifest.group.clone(),
+                    phase: first.phase.name().to_string(),
+                    reason: first.kind.reason().to_string(),
+                })
+                .inc();
+        }
         if let Err(e) = store.save(&manifest).await {
             tracing::error!(backup_id = %manifest.id, "recording the failure: {e}");
         }

@@ -910,11 +910,14 @@ pub async fn run(
         return Ok(());
     };
     tracing::info!(identity = %ctx.settings.identity, "leading");
+    crate::metrics::metrics().leader.set(1);
     let _ = ready.send(true);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut reconcilers = start_reconcilers(&ctx, stop_rx)?;
     let outcome = keep_leading(&ctx, &lease, renewed, &mut shutdown, &mut reconcilers).await;
     let _ = ready.send(false);
+    crate::metrics::metrics().leader.set(0);
+    crate::metrics::metrics().state.set(None);
     let reason = match &outcome {
         Ok(()) => shutdown
             .borrow()
@@ -1012,13 +1015,14 @@ fn start_reconcilers(
     ctx: &Arc<Context>,
     stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, ControllerError> {
-    let group_controller = group_controller(ctx, stop.clone());
+    let (groups, group_controller) = group_controller(ctx, stop.clone());
     let backups: Api<GroupBackup> = ctx.settings.api(&ctx.client);
     let (cache, backup_cache) = BackupCache::reflect(
         watcher(backups.clone(), watcher::Config::default())
             .default_backoff()
             .take_until(stopped(stop.clone())),
     );
+    let backup_store = cache.store.clone();
     ctx.backups
         .set(cache)
         .map_err(|_| ControllerError::AlreadyRan)?;
@@ -1036,7 +1040,9 @@ fn start_reconcilers(
         )
         .for_each(|_| async {});
     let schedules: Api<BackupSchedule> = ctx.settings.api(&ctx.client);
-    let schedule_controller = Controller::new(schedules, watcher::Config::default())
+    let schedule_controller = Controller::new(schedules, watcher::Config::default());
+    let schedule_store = schedule_controller.store();
+    let schedule_controller = schedule_controller
         .graceful_shutdown_on(stopped(stop.clone()))
         .run(
             |o, c| backed_off(crate::kube::schedule::reconcile, o, c),
@@ -1069,7 +1075,17 @@ fn start_reconcilers(
         )
         .for_each(|_| async {});
     let restores: Api<GroupRestore> = ctx.settings.api(&ctx.client);
-    let restore_controller = Controller::new(restores, watcher::Config::default())
+    let restore_controller = Controller::new(restores, watcher::Config::default());
+    crate::metrics::metrics()
+        .state
+        .set(Some(Arc::new(crate::kube::state::LeaderState {
+            groups,
+            schedules: schedule_store,
+            backups: backup_store,
+            restores: restore_controller.store(),
+            min_schedule_interval: ctx.settings.min_schedule_interval,
+        })));
+    let restore_controller = restore_controller
         .graceful_shutdown_on(stopped(stop))
         .run(
             |o, c| backed_off(crate::kube::restore::reconcile, o, c),
@@ -1095,13 +1111,16 @@ fn start_reconcilers(
 fn group_controller(
     ctx: &Arc<Context>,
     stop: watch::Receiver<bool>,
-) -> impl std::future::Future<Output = ()> + use<> {
+) -> (
+    Store<ConsistencyGroup>,
+    impl std::future::Future<Output = ()> + use<>,
+) {
     let groups: Api<ConsistencyGroup> = ctx.settings.api(&ctx.client);
     let group_controller = Controller::new(groups, watcher::Config::default());
     let store = group_controller.store();
     let pod_store = store.clone();
-    let backup_store = store;
-    group_controller
+    let backup_store = store.clone();
+    let run = group_controller
         .watches(
             ctx.settings.api::<Pod>(&ctx.client),
             watcher::Config::default(),
@@ -1130,7 +1149,8 @@ fn group_controller(
         )
         .graceful_shutdown_on(stopped(stop))
         .run(reconcile_group, retry, ctx.clone())
-        .for_each(|_| async {})
+        .for_each(|_| async {});
+    (store, run)
 }
 
 /// Why the reconcilers' task ended while this replica led: they run until

@@ -30,6 +30,7 @@ pub mod reason;
 pub mod resolve;
 pub mod restore;
 pub mod schedule;
+pub mod state;
 pub mod store;
 pub mod transfer;
 pub mod webhook;

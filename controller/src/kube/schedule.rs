@@ -119,6 +119,40 @@ fn schedule_of(bs: &BackupSchedule, min_interval: Duration) -> Result<Schedule, 
     })
 }
 
+/// What the leader's gauges say of schedule `bs` (none while it is
+/// suspended or its spec does not read): its shortest gap between firings
+/// and when its newest successful backup, among `all` of its namespace,
+/// completed (its creation when none did).
+pub(crate) fn state_of(
+    bs: &BackupSchedule,
+    all: &[Arc<GroupBackup>],
+    min_interval: Duration,
+) -> Option<crate::metrics::ScheduleState> {
+    let schedule = schedule_of(bs, min_interval).ok()?;
+    if schedule.suspend {
+        return None;
+    }
+    let interval = shortest_gap(&schedule.cron, schedule.timezone)?
+        .to_std()
+        .ok()?;
+    let succeeded = own_backups(bs, all, &schedule)
+        .into_iter()
+        .filter_map(crate::kube::state::succeeded_at)
+        .fold(None, |a: Option<f64>, t| Some(a.map_or(t, |a| a.max(t))));
+    let born = bs
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second() as f64);
+    Some(crate::metrics::ScheduleState {
+        namespace: bs.namespace(),
+        schedule: schedule.name,
+        group: schedule.group,
+        interval_seconds: interval.as_secs_f64(),
+        last_success_seconds: succeeded.or(born)?,
+    })
+}
+
 async fn apply_status(
     api: &Api<BackupSchedule>,
     name: &str,
@@ -289,7 +323,13 @@ async fn prune(
                 ctx.event(bs, false, Reason::Pruned, message).await
             }
             Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                metrics()
+                    .retention_failures
+                    .get_or_create(&Metrics::schedule(bs.namespace().as_deref(), &name))
+                    .inc();
+                return Err(e.into());
+            }
         }
     }
     Ok(())

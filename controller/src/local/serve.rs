@@ -228,7 +228,13 @@ impl Fire {
                         .inc_by(deleted.len() as u64);
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(schedule = %schedule.name, "retention: {e:#}"),
+                Err(e) => {
+                    metrics()
+                        .retention_failures
+                        .get_or_create(&Metrics::schedule(None, &schedule.name))
+                        .inc();
+                    tracing::warn!(schedule = %schedule.name, "retention: {e:#}")
+                }
             }
             drop(guard);
         });

@@ -30,6 +30,7 @@ mod members;
 mod pods;
 mod roles;
 mod spec;
+pub(crate) use spec::freeze_budget;
 #[cfg(test)]
 mod tests;
 mod volumes;

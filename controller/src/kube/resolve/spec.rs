@@ -30,6 +30,11 @@ pub(super) fn check(spec: &ConsistencyGroupSpec) -> Result<Budgets, Verdict> {
     Ok(budgets)
 }
 
+/// A group's freeze budget, if its spec reads.
+pub(crate) fn freeze_budget(spec: &ConsistencyGroupSpec) -> Option<Duration> {
+    budgets(spec).ok().map(|b| b.freeze_budget)
+}
+
 fn budgets(spec: &ConsistencyGroupSpec) -> Result<Budgets, Verdict> {
     let budget = |text: &Option<String>, default: Duration| match text {
         None => Ok(default),

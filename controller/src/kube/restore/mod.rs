@@ -158,6 +158,7 @@ async fn finish(run: &mut Run, outcome: Result<usize, Stop>) -> Result<(), kube:
         generation,
     );
     run.save().await?;
+    crate::metrics::metrics().restore_ended(Some(&run.ns), phase == RestorePhase::Succeeded);
     run.ctx
         .event(&run.restore, phase == RestorePhase::Failed, reason, message)
         .await;

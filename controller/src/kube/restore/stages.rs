@@ -72,7 +72,7 @@ impl Run {
             if let Some(info) = self.w.get(t).await?
                 && info.replicas > allowed
             {
-                crate::metrics::metrics().restore_order_violations.inc();
+                crate::metrics::metrics().order_violation(Some(&self.ns), &self.name);
                 return Err(stop(
                     Reason::OrderViolation,
                     format!(
@@ -181,7 +181,7 @@ impl Run {
             .filter(|s| s.stage > stage)
             .map(|s| format!("{} ({})", s.stage, s.class))
             .collect();
-        crate::metrics::metrics().restore_order_violations.inc();
+        crate::metrics::metrics().order_violation(Some(&self.ns), &self.name);
         let held = match later.is_empty() {
             true => String::new(),
             false => format!("; later stages {} were not started", later.join(", ")),
