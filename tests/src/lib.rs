@@ -6,5 +6,6 @@
 //! the clusters shared by a test binary are torn down when it exits.
 #![deny(unsafe_code)]
 
+pub mod chart;
 pub mod docs;
 pub mod harness;
