@@ -5,8 +5,10 @@
 //! packages of the real servers and tools (installed with `apt-get` when
 //! run as root; otherwise the exact command is printed and nothing runs),
 //! and, for the tests, the Python MongoDB wire peer; and the Kubernetes
-//! lab's upstream binaries, built from their Go modules (`tests/k8s/build.sh`,
-//! cached outside the tree, so a warm run costs a second). Then `demo`
+//! lab's upstream binaries and the chart's tools (prometheus, promtool,
+//! helm), built from their Go modules (`tests/k8s/build.sh`,
+//! `tests/k8s/tools.sh`, cached outside the tree, so a warm run costs a
+//! second). Then `demo`
 //! builds the workspace and runs `stillpoint demo`, and `test` runs the
 //! whole suite (`cargo test --workspace`, extra arguments passed on).
 
@@ -202,7 +204,9 @@ fn kubernetes_lab() -> Result<(), String> {
         ));
     }
     eprintln!("xtask: the Kubernetes lab's binaries (built once, then cached)");
-    run(Command::new(workspace().join("tests/k8s/build.sh")).stdout(std::process::Stdio::null()))
+    run(Command::new(workspace().join("tests/k8s/build.sh")).stdout(std::process::Stdio::null()))?;
+    eprintln!("xtask: prometheus, promtool and helm for the chart's tests (built once, then cached)");
+    run(Command::new(workspace().join("tests/k8s/tools.sh")).stdout(std::process::Stdio::null()))
 }
 
 fn test(args: Vec<String>) -> Result<(), String> {
