@@ -236,3 +236,43 @@ fn every_dashboard_query_parses() {
     std::fs::write(&file, rules).unwrap();
     run("promtool", &["check", "rules", file.to_str().unwrap()]).unwrap();
 }
+
+#[test]
+fn the_krew_manifest_template_is_a_plugin_manifest_once_filled() {
+    let template = std::fs::read_to_string(repo().join("deploy/krew/stillpoint.yaml")).unwrap();
+    // As krew-release-bot fills it.
+    let mut filled = String::new();
+    for line in template.lines() {
+        match line.trim_start().strip_prefix("{{addURIAndSha \"") {
+            Some(rest) => {
+                let indent = &line[..line.len() - line.trim_start().len()];
+                let uri = rest.split_once("\" .TagName }}").unwrap().0;
+                filled.push_str(&format!(
+                    "{indent}uri: {uri}\n{indent}sha256: {}\n",
+                    "0".repeat(64)
+                ));
+            }
+            None => {
+                filled.push_str(line);
+                filled.push('\n');
+            }
+        }
+    }
+    let filled = filled.replace("{{ .TagName }}", "v0.1.0");
+    assert!(!filled.contains("{{"), "{filled}");
+    let plugin: serde_yaml::Value = serde_yaml::from_str(&filled).unwrap();
+    assert_eq!(plugin["kind"], "Plugin");
+    assert_eq!(plugin["metadata"]["name"], "stillpoint");
+    let platforms = plugin["spec"]["platforms"].as_sequence().unwrap();
+    assert!(platforms.len() >= 2);
+    for p in platforms {
+        assert_eq!(p["bin"], "kubectl-stillpoint");
+        assert!(
+            p["uri"]
+                .as_str()
+                .unwrap()
+                .contains("/v0.1.0/kubectl-stillpoint_v0.1.0_"),
+            "{p:?}"
+        );
+    }
+}

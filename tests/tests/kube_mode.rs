@@ -6716,3 +6716,90 @@ async fn chaos_leaves_nothing_frozen_lost_or_leaked_and_what_succeeded_restores_
     .await
     .unwrap_or_else(|e| panic!("{e}: {:?}", replicas.logs()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_stillpoint_is_the_cli_in_kubernetes_mode_with_kubectls_context_and_namespace_flags()
+ {
+    let space = Space::new("plugin").await;
+    let ns = space.ns.clone();
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupBackup\nmetadata: {{name: listed, namespace: {ns}}}\n\
+             spec: {{group: nothing}}"
+        ))
+        .await;
+    // The lab's admin as context `lab` (namespace: this test's), and a
+    // current context that leads nowhere.
+    let mut config: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&space.lab.admin_kubeconfig).unwrap())
+            .unwrap();
+    let mut lab_context = config["contexts"][0].clone();
+    lab_context["name"] = "lab".into();
+    lab_context["context"]["namespace"] = ns.clone().into();
+    let mut nowhere = config["clusters"][0].clone();
+    nowhere["name"] = "nowhere".into();
+    nowhere["cluster"]["server"] = "https://127.0.0.1:9".into();
+    let mut elsewhere = lab_context.clone();
+    elsewhere["name"] = "elsewhere".into();
+    elsewhere["context"]["cluster"] = "nowhere".into();
+    config["contexts"] = serde_yaml::Value::Sequence(vec![lab_context, elsewhere]);
+    config["clusters"].as_sequence_mut().unwrap().push(nowhere);
+    config["current-context"] = "elsewhere".into();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("config");
+    std::fs::write(&kubeconfig, serde_yaml::to_string(&config).unwrap()).unwrap();
+
+    let plugin = stillpoint_tests::harness::agent::controller_binary()
+        .unwrap()
+        .with_file_name("kubectl-stillpoint");
+    let run = |args: &[&str], env_kubeconfig: bool| {
+        let mut c = std::process::Command::new(&plugin);
+        c.env_remove("KUBECONFIG")
+            .env("HOME", dir.path())
+            .args(args);
+        if env_kubeconfig {
+            c.env("KUBECONFIG", &kubeconfig);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let file = kubeconfig.to_str().unwrap();
+    // --kubeconfig and --context, the namespace the context's; and
+    // KUBECONFIG with -n after the command, as kubectl users type it.
+    for (args, env) in [
+        (
+            vec!["--kubeconfig", file, "--context", "lab", "backup", "list"],
+            false,
+        ),
+        (
+            vec!["backup", "list", "--context", "lab", "-n", ns.as_str()],
+            true,
+        ),
+    ] {
+        let (ok, out, err) = run(&args, env);
+        assert!(ok, "{args:?}: {err}");
+        assert!(out.contains("listed"), "{args:?}: {out}");
+    }
+    // Its current context is used when none is named: here, nowhere.
+    let (ok, _, err) = run(&["backup", "list"], true);
+    assert!(!ok, "{err}");
+    assert!(
+        err.lines().any(|l| l.starts_with("kubectl stillpoint: ")),
+        "{err}"
+    );
+    assert!(err.contains("Connection refused"), "{err}");
+    // Another namespace has none of this one's backups.
+    let (ok, out, err) = run(
+        &["backup", "list", "--context", "lab", "-n", "default"],
+        true,
+    );
+    assert!(ok, "{err}");
+    assert!(!out.contains("listed"), "{out}");
+    // Its help speaks of it as kubectl stillpoint.
+    let (ok, out, _) = run(&["--help"], false);
+    assert!(ok && out.contains("Usage: kubectl stillpoint"), "{out}");
+}

@@ -212,15 +212,32 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// A client from a kubeconfig file, or the default chain.
 pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
+    kube_client_in(kubeconfig, None).await
+}
+
+/// A client from a kubeconfig file (or KUBECONFIG, ~/.kube/config) and
+/// one of its contexts (default: its current context), or the default
+/// chain when neither is given.
+pub async fn kube_client_in(
+    kubeconfig: Option<&std::path::Path>,
+    context: Option<&str>,
+) -> anyhow::Result<kube::Client> {
+    let options = kube::config::KubeConfigOptions {
+        context: context.map(str::to_string),
+        ..Default::default()
+    };
+    let config = match (kubeconfig, context) {
+        (Some(path), _) => {
             let file = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+            kube::Config::from_custom_kubeconfig(file, &options)
                 .await
                 .with_context(|| format!("the kubeconfig {} is not usable", path.display()))?
         }
-        None => kube::Config::infer().await.context(
+        (None, Some(context)) => kube::Config::from_kubeconfig(&options)
+            .await
+            .with_context(|| format!("the kubeconfig context {context:?} is not usable"))?,
+        (None, None) => kube::Config::infer().await.context(
             "no Kubernetes configuration: set KUBECONFIG, --kubeconfig, or run in a pod",
         )?,
     };

@@ -39,7 +39,11 @@ pub fn wanted(global: &Global) -> bool {
 pub fn dispatch(command: Command, global: &Global) -> anyhow::Result<()> {
     let runtime = super::runtime()?;
     runtime.block_on(async {
-        let client = super::controller::kube_client(global.kubeconfig.as_deref()).await?;
+        let client = super::controller::kube_client_in(
+            global.kubeconfig.as_deref(),
+            global.context.as_deref(),
+        )
+        .await?;
         let ns = global
             .namespace
             .clone()

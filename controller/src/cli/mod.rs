@@ -65,6 +65,10 @@ pub struct Global {
     /// ~/.kube/config, or the in-cluster ServiceAccount).
     #[arg(long, global = true)]
     pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes mode: the kubeconfig context (default: its current
+    /// context).
+    #[arg(long, global = true)]
+    pub context: Option<String>,
     /// Log filter for the controller's own logs (stderr).
     #[arg(long, global = true, env = "STILLPOINT_LOG", default_value = "warn")]
     pub log: String,
@@ -117,6 +121,28 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+/// The command line as `kubectl stillpoint` (a `kubectl-stillpoint`
+/// binary on the PATH): named so in its help, and in Kubernetes mode.
+pub fn kubectl_plugin() -> clap::Command {
+    Cli::command()
+        .name("kubectl-stillpoint")
+        .bin_name("kubectl stillpoint")
+        .display_name("kubectl stillpoint")
+        .about(
+            "Stillpoint as a kubectl plugin: consistency-group backups, quiesce and restore \
+             in Kubernetes mode (the same commands as `stillpoint --kube`)",
+        )
+}
+
+/// Parses the command line of `kubectl stillpoint`: always Kubernetes mode.
+pub fn parse_kubectl_plugin() -> Cli {
+    use clap::FromArgMatches;
+    let matches = kubectl_plugin().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    cli.global.kube = true;
+    cli
 }
 
 /// Runs the parsed command.
