@@ -3,7 +3,8 @@
 # modules, once: prometheus and promtool (without service discovery
 # plugins: the tests give Prometheus its targets in files) and helm. They
 # are cached outside the work tree, keyed by the versions, this script and
-# the wrapper module, so a warm run costs a second.
+# the wrapper module (tools.env, this script, tools/go.mod), so a warm run
+# costs a second.
 #
 #   tests/k8s/tools.sh            build if needed; print the cache directory
 #
@@ -16,8 +17,8 @@
 # caches are its own (GOMODCACHE, GOCACHE). Progress goes to stderr.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-# shellcheck source=versions.env
-source "$here/versions.env"
+# shellcheck source=tools.env
+source "$here/tools.env"
 
 command -v go >/dev/null || {
   echo "tools.sh: the monitoring tools are built with Go (1.26 or newer); install it" >&2
@@ -25,7 +26,7 @@ command -v go >/dev/null || {
 }
 export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
 
-key=$( (cat "$here/versions.env" "$here/tools.sh" "$here/tools/go.mod"; go version) | sha256sum | cut -c1-16)
+key=$( (cat "$here/tools.env" "$here/tools.sh" "$here/tools/go.mod"; go version) | sha256sum | cut -c1-16)
 root="${STILLPOINT_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stillpoint/tools}"
 out="$root/$key"
 if [ -f "$out/done" ]; then

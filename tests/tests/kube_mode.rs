@@ -6717,6 +6717,463 @@ async fn chaos_leaves_nothing_frozen_lost_or_leaked_and_what_succeeded_restores_
     .unwrap_or_else(|e| panic!("{e}: {:?}", replicas.logs()));
 }
 
+/// `helm` against `lab` as its admin.
+fn helm(lab: &KubeLab, args: &[&str]) -> String {
+    let kubeconfig = lab.admin_kubeconfig.display().to_string();
+    let mut all = args.to_vec();
+    all.extend(["--kubeconfig", kubeconfig.as_str()]);
+    stillpoint_tests::chart::run("helm", &all).unwrap()
+}
+
+/// The Prometheus Operator's ServiceMonitor, PodMonitor and PrometheusRule
+/// CRDs, served by `lab` (the chart's monitoring objects are then created
+/// and validated as in a cluster with the Operator).
+async fn monitoring_crds(lab: &KubeLab, admin: &::kube::Client) {
+    let dir = stillpoint_tests::chart::tools().unwrap().join("crd");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let yaml = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        stillpoint::apply_all(lab, admin, &yaml).await.unwrap();
+    }
+    let gvk = ::kube::api::GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PodMonitor");
+    wait_async("the monitoring CRDs served", BOUND, || {
+        let (admin, gvk) = (admin.clone(), gvk.clone());
+        async move { Ok(::kube::discovery::pinned_kind(&admin, &gvk).await.is_ok()) }
+    })
+    .await
+    .unwrap();
+}
+
+/// A monitoring.coreos.com object `kind`/`name` of `ns` as installed.
+async fn monitoring_object(
+    admin: &::kube::Client,
+    kind: &str,
+    ns: &str,
+    name: &str,
+) -> serde_json::Value {
+    let gvk = ::kube::api::GroupVersionKind::gvk("monitoring.coreos.com", "v1", kind);
+    let (resource, _) = ::kube::discovery::pinned_kind(admin, &gvk).await.unwrap();
+    let api: Api<::kube::api::DynamicObject> = Api::namespaced_with(admin.clone(), ns, &resource);
+    serde_json::to_value(api.get(name).await.unwrap()).unwrap()
+}
+
+fn matches(labels: &BTreeMap<String, String>, wanted: &serde_json::Value) -> bool {
+    wanted
+        .as_object()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+}
+
+/// A static scrape job of `targets` (address, labels).
+fn scrape_job(job: &str, honor: bool, targets: &[(String, BTreeMap<String, String>)]) -> String {
+    let mut yaml = format!("- job_name: {job:?}\n  honor_labels: {honor}\n  static_configs:\n");
+    for (address, labels) in targets {
+        let mut labels = labels.clone();
+        labels.insert("job".into(), job.into());
+        yaml.push_str(&format!(
+            "  - targets: [{address:?}]\n    labels: {}\n",
+            serde_json::to_string(&labels).unwrap()
+        ));
+    }
+    yaml
+}
+
+/// The scrape jobs the chart's ServiceMonitor and PodMonitor stand for,
+/// resolved against the lab's objects as the Operator's Prometheus would:
+/// the ServiceMonitor's Services by label in its namespaces, each pod behind
+/// them (ready or not) at the named port, honouring the series' labels; the
+/// PodMonitor's pods by label in every namespace, at the named container
+/// port (native sidecars' too). Each target is labelled with its namespace
+/// and pod.
+async fn scrape_configs(admin: &::kube::Client, monitors_ns: &str) -> String {
+    use k8s_openapi::api::core::v1::Service;
+    let sm = monitoring_object(
+        admin,
+        "ServiceMonitor",
+        monitors_ns,
+        "stillpoint-controller",
+    )
+    .await;
+    let pm = monitoring_object(admin, "PodMonitor", monitors_ns, "stillpoint-agents").await;
+    let pods_of = |ns: Option<String>| {
+        let admin = admin.clone();
+        async move {
+            let api: Api<Pod> = match ns {
+                Some(ns) => Api::namespaced(admin, &ns),
+                None => Api::all(admin),
+            };
+            api.list(&ListParams::default()).await.unwrap().items
+        }
+    };
+    let port_named = |pod: &Pod, name: &str| {
+        let spec = pod.spec.as_ref()?;
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(name))
+            .map(|p| p.container_port)
+    };
+    let target = |pod: &Pod, port: i32| {
+        let labels = BTreeMap::from([
+            ("namespace".to_string(), pod.namespace().unwrap_or_default()),
+            ("pod".to_string(), pod.name_any()),
+        ]);
+        (format!("{}:{port}", pod_ip(pod).unwrap()), labels)
+    };
+    // The ServiceMonitor.
+    let endpoint = &sm["spec"]["endpoints"][0];
+    let mut controllers = Vec::new();
+    for ns in sm["spec"]["namespaceSelector"]["matchNames"]
+        .as_array()
+        .unwrap()
+    {
+        let ns = ns.as_str().unwrap();
+        let services: Api<Service> = Api::namespaced(admin.clone(), ns);
+        for svc in services.list(&ListParams::default()).await.unwrap().items {
+            let spec = svc.spec.clone().unwrap_or_default();
+            let port = spec
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == endpoint["port"].as_str());
+            if !matches(
+                &svc.labels().clone(),
+                &sm["spec"]["selector"]["matchLabels"],
+            ) || port.is_none()
+            {
+                continue;
+            }
+            let selector = serde_json::to_value(spec.selector.unwrap_or_default()).unwrap();
+            for pod in pods_of(Some(ns.to_string())).await {
+                let named = port.and_then(|p| match &p.target_port {
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(n)) => {
+                        port_named(&pod, n)
+                    }
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
+                        Some(*n)
+                    }
+                    None => Some(p.port),
+                });
+                if matches(&pod.labels().clone(), &selector) && pod_ip(&pod).is_ok() {
+                    controllers.push(target(&pod, named.unwrap()));
+                }
+            }
+        }
+    }
+    // The PodMonitor.
+    assert_eq!(pm["spec"]["namespaceSelector"]["any"], true);
+    let port = pm["spec"]["podMetricsEndpoints"][0]["port"]
+        .as_str()
+        .unwrap();
+    let mut agents = Vec::new();
+    for pod in pods_of(None).await {
+        if matches(
+            &pod.labels().clone(),
+            &pm["spec"]["selector"]["matchLabels"],
+        ) && let (Some(p), Ok(_)) = (port_named(&pod, port), pod_ip(&pod))
+        {
+            agents.push(target(&pod, p));
+        }
+    }
+    assert!(
+        !controllers.is_empty() && !agents.is_empty(),
+        "{controllers:?} {agents:?}"
+    );
+    let honor = endpoint["honorLabels"].as_bool().unwrap_or(false);
+    scrape_job("stillpoint-controller", honor, &controllers)
+        + &scrape_job(&format!("{monitors_ns}/stillpoint-agents"), false, &agents)
+}
+
+/// The chart installed into a lab of its own with `helm install`
+/// (monitoring on, the Prometheus Operator's CRDs served); returns once one
+/// replica leads, with the lab and a namespace for the test's objects
+/// (the agents' NetworkPolicy is installed there).
+async fn installed_by_helm() -> (&'static KubeLab, SecondLab, ::kube::Client, String) {
+    let other: &'static KubeLab = Box::leak(Box::new(
+        tokio::task::block_in_place(KubeLab::start).unwrap(),
+    ));
+    let down = SecondLab(other);
+    let admin = other.admin().await.unwrap();
+    monitoring_crds(other, &admin).await;
+    let ns = other.namespace("charted").await.unwrap();
+    let chart = stillpoint_tests::chart::chart();
+    let policy_ns = format!("agentNetworkPolicy.namespaces={{{ns}}}");
+    let installed = tokio::task::block_in_place(|| {
+        helm(
+            other,
+            &[
+                "install",
+                "stillpoint",
+                chart.to_str().unwrap(),
+                "-n",
+                stillpoint::CONTROLLER_NS,
+                "--create-namespace",
+                "--set",
+                "monitoring.serviceMonitor.enabled=true",
+                "--set",
+                "monitoring.podMonitor.enabled=true",
+                "--set",
+                "monitoring.prometheusRule.enabled=true",
+                "--set",
+                "monitoring.dashboard.enabled=true",
+                "--set",
+                &policy_ns,
+            ],
+        )
+    });
+    assert!(installed.contains("STATUS: deployed"), "{installed}");
+    wait_async("a chart-installed replica leads", BOUND, || {
+        let admin = &admin;
+        async move {
+            let pods = controller_pods(admin).await;
+            let holder = deployed_leader(admin).await.unwrap_or_default();
+            Ok(pods.get(&holder) == Some(&true))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}",
+            other.container_log(stillpoint::CONTROLLER_NS, "", "controller")
+        )
+    });
+    (other, down, admin, ns)
+}
+
+/// An opted-in Redis pod replicating `primary` (an address).
+fn opted_in_replica(ns: &str, name: &str, app: &str, primary: &str) -> String {
+    opted_in_redis(ns, name, app).replace(
+        "--protected-mode, \"no\"]",
+        &format!("--protected-mode, \"no\", --replicaof, {primary}, \"6379\"]"),
+    )
+}
+
+/// Waits until Prometheus has a sample of `expr`.
+async fn scraped(prometheus: &stillpoint_tests::harness::prometheus::Prometheus, expr: &str) {
+    wait_async(&format!("Prometheus has {expr}"), BOUND, || async move {
+        Ok(!prometheus.query(expr).unwrap().is_empty())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", prometheus.targets()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_chart_installs_a_controller_that_backs_up_and_prometheus_alerts_on_its_failures_and_fills_every_panel()
+ {
+    let (other, _down, admin, ns) = installed_by_helm().await;
+    let space = Space {
+        lab: other,
+        installed: Box::leak(Box::new(Installed::new().unwrap())),
+        admin: admin.clone(),
+        ns: ns.clone(),
+    };
+    // Injected Redis: a primary and its replica in group shop, a third
+    // alone in group tight, whose freeze budget no backup can keep.
+    space
+        .apply(&format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: redis, namespace: {ns}}}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {{name: redis-dsn, namespace: {ns}}}\n\
+             stringData: {{dsn: \"redis://127.0.0.1:6379\"}}"
+        ))
+        .await;
+    for pod in ["redis-p", "redis-r", "redis-t"] {
+        space.pvc(&format!("data-{pod}"), None).await;
+    }
+    space.apply(&opted_in_redis(&ns, "redis-p", "mp")).await;
+    let primary = space.ready("redis-p").await;
+    let primary_ip = pod_ip(&primary).unwrap().to_string();
+    space
+        .apply(&opted_in_replica(&ns, "redis-r", "mr", &primary_ip))
+        .await;
+    space.apply(&opted_in_redis(&ns, "redis-t", "mt")).await;
+    space.ready("redis-r").await;
+    space.ready("redis-t").await;
+    let atomic = kube::ATOMIC_SNAPSHOT_CLASS;
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: shop, namespace: {ns}}}\n\
+             spec:\n  members:\n  - {{name: p, selector: {{matchLabels: {{app: mp}}}}}}\n  \
+             - {{name: r, selector: {{matchLabels: {{app: mr}}}}, primary: p}}\n\
+             \x20 snapshot: {{driver: csi, volumeSnapshotClassName: {atomic}}}\n  freezeBudget: 20s\n---\n\
+             apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: tight, namespace: {ns}}}\n\
+             spec:\n  members:\n  - {{name: t, selector: {{matchLabels: {{app: mt}}}}}}\n\
+             \x20 snapshot: {{driver: csi, volumeSnapshotClassName: {atomic}}}\n  freezeBudget: 1ms\n---\n\
+             apiVersion: stillpoint.dev/v1alpha1\nkind: BackupSchedule\nmetadata: {{name: yearly, namespace: {ns}}}\n\
+             spec: {{group: shop, schedule: \"0 0 1 1 *\"}}\n"
+        ))
+        .await;
+    space.protectable("shop", "True").await;
+    space.protectable("tight", "True").await;
+
+    // A real Prometheus scraping what the chart's ServiceMonitor and
+    // PodMonitor select, evaluating the chart's PrometheusRule as installed.
+    let rule = monitoring_object(
+        &admin,
+        "PrometheusRule",
+        stillpoint::CONTROLLER_NS,
+        "stillpoint",
+    )
+    .await;
+    let rules = serde_yaml::to_string(&rule["spec"]).unwrap();
+    let scrape = scrape_configs(&admin, stillpoint::CONTROLLER_NS).await;
+    let prometheus = tokio::task::block_in_place(|| {
+        stillpoint_tests::harness::prometheus::Prometheus::start(&scrape, &rules)
+    })
+    .unwrap();
+    // Every target up, the agents' named by their pods.
+    wait_async("every target up", BOUND, || {
+        let prometheus = &prometheus;
+        async move {
+            let targets = prometheus.targets().unwrap();
+            Ok(targets.len() >= 5 && targets.iter().all(|(_, h)| h == "up"))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", prometheus.targets()));
+    // The leader created the groups' series at zero, and Prometheus has
+    // seen them so: the first failure is an increase.
+    let failed =
+        format!("stillpoint_backups_total{{namespace=\"{ns}\",group=\"tight\",result=\"failed\"}}");
+    scraped(&prometheus, &format!("{failed} == 0")).await;
+
+    // Through the chart-installed controller, under the chart's RBAC and
+    // admission policies: shop backs up, tight fails its budget.
+    for name in ["ok-1", "ok-2"] {
+        let done = space.backup(name, "shop").await;
+        assert_eq!(
+            status_of_phase(&done),
+            Some(BackupPhase::Succeeded),
+            "{:#?}",
+            done.status
+        );
+    }
+    let tight = space.backup("tight-1", "tight").await;
+    let s = status(&tight);
+    assert_eq!(s.phase, Some(BackupPhase::Failed), "{s:#?}");
+    let r = restore(
+        &space,
+        "r-1",
+        "{backup: ok-1, volumesOnly: true, pvcPrefix: r-}",
+    )
+    .await;
+    assert_eq!(
+        r.status.as_ref().and_then(|s| s.phase),
+        Some(stillpoint_controller::kube::crd::RestorePhase::Succeeded),
+        "{:#?}",
+        r.status
+    );
+    scraped(&prometheus, &format!("{failed} == 1")).await;
+
+    // The consistency-failure alert is pending or firing for tight, and
+    // the budget's; nothing is for shop, and a replica leads.
+    let alerts_now = || prometheus.alerts().unwrap();
+    wait_async("StillpointBackupFailed for tight", BOUND, || async {
+        Ok(alerts_now().iter().any(|a| {
+            a.name() == "StillpointBackupFailed"
+                && a.labels.get("group").map(String::as_str) == Some("tight")
+                && a.labels.get("namespace") == Some(&ns)
+                && ["pending", "firing"].contains(&a.state.as_str())
+        }))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:#?}\n{}", alerts_now(), prometheus.log_text()));
+    let alerts = alerts_now();
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.name() == "StillpointFreezeBudgetExceeded"
+                && a.labels.get("group").map(String::as_str) == Some("tight")),
+        "{alerts:#?}"
+    );
+    for a in &alerts {
+        assert_ne!(
+            a.labels.get("group").map(String::as_str),
+            Some("shop"),
+            "{a:?}"
+        );
+        assert_ne!(a.name(), "StillpointControllerNoLeader", "{a:?}");
+        assert_ne!(a.name(), "StillpointNoRecentBackup", "{a:?}");
+    }
+
+    // Every query of the dashboard returns data for this namespace.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let queries = stillpoint_tests::chart::dashboard_queries(&ns, ".*").unwrap();
+    let mut empty = Vec::new();
+    for (title, expr) in &queries {
+        if prometheus.query(expr).unwrap().is_empty() {
+            empty.push(format!("{title}: {expr}"));
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "panels without data:\n{}",
+        empty.join("\n")
+    );
+    // The figures the panels stand on are the backups just made.
+    let results = prometheus
+        .query(&format!(
+            "sum by (group, result) (stillpoint_backups_total{{namespace=\"{ns}\"}}) > 0"
+        ))
+        .unwrap();
+    let mut seen: Vec<(String, String, f64)> = results
+        .iter()
+        .map(|s| {
+            (
+                s.labels["group"].clone(),
+                s.labels["result"].clone(),
+                s.value,
+            )
+        })
+        .collect();
+    seen.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(
+        seen,
+        [
+            ("shop".to_string(), "succeeded".to_string(), 2.0),
+            ("tight".to_string(), "failed".to_string(), 1.0)
+        ]
+    );
+    if let Ok(out) = std::env::var("STILLPOINT_DASHBOARD_OUT") {
+        dashboard_picture(&space, &prometheus, &out).await;
+    }
+    nothing_leaked(&space).await;
+}
+
+/// More backups of both groups over a few minutes, then every panel's
+/// queries over that time, written as JSON to `out` (for the picture in
+/// the README: `tests/support/render_dashboard.py`).
+async fn dashboard_picture(
+    space: &Space,
+    prometheus: &stillpoint_tests::harness::prometheus::Prometheus,
+    out: &str,
+) {
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        - 120.0;
+    for i in 0..24 {
+        space.backup(&format!("more-{i}"), "shop").await;
+        if i % 6 == 5 {
+            space.backup(&format!("tight-more-{i}"), "tight").await;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let end = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let queries = stillpoint_tests::chart::dashboard_queries(&space.ns, ".*").unwrap();
+    let mut panels: Vec<serde_json::Value> = Vec::new();
+    for (title, expr) in queries {
+        let expr = expr.replace("[1h]", "[2m]").replace("[6h]", "[2m]");
+        let result = prometheus.query_range(&expr, start, end, 2.0).unwrap();
+        panels.push(serde_json::json!({"title": title, "expr": expr, "result": result}));
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&panels).unwrap()).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_stillpoint_is_the_cli_in_kubernetes_mode_with_kubectls_context_and_namespace_flags()
  {

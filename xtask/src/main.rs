@@ -205,7 +205,9 @@ fn kubernetes_lab() -> Result<(), String> {
     }
     eprintln!("xtask: the Kubernetes lab's binaries (built once, then cached)");
     run(Command::new(workspace().join("tests/k8s/build.sh")).stdout(std::process::Stdio::null()))?;
-    eprintln!("xtask: prometheus, promtool and helm for the chart's tests (built once, then cached)");
+    eprintln!(
+        "xtask: prometheus, promtool and helm for the chart's tests (built once, then cached)"
+    );
     run(Command::new(workspace().join("tests/k8s/tools.sh")).stdout(std::process::Stdio::null()))
 }
 

@@ -17,6 +17,7 @@ pub mod mariadb;
 pub mod mongo;
 pub mod pki;
 pub mod postgres;
+pub mod prometheus;
 pub mod redis;
 pub mod shared;
 
