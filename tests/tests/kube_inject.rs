@@ -81,7 +81,10 @@ async fn shared() -> &'static Shared {
 /// (the lab has no Service network), optionally only for namespace `only`.
 async fn install_webhook(admin: &::kube::Client, name: &str, url: &str, only: Option<&str>) {
     let yaml = std::fs::read_to_string(repo().join("deploy/webhook.yaml")).unwrap();
-    let doc = yaml.split("\n---\n").next().unwrap();
+    let doc = yaml
+        .split("\n---\n")
+        .find(|d| d.contains("\nkind: MutatingWebhookConfiguration\n"))
+        .unwrap();
     let mut config: serde_json::Value = serde_yaml::from_str(doc).unwrap();
     config["metadata"]["name"] = name.into();
     let hook = &mut config["webhooks"][0];
@@ -1293,10 +1296,16 @@ fn peak_rss(pid: u32) -> u64 {
 /// The controller's memory limit in deploy/controller.yaml, in bytes.
 fn deployed_memory_limit() -> u64 {
     let yaml = std::fs::read_to_string(repo().join("deploy/controller.yaml")).unwrap();
-    let mib = yaml
-        .split("limits: {memory: ")
-        .nth(1)
-        .and_then(|rest| rest.split("Mi}").next())
+    let deployment: serde_json::Value = yaml
+        .split("\n---\n")
+        .map(|d| serde_yaml::from_str::<serde_json::Value>(d).unwrap())
+        .find(|d| d["kind"] == "Deployment")
+        .unwrap();
+    let limit =
+        &deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"];
+    let mib = limit
+        .as_str()
+        .and_then(|v| v.strip_suffix("Mi"))
         .and_then(|v| v.parse::<u64>().ok())
         .expect("deploy/controller.yaml sets a memory limit in Mi");
     mib << 20

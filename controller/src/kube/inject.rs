@@ -1062,7 +1062,12 @@ mod tests {
         )
         .unwrap();
         let config: k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration =
-            serde_yaml::from_str(yaml.split("\n---\n").next().unwrap()).unwrap();
+            serde_yaml::from_str(
+                yaml.split("\n---\n")
+                    .find(|d| d.contains("\nkind: MutatingWebhookConfiguration\n"))
+                    .unwrap(),
+            )
+            .unwrap();
         let selectors: Vec<_> = config
             .webhooks
             .unwrap()
