@@ -772,7 +772,13 @@ async fn group_backups_with_csi_and_csi_group_restore_to_a_consistent_cut() {
     })
     .await
     .unwrap();
-    assert!(space.backups().get_opt("csi-0").await.unwrap().is_none());
+    // Its finalizer goes once the snapshots are gone: the GroupBackup
+    // goes after them, not with them.
+    wait_async("the deleted GroupBackup gone", BOUND, || async {
+        Ok(space.backups().get_opt("csi-0").await?.is_none())
+    })
+    .await
+    .unwrap();
     let contents: Api<GroupBackupContent> = Api::all(space.admin.clone());
     let content = status(first).content.unwrap();
     // Its finalizer lets it go once it sees its GroupBackup gone.
