@@ -313,8 +313,46 @@ pub fn require(candidates: &[&str], package: &str) -> Result<PathBuf> {
     ))
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1 for a server to bind next, never one
+/// handed out before in this process.
+///
+/// Not the kernel's `bind(…:0)`: that port is free only until the listener
+/// closes, and as it comes from the ephemeral range, any outgoing
+/// connection of any process may take it as its local port before the
+/// server binds it (a MariaDB replica was seen to fail so: "Address already
+/// in use"). Ports below the ephemeral range are never taken that way.
 pub fn free_port() -> u16 {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let low = ephemeral_start();
+    if low < FIRST_PORT + 1000 {
+        return kernel_port();
+    }
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    for _ in 0..1000 {
+        let port = fastrand::u16(FIRST_PORT..low);
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    kernel_port()
+}
+
+/// Where [`free_port`] starts looking.
+const FIRST_PORT: u16 = 10000;
+
+/// The first port of the kernel's ephemeral range (32768 unless set).
+fn ephemeral_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
+fn kernel_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -414,5 +452,25 @@ pub fn kill_and_wait(pid: u32) {
         let _ = wait_for("process exit", Duration::from_secs(5), || {
             Ok(!pid_alive(pid))
         });
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_outside_the_ephemeral_range_and_never_given_twice() {
+        let low = ephemeral_start();
+        assert!(low >= FIRST_PORT + 1000, "ephemeral range starts at {low}");
+        let ports: Vec<u16> = (0..500).map(|_| free_port()).collect();
+        let distinct: std::collections::HashSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port handed out twice");
+        for port in ports {
+            assert!(
+                (FIRST_PORT..low).contains(&port),
+                "{port} is in the ephemeral range"
+            );
+        }
     }
 }
