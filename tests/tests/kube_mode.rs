@@ -5014,8 +5014,34 @@ async fn a_controller_started_over_a_thousand_backups_reconciles_every_group_and
             tail.join("\n")
         )
     });
-    // A new backup is taken up (the group has no pods: it fails, and says so).
-    let fresh = space.backup("fresh", "g0").await;
+    // A new backup is taken up (the group has no pods: it fails, and says
+    // so). It waits behind the startup's reconciles of the 1,000 (each
+    // gets its finalizer and its content): 13 s on a quiet machine, over
+    // 120 s in one suite run beside another lab test, so the bound here is
+    // that the backup is taken up at all, not how soon.
+    let ns = &space.ns;
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupBackup\nmetadata: {{name: fresh, namespace: {ns}}}\n\
+             spec: {{group: g0}}"
+        ))
+        .await;
+    wait_async(
+        "GroupBackup fresh to end",
+        Duration::from_secs(400),
+        || async {
+            Ok(space
+                .backups()
+                .get("fresh")
+                .await?
+                .status
+                .and_then(|s| s.phase)
+                .is_some_and(BackupPhase::is_final))
+        },
+    )
+    .await
+    .unwrap();
+    let fresh = space.backups().get("fresh").await.unwrap();
     let status = fresh.status.unwrap();
     assert_eq!(status.phase, Some(BackupPhase::Failed), "{status:?}");
 }
