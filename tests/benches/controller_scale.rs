@@ -10,18 +10,30 @@
 //! - the controller's RSS (now and peak) and its CPU time per second in the
 //!   steady state,
 //! - the GroupBackup LIST requests the API server served in the steady state
-//!   (`apiserver_request_total`), every client together.
+//!   (`apiserver_request_total`), every client together,
+//! - the time a Prometheus scrape of `/metrics` takes (the leader reads its
+//!   gauges of every group and schedule from its caches then) and the
+//!   series it returns.
 //!
-//! The groups' members select no pod (each resolves to `MemberNotFound`):
-//! what is measured is the controller's own bookkeeping, not the agents.
+//! Agents are pods of the lab, each one noop agent (its own process, with
+//! the namespace's identity), and each a member of its own in a group: the
+//! first `agents` members of the groups, spread evenly, resolve to them and
+//! are described over mTLS at each reconcile; the other groups' members
+//! select no pod (`MemberNotFound`).
+//!
+//! How it grows: the whole run is repeated at each scale of
+//! `STILLPOINT_BENCH_SCALES` (default `0.25,0.5,1`: a quarter, half and all
+//! of every size), each in a lab of its own, and the table gives each
+//! figure's growth against the smallest scale.
 //!
 //! Run with:
 //!   cargo build --release -p stillpoint-controller -p stillpoint-agent
 //!   cargo bench -p stillpoint-tests --bench controller_scale
 //! Prints a table and writes JSON to `target/bench/controller-scale.json`.
 //! `STILLPOINT_BENCH_GROUPS` (default 100), `STILLPOINT_BENCH_BACKUPS`
-//! (2000), `STILLPOINT_BENCH_NAMESPACES` (10), `STILLPOINT_BENCH_SAMPLES`
-//! (50) and `STILLPOINT_BENCH_STEADY_SECONDS` (60) set the sizes.
+//! (2000), `STILLPOINT_BENCH_AGENTS` (200), `STILLPOINT_BENCH_NAMESPACES`
+//! (10), `STILLPOINT_BENCH_SAMPLES` (50) and
+//! `STILLPOINT_BENCH_STEADY_SECONDS` (60) set the sizes at scale 1.
 
 use std::time::{Duration, Instant};
 
@@ -40,9 +52,11 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+#[derive(Clone)]
 struct Sizes {
     groups: usize,
     backups: usize,
+    agents: usize,
     namespaces: usize,
     samples: usize,
     steady: Duration,
@@ -94,21 +108,99 @@ async fn backup_lists(admin: &kube::Client) -> Result<f64> {
         .sum())
 }
 
+/// The members of group `i`: one per agent pod given to it (agent `j`
+/// belongs to group `j % groups`), or one that selects no pod.
+fn members_of(i: usize, sizes: &Sizes) -> serde_json::Value {
+    let mine: Vec<serde_json::Value> = (0..sizes.agents)
+        .filter(|j| j % sizes.groups == i)
+        .map(|j| json!({"name": format!("m{j}"), "selector": {"matchLabels": {"agent": format!("a{j}")}}}))
+        .collect();
+    if mine.is_empty() {
+        json!([{"name": "db", "selector": {"matchLabels": {"app": format!("g{i}")}}}])
+    } else {
+        json!(mine)
+    }
+}
+
+/// Noop agent pods `a<j>`, each in its group's namespace, with the
+/// namespace's agent identity; returns once every one is ready.
+async fn agents(
+    lab: &KubeLab,
+    installed: &stillpoint::Installed,
+    admin: &kube::Client,
+    namespaces: &[String],
+    sizes: &Sizes,
+) -> Result<()> {
+    if sizes.agents == 0 {
+        return Ok(());
+    }
+    let per_ns = sizes.groups.div_ceil(namespaces.len());
+    for ns in namespaces {
+        stillpoint::apply_all(
+            lab,
+            admin,
+            &format!(
+                "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: bench, namespace: {ns}}}"
+            ),
+        )
+        .await?;
+        installed
+            .agent_secret(lab, ns, "bench", "agent-bench")
+            .await?;
+    }
+    let container = stillpoint::agent_container("noop", "", "agent-tls", "data");
+    let pods: Vec<(String, String)> = (0..sizes.agents)
+        .map(|j| {
+            (
+                namespaces[(j % sizes.groups) / per_ns].clone(),
+                format!("a{j}"),
+            )
+        })
+        .collect();
+    stream::iter(pods.clone())
+        .map(|(ns, name)| {
+            let yaml = format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{agent: {name}}}}}\n\
+                 spec:\n  serviceAccountName: bench\n  containers:\n{container}  volumes:\n  \
+                 - {{name: data, emptyDir: {{}}}}\n  - {{name: agent-tls, secret: {{secretName: agent-bench}}}}\n"
+            );
+            async move { stillpoint::apply_all(lab, admin, &yaml).await }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await?;
+    stream::iter(pods)
+        .map(|(ns, name)| async move {
+            stillpoint_tests::harness::kube::wait_pod_ready(
+                admin,
+                &ns,
+                &name,
+                Duration::from_secs(300),
+            )
+            .await
+            .map(|_| ())
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
 /// Groups, a schedule per group, and ended backups spread over them.
 async fn populate(admin: &kube::Client, namespaces: &[String], sizes: &Sizes) -> Result<()> {
     let per_ns = sizes.groups.div_ceil(namespaces.len());
     let groups: Vec<(String, String)> = (0..sizes.groups)
         .map(|i| (namespaces[i / per_ns].clone(), format!("g{i}")))
         .collect();
-    stream::iter(groups.clone())
-        .map(|(ns, g)| {
+    stream::iter(groups.clone().into_iter().enumerate())
+        .map(|(i, (ns, g))| {
             let admin = admin.clone();
+            let members = members_of(i, sizes);
             async move {
                 let group: ConsistencyGroup = serde_json::from_value(json!({
                     "apiVersion": "stillpoint.dev/v1alpha1", "kind": "ConsistencyGroup",
                     "metadata": {"name": g, "namespace": ns},
-                    "spec": {"members": [{"name": "db", "selector": {"matchLabels": {"app": g}}}],
-                        "snapshot": {"driver": "csi"}},
+                    "spec": {"members": members, "snapshot": {"driver": "csi"}},
                 }))?;
                 Api::<ConsistencyGroup>::namespaced(admin.clone(), &ns)
                     .create(&PostParams::default(), &group)
@@ -201,16 +293,20 @@ async fn latency(admin: &kube::Client, ns: &str, group: &str, n: usize) -> Resul
 }
 
 async fn run(lab: &'static KubeLab, sizes: Sizes) -> Result<serde_json::Value> {
-    let installed = stillpoint::install(lab).await?;
+    stillpoint::apply_deploy(lab).await?;
+    let installed: &'static stillpoint::Installed =
+        Box::leak(Box::new(stillpoint::Installed::new()?));
     let admin = lab.admin().await?;
     let mut namespaces = Vec::new();
     for _ in 0..sizes.namespaces {
         namespaces.push(lab.namespace("scale").await?);
     }
     let made = Instant::now();
+    agents(lab, installed, &admin, &namespaces, &sizes).await?;
     populate(&admin, &namespaces, &sizes).await?;
     eprintln!(
-        "made {} groups, schedules and {} backups in {:.1} s",
+        "made {} agents, {} groups, schedules and {} backups in {:.1} s",
+        sizes.agents,
         sizes.groups,
         sizes.backups,
         made.elapsed().as_secs_f64()
@@ -256,9 +352,21 @@ async fn run(lab: &'static KubeLab, sizes: Sizes) -> Result<serde_json::Value> {
         let i = (n * 7) % sizes.groups;
         samples.push(latency(&admin, &namespaces[i / per_ns], &format!("g{i}"), n).await?);
     }
+    // A Prometheus scrape of the leader: its gauges of every group and
+    // schedule are read from its caches at each one.
+    let mut scrapes = Vec::new();
+    let mut series = 0;
+    for _ in 0..20 {
+        let at = Instant::now();
+        let (code, text) = controller.get("/metrics")?;
+        anyhow::ensure!(code == 200, "GET /metrics: {code}");
+        scrapes.push(at.elapsed().as_secs_f64() * 1e3);
+        series = text.lines().filter(|l| !l.starts_with('#')).count();
+    }
     let peak = proc_kib(pid, "VmHWM:");
     Ok(json!({
         "groups": sizes.groups, "schedules": sizes.groups, "backups": sizes.backups,
+        "agents": sizes.agents,
         "namespaces": sizes.namespaces,
         "first_pass_s": first_pass,
         "reconcile_ms": {"n": samples.len(), "p50": percentile(&samples, 50.0),
@@ -267,53 +375,136 @@ async fn run(lab: &'static KubeLab, sizes: Sizes) -> Result<serde_json::Value> {
         "steady_s": steady,
         "cpu_s_per_s": (cpu1 - cpu0) / steady,
         "backup_lists_per_min": (lists1 - lists0) / steady * 60.0,
+        "scrape_ms": {"n": scrapes.len(), "p50": percentile(&scrapes, 50.0),
+            "max": percentile(&scrapes, 100.0)},
+        "series": series,
     }))
+}
+
+/// `sizes` times `scale` (each at least 1, agents at least 0).
+fn scaled(sizes: &Sizes, scale: f64) -> Sizes {
+    let at = |n: usize| ((n as f64 * scale).round() as usize).max(1);
+    Sizes {
+        groups: at(sizes.groups),
+        backups: at(sizes.backups),
+        agents: (sizes.agents as f64 * scale).round() as usize,
+        namespaces: at(sizes.namespaces),
+        ..sizes.clone()
+    }
+}
+
+fn f(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+/// One row of the table; `base` is the smallest scale's result.
+fn row(r: &serde_json::Value, base: &serde_json::Value) {
+    if let Some(failed) = r["failed"].as_str() {
+        let first = failed.lines().next().unwrap_or_default();
+        println!(
+            "{:<7} {:<7} {:<8} FAILED: {first}",
+            r["groups"].to_string(),
+            r["agents"].to_string(),
+            r["backups"].to_string()
+        );
+        return;
+    }
+    let growth = |path: &[&str]| {
+        let get = |v: &serde_json::Value| path.iter().fold(v.clone(), |v, k| v[k].clone());
+        let b = f(&get(base));
+        if b > 0.0 {
+            format!("x{:.2}", f(&get(r)) / b)
+        } else {
+            "-".into()
+        }
+    };
+    println!(
+        "{:<7} {:<7} {:<8} {:<10} {:<22} {:<22} {:<22} {:<8} {:<18}",
+        r["groups"].to_string(),
+        r["agents"].to_string(),
+        r["backups"].to_string(),
+        format!("{:.1} s", f(&r["first_pass_s"])),
+        format!(
+            "{:.1} / {:.1} ms ({})",
+            f(&r["reconcile_ms"]["p50"]),
+            f(&r["reconcile_ms"]["p99"]),
+            growth(&["reconcile_ms", "p50"])
+        ),
+        format!(
+            "{:.1} MiB ({})",
+            f(&r["rss_steady_kib"]) / 1024.0,
+            growth(&["rss_steady_kib"])
+        ),
+        format!(
+            "{:.1} MiB ({})",
+            f(&r["rss_peak_kib"]) / 1024.0,
+            growth(&["rss_peak_kib"])
+        ),
+        format!("{:.3}", f(&r["cpu_s_per_s"])),
+        format!("{:.1} ms / {}", f(&r["scrape_ms"]["p50"]), r["series"]),
+    );
 }
 
 fn main() -> Result<()> {
     let sizes = Sizes {
         groups: env("STILLPOINT_BENCH_GROUPS", 100),
         backups: env("STILLPOINT_BENCH_BACKUPS", 2000),
+        agents: env("STILLPOINT_BENCH_AGENTS", 200),
         namespaces: env("STILLPOINT_BENCH_NAMESPACES", 10).max(1),
         samples: env("STILLPOINT_BENCH_SAMPLES", 50),
         steady: Duration::from_secs(env("STILLPOINT_BENCH_STEADY_SECONDS", 60) as u64),
     };
-    let lab = KubeLab::shared();
+    let scales: Vec<f64> = std::env::var("STILLPOINT_BENCH_SCALES")
+        .unwrap_or_else(|_| "0.25,0.5,1".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(run(lab, sizes))?;
-    let kib = |v: &serde_json::Value| format!("{:.1} MiB", v.as_f64().unwrap_or(0.0) / 1024.0);
-    let r = &result;
+    let mut results = Vec::new();
+    for scale in &scales {
+        // A lab of its own for each scale: nothing left from the last.
+        let lab: &'static KubeLab = Box::leak(Box::new(KubeLab::start()?));
+        let at = scaled(&sizes, *scale);
+        let result = runtime.block_on(run(lab, at.clone()));
+        lab.teardown();
+        // A scale that fails is reported as failed; the others still are.
+        let mut result = result.unwrap_or_else(|e| {
+            json!({"groups": at.groups, "agents": at.agents, "backups": at.backups,
+                "failed": format!("{e:#}")})
+        });
+        result["scale"] = json!(scale);
+        eprintln!("scale {scale}: {result}");
+        results.push(result);
+    }
     println!(
-        "{:<8} {:<10} {:<8} {:<11} {:<13} {:<12} {:<11} {:<11} {:<10} BACKUP LISTS/MIN",
+        "{:<7} {:<7} {:<8} {:<10} {:<22} {:<22} {:<22} {:<8} SCRAPE P50 / SERIES",
         "GROUPS",
-        "SCHEDULES",
+        "AGENTS",
         "BACKUPS",
         "FIRST PASS",
-        "RECONCILE P50",
-        "P99",
+        "RECONCILE P50 / P99",
         "RSS",
         "RSS PEAK",
         "CPU S/S"
     );
-    println!(
-        "{:<8} {:<10} {:<8} {:<11} {:<13} {:<12} {:<11} {:<11} {:<10} {:.1}",
-        r["groups"].to_string(),
-        r["schedules"].to_string(),
-        r["backups"].to_string(),
-        format!("{:.1} s", r["first_pass_s"].as_f64().unwrap_or(0.0)),
-        format!("{:.1} ms", r["reconcile_ms"]["p50"].as_f64().unwrap_or(0.0)),
-        format!("{:.1} ms", r["reconcile_ms"]["p99"].as_f64().unwrap_or(0.0)),
-        kib(&r["rss_steady_kib"]),
-        kib(&r["rss_peak_kib"]),
-        format!("{:.3}", r["cpu_s_per_s"].as_f64().unwrap_or(0.0)),
-        r["backup_lists_per_min"].as_f64().unwrap_or(0.0),
-    );
+    let base = results
+        .iter()
+        .find(|r| r["failed"].is_null())
+        .cloned()
+        .unwrap_or_default();
+    for r in &results {
+        row(r, &base);
+    }
+    println!("(xN: against the first row that did not fail; every size grows with the scale)");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("controller-scale.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&json!({"runs": results}))?,
+    )?;
     println!("JSON: {}", path.display());
     Ok(())
 }
