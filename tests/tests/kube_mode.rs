@@ -7292,3 +7292,60 @@ async fn kubectl_stillpoint_is_the_cli_in_kubernetes_mode_with_kubectls_context_
     let (ok, out, _) = run(&["--help"], false);
     assert!(ok && out.contains("Usage: kubectl stillpoint"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_positions_move_does_not_rewrite_its_status_in_a_loop() {
+    // A noop agent's position moves with every Describe, as a busy
+    // database's does with every write.
+    let space = Space::new("moving").await;
+    let ns = space.ns.clone();
+    space.identity("mover").await;
+    let container = stillpoint::agent_container("noop", "", "agent-tls", "data");
+    space
+        .apply(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: mover, namespace: {ns}, labels: {{app: mover}}}}\n\
+             spec:\n  serviceAccountName: mover\n  containers:\n{container}  volumes:\n  \
+             - {{name: data, emptyDir: {{}}}}\n  - {{name: agent-tls, secret: {{secretName: agent-mover}}}}\n\
+             ---\napiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: moving, namespace: {ns}}}\n\
+             spec: {{members: [{{name: m, selector: {{matchLabels: {{app: mover}}}}}}], snapshot: {{driver: csi, atomic: true}}}}\n"
+        ))
+        .await;
+    space.ready("mover").await;
+    let _controller = ControllerProc::start_with(
+        space.lab,
+        space.installed,
+        &ns,
+        "moving-a",
+        &format!("lease-{ns}"),
+        &["--resync", "30s"],
+    )
+    .await
+    .unwrap();
+    // Its status carries a position, and within the resync period nothing
+    // rewrites it (before, each write was a watch event that reconciled the
+    // group again, which saw a new position and wrote again, in a loop).
+    let position = |g: &ConsistencyGroup| {
+        g.status
+            .as_ref()
+            .and_then(|s| s.members.first())
+            .and_then(|m| m.position.clone())
+    };
+    wait_async(
+        "the group's member resolved with a position",
+        BOUND,
+        || async { Ok(position(&space.groups().get("moving").await?).is_some()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let first = space.groups().get("moving").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let later = space.groups().get("moving").await.unwrap();
+    assert_eq!(
+        later.metadata.resource_version,
+        first.metadata.resource_version,
+        "the status was rewritten: {:?} then {:?}",
+        position(&first),
+        position(&later)
+    );
+}

@@ -169,6 +169,9 @@ pub struct Context {
     backups: std::sync::OnceLock<BackupCache>,
     /// Reconcile errors in a row, per object.
     backoff: Backoff,
+    /// When each group's status was last written, by uid (see
+    /// [`positions_only`]).
+    group_writes: Mutex<BTreeMap<String, std::time::Instant>>,
 }
 
 /// A reflector's store of GroupBackups whose readiness any number of
@@ -246,6 +249,7 @@ impl Context {
             settings,
             live: Mutex::new(BTreeMap::new()),
             backoff: Backoff::default(),
+            group_writes: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -383,7 +387,7 @@ async fn reconcile_group(
         if p.ok { "True" } else { "False" }.to_string(),
         p.reason.as_str().to_string(),
     ));
-    if status != old {
+    if status != old && !ctx.position_write_too_soon(&group, &old, &status) {
         let api: Api<ConsistencyGroup> = Api::namespaced(ctx.client.clone(), &ns);
         let patch = json!({ "apiVersion": "stillpoint.dev/v1alpha1", "kind": "ConsistencyGroup", "status": status });
         api.patch_status(
@@ -397,6 +401,48 @@ async fn reconcile_group(
         ctx.event(&*group, !p.ok, p.reason, p.message.clone()).await;
     }
     Ok(Action::requeue(ctx.settings.resync))
+}
+
+/// Whether two statuses of a group differ only in their members'
+/// positions.
+fn positions_only(old: &ConsistencyGroupStatus, new: &ConsistencyGroupStatus) -> bool {
+    let without = |s: &ConsistencyGroupStatus| {
+        let mut s = s.clone();
+        for m in &mut s.members {
+            m.position = None;
+        }
+        s
+    };
+    without(old) == without(new)
+}
+
+impl Context {
+    /// A group's status that changed only in its members' positions is
+    /// written at most once per resync period. Positions move with every
+    /// write a database takes (a noop agent's with every Describe), and
+    /// each status write is a watch event that reconciles the group again:
+    /// written every time, a group of busy members reconciled itself in a
+    /// loop, describing its agents and writing its status as fast as it
+    /// could, and at 100 groups with 200 agents a spec change waited over
+    /// two minutes for its turn.
+    fn position_write_too_soon(
+        &self,
+        group: &ConsistencyGroup,
+        old: &ConsistencyGroupStatus,
+        new: &ConsistencyGroupStatus,
+    ) -> bool {
+        let uid = group.uid().unwrap_or_default();
+        let mut writes = self.group_writes.lock().unwrap();
+        let now = std::time::Instant::now();
+        let soon = positions_only(old, new)
+            && writes
+                .get(&uid)
+                .is_some_and(|at| now.duration_since(*at) < self.settings.resync);
+        if !soon {
+            writes.insert(uid, now);
+        }
+        soon
+    }
 }
 
 /// The snapshotter of a group.
@@ -1174,6 +1220,34 @@ pub fn stopped_because(ended: Result<(), tokio::task::JoinError>) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_status_that_moved_only_in_positions_is_told_apart() {
+        use crate::kube::crd::ResolvedMember;
+        let member = |position: &str| ResolvedMember {
+            name: "db".into(),
+            pod: "db-0".into(),
+            position: Some(position.into()),
+            ..Default::default()
+        };
+        let status = |position: &str, resolved: u32| super::ConsistencyGroupStatus {
+            resolved_members: resolved,
+            members: vec![member(position)],
+            ..Default::default()
+        };
+        assert!(super::positions_only(
+            &status("lsn 1", 1),
+            &status("lsn 2", 1)
+        ));
+        assert!(!super::positions_only(
+            &status("lsn 1", 1),
+            &status("lsn 2", 2)
+        ));
+        assert!(!super::positions_only(
+            &status("lsn 1", 1),
+            &status("lsn 1", 0)
+        ));
+    }
+
     use super::*;
 
     /// How many of `readers` waiting at once are woken by a first list.
