@@ -390,7 +390,17 @@ async fn a_stopped_agent_cannot_keep_the_fence_past_its_lease_and_renewals_keep_
         after <= ttl + Duration::from_secs(2),
         "released {after:?} after the stop; the bound is the lease ({ttl:?}) + 1 s"
     );
-    // Woken, the agent finds its hold gone and takes the next one.
+    // Woken, the agent finds its lease run out, ends the hold (its session
+    // is gone already) and takes the next one.
+    let woken = Instant::now();
+    while a.proc.admin_get("/healthz").unwrap().1 != "ok\n" {
+        assert!(
+            woken.elapsed() < Duration::from_secs(5),
+            "the woken agent still holds: {}",
+            a.proc.admin_get("/healthz").unwrap().1
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut next = a.freeze("b-after", ttl).await.unwrap();
     next.request_thaw(false).await.unwrap();
     let result = next.thawed().await.unwrap().unwrap();
