@@ -4984,7 +4984,26 @@ async fn a_controller_started_over_a_thousand_backups_reconciles_every_group_and
         .try_collect::<Vec<()>>()
         .await
         .unwrap();
-    let controller = space.controller("many-a", "many-lease").await;
+    // The deployed Lease timings, not the lab's short ones: under the
+    // suite's load a renewal missed the lab's 4 s deadline while this
+    // controller started over the 1,000, and it stopped, as it must.
+    let controller = ControllerProc::start_with(
+        space.lab,
+        space.installed,
+        &ns,
+        "many-a",
+        "many-lease",
+        &[
+            "--lease-duration",
+            "15s",
+            "--renew-deadline",
+            "10s",
+            "--retry-period",
+            "2s",
+        ],
+    )
+    .await
+    .unwrap();
     // Each group's newest successful backup, as the cache sees them.
     let newest = |g: &str| {
         (0..count)
