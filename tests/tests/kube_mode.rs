@@ -40,6 +40,16 @@ struct Space {
 }
 
 impl Space {
+    /// A namespace of a lab of a test's own, with a PKI of its own.
+    fn in_lab(lab: &'static KubeLab, admin: ::kube::Client, ns: String) -> Space {
+        Space {
+            lab,
+            installed: Box::leak(Box::new(Installed::new().unwrap())),
+            admin,
+            ns,
+        }
+    }
+
     async fn new(prefix: &str) -> Space {
         let lab = lab();
         let installed = stillpoint::install(lab).await.unwrap();
@@ -138,8 +148,13 @@ impl Space {
     }
 
     async fn finished(&self, name: &str) -> GroupBackup {
+        self.finished_within(name, BOUND).await
+    }
+
+    /// Waits up to `bound` for GroupBackup `name`'s final phase.
+    async fn finished_within(&self, name: &str, bound: Duration) -> GroupBackup {
         let api = self.backups();
-        wait_async(&format!("GroupBackup {name} to end"), BOUND, || {
+        wait_async(&format!("GroupBackup {name} to end"), bound, || {
             let api = api.clone();
             async move {
                 let b = api.get(name).await?;
@@ -5045,22 +5060,9 @@ async fn a_controller_started_over_a_thousand_backups_reconciles_every_group_and
              spec: {{group: g0}}"
         ))
         .await;
-    wait_async(
-        "GroupBackup fresh to end",
-        Duration::from_secs(400),
-        || async {
-            Ok(space
-                .backups()
-                .get("fresh")
-                .await?
-                .status
-                .and_then(|s| s.phase)
-                .is_some_and(BackupPhase::is_final))
-        },
-    )
-    .await
-    .unwrap();
-    let fresh = space.backups().get("fresh").await.unwrap();
+    let fresh = space
+        .finished_within("fresh", Duration::from_secs(400))
+        .await;
     let status = fresh.status.unwrap();
     assert_eq!(status.phase, Some(BackupPhase::Failed), "{status:?}");
 }
@@ -5563,12 +5565,11 @@ spec:
 async fn the_controller_as_deployed_backs_up_injected_pods_and_a_leader_cut_off_from_one_agent_fails_naming_it()
  {
     let (other, _down, admin, leader) = deployed().await;
-    let space = Space {
-        lab: other,
-        installed: Box::leak(Box::new(Installed::new().unwrap())),
-        admin: admin.clone(),
-        ns: other.namespace("deployed").await.unwrap(),
-    };
+    let space = Space::in_lab(
+        other,
+        admin.clone(),
+        other.namespace("deployed").await.unwrap(),
+    );
     let ns = space.ns.clone();
     space
         .apply(&format!(
@@ -7013,12 +7014,7 @@ async fn scraped(prometheus: &stillpoint_tests::harness::prometheus::Prometheus,
 async fn the_chart_installs_a_controller_that_backs_up_and_prometheus_alerts_on_its_failures_and_fills_every_panel()
  {
     let (other, _down, admin, ns) = installed_by_helm().await;
-    let space = Space {
-        lab: other,
-        installed: Box::leak(Box::new(Installed::new().unwrap())),
-        admin: admin.clone(),
-        ns: ns.clone(),
-    };
+    let space = Space::in_lab(other, admin.clone(), ns.clone());
     // Injected Redis: a primary and its replica in group shop, a third
     // alone in group tight, whose freeze budget no backup can keep.
     space
