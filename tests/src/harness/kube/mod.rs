@@ -39,6 +39,7 @@ pub mod dns;
 pub mod gate;
 pub mod net;
 pub mod runner;
+pub mod shop;
 pub mod stillpoint;
 
 /// The lab's node: every pod runs here.
