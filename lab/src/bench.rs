@@ -15,6 +15,10 @@
 //! 5. **Flush cost.** A Redis primary with RDB persistence only (the flush
 //!    saves while writes are paused) and with AOF, at 10k and 1M keys: the
 //!    flush and the single member's freeze-to-thaw time.
+//! 6. **Kubernetes** (`--parts kube`, not run by default: it starts the
+//!    Kubernetes lab, whose first build takes minutes). The window in a
+//!    cluster and where it goes: the `kube_window` bench of the test suite
+//!    (`tests/benches/kube_window.rs`), run through cargo from a checkout.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -41,6 +45,8 @@ pub struct Options {
     pub channels: usize,
     pub pgbench_seconds: u64,
     pub parts: Vec<Part>,
+    /// Backups per arm of the Kubernetes part.
+    pub kube_runs: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -50,6 +56,7 @@ pub enum Part {
     Stall,
     Memory,
     Flush,
+    Kube,
 }
 
 /// Median, p99 and max of samples in µs.
@@ -149,6 +156,7 @@ impl Part {
             Part::Stall => "stall",
             Part::Memory => "memory",
             Part::Flush => "flush",
+            Part::Kube => "kube",
         }
     }
 }
@@ -998,7 +1006,65 @@ pub async fn run(options: &Options, agent: &Path, controller: &Path, say: impl F
         let r = flush(agent, options.runs, &mut report).await;
         report.outcome(Part::Flush, r);
     }
+    if wants(Part::Kube) {
+        say(&format!(
+            "6. Kubernetes: the window in the lab, {} backups per arm",
+            options.kube_runs
+        ));
+        let r = kube(options.kube_runs, &mut report).await;
+        report.outcome(Part::Kube, r);
+    }
     report
+}
+
+/// Part 6: runs the test suite's `kube_window` bench through cargo (the
+/// lab is part of the test harness, built from a checkout) and takes its
+/// tables and JSON.
+async fn kube(runs: usize, report: &mut Report) -> Result<()> {
+    let cargo = std::env::var("CARGO").context(
+        "the Kubernetes part runs from a checkout: `cargo run --release -p stillpoint-lab -- bench --parts kube`",
+    )?;
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let json_path =
+        std::env::temp_dir().join(format!("stillpoint-kube-{}.json", std::process::id()));
+    let out = tokio::process::Command::new(cargo)
+        .args([
+            "bench",
+            "-q",
+            "-p",
+            "stillpoint-tests",
+            "--bench",
+            "kube_window",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .env("STILLPOINT_BENCH_RUNS", runs.to_string())
+        .env("STILLPOINT_BENCH_JSON", &json_path)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .context("running the kube_window bench")?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let json: Value = std::fs::read(&json_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
+    let _ = std::fs::remove_file(&json_path);
+    if !out.status.success() || json.is_null() {
+        bail!(
+            "the kube_window bench failed ({}): {}",
+            out.status,
+            text.trim()
+        );
+    }
+    let failed = json["failed"].as_array().is_some_and(|f| !f.is_empty());
+    report.sections.push(("6. Kubernetes".into(), text));
+    report.json.insert("kube".into(), json);
+    if failed {
+        bail!("some arms of the Kubernetes part failed (see its table)");
+    }
+    Ok(())
 }
 
 /// Parts 2 and 4, on one fleet of noop agents.

@@ -651,6 +651,7 @@ impl<'a, 'g> Run<'a, 'g> {
         if let Some(recorder) = self.recorder.take() {
             recorder.stop().await;
         }
+        self.timeline.origin_unix_us = Some(self.clock.origin_unix_us());
         manifest.freeze_window_us = self.timeline.compute_window();
         if let Some(us) = manifest.freeze_window_us {
             let group = Metrics::group(self.group.namespace.as_deref(), &self.group.name);
@@ -1206,6 +1207,12 @@ impl<'a, 'g> Run<'a, 'g> {
         let mut marks = Vec::new();
         let cutting = async {
             for batch in batches.iter().filter(|b| !b.is_empty()) {
+                let requested = clock.now_us();
+                marks.extend(
+                    batch
+                        .iter()
+                        .map(|v| (v.member.clone(), "cut_requested", requested)),
+                );
                 if let Err(e) = snapshotter.cut(id, batch, made).await {
                     self.metrics.snapshot_failure(
                         self.group.namespace.as_deref(),
@@ -1221,14 +1228,15 @@ impl<'a, 'g> Run<'a, 'g> {
                     ));
                 }
                 let at = clock.now_us();
-                marks.extend(batch.iter().map(|v| (v.member.clone(), at)));
+                marks.extend(batch.iter().map(|v| (v.member.clone(), "cut", at)));
             }
             Ok(())
         };
         let result = tokio::time::timeout(bound, cutting).await;
-        // Each member's cut is when its batch was done.
-        for (member, at) in marks {
-            self.timeline.mark(&member, "cut", at);
+        // Each member's cut was requested with its batch and is when its
+        // batch was done.
+        for (member, phase, at) in marks {
+            self.timeline.mark(&member, phase, at);
         }
         result.map_err(|_| Problems::from(over))??;
         let end = self.clock.now_us();

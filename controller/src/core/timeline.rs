@@ -15,6 +15,7 @@ pub const PHASES: &[&str] = &[
     "aligned",
     "flush_requested",
     "flushed",
+    "cut_requested",
     "cut",
     "thaw_requested",
     "thawed",
@@ -27,18 +28,25 @@ pub struct Timeline {
     /// Start and end of the freeze window, µs since the start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<(u64, u64)>,
+    /// The start, in µs since the Unix epoch (wall clock): what lines the
+    /// phases up with other records, the storage's and the cluster's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin_unix_us: Option<u64>,
 }
 
 /// Records phases against one monotonic start.
 #[derive(Debug, Clone)]
 pub struct Clock {
     start: Instant,
+    /// The wall clock at `start`.
+    wall: std::time::SystemTime,
 }
 
 impl Default for Clock {
     fn default() -> Self {
         Clock {
             start: Instant::now(),
+            wall: std::time::SystemTime::now(),
         }
     }
 }
@@ -46,6 +54,13 @@ impl Default for Clock {
 impl Clock {
     pub fn now_us(&self) -> u64 {
         self.start.elapsed().as_micros() as u64
+    }
+
+    /// The start, in µs since the Unix epoch.
+    pub fn origin_unix_us(&self) -> u64 {
+        self.wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
     }
 }
 

@@ -360,9 +360,12 @@ pub struct GroupBackupStatus {
     /// Its GroupBackupContent (cluster-scoped), once it succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
-    /// Each member's phases, µs from the backup's start.
+    /// Each member's phases, µs from `timelineStart`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub timeline: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The instant the timeline counts from (the protocol's start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline_start: Option<MicroTime>,
     /// At most 64 (the first ones; condition `Truncated` says how many more
     /// there were).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, OwnerReference, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -301,6 +301,11 @@ pub fn apply_manifest(status: &mut GroupBackupStatus, manifest: &Manifest) {
     status.warnings = manifest.warnings.clone();
     status.error = manifest.error.clone();
     status.timeline = manifest.timeline.members.clone();
+    status.timeline_start = manifest
+        .timeline
+        .origin_unix_us
+        .and_then(|us| k8s_openapi::jiff::Timestamp::from_microsecond(us as i64).ok())
+        .map(MicroTime);
     status.members = manifest
         .members
         .iter()
@@ -523,6 +528,10 @@ pub fn manifest_of(b: &GroupBackup) -> Manifest {
         timeline: Timeline {
             members: s.timeline.clone(),
             window: None,
+            origin_unix_us: s
+                .timeline_start
+                .as_ref()
+                .map(|t| t.0.as_microsecond() as u64),
         },
         warnings: s.warnings.clone(),
     }

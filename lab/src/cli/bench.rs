@@ -22,7 +22,11 @@ pub struct BenchArgs {
     /// Length of each pgbench run.
     #[arg(long, default_value_t = 20)]
     pub pgbench_seconds: u64,
-    /// Which parts to run.
+    /// Backups per arm of the Kubernetes part (`kube`).
+    #[arg(long, default_value_t = 10)]
+    pub kube_runs: usize,
+    /// Which parts to run (`kube` is not run unless named: it starts the
+    /// Kubernetes lab).
     #[arg(
         long,
         value_enum,
@@ -92,6 +96,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         channels: args.channels,
         pgbench_seconds: args.pgbench_seconds.max(1),
         parts: args.parts.clone(),
+        kube_runs: args.kube_runs.max(1),
     };
     let report = stillpoint_controller::cli::runtime()?.block_on(async {
         tokio::select! {

@@ -20,6 +20,10 @@
 //! volume waits `thenAfterMs` before it is cut. Users' storage cuts a
 //! group's volumes in every order; this makes the bad one deterministic.
 //!
+//! Every CreateSnapshot and CreateVolumeGroupSnapshot is logged with when
+//! it was called and when it returned ([`CsiDriver::calls`]): the
+//! benchmarks break a cut's time down with it.
+//!
 //! Storage that fails and then succeeds: with `failFirst: "N"`, the first
 //! N requests for each snapshot (or group snapshot) fail with UNAVAILABLE;
 //! the sidecars report the error in the objects' `status.error` and retry.
@@ -77,6 +81,39 @@ struct Store {
     lock: Mutex<()>,
     /// Requests so far per snapshot name (for `failFirst`).
     attempts: Mutex<BTreeMap<String, u32>>,
+    /// Every create call so far.
+    calls: Mutex<Vec<Call>>,
+}
+
+/// One create call of the driver, as the sidecar made it.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// `CreateSnapshot` or `CreateVolumeGroupSnapshot`.
+    pub method: &'static str,
+    /// The request's name: the sidecar's `snapshot-<VolumeSnapshot uid>`
+    /// or `groupsnapshot-<VolumeGroupSnapshot uid>`.
+    pub name: String,
+    pub called: std::time::SystemTime,
+    pub returned: std::time::SystemTime,
+    pub ok: bool,
+}
+
+impl Store {
+    fn log<T>(
+        &self,
+        method: &'static str,
+        name: String,
+        called: std::time::SystemTime,
+        result: &Result<T, Status>,
+    ) {
+        self.calls.lock().unwrap().push(Call {
+            method,
+            name,
+            called,
+            returned: std::time::SystemTime::now(),
+            ok: result.is_ok(),
+        });
+    }
 }
 
 fn now() -> (i64, i32) {
@@ -433,8 +470,9 @@ impl pb::controller_server::Controller for Driver {
         &self,
         request: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
+        let (called, name) = (std::time::SystemTime::now(), request.get_ref().name.clone());
         let store = self.0.clone();
-        tokio::task::spawn_blocking(
+        let result = tokio::task::spawn_blocking(
             move || -> Result<Response<pb::CreateSnapshotResponse>, Status> {
                 let store = &*store;
                 let r = request.into_inner();
@@ -480,7 +518,10 @@ impl pb::controller_server::Controller for Driver {
             },
         )
         .await
-        .map_err(internal)?
+        .map_err(internal)
+        .and_then(|r| r);
+        self.0.log("CreateSnapshot", name, called, &result);
+        result
     }
 
     async fn delete_snapshot(
@@ -563,8 +604,9 @@ impl pb::group_controller_server::GroupController for Driver {
         &self,
         request: Request<pb::CreateVolumeGroupSnapshotRequest>,
     ) -> Result<Response<pb::CreateVolumeGroupSnapshotResponse>, Status> {
+        let (called, name) = (std::time::SystemTime::now(), request.get_ref().name.clone());
         let store = self.0.clone();
-        tokio::task::spawn_blocking(
+        let result = tokio::task::spawn_blocking(
             move || -> Result<Response<pb::CreateVolumeGroupSnapshotResponse>, Status> {
                 let store = &*store;
                 let r = request.into_inner();
@@ -612,7 +654,11 @@ impl pb::group_controller_server::GroupController for Driver {
             },
         )
         .await
-        .map_err(internal)?
+        .map_err(internal)
+        .and_then(|r| r);
+        self.0
+            .log("CreateVolumeGroupSnapshot", name, called, &result);
+        result
     }
 
     async fn delete_volume_group_snapshot(
@@ -684,6 +730,7 @@ fn group_pb(store: &Store, id: &str, meta: &GroupMeta) -> pb::VolumeGroupSnapsho
 pub struct CsiDriver {
     pub socket: PathBuf,
     pub root: PathBuf,
+    store: std::sync::Arc<Store>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -709,8 +756,9 @@ impl CsiDriver {
             btrfs: crate::harness::is_btrfs(root),
             lock: Mutex::new(()),
             attempts: Mutex::default(),
+            calls: Mutex::default(),
         });
-        let driver = Driver(store);
+        let driver = Driver(store.clone());
         let task = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .add_service(pb::identity_server::IdentityServer::new(driver.clone()))
@@ -727,6 +775,7 @@ impl CsiDriver {
         Ok(CsiDriver {
             socket,
             root: root.to_path_buf(),
+            store,
             task,
         })
     }
@@ -734,6 +783,11 @@ impl CsiDriver {
     /// Where a volume's files are (the pod runner bind-mounts this).
     pub fn volume_path(&self, volume_id: &str) -> PathBuf {
         self.root.join("volumes").join(volume_id)
+    }
+
+    /// Every create call so far, in the order they returned.
+    pub fn calls(&self) -> Vec<Call> {
+        self.store.calls.lock().unwrap().clone()
     }
 
     /// Where a snapshot's files are.

@@ -51,7 +51,11 @@ impl Space {
     }
 
     pub async fn new(prefix: &str) -> Space {
-        let lab = lab();
+        Self::with_lab(lab(), prefix).await
+    }
+
+    /// A namespace of `lab`, with `deploy/` installed in it once.
+    pub async fn with_lab(lab: &'static KubeLab, prefix: &str) -> Space {
         let installed = stillpoint::install(lab).await.unwrap();
         let admin = lab.admin().await.unwrap();
         let ns = lab.namespace(prefix).await.unwrap();
