@@ -1311,6 +1311,26 @@ impl<'a, 'g> Run<'a, 'g> {
         errors
     }
 
+    /// Copies the WAL up to the backup stop of the members `which`
+    /// selects into the cut, every volume at once.
+    async fn copy_wal(&self, which: &(dyn Fn(&Member<'_>) -> bool + Sync)) -> Vec<Problem> {
+        let made = self.made.handles();
+        let (snapshotter, into) = (&self.snapshotter, &self.made);
+        let copies = self.members.iter().filter(|m| which(m)).flat_map(|m| {
+            let name = &m.config.name;
+            made.iter()
+                .filter(move |h| &h.member == name)
+                .map(move |h| async move {
+                    let copied = snapshotter.refresh(h, "pg_wal", into).await;
+                    copied.err().map(|e| {
+                        let message = format!("member {name}: copying the WAL: {e}");
+                        Problem::new(Phase::Thaw, ErrorKind::CutFailed, Some(name), message)
+                    })
+                })
+        });
+        join_all(copies).await.into_iter().flatten().collect()
+    }
+
     async fn thaw(&mut self) -> Result<(), Problems> {
         let mut errors = Vec::new();
         if !self.snapshotter.atomic() {
@@ -1320,19 +1340,7 @@ impl<'a, 'g> Run<'a, 'g> {
             // consistency point is the backup stop, whatever the mode.
             let backup_mode = |m: &Member<'_>| m.engine() == Engine::Postgres;
             errors.extend(self.thaw_members(true, &backup_mode).await);
-            let made = self.made.handles();
-            for m in self.members.iter().filter(|m| backup_mode(m)) {
-                for h in made.iter().filter(|h| h.member == m.config.name) {
-                    if let Err(e) = self.snapshotter.refresh(h, "pg_wal", &self.made).await {
-                        errors.push(Problem::new(
-                            Phase::Thaw,
-                            ErrorKind::CutFailed,
-                            Some(&m.config.name),
-                            format!("member {}: copying the WAL: {e}", m.config.name),
-                        ));
-                    }
-                }
-            }
+            errors.extend(self.copy_wal(&backup_mode).await);
         }
         errors.extend(self.thaw_members(true, &|_| true).await);
         if errors.is_empty() {

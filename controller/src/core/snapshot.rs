@@ -180,8 +180,9 @@ pub trait Snapshotter: Send + Sync + std::fmt::Debug {
     }
 
     /// Cuts every volume of one batch (in parallel where it can, in any
-    /// order), recording each snapshot in `made` as soon as it exists.
-    /// Returns when the cut point of every one is fixed. A backup may be
+    /// order), recording each snapshot in `made` as soon as it exists (or
+    /// in `ready`, if only the storage's controller makes it, after the
+    /// cut). Returns when the cut point of every one is fixed. A backup may be
     /// cut in several batches, one after another.
     async fn cut(
         &self,
@@ -203,8 +204,11 @@ pub trait Snapshotter: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// Waits until the snapshots are usable and records checksums.
-    async fn ready(&self, handles: &mut [SnapshotHandle]) -> Result<(), SnapshotError>;
+    /// Waits until the snapshots are usable and records checksums; adds
+    /// those a cut made that become known only after it (a group
+    /// snapshot's per-volume snapshots, made by the storage's controller
+    /// once the cut point is fixed).
+    async fn ready(&self, handles: &mut Vec<SnapshotHandle>) -> Result<(), SnapshotError>;
 
     /// Deletes snapshots (abort, `backup delete`, retention).
     async fn delete(&self, handles: &[SnapshotHandle]) -> Result<(), SnapshotError>;
@@ -240,7 +244,7 @@ impl Snapshotter for NoCut {
         Ok(())
     }
 
-    async fn ready(&self, _: &mut [SnapshotHandle]) -> Result<(), SnapshotError> {
+    async fn ready(&self, _: &mut Vec<SnapshotHandle>) -> Result<(), SnapshotError> {
         Ok(())
     }
 

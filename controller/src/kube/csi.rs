@@ -22,12 +22,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
 use futures_util::future::join_all;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
 use kube::core::GroupVersionKind;
+use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 
 use crate::core::snapshot::{Made, SnapshotError, SnapshotHandle, Snapshotter, VolumeRef};
@@ -44,7 +46,8 @@ pub const COPY_FIX: &str = "Set `fsfreeze: true` on member {member} in the Consi
 pub const ACCEPT_GAP: &str =
     "`acceptUncovered: [\"{path}\"]` on member {member} in the ConsistencyGroup";
 
-/// How often a snapshot's status is read while waiting for it.
+/// How often the snapshots a group snapshot made are listed while waiting
+/// for them, and a snapshot being deleted is read.
 const POLL: Duration = Duration::from_millis(20);
 /// How long a snapshot's `status.error` must stand before it is taken as
 /// the snapshot's failure.
@@ -118,7 +121,113 @@ fn progress(obj: &DynamicObject) -> (bool, bool, Option<String>) {
     (created, ready, error)
 }
 
-/// Waits until `check` says a snapshot is done (or failed).
+/// Where a snapshot's content is, and how it names the snapshot it is
+/// bound to: the earliest record that the storage fixed a cut.
+///
+/// The CSI spec has the driver's `CreateSnapshot` (and
+/// `CreateVolumeGroupSnapshot`) return once the snapshot is cut, with its
+/// creation time; the csi-snapshotter writes that into the content's
+/// `status.creationTime` as soon as the call returns, and the snapshot
+/// controller copies it to the snapshot's status only after it has seen
+/// that update. A dynamically provisioned content is named by the
+/// external-snapshotter's convention (`snapcontent-<uid>`,
+/// `groupsnapcontent-<uid>`) and bound to its snapshot's uid; a content
+/// that is not (or a cluster that names contents otherwise) only means the
+/// snapshot's own `creationTime` is waited for.
+#[derive(Clone)]
+struct ContentOf {
+    api: Api<DynamicObject>,
+    name: String,
+    /// The spec field naming the snapshot (`volumeSnapshotRef`, …).
+    reference: &'static str,
+    uid: String,
+}
+
+impl ContentOf {
+    fn snapshot(client: &kube::Client, uid: &str) -> ContentOf {
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent"),
+            "volumesnapshotcontents",
+        );
+        ContentOf {
+            api: Api::all_with(client.clone(), &resource),
+            name: format!("snapcontent-{uid}"),
+            reference: "volumeSnapshotRef",
+            uid: uid.to_string(),
+        }
+    }
+
+    fn group(client: &kube::Client, groups: &ApiResource, uid: &str) -> ContentOf {
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(&groups.group, &groups.version, "VolumeGroupSnapshotContent"),
+            "volumegroupsnapshotcontents",
+        );
+        ContentOf {
+            api: Api::all_with(client.clone(), &resource),
+            name: format!("groupsnapcontent-{uid}"),
+            reference: "volumeGroupSnapshotRef",
+            uid: uid.to_string(),
+        }
+    }
+
+    /// Whether `content` is this one and records the cut (its
+    /// `creationTime`: nanoseconds on a VolumeSnapshotContent, a timestamp
+    /// on a VolumeGroupSnapshotContent).
+    fn cut(&self, content: &DynamicObject) -> bool {
+        records_cut(content, self.reference, &self.uid)
+    }
+}
+
+/// Whether `content` is bound (by `reference`) to the snapshot of `uid`
+/// and has its `creationTime`.
+fn records_cut(content: &DynamicObject, reference: &str, uid: &str) -> bool {
+    content.data["spec"][reference]["uid"].as_str() == Some(uid)
+        && !content.data["status"]["creationTime"].is_null()
+}
+
+/// What a watched snapshot told.
+enum Seen {
+    Done,
+    Failing(String),
+    Progressing,
+    Gone,
+    /// The watch itself failed (it is retried): why.
+    Unwatched(String),
+}
+
+/// One object's states, by name, through a watch (re-listed and resumed by
+/// the watcher, with its backoff, on errors): `Ok(None)` once it is gone
+/// (or was not there when listed), `Err` when the watch failed.
+fn watch_one(
+    api: Api<DynamicObject>,
+    name: &str,
+) -> impl futures_util::Stream<Item = Result<Option<DynamicObject>, String>> + Send + use<> {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut listed = false;
+    watcher(api, config)
+        .default_backoff()
+        .filter_map(move |event| {
+            let item = match event {
+                Ok(watcher::Event::Init) => {
+                    listed = false;
+                    None
+                }
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                    listed = true;
+                    Some(Ok(Some(o)))
+                }
+                Ok(watcher::Event::InitDone) => (!listed).then_some(Ok(None)),
+                Ok(watcher::Event::Delete(_)) => Some(Ok(None)),
+                Err(e) => Some(Err(e.to_string())),
+            };
+            std::future::ready(item)
+        })
+}
+
+/// Waits (through watches, never polls) until `done` says snapshot `name`
+/// is done, or, given `content`, until its content records the cut,
+/// whichever is first. Its `status.error` fails it once it has stood for
+/// [`ERROR_GRACE`].
 async fn wait_for(
     driver: &'static str,
     api: &Api<DynamicObject>,
@@ -126,42 +235,57 @@ async fn wait_for(
     what: &str,
     bound: Duration,
     done: fn(&DynamicObject) -> bool,
-) -> Result<DynamicObject, SnapshotError> {
+    content: Option<ContentOf>,
+) -> Result<(), SnapshotError> {
+    let snapshot = watch_one(api.clone(), name).map(move |o| match o {
+        Err(e) => Seen::Unwatched(e),
+        Ok(None) => Seen::Gone,
+        Ok(Some(o)) if done(&o) => Seen::Done,
+        Ok(Some(o)) => progress(&o).2.map_or(Seen::Progressing, Seen::Failing),
+    });
+    let content = match content {
+        Some(c) => watch_one(c.api.clone(), &c.name)
+            .filter_map(move |o| {
+                let cut = o.is_ok_and(|o| o.is_some_and(|o| c.cut(&o)));
+                std::future::ready(cut.then_some(Seen::Done))
+            })
+            .boxed(),
+        None => futures_util::stream::pending().boxed(),
+    };
+    let mut events = futures_util::stream::select(snapshot.boxed(), content);
     let deadline = tokio::time::Instant::now() + bound;
     let mut failing: Option<(tokio::time::Instant, String)> = None;
+    let mut unwatched: Option<String> = None;
     loop {
-        match api.get_opt(name).await {
-            Ok(Some(obj)) => {
-                if done(&obj) {
-                    return Ok(obj);
-                }
-                match progress(&obj).2 {
-                    Some(e) => {
-                        let since =
-                            failing.get_or_insert_with(|| (tokio::time::Instant::now(), e.clone()));
-                        since.1 = e;
-                        if since.0.elapsed() >= ERROR_GRACE {
-                            return Err(err(driver, format!("{name}: {}", since.1)));
-                        }
-                    }
-                    None => failing = None,
-                }
+        let grace = failing.as_ref().map(|(since, _)| *since + ERROR_GRACE);
+        let seen = tokio::select! {
+            seen = events.next() => seen.unwrap_or(Seen::Gone),
+            _ = tokio::time::sleep_until(grace.unwrap_or(deadline).min(deadline)) => {
+                let standing = grace.is_some_and(|g| g <= deadline);
+                return Err(match failing {
+                    Some((_, e)) if standing => err(driver, format!("{name}: {e}")),
+                    failing => err(driver, format!(
+                        "{name}: no {what} within {} s{}{}",
+                        bound.as_secs(),
+                        failing.map(|(_, e)| format!("; its last error: {e}")).unwrap_or_default(),
+                        unwatched.map(|e| format!("; watching it failed: {e}")).unwrap_or_default(),
+                    )),
+                });
             }
-            Ok(None) => return Err(err(driver, format!("{name} disappeared before {what}"))),
-            Err(e) => tracing::debug!("reading {name}: {e}"),
+        };
+        match seen {
+            Seen::Done => return Ok(()),
+            Seen::Gone => return Err(err(driver, format!("{name} disappeared before {what}"))),
+            Seen::Failing(e) => {
+                let since = failing.map_or_else(tokio::time::Instant::now, |(since, _)| since);
+                failing = Some((since, e));
+            }
+            Seen::Progressing => failing = None,
+            Seen::Unwatched(e) => {
+                tracing::debug!("watching {name}: {e}");
+                unwatched = Some(e);
+            }
         }
-        if tokio::time::Instant::now() >= deadline {
-            let last = failing.map(|(_, e)| format!("; its last error: {e}"));
-            return Err(err(
-                driver,
-                format!(
-                    "{name}: no {what} within {} s{}",
-                    bound.as_secs(),
-                    last.unwrap_or_default()
-                ),
-            ));
-        }
-        tokio::time::sleep(POLL).await;
     }
 }
 
@@ -202,7 +326,8 @@ impl Csi {
         )
     }
 
-    async fn create(&self, name: &str, claim: &str) -> Result<(), SnapshotError> {
+    /// Creates VolumeSnapshot `name` of `claim`; returns its uid.
+    async fn create(&self, name: &str, claim: &str) -> Result<String, SnapshotError> {
         let mut spec = json!({ "source": { "persistentVolumeClaimName": claim } });
         if let Some(class) = &self.class {
             spec["volumeSnapshotClassName"] = json!(class);
@@ -219,8 +344,23 @@ impl Csi {
             "csi",
             &what,
         )
-        .await?;
-        Ok(())
+        .await
+    }
+
+    /// Waits until snapshot `name` (of `uid`) is cut.
+    async fn cut_of(&self, name: &str, uid: &str) -> Result<(), SnapshotError> {
+        let content = ContentOf::snapshot(&self.client, uid);
+        let created = |o: &DynamicObject| progress(o).0;
+        wait_for(
+            "csi",
+            &self.api(),
+            name,
+            "creationTime",
+            READY_TIMEOUT,
+            created,
+            Some(content),
+        )
+        .await
     }
 }
 
@@ -256,23 +396,14 @@ impl Snapshotter for Csi {
                 )
             })?;
             let name = snapshot_name(backup_id, claim);
-            self.create(&name, claim).await?;
+            let uid = self.create(&name, claim).await?;
             made.record(SnapshotHandle::new(
                 backup_id,
                 v.clone(),
                 name.clone(),
                 "csi",
             ));
-            wait_for(
-                "csi",
-                &self.api(),
-                &name,
-                "creationTime",
-                READY_TIMEOUT,
-                |o| progress(o).0,
-            )
-            .await?;
-            Ok::<_, SnapshotError>(())
+            self.cut_of(&name, &uid).await
         }))
         .await;
         let errors: Vec<String> = results
@@ -298,32 +429,30 @@ impl Snapshotter for Csi {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
             .collect();
         let name = snapshot_name(&handle.handle, &suffix);
-        self.create(&name, &claim).await?;
+        let uid = self.create(&name, &claim).await?;
         let mut part = handle.clone();
         part.handle = name.clone();
         part.volume = handle.volume.join(relative);
         part.part = Some(relative.to_string());
         made.record(part);
-        wait_for(
-            "csi",
-            &self.api(),
-            &name,
-            "creationTime",
-            READY_TIMEOUT,
-            |o| progress(o).0,
-        )
-        .await?;
-        Ok(())
+        self.cut_of(&name, &uid).await
     }
 
-    async fn ready(&self, handles: &mut [SnapshotHandle]) -> Result<(), SnapshotError> {
+    async fn ready(&self, handles: &mut Vec<SnapshotHandle>) -> Result<(), SnapshotError> {
         let api = self.api();
         let results = join_all(handles.iter().map(|h| {
             let api = api.clone();
             async move {
-                wait_for("csi", &api, &h.handle, "readyToUse", READY_TIMEOUT, |o| {
-                    progress(o).1
-                })
+                let ready = |o: &DynamicObject| progress(o).1;
+                wait_for(
+                    "csi",
+                    &api,
+                    &h.handle,
+                    "readyToUse",
+                    READY_TIMEOUT,
+                    ready,
+                    None,
+                )
                 .await
             }
         }))
@@ -367,7 +496,7 @@ async fn create_labelled(
     spec: Value,
     driver: &'static str,
     what: &str,
-) -> Result<(), SnapshotError> {
+) -> Result<String, SnapshotError> {
     let obj: DynamicObject = serde_json::from_value(json!({
         "apiVersion": api_version,
         "kind": kind,
@@ -375,10 +504,11 @@ async fn create_labelled(
         "spec": spec,
     }))
     .expect("a snapshot object");
-    api.create(&PostParams::default(), &obj)
+    let made = api
+        .create(&PostParams::default(), &obj)
         .await
         .map_err(|e| err(driver, format!("creating {what}: {e}")))?;
-    Ok(())
+    Ok(made.metadata.uid.unwrap_or_default())
 }
 
 /// Deletes snapshots by name; those already gone are fine. A snapshot
@@ -449,6 +579,8 @@ pub struct CsiGroup {
     class: Option<String>,
     atomic: bool,
     resource: ApiResource,
+    /// Cuts whose per-PVC VolumeSnapshots are still to be recorded.
+    later: std::sync::Arc<std::sync::Mutex<Vec<Cut>>>,
 }
 
 impl std::fmt::Debug for CsiGroup {
@@ -477,6 +609,7 @@ impl CsiGroup {
             class,
             atomic,
             resource,
+            later: Default::default(),
         })
     }
 
@@ -521,6 +654,87 @@ impl CsiGroup {
             .items
             .into_iter()
             .filter_map(|g| g.metadata.name)
+            .collect())
+    }
+}
+
+/// One batch of a group snapshot: its VolumeGroupSnapshot and volumes.
+#[derive(Debug, Clone)]
+struct Cut {
+    backup_id: String,
+    name: String,
+    uid: String,
+    volumes: Vec<VolumeRef>,
+}
+
+impl CsiGroup {
+    /// Waits for the VolumeSnapshots the group snapshot of `cut` owns, one
+    /// per PVC, and returns their handles.
+    async fn members_of(&self, cut: &Cut) -> Result<Vec<SnapshotHandle>, SnapshotError> {
+        let by_claim: BTreeMap<&str, &VolumeRef> = cut
+            .volumes
+            .iter()
+            .filter_map(|v| v.claim.as_deref().map(|c| (c, v)))
+            .collect();
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let owned = self.owned_by(&cut.uid).await?;
+            if owned.len() >= by_claim.len() {
+                return Ok(owned
+                    .into_iter()
+                    .filter_map(|(claim, snapshot)| {
+                        let v = by_claim.get(claim.as_str())?;
+                        let driver = "csi-group";
+                        Some(SnapshotHandle::new(
+                            &cut.backup_id,
+                            (*v).clone(),
+                            snapshot,
+                            driver,
+                        ))
+                    })
+                    .collect());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(err(
+                    "csi-group",
+                    format!(
+                        "VolumeGroupSnapshot {} has {} of its {} VolumeSnapshots",
+                        cut.name,
+                        owned.len(),
+                        by_claim.len()
+                    ),
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The (PVC, VolumeSnapshot) pairs the group snapshot of `uid` owns.
+    async fn owned_by(&self, uid: &str) -> Result<Vec<(String, String)>, SnapshotError> {
+        let list = self
+            .snapshots()
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| {
+                err(
+                    "csi-group",
+                    format!("listing the group's VolumeSnapshots: {e}"),
+                )
+            })?;
+        Ok(list
+            .items
+            .iter()
+            .filter(|s| {
+                s.metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.uid == uid)
+            })
+            .filter_map(|s| {
+                let claim = s.data["spec"]["source"]["persistentVolumeClaimName"].as_str()?;
+                Some((claim.to_string(), s.metadata.name.clone()?))
+            })
             .collect())
     }
 }
@@ -578,7 +792,7 @@ impl Snapshotter for CsiGroup {
         }
         let what = format!("VolumeGroupSnapshot {name}");
         let api_version = &self.resource.api_version;
-        create_labelled(
+        let uid = create_labelled(
             &self.groups(),
             api_version,
             "VolumeGroupSnapshot",
@@ -589,73 +803,36 @@ impl Snapshotter for CsiGroup {
             &what,
         )
         .await?;
-        let group = wait_for(
+        let content = ContentOf::group(&self.client, &self.resource, &uid);
+        wait_for(
             "csi-group",
             &self.groups(),
             &name,
             "creationTime",
             READY_TIMEOUT,
             |o| progress(o).0,
+            Some(content),
         )
         .await?;
-        let uid = group.metadata.uid.clone().unwrap_or_default();
-        // Its members: the VolumeSnapshots it owns, one per PVC.
-        let by_claim: BTreeMap<&str, &VolumeRef> = volumes
-            .iter()
-            .filter_map(|v| v.claim.as_deref().map(|c| (c, v)))
-            .collect();
-        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-        loop {
-            let list = self
-                .snapshots()
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| {
-                    err(
-                        "csi-group",
-                        format!("listing the group's VolumeSnapshots: {e}"),
-                    )
-                })?;
-            let owned: Vec<(String, String)> = list
-                .items
-                .iter()
-                .filter(|s| {
-                    s.metadata
-                        .owner_references
-                        .iter()
-                        .flatten()
-                        .any(|o| o.uid == uid)
-                })
-                .filter_map(|s| {
-                    let claim = s.data["spec"]["source"]["persistentVolumeClaimName"].as_str()?;
-                    Some((claim.to_string(), s.metadata.name.clone()?))
-                })
-                .collect();
-            if owned.len() >= by_claim.len() {
-                for (claim, snapshot) in owned {
-                    if let Some(v) = by_claim.get(claim.as_str()) {
-                        made.record(SnapshotHandle::new(
-                            backup_id,
-                            (*v).clone(),
-                            snapshot,
-                            "csi-group",
-                        ));
-                    }
-                }
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(err(
-                    "csi-group",
-                    format!(
-                        "VolumeGroupSnapshot {name} has {} of its {} VolumeSnapshots",
-                        owned.len(),
-                        by_claim.len()
-                    ),
-                ));
-            }
-            tokio::time::sleep(POLL).await;
+        let cut = Cut {
+            backup_id: backup_id.to_string(),
+            name,
+            uid,
+            volumes: volumes.to_vec(),
+        };
+        // The cut point is fixed. Its per-PVC VolumeSnapshots, which the
+        // snapshot controller makes afterwards, are waited for now only if
+        // a refresh during the thaw needs them (a class that copies);
+        // otherwise after the thaw, in `ready`.
+        match self.atomic {
+            true => self.later.lock().unwrap().push(cut),
+            false => self
+                .members_of(&cut)
+                .await?
+                .into_iter()
+                .for_each(|h| made.record(h)),
         }
+        Ok(())
     }
 
     async fn refresh(
@@ -669,7 +846,11 @@ impl Snapshotter for CsiGroup {
             .await
     }
 
-    async fn ready(&self, handles: &mut [SnapshotHandle]) -> Result<(), SnapshotError> {
+    async fn ready(&self, handles: &mut Vec<SnapshotHandle>) -> Result<(), SnapshotError> {
+        let later = std::mem::take(&mut *self.later.lock().unwrap());
+        for cut in &later {
+            handles.extend(self.members_of(cut).await?);
+        }
         for name in self.backup_groups().await? {
             wait_for(
                 "csi-group",
@@ -678,6 +859,7 @@ impl Snapshotter for CsiGroup {
                 "readyToUse",
                 READY_TIMEOUT,
                 |o| progress(o).1,
+                None,
             )
             .await?;
         }
@@ -690,6 +872,7 @@ impl Snapshotter for CsiGroup {
                 "readyToUse",
                 READY_TIMEOUT,
                 |o| progress(o).1,
+                None,
             )
             .await?;
         }
@@ -715,5 +898,45 @@ impl Snapshotter for CsiGroup {
     async fn delete_backup(&self, _backup_id: &str) -> Result<(), SnapshotError> {
         delete_labelled("csi-group", &self.groups(), &self.owner.uid).await?;
         delete_labelled("csi-group", &self.snapshots(), &self.owner.uid).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn content(reference: &str, uid: &str, status: Value) -> DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "snapshot.storage.k8s.io/v1",
+            "kind": "VolumeSnapshotContent",
+            "metadata": { "name": format!("snapcontent-{uid}") },
+            "spec": { reference: { "uid": uid } },
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_content_records_the_cut_once_it_has_a_creation_time_in_either_form() {
+        let vsc = "volumeSnapshotRef";
+        // A VolumeSnapshotContent's is nanoseconds; a group content's a time.
+        let nanos = content(
+            vsc,
+            "u1",
+            json!({ "creationTime": 1_765_000_000_123_456_789_i64 }),
+        );
+        assert!(records_cut(&nanos, vsc, "u1"));
+        let group = "volumeGroupSnapshotRef";
+        let time = content(
+            group,
+            "g1",
+            json!({ "creationTime": "2026-12-07T05:00:00Z" }),
+        );
+        assert!(records_cut(&time, group, "g1"));
+        // Not cut yet, or another snapshot's.
+        let pending = content(vsc, "u1", json!({ "readyToUse": false }));
+        assert!(!records_cut(&pending, vsc, "u1"));
+        assert!(!records_cut(&nanos, vsc, "u2"));
+        assert!(!records_cut(&nanos, group, "u1"));
     }
 }

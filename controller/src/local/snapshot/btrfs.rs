@@ -82,7 +82,7 @@ impl Snapshotter for Btrfs {
         .await
     }
 
-    async fn ready(&self, _handles: &mut [SnapshotHandle]) -> Result<(), SnapshotError> {
+    async fn ready(&self, _handles: &mut Vec<SnapshotHandle>) -> Result<(), SnapshotError> {
         Ok(())
     }
 

@@ -158,7 +158,7 @@ impl Snapshotter for Copy {
         copy_live(from, to).await.map_err(error)
     }
 
-    async fn ready(&self, handles: &mut [SnapshotHandle]) -> Result<(), SnapshotError> {
+    async fn ready(&self, handles: &mut Vec<SnapshotHandle>) -> Result<(), SnapshotError> {
         for h in handles.iter_mut() {
             let root = PathBuf::from(&h.handle);
             let sum = tokio::task::spawn_blocking(move || checksum(&root))

@@ -96,7 +96,7 @@ impl Snapshotter for Exec {
         .await
     }
 
-    async fn ready(&self, _handles: &mut [SnapshotHandle]) -> Result<(), SnapshotError> {
+    async fn ready(&self, _handles: &mut Vec<SnapshotHandle>) -> Result<(), SnapshotError> {
         Ok(())
     }
 
