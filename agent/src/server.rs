@@ -283,7 +283,16 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::ThawResponse>, Status> {
         let who = peer(&request);
         let backup_id = request.into_inner().backup_id;
-        let outcome = self.holds.thaw(&backup_id, pb::ThawCause::Requested).await;
+        let mut outcome = self.holds.thaw(&backup_id, pb::ThawCause::Requested).await;
+        // Nothing is kept for a restore after a Thaw call: a backup session
+        // kept for its WAL (PostgreSQL, a cut that copies) ends too.
+        if crate::engine::postgres::release(&backup_id) {
+            outcome.known = true;
+            outcome.message = format!(
+                "{}; the backup session kept for its WAL ended (its slot dropped)",
+                outcome.message
+            );
+        }
         tracing::info!(backup_id = %backup_id, peer = %who, known = outcome.known, "{}", outcome.message);
         Ok(Response::new(pb::ThawResponse {
             known: outcome.known,

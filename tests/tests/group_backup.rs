@@ -89,6 +89,79 @@ async fn a_postgres_and_redis_group_is_cut_aligned_and_recorded() {
     let _ = std::fs::remove_dir_all(s.snapshots());
 }
 
+/// The slots of PostgreSQL backup sessions whose backup id contains `tag`.
+async fn slots_of(client: &tokio_postgres::Client, tag: &str) -> Vec<String> {
+    let rows = client
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots \
+             WHERE slot_name::text LIKE 'stillpoint%' AND strpos(slot_name::text, $1) > 0",
+            &[&tag],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+/// A backup on a copy keeps its PostgreSQL member's backup session (and
+/// the temporary slot that holds the WAL up to the backup stop) only until
+/// the backup is over, not for the agent's whole retention (300 s): a slot
+/// per backup kept that long used up `max_replication_slots` once backups
+/// came more often, and every later backup failed in prepare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_on_a_copy_release_postgresqls_wal_slot_when_over_and_never_run_out_of_slots() {
+    let pg = shared::postgres();
+    let (admin, connection) =
+        tokio_postgres::connect(&pg.primary.conninfo("postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let max: String = admin
+        .query_one("SHOW max_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut s = Setup::new();
+    let pg0 = s.agent(
+        "pg-0",
+        "postgres",
+        &[("STILLPOINT_DSN", pg.primary.conninfo("postgres"))],
+    );
+    let body = format!(
+        "snapshotter = \"copy\"\nfreeze_budget = \"20s\"\n{}",
+        member("pg-0", &pg0, "primary", None, &[&pg.primary.data]),
+    );
+    let config = s.config("g", &body);
+    let orchestrator = s.orchestrator(&config);
+    // More backups than there are slots.
+    for i in 0..max.parse::<usize>().unwrap() + 2 {
+        let id = format!("walslot-{i}");
+        let manifest = orchestrator.backup(config.group("g").unwrap(), &id).await;
+        let manifest = manifest.unwrap_or_else(|e| panic!("backup {i}: {}", e.cause));
+        assert_eq!(manifest.outcome, Outcome::Succeeded);
+        // Its WAL is in the copy; its slot goes with the backup session.
+        let handle = &manifest.members[0].snapshots[0].handle;
+        assert!(
+            std::fs::read_dir(Path::new(handle).join("pg_wal"))
+                .unwrap()
+                .count()
+                > 1
+        );
+        let tag = format!("walslot_{i}_");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !slots_of(&admin, &tag).await.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "backup {i}'s slot is still kept: {:?}",
+                slots_of(&admin, &tag).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = std::fs::remove_dir_all(handle);
+    }
+    assert!(s.agents.iter().all(|a| !is_frozen(a)));
+    let _ = std::fs::remove_dir_all(s.snapshots());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn innodb_on_the_copy_snapshotter_is_refused_before_anything_freezes() {
     let maria = shared::mariadb();

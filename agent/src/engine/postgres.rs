@@ -16,7 +16,10 @@
 //!
 //! After a thaw that ends a completed cut, the session (and so the slot)
 //! stays open for `STILLPOINT_PG_WAL_RETAIN`, so the WAL up to the stop LSN
-//! can still be copied. A hold that ends any other way (an abort, lease
+//! can still be copied, or until the controller says it has copied it (a
+//! `Thaw` of the hold already thawed: [`release`]): a slot kept the whole
+//! while by every backup would use up `max_replication_slots` when backups
+//! come more often than that. A hold that ends any other way (an abort, lease
 //! expiry, a lost stream, shutdown, a manual thaw) closes its session at
 //! once: the backup is aborted and the temporary slot dropped, so killed
 //! controllers never use up `max_replication_slots`.
@@ -40,6 +43,7 @@
 //! opened at all: the hold is the fences (mode `fence`) or nothing (mode
 //! `backup`, writes flowing), and the thaw is a `ROLLBACK`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,6 +103,35 @@ pub fn backup_statements(server_version_num: i32) -> Result<BackupStatements, St
 }
 
 /// A replication slot name for a backup id (lowercase, digits, `_`, ≤ 63).
+/// The backup sessions kept after completed thaws, by slot name, each
+/// with what ends it early. Process-wide: a kept session outlives its hold,
+/// the only owner the engine has, and a later `Thaw` call names it only by
+/// its backup id.
+static RETAINED: std::sync::LazyLock<std::sync::Mutex<HashMap<String, oneshot::Sender<()>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Keeps `session` (and its temporary slot `slot`, which holds the WAL up
+/// to the backup stop) open for `bound`, or until [`release`]d.
+fn retain(session: Session, slot: String, bound: Duration) {
+    let (release, released) = oneshot::channel();
+    RETAINED.lock().unwrap().insert(slot.clone(), release);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(bound) => {}
+            _ = released => {}
+        }
+        RETAINED.lock().unwrap().remove(&slot);
+        drop(session);
+    });
+}
+
+/// Ends the backup session kept for `backup_id`'s WAL now, dropping its
+/// slot: the controller has copied the WAL. Whether one was kept.
+pub fn release(backup_id: &str) -> bool {
+    let release = RETAINED.lock().unwrap().remove(&slot_name(backup_id));
+    release.is_some_and(|r| r.send(()).is_ok())
+}
+
 pub fn slot_name(backup_id: &str) -> String {
     let clean: String = backup_id
         .chars()
@@ -1053,13 +1086,7 @@ impl Frozen for PgHold {
         }
         a.insert("wal_slot".into(), stop.slot.clone());
         a.insert("wal_retained_ms".into(), wal_retain.as_millis().to_string());
-        // The temporary slot lives as long as this session: keep it a while
-        // so the WAL up to the stop LSN can still be copied.
-        let session = backup.session;
-        tokio::spawn(async move {
-            tokio::time::sleep(wal_retain).await;
-            drop(session);
-        });
+        retain(backup.session, stop.slot.clone(), wal_retain);
         Ok(thawed)
     }
 }

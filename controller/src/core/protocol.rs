@@ -651,6 +651,7 @@ impl<'a, 'g> Run<'a, 'g> {
         if let Some(recorder) = self.recorder.take() {
             recorder.stop().await;
         }
+        self.release_kept().await;
         self.timeline.origin_unix_us = Some(self.clock.origin_unix_us());
         manifest.freeze_window_us = self.timeline.compute_window();
         if let Some(us) = manifest.freeze_window_us {
@@ -1248,6 +1249,41 @@ impl<'a, 'g> Run<'a, 'g> {
             phases.entry("cut".into()).or_insert(end);
         }
         Ok(())
+    }
+
+    /// After a cut that copies, tells each PostgreSQL member's agent that
+    /// the backup is over (a `Thaw` of its hold, thawed already): the
+    /// backup session it kept, whose temporary slot holds the WAL up to
+    /// the backup stop, ends now rather than when the agent's own bound
+    /// (`STILLPOINT_PG_WAL_RETAIN`) runs out. The WAL is in the copy (or
+    /// not needed), and a slot kept per backup would use up
+    /// `max_replication_slots` when backups come more often than that.
+    async fn release_kept(&self) {
+        if self.snapshotter.atomic() {
+            return;
+        }
+        let bound = self.group.rpc_timeout;
+        let postgres = self
+            .members
+            .iter()
+            .filter(|m| m.engine() == Engine::Postgres);
+        join_all(postgres.map(|m| {
+            let mut client = m.client.clone();
+            let request = pb::ThawRequest {
+                backup_id: self.hold.clone(),
+            };
+            async move {
+                let released = crate::core::agents::answer(bound, "thaw", client.thaw(request));
+                if let Err(e) = released.await {
+                    let name = &m.config.name;
+                    tracing::warn!(
+                        backup_id = self.id,
+                        "member {name}: releasing the WAL kept for the cut: {e}"
+                    );
+                }
+            }
+        }))
+        .await;
     }
 
     /// Thaws the members `which` selects; `completed`: the cut is complete
