@@ -1170,15 +1170,7 @@ fn group_controller(
         .watches(
             ctx.settings.api::<Pod>(&ctx.client),
             watcher::Config::default(),
-            move |pod| {
-                let ns = pod.namespace();
-                pod_store
-                    .state()
-                    .into_iter()
-                    .filter(|g| g.namespace() == ns)
-                    .map(|g| ObjectRef::from_obj(&*g))
-                    .collect::<Vec<_>>()
-            },
+            move |pod| groups_of_pod(&pod_store.state(), &pod),
         )
         .watches(
             ctx.settings.api::<GroupBackup>(&ctx.client),
@@ -1197,6 +1189,24 @@ fn group_controller(
         .run(reconcile_group, retry, ctx.clone())
         .for_each(|_| async {});
     (store, run)
+}
+
+/// The groups a pod's change reconciles: those of its namespace that
+/// select it, or whose status has it (it was relabelled away). Otherwise
+/// every group of the namespace would reconcile, describing its agents
+/// over mTLS, at every event of any pod there.
+fn groups_of_pod(groups: &[Arc<ConsistencyGroup>], pod: &Pod) -> Vec<ObjectRef<ConsistencyGroup>> {
+    let name = pod.name_any();
+    let had = |g: &ConsistencyGroup| {
+        let members = g.status.iter().flat_map(|s| &s.members);
+        members.into_iter().any(|m| m.pod == name)
+    };
+    groups
+        .iter()
+        .filter(|g| g.namespace() == pod.namespace())
+        .filter(|g| crate::kube::resolve::group_selects(g, pod) || had(g))
+        .map(|g| ObjectRef::from_obj(&**g))
+        .collect()
 }
 
 /// Why the reconcilers' task ended while this replica led: they run until
@@ -1249,6 +1259,59 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_pods_change_reconciles_only_the_groups_of_its_namespace_that_select_it() {
+        let group = |ns: &str, name: &str, members: serde_json::Value| {
+            let g: ConsistencyGroup = serde_json::from_value(serde_json::json!({
+                "apiVersion": "stillpoint.dev/v1alpha1", "kind": "ConsistencyGroup",
+                "metadata": { "name": name, "namespace": ns },
+                "spec": { "members": members, "snapshot": { "driver": "csi" } },
+            }))
+            .unwrap();
+            Arc::new(g)
+        };
+        let by_label = |app: &str| serde_json::json!([{ "name": "m", "selector": { "matchLabels": { "app": app } } }]);
+        let groups = vec![
+            group("shop", "pg", by_label("pg")),
+            group("shop", "cache", by_label("redis")),
+            group(
+                "shop",
+                "ordinal",
+                serde_json::json!([{ "name": "m", "statefulSet": { "name": "db", "ordinal": 0 } }]),
+            ),
+            group("other", "pg", by_label("pg")),
+        ];
+        let pod = |name: &str, app: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": name, "namespace": "shop", "labels": { "app": app } },
+            }))
+            .unwrap()
+        };
+        let names = |pod: &Pod| -> Vec<String> {
+            groups_of_pod(&groups, pod)
+                .into_iter()
+                .map(|r| r.name)
+                .collect()
+        };
+        assert_eq!(names(&pod("pg-0", "pg")), ["pg"]);
+        assert_eq!(names(&pod("db-0", "other")), ["ordinal"]);
+        assert!(names(&pod("web-0", "web")).is_empty());
+        // A pod relabelled away still reconciles the group that had it.
+        let mut had = (*groups[1]).clone();
+        had.status = Some(
+            serde_json::from_value(serde_json::json!({
+                "members": [{ "name": "m", "pod": "redis-0" }],
+            }))
+            .unwrap(),
+        );
+        let groups = vec![Arc::new(had)];
+        let refs = groups_of_pod(&groups, &pod("redis-0", "gone"));
+        assert_eq!(
+            refs.into_iter().map(|r| r.name).collect::<Vec<_>>(),
+            ["cache"]
+        );
+    }
 
     /// How many of `readers` waiting at once are woken by a first list.
     async fn woken_of<F: Future<Output = ()> + Send + 'static>(

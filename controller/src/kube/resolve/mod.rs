@@ -35,7 +35,7 @@ pub(crate) use spec::freeze_budget;
 mod tests;
 mod volumes;
 
-pub use pods::{agent_port, pod_identity, workload_of};
+pub use pods::{agent_port, group_selects, pod_identity, workload_of};
 
 /// Checks a ConsistencyGroup's spec alone (its durations and members) as
 /// resolving it does first: why it is refused, if it is.

@@ -66,20 +66,31 @@ pub(super) fn matches(pod: &Pod, labels: &BTreeMap<String, String>) -> bool {
     !labels.is_empty() && labels.iter().all(|(k, v)| have.get(k) == Some(v))
 }
 
+/// Whether member `template` selects `pod` (by labels, or as its
+/// StatefulSet's pod), whatever the pod's state.
+fn selects(template: &MemberTemplate, pod: &Pod) -> bool {
+    template
+        .selector
+        .as_ref()
+        .is_some_and(|s| matches(pod, &s.match_labels))
+        || template.stateful_set.as_ref().is_some_and(|s| {
+            pod.metadata.name.as_deref() == Some(&format!("{}-{}", s.name, s.ordinal))
+        })
+}
+
+/// Whether any member of `group` selects `pod`: what a change of the pod
+/// can change the group's resolution for. (Its namespace is the caller's
+/// to check.)
+pub fn group_selects(group: &crate::kube::crd::ConsistencyGroup, pod: &Pod) -> bool {
+    group.spec.members.iter().any(|m| selects(m, pod))
+}
+
 /// The pods of a member, by name.
 pub(super) fn pods_of<'p>(template: &MemberTemplate, pods: &'p [Pod]) -> Vec<&'p Pod> {
     let mut found: Vec<&Pod> = pods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| {
-            template
-                .selector
-                .as_ref()
-                .is_some_and(|s| matches(p, &s.match_labels))
-                || template.stateful_set.as_ref().is_some_and(|s| {
-                    p.metadata.name.as_deref() == Some(&format!("{}-{}", s.name, s.ordinal))
-                })
-        })
+        .filter(|p| selects(template, p))
         .collect();
     found.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     found
