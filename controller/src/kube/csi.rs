@@ -197,12 +197,16 @@ enum Seen {
 
 /// One object's states, by name, through a watch (re-listed and resumed by
 /// the watcher, with its backoff, on errors): `Ok(None)` once it is gone
-/// (or was not there when listed), `Err` when the watch failed.
+/// (or was not there when listed), `Err` when the watch failed. Its lists
+/// are consistent reads: one served from the API server's watch cache may
+/// not hold yet an object just created, which would read as gone.
 fn watch_one(
     api: Api<DynamicObject>,
     name: &str,
 ) -> impl futures_util::Stream<Item = Result<Option<DynamicObject>, String>> + Send + use<> {
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let config = watcher::Config::default()
+        .fields(&format!("metadata.name={name}"))
+        .list_semantic(watcher::ListSemantic::MostRecent);
     let mut listed = false;
     watcher(api, config)
         .default_backoff()
