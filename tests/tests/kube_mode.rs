@@ -5929,6 +5929,30 @@ async fn all_final(space: &Space) {
 }
 
 /// VolumeSnapshots of `space` that no existing GroupBackup records.
+/// The unrecorded snapshots, each with its owners, labels and status.
+async fn dump_unrecorded(space: &Space) -> String {
+    let names = unrecorded_snapshots(space).await;
+    let api = snapshot_api(space).await;
+    let mut out = String::new();
+    for name in names {
+        if let Ok(s) = api.get(&name).await {
+            out.push_str(&format!(
+                "{name}: owners {:?}, labels {:?}, deleting {}, status {}\n",
+                s.metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .map(|o| format!("{}/{}", o.kind, o.name))
+                    .collect::<Vec<_>>(),
+                s.metadata.labels,
+                s.metadata.deletion_timestamp.is_some(),
+                s.data["status"]
+            ));
+        }
+    }
+    out
+}
+
 async fn unrecorded_snapshots(space: &Space) -> Vec<String> {
     let recorded: BTreeSet<String> = space
         .backups()
@@ -6220,7 +6244,12 @@ async fn chaos_leaves_nothing_frozen_lost_or_leaked_and_what_succeeded_restores_
         || async { Ok(unrecorded_snapshots(&space).await.is_empty()) },
     )
     .await
-    .unwrap_or_else(|e| panic!("{e}: {:?}", replicas.logs()));
+    .unwrap_or_else(|e| {
+        let left = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(dump_unrecorded(&space))
+        });
+        panic!("{e}: {left}\n{:?}", replicas.logs())
+    });
 }
 
 /// `helm` against `lab` as its admin.
