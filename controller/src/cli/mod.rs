@@ -113,8 +113,10 @@ pub enum Command {
     /// (runs `stillpoint-lab demo`; `stillpoint demo --help` for options).
     Demo(lab::LabArgs),
     /// Run the benchmark suite: freeze window against exec hooks, fan-out,
-    /// application stall under pgbench, controller memory. Prints a table
-    /// and writes JSON (runs `stillpoint-lab bench`; `--help` for options).
+    /// application stall under pgbench, controller memory, flush cost, and
+    /// (`--parts kube`, from a checkout) the window in the Kubernetes lab.
+    /// Prints tables and writes JSON (runs `stillpoint-lab bench`; `--help`
+    /// for options).
     Bench(lab::LabArgs),
     /// Print shell completions.
     Completions {
