@@ -270,6 +270,18 @@ async fn all_current(admin: &kube::Client) -> Result<usize> {
         .count())
 }
 
+/// Keeps the controller's log of a failed run in
+/// `target/bench/controller-scale-failed.log`.
+fn keep_log(controller: &ControllerProc) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/bench/controller-scale-failed.log"
+    );
+    if std::fs::write(path, controller.logs()).is_ok() {
+        eprintln!("the controller's log: {path}");
+    }
+}
+
 /// One spec change of a group until its status says it saw it (ms).
 async fn latency(admin: &kube::Client, ns: &str, group: &str, n: usize) -> Result<f64> {
     let api = Api::<ConsistencyGroup>::namespaced(admin.clone(), ns);
@@ -318,7 +330,17 @@ async fn run(lab: &'static KubeLab, sizes: Sizes) -> Result<serde_json::Value> {
         "",
         "scale-a",
         "scale-lease",
-        &["--resync", "30s", "--lease-duration", "15s"],
+        // The Lease timings as deployed (the controller's defaults).
+        &[
+            "--resync",
+            "30s",
+            "--lease-duration",
+            "15s",
+            "--renew-deadline",
+            "10s",
+            "--retry-period",
+            "2s",
+        ],
     )
     .await?;
     let groups = sizes.groups;
@@ -350,7 +372,8 @@ async fn run(lab: &'static KubeLab, sizes: Sizes) -> Result<serde_json::Value> {
     let mut samples = Vec::new();
     for n in 0..sizes.samples {
         let i = (n * 7) % sizes.groups;
-        samples.push(latency(&admin, &namespaces[i / per_ns], &format!("g{i}"), n).await?);
+        let sample = latency(&admin, &namespaces[i / per_ns], &format!("g{i}"), n).await;
+        samples.push(sample.inspect_err(|_| keep_log(&controller))?);
     }
     // A Prometheus scrape of the leader: its gauges of every group and
     // schedule are read from its caches at each one.
