@@ -656,3 +656,39 @@ async fn a_fence_that_cannot_get_its_locks_fails_at_the_lock_timeout() {
         .unwrap();
     drop(hold);
 }
+
+/// A primary whose WAL ends exactly at a page boundary (here: a segment
+/// switch, then nothing) reports the end of that WAL, which its standby
+/// reaches. Its insert pointer lies past the next page's header, where no
+/// record ends: a standby waiting for it waited for the primary's next
+/// write — none while the group is frozen — and the backup failed at its
+/// budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_whose_wal_ends_at_a_page_boundary_reports_a_position_its_standby_reaches() {
+    let fleet = Fleet::new().unwrap();
+    let pg = shared::postgres();
+    let db = database("page_boundary").await;
+    stillpoint_tests::harness::wait_for("database on the standby", Duration::from_secs(10), || {
+        Ok(pg
+            .replica
+            .psql("SELECT count(*) FROM pg_database WHERE datname = 'page_boundary'")?
+            == "1")
+    })
+    .unwrap();
+    let mut primary = agent(&fleet, "pg-primary", &pg.primary, "page_boundary", "fence").await;
+    let mut replica = agent(&fleet, "pg-replica", &pg.replica, "page_boundary", "fence").await;
+    for round in 0..3 {
+        db.execute("INSERT INTO t VALUES ($1, 'before the switch')", &[&round])
+            .await
+            .unwrap();
+        db.batch_execute("SELECT pg_switch_wal()").await.unwrap();
+        let target = primary.position().await.unwrap();
+        let reached = replica.wait_for(&target, Duration::from_secs(3)).await;
+        assert!(
+            reached.is_ok(),
+            "round {round}: the standby did not reach {}: {:?}",
+            target.display(),
+            reached.err()
+        );
+    }
+}

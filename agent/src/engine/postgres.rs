@@ -556,7 +556,8 @@ impl Postgres {
                     let position = rows.next().and_then(|row| {
                         let primary = row.get(0) == Some("f");
                         let lsn = parse_lsn(row.get(1)?)?;
-                        primary.then(|| make::lsn(lsn))
+                        let page = row.get(2)?.parse().ok()?;
+                        primary.then(|| make::lsn(wal_end(lsn, page)))
                     });
                     return Ok(position);
                 }
@@ -673,14 +674,14 @@ impl Postgres {
     ) -> Result<(pb::Position, pb::Role), EngineError> {
         let standby: bool = row.get(0);
         let lsn_text: String = row.get(1);
+        let page: String = row.get(2);
         let lsn = parse_lsn(&lsn_text).ok_or_else(|| {
             self.ctx
                 .err(step, Cause::Refused, format!("unparsable LSN '{lsn_text}'"))
         })?;
-        let role = if standby {
-            pb::Role::Replica
-        } else {
-            pb::Role::Primary
+        let (lsn, role) = match standby {
+            true => (lsn, pb::Role::Replica),
+            false => (wal_end(lsn, page.parse().unwrap_or(0)), pb::Role::Primary),
         };
         Ok((make::lsn(lsn), role))
     }
@@ -717,9 +718,27 @@ pub fn data_paths(
 
 /// The role and the position: replay LSN on a standby; on a primary the
 /// insert LSN, which covers every commit it acknowledged (with
-/// `synchronous_commit = off`, the write LSN can be behind them).
+/// `synchronous_commit = off`, the write LSN can be behind them), taken to
+/// the end of the written WAL by [`wal_end`] with the WAL page size.
 const POSITION_SQL: &str = "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() \
-     THEN COALESCE(pg_last_wal_replay_lsn(), '0/0') ELSE pg_current_wal_insert_lsn() END)::text";
+     THEN COALESCE(pg_last_wal_replay_lsn(), '0/0') ELSE pg_current_wal_insert_lsn() END)::text, \
+     current_setting('wal_block_size')";
+
+/// The end of the WAL a primary wrote, from its insert pointer (`insert`)
+/// and its WAL page size. When the last record ended exactly at a page
+/// boundary (a segment switch, or by chance), the insert pointer lies past
+/// the next page's header — 24 bytes, 40 at a segment's start — where no
+/// record can end (the shortest ends 24 bytes after it): a standby that
+/// replayed everything stands at the boundary itself, and would wait for
+/// the header's end until the primary writes again.
+pub fn wal_end(insert: u64, page: u64) -> u64 {
+    const SHORT_HEADER: u64 = 24;
+    const LONG_HEADER: u64 = 40;
+    match insert.checked_rem(page) {
+        Some(SHORT_HEADER | LONG_HEADER) => insert - insert % page,
+        _ => insert,
+    }
+}
 
 /// Flushes the WAL of every commit acknowledged so far (see `PgHold::flush`),
 /// unless all of it is flushed already (then it costs no commit and no fsync).
@@ -1108,6 +1127,22 @@ mod tests {
             assert!(s.start.contains("pg_backup_start($1, true)"), "{v}");
             assert!(s.stop.contains("pg_backup_stop(false)"), "{v}");
         }
+    }
+
+    #[test]
+    fn a_primarys_position_is_where_its_written_wal_ends() {
+        let page = 8192;
+        // Past a page's header with nothing after it: the boundary.
+        assert_eq!(wal_end(0x0300_2000 + 24, page), 0x0300_2000);
+        // Past a segment's long header: the segment's start.
+        assert_eq!(wal_end(0x0400_0000 + 40, page), 0x0400_0000);
+        // Inside a page, where records end: as it is.
+        for lsn in [0x0400_0000 + 48, 0x0300_2000 + 32, 0x0300_2000, 0x0300_1ff8] {
+            assert_eq!(wal_end(lsn, page), lsn, "{lsn:#x}");
+        }
+        // Another page size; an unknown one (0) leaves it as it is.
+        assert_eq!(wal_end(0x1_0000 + 24, 32768), 0x1_0000);
+        assert_eq!(wal_end(0x0300_2000 + 24, 0), 0x0300_2000 + 24);
     }
 
     #[test]
