@@ -222,6 +222,11 @@ impl Agent for AgentService {
                 .await
             {
                 Ok(attached) => {
+                    // The flush asked for with the freeze: `flushed`
+                    // follows `frozen`, which is already on the stream.
+                    if let Some(flush) = &start.flush {
+                        holds.flush(&backup_id, attached.generation, flush.sync_volumes);
+                    }
                     let _ = granted.send(Ok(()));
                     attached
                 }

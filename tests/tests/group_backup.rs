@@ -80,6 +80,20 @@ async fn a_postgres_and_redis_group_is_cut_aligned_and_recorded() {
             );
         }
     }
+    // A member whose freeze blocks its writes (Redis) flushed in its
+    // freeze's round trip, asked as its freeze was acknowledged; PostgreSQL
+    // in backup mode, whose writes flow, only once every member was frozen.
+    let marks = &manifest.timeline.members;
+    let last_frozen = marks.values().map(|p| p["frozen"]).max().unwrap();
+    for name in ["redis-0", "redis-1"] {
+        assert_eq!(
+            marks[name]["flush_requested"], marks[name]["frozen"],
+            "{name}: {:?}",
+            marks[name]
+        );
+    }
+    assert!(marks["pg-0"]["flush_requested"] >= last_frozen, "{marks:?}");
+    assert!(p0.flush.is_some() && q0.flush.is_some() && q1.flush.is_some());
     // The backup stop's WAL is in the copy.
     let wal = Path::new(&p0.snapshots[0].handle).join("pg_wal");
     assert!(std::fs::read_dir(wal).unwrap().count() > 1);

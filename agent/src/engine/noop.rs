@@ -63,7 +63,9 @@ impl Engine for Noop {
             role: self.role(),
             upstream: self.config.upstream.clone(),
             capabilities: pb::Capabilities {
-                blocks_writes: false,
+                // It has no writes to let through: its freeze stands for
+                // one that blocks them (and flushes with it).
+                blocks_writes: true,
                 wait_for_position: true,
                 thaw_artefacts: false,
             },

@@ -191,12 +191,16 @@ impl OpenFreeze {
     }
 
     /// Sends `start` (with the replica's alignment, if any) and waits for
-    /// the agent's `frozen` answer (or its refusal).
+    /// the agent's `frozen` answer (or its refusal). `flush`: the agent
+    /// also flushes right after the freeze (`Some(sync_volumes)`; only for
+    /// a member whose freeze blocks every write), and its `flushed` event
+    /// follows.
     pub async fn start(
         self,
         backup_id: &str,
         ttl: Duration,
         align: Option<(pb::Position, Duration)>,
+        flush: Option<bool>,
     ) -> Result<HeldFreeze, tonic::Status> {
         let (align_to, align_timeout) = match align {
             // 0 would mean the agent's longest wait: at least 1 ms.
@@ -209,6 +213,7 @@ impl OpenFreeze {
             align_to,
             align_timeout_ms: align_timeout,
             block_writes: false,
+            flush: flush.map(|sync_volumes| pb::Flush { sync_volumes }),
         })
         .await
     }
@@ -292,7 +297,9 @@ impl HeldFreeze {
         ttl: Duration,
         align: Option<(pb::Position, Duration)>,
     ) -> Result<Self, tonic::Status> {
-        OpenFreeze::open(client).start(backup_id, ttl, align).await
+        OpenFreeze::open(client)
+            .start(backup_id, ttl, align, None)
+            .await
     }
     /// Sends a lease renewal.
     pub async fn renew(&self) -> Result<(), tonic::Status> {

@@ -69,8 +69,28 @@ pub fn thaw_accepted(result: &pb::ThawResult) -> Result<(), String> {
     }
 }
 
+/// The answer to a flush asked for with the freeze
+/// ([`Holder::spawn_flushing`]).
+pub type EarlyFlush = oneshot::Receiver<Result<pb::Flushed, String>>;
+
 impl Holder {
-    pub fn spawn(mut held: HeldFreeze, ttl: Duration) -> Holder {
+    pub fn spawn(held: HeldFreeze, ttl: Duration) -> Holder {
+        Self::spawn_with(held, ttl, None)
+    }
+
+    /// Like [`Holder::spawn`], for a hold whose freeze also asked for the
+    /// flush: its `flushed` event answers the returned receiver (dropped
+    /// unanswered if the hold ends first).
+    pub fn spawn_flushing(held: HeldFreeze, ttl: Duration) -> (Holder, EarlyFlush) {
+        let (reply, answer) = oneshot::channel();
+        (Self::spawn_with(held, ttl, Some(reply)), answer)
+    }
+
+    fn spawn_with(
+        mut held: HeldFreeze,
+        ttl: Duration,
+        flushing: Option<Reply<pb::Flushed>>,
+    ) -> Holder {
         let frozen = held.frozen.clone();
         let (fail_tx, failed) = watch::channel(None);
         // The first reason is the cause; what follows it (the thaw, the
@@ -88,7 +108,7 @@ impl Holder {
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(ttl / 3);
             ticker.tick().await;
-            let mut flushing: Option<Reply<pb::Flushed>> = None;
+            let mut flushing = flushing;
             loop {
                 tokio::select! {
                     _ = ticker.tick() => {

@@ -256,7 +256,45 @@ struct Member<'g> {
     /// The freeze stream, opened at prepare.
     open: Option<OpenFreeze>,
     holder: Option<Holder>,
+    /// `Some(sync_volumes)`: the member flushes right after its own freeze,
+    /// in the same round trip (its freeze blocks every write), set at
+    /// prepare.
+    flush_at_freeze: Option<bool>,
+    /// That flush under way since the freeze was acknowledged.
+    early_flush: Option<EarlyFlushing>,
     record: MemberRecord,
+}
+
+/// A flush asked for with the freeze: since when (the controller's clock,
+/// the freeze acknowledged), and its answer with when it arrived.
+struct EarlyFlushing {
+    since: u64,
+    answer: tokio::task::JoinHandle<(Result<pb::Flushed, String>, u64)>,
+}
+
+impl EarlyFlushing {
+    fn spawn(since: u64, clock: Clock, answer: crate::core::holder::EarlyFlush) -> Self {
+        let answer = tokio::spawn(async move {
+            let result = answer
+                .await
+                .unwrap_or_else(|_| Err("the hold ended before it answered".into()))
+                .and_then(|f| match f.error.is_empty() {
+                    true => Ok(f),
+                    false => Err(f.error),
+                });
+            (result, clock.now_us())
+        });
+        EarlyFlushing { since, answer }
+    }
+
+    /// The answer: (asked, answered) on the controller's clock, and what
+    /// the agent did.
+    async fn answered(self) -> ((u64, u64), Result<pb::Flushed, String>) {
+        match self.answer.await {
+            Ok((result, at)) => ((self.since, at), result),
+            Err(e) => ((self.since, self.since), Err(e.to_string())),
+        }
+    }
 }
 
 impl Member<'_> {
@@ -837,6 +875,8 @@ impl<'a, 'g> Run<'a, 'g> {
             describe,
             open: None,
             holder: None,
+            flush_at_freeze: None,
+            early_flush: None,
             record,
         }
     }
@@ -870,8 +910,13 @@ impl<'a, 'g> Run<'a, 'g> {
         if !failed.is_empty() {
             return Err(Problems(failed));
         }
+        let sync_volumes = !self.snapshotter.sees_page_cache();
         for m in &mut self.members {
             m.open = Some(OpenFreeze::open(&m.client));
+            // Nothing such a member acknowledges after its freeze can be
+            // missing from a flush made right after it; a member whose
+            // writes flow flushes once every member is frozen.
+            m.flush_at_freeze = m.blocks_writes().then_some(sync_volumes);
         }
         // Last, so as little as possible is written between it and the cut.
         let volumes: Vec<VolumeRef> = self.cut_plan().into_iter().flatten().collect();
@@ -910,7 +955,7 @@ impl<'a, 'g> Run<'a, 'g> {
         let requested = clock.now_us();
         let open = m.open.take().unwrap_or_else(|| OpenFreeze::open(&m.client));
         let aligning = align.is_some();
-        let held = open.start(id, ttl, align);
+        let held = open.start(id, ttl, align, m.flush_at_freeze);
         let name = m.config.name.as_str();
         let held = tokio::time::timeout(bound, held)
             .await
@@ -949,7 +994,14 @@ impl<'a, 'g> Run<'a, 'g> {
             .observe(held.frozen.freeze_duration_us as f64 / 1e6);
         m.record.freeze_us = Some(held.frozen.freeze_duration_us);
         m.record.position = held.frozen.position.as_ref().map(PositionExt::display);
-        m.holder = Some(Holder::spawn(held, ttl));
+        m.holder = Some(match m.flush_at_freeze {
+            Some(_) => {
+                let (holder, answer) = Holder::spawn_flushing(held, ttl);
+                m.early_flush = Some(EarlyFlushing::spawn(frozen, clock.clone(), answer));
+                holder
+            }
+            None => Holder::spawn(held, ttl),
+        });
         Ok((requested, frozen, aligned_us))
     }
 
@@ -1106,12 +1158,15 @@ impl<'a, 'g> Run<'a, 'g> {
         }
     }
 
-    /// Once every member is frozen: each agent makes what its engine
-    /// acknowledged durable (in parallel) — and on its volumes (`syncfs`)
-    /// unless the snapshot sees the page cache — so that the snapshot holds it. Not before the last freeze: a member
-    /// whose writes still flow (PostgreSQL in backup mode) could otherwise
-    /// acknowledge, after its flush, a write that a member frozen later
-    /// depends on.
+    /// Once every member is frozen: each agent has made (or now makes)
+    /// what its engine acknowledged durable (in parallel) — and on its
+    /// volumes (`syncfs`) unless the snapshot sees the page cache — so
+    /// that the snapshot holds it. A member whose freeze blocks every
+    /// write flushed right after its own freeze (`flush_at_freeze`): only
+    /// its answer is awaited here. Any other not before the last freeze:
+    /// a member whose writes still flow (PostgreSQL in backup mode) could
+    /// otherwise acknowledge, after its flush, a write that a member
+    /// frozen later depends on.
     async fn flush(&mut self) -> Result<(), Problems> {
         let bound = self.budget_left(Phase::Flush, "the flush")?;
         let (clock, metrics) = (self.clock.clone(), self.metrics);
@@ -1119,12 +1174,15 @@ impl<'a, 'g> Run<'a, 'g> {
         let flushes = join_all(self.members.iter_mut().map(|m| {
             let clock = clock.clone();
             async move {
-                let Some(holder) = m.holder.as_ref() else {
-                    return (m.config.name.clone(), None, Ok(()));
+                let (times, result) = match (m.early_flush.take(), m.holder.as_ref()) {
+                    (Some(early), _) => early.answered().await,
+                    (None, Some(holder)) => {
+                        let requested = clock.now_us();
+                        let result = holder.flush(sync_volumes).await;
+                        ((requested, clock.now_us()), result)
+                    }
+                    (None, None) => return (m.config.name.clone(), None, Ok(())),
                 };
-                let requested = clock.now_us();
-                let result = holder.flush(sync_volumes).await;
-                let flushed = clock.now_us();
                 let result = result.map(|f| {
                     let us = f.engine_us + f.sync_us;
                     metrics
@@ -1134,16 +1192,11 @@ impl<'a, 'g> Run<'a, 'g> {
                     m.record.flush = Some(f.detail);
                     m.record.flush_us = Some(us);
                 });
-                // The agent's errors name the member and the step already.
-                let name = &m.config.name;
-                let result = result.map_err(|e| {
-                    let text = match e.starts_with("member ") {
-                        true => e,
-                        false => format!("member {name}: flush failed: {e}"),
-                    };
-                    Problem::new(Phase::Flush, ErrorKind::FlushFailed, Some(name), text)
-                });
-                (m.config.name.clone(), Some((requested, flushed)), result)
+                (
+                    m.config.name.clone(),
+                    Some(times),
+                    Self::flush_problem(m, result),
+                )
             }
         }));
         let results = tokio::time::timeout(bound, flushes)
@@ -1162,6 +1215,19 @@ impl<'a, 'g> Run<'a, 'g> {
         } else {
             Err(Problems(errors))
         }
+    }
+
+    /// A member's failed flush as a problem; the agent's errors name the
+    /// member and the step already.
+    fn flush_problem(m: &Member<'_>, result: Result<(), String>) -> Result<(), Problem> {
+        let name = &m.config.name;
+        result.map_err(|e| {
+            let text = match e.starts_with("member ") {
+                true => e,
+                false => format!("member {name}: flush failed: {e}"),
+            };
+            Problem::new(Phase::Flush, ErrorKind::FlushFailed, Some(name), text)
+        })
     }
 
     /// The order of the cut, as batches of volumes cut one after another:
