@@ -93,6 +93,10 @@ fn ms(us: f64) -> String {
     format!("{:.2} ms", us / 1000.0)
 }
 
+fn micros(us: f64) -> String {
+    format!("{us:.0} µs")
+}
+
 /// The slowest member's own freeze + thaw time in one backup (µs).
 pub fn slowest_member_us(m: &Manifest) -> f64 {
     m.members
@@ -296,6 +300,13 @@ async fn hook_backup(
     Ok((window, cut_us))
 }
 
+/// CPU time this process has used so far (every thread), µs: the
+/// orchestrator runs in it, the agents and servers do not.
+fn process_cpu_us() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as f64 * 1e6 + t.tv_nsec as f64 / 1e3
+}
+
 async fn stillpoint_backup(
     orchestrator: &Orchestrator,
     group: &Group,
@@ -329,9 +340,13 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
     // The same six volumes in one request (the hooks' cut), for the cost.
     let mut one_request = Vec::new();
     let mut last = None;
+    // The orchestrator's CPU time per member per no-op backup (µs).
+    let mut cpu = Vec::new();
     for i in 0..runs + 2 {
+        let cpu_before = process_cpu_us();
         let a =
             stillpoint_backup(&cluster.orchestrator, &none_group, &format!("sp-none-{i}")).await?;
+        let cpu_used = process_cpu_us() - cpu_before;
         let b = stillpoint_backup(
             &cluster.orchestrator,
             &btrfs_group,
@@ -345,6 +360,7 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
             continue; // warm-up
         }
         sp_none.push(a.freeze_window_us.unwrap_or(0) as f64);
+        cpu.push(cpu_used / a.members.len().max(1) as f64);
         sp_btrfs.push(b.freeze_window_us.unwrap_or(0) as f64);
         cut_phase.extend(b.cut_us.map(|us| us as f64));
         one_request.push(one_cut);
@@ -380,6 +396,7 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
     let gantt = last.map(|m| m.timeline.gantt(64)).unwrap_or_default();
     let text = format!(
         "{}\nStillpoint orchestration overhead (no-op cut): p50 {}, p99 {}; slowest member's own freeze+thaw: p50 {}\n\
+         the orchestrator's CPU time per member per backup (no-op cut, the whole backup): p50 {}, p99 {}\n\
          flush phase (no-op cut, inside the window): p50 {}, p99 {}; each member's own flush p50: {}\n\
          cut phase (btrfs: the replicas' snapshots, then their primaries'): p50 {}, p99 {}; \
          the same volumes in one request: p50 {}, p99 {}\n\
@@ -404,6 +421,8 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
         ms(Stats::of(&overhead).p50),
         ms(Stats::of(&overhead).p99),
         ms(Stats::of(&member_max).p50),
+        micros(Stats::of(&cpu).p50),
+        micros(Stats::of(&cpu).p99),
         ms(Stats::of(&flush_phase).p50),
         ms(Stats::of(&flush_phase).p99),
         flushes.join(", "),
@@ -433,6 +452,7 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
             "btrfs_cut": pair(&sp_btrfs, &hk_btrfs),
             "overhead": Stats::of(&overhead).json_ms(),
             "slowest_member_freeze_thaw": Stats::of(&member_max).json_ms(),
+            "cpu_per_member_per_backup": Stats::of(&cpu).json_ms(),
             "flush_phase": Stats::of(&flush_phase).json_ms(),
             "btrfs_cut_phase": Stats::of(&cut_phase).json_ms(),
             "btrfs_cut_one_request": Stats::of(&one_request).json_ms(),
@@ -736,19 +756,24 @@ pub async fn fanout(
         let mut windows = Vec::new();
         let mut overheads = Vec::new();
         let mut slowest = Vec::new();
+        let mut cpu = Vec::new();
         for i in 0..runs + 2 {
+            let cpu_before = process_cpu_us();
             let m = stillpoint_backup(&orchestrator, &group, &format!("fan-{n}-{i}")).await?;
+            let cpu_used = process_cpu_us() - cpu_before;
             if i < 2 {
                 continue;
             }
+            cpu.push(cpu_used / n as f64);
             windows.push(m.freeze_window_us.unwrap_or(0) as f64);
             overheads.extend(overhead_us(&m));
             slowest.push(slowest_member_us(&m));
         }
-        let (w, o, s) = (
+        let (w, o, s, c) = (
             Stats::of(&windows),
             Stats::of(&overheads),
             Stats::of(&slowest),
+            Stats::of(&cpu),
         );
         rows.push(vec![
             n.to_string(),
@@ -757,11 +782,16 @@ pub async fn fanout(
             ms(o.p50),
             ms(o.p99),
             ms(s.p50),
+            micros(c.p50),
         ]);
-        out.push(json!({"agents": n, "window": w.json_ms(), "overhead": o.json_ms(), "slowest_member_freeze_thaw": s.json_ms()}));
+        out.push(
+            json!({"agents": n, "window": w.json_ms(), "overhead": o.json_ms(),
+            "slowest_member_freeze_thaw": s.json_ms(), "cpu_per_member_per_backup": c.json_ms()}),
+        );
     }
     let text = format!(
-        "{}\noverhead = window - slowest member's own freeze+thaw - cut (no-op cut); real mTLS to every agent\n",
+        "{}\noverhead = window - slowest member's own freeze+thaw - cut (no-op cut); real mTLS to every agent\n\
+         CPU = the orchestrator's CPU time per member per backup (the whole backup, resolve to record)\n",
         table(
             &[
                 "NOOP AGENTS",
@@ -769,7 +799,8 @@ pub async fn fanout(
                 "P99",
                 "OVERHEAD P50",
                 "P99",
-                "SLOWEST MEMBER P50"
+                "SLOWEST MEMBER P50",
+                "CPU/MEMBER P50"
             ],
             &rows
         )
