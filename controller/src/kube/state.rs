@@ -6,6 +6,7 @@
 //! Sampling also creates each known object's counters at zero
 //! ([`crate::metrics::Metrics::touch_group`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,16 @@ pub(crate) fn succeeded_at(b: &GroupBackup) -> Option<f64> {
     Some(status.completion_time.as_ref()?.0.as_microsecond() as f64 / 1e6)
 }
 
+/// The GroupBackups of each namespace, indexed once per scrape rather
+/// than filtered from all of them for every group and schedule.
+fn by_namespace(all: Vec<Arc<GroupBackup>>) -> HashMap<Option<String>, Vec<Arc<GroupBackup>>> {
+    let mut index: HashMap<Option<String>, Vec<Arc<GroupBackup>>> = HashMap::new();
+    for b in all {
+        index.entry(b.namespace()).or_default().push(b);
+    }
+    index
+}
+
 impl StateSource for LeaderState {
     fn schedules(&self) -> Vec<ScheduleState> {
         for r in self.restores.state() {
@@ -49,24 +60,19 @@ impl StateSource for LeaderState {
         for bs in self.schedules.state() {
             metrics().touch_schedule(bs.namespace().as_deref(), &bs.name_any());
         }
-        let backups = self.backups.state();
+        let backups = by_namespace(self.backups.state());
         self.schedules
             .state()
             .iter()
             .filter_map(|bs| {
-                let ns = bs.namespace();
-                let own: Vec<Arc<GroupBackup>> = backups
-                    .iter()
-                    .filter(|b| b.namespace() == ns)
-                    .cloned()
-                    .collect();
-                crate::kube::schedule::state_of(bs, &own, self.min_schedule_interval)
+                let own = backups.get(&bs.namespace()).map_or(&[][..], Vec::as_slice);
+                crate::kube::schedule::state_of(bs, own, self.min_schedule_interval)
             })
             .collect()
     }
 
     fn groups(&self) -> Vec<GroupState> {
-        let backups = self.backups.state();
+        let backups = by_namespace(self.backups.state());
         self.groups
             .state()
             .iter()
@@ -78,8 +84,10 @@ impl StateSource for LeaderState {
                     .unwrap_or_default();
                 metrics().touch_group(ns.as_deref(), &name, &driver);
                 let last = backups
-                    .iter()
-                    .filter(|b| b.namespace() == ns && b.spec.group == name)
+                    .get(&ns)
+                    .into_iter()
+                    .flatten()
+                    .filter(|b| b.spec.group == name)
                     .filter_map(|b| succeeded_at(b))
                     .fold(None, |a: Option<f64>, t| Some(a.map_or(t, |a| a.max(t))));
                 GroupState {
