@@ -365,3 +365,43 @@ async fn wrong_credentials_and_unreachable_servers_are_clear_errors_and_the_agen
     assert!(b.freeze("b-nowhere", Duration::from_secs(5)).await.is_err());
     assert!(b.proc.admin_get("/healthz").unwrap().0.contains("200"));
 }
+
+/// A freeze whose backup stage cannot be had (another session holds one)
+/// fails at the lock bound naming the member, holds nothing and leaves the
+/// agent free; once the other stage ends, a freeze holds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freeze_that_cannot_get_its_backup_stage_fails_at_the_lock_timeout_holding_nothing() {
+    let _serial = shared::server_wide_freeze().await;
+    let fleet = Fleet::new().unwrap();
+    let maria = shared::mariadb();
+    let mut a = agent(&fleet, "maria-stage", &maria.primary).await;
+    a.prepare("b-stage").await.unwrap();
+    let mut other = root(&maria.primary).await;
+    other.query_drop("BACKUP STAGE START").await.unwrap();
+    let started = Instant::now();
+    let err = a
+        .freeze("b-stage", Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("maria-stage"), "{}", err.message());
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        !a.proc
+            .admin_get("/healthz")
+            .unwrap()
+            .1
+            .contains("frozen by")
+    );
+    other.query_drop("BACKUP STAGE END").await.unwrap();
+    let mut hold = a
+        .freeze("b-stage-2", Duration::from_secs(30))
+        .await
+        .unwrap();
+    hold.request_thaw(false).await.unwrap();
+    let result = hold.thawed().await.unwrap().unwrap();
+    assert!(result.error.is_empty(), "{}", result.error);
+}

@@ -618,10 +618,16 @@ impl Engine for Mysql {
             Some(p) => p,
             None => self.freeze_session(Step::Freeze).await?,
         };
-        // The lease's bound on the session goes with the first stage, in
-        // the same round trip. A prepared session the server closed
-        // meanwhile fails it without locking anything: then once more, anew.
-        let first = format!("{}; {}", wait_timeout(ttl), prepared.statements.freeze[0]);
+        // The lease's bound on the session and every stage of the freeze
+        // go in one round trip (the server stops at the first that fails,
+        // and the thaw then ends any stage taken). A prepared session the
+        // server closed meanwhile fails it without locking anything: then
+        // once more, anew.
+        let first = format!(
+            "{}; {}",
+            wait_timeout(ttl),
+            prepared.statements.freeze.join("; ")
+        );
         if let Err(e) = prepared.conn.query_drop(&first).await {
             if matches!(e, mysql_async::Error::Server(_)) {
                 let _ = prepared.conn.query_drop(prepared.statements.thaw).await;
@@ -640,13 +646,6 @@ impl Engine for Mysql {
             statements: s,
             role,
         } = prepared;
-        for statement in &s.freeze[1..] {
-            if let Err(e) = conn.query_drop(statement).await {
-                // Dropping the session ends any stage already taken.
-                let _ = conn.disconnect().await;
-                return Err(self.lock_error(&e));
-            }
-        }
         let position = match self
             .position_as(&mut conn, flavor, &s, role, Step::Freeze)
             .await
