@@ -25,6 +25,17 @@ async fn database(name: &str) -> Client {
     fresh_database(&shared::postgres().primary, name, ddl).await
 }
 
+/// Waits until database `name`, new on the shared primary, has reached
+/// its standby, before an agent of the standby uses it.
+fn on_the_standby(name: &str) {
+    let pg = shared::postgres();
+    let query = format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'");
+    stillpoint_tests::harness::wait_for("database on the standby", Duration::from_secs(10), || {
+        Ok(pg.replica.psql(&query)? == "1")
+    })
+    .unwrap();
+}
+
 async fn agent(fleet: &Fleet, member: &str, server: &PgServer, db: &str, mode: &str) -> Agent {
     let spec = fleet
         .spec(member, "postgres")
@@ -480,14 +491,7 @@ async fn the_replica_waits_for_the_primary_position_and_fails_at_its_bound_when_
     let fleet = Fleet::new().unwrap();
     let pg = shared::postgres();
     let db = database("positions").await;
-    // The new database must have reached the standby before its agent uses it.
-    stillpoint_tests::harness::wait_for("database on the standby", Duration::from_secs(10), || {
-        Ok(pg
-            .replica
-            .psql("SELECT count(*) FROM pg_database WHERE datname = 'positions'")?
-            == "1")
-    })
-    .unwrap();
+    on_the_standby("positions");
     let mut primary = agent(&fleet, "pg-primary", &pg.primary, "positions", "backup").await;
     let mut replica = agent(&fleet, "pg-replica", &pg.replica, "positions", "backup").await;
 
@@ -668,13 +672,7 @@ async fn a_primary_whose_wal_ends_at_a_page_boundary_reports_a_position_its_stan
     let fleet = Fleet::new().unwrap();
     let pg = shared::postgres();
     let db = database("page_boundary").await;
-    stillpoint_tests::harness::wait_for("database on the standby", Duration::from_secs(10), || {
-        Ok(pg
-            .replica
-            .psql("SELECT count(*) FROM pg_database WHERE datname = 'page_boundary'")?
-            == "1")
-    })
-    .unwrap();
+    on_the_standby("page_boundary");
     let mut primary = agent(&fleet, "pg-primary", &pg.primary, "page_boundary", "fence").await;
     let mut replica = agent(&fleet, "pg-replica", &pg.replica, "page_boundary", "fence").await;
     for round in 0..3 {

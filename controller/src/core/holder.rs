@@ -71,7 +71,30 @@ pub fn thaw_accepted(result: &pb::ThawResult) -> Result<(), String> {
 
 /// The answer to a flush asked for with the freeze
 /// ([`Holder::spawn_flushing`]).
-pub type EarlyFlush = oneshot::Receiver<Result<pb::Flushed, String>>;
+#[derive(Debug)]
+pub struct EarlyFlush(oneshot::Receiver<Result<pb::Flushed, String>>);
+
+impl EarlyFlush {
+    /// What the agent did, or why it could not, as [`Holder::flush`] says.
+    pub async fn answer(self) -> Result<pb::Flushed, String> {
+        flushed(answered(self.0).await?)
+    }
+}
+
+/// An answer the hold's task sends, or why none came.
+async fn answered<T>(answer: oneshot::Receiver<Result<T, String>>) -> Result<T, String> {
+    answer
+        .await
+        .map_err(|_| "the hold ended before it answered".to_string())?
+}
+
+/// A `flushed` event as the flush's outcome: its error, if it has one.
+fn flushed(f: pb::Flushed) -> Result<pb::Flushed, String> {
+    match f.error.is_empty() {
+        true => Ok(f),
+        false => Err(f.error),
+    }
+}
 
 impl Holder {
     pub fn spawn(held: HeldFreeze, ttl: Duration) -> Holder {
@@ -83,7 +106,7 @@ impl Holder {
     /// unanswered if the hold ends first).
     pub fn spawn_flushing(held: HeldFreeze, ttl: Duration) -> (Holder, EarlyFlush) {
         let (reply, answer) = oneshot::channel();
-        (Self::spawn_with(held, ttl, Some(reply)), answer)
+        (Self::spawn_with(held, ttl, Some(reply)), EarlyFlush(answer))
     }
 
     fn spawn_with(
@@ -183,25 +206,20 @@ impl Holder {
             .send(request(reply))
             .await
             .map_err(|_| "the hold already ended".to_string())?;
-        answer
-            .await
-            .map_err(|_| "the hold ended before it answered".to_string())?
+        answered(answer).await
     }
 
     /// Has the agent make what its engine acknowledged durable (and with
     /// `sync_volumes`, on the member's volumes: `syncfs`); returns what it
     /// did, or why it could not.
     pub async fn flush(&self, sync_volumes: bool) -> Result<pb::Flushed, String> {
-        let flushed = self
+        let flushed_event = self
             .ask(|reply| Request::Flush {
                 sync_volumes,
                 reply,
             })
             .await?;
-        match flushed.error.is_empty() {
-            true => Ok(flushed),
-            false => Err(flushed.error),
-        }
+        flushed(flushed_event)
     }
 
     /// Thaws and returns the agent's result. `completed`: the cut this

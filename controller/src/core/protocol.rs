@@ -275,13 +275,7 @@ struct EarlyFlushing {
 impl EarlyFlushing {
     fn spawn(since: u64, clock: Clock, answer: crate::core::holder::EarlyFlush) -> Self {
         let answer = tokio::spawn(async move {
-            let result = answer
-                .await
-                .unwrap_or_else(|_| Err("the hold ended before it answered".into()))
-                .and_then(|f| match f.error.is_empty() {
-                    true => Ok(f),
-                    false => Err(f.error),
-                });
+            let result = answer.answer().await;
             (result, clock.now_us())
         });
         EarlyFlushing { since, answer }
