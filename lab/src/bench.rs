@@ -20,6 +20,7 @@
 //!    cluster and where it goes: the `kube_window` bench of the test suite
 //!    (`tests/benches/kube_window.rs`), run through cargo from a checkout.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -125,6 +126,96 @@ pub fn flush_phase_us(m: &Manifest) -> Option<f64> {
     let first = phase("flush_requested").min()?;
     let last = phase("flushed").max()?;
     Some(last.saturating_sub(first) as f64)
+}
+
+/// Each member's phases in one backup, in µs since the window opened
+/// (the first freeze request): member → phase → µs.
+pub fn phases_in_window(m: &Manifest) -> BTreeMap<String, BTreeMap<String, f64>> {
+    let t = &m.timeline;
+    let Some(open) = t
+        .members
+        .values()
+        .filter_map(|p| p.get("freeze_requested"))
+        .min()
+        .copied()
+    else {
+        return BTreeMap::new();
+    };
+    t.members
+        .iter()
+        .map(|(member, phases)| {
+            let inside = phases
+                .iter()
+                .filter(|(_, at)| **at >= open)
+                .map(|(phase, at)| (phase.clone(), (at - open) as f64))
+                .collect();
+            (member.clone(), inside)
+        })
+        .collect()
+}
+
+/// Samples of each member's phases in the window, over many backups.
+#[derive(Debug, Default)]
+pub struct PhaseSamples(BTreeMap<String, BTreeMap<String, Vec<f64>>>);
+
+impl PhaseSamples {
+    pub fn add(&mut self, m: &Manifest) {
+        for (member, phases) in phases_in_window(m) {
+            let row = self.0.entry(member).or_default();
+            for (phase, us) in phases {
+                row.entry(phase).or_default().push(us);
+            }
+        }
+    }
+
+    /// The window's phases in protocol order, as columns.
+    fn columns(&self) -> Vec<&'static str> {
+        let seen: std::collections::BTreeSet<&str> = self
+            .0
+            .values()
+            .flat_map(|p| p.keys().map(String::as_str))
+            .collect();
+        stillpoint_controller::core::timeline::PHASES
+            .iter()
+            .copied()
+            .filter(|p| seen.contains(p))
+            .collect()
+    }
+
+    /// One row per member: each phase's median, ms after the window opened.
+    pub fn table(&self) -> String {
+        let columns = self.columns();
+        let mut headers = vec!["MEMBER (P50 MS IN WINDOW)"];
+        headers.extend(columns.iter().copied());
+        let rows: Vec<Vec<String>> = self
+            .0
+            .iter()
+            .map(|(member, phases)| {
+                let mut row = vec![member.clone()];
+                row.extend(columns.iter().map(|c| {
+                    phases
+                        .get(*c)
+                        .map_or("-".into(), |v| format!("{:.2}", Stats::of(v).p50 / 1000.0))
+                }));
+                row
+            })
+            .collect();
+        table(&headers, &rows)
+    }
+
+    pub fn json(&self) -> Value {
+        self.0
+            .iter()
+            .map(|(member, phases)| {
+                let p: serde_json::Map<String, Value> = phases
+                    .iter()
+                    .map(|(phase, v)| (phase.clone(), json!(Stats::of(v).p50 / 1000.0)))
+                    .collect();
+                (member.clone(), Value::Object(p))
+            })
+            .collect::<serde_json::Map<String, Value>>()
+            .into()
+    }
 }
 
 /// The suite's output: a printed table and a JSON document.
@@ -333,7 +424,8 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
     let mut overhead = Vec::new();
     let mut member_max = Vec::new();
     let mut flush_phase = Vec::new();
-    let mut member_flush: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    let mut member_flush: BTreeMap<String, Vec<f64>> = Default::default();
+    let mut member_freeze: BTreeMap<String, Vec<f64>> = Default::default();
     // The btrfs backups' cut phase: one request for the replicas, then one
     // for their primaries (the cut never relies on one instant).
     let mut cut_phase = Vec::new();
@@ -342,6 +434,7 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
     let mut last = None;
     // The orchestrator's CPU time per member per no-op backup (µs).
     let mut cpu = Vec::new();
+    let mut phases = PhaseSamples::default();
     for i in 0..runs + 2 {
         let cpu_before = process_cpu_us();
         let a =
@@ -368,6 +461,7 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
         hk_btrfs.push(d);
         last = Some(a.clone());
         overhead.extend(overhead_us(&a));
+        phases.add(&a);
         member_max.push(slowest_member_us(&a));
         flush_phase.extend(flush_phase_us(&a));
         for r in &a.members {
@@ -375,12 +469,18 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
                 .entry(r.name.clone())
                 .or_default()
                 .extend(r.flush_us.map(|us| us as f64));
+            member_freeze
+                .entry(r.name.clone())
+                .or_default()
+                .extend(r.freeze_us.map(|us| us as f64));
         }
     }
-    let flushes: Vec<String> = member_flush
-        .iter()
-        .map(|(name, us)| format!("{name} {}", ms(Stats::of(us).p50)))
-        .collect();
+    let p50s = |by: &BTreeMap<String, Vec<f64>>| {
+        by.iter()
+            .map(|(name, us)| format!("{name} {}", ms(Stats::of(us).p50)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let rows_of = |name: &str, cut: &str, sp: &[f64], hk: &[f64]| {
         let (s, h) = (Stats::of(sp), Stats::of(hk));
         vec![
@@ -397,11 +497,13 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
     let text = format!(
         "{}\nStillpoint orchestration overhead (no-op cut): p50 {}, p99 {}; slowest member's own freeze+thaw: p50 {}\n\
          the orchestrator's CPU time per member per backup (no-op cut, the whole backup): p50 {}, p99 {}\n\
+         each member's own freeze p50 (the agent's clock): {}\n\
          flush phase (no-op cut, inside the window): p50 {}, p99 {}; each member's own flush p50: {}\n\
          cut phase (btrfs: the replicas' snapshots, then their primaries'): p50 {}, p99 {}; \
          the same volumes in one request: p50 {}, p99 {}\n\
          The exec-hook baseline cannot hold its locks: each lock ends when its client process exits,\n\
          so its \"window\" protects nothing. That is the correctness gap; the time is the cost of the pattern.\n\n\
+         where the window goes (no-op cut): each phase's median, ms after the first freeze request\n{}\n\
          timeline of the last Stillpoint backup (no-op cut):\n{gantt}",
         table(
             &[
@@ -423,13 +525,15 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
         ms(Stats::of(&member_max).p50),
         micros(Stats::of(&cpu).p50),
         micros(Stats::of(&cpu).p99),
+        p50s(&member_freeze),
         ms(Stats::of(&flush_phase).p50),
         ms(Stats::of(&flush_phase).p99),
-        flushes.join(", "),
+        p50s(&member_flush),
         ms(Stats::of(&cut_phase).p50),
         ms(Stats::of(&cut_phase).p99),
         ms(Stats::of(&one_request).p50),
         ms(Stats::of(&one_request).p99),
+        phases.table(),
     );
     report.sections.push((
         format!("1. Freeze window against exec hooks ({runs} runs each, interleaved)"),
@@ -451,12 +555,17 @@ pub async fn window(cluster: &Cluster, runs: usize, report: &mut Report) -> Resu
             "noop_cut": pair(&sp_none, &hk_none),
             "btrfs_cut": pair(&sp_btrfs, &hk_btrfs),
             "overhead": Stats::of(&overhead).json_ms(),
+            "phases_p50_ms_in_window": phases.json(),
             "slowest_member_freeze_thaw": Stats::of(&member_max).json_ms(),
             "cpu_per_member_per_backup": Stats::of(&cpu).json_ms(),
             "flush_phase": Stats::of(&flush_phase).json_ms(),
             "btrfs_cut_phase": Stats::of(&cut_phase).json_ms(),
             "btrfs_cut_one_request": Stats::of(&one_request).json_ms(),
             "member_flush": member_flush
+                .iter()
+                .map(|(name, us)| (name.clone(), Stats::of(us).json_ms()))
+                .collect::<serde_json::Map<String, Value>>(),
+            "member_freeze": member_freeze
                 .iter()
                 .map(|(name, us)| (name.clone(), Stats::of(us).json_ms()))
                 .collect::<serde_json::Map<String, Value>>(),
