@@ -259,6 +259,78 @@ async fn killing_the_held_session_fails_the_hold_promptly() {
         .unwrap();
 }
 
+/// The GTID set and binary log coordinates a server reports now.
+async fn reported(server: &MariaServer, gtid: &str) -> (String, String, u64) {
+    let mut c = root(server).await;
+    let set: String = c
+        .query_first(format!("SELECT {gtid}"))
+        .await
+        .unwrap()
+        .unwrap();
+    let row: mysql_async::Row = c.query_first("SHOW MASTER STATUS").await.unwrap().unwrap();
+    (set, row.get("File").unwrap(), row.get("Position").unwrap())
+}
+
+/// The freeze's position as (GTID set, file, position).
+fn gtid_of(hold: &stillpoint_controller::core::agents::HeldFreeze) -> (String, String, u64) {
+    match hold
+        .frozen
+        .position
+        .as_ref()
+        .unwrap()
+        .kind
+        .as_ref()
+        .unwrap()
+    {
+        pb::position::Kind::Gtid(g) => (g.gtid_set.clone(), g.binlog_file.clone(), g.binlog_pos),
+        other => panic!("not a GTID position: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_freeze_reads_its_position_in_its_round_trip_once_commits_are_blocked() {
+    let _serial = shared::server_wide_freeze().await;
+    let fleet = Fleet::new().unwrap();
+    let maria = shared::mariadb();
+    let mut c = database("m_read").await;
+    for id in 1..=20 {
+        c.exec_drop("INSERT INTO m_read.t VALUES (?)", (id,))
+            .await
+            .unwrap();
+    }
+    let mut primary = agent(&fleet, "maria-read-primary", &maria.primary).await;
+    let mut replica = agent(&fleet, "maria-read-replica", &maria.replica).await;
+    let target = primary.position().await.unwrap();
+    replica
+        .wait_for(&target, Duration::from_secs(10))
+        .await
+        .unwrap();
+    for (a, server, gtid) in [
+        (&mut primary, &maria.primary, "@@gtid_binlog_pos"),
+        (&mut replica, &maria.replica, "@@gtid_slave_pos"),
+    ] {
+        a.prepare("b-read").await.unwrap();
+        let mut hold = a.freeze("b-read", Duration::from_secs(30)).await.unwrap();
+        // Commits are blocked: what the server reports now is where the
+        // freeze stood.
+        let (set, file, pos) = gtid_of(&hold);
+        assert!(!set.is_empty(), "the freeze read the GTID set");
+        assert_eq!((set, file, pos), reported(server, gtid).await);
+        let flushed = hold.flush(false).await.unwrap();
+        assert!(flushed.error.is_empty(), "{}", flushed.error);
+        assert!(
+            ["redo log already flushed", "FLUSH ENGINE LOGS"]
+                .iter()
+                .any(|d| flushed.detail.starts_with(d)),
+            "{}",
+            flushed.detail
+        );
+        hold.request_thaw(true).await.unwrap();
+        let result = hold.thawed().await.unwrap().unwrap();
+        assert!(result.error.is_empty(), "{}", result.error);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_replica_waits_for_the_primary_gtid_and_fails_at_its_bound_when_stopped() {
     let _serial = shared::server_wide_freeze().await;

@@ -255,6 +255,10 @@ struct Prepared {
     flavor: Flavor,
     statements: Statements,
     role: pb::Role,
+    /// The binary log's coordinates can be read (`binlog_status` needs a
+    /// privilege the GTID set does not): probed when a freeze session
+    /// opens, so that the freeze's one round trip does not fail on it.
+    binlog_visible: bool,
 }
 
 #[derive(Debug)]
@@ -345,6 +349,7 @@ impl Mysql {
                 .await
                 .map_err(|e| self.err(step, &e))?;
         }
+        p.binlog_visible = binlog_visible(&mut p.conn, &p.statements).await;
         Ok(p)
     }
 
@@ -358,6 +363,7 @@ impl Mysql {
             flavor,
             statements,
             role,
+            binlog_visible: false,
         })
     }
 
@@ -509,17 +515,112 @@ async fn connect(
 
 async fn binlog_coordinates(conn: &mut Conn, statement: &str) -> (String, u64) {
     match conn.query_first::<Row, _>(statement).await {
-        Ok(Some(row)) => (
-            row.get_opt::<String, _>("File")
-                .and_then(Result::ok)
-                .unwrap_or_default(),
-            row.get_opt::<u64, _>("Position")
-                .and_then(Result::ok)
-                .unwrap_or(0),
-        ),
+        Ok(Some(row)) => coordinates_of(&row),
         // No binary log, or no privilege to see it: the GTID set still orders.
         _ => (String::new(), 0),
     }
+}
+
+/// The (File, Position) of a binary log status row.
+fn coordinates_of(row: &Row) -> (String, u64) {
+    (
+        row.get_opt::<String, _>("File")
+            .and_then(Result::ok)
+            .unwrap_or_default(),
+        row.get_opt::<u64, _>("Position")
+            .and_then(Result::ok)
+            .unwrap_or(0),
+    )
+}
+
+/// Whether this session may read the binary log's coordinates.
+async fn binlog_visible(conn: &mut Conn, s: &Statements) -> bool {
+    conn.query_drop(s.binlog_status).await.is_ok()
+}
+
+/// The redo log's current and flushed LSNs (MariaDB's status variables).
+const REDO_LSNS: &str =
+    "SHOW GLOBAL STATUS WHERE Variable_name IN ('Innodb_lsn_current', 'Innodb_lsn_flushed')";
+
+/// Whether `Innodb_lsn_flushed` has reached `Innodb_lsn_current` in the
+/// rows of [`REDO_LSNS`]; `None` when the server reports neither.
+fn redo_flushed(rows: &[(String, u64)]) -> Option<bool> {
+    let lsn = |name: &str| {
+        rows.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    };
+    Some(lsn("Innodb_lsn_flushed")? >= lsn("Innodb_lsn_current")?)
+}
+
+/// MariaDB's whole freeze as one multi-statement text: the lease's bound
+/// on the session, the backup stages, then (commits blocked) the
+/// position and the redo log's LSNs, read in the same round trip.
+fn mariadb_freeze_sql(
+    s: &Statements,
+    role: pb::Role,
+    binlog_visible: bool,
+    ttl: Duration,
+) -> String {
+    let gtid = match role {
+        pb::Role::Replica => "SELECT @@gtid_slave_pos AS gtid",
+        _ => "SELECT @@gtid_binlog_pos AS gtid",
+    };
+    let mut sql = vec![wait_timeout(ttl)];
+    sql.extend(s.freeze.iter().cloned());
+    sql.push(gtid.into());
+    if binlog_visible {
+        sql.push(s.binlog_status.into());
+    }
+    sql.push(REDO_LSNS.into());
+    sql.join("; ")
+}
+
+/// What MariaDB's one-round-trip freeze read once its stages were taken.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct FreezeRead {
+    gtid: String,
+    coordinates: (String, u64),
+    /// Every redo record written was flushed (`None`: not reported).
+    redo_flushed: Option<bool>,
+}
+
+impl FreezeRead {
+    /// Reads the rows of every result set of [`mariadb_freeze_sql`],
+    /// telling them apart by their columns.
+    fn of(sets: &[Vec<Row>]) -> FreezeRead {
+        let mut read = FreezeRead::default();
+        let mut lsns = Vec::new();
+        for row in sets.iter().flatten() {
+            let has = |name: &str| row.columns_ref().iter().any(|c| c.name_str() == name);
+            if has("gtid") {
+                read.gtid = row.get_opt(0).and_then(Result::ok).unwrap_or_default();
+            } else if has("File") {
+                read.coordinates = coordinates_of(row);
+            } else if has("Variable_name") {
+                let name: Option<String> = row.get_opt(0).and_then(Result::ok);
+                let value: Option<u64> = row.get_opt(1).and_then(Result::ok);
+                lsns.extend(name.zip(value));
+            }
+        }
+        read.redo_flushed = redo_flushed(&lsns);
+        read
+    }
+}
+
+/// Runs a multi-statement text and collects every result set's rows.
+async fn query_sets(conn: &mut Conn, sql: &str) -> Result<Vec<Vec<Row>>, mysql_async::Error> {
+    let mut result = conn.query_iter(sql).await?;
+    let mut sets = Vec::new();
+    loop {
+        sets.push(result.collect::<Row>().await?);
+        if result.is_empty() {
+            break;
+        }
+    }
+    // What is left (nothing, or a statement's error) ends the query.
+    result.drop_result().await?;
+    Ok(sets)
 }
 
 #[async_trait]
@@ -595,11 +696,13 @@ impl Engine for Mysql {
                 .await
                 .map_err(|e| self.err(Step::Prepare, &e))?;
         }
+        let binlog_visible = binlog_visible(&mut conn, &statements).await;
         *self.spare.lock().await = Some(Prepared {
             conn,
             flavor,
             statements,
             role,
+            binlog_visible,
         });
         let mut wait = self.wait.lock().await;
         if wait.is_none() {
@@ -620,41 +723,55 @@ impl Engine for Mysql {
         };
         // The lease's bound on the session and every stage of the freeze
         // go in one round trip (the server stops at the first that fails,
-        // and the thaw then ends any stage taken). A prepared session the
-        // server closed meanwhile fails it without locking anything: then
-        // once more, anew.
-        let first = format!(
-            "{}; {}",
-            wait_timeout(ttl),
-            prepared.statements.freeze.join("; ")
-        );
-        if let Err(e) = prepared.conn.query_drop(&first).await {
-            if matches!(e, mysql_async::Error::Server(_)) {
+        // and the thaw then ends any stage taken); on MariaDB the position
+        // and the redo log's LSNs are read in it too. A prepared session
+        // the server closed meanwhile fails it without locking anything:
+        // then once more, anew.
+        let mariadb = matches!(prepared.flavor, Flavor::Mariadb { .. });
+        let sql = |p: &Prepared| match mariadb {
+            true => mariadb_freeze_sql(&p.statements, p.role, p.binlog_visible, ttl),
+            false => format!("{}; {}", wait_timeout(ttl), p.statements.freeze.join("; ")),
+        };
+        let text = sql(&prepared);
+        let sets = match query_sets(&mut prepared.conn, &text).await {
+            Ok(sets) => sets,
+            Err(e) if matches!(e, mysql_async::Error::Server(_)) => {
                 let _ = prepared.conn.query_drop(prepared.statements.thaw).await;
                 return Err(self.lock_error(&e));
             }
-            prepared = self.freeze_session(Step::Freeze).await?;
-            prepared
-                .conn
-                .query_drop(&first)
-                .await
-                .map_err(|e| self.lock_error(&e))?;
-        }
+            Err(_) => {
+                prepared = self.freeze_session(Step::Freeze).await?;
+                let text = sql(&prepared);
+                query_sets(&mut prepared.conn, &text)
+                    .await
+                    .map_err(|e| self.lock_error(&e))?
+            }
+        };
+        let read = FreezeRead::of(&sets);
         let Prepared {
             mut conn,
             flavor,
             statements: s,
             role,
+            ..
         } = prepared;
-        let position = match self
-            .position_as(&mut conn, flavor, &s, role, Step::Freeze)
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = conn.query_drop(s.thaw).await;
-                return Err(e);
-            }
+        let position = match mariadb {
+            true => make::gtid(
+                flavor.gtid_flavor(),
+                &read.gtid,
+                &read.coordinates.0,
+                read.coordinates.1,
+            ),
+            false => match self
+                .position_as(&mut conn, flavor, &s, role, Step::Freeze)
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = conn.query_drop(s.thaw).await;
+                    return Err(e);
+                }
+            },
         };
         tracing::info!(connection_id = conn.id(), "lock held by this session");
         let target = (self.ctx.clone(), self.opts()?, self.connect_timeout);
@@ -666,6 +783,7 @@ impl Engine for Mysql {
             thaw: s.thaw,
             position,
             monitor,
+            redo_flushed: read.redo_flushed == Some(true),
         }))
     }
 
@@ -721,6 +839,7 @@ impl Engine for Mysql {
             flavor,
             statements: s,
             role,
+            binlog_visible,
         } = session;
         let position = self
             .position_as(&mut conn, flavor, &s, role, Step::Wait)
@@ -730,6 +849,7 @@ impl Engine for Mysql {
             flavor,
             statements: s.clone(),
             role,
+            binlog_visible,
         });
         if result == Some(s.wait_ok) {
             return Ok(position);
@@ -804,6 +924,9 @@ struct MyHold {
     thaw: &'static str,
     position: pb::Position,
     monitor: HoldMonitor,
+    /// The redo log was flushed when the freeze blocked commits (read in
+    /// the freeze's round trip): a flush has nothing left to do.
+    redo_flushed: bool,
 }
 
 #[async_trait]
@@ -837,23 +960,14 @@ impl Frozen for MyHold {
         // `innodb_flush_log_at_trx_commit = 0|2` leaves to a timer). The
         // binary log is written at commit: the agent's syncfs covers it
         // whatever `sync_binlog` is. MariaDB says when the redo log is
-        // flushed already; then there is nothing to do.
-        let lsns: Vec<(String, u64)> = self
-            .conn
-            .query(
-                "SHOW GLOBAL STATUS WHERE Variable_name IN ('Innodb_lsn_current', 'Innodb_lsn_flushed')",
-            )
-            .await
-            .unwrap_or_default();
-        let lsn = |name: &str| {
-            lsns.iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| *v)
-        };
-        if let (Some(current), Some(flushed)) =
-            (lsn("Innodb_lsn_current"), lsn("Innodb_lsn_flushed"))
-            && flushed >= current
-        {
+        // flushed already; then there is nothing to do. Read once commits
+        // were blocked, that answer holds for every later flush of the
+        // hold: no commit has written redo since.
+        if self.redo_flushed {
+            return Ok("redo log already flushed".into());
+        }
+        let lsns: Vec<(String, u64)> = self.conn.query(REDO_LSNS).await.unwrap_or_default();
+        if redo_flushed(&lsns) == Some(true) {
             return Ok("redo log already flushed".into());
         }
         self.conn
@@ -891,6 +1005,53 @@ impl Frozen for MyHold {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mariadb_freezes_and_reads_in_one_text_and_skips_what_it_may_not_read() {
+        let s = statements(
+            Flavor::Mariadb {
+                major: 10,
+                minor: 11,
+            },
+            5,
+        )
+        .unwrap();
+        let ttl = Duration::from_secs(30);
+        let primary = mariadb_freeze_sql(&s, pb::Role::Primary, true, ttl);
+        let expected = format!(
+            "{}; BACKUP STAGE START; BACKUP STAGE BLOCK_COMMIT; SELECT @@gtid_binlog_pos AS gtid; \
+             SHOW MASTER STATUS; {REDO_LSNS}",
+            wait_timeout(ttl)
+        );
+        assert_eq!(primary, expected);
+        let replica = mariadb_freeze_sql(&s, pb::Role::Replica, false, ttl);
+        assert!(
+            replica.contains("SELECT @@gtid_slave_pos AS gtid"),
+            "{replica}"
+        );
+        assert!(!replica.contains("SHOW MASTER STATUS"), "{replica}");
+        // The stages come before any read: what is read is where commits stopped.
+        assert!(replica.find("BLOCK_COMMIT") < replica.find("gtid_slave_pos"));
+    }
+
+    #[test]
+    fn the_redo_log_is_flushed_only_when_the_server_says_so() {
+        let rows = |current: u64, flushed: u64| {
+            vec![
+                ("Innodb_lsn_current".to_string(), current),
+                ("Innodb_lsn_flushed".to_string(), flushed),
+            ]
+        };
+        assert_eq!(redo_flushed(&rows(100, 100)), Some(true));
+        assert_eq!(redo_flushed(&rows(100, 120)), Some(true));
+        assert_eq!(redo_flushed(&rows(120, 100)), Some(false));
+        assert_eq!(
+            redo_flushed(&rows(1, 1)[..1]),
+            None,
+            "one of the two is not proof"
+        );
+        assert_eq!(redo_flushed(&[]), None);
+    }
 
     #[test]
     fn flavours_are_detected() {
