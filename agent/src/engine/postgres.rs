@@ -655,27 +655,33 @@ impl Postgres {
         err
     }
 
+    /// The role and position, in one round trip: a simple query, which
+    /// tokio-postgres sends without preparing a statement first.
     async fn read_position(
         &self,
         client: &Client,
         step: Step,
     ) -> Result<(pb::Position, pb::Role), EngineError> {
-        let row = client
-            .query_one(POSITION_SQL, &[])
+        let messages = client
+            .simple_query(POSITION_SQL)
             .await
             .map_err(|e| self.err(step, &e))?;
-        self.position_from(&row, step)
+        self.position_from(&messages, step)
     }
 
+    /// The role and position in the answer to [`POSITION_SQL`].
     fn position_from(
         &self,
-        row: &tokio_postgres::Row,
+        messages: &[tokio_postgres::SimpleQueryMessage],
         step: Step,
     ) -> Result<(pb::Position, pb::Role), EngineError> {
-        let standby: bool = row.get(0);
-        let lsn_text: String = row.get(1);
-        let page: String = row.get(2);
-        let lsn = parse_lsn(&lsn_text).ok_or_else(|| {
+        let row = messages.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        });
+        let field = |i: usize| row.and_then(|r| r.get(i)).unwrap_or_default();
+        let (standby, lsn_text, page) = (field(0) == "t", field(1), field(2));
+        let lsn = parse_lsn(lsn_text).ok_or_else(|| {
             self.ctx
                 .err(step, Cause::Refused, format!("unparsable LSN '{lsn_text}'"))
         })?;
@@ -822,12 +828,10 @@ impl Engine for Postgres {
     }
 
     async fn position(&self) -> Result<(pb::Position, pb::Role), EngineError> {
-        let row = self
-            .with_control(Step::Position, async |c| {
-                c.query_one(POSITION_SQL, &[]).await
-            })
+        let messages = self
+            .with_control(Step::Position, async |c| c.simple_query(POSITION_SQL).await)
             .await?;
-        self.position_from(&row, Step::Position)
+        self.position_from(&messages, Step::Position)
     }
 
     async fn prepare(&self, backup_id: &str, atomic_cut: bool) -> Result<String, EngineError> {
