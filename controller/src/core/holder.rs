@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use futures_util::FutureExt;
+
 use stillpoint_proto::pb::{self, freeze_event::Event};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -75,10 +77,59 @@ pub fn thaw_accepted(result: &pb::ThawResult) -> Result<(), String> {
 pub struct EarlyFlush(oneshot::Receiver<Result<pb::Flushed, String>>);
 
 impl EarlyFlush {
+    /// The answer, if it is already there.
+    pub fn ready(&mut self) -> Option<Result<pb::Flushed, String>> {
+        match self.0.try_recv() {
+            Ok(answer) => Some(answer.and_then(flushed)),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                Some(Err("the hold ended before it answered".into()))
+            }
+        }
+    }
+
     /// What the agent did, or why it could not, as [`Holder::flush`] says.
     pub async fn answer(self) -> Result<pb::Flushed, String> {
         flushed(answered(self.0).await?)
     }
+}
+
+/// What an event from the agent does to the hold: answers the flush
+/// awaited, or fails the hold; `false` once the stream ended.
+fn on_event(
+    event: Result<Option<pb::FreezeEvent>, tonic::Status>,
+    flushing: &mut Option<Reply<pb::Flushed>>,
+    fail: &impl Fn(String),
+) -> bool {
+    match event {
+        Ok(Some(pb::FreezeEvent {
+            event: Some(Event::Flushed(f)),
+        })) => {
+            if let Some(reply) = flushing.take() {
+                let _ = reply.send(Ok(f));
+            }
+        }
+        Ok(Some(pb::FreezeEvent {
+            event: Some(Event::Failed(f)),
+        })) => {
+            fail(f.reason);
+        }
+        Ok(Some(pb::FreezeEvent {
+            event: Some(Event::Thawed(t)),
+        })) => {
+            let cause = t
+                .result
+                .map(|r| crate::core::agents::thaw_cause(r.cause))
+                .unwrap_or("?");
+            fail(format!("the agent thawed on its own ({cause})"));
+        }
+        Ok(Some(_)) => {}
+        Ok(None) | Err(_) => {
+            fail("the freeze stream ended".into());
+            return false;
+        }
+    }
+    true
 }
 
 /// An answer the hold's task sends, or why none came.
@@ -98,21 +149,37 @@ fn flushed(f: pb::Flushed) -> Result<pb::Flushed, String> {
 
 impl Holder {
     pub fn spawn(held: HeldFreeze, ttl: Duration) -> Holder {
-        Self::spawn_with(held, ttl, None)
+        Self::spawn_with(held, ttl, None, None)
     }
 
     /// Like [`Holder::spawn`], for a hold whose freeze also asked for the
     /// flush: its `flushed` event answers the returned receiver (dropped
-    /// unanswered if the hold ends first).
-    pub fn spawn_flushing(held: HeldFreeze, ttl: Duration) -> (Holder, EarlyFlush) {
+    /// unanswered if the hold ends first). An answer that came with
+    /// `frozen` is taken at once, without waiting for the hold's task.
+    pub fn spawn_flushing(mut held: HeldFreeze, ttl: Duration) -> (Holder, EarlyFlush) {
         let (reply, answer) = oneshot::channel();
-        (Self::spawn_with(held, ttl, Some(reply)), EarlyFlush(answer))
+        let first = held.next_event().now_or_never();
+        let reply = match first {
+            Some(Ok(Some(pb::FreezeEvent {
+                event: Some(Event::Flushed(f)),
+            }))) => {
+                let _ = reply.send(Ok(f));
+                return (Self::spawn_with(held, ttl, None, None), EarlyFlush(answer));
+            }
+            _ => reply,
+        };
+        (
+            Self::spawn_with(held, ttl, Some(reply), first),
+            EarlyFlush(answer),
+        )
     }
 
+    /// `first`: an event already read from the stream, handled first.
     fn spawn_with(
         mut held: HeldFreeze,
         ttl: Duration,
         flushing: Option<Reply<pb::Flushed>>,
+        first: Option<Result<Option<pb::FreezeEvent>, tonic::Status>>,
     ) -> Holder {
         let frozen = held.frozen.clone();
         let (fail_tx, failed) = watch::channel(None);
@@ -132,6 +199,11 @@ impl Holder {
             let mut ticker = tokio::time::interval(ttl / 3);
             ticker.tick().await;
             let mut flushing = flushing;
+            if let Some(event) = first
+                && !on_event(event, &mut flushing, &fail)
+            {
+                return;
+            }
             loop {
                 tokio::select! {
                     _ = ticker.tick() => {
@@ -139,23 +211,11 @@ impl Holder {
                             fail(format!("renewal failed: {}", e.message()));
                         }
                     }
-                    event = held.next_event() => match event {
-                        Ok(Some(pb::FreezeEvent { event: Some(Event::Flushed(f)) })) => {
-                            if let Some(reply) = flushing.take() {
-                                let _ = reply.send(Ok(f));
-                            }
-                        }
-                        Ok(Some(pb::FreezeEvent { event: Some(Event::Failed(f)) })) => fail(f.reason),
-                        Ok(Some(pb::FreezeEvent { event: Some(Event::Thawed(t)) })) => {
-                            let cause = t.result.map(|r| crate::core::agents::thaw_cause(r.cause)).unwrap_or("?");
-                            fail(format!("the agent thawed on its own ({cause})"));
-                        }
-                        Ok(Some(_)) => {}
-                        Ok(None) | Err(_) => {
-                            fail("the freeze stream ended".into());
+                    event = held.next_event() => {
+                        if !on_event(event, &mut flushing, &fail) {
                             return;
                         }
-                    },
+                    }
                     request = inbox.recv() => match request {
                         None => return,
                         // Renewals go on while the agent flushes.

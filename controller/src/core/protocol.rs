@@ -269,24 +269,36 @@ struct Member<'g> {
 /// the freeze acknowledged), and its answer with when it arrived.
 struct EarlyFlushing {
     since: u64,
-    answer: tokio::task::JoinHandle<(Result<pb::Flushed, String>, u64)>,
+    answer: EarlyAnswer,
+}
+
+enum EarlyAnswer {
+    /// It came with `frozen`.
+    Came(Result<pb::Flushed, String>, u64),
+    Awaited(tokio::task::JoinHandle<(Result<pb::Flushed, String>, u64)>),
 }
 
 impl EarlyFlushing {
-    fn spawn(since: u64, clock: Clock, answer: crate::core::holder::EarlyFlush) -> Self {
-        let answer = tokio::spawn(async move {
-            let result = answer.answer().await;
-            (result, clock.now_us())
-        });
+    fn spawn(since: u64, clock: Clock, mut answer: crate::core::holder::EarlyFlush) -> Self {
+        let answer = match answer.ready() {
+            Some(result) => EarlyAnswer::Came(result, clock.now_us()),
+            None => EarlyAnswer::Awaited(tokio::spawn(async move {
+                let result = answer.answer().await;
+                (result, clock.now_us())
+            })),
+        };
         EarlyFlushing { since, answer }
     }
 
     /// The answer: (asked, answered) on the controller's clock, and what
     /// the agent did.
     async fn answered(self) -> ((u64, u64), Result<pb::Flushed, String>) {
-        match self.answer.await {
-            Ok((result, at)) => ((self.since, at), result),
-            Err(e) => ((self.since, self.since), Err(e.to_string())),
+        match self.answer {
+            EarlyAnswer::Came(result, at) => ((self.since, at), result),
+            EarlyAnswer::Awaited(task) => match task.await {
+                Ok((result, at)) => ((self.since, at), result),
+                Err(e) => ((self.since, self.since), Err(e.to_string())),
+            },
         }
     }
 }
