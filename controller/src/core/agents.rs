@@ -248,6 +248,22 @@ impl OpenFreeze {
     }
 }
 
+/// Sends a hold's thaw over its stream ([`HeldFreeze::request_thaw`])
+/// without the hold itself, which another task may own.
+#[derive(Debug, Clone)]
+pub struct ThawSender(tokio::sync::mpsc::Sender<pb::FreezeRequest>);
+
+impl ThawSender {
+    pub async fn request_thaw(&self, completed: bool) -> Result<(), tonic::Status> {
+        self.0
+            .send(pb::FreezeRequest {
+                msg: Some(Msg::Thaw(pb::ThawNow { completed })),
+            })
+            .await
+            .map_err(|_| tonic::Status::unavailable("the freeze stream has ended"))
+    }
+}
+
 /// A freeze held over an open `Freeze` stream. Dropping it ends the stream,
 /// which makes the agent thaw at once.
 #[derive(Debug)]
@@ -311,6 +327,11 @@ impl HeldFreeze {
     /// what its restore needs); otherwise everything is released at once.
     pub async fn request_thaw(&self, completed: bool) -> Result<(), tonic::Status> {
         self.send(Msg::Thaw(pb::ThawNow { completed })).await
+    }
+
+    /// What sends this hold's thaw, kept by whoever does not own the hold.
+    pub fn thaw_sender(&self) -> ThawSender {
+        ThawSender(self.requests.clone())
     }
 
     /// Asks for the flush (`sync_volumes`: with `syncfs` of the member's

@@ -31,10 +31,8 @@ enum Request {
         sync_volumes: bool,
         reply: Reply<pb::Flushed>,
     },
-    Thaw {
-        completed: bool,
-        reply: Reply<pb::ThawResult>,
-    },
+    /// The thaw was sent: await its answer.
+    Thawed { reply: Reply<pb::ThawResult> },
 }
 
 /// The running renewal task of one hold.
@@ -44,13 +42,14 @@ pub struct Holder {
     /// `Some(reason)` once the hold was lost.
     pub failed: watch::Receiver<Option<String>>,
     requests: mpsc::Sender<Request>,
+    thaw_sender: crate::core::agents::ThawSender,
 }
 
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Request::Flush { .. } => "Flush",
-            Request::Thaw { .. } => "Thaw",
+            Request::Thawed { .. } => "Thawed",
         })
     }
 }
@@ -182,6 +181,7 @@ impl Holder {
         first: Option<Result<Option<pb::FreezeEvent>, tonic::Status>>,
     ) -> Holder {
         let frozen = held.frozen.clone();
+        let thaw_sender = held.thaw_sender();
         let (fail_tx, failed) = watch::channel(None);
         // The first reason is the cause; what follows it (the thaw, the
         // stream's end) is its consequence.
@@ -206,6 +206,35 @@ impl Holder {
             }
             loop {
                 tokio::select! {
+                    // Requests first: a `thawed` event that follows a thaw
+                    // asked for is that thaw's answer (see `Holder::thaw`).
+                    biased;
+                    request = inbox.recv() => match request {
+                        None => return,
+                        // Renewals go on while the agent flushes.
+                        Some(Request::Flush { sync_volumes, reply }) => match held.request_flush(sync_volumes).await {
+                            Ok(()) => flushing = Some(reply),
+                            Err(e) => {
+                                let _ = reply.send(Err(e.message().to_string()));
+                            }
+                        },
+                        Some(Request::Thawed { reply }) => {
+                            // No renewal while the answer is awaited: once the
+                            // lease lapses the agent thaws by itself, so the
+                            // answer is awaited no longer than that.
+                            let result = match tokio::time::timeout(ttl, held.thawed()).await {
+                                Ok(answer) => answer
+                                    .map_err(|e| e.message().to_string())
+                                    .and_then(|r| r.ok_or_else(|| "the stream ended without a thaw result".into())),
+                                Err(_) => Err(format!(
+                                    "no answer to the thaw within the lease TTL ({}); the agent thaws by itself once it lapses",
+                                    stillpoint_proto::duration::format_duration(ttl)
+                                )),
+                            };
+                            let _ = reply.send(result);
+                            return;
+                        }
+                    },
                     _ = ticker.tick() => {
                         if let Err(e) = held.renew().await {
                             fail(format!("renewal failed: {}", e.message()));
@@ -216,35 +245,6 @@ impl Holder {
                             return;
                         }
                     }
-                    request = inbox.recv() => match request {
-                        None => return,
-                        // Renewals go on while the agent flushes.
-                        Some(Request::Flush { sync_volumes, reply }) => match held.request_flush(sync_volumes).await {
-                            Ok(()) => flushing = Some(reply),
-                            Err(e) => {
-                                let _ = reply.send(Err(e.message().to_string()));
-                            }
-                        },
-                        Some(Request::Thaw { completed, reply }) => {
-                            // No renewal while the answer is awaited: once the
-                            // lease lapses the agent thaws by itself, so the
-                            // answer is awaited no longer than that.
-                            let result = match held.request_thaw(completed).await {
-                                Ok(()) => match tokio::time::timeout(ttl, held.thawed()).await {
-                                    Ok(answer) => answer
-                                        .map_err(|e| e.message().to_string())
-                                        .and_then(|r| r.ok_or_else(|| "the stream ended without a thaw result".into())),
-                                    Err(_) => Err(format!(
-                                        "no answer to the thaw within the lease TTL ({}); the agent thaws by itself once it lapses",
-                                        stillpoint_proto::duration::format_duration(ttl)
-                                    )),
-                                },
-                                Err(e) => Err(e.message().to_string()),
-                            };
-                            let _ = reply.send(result);
-                            return;
-                        }
-                    },
                 }
             }
         });
@@ -252,6 +252,7 @@ impl Holder {
             frozen,
             failed,
             requests,
+            thaw_sender,
         }
     }
 
@@ -285,7 +286,20 @@ impl Holder {
     /// Thaws and returns the agent's result. `completed`: the cut this
     /// hold protected is complete (the agent keeps what its restore needs).
     pub async fn thaw(self, completed: bool) -> Result<pb::ThawResult, String> {
-        self.ask(|reply| Request::Thaw { completed, reply }).await
+        // The hold's task is told first, then the thaw is sent from here,
+        // not by that task: it is on its way while the task wakes. The
+        // task reads its requests before the stream's events, so it takes
+        // the `thawed` answer as this thaw's, never as the agent's own.
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(Request::Thawed { reply })
+            .await
+            .map_err(|_| "the hold already ended".to_string())?;
+        self.thaw_sender
+            .request_thaw(completed)
+            .await
+            .map_err(|e| e.message().to_string())?;
+        answered(answer).await
     }
 }
 
