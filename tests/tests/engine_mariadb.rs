@@ -357,7 +357,16 @@ async fn the_replica_waits_for_the_primary_gtid_and_fails_at_its_bound_when_stop
         .wait_for(&target, Duration::from_secs(10))
         .await
         .unwrap();
-    assert!(reached.reached.unwrap().reached(&target).unwrap());
+    let reached = reached.reached.unwrap();
+    assert!(reached.reached(&target).unwrap());
+    // Read in the wait's own round trip: where the replica stood (idle now).
+    let Some(pb::position::Kind::Gtid(g)) = reached.kind else {
+        panic!("not a GTID position: {reached:?}");
+    };
+    assert_eq!(
+        (g.gtid_set, g.binlog_file, g.binlog_pos),
+        reported(&maria.replica, "@@gtid_slave_pos").await
+    );
 
     maria.replica.sql("STOP SLAVE").unwrap();
     c.query_drop("INSERT INTO m_positions.t VALUES (1000)")

@@ -353,6 +353,14 @@ impl Mysql {
         Ok(p)
     }
 
+    /// A new session for replica waits: flavour and role known, and
+    /// whether it may read the binary log's coordinates.
+    async fn wait_session(&self, step: Step) -> Result<Prepared, EngineError> {
+        let mut p = self.session(step).await?;
+        p.binlog_visible = binlog_visible(&mut p.conn, &p.statements).await;
+        Ok(p)
+    }
+
     /// A new session that knows the server's flavour and role.
     async fn session(&self, step: Step) -> Result<Prepared, EngineError> {
         let mut conn = self.connect(step).await?;
@@ -562,13 +570,9 @@ fn mariadb_freeze_sql(
     binlog_visible: bool,
     ttl: Duration,
 ) -> String {
-    let gtid = match role {
-        pb::Role::Replica => "SELECT @@gtid_slave_pos AS gtid",
-        _ => "SELECT @@gtid_binlog_pos AS gtid",
-    };
     let mut sql = vec![wait_timeout(ttl)];
     sql.extend(s.freeze.iter().cloned());
-    sql.push(gtid.into());
+    sql.push(gtid_select(role).into());
     if binlog_visible {
         sql.push(s.binlog_status.into());
     }
@@ -606,6 +610,67 @@ impl FreezeRead {
         read.redo_flushed = redo_flushed(&lsns);
         read
     }
+}
+
+impl FreezeRead {
+    fn position(&self, flavor: Flavor) -> pb::Position {
+        let (file, pos) = &self.coordinates;
+        make::gtid(flavor.gtid_flavor(), &self.gtid, file, *pos)
+    }
+}
+
+/// The `SELECT` of a member's own GTID set, named `gtid`.
+fn gtid_select(role: pb::Role) -> &'static str {
+    match role {
+        pb::Role::Replica => "SELECT @@gtid_slave_pos AS gtid",
+        _ => "SELECT @@gtid_binlog_pos AS gtid",
+    }
+}
+
+/// A GTID set MariaDB's text protocol can carry as a literal: its sets are
+/// digits, dashes and commas; anything else goes as a parameter.
+fn mariadb_gtid_literal(set: &str) -> bool {
+    set.chars()
+        .all(|c| c.is_ascii_digit() || matches!(c, '-' | ',' | ' '))
+}
+
+/// MariaDB's replica wait and, in the same round trip, where the replica
+/// then stands.
+fn mariadb_wait_sql(p: &Prepared, set: &str, seconds: f64) -> String {
+    let mut sql = vec![
+        format!("SELECT MASTER_GTID_WAIT('{set}', {seconds}) AS waited"),
+        gtid_select(p.role).to_string(),
+    ];
+    if p.binlog_visible {
+        sql.push(p.statements.binlog_status.into());
+    }
+    sql.join("; ")
+}
+
+/// Waits on `p` for GTID set `set` at most `seconds`: the wait function's
+/// result and, on MariaDB, the position read in the same round trip (on
+/// MySQL the caller reads it).
+async fn wait_as(
+    p: &mut Prepared,
+    set: &str,
+    seconds: f64,
+) -> Result<(Option<i64>, Option<FreezeRead>), mysql_async::Error> {
+    if !(matches!(p.flavor, Flavor::Mariadb { .. }) && mariadb_gtid_literal(set)) {
+        let result = p
+            .conn
+            .exec_first(p.statements.wait, (set.to_string(), seconds))
+            .await?;
+        return Ok((result, None));
+    }
+    let sql = mariadb_wait_sql(p, set, seconds);
+    let sets = query_sets(&mut p.conn, &sql).await?;
+    let waited = sets
+        .iter()
+        .flatten()
+        .find(|r| r.columns_ref().iter().any(|c| c.name_str() == "waited"))
+        .and_then(|r| r.get_opt::<Option<i64>, _>(0).and_then(Result::ok))
+        .flatten();
+    Ok((waited, Some(FreezeRead::of(&sets))))
 }
 
 /// Runs a multi-statement text and collects every result set's rows.
@@ -706,7 +771,7 @@ impl Engine for Mysql {
         });
         let mut wait = self.wait.lock().await;
         if wait.is_none() {
-            *wait = Some(self.session(Step::Prepare).await?);
+            *wait = Some(self.wait_session(Step::Prepare).await?);
         }
         Ok("tables flushed; freeze and wait sessions open".into())
     }
@@ -756,12 +821,7 @@ impl Engine for Mysql {
             ..
         } = prepared;
         let position = match mariadb {
-            true => make::gtid(
-                flavor.gtid_flavor(),
-                &read.gtid,
-                &read.coordinates.0,
-                read.coordinates.1,
-            ),
+            true => read.position(flavor),
             false => match self
                 .position_as(&mut conn, flavor, &s, role, Step::Freeze)
                 .await
@@ -805,7 +865,7 @@ impl Engine for Mysql {
         let cached = self.wait.lock().await.take();
         let mut session = match cached {
             Some(session) => session,
-            None => self.session(Step::Wait).await?,
+            None => self.wait_session(Step::Wait).await?,
         };
         if session.flavor.gtid_flavor() as i32 != want.flavor {
             return Err(self.ctx.err(
@@ -816,19 +876,12 @@ impl Engine for Mysql {
         }
         let started = Instant::now();
         let seconds = timeout.as_secs_f64();
-        let params = (want.gtid_set.clone(), seconds);
-        let result: Option<i64> = match session
-            .conn
-            .exec_first(session.statements.wait, params.clone())
-            .await
-        {
+        let (result, read) = match wait_as(&mut session, &want.gtid_set, seconds).await {
             Ok(r) => r,
             // The kept session was closed while idle: once more, anew.
             Err(e) if !matches!(e, mysql_async::Error::Server(_)) => {
-                session = self.session(Step::Wait).await?;
-                session
-                    .conn
-                    .exec_first(session.statements.wait, params)
+                session = self.wait_session(Step::Wait).await?;
+                wait_as(&mut session, &want.gtid_set, seconds)
                     .await
                     .map_err(|e| self.err(Step::Wait, &e))?
             }
@@ -841,9 +894,13 @@ impl Engine for Mysql {
             role,
             binlog_visible,
         } = session;
-        let position = self
-            .position_as(&mut conn, flavor, &s, role, Step::Wait)
-            .await?;
+        let position = match read {
+            Some(read) => read.position(flavor),
+            None => {
+                self.position_as(&mut conn, flavor, &s, role, Step::Wait)
+                    .await?
+            }
+        };
         *self.wait.lock().await = Some(Prepared {
             conn,
             flavor,
@@ -1032,6 +1089,15 @@ mod tests {
         assert!(!replica.contains("SHOW MASTER STATUS"), "{replica}");
         // The stages come before any read: what is read is where commits stopped.
         assert!(replica.find("BLOCK_COMMIT") < replica.find("gtid_slave_pos"));
+    }
+
+    #[test]
+    fn only_a_set_of_digits_dashes_and_commas_goes_into_the_text_of_a_wait() {
+        assert!(mariadb_gtid_literal("0-1-3,1-2-40"));
+        assert!(mariadb_gtid_literal(""));
+        for hostile in ["0-1-3'); DROP TABLE t; --", "0-1-3\\", "3E11FA47-71CA:1-5"] {
+            assert!(!mariadb_gtid_literal(hostile), "{hostile}");
+        }
     }
 
     #[test]
