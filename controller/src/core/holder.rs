@@ -29,7 +29,7 @@ type Reply<T> = oneshot::Sender<Result<T, String>>;
 enum Request {
     Flush {
         sync_volumes: bool,
-        reply: Reply<pb::Flushed>,
+        reply: Reply<Arrived>,
     },
     /// The thaw was sent: await its answer.
     Thawed { reply: Reply<pb::ThawResult> },
@@ -73,23 +73,36 @@ pub fn thaw_accepted(result: &pb::ThawResult) -> Result<(), String> {
 /// The answer to a flush asked for with the freeze
 /// ([`Holder::spawn_flushing`]).
 #[derive(Debug)]
-pub struct EarlyFlush(oneshot::Receiver<Result<pb::Flushed, String>>);
+pub struct EarlyFlush(oneshot::Receiver<Result<Arrived, String>>);
+
+/// A `flushed` event and when it arrived.
+pub type Arrived = (pb::Flushed, tokio::time::Instant);
 
 impl EarlyFlush {
-    /// The answer, if it is already there.
-    pub fn ready(&mut self) -> Option<Result<pb::Flushed, String>> {
+    /// The answer and when it arrived, if it is already there.
+    pub fn ready(&mut self) -> Option<(Result<pb::Flushed, String>, Option<tokio::time::Instant>)> {
         match self.0.try_recv() {
-            Ok(answer) => Some(answer.and_then(flushed)),
+            Ok(answer) => Some(Self::split(answer)),
             Err(oneshot::error::TryRecvError::Empty) => None,
             Err(oneshot::error::TryRecvError::Closed) => {
-                Some(Err("the hold ended before it answered".into()))
+                Some((Err("the hold ended before it answered".into()), None))
             }
         }
     }
 
-    /// What the agent did, or why it could not, as [`Holder::flush`] says.
-    pub async fn answer(self) -> Result<pb::Flushed, String> {
-        flushed(answered(self.0).await?)
+    /// What the agent did, or why it could not, as [`Holder::flush`] says,
+    /// and when it arrived.
+    pub async fn answer(self) -> (Result<pb::Flushed, String>, Option<tokio::time::Instant>) {
+        Self::split(answered(self.0).await)
+    }
+
+    fn split(
+        answer: Result<Arrived, String>,
+    ) -> (Result<pb::Flushed, String>, Option<tokio::time::Instant>) {
+        match answer {
+            Ok((f, at)) => (flushed(f), Some(at)),
+            Err(e) => (Err(e), None),
+        }
     }
 }
 
@@ -97,7 +110,7 @@ impl EarlyFlush {
 /// awaited, or fails the hold; `false` once the stream ended.
 fn on_event(
     event: Result<Option<pb::FreezeEvent>, tonic::Status>,
-    flushing: &mut Option<Reply<pb::Flushed>>,
+    flushing: &mut Option<Reply<Arrived>>,
     fail: &impl Fn(String),
 ) -> bool {
     match event {
@@ -105,7 +118,7 @@ fn on_event(
             event: Some(Event::Flushed(f)),
         })) => {
             if let Some(reply) = flushing.take() {
-                let _ = reply.send(Ok(f));
+                let _ = reply.send(Ok((f, tokio::time::Instant::now())));
             }
         }
         Ok(Some(pb::FreezeEvent {
@@ -162,7 +175,7 @@ impl Holder {
             Some(Ok(Some(pb::FreezeEvent {
                 event: Some(Event::Flushed(f)),
             }))) => {
-                let _ = reply.send(Ok(f));
+                let _ = reply.send(Ok((f, tokio::time::Instant::now())));
                 return (Self::spawn_with(held, ttl, None, None), EarlyFlush(answer));
             }
             _ => reply,
@@ -177,7 +190,7 @@ impl Holder {
     fn spawn_with(
         mut held: HeldFreeze,
         ttl: Duration,
-        flushing: Option<Reply<pb::Flushed>>,
+        flushing: Option<Reply<Arrived>>,
         first: Option<Result<Option<pb::FreezeEvent>, tonic::Status>>,
     ) -> Holder {
         let frozen = held.frozen.clone();
@@ -280,7 +293,7 @@ impl Holder {
                 reply,
             })
             .await?;
-        flushed(flushed_event)
+        flushed(flushed_event.0)
     }
 
     /// Thaws and returns the agent's result. `completed`: the cut this

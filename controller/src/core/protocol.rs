@@ -275,17 +275,19 @@ struct EarlyFlushing {
 enum EarlyAnswer {
     /// It came with `frozen`.
     Came(Result<pb::Flushed, String>, u64),
-    Awaited(tokio::task::JoinHandle<(Result<pb::Flushed, String>, u64)>),
+    /// Awaited by the flush phase itself, no task of its own in between;
+    /// marked when it arrived at the hold.
+    Awaited(crate::core::holder::EarlyFlush, Clock),
 }
 
 impl EarlyFlushing {
-    fn spawn(since: u64, clock: Clock, mut answer: crate::core::holder::EarlyFlush) -> Self {
+    fn new(since: u64, clock: Clock, mut answer: crate::core::holder::EarlyFlush) -> Self {
         let answer = match answer.ready() {
-            Some(result) => EarlyAnswer::Came(result, clock.now_us()),
-            None => EarlyAnswer::Awaited(tokio::spawn(async move {
-                let result = answer.answer().await;
-                (result, clock.now_us())
-            })),
+            Some((result, at)) => EarlyAnswer::Came(
+                result,
+                at.map_or_else(|| clock.now_us(), |at| clock.us_at(at)),
+            ),
+            None => EarlyAnswer::Awaited(answer, clock),
         };
         EarlyFlushing { since, answer }
     }
@@ -295,10 +297,11 @@ impl EarlyFlushing {
     async fn answered(self) -> ((u64, u64), Result<pb::Flushed, String>) {
         match self.answer {
             EarlyAnswer::Came(result, at) => ((self.since, at), result),
-            EarlyAnswer::Awaited(task) => match task.await {
-                Ok((result, at)) => ((self.since, at), result),
-                Err(e) => ((self.since, self.since), Err(e.to_string())),
-            },
+            EarlyAnswer::Awaited(answer, clock) => {
+                let (result, at) = answer.answer().await;
+                let at = at.map_or_else(|| clock.now_us(), |at| clock.us_at(at));
+                ((self.since, at), result)
+            }
         }
     }
 }
@@ -1003,7 +1006,7 @@ impl<'a, 'g> Run<'a, 'g> {
         m.holder = Some(match m.flush_at_freeze {
             Some(_) => {
                 let (holder, answer) = Holder::spawn_flushing(held, ttl);
-                m.early_flush = Some(EarlyFlushing::spawn(frozen, clock.clone(), answer));
+                m.early_flush = Some(EarlyFlushing::new(frozen, clock.clone(), answer));
                 holder
             }
             None => Holder::spawn(held, ttl),

@@ -56,6 +56,11 @@ impl Clock {
         self.start.elapsed().as_micros() as u64
     }
 
+    /// `at` in µs since the start.
+    pub fn us_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.start).as_micros() as u64
+    }
+
     /// The start, in µs since the Unix epoch.
     pub fn origin_unix_us(&self) -> u64 {
         self.wall
