@@ -132,7 +132,13 @@ pub fn release(backup_id: &str) -> bool {
     release.is_some_and(|r| r.send(()).is_ok())
 }
 
+/// The replication slot of `backup_id` on this agent: readable (the id's
+/// first 32 characters, lowercased, others as `_`), unique (a hash of the
+/// whole id: ids that differ only past those characters, as a long
+/// group's backups do, get slots of their own) and within PostgreSQL's 63
+/// bytes.
 pub fn slot_name(backup_id: &str) -> String {
+    use sha2::Digest;
     let clean: String = backup_id
         .chars()
         .map(|c| {
@@ -142,9 +148,11 @@ pub fn slot_name(backup_id: &str) -> String {
                 '_'
             }
         })
-        .take(40)
+        .take(32)
         .collect();
-    format!("stillpoint_{clean}_{}", std::process::id())
+    let digest = sha2::Sha256::digest(backup_id.as_bytes());
+    let hash: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("stillpoint_{clean}_{hash}_{}", std::process::id())
 }
 
 /// What holds the replication slots, for the error when none is left.
@@ -1147,6 +1155,18 @@ mod tests {
         // Another page size; an unknown one (0) leaves it as it is.
         assert_eq!(wal_end(0x1_0000 + 24, 32768), 0x1_0000);
         assert_eq!(wal_end(0x0300_2000 + 24, 0), 0x0300_2000 + 24);
+    }
+
+    #[test]
+    fn backups_whose_ids_differ_only_at_the_end_get_slots_of_their_own() {
+        let group = "shop/orders-database-consistency-group-with-a-long-name";
+        let a = slot_name(&format!("{group}-20261207t101500z"));
+        let b = slot_name(&format!("{group}-20261207t103000z"));
+        assert_ne!(a, b);
+        assert_eq!(a, slot_name(&format!("{group}-20261207t101500z")));
+        for name in [a, b] {
+            assert!(name.len() <= 63, "{name}");
+        }
     }
 
     #[test]
