@@ -283,10 +283,7 @@ enum EarlyAnswer {
 impl EarlyFlushing {
     fn new(since: u64, clock: Clock, mut answer: crate::core::holder::EarlyFlush) -> Self {
         let answer = match answer.ready() {
-            Some((result, at)) => EarlyAnswer::Came(
-                result,
-                at.map_or_else(|| clock.now_us(), |at| clock.us_at(at)),
-            ),
+            Some((result, at)) => EarlyAnswer::Came(result, clock.us_at(at)),
             None => EarlyAnswer::Awaited(answer, clock),
         };
         EarlyFlushing { since, answer }
@@ -299,7 +296,7 @@ impl EarlyFlushing {
             EarlyAnswer::Came(result, at) => ((self.since, at), result),
             EarlyAnswer::Awaited(answer, clock) => {
                 let (result, at) = answer.answer().await;
-                let at = at.map_or_else(|| clock.now_us(), |at| clock.us_at(at));
+                let at = clock.us_at(at);
                 ((self.since, at), result)
             }
         }

@@ -56,9 +56,12 @@ impl Clock {
         self.start.elapsed().as_micros() as u64
     }
 
-    /// `at` in µs since the start.
-    pub fn us_at(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.start).as_micros() as u64
+    /// `at` in µs since the start; now when it is not known.
+    pub fn us_at(&self, at: Option<Instant>) -> u64 {
+        at.map_or_else(
+            || self.now_us(),
+            |at| at.saturating_duration_since(self.start).as_micros() as u64,
+        )
     }
 
     /// The start, in µs since the Unix epoch.
