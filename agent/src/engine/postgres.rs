@@ -564,8 +564,8 @@ impl Postgres {
                     let position = rows.next().and_then(|row| {
                         let primary = row.get(0) == Some("f");
                         let lsn = parse_lsn(row.get(1)?)?;
-                        let page = row.get(2)?.parse().ok()?;
-                        primary.then(|| make::lsn(wal_end(lsn, page)))
+                        let sizes = wal_sizes(row.get(2), row.get(3));
+                        primary.then(|| make::lsn(wal_end(lsn, sizes)))
                     });
                     return Ok(position);
                 }
@@ -687,15 +687,18 @@ impl Postgres {
             tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
             _ => None,
         });
-        let field = |i: usize| row.and_then(|r| r.get(i)).unwrap_or_default();
-        let (standby, lsn_text, page) = (field(0) == "t", field(1), field(2));
+        let field = |i: usize| row.and_then(|r| r.get(i));
+        let (standby, lsn_text) = (field(0) == Some("t"), field(1).unwrap_or_default());
         let lsn = parse_lsn(lsn_text).ok_or_else(|| {
             self.ctx
                 .err(step, Cause::Refused, format!("unparsable LSN '{lsn_text}'"))
         })?;
         let (lsn, role) = match standby {
             true => (lsn, pb::Role::Replica),
-            false => (wal_end(lsn, page.parse().unwrap_or(0)), pb::Role::Primary),
+            false => {
+                let sizes = wal_sizes(field(2), field(3));
+                (wal_end(lsn, sizes), pb::Role::Primary)
+            }
         };
         Ok((make::lsn(lsn), role))
     }
@@ -733,23 +736,49 @@ pub fn data_paths(
 /// The role and the position: replay LSN on a standby; on a primary the
 /// insert LSN, which covers every commit it acknowledged (with
 /// `synchronous_commit = off`, the write LSN can be behind them), taken to
-/// the end of the written WAL by [`wal_end`] with the WAL page size.
+/// the end of the written WAL by [`wal_end`] with the WAL page and segment
+/// sizes (in bytes).
 const POSITION_SQL: &str = "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() \
      THEN COALESCE(pg_last_wal_replay_lsn(), '0/0') ELSE pg_current_wal_insert_lsn() END)::text, \
-     current_setting('wal_block_size')";
+     current_setting('wal_block_size'), pg_size_bytes(current_setting('wal_segment_size'))";
 
-/// The end of the WAL a primary wrote, from its insert pointer (`insert`)
-/// and its WAL page size. When the last record ended exactly at a page
-/// boundary (a segment switch, or by chance), the insert pointer lies past
-/// the next page's header — 24 bytes, 40 at a segment's start — where no
-/// record can end (the shortest ends 24 bytes after it): a standby that
-/// replayed everything stands at the boundary itself, and would wait for
-/// the header's end until the primary writes again.
-pub fn wal_end(insert: u64, page: u64) -> u64 {
+/// The sizes [`wal_end`] needs, from the third and fourth columns of
+/// [`POSITION_SQL`] (0 where unreadable: [`wal_end`] then leaves the
+/// pointer as it is).
+fn wal_sizes(page: Option<&str>, segment: Option<&str>) -> WalSizes {
+    let bytes = |v: Option<&str>| v.and_then(|v| v.parse().ok()).unwrap_or(0);
+    WalSizes {
+        page: bytes(page),
+        segment: bytes(segment),
+    }
+}
+
+/// A server's WAL page (`wal_block_size`) and segment (`wal_segment_size`)
+/// sizes, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct WalSizes {
+    pub page: u64,
+    pub segment: u64,
+}
+
+/// The end of the WAL a primary wrote, from its insert pointer (`insert`).
+/// When the last record ended exactly at a page boundary (a segment
+/// switch, or by chance), the insert pointer lies past the next page's
+/// header — 40 bytes at a segment's start, 24 on every other page — where
+/// no record can end: a standby that replayed everything stands at the
+/// boundary itself, and would wait for the header's end until the primary
+/// writes again. Anywhere else the pointer is where a record ended — also
+/// 40 bytes into a page that does not start a segment, where a record
+/// continued from the page before ends.
+pub fn wal_end(insert: u64, sizes: WalSizes) -> u64 {
     const SHORT_HEADER: u64 = 24;
     const LONG_HEADER: u64 = 40;
-    match insert.checked_rem(page) {
-        Some(SHORT_HEADER | LONG_HEADER) => insert - insert % page,
+    match (
+        insert.checked_rem(sizes.segment),
+        insert.checked_rem(sizes.page),
+    ) {
+        (Some(LONG_HEADER), _) => insert - LONG_HEADER,
+        (_, Some(SHORT_HEADER)) => insert - SHORT_HEADER,
         _ => insert,
     }
 }
@@ -1143,18 +1172,38 @@ mod tests {
 
     #[test]
     fn a_primarys_position_is_where_its_written_wal_ends() {
-        let page = 8192;
+        let sizes = |page, segment| WalSizes { page, segment };
+        let default = sizes(8192, 16 << 20);
         // Past a page's header with nothing after it: the boundary.
-        assert_eq!(wal_end(0x0300_2000 + 24, page), 0x0300_2000);
+        assert_eq!(wal_end(0x0300_2000 + 24, default), 0x0300_2000);
         // Past a segment's long header: the segment's start.
-        assert_eq!(wal_end(0x0400_0000 + 40, page), 0x0400_0000);
-        // Inside a page, where records end: as it is.
-        for lsn in [0x0400_0000 + 48, 0x0300_2000 + 32, 0x0300_2000, 0x0300_1ff8] {
-            assert_eq!(wal_end(lsn, page), lsn, "{lsn:#x}");
+        assert_eq!(wal_end(0x0400_0000 + 40, default), 0x0400_0000);
+        // Inside a page, where records end: as it is. 40 bytes into a page
+        // that does not start a segment is where a record continued from
+        // the page before ends (16 bytes after the short header).
+        for lsn in [
+            0x0302_a000 + 40,
+            0x0400_0000 + 48,
+            0x0300_2000 + 32,
+            0x0300_2000,
+            0x0300_1ff8,
+        ] {
+            assert_eq!(wal_end(lsn, default), lsn, "{lsn:#x}");
         }
-        // Another page size; an unknown one (0) leaves it as it is.
-        assert_eq!(wal_end(0x1_0000 + 24, 32768), 0x1_0000);
-        assert_eq!(wal_end(0x0300_2000 + 24, 0), 0x0300_2000 + 24);
+        // Other sizes.
+        assert_eq!(wal_end(0x1_0000 + 24, sizes(32768, 16 << 20)), 0x1_0000);
+        assert_eq!(wal_end(0x0010_0000 + 40, sizes(8192, 1 << 20)), 0x0010_0000);
+        assert_eq!(
+            wal_end(0x0200_0000 + 40, sizes(8192, 1 << 30)),
+            0x0200_0000 + 40
+        );
+        // An unknown size (0) leaves what it decides as it is.
+        assert_eq!(
+            wal_end(0x0300_2000 + 24, sizes(0, 16 << 20)),
+            0x0300_2000 + 24
+        );
+        assert_eq!(wal_end(0x0300_2000 + 24, sizes(8192, 0)), 0x0300_2000);
+        assert_eq!(wal_end(0x0400_0000 + 40, sizes(8192, 0)), 0x0400_0000 + 40);
     }
 
     #[test]
