@@ -174,12 +174,14 @@ async fn an_atomic_cut_needs_no_backup_session_and_the_fence_still_holds() {
         prepared.detail
     );
     let backups = async || -> i64 {
-        // No backup is in progress and no stillpoint slot exists.
+        // No backup is in progress and no slot of this backup exists (its
+        // name ends in the agent's pid, which this process does not know).
         db.query_one(
-            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1) \
+            "SELECT (SELECT count(*) FROM pg_replication_slots \
+                      WHERE slot_name LIKE 'stillpoint\\_b\\_atomic\\_%') \
              + (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
                 AND query ILIKE '%pg_backup_start%' AND pid <> pg_backend_pid())",
-            &[&stillpoint_agent::engine::postgres::slot_name("b-atomic")],
+            &[],
         )
         .await
         .unwrap()
