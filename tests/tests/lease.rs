@@ -395,3 +395,53 @@ async fn freeze_latency_is_configurable_and_positions_advance() {
         .into_inner();
     assert!(waited.reached.unwrap().reached(&at_freeze).unwrap());
 }
+
+/// The worst ordering for a thaw through a [`Holder`]: the agent's
+/// `thawed` answer has arrived before the hold's task runs again. The
+/// task must still take it as that thaw's answer, never as the agent
+/// thawing on its own (which would fail a completed backup). Made
+/// deterministic: the agent's connection runs on a runtime of its own,
+/// and the hold's runtime — one thread — is stopped from the moment the
+/// thaw is sent until the agent has thawed.
+#[test]
+fn a_thaw_answered_before_the_holds_task_runs_again_is_its_answer() {
+    use stillpoint_controller::core::holder::Holder;
+    let io = tokio::runtime::Runtime::new().unwrap();
+    let mut s = io.block_on(setup("thaw-order"));
+    let ttl = Duration::from_secs(30);
+    for round in 0..20 {
+        let id = format!("b-order-{round}");
+        let held = io
+            .block_on(HeldFreeze::start(&mut s.client, &id, ttl))
+            .unwrap();
+        let hold = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let result = hold.block_on(async {
+            let holder = Holder::spawn(held, ttl);
+            // The hold's task runs until it waits for a request or an event.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            let mut thaw = std::pin::pin!(holder.thaw(true));
+            // Once polled, the thaw's request is queued and the thaw is on
+            // its way; then this runtime's only thread waits, so the hold's
+            // task cannot run while the agent thaws and answers.
+            assert!(futures_util::poll!(thaw.as_mut()).is_pending());
+            let started = Instant::now();
+            while s.frozen() {
+                assert!(started.elapsed() < ttl, "round {round}: never thawed");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            thaw.await
+        });
+        let result = result.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(
+            result.cause,
+            pb::ThawCause::Requested as i32,
+            "round {round}"
+        );
+    }
+}
