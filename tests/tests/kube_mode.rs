@@ -4990,6 +4990,63 @@ async fn a_status_write_delivered_after_another_write_is_refused() {
     assert_eq!(q.status.and_then(|s| s.run_by).as_deref(), Some("new"));
 }
 
+/// A GroupBackup's status is written only over the status its writer last
+/// saw: a deposed leader's write, delivered after the new leader failed
+/// the backup, is refused; so is one from a view older than the status;
+/// a change of labels in between is not a reason to refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backups_status_write_over_a_status_it_did_not_see_is_refused() {
+    use stillpoint_controller::kube::crd::{BackupPhase, GroupBackup};
+    use stillpoint_controller::kube::store::StatusWriter;
+    let space = Space::new("stale-backup").await;
+    let ns = space.ns.clone();
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupBackup\nmetadata: {{name: b, namespace: {ns}}}\n\
+             spec: {{group: none}}"
+        ))
+        .await;
+    let api: Api<GroupBackup> = Api::namespaced(space.admin.clone(), &ns);
+    let phase = async || api.get("b").await.unwrap().status.and_then(|s| s.phase);
+    // The first leader runs it.
+    let old = StatusWriter::new(space.admin.clone(), &api.get("b").await.unwrap());
+    old.update(|s| {
+        s.phase = Some(BackupPhase::Running);
+        s.run_by = Some("old".into());
+    })
+    .await
+    .unwrap();
+    let running = api.get("b").await.unwrap();
+    // A label added meanwhile: the status is still the one it wrote.
+    let label = serde_json::json!({"metadata": {"labels": {"team": "a"}}});
+    api.patch("b", &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .unwrap();
+    old.update(|s| s.freeze_window = Some("1ms".into()))
+        .await
+        .unwrap();
+    // The next leader fails it (the first one's partition).
+    let new = StatusWriter::new(space.admin.clone(), &api.get("b").await.unwrap());
+    new.update(|s| s.phase = Some(BackupPhase::Failed))
+        .await
+        .unwrap();
+    // The first leader's write, delayed until now, is refused.
+    let late = old.update(|s| s.phase = Some(BackupPhase::Succeeded)).await;
+    assert!(
+        matches!(&late, Err(::kube::Error::Api(e)) if e.code == 409),
+        "{late:?}"
+    );
+    assert_eq!(phase().await, Some(BackupPhase::Failed), "a late write won");
+    // A view from before the new leader's write: refused as well.
+    let stale = StatusWriter::new(space.admin.clone(), &running);
+    let from_cache = stale.update(|s| s.phase = Some(BackupPhase::Failed)).await;
+    assert!(
+        matches!(&from_cache, Err(::kube::Error::Api(e)) if e.code == 409),
+        "{from_cache:?}"
+    );
+    assert_eq!(phase().await, Some(BackupPhase::Failed));
+}
+
 /// A Redis pod `name` (label `app: <app>`) that opted in to injection,
 /// on PVC `data-<name>`.
 fn opted_in_redis(ns: &str, name: &str, app: &str) -> String {

@@ -582,7 +582,9 @@ async fn cleanup_backup(backup: &GroupBackup, ctx: &Context) -> Result<Action, R
     Ok(Action::await_change())
 }
 
-/// Running, but not here: the controller that ran it is gone.
+/// Running, but not here: the controller that ran it is gone. Failed
+/// first, over the status seen: if that view is stale (the run ended and
+/// recorded it since), the write is refused and nothing is deleted.
 async fn orphaned(backup: &GroupBackup, ctx: &Context) -> Result<Action, ReconcileError> {
     let by = backup
         .status
@@ -591,10 +593,11 @@ async fn orphaned(backup: &GroupBackup, ctx: &Context) -> Result<Action, Reconci
         .unwrap_or_default();
     let message = format!(
         "the controller running this backup ({by}) stopped before it ended; its members thawed \
-         when their lease ran out, and its partial snapshots were deleted"
+         when their lease ran out, and its partial snapshots are deleted"
     );
+    let action = fail(ctx, backup, Reason::ControllerRestarted, message).await?;
     delete_snapshots(ctx, backup).await?;
-    fail(ctx, backup, Reason::ControllerRestarted, message).await
+    Ok(action)
 }
 
 /// Whether another backup of the same group is running (here, or by its

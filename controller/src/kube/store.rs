@@ -89,13 +89,37 @@ pub enum ArtefactsSecretError {
 /// Each pod's member (of the group's spec) and the workload that runs it.
 pub type MemberOf = BTreeMap<String, (String, Option<WorkloadRef>)>;
 
-/// Writes one GroupBackup's status: always all of it, as one field manager.
+/// A writer's status and what it last saw of the object on the server.
+#[derive(Debug)]
+struct Written {
+    /// The status it writes (whole).
+    status: GroupBackupStatus,
+    /// The object's `resourceVersion` after its last write (or when the
+    /// writer was made).
+    version: String,
+    /// The object's status at `version`.
+    seen: Option<GroupBackupStatus>,
+}
+
+/// How often a status write refused for a change of the object that left
+/// its status alone (labels, annotations, the spec) is tried again.
+const CONFLICT_RETRIES: usize = 5;
+
+/// Writes one GroupBackup's status: always all of it, as one field manager,
+/// and only over the status it last saw. Each write has the object's
+/// `resourceVersion` as it was after the last write (or when the writer
+/// was made) as its precondition. Refused because the object changed, it
+/// is tried again if the status is still the one it last saw (the labels,
+/// annotations or spec changed), and otherwise not at all: another
+/// controller replica (a new leader), or an earlier reconcile seen through
+/// a stale cache, wrote the status since. So a write that a partition
+/// delayed past a new leader's is refused, not applied over it.
 #[derive(Debug, Clone)]
 pub struct StatusWriter {
     api: Api<GroupBackup>,
     secrets: Api<Secret>,
     backup: GroupBackup,
-    status: Arc<Mutex<GroupBackupStatus>>,
+    status: Arc<Mutex<Written>>,
     /// Which member (of the group's spec) each pod is, and its workload.
     member_of: Arc<std::sync::Mutex<MemberOf>>,
     /// The controller's namespace, where a content keeps its Secret.
@@ -109,7 +133,11 @@ impl StatusWriter {
             api: Api::namespaced(client.clone(), &ns),
             secrets: Api::namespaced(client, &ns),
             backup: backup.clone(),
-            status: Arc::new(Mutex::new(backup.status.clone().unwrap_or_default())),
+            status: Arc::new(Mutex::new(Written {
+                status: backup.status.clone().unwrap_or_default(),
+                version: backup.resource_version().unwrap_or_default(),
+                seen: backup.status.clone(),
+            })),
             member_of: Arc::default(),
             keep_in: String::new(),
         }
@@ -134,23 +162,53 @@ impl StatusWriter {
 
     /// The status as last written.
     pub async fn current(&self) -> GroupBackupStatus {
-        self.status.lock().await.clone()
+        self.status.lock().await.status.clone()
     }
 
-    /// Changes the status and applies it.
+    /// Changes the status and applies it over the status last seen (see
+    /// [`StatusWriter`]); a 409 Conflict when another wrote it since.
     pub async fn update(
         &self,
         change: impl FnOnce(&mut GroupBackupStatus),
     ) -> Result<(), kube::Error> {
-        let mut status = self.status.lock().await;
-        change(&mut status);
-        status.observed_generation = self.backup.metadata.generation;
-        let generation = status.observed_generation;
-        fit(&mut *status, generation);
+        let mut written = self.status.lock().await;
+        let w = &mut *written;
+        change(&mut w.status);
+        w.status.observed_generation = self.backup.metadata.generation;
+        let generation = w.status.observed_generation;
+        fit(&mut w.status, generation);
+        let mut retries = CONFLICT_RETRIES;
+        loop {
+            match self.apply_at(&w.version, &w.status).await {
+                Ok(applied) => {
+                    w.version = applied.resource_version().unwrap_or_default();
+                    w.seen = applied.status;
+                    return Ok(());
+                }
+                Err(kube::Error::Api(refused)) if refused.code == 409 && retries > 0 => {
+                    retries -= 1;
+                    let now = self.api.get(&self.name()).await?;
+                    if now.status != w.seen {
+                        return Err(self.superseded(refused));
+                    }
+                    w.version = now.resource_version().unwrap_or_default();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Applies `status` if the object is at `version`.
+    async fn apply_at(
+        &self,
+        version: &str,
+        status: &GroupBackupStatus,
+    ) -> Result<GroupBackup, kube::Error> {
         let patch = json!({
             "apiVersion": "stillpoint.dev/v1alpha1",
             "kind": "GroupBackup",
-            "status": *status,
+            "metadata": { "resourceVersion": version },
+            "status": status,
         });
         self.api
             .patch_status(
@@ -158,8 +216,19 @@ impl StatusWriter {
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&patch),
             )
-            .await?;
-        Ok(())
+            .await
+    }
+
+    /// The API server's refusal, saying why the write is not tried again.
+    fn superseded(&self, mut refused: Box<kube::core::Status>) -> kube::Error {
+        refused.message = format!(
+            "GroupBackup {}: its status was written by another since this controller \
+             replica last saw it (another replica leads, or the backup ended); this \
+             replica's write is dropped: {}",
+            self.name(),
+            refused.message
+        );
+        kube::Error::Api(refused)
     }
 
     /// The owner reference of what the backup owns.
