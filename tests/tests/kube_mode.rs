@@ -1326,6 +1326,18 @@ async fn a_controller_killed_mid_freeze_is_replaced_and_its_backup_failed_and_cl
     if let Err(e) = deleted {
         panic!("{e}\n{}", dump_snapshots(&space, &uid).await);
     }
+    // And says so, once they are.
+    let said = wait_async("SnapshotsDeleted True", BOUND, || {
+        let space = &space;
+        async move {
+            let s = status(&space.finished("doomed").await);
+            Ok(s.conditions
+                .iter()
+                .any(|c| c.type_ == "SnapshotsDeleted" && c.status == "True"))
+        }
+    })
+    .await;
+    said.unwrap_or_else(|e| panic!("{e}"));
 
     // SIGTERM mid-freeze: the backup is aborted, the group thawed at once
     // (not by lease), the Lease released, and the controller exits.

@@ -505,23 +505,31 @@ async fn fail(
     let writer = StatusWriter::new(ctx.client.clone(), backup);
     let generation = backup.metadata.generation;
     writer
-        .update(|s| {
-            s.phase = Some(BackupPhase::Failed);
-            s.error = Some(message.clone());
-            s.completion_time = Some(now());
-            set_condition(
-                &mut s.conditions,
-                "Completed",
-                false,
-                reason,
-                &message,
-                generation,
-            );
-            s.conditions.retain(|c| c.type_ != "Waiting");
-        })
+        .update(|s| failed(s, reason, &message, generation))
         .await?;
     ctx.event(backup, true, reason, message).await;
     Ok(Action::await_change())
+}
+
+/// A status changed to `Failed` with `reason` and `message`.
+fn failed(
+    s: &mut crate::kube::crd::GroupBackupStatus,
+    reason: Reason,
+    message: &str,
+    generation: Option<i64>,
+) {
+    s.phase = Some(BackupPhase::Failed);
+    s.error = Some(message.to_string());
+    s.completion_time = Some(now());
+    set_condition(
+        &mut s.conditions,
+        "Completed",
+        false,
+        reason,
+        message,
+        generation,
+    );
+    s.conditions.retain(|c| c.type_ != "Waiting");
 }
 
 /// A GroupBackup's reconcile, on kube-rs's finalizer (added before
@@ -555,6 +563,14 @@ async fn backup_step(
         .and_then(|s| s.phase)
         .unwrap_or_default();
     let uid = backup.uid().unwrap_or_default();
+    if phase.is_final() && partial_snapshots_left(&backup) {
+        return delete_partial_snapshots(
+            ctx,
+            &backup,
+            &StatusWriter::new(ctx.client.clone(), &backup),
+        )
+        .await;
+    }
     if phase.is_final() || ctx.live.lock().unwrap().contains_key(&uid) {
         return Ok(Action::await_change());
     }
@@ -595,9 +611,63 @@ async fn orphaned(backup: &GroupBackup, ctx: &Context) -> Result<Action, Reconci
         "the controller running this backup ({by}) stopped before it ended; its members thawed \
          when their lease ran out, and its partial snapshots are deleted"
     );
-    let action = fail(ctx, backup, Reason::ControllerRestarted, message).await?;
+    let writer = StatusWriter::new(ctx.client.clone(), backup);
+    let generation = backup.metadata.generation;
+    writer
+        .update(|s| {
+            failed(s, Reason::ControllerRestarted, &message, generation);
+            set_condition(
+                &mut s.conditions,
+                SNAPSHOTS_DELETED,
+                false,
+                Reason::ControllerRestarted,
+                "its partial snapshots are being deleted",
+                generation,
+            );
+        })
+        .await?;
+    ctx.event(backup, true, Reason::ControllerRestarted, message)
+        .await;
+    delete_partial_snapshots(ctx, backup, &writer).await
+}
+
+/// The condition of a backup failed as orphaned that says whether its
+/// partial snapshots are deleted.
+const SNAPSHOTS_DELETED: &str = "SnapshotsDeleted";
+
+/// Whether an ended backup's partial snapshots are still to be deleted
+/// (its `SnapshotsDeleted` condition is `False`).
+fn partial_snapshots_left(backup: &GroupBackup) -> bool {
+    backup.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == SNAPSHOTS_DELETED && c.status == "False")
+    })
+}
+
+/// Deletes the partial snapshots of a backup failed as orphaned and says
+/// so (`SnapshotsDeleted`: `True`). An error is retried by the next
+/// reconcile, which finds the condition still `False`.
+async fn delete_partial_snapshots(
+    ctx: &Context,
+    backup: &GroupBackup,
+    writer: &StatusWriter,
+) -> Result<Action, ReconcileError> {
     delete_snapshots(ctx, backup).await?;
-    Ok(action)
+    let generation = backup.metadata.generation;
+    writer
+        .update(|s| {
+            set_condition(
+                &mut s.conditions,
+                SNAPSHOTS_DELETED,
+                true,
+                Reason::ControllerRestarted,
+                "its partial snapshots were deleted",
+                generation,
+            )
+        })
+        .await?;
+    Ok(Action::await_change())
 }
 
 /// Whether another backup of the same group is running (here, or by its
