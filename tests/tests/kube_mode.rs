@@ -2548,8 +2548,9 @@ async fn a_class_that_copies_cuts_postgresql_in_backup_mode_with_its_wal_and_bac
         .apply(&format!(
             "apiVersion: stillpoint.dev/v1alpha1\nkind: ConsistencyGroup\nmetadata: {{name: copies, namespace: {ns}}}\n\
              spec:\n  members:\n  - {{name: pg, selector: {{matchLabels: {{app: pg}}}}}}\n\
-             \x20 snapshot: {{driver: csi, volumeSnapshotClassName: {}, atomic: false}}\n",
-            kube::SNAPSHOT_CLASS
+             \x20 snapshot: {{driver: csi, volumeSnapshotClassName: {class}, \
+             volumeGroupSnapshotClassName: {class}, atomic: false}}\n",
+            class = kube::SNAPSHOT_CLASS
         ))
         .await;
     let _controller = space.controller("copies-a", &format!("lease-{ns}")).await;
@@ -2708,6 +2709,63 @@ spec:
             panic!(
                 "{e}\n{}",
                 space.lab.container_log(&ns, "by-restore", "postgres")
+            )
+        });
+    recovered_from_label(&restored, 50).await;
+
+    // The same with csi-group on the class that copies: the WAL part is
+    // cut during the thaw without the group's per-PVC VolumeSnapshot (the
+    // snapshot controller makes it later, and it is recorded after the
+    // thaw); both are in the backup, and it restores.
+    space.use_driver("copies", "csi-group").await;
+    let g = space.backup("copy-group-1", "copies").await;
+    let gs = status(&g);
+    assert_eq!(gs.phase, Some(BackupPhase::Succeeded), "{gs:?}");
+    let gpg = &gs.members[0];
+    assert_eq!(gpg.consistency.as_deref(), Some("backup-label"));
+    let parts: Vec<Option<&str>> = gpg
+        .volume_snapshots
+        .iter()
+        .map(|v| v.part.as_deref())
+        .collect();
+    assert_eq!(parts.len(), 2, "{gpg:?}");
+    assert!(
+        parts.contains(&None) && parts.contains(&Some("pg_wal")),
+        "{gpg:?}"
+    );
+    let r = restore(
+        &space,
+        "by-group",
+        "{backup: copy-group-1, volumesOnly: true, pvcPrefix: grouped-}",
+    )
+    .await;
+    let rs = r.status.unwrap();
+    assert_eq!(rs.phase, Some(RestorePhase::Succeeded), "{rs:#?}");
+    assert_eq!(rs.pvcs, ["grouped-data-pg-0"]);
+    space
+        .apply(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: by-group, namespace: {ns}}}
+spec:
+  containers:
+  - name: postgres
+    image: postgres:15
+    command: [sh, -c, "rm -f /data/pgdata/postmaster.pid && exec postgres -D /data/pgdata -c listen_addresses=* -c unix_socket_directories=/tmp"]
+    securityContext: {{runAsUser: {uid}, runAsGroup: {gid}}}
+    readinessProbe: {{exec: {{command: [pg_isready, -h, 127.0.0.1]}}, periodSeconds: 1}}
+    volumeMounts: [{{name: data, mountPath: /data}}]
+  volumes:
+  - {{name: data, persistentVolumeClaim: {{claimName: grouped-data-pg-0}}}}
+"#
+        ))
+        .await;
+    let restored = wait_pod_ready(&space.admin, &ns, "by-group", BOUND)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\n{}",
+                space.lab.container_log(&ns, "by-group", "postgres")
             )
         });
     recovered_from_label(&restored, 50).await;

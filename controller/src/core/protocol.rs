@@ -17,7 +17,7 @@
 //! code; it never knows which engine or snapshotter it drives beyond what
 //! the agents describe.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +33,7 @@ use crate::core::error::{ErrorKind, Phase, Problem, Problems};
 use crate::core::holder::{Holder, thaw_accepted};
 use crate::core::model::{Engine, GroupSpec, MemberSpec, Role};
 use crate::core::record::{Consistency, Manifest, MemberRecord, Outcome, ServerPath};
-use crate::core::snapshot::{Made, Snapshotter, VolumeRef};
+use crate::core::snapshot::{Made, SnapshotHandle, Snapshotter, VolumeRef};
 use crate::core::store::BackupStore;
 use crate::core::timeline::{Clock, Timeline};
 use crate::metrics::{Metrics, ResultLabels};
@@ -1422,21 +1422,55 @@ impl<'a, 'g> Run<'a, 'g> {
     /// Copies the WAL up to the backup stop of the members `which`
     /// selects into the cut, every volume at once.
     async fn copy_wal(&self, which: &(dyn Fn(&Member<'_>) -> bool + Sync)) -> Vec<Problem> {
-        let made = self.made.handles();
         let (snapshotter, into) = (&self.snapshotter, &self.made);
-        let copies = self.members.iter().filter(|m| which(m)).flat_map(|m| {
-            let name = &m.config.name;
-            made.iter()
-                .filter(move |h| &h.member == name)
-                .map(move |h| async move {
-                    let copied = snapshotter.refresh(h, "pg_wal", into).await;
-                    copied.err().map(|e| {
-                        let message = format!("member {name}: copying the WAL: {e}");
-                        Problem::new(Phase::Thaw, ErrorKind::CutFailed, Some(name), message)
-                    })
-                })
+        let handles = self.wal_copy_handles(which);
+        let copies = handles.iter().map(|h| async move {
+            let copied = snapshotter.refresh(h, "pg_wal", into).await;
+            copied.err().map(|e| {
+                let name = &h.member;
+                let message = format!("member {name}: copying the WAL: {e}");
+                Problem::new(Phase::Thaw, ErrorKind::CutFailed, Some(name), message)
+            })
         });
         join_all(copies).await.into_iter().flatten().collect()
+    }
+
+    /// The snapshot of each volume of the members `which` selects, to copy
+    /// their WAL into: as recorded, or — for a snapshotter whose volume
+    /// snapshots are known only after the cut (a group snapshot's, which
+    /// the storage's controller makes) — made of the volume alone, its
+    /// `handle` empty.
+    fn wal_copy_handles(
+        &self,
+        which: &(dyn Fn(&Member<'_>) -> bool + Sync),
+    ) -> Vec<SnapshotHandle> {
+        let made = self.made.handles();
+        let chosen: BTreeSet<&str> = self
+            .members
+            .iter()
+            .filter(|m| which(m))
+            .map(|m| m.config.name.as_str())
+            .collect();
+        self.cut_plan()
+            .into_iter()
+            .flatten()
+            .filter(|v| chosen.contains(v.member.as_str()))
+            .filter_map(|v| {
+                let recorded = made
+                    .iter()
+                    .find(|h| h.member == v.member && h.index == v.index && h.part.is_none());
+                match (recorded, self.snapshotter.handles_after_cut()) {
+                    (Some(h), _) => Some(h.clone()),
+                    (None, true) => Some(SnapshotHandle::new(
+                        self.id,
+                        v,
+                        String::new(),
+                        self.snapshotter.name(),
+                    )),
+                    (None, false) => None,
+                }
+            })
+            .collect()
     }
 
     async fn thaw(&mut self) -> Result<(), Problems> {

@@ -191,6 +191,14 @@ pub trait Snapshotter: Send + Sync + std::fmt::Debug {
         made: &Made,
     ) -> Result<(), SnapshotError>;
 
+    /// Whether the snapshots of a cut's volumes become known only after
+    /// the cut returned (in [`Snapshotter::ready`]): then
+    /// [`Snapshotter::refresh`] may be given a handle made of the volume
+    /// alone, its `handle` empty.
+    fn handles_after_cut(&self) -> bool {
+        false
+    }
+
     /// Refreshes one relative path of a cut from the live volume (PostgreSQL
     /// backup mode: the WAL written up to the backup stop). Only copies do.
     /// A snapshotter that cannot refresh in place records a second

@@ -780,12 +780,13 @@ impl Snapshotter for CsiGroup {
     }
 
     /// One VolumeGroupSnapshot per batch (the backup's name, then
-    /// `<name>.2`, … for later cuts), over exactly the batch's PVCs.
+    /// `<name>.2`, … for later cuts), over exactly the batch's PVCs. Its
+    /// per-PVC VolumeSnapshots are recorded in `ready`.
     async fn cut(
         &self,
         backup_id: &str,
         volumes: &[VolumeRef],
-        made: &Made,
+        _made: &Made,
     ) -> Result<(), SnapshotError> {
         let batch = volumes.first().map_or(0, |v| v.batch);
         let name = self.batch_name(batch);
@@ -825,28 +826,33 @@ impl Snapshotter for CsiGroup {
             volumes: volumes.to_vec(),
         };
         // The cut point is fixed. Its per-PVC VolumeSnapshots, which the
-        // snapshot controller makes afterwards, are waited for now only if
-        // a refresh during the thaw needs them (a class that copies);
-        // otherwise after the thaw, in `ready`.
-        match self.atomic {
-            true => self.later.lock().unwrap().push(cut),
-            false => self
-                .members_of(&cut)
-                .await?
-                .into_iter()
-                .for_each(|h| made.record(h)),
-        }
+        // snapshot controller makes afterwards, are waited for after the
+        // thaw, in `ready`: a refresh during the thaw (a class that
+        // copies) needs only the PVC (see `refresh`).
+        self.later.lock().unwrap().push(cut);
         Ok(())
     }
 
+    fn handles_after_cut(&self) -> bool {
+        true
+    }
+
+    /// A VolumeSnapshot of the PVC (see [`Csi::refresh`]), named after the
+    /// backup and the PVC: the group's own snapshot of it may not exist
+    /// yet, and is not needed.
     async fn refresh(
         &self,
         handle: &SnapshotHandle,
         relative: &str,
         made: &Made,
     ) -> Result<(), SnapshotError> {
+        let claim = handle.claim.clone().unwrap_or_default();
+        let base = SnapshotHandle {
+            handle: snapshot_name(&handle.backup, &claim),
+            ..handle.clone()
+        };
         Csi::new(self.client.clone(), self.owner.clone(), None, self.atomic)
-            .refresh(handle, relative, made)
+            .refresh(&base, relative, made)
             .await
     }
 
