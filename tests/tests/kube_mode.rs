@@ -2685,32 +2685,7 @@ spec:
     })
     .await
     .unwrap();
-    space
-        .apply(&format!(
-            r#"apiVersion: v1
-kind: Pod
-metadata: {{name: by-restore, namespace: {ns}}}
-spec:
-  containers:
-  - name: postgres
-    image: postgres:15
-    command: [sh, -c, "rm -f /data/pgdata/postmaster.pid && exec postgres -D /data/pgdata -c listen_addresses=* -c unix_socket_directories=/tmp"]
-    securityContext: {{runAsUser: {uid}, runAsGroup: {gid}}}
-    readinessProbe: {{exec: {{command: [pg_isready, -h, 127.0.0.1]}}, periodSeconds: 1}}
-    volumeMounts: [{{name: data, mountPath: /data}}]
-  volumes:
-  - {{name: data, persistentVolumeClaim: {{claimName: restored-data-pg-0}}}}
-"#
-        ))
-        .await;
-    let restored = wait_pod_ready(&space.admin, &ns, "by-restore", BOUND)
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "{e}\n{}",
-                space.lab.container_log(&ns, "by-restore", "postgres")
-            )
-        });
+    let restored = postgres_on_claim(&space, "by-restore", "restored-data-pg-0").await;
     recovered_from_label(&restored, 50).await;
 
     // The same with csi-group on the class that copies: the WAL part is
@@ -2742,11 +2717,20 @@ spec:
     let rs = r.status.unwrap();
     assert_eq!(rs.phase, Some(RestorePhase::Succeeded), "{rs:#?}");
     assert_eq!(rs.pvcs, ["grouped-data-pg-0"]);
+    let restored = postgres_on_claim(&space, "by-group", "grouped-data-pg-0").await;
+    recovered_from_label(&restored, 50).await;
+}
+
+/// Pod `name` running PostgreSQL (as `postgres`) on the data directory
+/// of claim `claim`, once Ready.
+async fn postgres_on_claim(space: &Space, name: &str, claim: &str) -> Pod {
+    let ns = &space.ns;
+    let (uid, gid) = user("postgres");
     space
         .apply(&format!(
             r#"apiVersion: v1
 kind: Pod
-metadata: {{name: by-group, namespace: {ns}}}
+metadata: {{name: {name}, namespace: {ns}}}
 spec:
   containers:
   - name: postgres
@@ -2756,19 +2740,13 @@ spec:
     readinessProbe: {{exec: {{command: [pg_isready, -h, 127.0.0.1]}}, periodSeconds: 1}}
     volumeMounts: [{{name: data, mountPath: /data}}]
   volumes:
-  - {{name: data, persistentVolumeClaim: {{claimName: grouped-data-pg-0}}}}
+  - {{name: data, persistentVolumeClaim: {{claimName: {claim}}}}}
 "#
         ))
         .await;
-    let restored = wait_pod_ready(&space.admin, &ns, "by-group", BOUND)
+    wait_pod_ready(&space.admin, ns, name, BOUND)
         .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "{e}\n{}",
-                space.lab.container_log(&ns, "by-group", "postgres")
-            )
-        });
-    recovered_from_label(&restored, 50).await;
+        .unwrap_or_else(|e| panic!("{e}\n{}", space.lab.container_log(ns, name, "postgres")))
 }
 
 /// The restored PostgreSQL holds every row acknowledged before the backup
