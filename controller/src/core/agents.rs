@@ -255,13 +255,19 @@ pub struct ThawSender(tokio::sync::mpsc::Sender<pb::FreezeRequest>);
 
 impl ThawSender {
     pub async fn request_thaw(&self, completed: bool) -> Result<(), tonic::Status> {
-        self.0
-            .send(pb::FreezeRequest {
-                msg: Some(Msg::Thaw(pb::ThawNow { completed })),
-            })
-            .await
-            .map_err(|_| tonic::Status::unavailable("the freeze stream has ended"))
+        send_request(&self.0, Msg::Thaw(pb::ThawNow { completed })).await
     }
+}
+
+/// Sends `msg` over a hold's stream.
+async fn send_request(
+    requests: &tokio::sync::mpsc::Sender<pb::FreezeRequest>,
+    msg: Msg,
+) -> Result<(), tonic::Status> {
+    requests
+        .send(pb::FreezeRequest { msg: Some(msg) })
+        .await
+        .map_err(|_| tonic::Status::unavailable("the freeze stream has ended"))
 }
 
 /// A freeze held over an open `Freeze` stream. Dropping it ends the stream,
@@ -341,10 +347,7 @@ impl HeldFreeze {
     }
 
     async fn send(&self, msg: Msg) -> Result<(), tonic::Status> {
-        self.requests
-            .send(pb::FreezeRequest { msg: Some(msg) })
-            .await
-            .map_err(|_| tonic::Status::unavailable("the freeze stream has ended"))
+        send_request(&self.requests, msg).await
     }
 
     /// The next event from the agent (`None` when the stream ended).
