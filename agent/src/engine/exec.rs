@@ -72,16 +72,16 @@ impl Group {
             return None;
         }
         self.ended = true;
-        watchdog::signal_group(self.pgid, "TERM");
+        watchdog::signal_group(self.pgid, libc::SIGTERM);
         let status = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(Ok(status)) => Some(status),
             _ => {
-                watchdog::signal_group(self.pgid, "KILL");
+                watchdog::signal_group(self.pgid, libc::SIGKILL);
                 self.child.wait().await.ok()
             }
         };
         // Children of the shell may outlive it: the group goes too.
-        watchdog::signal_group(self.pgid, "KILL");
+        watchdog::signal_group(self.pgid, libc::SIGKILL);
         let _ = watchdog::tell(&format!("ungroup {}", self.pgid));
         status
     }
@@ -90,7 +90,7 @@ impl Group {
 impl Drop for Group {
     fn drop(&mut self) {
         if !self.ended {
-            watchdog::signal_group(self.pgid, "KILL");
+            watchdog::signal_group(self.pgid, libc::SIGKILL);
             let _ = watchdog::tell(&format!("ungroup {}", self.pgid));
         }
     }

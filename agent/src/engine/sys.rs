@@ -1,10 +1,13 @@
-//! `FIFREEZE` / `FITHAW` and `syncfs(2)`: the only `unsafe` in the agent.
+//! `FIFREEZE` / `FITHAW`, `syncfs(2)` and `kill(2)` on a process group: the
+//! only `unsafe` in the agent.
 //!
-//! Freezing a filesystem and syncing one filesystem have no safe wrapper in
-//! std or libc's Rust surface; both are calls on a descriptor of a path on
-//! that filesystem. They are unsafe only because they are FFI (`ioctl` is
+//! Freezing a filesystem, syncing one filesystem and signalling a process
+//! group have no safe wrapper in std or libc's Rust surface (std signals
+//! only its own children, one process at a time). The first two are calls
+//! on a descriptor of a path on that filesystem, the third takes two
+//! integers. They are unsafe only because they are FFI (`ioctl` is
 //! variadic): the descriptor is owned and open for the whole call and the
-//! only other argument is an integer, so no memory is shared.
+//! other arguments are integers, so no memory is shared.
 #![allow(unsafe_code)]
 
 use std::fs::File;
@@ -52,4 +55,18 @@ pub fn syncfs(path: &Path) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Sends `signal` to every process of the process group `pgid`. A `pgid`
+/// of 0 (which `kill(2)` reads as the caller's own group) or one that does
+/// not fit a `pid_t` signals nothing. A group already gone is not an error.
+pub fn signal_group(pgid: u32, signal: libc::c_int) {
+    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
+        return;
+    };
+    if pgid <= 0 {
+        return;
+    }
+    // SAFETY: two integers; a negative pid names a process group.
+    let _ = unsafe { libc::kill(-pgid, signal) };
 }
