@@ -1,6 +1,14 @@
 //! stillpoint-agent: wiring only. Configuration comes from `STILLPOINT_*`
 //! environment variables (see `config.rs` and `docs/src/agent.md`); a bad
 //! configuration exits 64 after listing every problem.
+//!
+//! The agent runs on one thread (tokio's current-thread runtime). Every
+//! step of a freeze — the controller's message, the database's answer, the
+//! reply — is a task woken by the one before it; on a second worker thread
+//! each such wake-up is a hand-over to a thread that must first be
+//! scheduled, which on a busy node costs more than the step. Nothing in the
+//! agent blocks its thread: the database drivers are asynchronous, and
+//! `FIFREEZE`, `FITHAW` and `syncfs(2)` run on tokio's blocking pool.
 
 use std::process::ExitCode;
 
@@ -41,8 +49,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
