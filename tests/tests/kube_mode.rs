@@ -1229,6 +1229,77 @@ async fn until_cutting(space: &Space, name: &str, group: &str) -> String {
     uid
 }
 
+/// A ValidatingAdmissionPolicy that refuses every deletion of a
+/// VolumeSnapshot in the space's namespace, until lifted: storage whose
+/// snapshots cannot be deleted for a while.
+struct SnapshotDeletesDenied {
+    name: String,
+}
+
+impl SnapshotDeletesDenied {
+    /// In force once a dry-run deletion of a probe snapshot is refused.
+    async fn new(space: &Space) -> SnapshotDeletesDenied {
+        let ns = &space.ns;
+        let name = format!("deny-snapshot-deletes-{ns}");
+        space
+            .apply(&format!(
+                "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicy\n\
+                 metadata: {{name: {name}}}\nspec:\n  failurePolicy: Fail\n  matchConstraints:\n\
+                 \x20   resourceRules:\n    - {{apiGroups: [snapshot.storage.k8s.io], apiVersions: [\"*\"], \
+                 operations: [DELETE], resources: [volumesnapshots]}}\n  validations:\n\
+                 \x20 - {{expression: \"false\", message: snapshot deletions are refused here for now}}\n\
+                 ---\napiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicyBinding\n\
+                 metadata: {{name: {name}}}\nspec:\n  policyName: {name}\n  validationActions: [Deny]\n\
+                 \x20 matchResources:\n    namespaceSelector:\n      matchLabels: {{kubernetes.io/metadata.name: {ns}}}\n\
+                 ---\napiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshot\n\
+                 metadata: {{name: deletion-probe, namespace: {ns}}}\n\
+                 spec: {{source: {{volumeSnapshotContentName: deletion-probe-{ns}}}}}\n"
+            ))
+            .await;
+        let vs = snapshot_api(space).await;
+        let dry = ::kube::api::DeleteParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        wait_async("snapshot deletions refused", BOUND, || {
+            let (vs, dry) = (&vs, &dry);
+            async move { Ok(vs.delete("deletion-probe", dry).await.is_err()) }
+        })
+        .await
+        .unwrap();
+        SnapshotDeletesDenied { name }
+    }
+
+    /// Deletions are allowed again (and the probe deleted).
+    async fn lift(self, space: &Space) {
+        let dp = ::kube::api::DeleteParams::default();
+        let admission = |kind: &str, plural: &str| {
+            let gvk =
+                ::kube::api::GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind);
+            let resource = ::kube::api::ApiResource::from_gvk_with_plural(&gvk, plural);
+            Api::<::kube::api::DynamicObject>::all_with(space.admin.clone(), &resource)
+        };
+        admission(
+            "ValidatingAdmissionPolicyBinding",
+            "validatingadmissionpolicybindings",
+        )
+        .delete(&self.name, &dp)
+        .await
+        .unwrap();
+        admission("ValidatingAdmissionPolicy", "validatingadmissionpolicies")
+            .delete(&self.name, &dp)
+            .await
+            .unwrap();
+        let vs = snapshot_api(space).await;
+        wait_async("the probe snapshot deleted", BOUND, || {
+            let (vs, dp) = (&vs, &dp);
+            async move { Ok(vs.delete("deletion-probe", dp).await.is_ok()) }
+        })
+        .await
+        .unwrap();
+    }
+}
+
 /// Waits until Redis takes writes again; returns how long that took.
 async fn until_writes(redis: &Pod) -> Duration {
     let started = tokio::time::Instant::now();
@@ -1284,7 +1355,9 @@ async fn a_controller_killed_mid_freeze_is_replaced_and_its_backup_failed_and_cl
     assert_eq!(get(&b, "/readyz").0, 503);
     assert_eq!(get(&b, "/healthz").0, 200);
 
-    // Killed while frozen, mid-cut.
+    // Killed while frozen, mid-cut, on storage that refuses, for now, to
+    // delete snapshots.
+    let denied = SnapshotDeletesDenied::new(&space).await;
     let uid = until_cutting(&space, "doomed", "slow").await;
     assert!(
         !writes(&redis, Duration::from_millis(300)).await,
@@ -1318,13 +1391,27 @@ async fn a_controller_killed_mid_freeze_is_replaced_and_its_backup_failed_and_cl
         code == 200 && metrics.contains("# TYPE stillpoint_") && metrics.ends_with("# EOF\n"),
         "{metrics}"
     );
+    // Its snapshots cannot be deleted yet: it says so, and keeps trying.
+    let snapshots_deleted = |b: &GroupBackup| {
+        status(b)
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "SnapshotsDeleted")
+            .map(|c| c.status.clone())
+    };
+    assert_eq!(snapshots_deleted(&doomed).as_deref(), Some("False"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!labelled_snapshots(&space, &uid).await.is_empty());
+    let still = space.finished("doomed").await;
+    assert_eq!(snapshots_deleted(&still).as_deref(), Some("False"));
+    denied.lift(&space).await;
     let deleted = wait_async("the partial VolumeSnapshots deleted", BOUND, || {
         let (space, uid) = (&space, &uid);
         async move { Ok(labelled_snapshots(space, uid).await.is_empty()) }
     })
     .await;
     if let Err(e) = deleted {
-        panic!("{e}\n{}", dump_snapshots(&space, &uid).await);
+        panic!("{e}\n{}\n{}", dump_snapshots(&space, &uid).await, b.logs());
     }
     // And says so, once they are.
     let said = wait_async("SnapshotsDeleted True", BOUND, || {
