@@ -94,26 +94,102 @@ pub type MemberOf = BTreeMap<String, (String, Option<WorkloadRef>)>;
 struct Written {
     /// The status it writes (whole).
     status: GroupBackupStatus,
-    /// The object's `resourceVersion` after its last write (or when the
-    /// writer was made).
-    version: String,
-    /// The object's status at `version`.
-    seen: Option<GroupBackupStatus>,
+    fence: Fence<GroupBackupStatus>,
 }
 
 /// How often a status write refused for a change of the object that left
 /// its status alone (labels, annotations, the spec) is tried again.
 const CONFLICT_RETRIES: usize = 5;
 
+/// What a status writer last saw of its object on the server, and the
+/// write made over it: each apply of the whole status has the object's
+/// `resourceVersion` as it was after the writer's last write (or when the
+/// writer was made) as its precondition. Refused because the object
+/// changed, it is tried again if the status is still the one last seen
+/// (the labels, annotations or spec changed), and otherwise not at all:
+/// another controller replica (a new leader), or an earlier reconcile seen
+/// through a stale cache, wrote the status since. So a write that a
+/// partition delayed past a new leader's is refused, not applied over it.
+///
+/// kube-rs has no fenced apply of its own: `Api::replace_status` fences on
+/// the version but replaces the whole status, other field managers' fields
+/// too, and refuses a change of the labels alike. The precondition here is
+/// the API server's own (`metadata.resourceVersion` in the applied object).
+#[derive(Debug, Clone)]
+pub struct Fence<S> {
+    /// The object's `resourceVersion` after the last write (or when seen).
+    version: String,
+    /// The object's status at `version`.
+    seen: Option<S>,
+}
+
+impl<S> Fence<S>
+where
+    S: Clone + PartialEq + serde::Serialize,
+{
+    /// The fence of an object as seen at `version` with status `seen`.
+    pub fn new(version: Option<String>, seen: Option<S>) -> Self {
+        Fence {
+            version: version.unwrap_or_default(),
+            seen,
+        }
+    }
+
+    /// Applies `status` (whole) to object `name` of `kind` over the status
+    /// last seen; `status_of` reads an object's status. A 409 Conflict,
+    /// with a message saying so, when another wrote the status since.
+    pub async fn apply<K>(
+        &mut self,
+        api: &Api<K>,
+        name: &str,
+        kind: &str,
+        status: &S,
+        status_of: fn(K) -> Option<S>,
+    ) -> Result<(), kube::Error>
+    where
+        K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let mut retries = CONFLICT_RETRIES;
+        loop {
+            match apply_status_if(api, name, kind, Some(&self.version), status).await {
+                Ok(applied) => {
+                    self.version = applied.resource_version().unwrap_or_default();
+                    self.seen = status_of(applied);
+                    return Ok(());
+                }
+                Err(kube::Error::Api(refused)) if refused.code == 409 && retries > 0 => {
+                    retries -= 1;
+                    let now = api.get(name).await?;
+                    let version = now.resource_version().unwrap_or_default();
+                    if status_of(now) != self.seen {
+                        return Err(superseded(kind, name, refused));
+                    }
+                    self.version = version;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The API server's refusal, saying why the write is not tried again.
+fn superseded(kind: &str, name: &str, mut refused: Box<kube::core::Status>) -> kube::Error {
+    let what = match kind {
+        "GroupBackup" => "the backup",
+        "GroupRestore" => "the restore",
+        _ => "it",
+    };
+    refused.message = format!(
+        "{kind} {name}: its status was written by another since this controller \
+         replica last saw it (another replica leads, or {what} ended); this \
+         replica's write is dropped: {}",
+        refused.message
+    );
+    kube::Error::Api(refused)
+}
+
 /// Writes one GroupBackup's status: always all of it, as one field manager,
-/// and only over the status it last saw. Each write has the object's
-/// `resourceVersion` as it was after the last write (or when the writer
-/// was made) as its precondition. Refused because the object changed, it
-/// is tried again if the status is still the one it last saw (the labels,
-/// annotations or spec changed), and otherwise not at all: another
-/// controller replica (a new leader), or an earlier reconcile seen through
-/// a stale cache, wrote the status since. So a write that a partition
-/// delayed past a new leader's is refused, not applied over it.
+/// and only over the status it last saw (a [`Fence`]).
 #[derive(Debug, Clone)]
 pub struct StatusWriter {
     api: Api<GroupBackup>,
@@ -135,8 +211,7 @@ impl StatusWriter {
             backup: backup.clone(),
             status: Arc::new(Mutex::new(Written {
                 status: backup.status.clone().unwrap_or_default(),
-                version: backup.resource_version().unwrap_or_default(),
-                seen: backup.status.clone(),
+                fence: Fence::new(backup.resource_version(), backup.status.clone()),
             })),
             member_of: Arc::default(),
             keep_in: String::new(),
@@ -177,58 +252,10 @@ impl StatusWriter {
         w.status.observed_generation = self.backup.metadata.generation;
         let generation = w.status.observed_generation;
         fit(&mut w.status, generation);
-        let mut retries = CONFLICT_RETRIES;
-        loop {
-            match self.apply_at(&w.version, &w.status).await {
-                Ok(applied) => {
-                    w.version = applied.resource_version().unwrap_or_default();
-                    w.seen = applied.status;
-                    return Ok(());
-                }
-                Err(kube::Error::Api(refused)) if refused.code == 409 && retries > 0 => {
-                    retries -= 1;
-                    let now = self.api.get(&self.name()).await?;
-                    if now.status != w.seen {
-                        return Err(self.superseded(refused));
-                    }
-                    w.version = now.resource_version().unwrap_or_default();
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Applies `status` if the object is at `version`.
-    async fn apply_at(
-        &self,
-        version: &str,
-        status: &GroupBackupStatus,
-    ) -> Result<GroupBackup, kube::Error> {
-        let patch = json!({
-            "apiVersion": "stillpoint.dev/v1alpha1",
-            "kind": "GroupBackup",
-            "metadata": { "resourceVersion": version },
-            "status": status,
-        });
-        self.api
-            .patch_status(
-                &self.name(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
+        let name = self.name();
+        w.fence
+            .apply(&self.api, &name, "GroupBackup", &w.status, |b| b.status)
             .await
-    }
-
-    /// The API server's refusal, saying why the write is not tried again.
-    fn superseded(&self, mut refused: Box<kube::core::Status>) -> kube::Error {
-        refused.message = format!(
-            "GroupBackup {}: its status was written by another since this controller \
-             replica last saw it (another replica leads, or the backup ended); this \
-             replica's write is dropped: {}",
-            self.name(),
-            refused.message
-        );
-        kube::Error::Api(refused)
     }
 
     /// The owner reference of what the backup owns.
@@ -468,7 +495,8 @@ pub async fn apply_status<K>(
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    apply_status_if(api, name, kind, None, status).await
+    apply_status_if(api, name, kind, None, status).await?;
+    Ok(())
 }
 
 /// [`apply_status`] only if the object is still at `resource_version`
@@ -485,7 +513,8 @@ pub async fn apply_status_at<K>(
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    apply_status_if(api, name, kind, Some(resource_version), status).await
+    apply_status_if(api, name, kind, Some(resource_version), status).await?;
+    Ok(())
 }
 
 async fn apply_status_if<K>(
@@ -494,7 +523,7 @@ async fn apply_status_if<K>(
     kind: &str,
     resource_version: Option<&str>,
     status: &impl serde::Serialize,
-) -> Result<(), kube::Error>
+) -> Result<K, kube::Error>
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -511,8 +540,7 @@ where
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&patch),
     )
-    .await?;
-    Ok(())
+    .await
 }
 
 /// A name as the enum it names (`postgres`, `replica`, `backup-label`).
