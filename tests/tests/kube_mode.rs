@@ -5182,6 +5182,77 @@ async fn a_backups_status_write_over_a_status_it_did_not_see_is_refused() {
     assert_eq!(phase().await, Some(BackupPhase::Failed));
 }
 
+/// A GroupRestore's status is written through the same fence as a
+/// backup's (the restore's run writes with a `Fence` made when it began):
+/// a change of labels in between is written over; the run's write after
+/// another replica's is refused, and so is one from a view older than the
+/// status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restores_status_write_over_a_status_it_did_not_see_is_refused() {
+    use stillpoint_controller::kube::crd::{GroupRestore, GroupRestoreStatus, RestorePhase};
+    use stillpoint_controller::kube::store::Fence;
+    let space = Space::new("stale-restore").await;
+    let ns = space.ns.clone();
+    space
+        .apply(&format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: GroupRestore\nmetadata: {{name: r, namespace: {ns}}}\n\
+             spec: {{backup: none}}"
+        ))
+        .await;
+    let api: Api<GroupRestore> = Api::namespaced(space.admin.clone(), &ns);
+    let phase = async || api.get("r").await.unwrap().status.and_then(|s| s.phase);
+    let fence_of =
+        |r: &GroupRestore| Fence::new(r.metadata.resource_version.clone(), r.status.clone());
+    let write = async |fence: &mut Fence<GroupRestoreStatus>, phase: RestorePhase, note: &str| {
+        let status = GroupRestoreStatus {
+            phase: Some(phase),
+            error: Some(note.into()),
+            ..Default::default()
+        };
+        fence
+            .apply(&api, "r", "GroupRestore", &status, |r| r.status)
+            .await
+    };
+    // The first leader's run begins.
+    let mut old = fence_of(&api.get("r").await.unwrap());
+    write(&mut old, RestorePhase::Restoring, "old")
+        .await
+        .unwrap();
+    let restoring = api.get("r").await.unwrap();
+    let label = serde_json::json!({"metadata": {"labels": {"team": "a"}}});
+    api.patch("r", &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .unwrap();
+    write(&mut old, RestorePhase::Restoring, "old, stage 1")
+        .await
+        .unwrap();
+    // The next leader fails it.
+    let mut new = fence_of(&api.get("r").await.unwrap());
+    write(&mut new, RestorePhase::Failed, "new").await.unwrap();
+    // The first leader's write, delayed until now, is refused.
+    let late = write(&mut old, RestorePhase::Succeeded, "old, done").await;
+    assert!(
+        matches!(&late, Err(::kube::Error::Api(e)) if e.code == 409 && e.message.contains("GroupRestore r")),
+        "{late:?}"
+    );
+    assert_eq!(
+        phase().await,
+        Some(RestorePhase::Failed),
+        "a late write won"
+    );
+    // A run begun from a view older than the status: refused as well.
+    let late = write(&mut fence_of(&restoring), RestorePhase::Restoring, "stale").await;
+    assert!(
+        matches!(&late, Err(::kube::Error::Api(e)) if e.code == 409),
+        "{late:?}"
+    );
+    let now = api.get("r").await.unwrap().status.unwrap();
+    assert_eq!(
+        (now.phase, now.error.as_deref()),
+        (Some(RestorePhase::Failed), Some("new"))
+    );
+}
+
 /// A Redis pod `name` (label `app: <app>`) that opted in to injection,
 /// on PVC `data-<name>`.
 fn opted_in_redis(ns: &str, name: &str, app: &str) -> String {

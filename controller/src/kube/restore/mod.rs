@@ -50,7 +50,7 @@ use tokio::sync::watch;
 use crate::kube::controller::{Context, Live, ReconcileError, now};
 use crate::kube::crd::{GroupRestore, RestorePhase};
 use crate::kube::reason::Reason;
-use crate::kube::store::set_condition;
+use crate::kube::store::{Fence, set_condition};
 use run::Run;
 use workloads::Workloads;
 
@@ -211,6 +211,7 @@ async fn begin(
         restore: (**r).clone(),
         api: Api::namespaced(ctx.client.clone(), &ns),
         status,
+        fence: Fence::new(r.resource_version(), r.status.clone()),
         w: Workloads {
             sts: Api::namespaced(ctx.client.clone(), &ns),
             deploy: Api::namespaced(ctx.client.clone(), &ns),

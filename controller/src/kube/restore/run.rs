@@ -20,7 +20,7 @@ use crate::kube::crd::{
     WorkloadRef,
 };
 use crate::kube::reason::Reason;
-use crate::kube::store::apply_status;
+use crate::kube::store::Fence;
 use stillpoint_proto::hosts::HostRenames;
 
 /// The running restore: its resource, status and what it works with.
@@ -29,6 +29,9 @@ pub(super) struct Run {
     pub(super) restore: GroupRestore,
     pub(super) api: Api<GroupRestore>,
     pub(super) status: GroupRestoreStatus,
+    /// What this run last saw of the status on the server: it writes only
+    /// over that (a new leader's write is never written over).
+    pub(super) fence: Fence<GroupRestoreStatus>,
     pub(super) w: Workloads,
     pub(super) pvcs: Api<PersistentVolumeClaim>,
     pub(super) ns: String,
@@ -57,7 +60,10 @@ pub(super) struct Renamed {
 impl Run {
     pub(super) async fn save(&mut self) -> Result<(), kube::Error> {
         self.status.observed_generation = self.restore.metadata.generation;
-        apply_status(&self.api, &self.name, "GroupRestore", &self.status).await
+        let (api, name) = (&self.api, &self.name);
+        self.fence
+            .apply(api, name, "GroupRestore", &self.status, |r| r.status)
+            .await
     }
 
     /// The status of member `pod` (made if the status lacks it: the
