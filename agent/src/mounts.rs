@@ -21,11 +21,15 @@ pub fn roots(volume: &Path) -> Vec<PathBuf> {
     let Ok(meta) = std::fs::metadata(volume) else {
         return vec![volume.to_path_buf()];
     };
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let kind = meta.file_type();
+    if !kind.is_block_device() && !kind.is_file() {
+        return vec![volume.to_path_buf()];
+    }
+    // Only a device's or an image's roots need the mount table.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     if kind.is_block_device() {
         mounts_of(&mountinfo, volume, meta.rdev())
-    } else if kind.is_file() {
+    } else {
         loop_devices_of(volume)
             .iter()
             .flat_map(|device| {
@@ -33,8 +37,6 @@ pub fn roots(volume: &Path) -> Vec<PathBuf> {
                 mounts_of(&mountinfo, device, rdev)
             })
             .collect()
-    } else {
-        vec![volume.to_path_buf()]
     }
 }
 
