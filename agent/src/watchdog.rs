@@ -42,22 +42,16 @@ pub fn run() -> i32 {
         }
     }
     for pgid in &groups {
-        signal_group(*pgid, libc::SIGTERM);
+        sys::signal_group(*pgid, libc::SIGTERM);
     }
     if !groups.is_empty() {
         std::thread::sleep(Duration::from_secs(1));
         for pgid in &groups {
-            signal_group(*pgid, libc::SIGKILL);
+            sys::signal_group(*pgid, libc::SIGKILL);
         }
         eprintln!("stillpoint-agent watchdog: the agent is gone; ended hold commands {groups:?}");
     }
     0
-}
-
-/// Sends a signal to a whole process group: a system call, so it never
-/// waits on a process of its own.
-pub fn signal_group(pgid: u32, signal: libc::c_int) {
-    sys::signal_group(pgid, signal);
 }
 
 #[derive(Debug)]

@@ -18,7 +18,7 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 use super::{
-    Cause, Ctx, Description, Ending, Engine, EngineError, EngineKind, Frozen, Step, Thawed,
+    Cause, Ctx, Description, Ending, Engine, EngineError, EngineKind, Frozen, Step, Thawed, sys,
 };
 use crate::config::{EngineConfig, ExecConfig};
 use crate::watchdog;
@@ -72,16 +72,16 @@ impl Group {
             return None;
         }
         self.ended = true;
-        watchdog::signal_group(self.pgid, libc::SIGTERM);
+        sys::signal_group(self.pgid, libc::SIGTERM);
         let status = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(Ok(status)) => Some(status),
             _ => {
-                watchdog::signal_group(self.pgid, libc::SIGKILL);
+                sys::signal_group(self.pgid, libc::SIGKILL);
                 self.child.wait().await.ok()
             }
         };
         // Children of the shell may outlive it: the group goes too.
-        watchdog::signal_group(self.pgid, libc::SIGKILL);
+        sys::signal_group(self.pgid, libc::SIGKILL);
         let _ = watchdog::tell(&format!("ungroup {}", self.pgid));
         status
     }
@@ -90,7 +90,7 @@ impl Group {
 impl Drop for Group {
     fn drop(&mut self) {
         if !self.ended {
-            watchdog::signal_group(self.pgid, libc::SIGKILL);
+            sys::signal_group(self.pgid, libc::SIGKILL);
             let _ = watchdog::tell(&format!("ungroup {}", self.pgid));
         }
     }
