@@ -5092,6 +5092,14 @@ async fn a_leader_cut_off_while_it_records_a_quiesce_thaws_it_before_another_lea
     assert!(writes(&redis, Duration::from_secs(10)).await);
 }
 
+/// The message of a write refused as a conflict (409), if it was.
+fn conflict<T>(result: &Result<T, ::kube::Error>) -> Option<&str> {
+    match result {
+        Err(::kube::Error::Api(e)) if e.code == 409 => Some(&e.message),
+        _ => None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_status_write_delivered_after_another_write_is_refused() {
     use stillpoint_controller::kube::crd::{GroupQuiesce, GroupQuiesceStatus, QuiescePhase};
@@ -5117,10 +5125,7 @@ async fn a_status_write_delivered_after_another_write_is_refused() {
         .await
         .unwrap();
     let late = apply_status_at(&api, "q", "GroupQuiesce", &seen, &status("old")).await;
-    assert!(
-        matches!(&late, Err(::kube::Error::Api(e)) if e.code == 409),
-        "{late:?}"
-    );
+    assert!(conflict(&late).is_some(), "{late:?}");
     let q = api.get("q").await.unwrap();
     assert_eq!(q.status.and_then(|s| s.run_by).as_deref(), Some("new"));
 }
@@ -5167,18 +5172,12 @@ async fn a_backups_status_write_over_a_status_it_did_not_see_is_refused() {
         .unwrap();
     // The first leader's write, delayed until now, is refused.
     let late = old.update(|s| s.phase = Some(BackupPhase::Succeeded)).await;
-    assert!(
-        matches!(&late, Err(::kube::Error::Api(e)) if e.code == 409),
-        "{late:?}"
-    );
+    assert!(conflict(&late).is_some(), "{late:?}");
     assert_eq!(phase().await, Some(BackupPhase::Failed), "a late write won");
     // A view from before the new leader's write: refused as well.
     let stale = StatusWriter::new(space.admin.clone(), &running);
     let from_cache = stale.update(|s| s.phase = Some(BackupPhase::Failed)).await;
-    assert!(
-        matches!(&from_cache, Err(::kube::Error::Api(e)) if e.code == 409),
-        "{from_cache:?}"
-    );
+    assert!(conflict(&from_cache).is_some(), "{from_cache:?}");
     assert_eq!(phase().await, Some(BackupPhase::Failed));
 }
 
@@ -5232,7 +5231,7 @@ async fn a_restores_status_write_over_a_status_it_did_not_see_is_refused() {
     // The first leader's write, delayed until now, is refused.
     let late = write(&mut old, RestorePhase::Succeeded, "old, done").await;
     assert!(
-        matches!(&late, Err(::kube::Error::Api(e)) if e.code == 409 && e.message.contains("GroupRestore r")),
+        conflict(&late).is_some_and(|m| m.contains("GroupRestore r")),
         "{late:?}"
     );
     assert_eq!(
@@ -5242,10 +5241,7 @@ async fn a_restores_status_write_over_a_status_it_did_not_see_is_refused() {
     );
     // A run begun from a view older than the status: refused as well.
     let late = write(&mut fence_of(&restoring), RestorePhase::Restoring, "stale").await;
-    assert!(
-        matches!(&late, Err(::kube::Error::Api(e)) if e.code == 409),
-        "{late:?}"
-    );
+    assert!(conflict(&late).is_some(), "{late:?}");
     let now = api.get("r").await.unwrap().status.unwrap();
     assert_eq!(
         (now.phase, now.error.as_deref()),
