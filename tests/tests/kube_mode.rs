@@ -1229,48 +1229,34 @@ async fn until_cutting(space: &Space, name: &str, group: &str) -> String {
     uid
 }
 
-/// A ValidatingAdmissionPolicy that refuses every deletion of a
-/// VolumeSnapshot in the space's namespace, until lifted: storage whose
-/// snapshots cannot be deleted for a while.
-struct SnapshotDeletesDenied {
+/// A ValidatingAdmissionPolicy (and its binding) that refuses every
+/// request one resource rule matches in the space's namespace, until
+/// lifted.
+struct Refusal {
     name: String,
 }
 
-impl SnapshotDeletesDenied {
-    /// In force once a dry-run deletion of a probe snapshot is refused.
-    async fn new(space: &Space) -> SnapshotDeletesDenied {
+impl Refusal {
+    /// Refuses what `rule` (one `matchConstraints.resourceRules` entry, as
+    /// YAML flow) matches, saying `message`; `what` names the policy.
+    async fn apply(space: &Space, what: &str, rule: &str, message: &str) -> Refusal {
         let ns = &space.ns;
-        let name = format!("deny-snapshot-deletes-{ns}");
+        let name = format!("deny-{what}-{ns}");
         space
             .apply(&format!(
                 "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicy\n\
                  metadata: {{name: {name}}}\nspec:\n  failurePolicy: Fail\n  matchConstraints:\n\
-                 \x20   resourceRules:\n    - {{apiGroups: [snapshot.storage.k8s.io], apiVersions: [\"*\"], \
-                 operations: [DELETE], resources: [volumesnapshots]}}\n  validations:\n\
-                 \x20 - {{expression: \"false\", message: snapshot deletions are refused here for now}}\n\
+                 \x20   resourceRules:\n    - {rule}\n  validations:\n\
+                 \x20 - {{expression: \"false\", message: {message}}}\n\
                  ---\napiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingAdmissionPolicyBinding\n\
                  metadata: {{name: {name}}}\nspec:\n  policyName: {name}\n  validationActions: [Deny]\n\
-                 \x20 matchResources:\n    namespaceSelector:\n      matchLabels: {{kubernetes.io/metadata.name: {ns}}}\n\
-                 ---\napiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshot\n\
-                 metadata: {{name: deletion-probe, namespace: {ns}}}\n\
-                 spec: {{source: {{volumeSnapshotContentName: deletion-probe-{ns}}}}}\n"
+                 \x20 matchResources:\n    namespaceSelector:\n      matchLabels: {{kubernetes.io/metadata.name: {ns}}}\n"
             ))
             .await;
-        let vs = snapshot_api(space).await;
-        let dry = ::kube::api::DeleteParams {
-            dry_run: true,
-            ..Default::default()
-        };
-        wait_async("snapshot deletions refused", BOUND, || {
-            let (vs, dry) = (&vs, &dry);
-            async move { Ok(vs.delete("deletion-probe", dry).await.is_err()) }
-        })
-        .await
-        .unwrap();
-        SnapshotDeletesDenied { name }
+        Refusal { name }
     }
 
-    /// Deletions are allowed again (and the probe deleted).
+    /// Deletes the policy and its binding.
     async fn lift(self, space: &Space) {
         let dp = ::kube::api::DeleteParams::default();
         let admission = |kind: &str, plural: &str| {
@@ -1290,6 +1276,52 @@ impl SnapshotDeletesDenied {
             .delete(&self.name, &dp)
             .await
             .unwrap();
+    }
+}
+
+/// A [`Refusal`] of every deletion of a VolumeSnapshot in the space's
+/// namespace: storage whose snapshots cannot be deleted for a while.
+struct SnapshotDeletesDenied {
+    refusal: Refusal,
+}
+
+impl SnapshotDeletesDenied {
+    /// In force once a dry-run deletion of a probe snapshot is refused.
+    async fn new(space: &Space) -> SnapshotDeletesDenied {
+        let ns = &space.ns;
+        let refusal = Refusal::apply(
+            space,
+            "snapshot-deletes",
+            "{apiGroups: [snapshot.storage.k8s.io], apiVersions: [\"*\"], operations: [DELETE], \
+             resources: [volumesnapshots]}",
+            "snapshot deletions are refused here for now",
+        )
+        .await;
+        space
+            .apply(&format!(
+                "apiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshot\n\
+                 metadata: {{name: deletion-probe, namespace: {ns}}}\n\
+                 spec: {{source: {{volumeSnapshotContentName: deletion-probe-{ns}}}}}\n"
+            ))
+            .await;
+        let vs = snapshot_api(space).await;
+        let dry = ::kube::api::DeleteParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        wait_async("snapshot deletions refused", BOUND, || {
+            let (vs, dry) = (&vs, &dry);
+            async move { Ok(vs.delete("deletion-probe", dry).await.is_err()) }
+        })
+        .await
+        .unwrap();
+        SnapshotDeletesDenied { refusal }
+    }
+
+    /// Deletions are allowed again (and the probe deleted).
+    async fn lift(self, space: &Space) {
+        self.refusal.lift(space).await;
+        let dp = ::kube::api::DeleteParams::default();
         let vs = snapshot_api(space).await;
         wait_async("the probe snapshot deleted", BOUND, || {
             let (vs, dp) = (&vs, &dp);
