@@ -323,7 +323,8 @@ impl Default for Metrics {
         let schedule_skips = Family::default();
         registry.register(
             "schedule_skips",
-            "Scheduled runs not started, by reason (overlap: the group was still being backed up)",
+            "Scheduled runs not started, by reason (overlap: the group was still being backed up; \
+             name-taken: a GroupBackup of the run's name was not made by the schedule)",
             schedule_skips.clone(),
         );
         let schedule_missed = Family::default();

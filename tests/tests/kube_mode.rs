@@ -3748,6 +3748,162 @@ async fn schedules_never_overlap_keep_the_newest_and_follow_their_missed_policy(
     }
 }
 
+/// A schedule whose status cannot be written (every write refused at
+/// admission, as a stale cache or a failing API server would leave it)
+/// takes each run once, named by its scheduled time, on time, and counts
+/// none as missed: its runs are recorded by the backups themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_schedule_whose_status_cannot_be_written_takes_each_run_once() {
+    let space = Space::new("runs").await;
+    let ns = space.ns.clone();
+    // A group of no pod: its backups fail at once.
+    let nobody = "  - {name: nobody, selector: {matchLabels: {app: nobody}}}\n";
+    space.apply(&group_yaml(&ns, "empty", "csi", nobody)).await;
+    let a = space.controller("runs", &format!("lease-{ns}")).await;
+    let schedule = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: stillpoint.dev/v1alpha1\nkind: BackupSchedule\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+             spec: {{group: empty, {spec}}}"
+        )
+    };
+    // A probe schedule whose status exists, to see the refusal in force.
+    let schedules: Api<stillpoint_controller::kube::crd::BackupSchedule> =
+        Api::namespaced(space.admin.clone(), &ns);
+    space
+        .apply(&schedule(
+            "probe",
+            "schedule: \"0 0 0 1 1 *\", suspend: true",
+        ))
+        .await;
+    wait_async("the probe's status", BOUND, || {
+        let schedules = schedules.clone();
+        async move { Ok(schedules.get("probe").await?.status.is_some()) }
+    })
+    .await
+    .unwrap();
+    let refusal = Refusal::apply(
+        &space,
+        "schedule-status",
+        "{apiGroups: [stillpoint.dev], apiVersions: [\"*\"], operations: [UPDATE], \
+         resources: [backupschedules/status]}",
+        "schedule status writes are refused here for now",
+    )
+    .await;
+    let dry = PatchParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    wait_async("schedule status writes refused", BOUND, || {
+        let (schedules, dry) = (schedules.clone(), dry.clone());
+        let touch = serde_json::json!({"status": {"active": ["probe"]}});
+        async move {
+            let written = schedules
+                .patch_status("probe", &dry, &Patch::Merge(touch))
+                .await;
+            Ok(written.is_err())
+        }
+    })
+    .await
+    .unwrap();
+    space
+        .apply(&schedule(
+            "every3s",
+            "schedule: \"*/3 * * * * *\", missed: run-once",
+        ))
+        .await;
+    let created = schedules.get("every3s").await.unwrap();
+    let born = created.metadata.creation_timestamp.unwrap().0.as_second();
+    // The first run taken, each change of the schedule within its 3 s on
+    // time is another look at it, whose status still says no run was.
+    wait_async("the first run", BOUND, || {
+        let space = &space;
+        async move { Ok(!scheduled(space, "every3s").await.0.is_empty()) }
+    })
+    .await
+    .unwrap();
+    for look in 0..3 {
+        let touch = serde_json::json!({"metadata": {"labels": {"look": look.to_string()}}});
+        schedules
+            .patch("every3s", &PatchParams::default(), &Patch::Merge(touch))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (runs, _) = scheduled(&space, "every3s").await;
+    let reasons = event_reasons(&space, "every3s").await;
+    assert_eq!(
+        runs.len(),
+        1,
+        "{:?} ({reasons:?})\n{}",
+        runs.iter().map(|b| b.name_any()).collect::<Vec<_>>(),
+        a.logs()
+    );
+    assert!(!reasons.iter().any(|r| r == "Skipped"), "{reasons:?}");
+    // Three runs or more, every write of the status refused.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let (runs, _) = scheduled(&space, "every3s").await;
+    let slots = one_run_each(&runs, born, &a.logs());
+    assert!(slots.len() >= 3, "{slots:?}\n{}", a.logs());
+    assert!(
+        schedules.get("every3s").await.unwrap().status.is_none(),
+        "a status was written through the refusal"
+    );
+    assert!(a.logs().contains("status not written"), "{}", a.logs());
+    // Written again once allowed; the runs go on, still one each.
+    refusal.lift(&space).await;
+    wait_async("the schedule's status written", BOUND, || {
+        let schedules = schedules.clone();
+        async move {
+            let s = schedules.get("every3s").await?.status;
+            Ok(s.is_some_and(|s| s.last_schedule_time.is_some()))
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (runs, _) = scheduled(&space, "every3s").await;
+    let after = one_run_each(&runs, born, &a.logs());
+    assert!(after.len() >= slots.len() + 2, "{after:?}");
+    let reasons = event_reasons(&space, "every3s").await;
+    for not in ["Missed", "Skipped"] {
+        assert!(!reasons.iter().any(|r| r == not), "{reasons:?}");
+    }
+}
+
+/// The scheduled times (seconds) of a 3-second schedule's `runs`, created
+/// at second `born`: each run is named by and annotated with a time of the
+/// schedule's, one backup each, and every time since `born` up to the
+/// newest has its run.
+fn one_run_each(runs: &[GroupBackup], born: i64, logs: &str) -> BTreeSet<i64> {
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    let names: Vec<String> = runs.iter().map(|b| b.name_any()).collect();
+    let times = (born + 1..=now).filter(|t| t % 3 == 0).count();
+    assert!(
+        runs.len() <= times,
+        "{} backups for {times} runs: {names:?}\n{logs}",
+        runs.len()
+    );
+    let mut slots = BTreeSet::new();
+    for b in runs {
+        let at = b
+            .annotations()
+            .get("stillpoint.dev/scheduled-time")
+            .unwrap_or_else(|| panic!("{} has no scheduled time", b.name_any()));
+        let at: k8s_openapi::jiff::Timestamp = at.parse().unwrap();
+        let name = format!("every3s-{}", at.strftime("%Y%m%d-%H%M%S"));
+        assert_eq!(b.name_any(), name, "named by its scheduled time");
+        assert_eq!(at.as_second() % 3, 0, "{at} is no time of the schedule");
+        assert!(
+            slots.insert(at.as_second()),
+            "two backups of the run at {at}: {names:?}\n{logs}"
+        );
+    }
+    let newest = slots.last().copied().unwrap_or(born);
+    let due: BTreeSet<i64> = (born + 1..=newest).filter(|t| t % 3 == 0).collect();
+    assert_eq!(slots, due, "a run was not taken\n{logs}");
+    slots
+}
+
 /// The four StatefulSets of the shop (`<prefix>pg`, `<prefix>pg-replica`,
 /// `<prefix>redis`, `<prefix>redis-replica`) as copies for a restore.
 async fn shop_copies(space: &Space, prefix: &str, pg: Run) {

@@ -100,6 +100,10 @@ pub struct Firing {
     pub missed: u64,
     /// What to record as the last firing time.
     pub record: Option<DateTime<Utc>>,
+    /// The scheduled time a backup taken now is for (the latest run due):
+    /// the same whichever look at the schedule takes it, so it names the
+    /// run.
+    pub slot: Option<DateTime<Utc>>,
 }
 
 /// Decides a firing from the runs `due` since the last one (oldest
@@ -117,6 +121,7 @@ pub fn decide(
             fire: false,
             missed: 0,
             record: None,
+            slot: None,
         };
     };
     let on_time = now - *latest <= tolerance;
@@ -125,6 +130,9 @@ pub fn decide(
         fire: on_time || (missed_count > 0 && missed == Missed::RunOnce),
         missed: missed_count,
         record: Some(if on_time { now } else { *latest }),
+        // A cron time is a whole second (the runs counted from a time
+        // with a fraction keep it).
+        slot: Some(chrono::SubsecRound::trunc_subsecs(*latest, 0)),
     }
 }
 
@@ -134,17 +142,20 @@ mod tests {
 
     #[test]
     fn firings_on_time_late_and_missed() {
-        let now = Utc::now();
+        let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 0);
         let s = chrono::Duration::seconds;
         let tol = s(5);
         assert!(!decide(&[], now, tol, Missed::RunOnce).fire);
         // On time.
         let f = decide(&[now - s(1)], now, tol, Missed::Skip);
         assert_eq!((f.fire, f.missed), (true, 0));
+        // Recorded as taken now, for the run it is late for.
+        assert_eq!((f.record, f.slot), (Some(now), Some(now - s(1))));
         // Three missed while down, none on time.
         let due = [now - s(300), now - s(200), now - s(100)];
         let f = decide(&due, now, tol, Missed::RunOnce);
         assert_eq!((f.fire, f.missed, f.record), (true, 3, Some(now - s(100))));
+        assert_eq!(f.slot, Some(now - s(100)));
         let f = decide(&due, now, tol, Missed::Skip);
         assert_eq!((f.fire, f.missed), (false, 3));
         // Two missed, and one now.

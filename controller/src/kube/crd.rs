@@ -445,6 +445,13 @@ pub const SCHEDULE_LABEL: &str = "stillpoint.dev/schedule";
 /// label nor one made by an earlier schedule of the same name is touched.
 pub const SCHEDULE_UID_LABEL: &str = "stillpoint.dev/schedule-uid";
 
+/// The annotation on a GroupBackup a BackupSchedule made: the scheduled
+/// time (RFC 3339, UTC) of the run it was taken for, which also names it.
+/// The schedule counts its runs from the newest of these as well as from
+/// its `status.lastScheduleTime`, so a run whose status write was lost is
+/// neither taken again nor counted as missed.
+pub const SCHEDULED_TIME_ANNOTATION: &str = "stillpoint.dev/scheduled-time";
+
 /// GroupBackups of a group at cron times, with retention.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(

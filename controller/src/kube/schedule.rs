@@ -29,7 +29,7 @@ use crate::core::schedule::{Schedule, decide, parse_cron, parse_timezone};
 use crate::kube::controller::{Context, ReconcileError};
 use crate::kube::crd::{
     BackupSchedule, BackupScheduleStatus, GROUP_LABEL, GroupBackup, GroupBackupSpec,
-    SCHEDULE_LABEL, SCHEDULE_UID_LABEL,
+    SCHEDULE_LABEL, SCHEDULE_UID_LABEL, SCHEDULED_TIME_ANNOTATION,
 };
 use crate::kube::reason::Reason;
 use crate::kube::store::{manifest_of, set_condition};
@@ -245,22 +245,35 @@ pub async fn reconcile(
         apply_status(&api, &bs.name_any(), &status).await?;
         return Ok(Action::requeue(RESYNC));
     }
-    let firing = firing_of(&bs, &status, &schedule, now);
+    let firing = firing_of(&bs, &status, &own, &schedule, now);
     report_missed(&bs, &ctx, &firing).await;
-    if firing.fire {
-        fire(&bs, &ctx, &all, &schedule, now, &mut status).await?;
+    if let (true, Some(slot)) = (firing.fire, firing.slot) {
+        fire(&bs, &ctx, &all, &schedule, slot, &mut status).await?;
     }
     if let Some(at) = firing.record {
         status.last_schedule_time = Some(micro(at));
     }
     let next = schedule.next_after(now);
     status.next_schedule_time = next.map(micro);
-    apply_status(&api, &bs.name_any(), &status).await?;
     let wait = next
         .and_then(|n| (n - Utc::now()).to_std().ok())
         .unwrap_or(RESYNC)
         .clamp(Duration::from_millis(100), RESYNC);
+    // The runs are recorded by the backups themselves: a status that
+    // cannot be written is retried at the next look, which keeps the
+    // schedule's time, not after a growing backoff that would miss runs.
+    if let Err(e) = apply_status(&api, &bs.name_any(), &status).await {
+        tracing::warn!(
+            schedule = %key_of(&bs),
+            "status not written (written again in {wait:?}): {e}"
+        );
+    }
     Ok(Action::requeue(wait))
+}
+
+/// `namespace/name` of a schedule.
+fn key_of(bs: &BackupSchedule) -> String {
+    format!("{}/{}", bs.namespace().unwrap_or_default(), bs.name_any())
 }
 
 /// A spec that cannot be read: `Valid=False` with why (an Event once).
@@ -362,35 +375,53 @@ async fn prune(
     Ok(())
 }
 
+/// The scheduled time of the run backup `b` was taken for.
+fn slot_of(b: &GroupBackup) -> Option<DateTime<Utc>> {
+    let text = b.annotations().get(SCHEDULED_TIME_ANNOTATION)?;
+    let at = DateTime::parse_from_rfc3339(text).ok()?;
+    Some(at.with_timezone(&Utc))
+}
+
+/// The schedule's last run: the later of its status's and of the newest
+/// run its own backups were taken for (a run whose status write was lost,
+/// or that a stale cache of the schedule does not show yet).
+fn last_run(status: &BackupScheduleStatus, own: &[&GroupBackup]) -> Option<DateTime<Utc>> {
+    let recorded = status.last_schedule_time.as_ref().map(from_micro);
+    let taken = own.iter().filter_map(|b| slot_of(b)).max();
+    recorded.max(taken)
+}
+
+/// When the schedule was created (the run `immediate` takes is for it).
+fn born(bs: &BackupSchedule) -> Option<DateTime<Utc>> {
+    let t = bs.metadata.creation_timestamp.as_ref()?;
+    DateTime::from_timestamp(t.0.as_second(), 0)
+}
+
 /// Whether a run is due now, and how many were missed.
 fn firing_of(
     bs: &BackupSchedule,
     status: &BackupScheduleStatus,
+    own: &[&GroupBackup],
     schedule: &Schedule,
     now: DateTime<Utc>,
 ) -> crate::core::schedule::Firing {
-    let last = status.last_schedule_time.as_ref().map(from_micro);
+    let last = last_run(status, own);
     let firing = match last {
         None if bs.spec.immediate => crate::core::schedule::Firing {
             fire: true,
             missed: 0,
             record: Some(now),
+            slot: Some(born(bs).unwrap_or(now)),
         },
         _ => {
-            let since = last.unwrap_or_else(|| {
-                bs.metadata
-                    .creation_timestamp
-                    .as_ref()
-                    .and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0))
-                    .unwrap_or(now)
-            });
+            let since = last.or_else(|| born(bs)).unwrap_or(now);
             let due = schedule.runs_between(since, now, 10_000);
             let on_time = chrono::Duration::from_std(ON_TIME).unwrap_or_default();
             decide(&due, now, on_time, schedule.missed)
         }
     };
     tracing::debug!(
-        schedule = %format!("{}/{}", bs.namespace().unwrap_or_default(), bs.name_any()),
+        schedule = %key_of(bs),
         fire = firing.fire,
         missed = firing.missed,
         "schedule reconciled"
@@ -419,57 +450,44 @@ async fn report_missed(bs: &BackupSchedule, ctx: &Context, firing: &crate::core:
     ctx.event(bs, true, Reason::Missed, message).await;
 }
 
-/// A run: skipped while a backup of the group has not ended, else a new
-/// GroupBackup.
+/// The run for `slot`: nothing when its backup exists already (an earlier
+/// look at the schedule took it), skipped while a backup of the group has
+/// not ended, else a new GroupBackup named by the slot.
 async fn fire(
     bs: &BackupSchedule,
     ctx: &Context,
     all: &[Arc<GroupBackup>],
     schedule: &Schedule,
-    now: DateTime<Utc>,
+    slot: DateTime<Utc>,
     status: &mut BackupScheduleStatus,
 ) -> Result<(), ReconcileError> {
     let (ns, name) = (bs.namespace().unwrap_or_default(), bs.name_any());
+    let backup_name = format!("{name}-{}", slot.format("%Y%m%d-%H%M%S"));
+    if let Some(b) = all.iter().find(|b| b.name_any() == backup_name) {
+        already(bs, ctx, b, schedule).await;
+        return Ok(());
+    }
     let running = all.iter().find(|b| {
         b.spec.group == schedule.group && !ended(b) && b.metadata.deletion_timestamp.is_none()
     });
     if let Some(b) = running {
-        metrics()
-            .schedule_skips
-            .get_or_create(&SkipLabels {
-                namespace: crate::metrics::Namespace::of(Some(&ns)),
-                schedule: name.clone(),
-                reason: "overlap".into(),
-            })
-            .inc();
         let message = format!(
             "a run was skipped: GroupBackup {} of group {} has not ended",
             b.name_any(),
             schedule.group
         );
-        ctx.event(bs, true, Reason::Skipped, message).await;
+        skipped(bs, ctx, "overlap", message).await;
         return Ok(());
     }
-    let backup_name = format!("{name}-{}", now.format("%Y%m%d-%H%M%S"));
-    let mut backup = GroupBackup::new(
-        &backup_name,
-        GroupBackupSpec {
-            group: schedule.group.clone(),
-            deletion_policy: bs.spec.deletion_policy,
-        },
-    );
-    backup.metadata.labels = Some(
-        [
-            (SCHEDULE_LABEL.to_string(), name.clone()),
-            (SCHEDULE_UID_LABEL.to_string(), bs.uid().unwrap_or_default()),
-            (GROUP_LABEL.to_string(), schedule.group.clone()),
-        ]
-        .into(),
-    );
     let backups: Api<GroupBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let backup = run_backup(bs, schedule, &backup_name, slot);
     match backups.create(&PostParams::default(), &backup).await {
         Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let existing = backups.get(&backup_name).await?;
+            already(bs, ctx, &existing, schedule).await;
+            return Ok(());
+        }
         Err(e) => return Err(e.into()),
     }
     metrics()
@@ -480,6 +498,66 @@ async fn fire(
     let message = format!("created GroupBackup {backup_name}");
     ctx.event(bs, false, Reason::Scheduled, message).await;
     Ok(())
+}
+
+/// The GroupBackup of the run for `slot`, named `name`.
+fn run_backup(
+    bs: &BackupSchedule,
+    schedule: &Schedule,
+    name: &str,
+    slot: DateTime<Utc>,
+) -> GroupBackup {
+    let mut backup = GroupBackup::new(
+        name,
+        GroupBackupSpec {
+            group: schedule.group.clone(),
+            deletion_policy: bs.spec.deletion_policy,
+        },
+    );
+    backup.metadata.labels = Some(
+        [
+            (SCHEDULE_LABEL.to_string(), bs.name_any()),
+            (SCHEDULE_UID_LABEL.to_string(), bs.uid().unwrap_or_default()),
+            (GROUP_LABEL.to_string(), schedule.group.clone()),
+        ]
+        .into(),
+    );
+    let at = slot.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    backup.metadata.annotations = Some([(SCHEDULED_TIME_ANNOTATION.to_string(), at)].into());
+    backup
+}
+
+/// The run's backup exists: taken by an earlier look at this schedule
+/// (nothing to do), or a GroupBackup of that name it did not make (the
+/// run is skipped, and said so).
+async fn already(bs: &BackupSchedule, ctx: &Context, existing: &GroupBackup, schedule: &Schedule) {
+    let uid = bs.uid().unwrap_or_default();
+    if made_by(existing, &uid, &schedule.group) {
+        tracing::debug!(
+            schedule = %key_of(bs),
+            backup = %existing.name_any(),
+            "the run was taken already"
+        );
+        return;
+    }
+    let message = format!(
+        "a run was skipped: GroupBackup {} exists and was not made by this schedule",
+        existing.name_any()
+    );
+    skipped(bs, ctx, "name-taken", message).await
+}
+
+/// A run not taken: counted by `reason`, and an Event.
+async fn skipped(bs: &BackupSchedule, ctx: &Context, reason: &str, message: String) {
+    metrics()
+        .schedule_skips
+        .get_or_create(&SkipLabels {
+            namespace: crate::metrics::Namespace::of(bs.namespace().as_deref()),
+            schedule: bs.name_any(),
+            reason: reason.into(),
+        })
+        .inc();
+    ctx.event(bs, true, Reason::Skipped, message).await;
 }
 
 #[cfg(test)]
@@ -506,6 +584,36 @@ mod tests {
         assert!(schedule_of(&bursts, minute).is_ok());
         let hourly = schedule("{group: g, schedule: \"0 * * * *\"}");
         assert!(schedule_of(&hourly, minute).is_ok());
+    }
+
+    #[test]
+    fn a_run_taken_is_not_taken_again_whatever_the_status_says() {
+        let bs = schedule("{group: g, schedule: \"*/3 * * * * *\"}");
+        let s = schedule_of(&bs, Duration::from_secs(1)).unwrap();
+        let at = |t: &str| DateTime::parse_from_rfc3339(t).unwrap().with_timezone(&Utc);
+        let slot = at("2026-12-07T10:00:03Z");
+        let b = run_backup(&bs, &s, "s-20261207-100003", slot);
+        assert_eq!(slot_of(&b), Some(slot));
+        assert_eq!(b.labels()[GROUP_LABEL], "g");
+        // The status lost the run (or is read from a stale cache): the
+        // backup says it was taken.
+        let mut status = BackupScheduleStatus {
+            last_schedule_time: Some(micro(at("2026-12-07T10:00:00.02Z"))),
+            ..Default::default()
+        };
+        let now = at("2026-12-07T10:00:04Z");
+        assert_eq!(last_run(&status, &[&b]), Some(slot));
+        let firing = firing_of(&bs, &status, &[&b], &s, now);
+        assert_eq!((firing.fire, firing.missed), (false, 0));
+        // Without the backup, the run is due, and named by its time.
+        let firing = firing_of(&bs, &status, &[], &s, now);
+        assert_eq!((firing.fire, firing.slot), (true, Some(slot)));
+        // A status ahead of the backups wins.
+        status.last_schedule_time = Some(micro(at("2026-12-07T10:00:06.01Z")));
+        assert_eq!(
+            last_run(&status, &[&b]),
+            Some(at("2026-12-07T10:00:06.01Z"))
+        );
     }
 
     #[test]
