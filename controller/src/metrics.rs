@@ -264,6 +264,8 @@ pub struct Metrics {
     pub webhook_refusals: Family<ReasonLabel, Counter>,
     /// Kubernetes mode: 1 while this replica leads.
     pub leader: Gauge,
+    /// Kubernetes mode: each attempt at renewing the leader Lease.
+    pub lease_renewal: Histogram,
     pub state: Arc<StateCollector>,
 }
 
@@ -378,6 +380,14 @@ impl Default for Metrics {
             "Kubernetes mode: 1 while this controller replica leads",
             leader.clone(),
         );
+        let lease_renewal = Histogram::new(exponential_buckets(0.005, 2.0, 12));
+        registry.register(
+            "controller_lease_renewal_seconds",
+            "Kubernetes mode: time each attempt at renewing the leader Lease took (its GET and \
+             PUT), whether it succeeded or not; the leader stops when none succeeds within \
+             --renew-deadline",
+            lease_renewal.clone(),
+        );
         let state = Arc::new(StateCollector::default());
         registry.register_collector(Box::new(state.clone()));
         Metrics {
@@ -399,6 +409,7 @@ impl Default for Metrics {
             backup_failures,
             webhook_refusals,
             leader,
+            lease_renewal,
             state,
         }
     }

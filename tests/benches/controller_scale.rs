@@ -33,7 +33,11 @@
 //! `STILLPOINT_BENCH_GROUPS` (default 100), `STILLPOINT_BENCH_BACKUPS`
 //! (2000), `STILLPOINT_BENCH_AGENTS` (200), `STILLPOINT_BENCH_NAMESPACES`
 //! (10), `STILLPOINT_BENCH_SAMPLES` (50) and
-//! `STILLPOINT_BENCH_STEADY_SECONDS` (60) set the sizes at scale 1.
+//! `STILLPOINT_BENCH_STEADY_SECONDS` (60) set the sizes at scale 1;
+//! `STILLPOINT_BENCH_RENEW_DEADLINE` (seconds, default 10 as deployed) the
+//! controller's `--renew-deadline`. Each run also reports the leader's
+//! Lease renewals over the whole run (`stillpoint_controller_lease_renewal_seconds`):
+//! how many, their mean, and the bucket bound under which the slowest fell.
 
 use std::time::{Duration, Instant};
 
@@ -60,6 +64,7 @@ struct Sizes {
     namespaces: usize,
     samples: usize,
     steady: Duration,
+    renew_deadline: usize,
 }
 
 fn percentile(values: &[f64], p: f64) -> f64 {
@@ -277,7 +282,8 @@ fn keep_log(controller: &ControllerProc) {
         env!("CARGO_MANIFEST_DIR"),
         "/../target/bench/controller-scale-failed.log"
     );
-    if std::fs::write(path, controller.logs()).is_ok() {
+    let dir = std::path::Path::new(path).parent().expect("a directory");
+    if std::fs::create_dir_all(dir).is_ok() && std::fs::write(path, controller.logs()).is_ok() {
         eprintln!("the controller's log: {path}");
     }
 }
@@ -324,20 +330,23 @@ async fn run(lab: &'static KubeLab, sizes: Sizes) -> Result<serde_json::Value> {
         made.elapsed().as_secs_f64()
     );
     let started = Instant::now();
+    // The Lease timings as deployed (the controller's defaults), unless
+    // told another renew deadline.
+    let renew = format!("{}s", sizes.renew_deadline);
+    let lease = format!("{}s", (sizes.renew_deadline + 5).max(15));
     let controller = ControllerProc::start_with(
         lab,
         installed,
         "",
         "scale-a",
         "scale-lease",
-        // The Lease timings as deployed (the controller's defaults).
         &[
             "--resync",
             "30s",
             "--lease-duration",
-            "15s",
+            &lease,
             "--renew-deadline",
-            "10s",
+            &renew,
             "--retry-period",
             "2s",
         ],
@@ -379,12 +388,14 @@ async fn run(lab: &'static KubeLab, sizes: Sizes) -> Result<serde_json::Value> {
     // schedule are read from its caches at each one.
     let mut scrapes = Vec::new();
     let mut series = 0;
+    let mut renewals = json!(null);
     for _ in 0..20 {
         let at = Instant::now();
         let (code, text) = controller.get("/metrics")?;
         anyhow::ensure!(code == 200, "GET /metrics: {code}");
         scrapes.push(at.elapsed().as_secs_f64() * 1e3);
         series = text.lines().filter(|l| !l.starts_with('#')).count();
+        renewals = lease_renewals(&text);
     }
     let peak = proc_kib(pid, "VmHWM:");
     Ok(json!({
@@ -401,7 +412,30 @@ async fn run(lab: &'static KubeLab, sizes: Sizes) -> Result<serde_json::Value> {
         "scrape_ms": {"n": scrapes.len(), "p50": percentile(&scrapes, 50.0),
             "max": percentile(&scrapes, 100.0)},
         "series": series,
+        "renew_deadline_s": sizes.renew_deadline,
+        "lease_renewals": renewals,
     }))
+}
+
+/// The leader's Lease renewals from a scrape of its metrics: how many,
+/// their mean (ms), and the smallest bucket bound (s) that holds them all.
+fn lease_renewals(text: &str) -> serde_json::Value {
+    let name = "stillpoint_controller_lease_renewal_seconds";
+    let value = |line: &str| line.rsplit(' ').next()?.parse::<f64>().ok();
+    let field = |suffix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}_{suffix} ")))
+            .and_then(value)
+            .unwrap_or(0.0)
+    };
+    let (n, sum) = (field("count"), field("sum"));
+    let slowest = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket{{le=\"")))
+        .filter(|l| value(l) == Some(n))
+        .filter_map(|l| l.split('"').nth(1)?.parse::<f64>().ok())
+        .fold(f64::INFINITY, f64::min);
+    json!({"n": n, "mean_ms": if n > 0.0 { sum / n * 1e3 } else { 0.0 }, "slowest_under_s": slowest})
 }
 
 /// `sizes` times `scale` (each at least 1, agents at least 0).
@@ -441,8 +475,14 @@ fn row(r: &serde_json::Value, base: &serde_json::Value) {
             "-".into()
         }
     };
+    let renewals = format!(
+        "{} / {:.1} ms / <= {} s",
+        r["lease_renewals"]["n"],
+        f(&r["lease_renewals"]["mean_ms"]),
+        r["lease_renewals"]["slowest_under_s"]
+    );
     println!(
-        "{:<7} {:<7} {:<8} {:<10} {:<22} {:<22} {:<22} {:<8} {:<18}",
+        "{:<7} {:<7} {:<8} {:<10} {:<22} {:<22} {:<22} {:<8} {:<18} {renewals}",
         r["groups"].to_string(),
         r["agents"].to_string(),
         r["backups"].to_string(),
@@ -476,6 +516,7 @@ fn main() -> Result<()> {
         namespaces: env("STILLPOINT_BENCH_NAMESPACES", 10).max(1),
         samples: env("STILLPOINT_BENCH_SAMPLES", 50),
         steady: Duration::from_secs(env("STILLPOINT_BENCH_STEADY_SECONDS", 60) as u64),
+        renew_deadline: env("STILLPOINT_BENCH_RENEW_DEADLINE", 10),
     };
     let scales: Vec<f64> = std::env::var("STILLPOINT_BENCH_SCALES")
         .unwrap_or_else(|_| "0.25,0.5,1".into())
@@ -502,7 +543,7 @@ fn main() -> Result<()> {
         results.push(result);
     }
     println!(
-        "{:<7} {:<7} {:<8} {:<10} {:<22} {:<22} {:<22} {:<8} SCRAPE P50 / SERIES",
+        "{:<7} {:<7} {:<8} {:<10} {:<22} {:<22} {:<22} {:<8} {:<18} LEASE RENEWALS (N / MEAN / SLOWEST)",
         "GROUPS",
         "AGENTS",
         "BACKUPS",
@@ -510,7 +551,8 @@ fn main() -> Result<()> {
         "RECONCILE P50 / P99",
         "RSS",
         "RSS PEAK",
-        "CPU S/S"
+        "CPU S/S",
+        "SCRAPE P50 / SERIES"
     );
     let base = results
         .iter()

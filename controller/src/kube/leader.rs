@@ -260,7 +260,11 @@ impl LeaderLease {
             if sent >= deadline {
                 return None;
             }
-            match tokio::time::timeout_at(deadline, self.try_acquire()).await {
+            let tried = tokio::time::timeout_at(deadline, self.try_acquire()).await;
+            crate::metrics::metrics()
+                .lease_renewal
+                .observe(sent.elapsed().as_secs_f64());
+            match tried {
                 Ok(Ok(true)) => return Some(sent),
                 Ok(Ok(false)) => {
                     tracing::warn!("the leader Lease {} is held by another replica", self.name);
