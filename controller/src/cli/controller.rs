@@ -69,6 +69,16 @@ pub struct ControllerArgs {
     /// How often each ConsistencyGroup is resolved again without changes.
     #[arg(long, env = "STILLPOINT_RESYNC", default_value = "30s", value_parser = parse_duration)]
     pub resync: Duration,
+    /// The most reconciles of one kind (groups, backups, schedules, ...)
+    /// that run at once; the others wait their turn. Bounds the requests
+    /// a leader sends when it starts over many objects, so its Lease
+    /// renewals are not queued behind them at the API server. 0: no bound.
+    #[arg(
+        long,
+        env = "STILLPOINT_MAX_CONCURRENT_RECONCILES",
+        default_value_t = 10
+    )]
+    pub max_concurrent_reconciles: u16,
     /// The shortest interval a BackupSchedule may fire at; one that fires
     /// more often is refused (condition Valid=False, InvalidSpec).
     #[arg(long, env = "STILLPOINT_MIN_SCHEDULE_INTERVAL", default_value = "1m", value_parser = parse_duration)]
@@ -374,6 +384,7 @@ pub fn run(args: ControllerArgs, _global: &Global) -> anyhow::Result<()> {
             timing,
             trust_domain: args.trust_domain.clone(),
             resync: args.resync,
+            max_concurrent_reconciles: args.max_concurrent_reconciles,
             namespace: args.watch_namespace.clone(),
             agent_image: args.pki.agent_image.clone(),
             min_schedule_interval: args.min_schedule_interval,

@@ -63,6 +63,8 @@ pub struct Settings {
     pub trust_domain: String,
     /// How often a group is resolved again without any change.
     pub resync: Duration,
+    /// The most reconciles of one kind at once (0: no bound).
+    pub max_concurrent_reconciles: u16,
     /// Only this namespace's groups and backups (default: every namespace).
     pub namespace: Option<String>,
     /// The agent image (GroupRestore runs it in restore mode).
@@ -1124,6 +1126,11 @@ async fn keep_leading(
     }
 }
 
+/// How each reconciler runs: at most `--max-concurrent-reconciles` at once.
+fn reconciles(ctx: &Context) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(ctx.settings.max_concurrent_reconciles)
+}
+
 /// A future that ends once `stop` says so.
 async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
@@ -1146,11 +1153,13 @@ fn start_reconcilers(
         .set(cache)
         .map_err(|_| ControllerError::AlreadyRan)?;
     let backup_controller = Controller::new(backups, watcher::Config::default())
+        .with_config(reconciles(ctx))
         .graceful_shutdown_on(stopped(stop.clone()))
         .run(reconcile_backup, retry, ctx.clone())
         .for_each(|_| async {});
     let quiesces: Api<GroupQuiesce> = ctx.settings.api(&ctx.client);
     let quiesce_controller = Controller::new(quiesces, watcher::Config::default())
+        .with_config(reconciles(ctx))
         .graceful_shutdown_on(stopped(stop.clone()))
         .run(
             |o, c| backed_off(crate::kube::quiesce::reconcile, o, c),
@@ -1159,7 +1168,8 @@ fn start_reconcilers(
         )
         .for_each(|_| async {});
     let schedules: Api<BackupSchedule> = ctx.settings.api(&ctx.client);
-    let schedule_controller = Controller::new(schedules, watcher::Config::default());
+    let schedule_controller =
+        Controller::new(schedules, watcher::Config::default()).with_config(reconciles(ctx));
     let schedule_store = schedule_controller.store();
     let schedule_controller = schedule_controller
         .graceful_shutdown_on(stopped(stop.clone()))
@@ -1178,6 +1188,7 @@ fn start_reconcilers(
         None => watcher::Config::default(),
     };
     let content_controller = Controller::new(contents, own)
+        .with_config(reconciles(ctx))
         .watches(
             ctx.settings.api::<GroupBackup>(&ctx.client),
             watcher::Config::default(),
@@ -1194,7 +1205,8 @@ fn start_reconcilers(
         )
         .for_each(|_| async {});
     let restores: Api<GroupRestore> = ctx.settings.api(&ctx.client);
-    let restore_controller = Controller::new(restores, watcher::Config::default());
+    let restore_controller =
+        Controller::new(restores, watcher::Config::default()).with_config(reconciles(ctx));
     crate::metrics::metrics()
         .state
         .set(Some(Arc::new(crate::kube::state::LeaderState {
@@ -1235,7 +1247,8 @@ fn group_controller(
     impl std::future::Future<Output = ()> + use<>,
 ) {
     let groups: Api<ConsistencyGroup> = ctx.settings.api(&ctx.client);
-    let group_controller = Controller::new(groups, watcher::Config::default());
+    let group_controller =
+        Controller::new(groups, watcher::Config::default()).with_config(reconciles(ctx));
     let store = group_controller.store();
     let pod_store = store.clone();
     let backup_store = store.clone();
