@@ -98,8 +98,8 @@ pub enum ControllerError {
     )]
     ReconcilersStopped(String),
     #[error(
-        "lost the leader Lease {0}, and not every run stopped within {1:?} (the Lease's duration \
-         less its renew deadline): this replica exits, which ends every agent stream it holds and \
+        "lost the leader Lease {0}, and not every run and reconcile stopped within {1:?} (the \
+         Lease's duration less its renew deadline): this replica exits, which ends every agent stream it holds and \
          so thaws each hold, before another replica can lead"
     )]
     RunsOutlivedLease(String, Duration),
