@@ -63,7 +63,7 @@ impl Schedule {
         limit: usize,
     ) -> Vec<DateTime<Utc>> {
         let mut runs = Vec::new();
-        let mut at = last.with_timezone(&self.timezone);
+        let mut at = whole_second(last).with_timezone(&self.timezone);
         while runs.len() < limit {
             match self.cron.find_next_occurrence(&at, false) {
                 Ok(next) if next.with_timezone(&Utc) <= now => {
@@ -79,10 +79,19 @@ impl Schedule {
     /// The next run strictly after `after`.
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.cron
-            .find_next_occurrence(&after.with_timezone(&self.timezone), false)
+            .find_next_occurrence(&whole_second(after).with_timezone(&self.timezone), false)
             .ok()
             .map(|t| t.with_timezone(&Utc))
     }
+}
+
+/// `t` at its whole second. croner carries the fraction of the time it
+/// counts from into the runs it returns (from 10:00:00.4, every 3 s gives
+/// 10:00:03.4), which would make every run late by that fraction; a cron
+/// time is a whole second, and the runs strictly after `t` are those
+/// strictly after its whole second.
+fn whole_second(t: DateTime<Utc>) -> DateTime<Utc> {
+    chrono::SubsecRound::trunc_subsecs(t, 0)
 }
 
 /// The runs of `schedule` that fell strictly after `last` and up to `now`
@@ -139,6 +148,32 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_fall_on_whole_seconds_whatever_time_they_are_counted_from() {
+        let at = |t: &str| DateTime::parse_from_rfc3339(t).unwrap().with_timezone(&Utc);
+        let s = Schedule {
+            name: "s".into(),
+            group: "g".into(),
+            cron: parse_cron("*/3 * * * * *").unwrap(),
+            timezone: chrono_tz::UTC,
+            retention: Default::default(),
+            missed: Missed::RunOnce,
+            suspend: false,
+        };
+        let last = at("2026-12-07T10:00:00.4Z");
+        // Due at 10:00:03, not at 10:00:03.4.
+        let due = s.runs_between(last, at("2026-12-07T10:00:03.1Z"), 10);
+        assert_eq!(due, [at("2026-12-07T10:00:03Z")]);
+        assert_eq!(s.next_after(last), Some(at("2026-12-07T10:00:03Z")));
+        // Strictly after: a run at the time counted from is not due again.
+        let ran = at("2026-12-07T10:00:03.7Z");
+        assert_eq!(s.next_after(ran), Some(at("2026-12-07T10:00:06Z")));
+        assert!(
+            s.runs_between(ran, at("2026-12-07T10:00:05.9Z"), 10)
+                .is_empty()
+        );
+    }
 
     #[test]
     fn firings_on_time_late_and_missed() {
