@@ -139,9 +139,7 @@ pub fn decide(
         fire: on_time || (missed_count > 0 && missed == Missed::RunOnce),
         missed: missed_count,
         record: Some(if on_time { now } else { *latest }),
-        // A cron time is a whole second (the runs counted from a time
-        // with a fraction keep it).
-        slot: Some(chrono::SubsecRound::trunc_subsecs(*latest, 0)),
+        slot: Some(*latest),
     }
 }
 
